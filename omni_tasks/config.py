@@ -78,9 +78,7 @@ class CacheConfig:
     def validate(self) -> None:
         _require(self.max_memory_gb > 0, "cache.max_memory_gb", "must be positive")
         _require(self.ttl_seconds > 0, "cache.ttl_seconds", "must be positive")
-        _require(
-            0 < self.compression_ratio <= 1, "cache.compression_ratio", "must be in (0, 1]"
-        )
+        _require(0 < self.compression_ratio <= 1, "cache.compression_ratio", "must be in (0, 1]")
 
 
 @dataclass

@@ -71,9 +71,7 @@ def build_dataclass(cls: type, data: Any, path: str) -> Any:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(_join(path, unknown[0]), f"unknown field; known: {sorted(known)}")
-    kwargs = {
-        name: coerce(hints[name], value, _join(path, name)) for name, value in data.items()
-    }
+    kwargs = {name: coerce(hints[name], value, _join(path, name)) for name, value in data.items()}
     return cls(**kwargs)
 
 
@@ -102,7 +100,8 @@ def coerce(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(path, f"must be a mapping, got {value!r}")
         return {
-            coerce(key_tp, k, path): coerce(val_tp, v, _join(path, str(k))) for k, v in value.items()
+            coerce(key_tp, k, path): coerce(val_tp, v, _join(path, str(k)))
+            for k, v in value.items()
         }
     if tp is bool:
         if isinstance(value, bool):

@@ -1,0 +1,72 @@
+"""The Celery app: JSON only, Redis priority queues, late acks, events for Flower."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from omni_tasks.config import CoreModuleConfig, get_config
+from omni_tasks.keys import PRIORITY_SEP, PRIORITY_STEPS
+from omni_tasks.worker_defaults import queues_from_argv, worker_settings
+
+TASK_MODULES = ["omni_tasks.tasks"]
+
+
+def celery_settings(config: CoreModuleConfig) -> dict[str, Any]:
+    """Celery settings derived from the omni-tasks config."""
+    from omni_tasks.routing import OmniRouter
+
+    longest = config.longest_task_s
+    return {
+        "broker_url": config.redis_url,
+        "result_backend": config.redis_url,
+        # JSON only on the wire: a pickled message is refused by the worker.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # Nothing accepted is lost: ack after the run; a dead worker's task comes back
+        # (capped by max_redeliveries in the task base); reserve one message per slot.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": {
+            "priority_steps": list(PRIORITY_STEPS),
+            "sep": PRIORITY_SEP,
+            "queue_order_strategy": "priority",
+            # Unacked messages come back after this; it must exceed the longest task.
+            "visibility_timeout": 2 * longest + 300,
+        },
+        "broker_connection_retry_on_startup": True,
+        "task_queues": [
+            Queue(config.ar.queue, queue_arguments={"x-max-priority": 10}),
+            Queue(config.diffusion.queue, queue_arguments={"x-max-priority": 10}),
+        ],
+        "task_default_queue": config.ar.queue,
+        "task_routes": (OmniRouter(),),
+        "task_default_priority": None,
+        # Flower sees every task and worker.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "result_extended": True,
+        "result_expires": config.result_expires,
+        "worker_consumer": "omni_tasks.consumer:OmniConsumer",
+    }
+
+
+def create_app(config: CoreModuleConfig | None = None, argv: list[str] | None = None) -> Celery:
+    config = config or get_config()
+    celery = Celery("omni_tasks", include=TASK_MODULES)
+    celery.conf.update(celery_settings(config))
+    queues = queues_from_argv(sys.argv if argv is None else argv)
+    if queues is not None:
+        celery.conf.update(worker_settings(config, queues))
+    return celery
+
+
+app = create_app()

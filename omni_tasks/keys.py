@@ -1,0 +1,50 @@
+"""Every Redis key omni-tasks uses, in one place (Celery's own keys included)."""
+
+from __future__ import annotations
+
+from omni_tasks.config import get_config
+
+PRIORITY_SEP = ":"
+PRIORITY_STEPS = tuple(range(10))
+
+
+def _p() -> str:
+    return get_config().key_prefix
+
+
+def queue_key(queue: str, priority: int) -> str:
+    """The Redis list kombu keeps for one priority level of a queue (0 is the bare name)."""
+    return queue if priority == 0 else f"{queue}{PRIORITY_SEP}{priority}"
+
+
+def queue_keys(queue: str) -> list[str]:
+    return [queue_key(queue, p) for p in PRIORITY_STEPS]
+
+
+def stats(pool: str) -> str:
+    """Hash of counters per pool: processed, failed, rejected, run_s_sum, queued_s_sum."""
+    return f"{_p()}:stats:{pool}"
+
+
+def rejected() -> str:
+    """List (newest first, capped) of JSON records of refused or malformed messages."""
+    return f"{_p()}:rejected"
+
+
+def deliveries(task_id: str) -> str:
+    """How many times a message started running (redelivery cap)."""
+    return f"{_p()}:deliveries:{task_id}"
+
+
+def revoked(task_id: str) -> str:
+    """Set while a request is cancelled, so even workers started later skip it."""
+    return f"{_p()}:revoked:{task_id}"
+
+
+def worker(hostname: str) -> str:
+    """Heartbeat hash of a live worker (expires when it stops beating)."""
+    return f"{_p()}:worker:{hostname}"
+
+
+def workers_pattern() -> str:
+    return f"{_p()}:worker:*"

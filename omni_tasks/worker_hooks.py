@@ -1,0 +1,130 @@
+"""Worker lifecycle: load engines before the worker reports ready, beat a heartbeat into
+Redis, and on SIGTERM abort in-flight requests so their messages go back to the queue.
+
+Connected at import of `omni_tasks`; the engine code (torch) is imported only inside
+the handlers, i.e. only in worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from celery import signals
+
+from omni_tasks import keys
+from omni_tasks.config import get_config
+from omni_tasks.redis_client import get_redis
+
+log = logging.getLogger(__name__)
+HEARTBEAT_INTERVAL_S = 5.0
+HEARTBEAT_TTL_S = 20
+
+
+class _WorkerState:
+    hostname: str = ""
+    queues: list[str] = []
+    stages: list[str] = []
+    pool: str = ""
+    concurrency: int = 0
+    stop_beating = threading.Event()
+
+
+state = _WorkerState()
+
+
+def _stages_for(queues: list[str]) -> list[str]:
+    config = get_config()
+    stages = []
+    if config.ar.queue in queues:
+        stages.append("ar")
+    if config.diffusion.queue in queues:
+        stages.append("dit")
+    return stages
+
+
+@signals.worker_init.connect
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    worker = sender
+    state.hostname = worker.hostname
+    state.queues = sorted(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
+    state.stages = _stages_for(state.queues)
+    state.pool = getattr(worker.pool_cls, "__module__", str(worker.pool_cls)).rsplit(".", 1)[-1]
+    state.concurrency = int(worker.concurrency or 0)
+    if state.pool != "prefork":
+        _load_engines()
+
+
+@signals.worker_process_init.connect
+def _on_worker_process_init(**_: Any) -> None:
+    _load_engines()
+
+
+def _load_engines() -> None:
+    from workers.runtime import runtime
+
+    started = time.perf_counter()
+    runtime.start(state.stages)
+    log.warning(
+        "omni-tasks worker %s serving %s (stages %s) ready in %.1fs",
+        state.hostname,
+        state.queues,
+        state.stages,
+        time.perf_counter() - started,
+    )
+
+
+@signals.worker_ready.connect
+def _on_worker_ready(**_: Any) -> None:
+    state.stop_beating.clear()
+    threading.Thread(target=_beat, name="omni-heartbeat", daemon=True).start()
+
+
+def _beat() -> None:
+    key = keys.worker(state.hostname)
+    info = {
+        "hostname": state.hostname,
+        "queues": json.dumps(state.queues),
+        "stages": json.dumps(state.stages),
+        "pool": state.pool,
+        "concurrency": state.concurrency,
+        "pid": os.getpid(),
+        "started": time.time(),
+    }
+    while not state.stop_beating.is_set():
+        try:
+            client = get_redis()
+            pipe = client.pipeline(transaction=True)
+            pipe.hset(key, mapping={**info, "beat": time.time()})
+            pipe.expire(key, HEARTBEAT_TTL_S)
+            pipe.execute()
+        except Exception:
+            log.warning("heartbeat to Redis failed", exc_info=True)
+        state.stop_beating.wait(HEARTBEAT_INTERVAL_S)
+
+
+@signals.worker_shutting_down.connect
+def _on_shutting_down(**_: Any) -> None:
+    # Called inside a signal handler: do the work on a thread.
+    threading.Thread(target=_stop_engines, name="omni-stop", daemon=True).start()
+
+
+def _stop_engines() -> None:
+    state.stop_beating.set()
+    import sys
+
+    if "workers.runtime" in sys.modules:
+        sys.modules["workers.runtime"].runtime.stop()
+
+
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    _stop_engines()
+    try:
+        get_redis().delete(keys.worker(state.hostname))
+    except Exception:
+        log.warning("could not clear the heartbeat key", exc_info=True)

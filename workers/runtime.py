@@ -1,0 +1,116 @@
+"""The engines of one worker process: built once, shared by every task thread.
+
+`start` runs from Celery's `worker_init` (threads/solo pools) or
+`worker_process_init` (prefork), so the worker reports ready only once its models are
+loaded; `stop` aborts in-flight requests so a warm shutdown hands them back promptly.
+Engines are also built lazily on first use (eager mode, scripts).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from omni_tasks.config import CoreModuleConfig, get_config
+from omni_tasks.errors import EngineStoppedError
+from workers.engines.base import DiffusionEngine, TextEngine
+from workers.models import TINY_MODELS, build_tiny_model
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model(name: str, config: CoreModuleConfig) -> str:
+    """A local path, a tiny model under `models_dir` (built if missing), or a hub id."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path)
+    if name in TINY_MODELS:
+        target = config.models_path() / name
+        return str(build_tiny_model(name, target))
+    return name
+
+
+class WorkerRuntime:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._text: TextEngine | None = None
+        self._diffusion: DiffusionEngine | None = None
+        self._stopped = False
+
+    def start(self, stages: list[str], config: CoreModuleConfig | None = None) -> None:
+        """Build the engines of the given stages ("ar", "dit") now."""
+        for stage in stages:
+            if stage == "ar":
+                self.text_engine(config)
+            elif stage == "dit":
+                self.diffusion_engine(config)
+
+    def text_engine(self, config: CoreModuleConfig | None = None) -> TextEngine:
+        with self._lock:
+            self._check_running()
+            if self._text is None:
+                self._text = build_text_engine(config or get_config())
+            return self._text
+
+    def diffusion_engine(self, config: CoreModuleConfig | None = None) -> DiffusionEngine:
+        with self._lock:
+            self._check_running()
+            if self._diffusion is None:
+                self._diffusion = build_diffusion_engine(config or get_config())
+            return self._diffusion
+
+    def loaded(self) -> dict[str, str]:
+        loaded = {}
+        if self._text is not None:
+            loaded["ar"] = self._text.name
+        if self._diffusion is not None:
+            loaded["dit"] = self._diffusion.name
+        return loaded
+
+    def stop(self) -> None:
+        """Abort in-flight requests (they raise EngineStoppedError) and free the engines."""
+        self._stopped = True
+        for engine in (self._text, self._diffusion):
+            if engine is not None:
+                try:
+                    engine.shutdown()
+                except Exception:
+                    log.exception("engine %s did not shut down cleanly", engine.name)
+
+    def _check_running(self) -> None:
+        if self._stopped:
+            raise EngineStoppedError("this worker is shutting down")
+
+
+def build_text_engine(config: CoreModuleConfig) -> TextEngine:
+    ar = config.ar
+    model = resolve_model(ar.model, config)
+    log.info("loading %s text engine for %s", ar.engine, model)
+    if ar.engine == "transformers":
+        from workers.engines.transformers_engine import TransformersTextEngine
+
+        return TransformersTextEngine(model, dtype=ar.dtype, max_batch_size=ar.max_batch_size)
+    from workers.engines.vllm_engine import VllmTextEngine
+
+    return VllmTextEngine(
+        model,
+        dtype=ar.dtype,
+        max_model_len=ar.max_model_len,
+        max_num_seqs=ar.concurrency,
+        gpu_memory_utilization=config.max_gpu_utilization,
+        tensor_parallel_size=ar.tensor_parallel_size,
+        kv_cache_gib=ar.kv_cache_gib,
+    )
+
+
+def build_diffusion_engine(config: CoreModuleConfig) -> DiffusionEngine:
+    from workers.engines.diffusers_engine import FluxDiffusionEngine
+
+    dit = config.diffusion
+    model = resolve_model(dit.model, config)
+    log.info("loading diffusion engine for %s", model)
+    return FluxDiffusionEngine(model, device=dit.device, dtype=dit.dtype)
+
+
+runtime = WorkerRuntime()
