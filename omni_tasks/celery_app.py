@@ -6,13 +6,23 @@ import sys
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.keys import PRIORITY_SEP, PRIORITY_STEPS
 from omni_tasks.worker_defaults import queues_from_argv, worker_settings
 
 TASK_MODULES = ["omni_tasks.tasks"]
+
+
+def pool_queue(name: str) -> Queue:
+    """A queue with its own direct exchange: pools never share a binding."""
+    return Queue(
+        name,
+        Exchange(name, type="direct"),
+        routing_key=name,
+        queue_arguments={"x-max-priority": 10},
+    )
 
 
 def celery_settings(config: CoreModuleConfig) -> dict[str, Any]:
@@ -42,10 +52,7 @@ def celery_settings(config: CoreModuleConfig) -> dict[str, Any]:
             "visibility_timeout": 2 * longest + 300,
         },
         "broker_connection_retry_on_startup": True,
-        "task_queues": [
-            Queue(config.ar.queue, queue_arguments={"x-max-priority": 10}),
-            Queue(config.diffusion.queue, queue_arguments={"x-max-priority": 10}),
-        ],
+        "task_queues": [pool_queue(config.ar.queue), pool_queue(config.diffusion.queue)],
         "task_default_queue": config.ar.queue,
         "task_routes": (OmniRouter(),),
         "task_default_priority": None,
