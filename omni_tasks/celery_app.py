@@ -66,14 +66,19 @@ def celery_settings(config: CoreModuleConfig) -> dict[str, Any]:
     }
 
 
-def create_app(config: CoreModuleConfig | None = None, argv: list[str] | None = None) -> Celery:
+def settings_for_process(
+    config: CoreModuleConfig | None = None, argv: list[str] | None = None
+) -> dict[str, Any]:
+    """All Celery settings of this process: the config's, plus per-pool worker defaults."""
     config = config or get_config()
-    celery = Celery("omni_tasks", include=TASK_MODULES)
-    celery.conf.update(celery_settings(config))
+    settings = celery_settings(config)
     queues = queues_from_argv(sys.argv if argv is None else argv)
     if queues is not None:
-        celery.conf.update(worker_settings(config, queues))
-    return celery
+        settings.update(worker_settings(config, queues))
+    return settings
 
 
-app = create_app()
+# The settings are read lazily (Celery imports `omni_tasks.celeryconfig` on first use of
+# `app.conf`), so a process can set OMNI_* variables after importing omni_tasks.
+app = Celery("omni_tasks", include=TASK_MODULES)
+app.config_from_object("omni_tasks.celeryconfig")

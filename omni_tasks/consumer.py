@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from celery.worker.consumer import Consumer
-from kombu.serialization import prepare_accept_content
+from kombu.serialization import prepare_accept_content, registry
 
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.rejections import record_rejection
@@ -26,7 +26,11 @@ class OmniConsumer(Consumer):
 
         def on_task_received(message: Any) -> Any:
             if message.content_type not in accept:
-                return self._refuse(message, f"content type {message.content_type!r} refused")
+                name = registry.type_to_name.get(message.content_type, "unknown")
+                return self._refuse(
+                    message,
+                    f"content type {message.content_type!r} ({name}) refused: only JSON accepted",
+                )
             return handler(message)
 
         return on_task_received

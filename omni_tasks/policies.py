@@ -65,9 +65,9 @@ class SchedulingPolicy:
         raise NotImplementedError
 
     def sort_key(self, request: OmniRequest, stage: Stage | None = None) -> tuple[float, ...]:
-        """Order within one scheduler: priority number, then arrival."""
+        """Order within one scheduler (ties go to the earlier arrival, as in Redis)."""
         stage = stage or stages_of(request)[0]
-        return (self.priority(request, stage), request.created_at)
+        return (self.priority(request, stage),)
 
     # Helpers shared by the policies.
     def class_position(self, request: OmniRequest) -> float:

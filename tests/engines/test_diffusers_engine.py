@@ -1,0 +1,173 @@
+"""FluxDiffusionEngine on the tiny random-weight Flux model: real pipeline, no mocks."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from omni_tasks.errors import EngineStoppedError, RequestTimeoutError, RequestValidationError
+from workers.engines.base import ImageOutput, ImageParams
+from workers.engines.diffusers_engine import FluxDiffusionEngine
+from workers.models import build_tiny_model
+from workers.models.tiny_flux import COMPLETE_MARKER
+
+PROMPT = "a photo of an astronaut riding a horse"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_flux_dir: Path) -> Iterator[FluxDiffusionEngine]:
+    eng = FluxDiffusionEngine(tiny_flux_dir)
+    yield eng
+    eng.shutdown()
+
+
+def pixels(out: ImageOutput) -> np.ndarray:
+    return np.asarray(out.image)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_engine_defaults_on_cpu(engine: FluxDiffusionEngine) -> None:
+    assert engine.name == "diffusers"
+    assert str(engine.device) == "cpu"
+    assert str(engine.dtype) == "torch.float32"
+    assert engine.size_multiple == 16
+
+
+@pytest.mark.parametrize(("width", "height", "steps"), [(64, 64, 4), (32, 64, 3), (64, 16, 2)])
+def test_text_to_image_size_and_steps(
+    engine: FluxDiffusionEngine, width: int, height: int, steps: int
+) -> None:
+    out = engine.generate("t2i", PROMPT, ImageParams(width, height, steps), timeout_s=60)
+    assert isinstance(out.image, Image.Image)
+    assert out.image.size == (width, height)
+    assert out.image.mode == "RGB"
+    assert out.steps_run == steps
+    assert set(out.timings) == {"total_s", "encode_s", "denoise_s", "decode_s"}
+    assert all(v >= 0 for v in out.timings.values())
+    assert pixels(out).std() > 0  # not a blank image
+
+
+def test_same_seed_same_pixels_other_seed_differs(engine: FluxDiffusionEngine) -> None:
+    a = engine.generate("a", PROMPT, ImageParams(seed=7), timeout_s=60)
+    b = engine.generate("b", PROMPT, ImageParams(seed=7), timeout_s=60)
+    c = engine.generate("c", PROMPT, ImageParams(seed=8), timeout_s=60)
+    assert np.array_equal(pixels(a), pixels(b))
+    assert not np.array_equal(pixels(a), pixels(c))
+
+
+def test_prompt_changes_image(engine: FluxDiffusionEngine) -> None:
+    a = engine.generate("a", "a red cat", ImageParams(), timeout_s=60)
+    b = engine.generate("b", "a blue castle at night", ImageParams(), timeout_s=60)
+    assert not np.array_equal(pixels(a), pixels(b))
+
+
+def test_negative_prompt_uses_true_cfg(engine: FluxDiffusionEngine) -> None:
+    plain = engine.generate("p", PROMPT, ImageParams(), timeout_s=60)
+    neg = engine.generate("n", PROMPT, ImageParams(negative_prompt="blurry"), timeout_s=60)
+    assert neg.steps_run == 4  # steps, not transformer calls (true CFG makes two per step)
+    assert not np.array_equal(pixels(plain), pixels(neg))
+
+
+def test_img2img_resizes_and_is_deterministic(engine: FluxDiffusionEngine) -> None:
+    gradient = np.linspace(0, 255, 50 * 40 * 3).reshape(40, 50, 3).astype(np.uint8)
+    init = Image.fromarray(gradient).convert("RGBA")  # odd size and mode on purpose
+    params = ImageParams(width=64, height=32, steps=4, strength=0.5, seed=3)
+    a = engine.generate("i2i-a", PROMPT, params, timeout_s=60, init_image=init)
+    b = engine.generate("i2i-b", PROMPT, params, timeout_s=60, init_image=init)
+    t2i = engine.generate("t2i", PROMPT, params, timeout_s=60)
+    assert a.image.size == (64, 32)
+    assert a.steps_run == 2  # strength 0.5 of 4 steps
+    assert np.array_equal(pixels(a), pixels(b))
+    assert not np.array_equal(pixels(a), pixels(t2i))
+
+
+def test_concurrent_threads_match_sequential(engine: FluxDiffusionEngine) -> None:
+    jobs = [
+        ("c0", "a red cat", ImageParams(seed=1)),
+        ("c1", "a blue castle", ImageParams(width=32, height=48, steps=5, seed=2)),
+        ("c2", "a green tree", ImageParams(steps=6, seed=3, negative_prompt="dark")),
+    ]
+    sequential = [pixels(engine.generate(rid, p, params, 60)) for rid, p, params in jobs]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        for _ in range(2):
+            futures = [pool.submit(engine.generate, rid, p, params, 60) for rid, p, params in jobs]
+            for want, fut in zip(sequential, futures, strict=True):
+                assert np.array_equal(pixels(fut.result(timeout=60)), want)
+
+
+def test_tiny_timeout_raises(engine: FluxDiffusionEngine) -> None:
+    with pytest.raises(RequestTimeoutError):
+        engine.generate("late", PROMPT, ImageParams(steps=50), timeout_s=1e-4)
+    # The engine still serves requests afterwards.
+    assert engine.generate("ok", PROMPT, ImageParams(), timeout_s=60).steps_run == 4
+
+
+def test_size_not_multiple_of_16_is_rejected(engine: FluxDiffusionEngine) -> None:
+    with pytest.raises(RequestValidationError) as info:
+        engine.generate("bad", PROMPT, ImageParams(width=40), timeout_s=60)
+    assert info.value.field == "width"
+
+
+def test_shutdown_stops_inflight_and_later_calls(tiny_flux_dir: Path) -> None:
+    eng = FluxDiffusionEngine(tiny_flux_dir)
+    assert eng._base is not None
+    started = threading.Event()
+    eng._base.transformer.register_forward_hook(lambda *args: started.set())
+    outcome: list[BaseException | ImageOutput] = []
+
+    def run() -> None:
+        try:
+            outcome.append(eng.generate("long", PROMPT, ImageParams(steps=1000), 600))
+        except BaseException as exc:  # recorded for the assertion below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert started.wait(60)
+    t0 = time.perf_counter()
+    eng.shutdown()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert time.perf_counter() - t0 < 5  # stopped at the next step, not after 1000
+    assert len(outcome) == 1 and isinstance(outcome[0], EngineStoppedError)
+    with pytest.raises(EngineStoppedError):
+        eng.generate("after", PROMPT, ImageParams(), timeout_s=60)
+
+
+def test_bad_dtype_is_a_config_error(tiny_flux_dir: Path) -> None:
+    with pytest.raises(ValueError, match="dtype"):
+        FluxDiffusionEngine(tiny_flux_dir, dtype="float8")
+
+
+def test_build_is_idempotent_and_deterministic(tiny_flux_dir: Path, tmp_path: Path) -> None:
+    marker = tiny_flux_dir / COMPLETE_MARKER
+    mtime = marker.stat().st_mtime_ns
+    t0 = time.perf_counter()
+    assert build_tiny_model("tiny-flux", tiny_flux_dir) == tiny_flux_dir
+    assert time.perf_counter() - t0 < 0.5  # complete model: nothing rebuilt
+    assert marker.stat().st_mtime_ns == mtime
+
+    # Two concurrent builders of one fresh path: one build, no temp dirs left behind; and a
+    # second build elsewhere gives the same bytes (weights and tokenizers).
+    target = tmp_path / "a" / "tiny-flux"
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        paths = list(pool.map(lambda _: build_tiny_model("tiny-flux", target), range(2)))
+    assert paths == [target, target]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["tiny-flux", "tiny-flux.lock"]
+    other = build_tiny_model("tiny-flux", tmp_path / "b" / "tiny-flux")
+    assert tree_digest(target) == tree_digest(other)

@@ -1,0 +1,339 @@
+"""transformers text engine: one batching thread feeding `model.generate`.
+
+The light alternative to vLLM (no KV-cache pool, no custom kernels, any model that
+`AutoModelForCausalLM` loads). Caller threads queue requests and wait on a `Future`;
+one thread gathers up to `max_batch_size` compatible requests into a left-padded batch
+and runs `model.generate`. Batches are static: a request that arrives while a batch
+runs waits for the next one (vLLM's continuous batching does better under load).
+
+A per-row `StoppingCriteria` ends each row at its own `max_tokens` or stop string,
+and ends rows early whose caller gave up (timeout) or when the engine shuts down, so
+no compute is spent on answers nobody waits for.
+
+Sampling settings are per batch in `generate`, so requests are grouped:
+- greedy (`temperature == 0`) requests batch together, whatever their other settings;
+- unseeded sampling requests batch with others of equal temperature and top_p;
+- seeded sampling requests run alone, with the torch RNG seeded inside a forked RNG
+  state, so the same seed and prompt give the same text on this engine (the text
+  differs from vLLM's for the same seed: the RNGs differ).
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+from omni_tasks.errors import EngineStoppedError, ProcessingError, RequestTimeoutError
+from workers.engines.base import TextOutput, TextParams
+
+log = logging.getLogger(__name__)
+
+
+def _settle(fut: Future, result: Any = None, exc: BaseException | None = None) -> None:
+    """Resolve `fut` unless someone (timeout, shutdown) already did."""
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+@dataclass
+class _Request:
+    rid: str
+    prompt: str
+    params: TextParams
+    deadline: float
+    future: Future = field(default_factory=Future)
+
+    @property
+    def group(self) -> tuple:
+        p = self.params
+        if p.temperature == 0:
+            return ("greedy",)
+        if p.seed is not None:
+            return ("seeded", id(self))  # alone
+        return ("sample", p.temperature, p.top_p)
+
+
+class _RowStop:
+    """Per-row stopping: own max_tokens, stop strings, caller gone, engine stopping."""
+
+    def __init__(self, engine: TransformersTextEngine, batch: list[_Request], prompt_len: int):
+        self.engine = engine
+        self.batch = batch
+        self.prompt_len = prompt_len
+        self.ends: list[int | None] = [None] * len(batch)  # new-token count when stopped
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        n_new = input_ids.shape[1] - self.prompt_len
+        stopping = self.engine._stopping
+        now = time.monotonic()
+        done = []
+        for i, req in enumerate(self.batch):
+            if self.ends[i] is None:
+                if n_new >= req.params.max_tokens or self._hit_stop(req, input_ids[i]):
+                    self.ends[i] = n_new
+                elif stopping or req.future.done() or now > req.deadline:
+                    self.ends[i] = -1  # abandoned: nobody reads this row
+            done.append(self.ends[i] is not None)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def _hit_stop(self, req: _Request, row: Any) -> bool:
+        if not req.params.stop:
+            return False
+        text = self.engine.tokenizer.decode(row[self.prompt_len :], skip_special_tokens=True)
+        return any(s in text for s in req.params.stop)
+
+
+class TransformersTextEngine:
+    """A transformers causal LM shared by every thread of one worker process."""
+
+    name = "transformers"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_batch_size: int = 16,
+        batch_wait_s: float = 0.005,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype == "auto":
+            # bf16/fp16 checkpoints crawl on CPUs without native support: use fp32 there.
+            torch_dtype: Any = "auto" if device != "cpu" else torch.float32
+        else:
+            torch_dtype = getattr(torch, dtype)
+        t0 = time.perf_counter()
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+        self.model.to(device).eval()
+        self.init_s = time.perf_counter() - t0
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
+
+        self._cond = threading.Condition()
+        self._queue: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._ids = itertools.count()
+        self._stopping = False
+        self._broken: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="hf-batcher", daemon=True)
+        self._thread.start()
+        atexit.register(self.shutdown)
+        log.info("transformers engine for %s on %s ready in %.1f s", model, device, self.init_s)
+
+    # ------------------------------------------------------------------ callers
+
+    def generate(
+        self, request_id: str, prompt: str, params: TextParams, timeout_s: float
+    ) -> TextOutput:
+        """Queue the request, block until it finishes; see `TextEngine.generate`."""
+        if params.max_tokens < 1:
+            raise ProcessingError("max_tokens must be at least 1")
+        req = _Request(f"{request_id}#{next(self._ids)}", prompt, params, 0.0)
+        req.deadline = time.monotonic() + timeout_s
+        with self._cond:
+            self._raise_if_unavailable()
+            self._queue.append(req)
+            self._cond.notify()
+        try:
+            return req.future.result(timeout=max(timeout_s, 0.0))
+        except FutureTimeout:
+            # Settling the future is the cancel signal: the batcher skips or ends the row.
+            _settle(req.future, exc=RequestTimeoutError(f"request {request_id} timed out"))
+            return self._result_or_timeout(req, request_id, timeout_s)
+
+    @staticmethod
+    def _result_or_timeout(req: _Request, request_id: str, timeout_s: float) -> TextOutput:
+        exc = req.future.exception()
+        if exc is None:
+            return req.future.result()  # finished in the same instant
+        if isinstance(exc, RequestTimeoutError):
+            raise RequestTimeoutError(
+                f"request {request_id} exceeded its timeout of {timeout_s:g} s"
+            ) from None
+        raise exc
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Fail queued and running requests with EngineStoppedError, stop, free the model."""
+        with self._cond:
+            already = self._stopping
+            self._stopping = True
+            reqs = list(self._queue) + list(self._running)
+            self._queue.clear()
+            self._cond.notify_all()
+        for req in reqs:
+            _settle(req.future, exc=EngineStoppedError("transformers engine shut down"))
+        if already:
+            return
+        atexit.unregister(self.shutdown)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("transformers batching thread still busy after %.0f s", timeout_s)
+
+    @property
+    def healthy(self) -> bool:
+        """False once stopped or broken; a worker should then stop consuming."""
+        return not self._stopping and self._broken is None
+
+    def _raise_if_unavailable(self) -> None:
+        if self._broken is not None:
+            raise ProcessingError(f"transformers engine is broken: {self._broken!r}")
+        if self._stopping:
+            raise EngineStoppedError("transformers engine is shut down")
+
+    # ---------------------------------------------------------- batching thread
+
+    def _run(self) -> None:
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                if not batch:
+                    continue
+                try:
+                    results = self._generate_batch(batch)
+                except Exception as exc:  # noqa: BLE001 - reported to every waiter
+                    log.exception("transformers generate failed for %d requests", len(batch))
+                    for req in batch:
+                        err = ProcessingError(f"transformers generate failed: {exc!r}")
+                        err.__cause__ = exc
+                        _settle(req.future, exc=err)
+                else:
+                    for req, out in zip(batch, results, strict=True):
+                        if out is None:
+                            _settle(req.future, exc=RequestTimeoutError(f"{req.rid} timed out"))
+                        else:
+                            _settle(req.future, out)
+                finally:
+                    with self._cond:
+                        self._running = []
+        except BaseException as exc:
+            self._broken = exc
+            log.exception("transformers batching thread died; engine is broken")
+            with self._cond:
+                reqs = list(self._queue) + list(self._running)
+                self._queue.clear()
+            for req in reqs:
+                _settle(req.future, exc=ProcessingError(f"transformers engine broke: {exc!r}"))
+        finally:
+            self._close()
+
+    def _next_batch(self) -> list[_Request] | None:
+        """Wait for work; return compatible live requests (None once stopping)."""
+        with self._cond:
+            while not (self._stopping or self._queue):
+                self._cond.wait()
+            if self._stopping:
+                return None
+        if self.batch_wait_s > 0 and len(self._queue) < self.max_batch_size:
+            time.sleep(self.batch_wait_s)  # let concurrent callers join this batch
+        with self._cond:
+            if self._stopping:
+                return None
+            first = self._queue.popleft()
+            batch, rest = [first], deque()
+            while self._queue:
+                req = self._queue.popleft()
+                if len(batch) < self.max_batch_size and req.group == first.group:
+                    batch.append(req)
+                else:
+                    rest.append(req)
+            self._queue = rest
+            batch = [r for r in batch if not r.future.done()]
+            self._running = batch
+            return batch
+
+    def _generate_batch(self, batch: list[_Request]) -> list[TextOutput | None]:
+        import torch
+
+        tok = self.tokenizer
+        enc = tok([r.prompt for r in batch], return_tensors="pt", padding=True)
+        enc = enc.to(self.device)
+        prompt_len = enc["input_ids"].shape[1]
+        stop = _RowStop(self, batch, prompt_len)
+        first = batch[0].params
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max(r.params.max_tokens for r in batch),
+            "stopping_criteria": [stop],
+            "pad_token_id": tok.pad_token_id,
+        }
+        if first.temperature == 0:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p)
+            kwargs["top_k"] = 0  # like vLLM: no top-k unless asked (TextParams has none)
+        with torch.inference_mode(), torch.random.fork_rng(devices=self._rng_devices()):
+            if first.temperature != 0 and first.seed is not None:
+                torch.manual_seed(first.seed)
+            out = self.model.generate(**enc, **kwargs)
+        prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
+        eos = self._eos_ids()
+        results: list[TextOutput | None] = []
+        for i, req in enumerate(batch):
+            end = stop.ends[i]
+            if end == -1 or req.future.done():
+                results.append(None)
+                continue
+            new = out[i, prompt_len:].tolist()
+            new = new[: end if end is not None else len(new)]
+            reason = "length" if len(new) >= req.params.max_tokens else "stop"
+            for j, t in enumerate(new):
+                if t in eos:
+                    new, reason = new[: j + 1], "stop"
+                    break
+            text = tok.decode(new, skip_special_tokens=True)
+            cut = min((k for k in (text.find(s) for s in req.params.stop) if k >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+            results.append(TextOutput(text, int(prompt_tokens[i]), len(new), reason))
+        return results
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+
+    def _rng_devices(self) -> list[int]:
+        import torch
+
+        if self.device.startswith("cuda"):
+            return [torch.device(self.device).index or 0]
+        return []
+
+    def _close(self) -> None:
+        with self._cond:
+            self._stopping = True
+        self.model = None
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
