@@ -2,11 +2,11 @@
 
 Producer side, `apply_async` (and so `.delay`) validates the kwargs into an
 `OmniRequest` before anything is sent and uses the request id as the task id; the
-router then picks the queue and priority. Worker side, `execute` trusts nothing: it
-skips cancelled requests, caps redeliveries of messages that keep killing workers,
-validates again (rejecting and recording what does not parse), runs the stage on the
-worker's engine, hands the message back if the engine is shutting down, and keeps
-per-pool counters for monitoring.
+router then picks the queue and priority. Worker side, `execute` trusts nothing: for a
+message that came back it checks cancellation and caps redeliveries (a message that
+keeps killing workers), validates again (rejecting and recording what does not parse),
+runs the stage on the worker's engine, hands the message back if the engine is
+shutting down, and counts the outcome for monitoring.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from celery.exceptions import Ignore, Reject
 
 from omni_tasks import keys
 from omni_tasks.config import get_config
+from omni_tasks.counters import counters
 from omni_tasks.errors import EngineStoppedError, ProcessingError, RequestValidationError
+from omni_tasks.lua import ADMIT, script
 from omni_tasks.policies import Stage
 from omni_tasks.redis_client import get_redis
 from omni_tasks.rejections import record_rejection
@@ -75,7 +77,9 @@ class OmniTask(Task):
         task_id = self.request.id or ""
         pool = self.stage_pool()
         client = get_redis()
-        self._admit(client, task_id, kwargs, pool)
+        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+        if redelivered:
+            self._admit_redelivery(client, task_id, kwargs, pool)
         try:
             request = self.build_request(kwargs)
         except RequestValidationError as exc:
@@ -85,7 +89,8 @@ class OmniTask(Task):
         try:
             result = run(request)
         except EngineStoppedError:
-            # A warm shutdown: give the message back (it does not count as a redelivery).
+            # A warm shutdown: give the message back; the credit cancels the count the
+            # redelivered message will add when it starts again.
             client.decr(keys.deliveries(task_id))
             raise Reject("worker shutting down", requeue=True) from None
         except Exception:
@@ -95,36 +100,32 @@ class OmniTask(Task):
         timings = result.setdefault("timings", {})
         timings.setdefault("queued_s", round(max(0.0, started - request.created_at), 6))
         timings.setdefault("run_s", round(run_s, 6))
-        pipe = client.pipeline(transaction=False)
-        pipe.hincrby(keys.stats(pool), "processed", 1)
-        pipe.hincrbyfloat(keys.stats(pool), "run_s_sum", run_s)
-        pipe.hincrbyfloat(keys.stats(pool), "queued_s_sum", timings["queued_s"])
-        pipe.delete(keys.deliveries(task_id))
-        pipe.execute()
+        timings.setdefault("started_at", round(started, 6))
+        counters.add_success(pool, run_s, timings["queued_s"])
+        if redelivered:
+            client.delete(keys.deliveries(task_id))
         return result
 
     def stage_pool(self) -> str:
         config = get_config()
         return config.ar.queue if self.stage == "ar" else config.diffusion.queue
 
-    def _admit(self, client: Any, task_id: str, kwargs: Any, pool: str) -> None:
-        """Skip a cancelled request; refuse one that already started too often.
+    def _admit_redelivery(self, client: Any, task_id: str, kwargs: Any, pool: str) -> None:
+        """A message that came back (worker died, shutdown, visibility timeout): skip it
+        if it was cancelled meanwhile; refuse it after `max_redeliveries` returns.
 
-        One round trip: the revocation flag and the start counter in one pipeline.
+        First deliveries skip this round trip: Celery's revoked list covers them (and
+        workers load the Redis revocations when they start).
         """
-        key = keys.deliveries(task_id)
-        pipe = client.pipeline(transaction=True)
-        pipe.exists(keys.revoked(task_id))
-        pipe.incr(key)
-        pipe.expire(key, DELIVERY_KEY_TTL_S)
-        revoked, starts, _ = pipe.execute()
+        revoked, returns = script(client, ADMIT)(
+            keys=[keys.revoked(task_id), keys.deliveries(task_id)], args=[DELIVERY_KEY_TTL_S]
+        )
         if revoked:
-            client.delete(key)
-            self.update_state(state="REVOKED", meta={"reason": "cancelled before it ran"})
+            self.backend.mark_as_revoked(task_id, "cancelled before it ran", request=self.request)
             raise Ignore()
         cap = get_config().max_redeliveries
-        if int(starts) > cap + 1:
-            reason = f"started {starts} times (max_redeliveries={cap}); giving up"
+        if int(returns) > cap:
+            reason = f"redelivered {returns} times (max_redeliveries={cap}); giving up"
             record_rejection(reason, task_id=task_id, task_name=self.name, pool=pool, body=kwargs)
             client.hincrby(keys.stats(pool), "failed", 1)
             raise ProcessingError(reason)

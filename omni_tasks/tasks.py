@@ -103,6 +103,13 @@ def multimodal_render(self: OmniTask, prompt_result: dict[str, Any], **request: 
     return self.execute(request, lambda req: run_multimodal_render(req, prompt_result))
 
 
+@app.task(bind=True, base=OmniTask, name="omni_tasks.probe", request_type=RequestType.TEXT)
+def probe(self: OmniTask, **request: Any) -> dict[str, Any]:
+    """A TEXT request that runs no engine: measures the queue path itself (routing,
+    validation on both sides, redelivery and revocation checks, counters)."""
+    return self.execute(request, lambda req: {"request_id": req.request_id, "text": ""})
+
+
 def multimodal_chain(request: OmniRequest, policy: SchedulingPolicy | None = None) -> Any:
     """The AR stage then the DiT stage; the final task's id is the request id.
 

@@ -18,6 +18,7 @@ from celery import signals
 
 from omni_tasks import keys
 from omni_tasks.config import get_config
+from omni_tasks.counters import counters
 from omni_tasks.redis_client import get_redis
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,22 @@ def _load_engines() -> None:
 
 @signals.worker_ready.connect
 def _on_worker_ready(**_: Any) -> None:
+    _load_revocations()
     state.stop_beating.clear()
     threading.Thread(target=_beat, name="omni-heartbeat", daemon=True).start()
+
+
+def _load_revocations() -> None:
+    """Requests cancelled while this worker was not running: Celery's in-memory revoked
+    list only hears live broadcasts, so seed it from the flags kept in Redis."""
+    from celery.worker import state as worker_state
+
+    prefix = keys.revoked("")
+    try:
+        for key in get_redis().scan_iter(match=prefix + "*", count=1000):
+            worker_state.revoked.add(key[len(prefix) :])
+    except Exception:
+        log.warning("could not load revocations from Redis", exc_info=True)
 
 
 def _beat() -> None:
@@ -124,6 +139,7 @@ def _stop_engines() -> None:
 @signals.worker_shutdown.connect
 def _on_worker_shutdown(**_: Any) -> None:
     _stop_engines()
+    counters.flush()
     try:
         get_redis().delete(keys.worker(state.hostname))
     except Exception:

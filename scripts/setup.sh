@@ -21,4 +21,5 @@ if [ ! -f "$VENV/.stack-ready" ]; then
 else
     $PIP install --no-deps -e .
 fi
+touch "$VENV/.stack-ready"
 echo "environment ready: $VENV"

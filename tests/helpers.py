@@ -28,6 +28,18 @@ def publish_raw(
     return task_id
 
 
+def eventually(check, timeout_s: float = 10.0, interval_s: float = 0.05):
+    """Poll `check()` until it returns a truthy value (counters flush asynchronously)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval_s)
+
+
 def assert_png(path: str | Path, width: int, height: int) -> None:
     path = Path(path)
     assert path.is_file(), path

@@ -7,7 +7,7 @@ import asyncio
 import json
 
 import pytest
-from helpers import assert_png, publish_raw
+from helpers import assert_png, eventually, publish_raw
 
 from omni_tasks import (
     OmniScheduler,
@@ -139,8 +139,8 @@ def test_every_type_through_omni_scheduler(pools) -> None:
             "edit", image=results[1]["image_path"], width=32, height=32, steps=2
         )
         results.append(await scheduler.process_request(edit))  # schedules it first
-        status = scheduler.get_status()
-        assert status["processed_requests"] >= 4 and status["queue_size"] == 0
+        status = eventually(lambda: (s := scheduler.get_status())["processed_requests"] >= 4 and s)
+        assert status and status["queue_size"] == 0
         assert {w["queues"][0] for w in status["resource_status"]["workers"]} == {"ar", "diffusion"}
         assert scheduler.get_metrics()["average_processing_time"] > 0
         assert scheduler.get_health_status()["healthy"], scheduler.get_health_status()
@@ -178,19 +178,6 @@ def test_worker_refuses_a_pickled_message_and_keeps_serving(pools) -> None:
     record = next(r for r in list_rejections() if r["task_id"] == task_id)
     assert "pickle" in record["reason"]
     check_text(generate_text.delay(prompt="still here", max_tokens=4).get(TIMEOUT), 4)
-
-
-def test_redelivery_cap_gives_up_on_a_poison_message(pools) -> None:
-    from omni_tasks import keys
-    from omni_tasks.config import get_config
-    from omni_tasks.redis_client import get_redis
-
-    request = create_text_request("poison", max_tokens=4)
-    # As if the message had already killed `max_redeliveries + 1` workers.
-    get_redis().set(keys.deliveries(request.request_id), get_config().max_redeliveries + 1)
-    with pytest.raises(Exception, match="max_redeliveries"):
-        submit(request).get(TIMEOUT)
-    assert any(r["task_id"] == request.request_id for r in list_rejections())
 
 
 def test_engine_side_timeout_fails_the_request(pools) -> None:

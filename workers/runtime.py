@@ -37,6 +37,8 @@ class WorkerRuntime:
         self._text: TextEngine | None = None
         self._diffusion: DiffusionEngine | None = None
         self._stopped = False
+        self._stop_lock = threading.Lock()
+        self._stop_done = threading.Event()
 
     def start(self, stages: list[str], config: CoreModuleConfig | None = None) -> None:
         """Build the engines of the given stages ("ar", "dit") now."""
@@ -68,15 +70,25 @@ class WorkerRuntime:
             loaded["dit"] = self._diffusion.name
         return loaded
 
-    def stop(self) -> None:
-        """Abort in-flight requests (they raise EngineStoppedError) and free the engines."""
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Abort in-flight requests (they raise EngineStoppedError) and free the engines.
+
+        Idempotent; a second caller (the worker's final shutdown hook) waits until the
+        first has finished, so the process never exits under a closing engine.
+        """
         self._stopped = True
-        for engine in (self._text, self._diffusion):
-            if engine is not None:
-                try:
-                    engine.shutdown()
-                except Exception:
-                    log.exception("engine %s did not shut down cleanly", engine.name)
+        if not self._stop_lock.acquire(blocking=False):
+            self._stop_done.wait(timeout_s)
+            return
+        try:
+            for engine in (self._text, self._diffusion):
+                if engine is not None:
+                    try:
+                        engine.shutdown()
+                    except Exception:
+                        log.exception("engine %s did not shut down cleanly", engine.name)
+        finally:
+            self._stop_done.set()
 
     def _check_running(self) -> None:
         if self._stopped:

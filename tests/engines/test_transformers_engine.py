@@ -150,6 +150,22 @@ def test_bad_max_tokens_rejected(engine: TransformersTextEngine) -> None:
     assert engine.healthy
 
 
+def test_generate_failure_reaches_callers_and_engine_recovers(
+    engine: TransformersTextEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = engine.model.generate
+
+    def failing_generate(**kwargs):  # one injected fault around the real model
+        monkeypatch.setattr(engine.model, "generate", real)
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(engine.model, "generate", failing_generate)
+    with pytest.raises(ProcessingError, match="injected"):
+        engine.generate("boom", "Hello", GREEDY, 30)
+    assert engine.healthy and engine._thread.is_alive()
+    assert engine.generate("ok", "Hello", GREEDY, 30).completion_tokens == 24
+
+
 def test_shutdown_stops_inflight_requests(tiny_llama_dir: Path) -> None:
     eng = TransformersTextEngine(str(tiny_llama_dir), max_batch_size=4)
     results: list[tuple[BaseException | None, float]] = []

@@ -118,6 +118,25 @@ def test_bad_request_fails_alone(engine: VllmTextEngine) -> None:
     assert engine.healthy
 
 
+def test_step_failure_reaches_callers_and_engine_recovers(
+    engine: VllmTextEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_step = engine._engine.step
+    calls = {"n": 0}
+
+    def failing_step():  # one injected fault in the real engine's step
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected step failure")
+        return real_step()
+
+    monkeypatch.setattr(engine._engine, "step", failing_step)
+    with pytest.raises(ProcessingError, match="injected"):
+        engine.generate("boom", "Hello", TextParams(max_tokens=50, temperature=0), 30)
+    assert engine.healthy and engine._thread.is_alive()
+    assert engine.generate("ok", "Hello", GREEDY, 30).completion_tokens == 24
+
+
 def test_second_live_engine_is_refused(engine: VllmTextEngine, tiny_llama_dir: Path) -> None:
     with pytest.raises(ProcessingError, match="already"):
         VllmTextEngine(str(tiny_llama_dir))
@@ -160,3 +179,25 @@ def test_shutdown_stops_inflight_requests(engine: VllmTextEngine, tiny_llama_dir
     with pytest.raises(EngineStoppedError):
         eng.generate("late", "Hello", GREEDY, 30)
     eng.shutdown()  # idempotent
+
+
+def test_repeated_step_failures_mark_engine_broken(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eng = VllmTextEngine(str(tiny_llama_dir), dtype="float32", kv_cache_gib=0.25)
+
+    def broken_step():
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(eng._engine, "step", broken_step)
+    for _ in range(3):
+        with pytest.raises(ProcessingError, match="device lost"):
+            eng.generate("x", "Hello", GREEDY, 30)
+    eng._thread.join(5)
+    assert not eng.healthy and not eng._thread.is_alive()
+    # Broken, not stopped: the task must fail rather than requeue its message forever.
+    with pytest.raises(ProcessingError) as info:
+        eng.generate("y", "Hello", GREEDY, 30)
+    assert not isinstance(info.value, EngineStoppedError)
+    eng.shutdown()
+    VllmTextEngine(str(tiny_llama_dir), kv_cache_gib=0.25).shutdown()  # the slot is free again

@@ -24,6 +24,7 @@ import atexit
 import gc
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -141,6 +142,7 @@ class TransformersTextEngine:
         self._ids = itertools.count()
         self._stopping = False
         self._broken: BaseException | None = None
+        self._pid = os.getpid()
         self._thread = threading.Thread(target=self._run, name="hf-batcher", daemon=True)
         self._thread.start()
         atexit.register(self.shutdown)
@@ -152,6 +154,7 @@ class TransformersTextEngine:
         self, request_id: str, prompt: str, params: TextParams, timeout_s: float
     ) -> TextOutput:
         """Queue the request, block until it finishes; see `TextEngine.generate`."""
+        self._check_process()
         if params.max_tokens < 1:
             raise ProcessingError("max_tokens must be at least 1")
         req = _Request(f"{request_id}#{next(self._ids)}", prompt, params, 0.0)
@@ -179,19 +182,19 @@ class TransformersTextEngine:
         raise exc
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Fail queued and running requests with EngineStoppedError, stop, free the model."""
+        """Fail queued and running requests with EngineStoppedError, stop, free the model.
+
+        Callers are released at once; the running batch ends after its current forward
+        pass. Waits up to `timeout_s` for that (0: return at once). Idempotent.
+        """
         with self._cond:
-            already = self._stopping
             self._stopping = True
             reqs = list(self._queue) + list(self._running)
             self._queue.clear()
             self._cond.notify_all()
         for req in reqs:
             _settle(req.future, exc=EngineStoppedError("transformers engine shut down"))
-        if already:
-            return
-        atexit.unregister(self.shutdown)
-        if threading.current_thread() is not self._thread:
+        if timeout_s > 0 and threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 log.warning("transformers batching thread still busy after %.0f s", timeout_s)
@@ -200,6 +203,14 @@ class TransformersTextEngine:
     def healthy(self) -> bool:
         """False once stopped or broken; a worker should then stop consuming."""
         return not self._stopping and self._broken is None
+
+    def _check_process(self) -> None:
+        # A forked child (prefork pool) inherits this object but not its thread (and
+        # maybe a lock held at fork time): fail fast before touching either.
+        if os.getpid() != self._pid:
+            raise ProcessingError(
+                "transformers engine was built in another process; build one per worker process"
+            )
 
     def _raise_if_unavailable(self) -> None:
         if self._broken is not None:

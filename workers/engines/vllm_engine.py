@@ -101,10 +101,11 @@ class VllmTextEngine:
         self._ids = itertools.count()
         self._stopping = False
         self._broken: BaseException | None = None
+        self._pid = os.getpid()
         self._thread = threading.Thread(target=self._run, name="vllm-stepper", daemon=True)
         self._thread.start()
-        # The stepper is a daemon so it never blocks interpreter exit; stop it before
-        # the interpreter tears down modules under its feet.
+        # The stepper is a daemon so it never blocks interpreter exit; stop it (and
+        # wait for it) before the interpreter tears down modules under its feet.
         atexit.register(self.shutdown)
         log.info("vLLM engine for %s ready in %.1f s", model, self.init_s)
 
@@ -166,6 +167,7 @@ class VllmTextEngine:
         self, request_id: str, prompt: str, params: TextParams, timeout_s: float
     ) -> TextOutput:
         """Queue the request, block until it finishes; see `TextEngine.generate`."""
+        self._check_process()
         sampling = self._sampling_params(params)
         # vLLM keys outputs by the id given to add_request; a counter keeps ids unique
         # when a redelivered task reuses its id while the first run still goes on.
@@ -190,19 +192,21 @@ class VllmTextEngine:
             ) from None
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Fail in-flight requests with EngineStoppedError, stop the stepper, free vLLM."""
+        """Fail in-flight requests with EngineStoppedError, stop the stepper, free vLLM.
+
+        Callers are released at once; then this waits up to `timeout_s` for the stepping
+        thread to finish its step and close vLLM. `timeout_s=0` returns at once (for a
+        signal handler): the thread closes vLLM itself and the atexit hook waits for it.
+        Idempotent.
+        """
         with self._cond:
-            already = self._stopping
             self._stopping = True
             futures = list(self._futures.values())
             self._futures.clear()
             self._cond.notify_all()
         for fut in futures:  # callers wake now, not after the current step
             _settle(fut, exc=EngineStoppedError("vLLM engine shut down"))
-        if already:
-            return
-        atexit.unregister(self.shutdown)
-        if threading.current_thread() is not self._thread:
+        if timeout_s > 0 and threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 log.warning("vLLM stepping thread still busy after %.0f s", timeout_s)
@@ -211,6 +215,14 @@ class VllmTextEngine:
     def healthy(self) -> bool:
         """False once stopped or broken; a worker should then stop consuming."""
         return not self._stopping and self._broken is None
+
+    def _check_process(self) -> None:
+        # A forked child (prefork pool) inherits this object but not its thread (and
+        # maybe a lock held at fork time): fail fast before touching either.
+        if os.getpid() != self._pid:
+            raise ProcessingError(
+                "vLLM engine was built in another process; build one per worker process"
+            )
 
     def _raise_if_unavailable(self) -> None:
         # Broken first: a task seeing EngineStoppedError requeues its message, and a
@@ -266,6 +278,9 @@ class VllmTextEngine:
                 for out in outputs:
                     if out.finished:
                         self._finish(out)
+                if not outputs and not self._engine.has_unfinished_requests():
+                    # Never expected; guards against spinning on requests vLLM dropped.
+                    self._fail_active(RuntimeError("vLLM dropped the request"))
         except BaseException as exc:
             self._broken = exc
             log.exception("vLLM stepping thread died; engine is broken")
@@ -277,7 +292,10 @@ class VllmTextEngine:
         if op == "abort":
             if iid in self._active:
                 self._active.discard(iid)
-                self._engine.abort_request([iid])
+                try:
+                    self._engine.abort_request([iid])
+                except Exception:  # noqa: BLE001 - a failed abort must not stop the loop
+                    log.warning("could not abort vLLM request %s", iid, exc_info=True)
             return
         with self._cond:
             fut = self._futures.get(iid)

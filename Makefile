@@ -1,0 +1,23 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv/ first.
+.PHONY: setup demo test lint bench flower
+
+setup: .venv/.stack-ready
+
+.venv/.stack-ready: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/omni-tasks demo
+
+lint: setup
+	.venv/bin/ruff check omni_tasks workers tests bench scripts
+	.venv/bin/ruff format --check omni_tasks workers tests bench scripts
+
+test: lint
+	.venv/bin/python -m pytest -q
+
+bench: setup
+	.venv/bin/python bench/run_all.py
+
+flower: setup
+	.venv/bin/celery -A omni_tasks flower --port=5555

@@ -1,0 +1,118 @@
+"""Shared bench plumbing: a Redis database of its own, worker processes, JSON output.
+
+Set OMNI_REDIS_URL before anything imports omni_tasks (the Celery app reads it once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+BENCH_DB = 14
+
+
+def setup_redis() -> str:
+    """OMNI_REDIS_URL, else DB 14 of a local Redis, else a private server."""
+    sys.path.insert(0, str(ROOT))
+    from omni_tasks.redis_server import redis_answers, start_private_redis
+
+    url = os.environ.get("OMNI_REDIS_URL") or f"redis://127.0.0.1:6379/{BENCH_DB}"
+    if not redis_answers(url):
+        url = start_private_redis().url
+    os.environ["OMNI_REDIS_URL"] = url
+    os.environ.setdefault("OMNI_MODELS_DIR", str(ROOT / "tests" / ".models"))
+    os.environ.setdefault("OMNI_OUTPUT_DIR", str(RESULTS / "outputs"))
+    return url
+
+
+def clean_redis() -> None:
+    from omni_tasks.redis_client import get_redis
+
+    client = get_redis()
+    doomed = [k for k in client.scan_iter(count=1000) if not k.startswith("_kombu.binding")]
+    for i in range(0, len(doomed), 500):
+        client.delete(*doomed[i : i + 500])
+
+
+def start_celery(app: str, queue: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        app,
+        "worker",
+        "-Q",
+        queue,
+        "-n",
+        f"bench-{queue}-{os.getpid()}@%h",
+        "--loglevel",
+        "WARNING",
+        *args,
+    ]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT / "bench",
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def wait_ping(app: Any, count: int = 1, timeout_s: float = 300) -> None:
+    """Until `count` workers answer a control ping."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        replies = app.control.ping(timeout=0.5) or []
+        if len(replies) >= count:
+            return
+    raise TimeoutError("workers did not answer")
+
+
+def stop(proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    q = statistics.quantiles(ordered, n=100, method="inclusive")
+    return {
+        "p50_ms": round(q[49] * 1e3, 3),
+        "p99_ms": round(q[98] * 1e3, 3),
+        "mean_ms": round(statistics.fmean(ordered) * 1e3, 3),
+    }
+
+
+def write_result(name: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data = {
+        "benchmark": name,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        **data,
+    }
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(json.dumps(data, indent=2))
+    return path

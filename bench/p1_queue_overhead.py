@@ -1,0 +1,103 @@
+"""P1: the queue path of omni-tasks vs bare Celery, same broker and worker settings.
+
+Round trip: one request at a time (send, wait for the result), p50/p99.
+Throughput: N requests sent at once, time until the last result.
+Both sides: threads pool, concurrency 32, prefetch 1, acks_late, JSON, events on.
+omni-tasks sends `omni_tasks.probe` (a TEXT request that runs no engine) through
+`.delay()`: request validation, the router's policy, the worker's checks and counters.
+Target: omni-tasks throughput >= 0.90x bare Celery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from common import (
+    RESULTS,
+    clean_redis,
+    percentiles,
+    setup_redis,
+    start_celery,
+    stop,
+    wait_ping,
+    write_result,
+)
+
+WORKER_ARGS = ["-P", "threads", "-c", "32", "--prefetch-multiplier", "1"]
+
+
+def measure(send, rounds: int, burst: int, timeout_s: float = 300) -> dict[str, float]:
+    for _ in range(20):  # warm-up
+        send().get(timeout=timeout_s)
+    latencies = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        send().get(timeout=timeout_s)
+        latencies.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    results = [send() for _ in range(burst)]
+    for r in results:
+        r.get(timeout=timeout_s)
+    elapsed = time.perf_counter() - start
+    return {
+        **percentiles(latencies),
+        "throughput_per_s": round(burst / elapsed, 1),
+        "burst": burst,
+        "rounds": rounds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--burst", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    url = setup_redis()
+    import bare_app
+
+    import omni_tasks
+
+    logs = RESULTS / "logs"
+    runs: dict[str, list[dict[str, float]]] = {"bare": [], "omni": []}
+    for repeat in range(args.repeats):
+        for side in ("bare", "omni"):  # alternate, so drift hits both
+            clean_redis()
+            if side == "bare":
+                proc = start_celery("bare_app", "bare", WORKER_ARGS, logs / "p1-bare.log")
+                app = bare_app.app
+                send = lambda: bare_app.noop.apply_async(kwargs={"prompt": "x"}, queue="bare")  # noqa: E731
+            else:
+                proc = start_celery("omni_tasks", "probe", WORKER_ARGS, logs / "p1-omni.log")
+                app = omni_tasks.app
+                probe = omni_tasks.tasks.probe
+                send = lambda: probe.apply_async(kwargs={"prompt": "x"}, queue="probe")  # noqa: E731
+            try:
+                wait_ping(app)
+                runs[side].append(measure(send, args.rounds, args.burst))
+                print(side, repeat, runs[side][-1], flush=True)
+            finally:
+                stop(proc)
+    best = {side: max(r["throughput_per_s"] for r in rs) for side, rs in runs.items()}
+    p50 = {side: min(r["p50_ms"] for r in rs) for side, rs in runs.items()}
+    write_result(
+        "p1_queue_overhead",
+        {
+            "redis": url.split("@")[-1],
+            "worker_settings": " ".join(WORKER_ARGS),
+            "runs": runs,
+            "throughput_ratio_omni_vs_bare": round(best["omni"] / best["bare"], 3),
+            "p50_ratio_omni_vs_bare": round(p50["omni"] / p50["bare"], 3),
+            "target": "throughput ratio >= 0.90",
+        },
+    )
+    clean_redis()
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()
