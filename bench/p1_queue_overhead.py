@@ -11,6 +11,7 @@ Target: omni-tasks throughput >= 0.90x bare Celery.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 
@@ -67,13 +68,13 @@ def main() -> None:
             clean_redis()
             if side == "bare":
                 proc = start_celery("bare_app", "bare", WORKER_ARGS, logs / "p1-bare.log")
-                app = bare_app.app
-                send = lambda: bare_app.noop.apply_async(kwargs={"prompt": "x"}, queue="bare")  # noqa: E731
+                app, task, queue = bare_app.app, bare_app.noop, "bare"
             else:
                 proc = start_celery("omni_tasks", "probe", WORKER_ARGS, logs / "p1-omni.log")
-                app = omni_tasks.app
-                probe = omni_tasks.tasks.probe
-                send = lambda: probe.apply_async(kwargs={"prompt": "x"}, queue="probe")  # noqa: E731
+                app, task, queue = omni_tasks.app, omni_tasks.tasks.probe, "probe"
+
+            send = functools.partial(task.apply_async, kwargs={"prompt": "x"}, queue=queue)
+
             try:
                 wait_ping(app)
                 runs[side].append(measure(send, args.rounds, args.burst))
