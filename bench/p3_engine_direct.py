@@ -26,11 +26,9 @@ def run_direct(model: str, n: int, max_tokens: int, repeats: int) -> list[dict]:
             list(pool.map(lambda p: engine.generate("warm", p, params, 300), prompts(4)))
             for r in range(repeats):
                 start = time.perf_counter()
+                ids = [f"r{r}-{i}" for i in range(n)]
                 outs = list(
-                    pool.map(
-                        lambda ip: engine.generate(f"r{r}-{ip[0]}", ip[1], params, 300),
-                        enumerate(prompts(n)),
-                    )
+                    pool.map(lambda rid, p: engine.generate(rid, p, params, 300), ids, prompts(n))
                 )
                 elapsed = time.perf_counter() - start
                 tokens = sum(o.completion_tokens for o in outs)
