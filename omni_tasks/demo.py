@@ -163,6 +163,7 @@ def _summary(results: list[dict[str, Any]], out_dir: Path) -> None:
 
     ok = sum(r["state"] == "SUCCESS" for r in results)
     _line(f"\n{ok}/{len(results)} requests succeeded")
+    time.sleep(1.0)  # workers flush their success counters every 0.25 s
     status = OmniScheduler().get_status()
     summary = {
         "queue_size": status["queue_size"],
