@@ -9,6 +9,7 @@ Every bad value raises `ConfigError` naming the dotted field.
 from __future__ import annotations
 
 import os
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -16,10 +17,15 @@ from typing import Any
 
 from omni_tasks.config_loading import apply_env, build_dataclass, read_yaml
 from omni_tasks.errors import ConfigError
+from omni_tasks.requests import StepCacheMode
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG_FILE = PACKAGE_ROOT.parent / "config" / "default.yaml"
 PRIORITY_CLASSES = ("high", "normal", "low")
+#: The unit of every `*_gb` setting and figure: GiB (2**30 bytes), as devices report.
+GB = 2**30
+#: Step-level DiT acceleration modes (diffusers cache hooks, or cache-dit).
+STEP_CACHE_MODES: tuple[str, ...] = typing.get_args(StepCacheMode)
 
 
 class SchedulerType(Enum):
@@ -134,10 +140,18 @@ class DiffusionConfig(PoolConfig):
     model: str = "tiny-flux"
     device: str = "auto"
     dtype: str = "auto"
+    step_cache: str = "none"  # one of STEP_CACHE_MODES; requests may override
+    step_cache_params: dict[str, float] = field(default_factory=dict)
+    cache_affinity: bool = True  # route repeats to the worker holding their DiT cache keys
 
     def validate(self, name: str = "diffusion") -> None:
         super().validate(name)
         _require(bool(self.model), f"{name}.model", "must not be empty")
+        _require(
+            self.step_cache in STEP_CACHE_MODES,
+            f"{name}.step_cache",
+            f"must be one of {STEP_CACHE_MODES}",
+        )
 
 
 @dataclass

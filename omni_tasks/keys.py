@@ -48,3 +48,37 @@ def worker(hostname: str) -> str:
 
 def workers_pattern() -> str:
     return f"{_p()}:worker:*"
+
+
+def worker_queue(hostname: str) -> str:
+    """A worker's own queue (cache-affinity routing sends repeat requests there)."""
+    return f"{_p()}.w.{hostname}"
+
+
+def cache_holders(cache_key: str) -> str:
+    """Hash: worker -> JSON {pool, bytes, created, last_hit, hits} for one DiT cache key."""
+    return f"{_p()}:cache:holders:{cache_key}"
+
+
+def cache_worker(hostname: str) -> str:
+    """Set of the DiT cache keys a worker holds."""
+    return f"{_p()}:cache:worker:{hostname}"
+
+
+def cache_stats(pool: str) -> str:
+    """Hash of DiT cache counters of a pool: hits:<kind>, misses:<kind>."""
+    return f"{_p()}:cache:stats:{pool}"
+
+
+def cache_worker_stats(hostname: str) -> str:
+    return f"{_p()}:cache:wstats:{hostname}"
+
+
+def flight_lease(cache_key: str) -> str:
+    """Single-flight lease: the token of the worker computing `cache_key` (expires)."""
+    return f"{_p()}:flight:lease:{cache_key}"
+
+
+def flight_result(cache_key: str) -> str:
+    """Single-flight outcome, kept briefly for the requests that waited on it."""
+    return f"{_p()}:flight:done:{cache_key}"

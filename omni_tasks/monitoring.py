@@ -51,6 +51,14 @@ class ClusterSnapshot:
     def failed(self) -> int:
         return sum(p.failed for p in self.pools.values())
 
+    @property
+    def dit_cache_bytes(self) -> int:
+        return sum(int(w.get("dit_cache_bytes", 0)) for w in self.workers)
+
+    @property
+    def dit_cache_max_bytes(self) -> int:
+        return sum(int(w.get("dit_cache_max_bytes", 0)) for w in self.workers)
+
     def workers_of(self, queue: str) -> list[dict[str, Any]]:
         return [w for w in self.workers if queue in w.get("queues", [])]
 

@@ -8,9 +8,10 @@ from celery.result import AsyncResult
 
 from omni_tasks import keys
 from omni_tasks.config import get_config
-from omni_tasks.policies import SchedulingPolicy
+from omni_tasks.policies import SchedulingPolicy, stages_of
 from omni_tasks.redis_client import get_redis
 from omni_tasks.requests import OmniRequest, RequestType
+from omni_tasks.routing import resolve_route
 
 REVOKE_TTL_S = 7 * 86400
 
@@ -29,7 +30,7 @@ def submit(
     if request.request_type is RequestType.MULTIMODAL:
         return multimodal_chain(request, policy).apply_async(**options)
     if policy is not None:
-        route = policy.route(request)
+        route = resolve_route(request, stages_of(request)[0], policy)
         options = {"queue": route.queue, "priority": route.priority, **options}
     task = TASK_FOR_TYPE[request.request_type]
     return task.apply_async(kwargs=request.to_message(), **options)

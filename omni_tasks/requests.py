@@ -33,6 +33,7 @@ MAX_IMAGE_BYTES = 16 * 1024 * 1024
 IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF")  # PNG, JPEG, WebP
 
 Priority = Literal["high", "normal", "low"]
+StepCacheMode = Literal["none", "taylorseer", "magcache", "first_block", "pab", "cache_dit"]
 
 
 class RequestType(Enum):
@@ -89,6 +90,8 @@ class OmniRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     image: str | None = None  # base64 PNG/JPEG/WebP on the wire; a path is read at the producer
     strength: float = Field(default=0.6, gt=0.0, le=1.0)
+    step_cache: StepCacheMode | None = None  # None: the pool's `diffusion.step_cache`
+    step_cache_params: dict[str, float] | None = Field(default=None, max_length=8)
 
     @field_validator("prompt")
     @classmethod
@@ -144,6 +147,8 @@ class OmniRequest(BaseModel):
         if self.request_type is RequestType.IMAGE:
             parts["image"] = hashlib.sha256((self.image or "").encode()).hexdigest()
             parts["strength"] = self.strength
+        if self.request_type in IMAGE_TYPES:
+            parts.update(step_cache=self.step_cache, step_cache_params=self.step_cache_params)
         parts["seed"] = self.seed
         return parts
 

@@ -8,10 +8,16 @@ the next message.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from omni_tasks import cache_directory, keys
 from omni_tasks.config import get_config
-from omni_tasks.policies import SchedulingPolicy, create_policy
+from omni_tasks.dit_keys import dit_keys
+from omni_tasks.policies import Route, SchedulingPolicy, Stage, create_policy
+from omni_tasks.requests import OmniRequest, RequestType
+
+log = logging.getLogger(__name__)
 
 _policy_cache: tuple[int, SchedulingPolicy] | None = None
 
@@ -46,5 +52,28 @@ class OmniRouter:
             if not isinstance(task, OmniTask):
                 return None
         request = task.build_request(kwargs or {})  # RequestValidationError: nothing sent
-        route = current_policy().route(request, task.stage)
+        route = resolve_route(request, task.stage, current_policy())
         return {"queue": route.queue, "priority": route.priority}
+
+
+def resolve_route(request: OmniRequest, stage: Stage, policy: SchedulingPolicy) -> Route:
+    """The policy's route; a DiT request whose cache keys a live, not overloaded worker
+    holds goes to that worker's own queue instead, with the same priority.
+
+    Not for a MULTIMODAL DiT stage: its prompt is written by the AR stage, so its keys
+    are unknown when it is routed.
+    """
+    route = policy.route(request, stage)
+    config = policy.config
+    if stage != "dit" or request.request_type is RequestType.MULTIMODAL:
+        return route
+    if not config.diffusion.cache_affinity:
+        return route
+    try:
+        holder = cache_directory.pick_holder(dit_keys(request, config).all())
+    except Exception:  # the directory is an optimisation: route normally without it
+        log.warning("cache directory lookup failed", exc_info=True)
+        return route
+    if holder is None:
+        return route
+    return Route(queue=keys.worker_queue(holder), priority=route.priority)

@@ -16,7 +16,8 @@ from typing import Any
 
 from celery.result import AsyncResult
 
-from omni_tasks.config import CacheConfig, CoreModuleConfig, SchedulerConfig, get_config
+from omni_tasks.cache_directory import hit_rate
+from omni_tasks.config import GB, CacheConfig, CoreModuleConfig, SchedulerConfig, get_config
 from omni_tasks.errors import (
     ConfigError,
     CoreModuleError,
@@ -227,8 +228,8 @@ class OmniScheduler:
             "queues": snap.queues,
             "processed_requests": snap.processed,
             "failed_requests": snap.failed,
-            "cache_hit_rate": 0.0,
-            "memory_usage": 0.0,
+            "cache_hit_rate": self._cache_hit_rate(),
+            "memory_usage": snap.dit_cache_bytes / GB,
             "resource_status": {"workers": snap.workers},
             "pools": {q: vars(p) for q, p in snap.pools.items()},
             "stats": self._stats.copy(),
@@ -243,8 +244,8 @@ class OmniScheduler:
             "throughput": self._stats["processed_requests"] / uptime,
             "average_latency": latency,
             "average_processing_time": self._stats["average_processing_time"],
-            "cache_hit_rate": 0.0,
-            "memory_utilization": 0.0,
+            "cache_hit_rate": self._cache_hit_rate(),
+            "memory_utilization": snap.dit_cache_bytes / max(snap.dit_cache_max_bytes, 1),
             "queue_utilization": snap.queued / self.config.max_queue_size,
         }
 
@@ -252,6 +253,10 @@ class OmniScheduler:
         snap = read_snapshot(self.core_config)
         issues, advice = health_of(snap, self.core_config)
         return {"healthy": not issues, "issues": issues, "recommendations": advice}
+
+    def _cache_hit_rate(self) -> float:
+        """DiT cache hits over lookups in the diffusion pool (all kinds of entries)."""
+        return hit_rate(self.core_config.diffusion.queue)[0]
 
     def _update_stats(self, seconds: float) -> None:
         n = self._stats["processed_requests"] + 1

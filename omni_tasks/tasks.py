@@ -17,6 +17,7 @@ from celery import chain
 from omni_tasks.celery_app import app
 from omni_tasks.policies import SchedulingPolicy
 from omni_tasks.requests import OmniRequest, RequestType
+from omni_tasks.routing import resolve_route
 from omni_tasks.task_base import OmniTask
 
 
@@ -124,7 +125,7 @@ def multimodal_chain(request: OmniRequest, policy: SchedulingPolicy | None = Non
     ):
         options: dict[str, Any] = {"task_id": task_id}
         if policy is not None:
-            route = policy.route(request, stage)
+            route = resolve_route(request, stage, policy)
             options.update(queue=route.queue, priority=route.priority)
         stages.append(task.signature(kwargs=message, **options))
     return chain(*stages)

