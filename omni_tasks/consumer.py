@@ -36,10 +36,8 @@ class OmniConsumer(Consumer):
         return on_task_received
 
     def _refuse(self, message: Any, reason: str) -> None:
-        headers = message.headers or {}
-        task_id, name = headers.get("id"), headers.get("task")
-        pool = (message.delivery_info or {}).get("routing_key") or "unknown"
-        record_rejection(reason, task_id=task_id, task_name=name, pool=pool, body=message.body)
+        _record(message, reason)
+        task_id = (message.headers or {}).get("id")
         message.reject_log_error(log, self.connection_errors)
         if task_id:
             self.app.backend.mark_as_failure(
@@ -47,31 +45,25 @@ class OmniConsumer(Consumer):
             )
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
-        headers = message.headers or {}
-        record_rejection(
-            f"undecodable message: {exc}",
-            task_id=headers.get("id"),
-            task_name=headers.get("task"),
-            body=message.body,
-        )
+        _record(message, f"undecodable message: {exc}")
         super().on_decode_error(message, exc)
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
-        headers = message.headers or {}
-        record_rejection(
-            f"unknown task: {exc}",
-            task_id=headers.get("id"),
-            task_name=headers.get("task"),
-            body=message.body,
-        )
+        _record(message, f"unknown task: {exc}")
         super().on_unknown_task(body, message, exc)
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
-        headers = message.headers or {}
-        record_rejection(
-            f"invalid task message: {exc}",
-            task_id=headers.get("id"),
-            task_name=headers.get("task"),
-            body=message.body,
-        )
+        _record(message, f"invalid task message: {exc}")
         super().on_invalid_task(body, message, exc)
+
+
+def _record(message: Any, reason: str) -> None:
+    headers = message.headers or {}
+    pool = (message.delivery_info or {}).get("routing_key") or "unknown"
+    record_rejection(
+        reason,
+        task_id=headers.get("id"),
+        task_name=headers.get("task"),
+        pool=pool,
+        body=message.body,
+    )

@@ -20,34 +20,22 @@ Sampling settings are per batch in `generate`, so requests are grouped:
 
 from __future__ import annotations
 
-import atexit
 import gc
 import itertools
 import logging
-import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
 from omni_tasks.errors import EngineStoppedError, ProcessingError, RequestTimeoutError
+from workers.engines.background import BackgroundThreadEngine, settle
 from workers.engines.base import TextOutput, TextParams
 
 log = logging.getLogger(__name__)
-
-
-def _settle(fut: Future, result: Any = None, exc: BaseException | None = None) -> None:
-    """Resolve `fut` unless someone (timeout, shutdown) already did."""
-    try:
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
-    except InvalidStateError:
-        pass
 
 
 @dataclass
@@ -100,10 +88,11 @@ class _RowStop:
         return any(s in text for s in req.params.stop)
 
 
-class TransformersTextEngine:
+class TransformersTextEngine(BackgroundThreadEngine):
     """A transformers causal LM shared by every thread of one worker process."""
 
     name = "transformers"
+    label = "transformers engine"
 
     def __init__(
         self,
@@ -140,12 +129,7 @@ class TransformersTextEngine:
         self._queue: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._ids = itertools.count()
-        self._stopping = False
-        self._broken: BaseException | None = None
-        self._pid = os.getpid()
-        self._thread = threading.Thread(target=self._run, name="hf-batcher", daemon=True)
-        self._thread.start()
-        atexit.register(self.shutdown)
+        self._start_thread(self._run, "hf-batcher")
         log.info("transformers engine for %s on %s ready in %.1f s", model, device, self.init_s)
 
     # ------------------------------------------------------------------ callers
@@ -167,7 +151,7 @@ class TransformersTextEngine:
             return req.future.result(timeout=max(timeout_s, 0.0))
         except FutureTimeout:
             # Settling the future is the cancel signal: the batcher skips or ends the row.
-            _settle(req.future, exc=RequestTimeoutError(f"request {request_id} timed out"))
+            settle(req.future, exc=RequestTimeoutError(f"request {request_id} timed out"))
             return self._result_or_timeout(req, request_id, timeout_s)
 
     @staticmethod
@@ -193,32 +177,8 @@ class TransformersTextEngine:
             self._queue.clear()
             self._cond.notify_all()
         for req in reqs:
-            _settle(req.future, exc=EngineStoppedError("transformers engine shut down"))
-        if timeout_s > 0 and threading.current_thread() is not self._thread:
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                log.warning("transformers batching thread still busy after %.0f s", timeout_s)
-
-    @property
-    def healthy(self) -> bool:
-        """False once stopped or broken; a worker should then stop consuming."""
-        return not self._stopping and self._broken is None
-
-    def _check_process(self) -> None:
-        # A forked child (prefork pool) inherits this object but not its thread (and
-        # maybe a lock held at fork time): fail fast before touching either.
-        if os.getpid() != self._pid:
-            raise ProcessingError(
-                "transformers engine was built in another process; build one per worker process"
-            )
-
-    def _raise_if_unavailable(self) -> None:
-        if self._broken is not None:
-            raise ProcessingError(f"transformers engine is broken: {self._broken!r}")
-        if self._stopping:
-            raise EngineStoppedError("transformers engine is shut down")
-
-    # ---------------------------------------------------------- batching thread
+            settle(req.future, exc=EngineStoppedError("transformers engine shut down"))
+        self._join_thread(timeout_s)
 
     def _run(self) -> None:
         try:
@@ -235,13 +195,13 @@ class TransformersTextEngine:
                     for req in batch:
                         err = ProcessingError(f"transformers generate failed: {exc!r}")
                         err.__cause__ = exc
-                        _settle(req.future, exc=err)
+                        settle(req.future, exc=err)
                 else:
                     for req, out in zip(batch, results, strict=True):
                         if out is None:
-                            _settle(req.future, exc=RequestTimeoutError(f"{req.rid} timed out"))
+                            settle(req.future, exc=RequestTimeoutError(f"{req.rid} timed out"))
                         else:
-                            _settle(req.future, out)
+                            settle(req.future, out)
                 finally:
                     with self._cond:
                         self._running = []
@@ -252,7 +212,7 @@ class TransformersTextEngine:
                 reqs = list(self._queue) + list(self._running)
                 self._queue.clear()
             for req in reqs:
-                _settle(req.future, exc=ProcessingError(f"transformers engine broke: {exc!r}"))
+                settle(req.future, exc=ProcessingError(f"transformers engine broke: {exc!r}"))
         finally:
             self._close()
 

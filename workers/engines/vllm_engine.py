@@ -19,18 +19,18 @@ one engine breaks any other in the same process, so a second live engine is refu
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import logging
 import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from omni_tasks.errors import EngineStoppedError, ProcessingError, RequestTimeoutError
+from workers.engines.background import BackgroundThreadEngine, settle
 from workers.engines.base import TextOutput, TextParams
 
 log = logging.getLogger(__name__)
@@ -43,21 +43,11 @@ _live: VllmTextEngine | None = None
 _live_lock = threading.Lock()
 
 
-def _settle(fut: Future, result: Any = None, exc: BaseException | None = None) -> None:
-    """Resolve `fut` unless someone (timeout, shutdown) already did."""
-    try:
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
-    except InvalidStateError:
-        pass
-
-
-class VllmTextEngine:
+class VllmTextEngine(BackgroundThreadEngine):
     """A vLLM engine shared by every thread of one worker process (see module doc)."""
 
     name = "vllm"
+    label = "vLLM engine"
 
     def __init__(
         self,
@@ -99,14 +89,7 @@ class VllmTextEngine:
         self._futures: dict[str, Future] = {}  # internal id -> caller's future
         self._active: set[str] = set()  # ids added to vLLM, owned by the stepping thread
         self._ids = itertools.count()
-        self._stopping = False
-        self._broken: BaseException | None = None
-        self._pid = os.getpid()
-        self._thread = threading.Thread(target=self._run, name="vllm-stepper", daemon=True)
-        self._thread.start()
-        # The stepper is a daemon so it never blocks interpreter exit; stop it (and
-        # wait for it) before the interpreter tears down modules under its feet.
-        atexit.register(self.shutdown)
+        self._start_thread(self._run, "vllm-stepper")
         log.info("vLLM engine for %s ready in %.1f s", model, self.init_s)
 
     def _build(
@@ -205,32 +188,8 @@ class VllmTextEngine:
             self._futures.clear()
             self._cond.notify_all()
         for fut in futures:  # callers wake now, not after the current step
-            _settle(fut, exc=EngineStoppedError("vLLM engine shut down"))
-        if timeout_s > 0 and threading.current_thread() is not self._thread:
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                log.warning("vLLM stepping thread still busy after %.0f s", timeout_s)
-
-    @property
-    def healthy(self) -> bool:
-        """False once stopped or broken; a worker should then stop consuming."""
-        return not self._stopping and self._broken is None
-
-    def _check_process(self) -> None:
-        # A forked child (prefork pool) inherits this object but not its thread (and
-        # maybe a lock held at fork time): fail fast before touching either.
-        if os.getpid() != self._pid:
-            raise ProcessingError(
-                "vLLM engine was built in another process; build one per worker process"
-            )
-
-    def _raise_if_unavailable(self) -> None:
-        # Broken first: a task seeing EngineStoppedError requeues its message, and a
-        # broken worker would then bounce every message back to the queue.
-        if self._broken is not None:
-            raise ProcessingError(f"vLLM engine is broken: {self._broken!r}")
-        if self._stopping:
-            raise EngineStoppedError("vLLM engine is shut down")
+            settle(fut, exc=EngineStoppedError("vLLM engine shut down"))
+        self._join_thread(timeout_s)
 
     def _sampling_params(self, params: TextParams) -> Any:
         from vllm import SamplingParams
@@ -324,7 +283,7 @@ class VllmTextEngine:
         with self._cond:
             fut = self._futures.pop(iid, None)
         if fut is not None:
-            _settle(fut, result, exc)
+            settle(fut, result, exc)
 
     def _fail_active(self, cause: BaseException) -> None:
         """Hand a step failure to every running request and drop them from vLLM."""
@@ -346,9 +305,9 @@ class VllmTextEngine:
             self._futures.clear()
         for fut in futures:
             if self._broken is not None:
-                _settle(fut, exc=ProcessingError(f"vLLM engine is broken: {self._broken!r}"))
+                settle(fut, exc=ProcessingError(f"vLLM engine is broken: {self._broken!r}"))
             else:
-                _settle(fut, exc=EngineStoppedError("vLLM engine stopped"))
+                settle(fut, exc=EngineStoppedError("vLLM engine stopped"))
         engine, self._engine = self._engine, None
         if engine is None:
             return
