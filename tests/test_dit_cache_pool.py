@@ -156,3 +156,24 @@ def test_killed_worker_is_cleared_from_the_directory(two_workers) -> None:
     assert directory_of(survivor.hostname) == real_contents(survivor.hostname)
     value = generate_image.delay(prompt="after the kill", seed=1, **SMALL).get(TIMEOUT)
     assert_png(value["image_path"], 32, 32)
+
+
+def test_step_cache_is_chosen_per_request(two_workers) -> None:
+    plain = generate_image.delay(prompt="stepwise", seed=4, width=64, height=64, steps=8).get(
+        TIMEOUT
+    )
+    fast = generate_image.delay(
+        prompt="stepwise", seed=4, width=64, height=64, steps=8, step_cache="first_block"
+    ).get(TIMEOUT)
+    assert plain["step_cache"] == "none" and plain["steps_run"] == 8
+    assert fast["step_cache"] == "first_block" and 0 < fast["steps_run"] < 8
+    assert fast["cache"]["latents"] == "miss"  # another mode: another latents key
+    assert_png(fast["image_path"], 64, 64)
+
+
+def test_bad_step_cache_fails_before_enqueue() -> None:
+    from omni_tasks import RequestValidationError
+
+    with pytest.raises(RequestValidationError) as info:
+        generate_image.delay(prompt="x", step_cache="turbo")
+    assert info.value.field == "step_cache"
