@@ -103,13 +103,17 @@ def _workload() -> list[tuple[str, Any, dict[str, Any]]]:
 
 
 def _submit_and_follow(timeout_s: float) -> list[dict[str, Any]]:
-    from omni_tasks import generate_image
 
     jobs = _workload()
     pending: dict[str, dict[str, Any]] = {}
     for kind, task, kwargs in jobs:
         result = task.delay(**kwargs)
-        pending[result.id] = {"kind": kind, "priority": kwargs["priority"], "result": result}
+        pending[result.id] = {
+            "kind": kind,
+            "priority": kwargs["priority"],
+            "result": result,
+            "kwargs": kwargs,
+        }
     _line(f"submitted {len(pending)} requests with .delay() (priorities high/normal/low)")
     done: list[dict[str, Any]] = []
     edit_sent = False
@@ -125,24 +129,43 @@ def _submit_and_follow(timeout_s: float) -> list[dict[str, Any]]:
             done.append(job)
             _progress(job, len(done), len(done) + len(pending))
             if job["kind"] == "image" and result.successful() and not edit_sent:
-                # An image edit (img2img) of the first finished picture.
-                edit = generate_image.delay(
-                    prompt="the same fox, in winter",
-                    image=job["value"]["image_path"],
-                    strength=0.7,
-                    width=64,
-                    height=64,
-                    steps=4,
-                    seed=11,
-                    priority="high",
-                )
-                pending[edit.id] = {"kind": "image edit", "priority": "high", "result": edit}
+                pending.update(_follow_ups(job["kwargs"], job["value"]["image_path"]))
                 edit_sent = True
         time.sleep(0.1)
     for job in pending.values():
         job["state"], job["value"] = "TIMEOUT", None
         done.append(job)
     return done
+
+
+def _follow_ups(kwargs: dict[str, Any], image_path: str) -> dict[str, dict[str, Any]]:
+    """Once a picture exists: an edit of it (img2img), an exact repeat (its latents are
+    in the DiT cache: decode only) and a new seed of its prompt (embeddings reused)."""
+    from omni_tasks import generate_image
+
+    sent = {
+        "image edit": generate_image.delay(
+            prompt="the same fox, in winter",
+            image=image_path,
+            strength=0.7,
+            width=64,
+            height=64,
+            steps=4,
+            seed=11,
+            priority="high",
+        ),
+        "repeat": generate_image.delay(**kwargs),
+        "new seed": generate_image.delay(**{**kwargs, "seed": kwargs["seed"] + 100}),
+    }
+    return {
+        r.id: {
+            "kind": kind,
+            "priority": kwargs["priority"] if kind != "image edit" else "high",
+            "result": r,
+            "kwargs": kwargs,
+        }
+        for kind, r in sent.items()
+    }
 
 
 def _progress(job: dict[str, Any], n: int, total: int) -> None:
@@ -152,6 +175,8 @@ def _progress(job: dict[str, Any], n: int, total: int) -> None:
         return
     t = value.get("timings", {})
     what = value.get("image_path") or repr(value.get("text", ""))[:60]
+    if value.get("cache"):
+        what += "  cache " + ",".join(f"{k}={v}" for k, v in value["cache"].items())
     _line(
         f"[{n}/{total}] {job['kind']:<10} {job['priority']:<6} queued {t.get('queued_s', 0):6.2f}s"
         f" ran {t.get('run_s', 0):5.2f}s  {what}"
@@ -169,12 +194,14 @@ def _summary(results: list[dict[str, Any]], out_dir: Path) -> None:
         "queue_size": status["queue_size"],
         "processed_requests": status["processed_requests"],
         "failed_requests": status["failed_requests"],
+        "dit_cache_hit_rate": round(status["cache_hit_rate"], 3),
+        "dit_cache_gb": round(status["memory_usage"], 6),
         "pools": status["pools"],
         "workers": [w["hostname"] for w in status["resource_status"]["workers"]],
     }
     _line("status: " + json.dumps(summary, indent=2, default=str))
     report = out_dir / "results.json"
-    serial = [{k: v for k, v in r.items() if k != "result"} for r in results]
+    serial = [{k: v for k, v in r.items() if k not in ("result", "kwargs")} for r in results]
     report.write_text(json.dumps(serial, indent=2, default=str))
     _line(f"images in {out_dir / 'images'}; results in {report}")
 

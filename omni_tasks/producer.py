@@ -58,7 +58,8 @@ def cancel(request_id: str, request_type: RequestType | None = None) -> None:
 
 
 def queue_depths() -> dict[str, dict[int, int]]:
-    """Messages waiting per pool queue and priority level (0 highest)."""
+    """Messages waiting per pool and priority level (0 highest). The diffusion pool's
+    figure includes its workers' own queues (cache-affinity routing puts work there)."""
     config = get_config()
     client = get_redis()
     depths: dict[str, dict[int, int]] = {}
@@ -67,6 +68,12 @@ def queue_depths() -> dict[str, dict[int, int]]:
         for key in keys.queue_keys(queue):
             pipe.llen(key)
         depths[queue] = dict(enumerate(pipe.execute()))
+    own = depths[config.diffusion.queue]
+    prefix = keys.worker_queue("")
+    for key in client.scan_iter(match=prefix + "*", count=500):
+        _, sep, level = key[len(prefix) :].rpartition(keys.PRIORITY_SEP)
+        priority = int(level) if sep and level.isdigit() else 0
+        own[priority] += int(client.llen(key))
     return depths
 
 
