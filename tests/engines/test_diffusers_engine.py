@@ -18,7 +18,7 @@ from omni_tasks.errors import EngineStoppedError, RequestTimeoutError, RequestVa
 from workers.engines.base import ImageOutput, ImageParams
 from workers.engines.diffusers_engine import FluxDiffusionEngine
 from workers.models import build_tiny_model
-from workers.models.tiny_flux import COMPLETE_MARKER
+from workers.models.atomic import MARKER as COMPLETE_MARKER
 
 PROMPT = "a photo of an astronaut riding a horse"
 
@@ -253,6 +253,6 @@ def test_build_is_idempotent_and_deterministic(tiny_flux_dir: Path, tmp_path: Pa
     with ThreadPoolExecutor(max_workers=2) as pool:
         paths = list(pool.map(lambda _: build_tiny_model("tiny-flux", target), range(2)))
     assert paths == [target, target]
-    assert sorted(p.name for p in target.parent.iterdir()) == ["tiny-flux", "tiny-flux.lock"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["tiny-flux"]
     other = build_tiny_model("tiny-flux", tmp_path / "b" / "tiny-flux")
     assert tree_digest(target) == tree_digest(other)

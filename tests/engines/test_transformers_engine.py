@@ -15,7 +15,8 @@ from omni_tasks.errors import EngineStoppedError, ProcessingError, RequestTimeou
 from workers.engines.base import TextOutput, TextParams
 from workers.engines.transformers_engine import TransformersTextEngine
 from workers.models import build_tiny_model
-from workers.models.tiny_llama import MARKER, build_tiny_llama
+from workers.models.atomic import MARKER
+from workers.models.tiny_llama import build_tiny_llama
 
 GREEDY = TextParams(max_tokens=24, temperature=0.0)
 PROMPTS = [f"Request {i}: " + "kati rone suma " * (i % 5) + "tell me" for i in range(16)]

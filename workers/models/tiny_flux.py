@@ -10,22 +10,18 @@ image sizes must be multiples of 16, as with the real model.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
-import os
 import random
 import shutil
-import tempfile
-import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-COMPLETE_MARKER = ".tiny-model-complete"
+from workers.models.atomic import build_atomically
+
 SEED = 0
 # Weights come from torch's global RNG: two builds in one process must not interleave.
-_BUILD_LOCK = threading.Lock()
 
 _WORDS = (
     "a an the of with in on at by and photo painting drawing render portrait landscape "
@@ -242,48 +238,6 @@ def _build_pipeline(out: Path) -> None:
     shutil.rmtree(tok_dir)
 
 
-def _make_readable(root: Path) -> None:
-    """mkdtemp and safetensors create owner-only modes; give the usual 755 / 644."""
-    root.chmod(0o755)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            os.chmod(os.path.join(dirpath, name), 0o755)
-        for name in filenames:
-            os.chmod(os.path.join(dirpath, name), 0o644)
-
-
 def build_tiny_flux(path: Path) -> Path:
-    """Write the tiny Flux pipeline to `path` once; safe against concurrent builders.
-
-    A marker file, written last, tells a complete model from a partial one. The build goes
-    to a temporary sibling directory that is renamed into place, under an advisory file
-    lock so that two processes on one host do not both build.
-    """
-    path = Path(path)
-    if (path / COMPLETE_MARKER).is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = path.with_name(path.name + ".lock")
-    with _BUILD_LOCK, open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if (path / COMPLETE_MARKER).is_file():  # another builder finished meanwhile
-                return path
-            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-            try:
-                _build_pipeline(tmp)
-                _make_readable(tmp)
-                (tmp / COMPLETE_MARKER).write_text("tiny-flux\n")
-                if path.exists():  # leftover without marker: not a complete model
-                    shutil.rmtree(path)
-                try:
-                    os.replace(tmp, path)
-                except OSError:
-                    # A builder without our lock (e.g. another host) won the race.
-                    if not (path / COMPLETE_MARKER).is_file():
-                        raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return path
+    """Write the tiny Flux pipeline to `path` once (atomically: see `workers.models.atomic`)."""
+    return build_atomically(Path(path), "tiny-flux/1", _build_pipeline)

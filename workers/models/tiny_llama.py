@@ -13,15 +13,11 @@ batched against solo output exactly.
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import shutil
-import threading
-import uuid
 from pathlib import Path
 
-MARKER = ".omni-complete"
+from workers.models.atomic import build_atomically
+
 FORMAT_VERSION = 1
 SEED = 1234
 VOCAB_SIZE = 2048
@@ -34,8 +30,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-# Weight init draws from torch's process-global RNG: builders in threads take turns.
-_RNG_LOCK = threading.Lock()
 _SYLLABLES = (
     "ka ti ro ne su ma lo ve an el is or ut qu en th st ing er al pro gen "
     "com mod tok req que ue ser ver wor ker dif fu sion ima ge text"
@@ -43,51 +37,9 @@ _SYLLABLES = (
 
 
 def build_tiny_llama(path: Path) -> Path:
-    """Build the tiny Llama at `path` unless a complete one is already there.
-
-    Built in a temporary sibling directory and renamed into place, so readers never
-    see a half-written checkpoint; when a concurrent builder wins the rename, its
-    result is kept and ours is discarded.
-    """
-    path = Path(path)
-    if _is_complete(path):
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        _write_checkpoint(tmp)
-        (tmp / MARKER).write_text(json.dumps({"format": FORMAT_VERSION}))
-        _move_into_place(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def _is_complete(path: Path) -> bool:
-    try:
-        return json.loads((path / MARKER).read_text()).get("format") == FORMAT_VERSION
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _move_into_place(tmp: Path, path: Path) -> None:
-    """Rename `tmp` to `path`; an incomplete or outdated `path` is moved aside first."""
-    for _ in range(3):
-        try:
-            os.rename(tmp, path)
-            return
-        except OSError:
-            if _is_complete(path):
-                return  # a concurrent builder won the race
-            if path.exists():
-                stale = path.parent / f".{path.name}.stale-{uuid.uuid4().hex[:8]}"
-                try:
-                    os.rename(path, stale)
-                except OSError:
-                    continue
-                shutil.rmtree(stale, ignore_errors=True)
-    if not _is_complete(path):
-        raise OSError(f"could not move tiny-llama into {path}")
+    """Build the tiny Llama at `path` unless a complete one is already there (atomically:
+    see `workers.models.atomic`)."""
+    return build_atomically(Path(path), f"tiny-llama/{FORMAT_VERSION}", _write_checkpoint)
 
 
 def _corpus(n_lines: int = 3000) -> list[str]:
@@ -157,7 +109,7 @@ def _write_checkpoint(out: Path) -> None:
         dtype="float32",
     )
     # Seeded in a forked RNG so the caller's global torch RNG is left untouched.
-    with _RNG_LOCK, torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = LlamaForCausalLM(config).eval()
         with torch.no_grad():
@@ -171,6 +123,6 @@ def _write_checkpoint(out: Path) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
