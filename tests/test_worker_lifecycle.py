@@ -151,3 +151,19 @@ def test_redelivery_cap_gives_up_on_a_poison_message(clean, run_dir) -> None:
         worker.stop()
     record = next(r for r in list_rejections() if r["task_id"] == poison.id)
     assert "redelivered" in record["reason"]
+
+
+def test_transformers_engine_pool(clean, run_dir) -> None:
+    """`ar.engine: transformers`, the lighter engine, behind the same queue and task."""
+    (worker,) = start_ready_workers(
+        ["ar"], run_dir / "logs", env={"OMNI_AR__ENGINE": "transformers"}
+    )
+    try:
+        results = [
+            generate_text.delay(prompt=f"batch {i}", max_tokens=8, temperature=0) for i in range(4)
+        ]
+        values = [r.get(TIMEOUT) for r in results]
+    finally:
+        worker.stop()
+    assert {v["engine"] for v in values} == {"transformers"}
+    assert all(v["usage"]["completion_tokens"] == 8 for v in values)
