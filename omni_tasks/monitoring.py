@@ -24,14 +24,6 @@ class PoolStats:
     run_s_sum: float = 0.0
     queued_s_sum: float = 0.0
 
-    @property
-    def average_run_s(self) -> float:
-        return self.run_s_sum / self.processed if self.processed else 0.0
-
-    @property
-    def average_queued_s(self) -> float:
-        return self.queued_s_sum / self.processed if self.processed else 0.0
-
 
 @dataclass
 class ClusterSnapshot:

@@ -223,8 +223,12 @@ def _to_request_error(exc: ValidationError) -> RequestValidationError:
     return RequestValidationError(first["field"], first["message"], errors)
 
 
-def _new_request(request_type: RequestType, prompt: str, **fields: Any) -> OmniRequest:
+def _new_request(
+    request_type: RequestType, prompt: str, request_id: str | None = None, **fields: Any
+) -> OmniRequest:
     data = {"request_type": request_type, "prompt": prompt, **fields}
+    if request_id:
+        data["request_id"] = request_id
     if request_type in IMAGE_TYPES and data.get("seed") is None:
         data["seed"] = secrets.randbelow(MAX_SEED + 1)  # fixed at the producer: reproducible
     return OmniRequest.from_message(data)
@@ -235,34 +239,26 @@ def create_text_request(prompt: str, request_id: str | None = None, **fields: An
     sampling = fields.pop("sampling_params", None)
     if sampling is not None:
         fields = {**_sampling_fields(sampling), **fields}
-    if request_id:
-        fields["request_id"] = request_id
-    return _new_request(RequestType.TEXT, prompt, **fields)
+    return _new_request(RequestType.TEXT, prompt, request_id, **fields)
 
 
 def create_diffusion_request(
     prompt: str, request_id: str | None = None, **fields: Any
 ) -> OmniRequest:
-    if request_id:
-        fields["request_id"] = request_id
-    return _new_request(RequestType.DIFFUSION, prompt, **fields)
+    return _new_request(RequestType.DIFFUSION, prompt, request_id, **fields)
 
 
 def create_image_request(
     prompt: str, image: str | Path, request_id: str | None = None, **fields: Any
 ) -> OmniRequest:
     """An IMAGE request (img2img / edit) from base64 image data or a path."""
-    if request_id:
-        fields["request_id"] = request_id
-    return _new_request(RequestType.IMAGE, prompt, image=str(image), **fields)
+    return _new_request(RequestType.IMAGE, prompt, request_id, image=str(image), **fields)
 
 
 def create_multimodal_request(
     prompt: str, request_id: str | None = None, **fields: Any
 ) -> OmniRequest:
-    if request_id:
-        fields["request_id"] = request_id
-    return _new_request(RequestType.MULTIMODAL, prompt, **fields)
+    return _new_request(RequestType.MULTIMODAL, prompt, request_id, **fields)
 
 
 def request_from_task_kwargs(request_type: RequestType, kwargs: dict[str, Any]) -> OmniRequest:

@@ -92,11 +92,6 @@ class PolicyScheduler(BaseScheduler):
                 key = self.policy.sort_key(request)
                 heapq.heappush(self._heap, (key, next(self._seq), request.request_id))
 
-    def peek_ids(self) -> list[str]:
-        """Request ids in the order they would be handed out."""
-        with self._lock:
-            return [rid for _, _, rid in sorted(self._heap) if rid in self._requests]
-
     def get_queue_size(self) -> int:
         return len(self._requests)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -139,12 +140,20 @@ def _beat() -> None:
         state.stop_beating.wait(HEARTBEAT_INTERVAL_S)
 
 
+def _loaded_runtime() -> Any | None:
+    """This process's worker runtime if the engine side was ever imported; never imports
+    it (a producer process must not pull torch in)."""
+    return getattr(sys.modules.get("workers.runtime"), "runtime", None)
+
+
+def _loaded_dit_cache() -> Any | None:
+    runtime = _loaded_runtime()
+    return None if runtime is None else runtime.built_dit_cache
+
+
 def _cache_figures() -> dict[str, Any]:
     """The worker's DiT cache size, for `get_status()` (0 when it has none)."""
-    import sys
-
-    runtime_module = sys.modules.get("workers.runtime")
-    cache = getattr(getattr(runtime_module, "runtime", None), "_dit_cache", None)
+    cache = _loaded_dit_cache()
     if cache is None:
         return {"dit_cache_bytes": 0, "dit_cache_entries": 0, "dit_cache_max_bytes": 0}
     stats = cache.stats()
@@ -159,10 +168,7 @@ def _cache_figures() -> dict[str, Any]:
 def _dit_cache_command(_state: Any, **_: Any) -> dict[str, Any]:
     """`app.control.broadcast("dit_cache", reply=True)`: the keys this worker's DiT
     cache really holds, and its figures (what the Redis directory must mirror)."""
-    import sys
-
-    runtime_module = sys.modules.get("workers.runtime")
-    cache = getattr(getattr(runtime_module, "runtime", None), "_dit_cache", None)
+    cache = _loaded_dit_cache()
     if cache is None:
         return {"keys": [], "stats": {}}
     return {"keys": sorted(cache.keys()), "stats": cache.stats()}
@@ -176,10 +182,9 @@ def _on_shutting_down(**_: Any) -> None:
 
 def _stop_engines() -> None:
     state.stop_beating.set()
-    import sys
-
-    if "workers.runtime" in sys.modules:
-        sys.modules["workers.runtime"].runtime.stop()
+    runtime = _loaded_runtime()
+    if runtime is not None:
+        runtime.stop()
 
 
 @signals.worker_shutdown.connect

@@ -67,6 +67,11 @@ class WorkerRuntime:
                 self._diffusion = build_diffusion_engine(config or get_config())
             return self._diffusion
 
+    @property
+    def built_dit_cache(self) -> Any:
+        """The DiT cache if this process has built one (None otherwise); builds nothing."""
+        return self._dit_cache
+
     def dit_cache(self, config: CoreModuleConfig | None = None) -> Any:
         """The worker-local DiT cache, on the diffusion engine's device, mirrored in Redis."""
         engine = self.diffusion_engine(config)
@@ -79,14 +84,6 @@ class WorkerRuntime:
                 device = getattr(engine, "device", "cpu")
                 self._dit_cache = DiTCacheManager(config.cache, device=device, listener=listener)
             return self._dit_cache
-
-    def loaded(self) -> dict[str, str]:
-        loaded = {}
-        if self._text is not None:
-            loaded["ar"] = self._text.name
-        if self._diffusion is not None:
-            loaded["dit"] = self._diffusion.name
-        return loaded
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Abort in-flight requests (they raise EngineStoppedError) and free the engines.
