@@ -177,3 +177,19 @@ def test_bad_step_cache_fails_before_enqueue() -> None:
     with pytest.raises(RequestValidationError) as info:
         generate_image.delay(prompt="x", step_cache="turbo")
     assert info.value.field == "step_cache"
+
+
+def test_paused_request_slot(tiny_flux_dir) -> None:
+    """Preemption parks a request's latents in the worker's DiT cache and takes them back."""
+    import torch
+
+    from workers.dit_service import PAUSED_PREFIX, park, resume
+    from workers.runtime import worker_identity
+
+    latents = torch.randn(1, 16, 8, 8)
+    assert park("req-paused", {"latents": latents, "step": 3})
+    assert PAUSED_PREFIX + "req-paused" in directory_of(worker_identity())
+    state = resume("req-paused")
+    assert state["step"] == 3 and torch.equal(state["latents"], latents)
+    assert PAUSED_PREFIX + "req-paused" not in directory_of(worker_identity())
+    assert resume("req-paused") is None

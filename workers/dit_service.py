@@ -131,8 +131,9 @@ def _from_outcome(raw: str) -> Rendered:
 
 # The slot for paused requests' latents (preemption parks a request's state here).
 def park(request_id: str, state: Any) -> bool:
-    """Keep a paused request's latents (and step) in the worker's DiT cache."""
-    return runtime.dit_cache().put(PAUSED_PREFIX + request_id, state)
+    """Keep a paused request's latents (and step) in the worker's DiT cache; lossless,
+    so the resumed request finishes exactly as it would have without the pause."""
+    return runtime.dit_cache().put(PAUSED_PREFIX + request_id, state, lossless=True)
 
 
 def resume(request_id: str) -> Any | None:
