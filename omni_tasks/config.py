@@ -9,7 +9,6 @@ Every bad value raises `ConfigError` naming the dotted field.
 from __future__ import annotations
 
 import os
-import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -17,15 +16,13 @@ from typing import Any
 
 from omni_tasks.config_loading import apply_env, build_dataclass, read_yaml
 from omni_tasks.errors import ConfigError
-from omni_tasks.requests import StepCacheMode
+from omni_tasks.requests import STEP_CACHE_MODES
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG_FILE = PACKAGE_ROOT.parent / "config" / "default.yaml"
 PRIORITY_CLASSES = ("high", "normal", "low")
 #: The unit of every `*_gb` setting and figure: GiB (2**30 bytes), as devices report.
 GB = 2**30
-#: Step-level DiT acceleration modes (diffusers cache hooks, or cache-dit).
-STEP_CACHE_MODES: tuple[str, ...] = typing.get_args(StepCacheMode)
 
 
 class SchedulerType(Enum):

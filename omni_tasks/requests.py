@@ -13,6 +13,7 @@ import hashlib
 import json
 import secrets
 import time
+import typing
 import uuid
 from enum import Enum, IntEnum
 from pathlib import Path
@@ -34,6 +35,8 @@ IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF")  # PNG, JPEG, Web
 
 Priority = Literal["high", "normal", "low"]
 StepCacheMode = Literal["none", "taylorseer", "magcache", "first_block", "pab", "cache_dit"]
+#: Step-level DiT acceleration modes a request may name (the diffusion pool implements each).
+STEP_CACHE_MODES: tuple[str, ...] = typing.get_args(StepCacheMode)
 
 
 class RequestType(Enum):
