@@ -24,7 +24,7 @@ BENCH_DB = 14
 def setup_redis() -> str:
     """OMNI_REDIS_URL, else DB 14 of a local Redis, else a private server."""
     sys.path.insert(0, str(ROOT))
-    from omni_tasks.redis_server import redis_answers, start_private_redis
+    from omni_tasks.dev.redis_server import redis_answers, start_private_redis
 
     url = os.environ.get("OMNI_REDIS_URL") or f"redis://127.0.0.1:6379/{BENCH_DB}"
     if not redis_answers(url):
@@ -36,7 +36,7 @@ def setup_redis() -> str:
 
 
 def clean_redis() -> None:
-    from omni_tasks.redis_client import get_redis
+    from omni_tasks.coordination.client import get_redis
 
     client = get_redis()
     doomed = [k for k in client.scan_iter(count=1000) if not k.startswith("_kombu.binding")]

@@ -26,7 +26,7 @@ from p3_engine_direct import prompts  # noqa: E402
 
 def through_queue(n: int, max_tokens: int, repeats: int, extra: list[str]) -> list[dict]:
     from omni_tasks import generate_text
-    from omni_tasks.launcher import start_worker
+    from omni_tasks.dev.launcher import start_worker
 
     worker = start_worker("ar", RESULTS / "logs", extra_args=extra, name="bench-ar")
     runs = []

@@ -26,7 +26,7 @@ SIZE, STEPS = 128, 8
 
 def queue_latencies(rounds: int, steps: int) -> dict:
     from omni_tasks import generate_image
-    from omni_tasks.launcher import start_worker
+    from omni_tasks.dev.launcher import start_worker
 
     def timed(**kw) -> tuple[float, dict]:
         start = time.perf_counter()

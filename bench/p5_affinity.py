@@ -31,7 +31,7 @@ def run(affinity: bool, order: list[int], size: int, steps: int, budget_gb: floa
 
     from omni_tasks import generate_image
     from omni_tasks.config import get_config, set_config
-    from omni_tasks.launcher import start_worker
+    from omni_tasks.dev.launcher import start_worker
 
     config = get_config()  # the producer routes: switch affinity in this process
     set_config(replace(config, diffusion=replace(config.diffusion, cache_affinity=affinity)))

@@ -1,12 +1,11 @@
 """omni-tasks: serve autoregressive (vLLM) and diffusion (diffusers) models from
 Redis-backed Celery priority queues.
 
-Producer side only: importing this package never imports torch, vLLM or diffusers.
-`celery -A omni_tasks worker -Q ar|diffusion` finds the Celery app as `omni_tasks.app`.
+The producer side: importing this package never imports torch, vLLM, diffusers or the
+worker side (`workers`), and connects no worker signal. `celery -A omni_tasks worker
+-Q ar|diffusion` finds the Celery app as `omni_tasks.app`, and loads the worker side.
 """
 
-from omni_tasks import worker_hooks as _worker_hooks  # noqa: F401  (connects signals)
-from omni_tasks.celery_app import app
 from omni_tasks.config import (
     CacheConfig,
     CacheStrategy,
@@ -29,7 +28,6 @@ from omni_tasks.errors import (
     ResourceError,
     SchedulerError,
 )
-from omni_tasks.producer import cancel, submit
 from omni_tasks.requests import (
     OmniRequest,
     ProcessingStage,
@@ -39,17 +37,26 @@ from omni_tasks.requests import (
     create_multimodal_request,
     create_text_request,
 )
-from omni_tasks.scheduler import CoreScheduler, OmniScheduler
-from omni_tasks.schedulers import (
+from omni_tasks.results import (
+    ImageResult,
+    MultimodalResult,
+    PromptResult,
+    TextResult,
+    Usage,
+)
+from omni_tasks.scheduling import (
     BaseScheduler,
+    CoreScheduler,
     DiffusionScheduler,
     FIFOScheduler,
     HybridScheduler,
     MultimodalScheduler,
+    OmniScheduler,
     PriorityScheduler,
     create_scheduler,
 )
-from omni_tasks.tasks import generate_image, generate_multimodal, generate_text
+from omni_tasks.tasks import app, generate_image, generate_multimodal, generate_text
+from omni_tasks.tasks.producer import cancel, submit
 
 celery = app
 
@@ -66,12 +73,15 @@ __all__ = [
     "EngineStoppedError",
     "FIFOScheduler",
     "HybridScheduler",
+    "ImageResult",
+    "MultimodalResult",
     "MultimodalScheduler",
     "OmniRequest",
     "OmniScheduler",
     "PriorityScheduler",
     "ProcessingError",
     "ProcessingStage",
+    "PromptResult",
     "QueueFullError",
     "RequestTimeoutError",
     "RequestType",
@@ -80,6 +90,8 @@ __all__ = [
     "SchedulerConfig",
     "SchedulerError",
     "SchedulerType",
+    "TextResult",
+    "Usage",
     "app",
     "cancel",
     "celery",

@@ -34,6 +34,9 @@ MAX_IMAGE_BYTES = 16 * 1024 * 1024
 IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF")  # PNG, JPEG, WebP
 
 Priority = Literal["high", "normal", "low"]
+#: A pipeline stage: "ar" runs on the AR pool, "dit" on the diffusion pool.
+Stage = Literal["ar", "dit"]
+STAGES: tuple[Stage, ...] = ("ar", "dit")
 StepCacheMode = Literal["none", "taylorseer", "magcache", "first_block", "pab", "cache_dit"]
 #: Step-level DiT acceleration modes a request may name (the diffusion pool implements each).
 STEP_CACHE_MODES: tuple[str, ...] = typing.get_args(StepCacheMode)
@@ -47,7 +50,9 @@ class RequestType(Enum):
 
 
 class ProcessingStage(IntEnum):
-    """Where a request is; ordered, so `stage >= COMPLETED` means finished."""
+    """The processing status of a request object in this process; ordered, so
+    `status >= COMPLETED` means finished. Kept off the wire: the task's state in the
+    result backend is what other processes see."""
 
     WAITING = 0
     PREPROCESSING = 1
@@ -65,6 +70,15 @@ class ProcessingStage(IntEnum):
 IMAGE_TYPES = (RequestType.DIFFUSION, RequestType.IMAGE, RequestType.MULTIMODAL)
 
 
+def stages_of(request_type: RequestType) -> tuple[Stage, ...]:
+    """The pipeline stages a request of this type passes through, in order."""
+    if request_type is RequestType.TEXT:
+        return ("ar",)
+    if request_type is RequestType.MULTIMODAL:
+        return ("ar", "dit")
+    return ("dit",)
+
+
 class OmniRequest(BaseModel):
     """One request of any `RequestType`; text fields and image fields side by side."""
 
@@ -77,7 +91,7 @@ class OmniRequest(BaseModel):
     model: str | None = Field(default=None, max_length=512)
     created_at: float = Field(default_factory=time.time, gt=0)
     timeout_s: float | None = Field(default=None, gt=0, le=86400)
-    stage: ProcessingStage = ProcessingStage.WAITING
+    processing_stage: ProcessingStage = ProcessingStage.WAITING
     errors: list[str] = Field(default_factory=list)
     # Text (TEXT, and the AR stage of MULTIMODAL).
     max_tokens: int = Field(default=64, ge=1, le=MAX_TOKENS)
@@ -95,6 +109,14 @@ class OmniRequest(BaseModel):
     strength: float = Field(default=0.6, gt=0.0, le=1.0)
     step_cache: StepCacheMode | None = None  # None: the pool's `diffusion.step_cache`
     step_cache_params: dict[str, float] | None = Field(default=None, max_length=8)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_local_state(cls, data: Any) -> Any:
+        """Earlier producers could send the in-process status as `stage`: ignore it."""
+        if isinstance(data, dict) and "stage" in data:
+            data = {k: v for k, v in data.items() if k != "stage"}
+        return data
 
     @field_validator("prompt")
     @classmethod
@@ -156,7 +178,7 @@ class OmniRequest(BaseModel):
         return parts
 
     def update_processing_stage(self, stage: ProcessingStage) -> None:
-        self.stage = stage
+        self.processing_stage = stage
 
     def add_error(self, message: str) -> None:
         self.errors.append(message)
@@ -173,7 +195,9 @@ class OmniRequest(BaseModel):
     # Wire format.
     def to_message(self) -> dict[str, Any]:
         """The JSON-safe kwargs of the task (defaults omitted to keep messages small)."""
-        data = self.model_dump(mode="json", exclude_defaults=True)
+        data = self.model_dump(
+            mode="json", exclude_defaults=True, exclude={"processing_stage", "errors"}
+        )
         data["request_id"] = self.request_id
         data["request_type"] = self.request_type.value
         data["created_at"] = self.created_at

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from omni_tasks.redis_server import redis_answers, start_private_redis
+from omni_tasks.dev.redis_server import redis_answers, start_private_redis
 
 TEST_DB = 11
 MODELS_CACHE = Path(os.environ.get("OMNI_TEST_MODELS_DIR", Path(__file__).parent / ".models"))
@@ -51,7 +51,7 @@ def clean_redis() -> None:
     A producer declares a queue's binding once per process; deleting it under a live
     producer would make later messages to that exchange undeliverable.
     """
-    from omni_tasks.redis_client import get_redis
+    from omni_tasks.coordination.client import get_redis
 
     client = get_redis()
     doomed = [k for k in client.scan_iter(count=1000) if not k.startswith("_kombu.binding")]
@@ -62,7 +62,7 @@ def clean_redis() -> None:
 @pytest.fixture()
 def redis_client():
     """The test database, emptied (bindings kept) before and after the test."""
-    from omni_tasks.redis_client import get_redis
+    from omni_tasks.coordination.client import get_redis
 
     clean_redis()
     yield get_redis()
@@ -90,7 +90,7 @@ def tiny_models(tiny_llama_dir: Path, tiny_flux_dir: Path) -> dict[str, Path]:
 
 def start_ready_workers(queues: list[str], log_dir: Path, **kwargs) -> list:
     """Start `celery -A omni_tasks worker -Q <queue>` for each queue; wait until ready."""
-    from omni_tasks.launcher import start_worker
+    from omni_tasks.dev.launcher import start_worker
 
     workers = [start_worker(q, log_dir, **kwargs) for q in queues]
     try:

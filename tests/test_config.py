@@ -48,7 +48,7 @@ def test_embedded_default_yaml_loads() -> None:
     config = load_config(DEFAULT_CONFIG_FILE, env={})
     assert config.scheduler.scheduler_type is SchedulerType.PRIORITY
     assert config.ar.model == "tiny-llama" and config.diffusion.model == "tiny-flux"
-    assert config.ar.pool == "threads" and config.ar.concurrency == 32
+    assert config.ar.pool_type == "threads" and config.ar.concurrency == 32
 
 
 def test_gpu_yaml_loads() -> None:
@@ -115,7 +115,7 @@ def test_env_overrides_yaml(tmp_path: Path) -> None:
         ({"OMNI_REQUEST_TIMEOUT": "0"}, "request_timeout"),
         ({"OMNI_REDIS_URL": "http://x"}, "redis_url"),
         ({"OMNI_AR__ENGINE": "tgi"}, "ar.engine"),
-        ({"OMNI_AR__POOL": "gevent"}, "ar.pool"),
+        ({"OMNI_AR__POOL_TYPE": "gevent"}, "ar.pool_type"),
         ({"OMNI_DIFFUSION__CONCURRENCY": "0"}, "diffusion.concurrency"),
         ({"OMNI_DIFFUSION__QUEUE": "ar"}, "diffusion.queue"),
     ],

@@ -14,16 +14,16 @@ from helpers import assert_png, eventually
 from omni_tasks import (
     OmniScheduler,
     app,
-    cache_directory,
     create_diffusion_request,
     generate_image,
-    keys,
     submit,
 )
 from omni_tasks.config import get_config
-from omni_tasks.dit_keys import dit_keys
-from omni_tasks.redis_client import get_redis
-from omni_tasks.routing import current_policy, resolve_route
+from omni_tasks.coordination import cache_directory, keys
+from omni_tasks.coordination.cache_directory import dit_keys
+from omni_tasks.coordination.client import get_redis
+from omni_tasks.scheduling.policies import create_policy
+from omni_tasks.tasks.router import resolve_route
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 180
@@ -77,9 +77,9 @@ def test_affinity_routes_a_repeat_to_the_holder(two_workers) -> None:
     (held,) = [h.worker for h in cache_directory.holders(dit_keys(request, get_config()).latents)]
     assert result.worker == held  # the worker that ran it is the one the directory names
     repeat = create_diffusion_request("affinity check", seed=5, **SMALL)
-    route = resolve_route(repeat, "dit", current_policy())
+    route = resolve_route(repeat, "dit", create_policy(get_config()))
     assert route.queue == keys.worker_queue(held)
-    assert route.priority == current_policy().route(repeat, "dit").priority
+    assert route.priority == create_policy(get_config()).route(repeat, "dit").priority
     value = submit(repeat).get(TIMEOUT)
     assert value["cache"]["latents"] == "hit"
     # Switched off, the same request goes to the pool queue.
@@ -87,7 +87,6 @@ def test_affinity_routes_a_repeat_to_the_holder(two_workers) -> None:
 
     config = get_config()
     off = replace(config, diffusion=replace(config.diffusion, cache_affinity=False))
-    from omni_tasks.policies import create_policy
 
     assert resolve_route(repeat, "dit", create_policy(off)).queue == config.diffusion.queue
 
@@ -139,7 +138,7 @@ def test_directory_mirrors_real_contents_through_evictions(two_workers) -> None:
     for worker in two_workers:
         for key in directory_of(worker.hostname):
             entry = {h.worker: h for h in cache_directory.holders(key)}[worker.hostname]
-            assert entry.bytes > 0 and entry.pool == "diffusion"
+            assert entry.bytes > 0 and entry.queue == "diffusion"
 
 
 def test_killed_worker_is_cleared_from_the_directory(two_workers) -> None:
@@ -184,12 +183,12 @@ def test_paused_request_slot(tiny_flux_dir) -> None:
     import torch
 
     from workers.dit_service import PAUSED_PREFIX, park, resume
-    from workers.runtime import worker_identity
+    from workers.runtime import runtime
 
     latents = torch.randn(1, 16, 8, 8)
     assert park("req-paused", {"latents": latents, "step": 3})
-    assert PAUSED_PREFIX + "req-paused" in directory_of(worker_identity())
+    assert PAUSED_PREFIX + "req-paused" in directory_of(runtime.hostname)
     state = resume("req-paused")
     assert state["step"] == 3 and torch.equal(state["latents"], latents)
-    assert PAUSED_PREFIX + "req-paused" not in directory_of(worker_identity())
+    assert PAUSED_PREFIX + "req-paused" not in directory_of(runtime.hostname)
     assert resume("req-paused") is None

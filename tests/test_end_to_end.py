@@ -22,7 +22,7 @@ from omni_tasks import (
     generate_text,
     submit,
 )
-from omni_tasks.rejections import list_rejections
+from omni_tasks.coordination.rejections import list_rejections
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 180
@@ -134,7 +134,7 @@ def test_every_type_through_omni_scheduler(pools) -> None:
         for r in requests:
             assert await scheduler.schedule_request(r)
         results = await asyncio.gather(*(scheduler.process_request(r) for r in requests))
-        assert all(r.stage is ProcessingStage.COMPLETED for r in requests)
+        assert all(r.processing_stage is ProcessingStage.COMPLETED for r in requests)
         edit = create_image_request(
             "edit", image=results[1]["image_path"], width=32, height=32, steps=2
         )
@@ -186,6 +186,6 @@ def test_engine_side_timeout_fails_the_request(pools) -> None:
         request = create_text_request("x", max_tokens=2000, timeout_s=0.001)
         with pytest.raises(ProcessingError, match="(?i)time"):
             await scheduler.process_request(request, timeout=TIMEOUT)
-        assert request.stage is ProcessingStage.FAILED and request.errors
+        assert request.processing_stage is ProcessingStage.FAILED and request.errors
 
     asyncio.run(run())

@@ -57,7 +57,7 @@ def test_seed_names_are_exported() -> None:
 
 def test_cli_help_runs() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "omni_tasks.cli", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "omni_tasks.dev.cli", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0
     for command in ("demo", "models", "submit", "status"):

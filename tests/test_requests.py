@@ -125,9 +125,9 @@ def test_message_round_trip_and_stage_and_errors() -> None:
     again = OmniRequest.from_message(request.to_message())
     assert again == request
     request.update_processing_stage(ProcessingStage.DIT_GENERATION)
-    assert request.stage is ProcessingStage.DIT_GENERATION and not request.stage.is_finished()
+    assert request.processing_stage is ProcessingStage.DIT_GENERATION and not request.processing_stage.is_finished()
     request.update_processing_stage(ProcessingStage.COMPLETED)
-    assert request.stage.is_finished()
+    assert request.processing_stage.is_finished()
     request.add_error("boom")
     assert request.errors == ["boom"]
     assert ProcessingStage.WAITING < ProcessingStage.AR_GENERATION < ProcessingStage.COMPLETED

@@ -25,7 +25,7 @@ from omni_tasks import (
     get_config,
     set_config,
 )
-from omni_tasks.keys import queue_key
+from omni_tasks.coordination.keys import queue_key
 
 
 @pytest.fixture()
@@ -126,7 +126,7 @@ def test_omni_scheduler_routes_with_its_own_policy(redis_client, scheduler_type)
 
 
 def test_multimodal_dit_stage_is_routed_ahead_of_fresh_work() -> None:
-    from omni_tasks.policies import create_policy
+    from omni_tasks.scheduling.policies import create_policy
 
     for kind in (SchedulerType.MULTIMODAL, SchedulerType.HYBRID):
         config = replace(get_config(), scheduler=SchedulerConfig(scheduler_type=kind))

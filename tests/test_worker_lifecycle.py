@@ -16,10 +16,10 @@ from omni_tasks import (
     create_diffusion_request,
     generate_image,
     generate_text,
-    keys,
     submit,
 )
-from omni_tasks.redis_client import get_redis
+from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import get_redis
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 300
@@ -127,7 +127,7 @@ def test_redelivery_cap_gives_up_on_a_poison_message(clean, run_dir) -> None:
     import json
 
     from omni_tasks.config import get_config
-    from omni_tasks.rejections import list_rejections
+    from omni_tasks.coordination.rejections import list_rejections
 
     poison = submit(create_diffusion_request("poison", width=32, height=32, steps=1))
     fine = submit(create_diffusion_request("fine", width=32, height=32, steps=1))

@@ -24,12 +24,12 @@ from typing import Any
 
 from PIL import Image
 
-from omni_tasks import cache_directory, single_flight
 from omni_tasks.config import get_config
-from omni_tasks.dit_keys import DiTKeys, dit_keys
+from omni_tasks.coordination import cache_directory, single_flight
+from omni_tasks.coordination.cache_directory import DiTKeys, dit_keys
 from omni_tasks.requests import OmniRequest
 from workers.engines.base import ImageOutput, ImageParams
-from workers.runtime import runtime, worker_identity
+from workers.runtime import runtime
 
 log = logging.getLogger(__name__)
 PAUSED_PREFIX = "paused:"
@@ -45,14 +45,14 @@ class Rendered:
 
 def _count(kind: str, hit: bool) -> None:
     try:
-        cache_directory.count_lookup(get_config().diffusion.queue, worker_identity(), kind, hit)
+        cache_directory.count_lookup(get_config().diffusion.queue, runtime.hostname, kind, hit)
     except Exception:
         log.warning("could not count a cache lookup", exc_info=True)
 
 
 def _record_hit(key: str) -> None:
     try:
-        cache_directory.record_hit(worker_identity(), key)
+        cache_directory.record_hit(runtime.hostname, key)
     except Exception:
         log.warning("could not record a cache hit", exc_info=True)
 

@@ -1,9 +1,10 @@
-"""The engines of one worker process: built once, shared by every task thread.
+"""One worker process's state: who it is, its engines, its DiT cache and its counters.
 
-`start` runs from Celery's `worker_init` (threads/solo pools) or
-`worker_process_init` (prefork), so the worker reports ready only once its models are
-loaded; `stop` aborts in-flight requests so a warm shutdown hands them back promptly.
-Engines are also built lazily on first use (eager mode, scripts).
+Built once per process and shared by every task thread. The lifecycle hooks give it
+its identity (`attach`) and call `start` from Celery's `worker_init` (threads/solo
+pools) or `worker_process_init` (prefork), so the worker reports ready only once its
+models are loaded; `stop` aborts in-flight requests so a warm shutdown hands them back
+promptly. Engines are also built lazily on first use (scripts, benchmarks).
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import logging
 import os
 import socket
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omni_tasks import cache_directory
 from omni_tasks.config import CoreModuleConfig, get_config
+from omni_tasks.coordination import cache_directory
+from omni_tasks.coordination.counters import SuccessCounters
 from omni_tasks.errors import EngineStoppedError
+from omni_tasks.requests import Stage
 from workers.engines.base import DiffusionEngine, TextEngine
 from workers.models import TINY_MODELS, build_tiny_model
 
@@ -35,8 +39,24 @@ def resolve_model(name: str, config: CoreModuleConfig) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """What the Celery worker this process belongs to is: the names the Redis directory,
+    the heartbeat and the worker's own queue use."""
+
+    hostname: str
+    queues: list[str] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)
+    pool_type: str = ""
+    concurrency: int = 0
+
+
 class WorkerRuntime:
+    """A worker process's state; one per process (`runtime`)."""
+
     def __init__(self) -> None:
+        self.identity = WorkerIdentity(hostname=f"{socket.gethostname()}-{os.getpid()}")
+        self.counters = SuccessCounters()
         self._lock = threading.Lock()
         self._text: TextEngine | None = None
         self._diffusion: DiffusionEngine | None = None
@@ -45,9 +65,19 @@ class WorkerRuntime:
         self._stop_lock = threading.Lock()
         self._stop_done = threading.Event()
 
-    def start(self, stages: list[str], config: CoreModuleConfig | None = None) -> None:
-        """Build the engines of the given stages ("ar", "dit") now."""
-        for stage in stages:
+    def attach(self, identity: WorkerIdentity) -> None:
+        """Take the identity of the Celery worker this process serves (at `worker_init`)."""
+        self.identity = identity
+
+    @property
+    def hostname(self) -> str:
+        return self.identity.hostname
+
+    def start(
+        self, stages: list[Stage] | None = None, config: CoreModuleConfig | None = None
+    ) -> None:
+        """Build the engines of the given stages (default: this worker's) now."""
+        for stage in self.identity.stages if stages is None else stages:
             if stage == "ar":
                 self.text_engine(config)
             elif stage == "dit":
@@ -72,6 +102,18 @@ class WorkerRuntime:
         """The DiT cache if this process has built one (None otherwise); builds nothing."""
         return self._dit_cache
 
+    def dit_cache_figures(self) -> dict[str, int]:
+        """The DiT cache's size for the heartbeat (zeros when this process has none)."""
+        cache = self._dit_cache
+        if cache is None:
+            return {"dit_cache_bytes": 0, "dit_cache_entries": 0, "dit_cache_max_bytes": 0}
+        stats = cache.stats()
+        return {
+            "dit_cache_bytes": int(stats["bytes"]),
+            "dit_cache_entries": int(stats["entries"]),
+            "dit_cache_max_bytes": int(stats["max_bytes"]),
+        }
+
     def dit_cache(self, config: CoreModuleConfig | None = None) -> Any:
         """The worker-local DiT cache, on the diffusion engine's device, mirrored in Redis."""
         engine = self.diffusion_engine(config)
@@ -80,7 +122,7 @@ class WorkerRuntime:
                 from workers.dit_cache import DiTCacheManager
 
                 config = config or get_config()
-                listener = RedisDirectoryListener(worker_identity(), config.diffusion.queue)
+                listener = RedisDirectoryListener(self.hostname, config.diffusion.queue)
                 device = getattr(engine, "device", "cpu")
                 self._dit_cache = DiTCacheManager(config.cache, device=device, listener=listener)
             return self._dit_cache
@@ -110,21 +152,14 @@ class WorkerRuntime:
             raise EngineStoppedError("this worker is shutting down")
 
 
-def worker_identity() -> str:
-    """This worker's Celery hostname (the name the Redis directory uses)."""
-    from omni_tasks.worker_hooks import state
-
-    return state.hostname or f"{socket.gethostname()}-{os.getpid()}"
-
-
 class RedisDirectoryListener:
     """Mirrors every insert and removal of the DiT cache into the Redis directory."""
 
-    def __init__(self, worker: str, pool: str) -> None:
-        self.worker, self.pool = worker, pool
+    def __init__(self, worker: str, queue: str) -> None:
+        self.worker, self.queue = worker, queue
 
     def on_insert(self, key: str, nbytes: int) -> None:
-        cache_directory.record_insert(self.worker, self.pool, key, nbytes)
+        cache_directory.record_insert(self.worker, self.queue, key, nbytes)
 
     def on_evict(self, key: str, reason: str) -> None:
         cache_directory.record_remove(self.worker, key)

@@ -1,0 +1,40 @@
+"""Configuration: typed dataclasses (`schema`) and where their values come from
+(`loading`: YAML, `OMNI_*` variables, the process-wide copy)."""
+
+from omni_tasks.config.loading import (
+    DEFAULT_CONFIG_FILE,
+    config_from_dict,
+    get_config,
+    load_config,
+    set_config,
+)
+from omni_tasks.config.schema import (
+    GB,
+    PRIORITY_CLASSES,
+    ARConfig,
+    CacheConfig,
+    CacheStrategy,
+    CoreModuleConfig,
+    DiffusionConfig,
+    PoolConfig,
+    SchedulerConfig,
+    SchedulerType,
+)
+
+__all__ = [
+    "DEFAULT_CONFIG_FILE",
+    "GB",
+    "PRIORITY_CLASSES",
+    "ARConfig",
+    "CacheConfig",
+    "CacheStrategy",
+    "CoreModuleConfig",
+    "DiffusionConfig",
+    "PoolConfig",
+    "SchedulerConfig",
+    "SchedulerType",
+    "config_from_dict",
+    "get_config",
+    "load_config",
+    "set_config",
+]

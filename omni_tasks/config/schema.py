@@ -1,0 +1,220 @@
+"""The configuration dataclasses: scheduler, DiT cache, the core module's limits, and
+what a distributed deployment adds (Redis, the two pools). `validate()` raises
+`ConfigError` naming the dotted field of the first bad value.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from omni_tasks.errors import ConfigError
+from omni_tasks.requests import STAGES, STEP_CACHE_MODES, Stage
+
+PRIORITY_CLASSES = ("high", "normal", "low")
+#: The unit of every `*_gb` setting and figure: GiB (2**30 bytes), as devices report.
+GB = 2**30
+
+
+class SchedulerType(Enum):
+    """How requests are ordered: at the producer (queue + priority) and in workers."""
+
+    FIFO = "fifo"
+    PRIORITY = "priority"
+    MULTIMODAL = "multimodal"
+    DIFFUSION = "diffusion"
+    HYBRID = "hybrid"
+
+
+class CacheStrategy(Enum):
+    """Eviction policy of the worker-local DiT cache."""
+
+    LRU = "lru"
+    LFU = "lfu"
+    TTL = "ttl"
+    ADAPTIVE = "adaptive"
+
+
+@dataclass
+class SchedulerConfig:
+    scheduler_type: SchedulerType = SchedulerType.FIFO
+    max_queue_size: int = 1000
+    priority_weights: dict[str, float] = field(
+        default_factory=lambda: {"high": 2.0, "normal": 1.0, "low": 0.5}
+    )
+    timeout_seconds: int = 300
+    batch_size: int = 32
+    enable_preemption: bool = True
+
+    def validate(self) -> None:
+        _require(self.max_queue_size > 0, "scheduler.max_queue_size", "must be positive")
+        _require(self.timeout_seconds > 0, "scheduler.timeout_seconds", "must be positive")
+        _require(self.batch_size > 0, "scheduler.batch_size", "must be positive")
+        missing = [c for c in PRIORITY_CLASSES if c not in self.priority_weights]
+        _require(not missing, "scheduler.priority_weights", f"missing classes {missing}")
+        for name, weight in self.priority_weights.items():
+            _require(
+                name in PRIORITY_CLASSES,
+                f"scheduler.priority_weights.{name}",
+                f"unknown class; use {PRIORITY_CLASSES}",
+            )
+            _require(weight > 0, f"scheduler.priority_weights.{name}", "must be positive")
+
+
+@dataclass
+class CacheConfig:
+    max_memory_gb: float = 8.0
+    strategy: CacheStrategy = CacheStrategy.LRU
+    ttl_seconds: int = 3600
+    enable_compression: bool = True
+    compression_ratio: float = 0.7
+
+    def validate(self) -> None:
+        _require(self.max_memory_gb > 0, "cache.max_memory_gb", "must be positive")
+        _require(self.ttl_seconds > 0, "cache.ttl_seconds", "must be positive")
+        _require(0 < self.compression_ratio <= 1, "cache.compression_ratio", "must be in (0, 1]")
+
+
+@dataclass
+class PoolConfig:
+    """How the workers of one pool run when started with just `-Q <queue>`.
+
+    A pool is the set of workers that consume one queue; `pool_type` is the Celery
+    execution pool each of them runs (`--pool`).
+    """
+
+    queue: str = "ar"
+    pool_type: str = "threads"
+    concurrency: int = 32
+    prefetch_multiplier: int = 1
+
+    def validate(self, name: str) -> None:
+        _require(bool(self.queue), f"{name}.queue", "must not be empty")
+        _require(
+            self.pool_type in ("threads", "solo", "prefork"),
+            f"{name}.pool_type",
+            "must be threads, solo or prefork",
+        )
+        _require(self.concurrency > 0, f"{name}.concurrency", "must be positive")
+        _require(self.prefetch_multiplier > 0, f"{name}.prefetch_multiplier", "must be positive")
+
+
+@dataclass
+class ARConfig(PoolConfig):
+    """The autoregressive pool: engine and model."""
+
+    engine: str = "vllm"  # vllm | transformers
+    model: str = "tiny-llama"
+    dtype: str = "auto"
+    max_model_len: int = 2048
+    tensor_parallel_size: int = 1
+    kv_cache_gib: float = 1.0  # CPU only: vLLM's KV cache size
+    max_batch_size: int = 16  # transformers engine only
+
+    def validate(self, name: str = "ar") -> None:
+        super().validate(name)
+        _require(
+            self.engine in ("vllm", "transformers"),
+            f"{name}.engine",
+            "must be vllm or transformers",
+        )
+        _require(bool(self.model), f"{name}.model", "must not be empty")
+        _require(self.max_model_len > 0, f"{name}.max_model_len", "must be positive")
+        _require(self.kv_cache_gib > 0, f"{name}.kv_cache_gib", "must be positive")
+
+
+@dataclass
+class DiffusionConfig(PoolConfig):
+    """The diffusion pool: pipeline and model."""
+
+    queue: str = "diffusion"
+    concurrency: int = 2
+    model: str = "tiny-flux"
+    device: str = "auto"
+    dtype: str = "auto"
+    step_cache: str = "none"  # one of STEP_CACHE_MODES; requests may override
+    step_cache_params: dict[str, float] = field(default_factory=dict)
+    cache_affinity: bool = True  # route repeats to the worker holding their DiT cache keys
+
+    def validate(self, name: str = "diffusion") -> None:
+        super().validate(name)
+        _require(bool(self.model), f"{name}.model", "must not be empty")
+        _require(
+            self.step_cache in STEP_CACHE_MODES,
+            f"{name}.step_cache",
+            f"must be one of {STEP_CACHE_MODES}",
+        )
+
+
+@dataclass
+class CoreModuleConfig:
+    """The whole configuration: the core module's fields first, then deployment fields."""
+
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    max_memory_gb: float = 16.0
+    max_gpu_utilization: float = 0.8
+    max_cpu_utilization: float = 0.9
+    request_timeout: int = 300
+    worker_timeout: int = 60
+    cleanup_interval: int = 30
+    enable_metrics: bool = True
+    metrics_interval: int = 10
+    enable_health_checks: bool = True
+    # Deployment.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "omni"
+    models_dir: str = "~/.cache/omni-tasks/models"
+    output_dir: str = "~/.cache/omni-tasks/outputs"
+    max_redeliveries: int = 3
+    result_expires: int = 86400
+    ar: ARConfig = field(default_factory=ARConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    def validate(self) -> None:
+        self.scheduler.validate()
+        self.cache.validate()
+        _require(self.max_memory_gb > 0, "max_memory_gb", "must be positive")
+        _require(0 < self.max_gpu_utilization <= 1, "max_gpu_utilization", "must be in (0, 1]")
+        _require(0 < self.max_cpu_utilization <= 1, "max_cpu_utilization", "must be in (0, 1]")
+        _require(self.request_timeout > 0, "request_timeout", "must be positive")
+        _require(self.worker_timeout > 0, "worker_timeout", "must be positive")
+        _require(self.cleanup_interval > 0, "cleanup_interval", "must be positive")
+        _require(self.metrics_interval > 0, "metrics_interval", "must be positive")
+        _require(
+            self.redis_url.startswith(("redis://", "rediss://", "unix://", "redis+socket://")),
+            "redis_url",
+            "must be a redis://, rediss:// or unix:// URL",
+        )
+        _require(bool(self.key_prefix), "key_prefix", "must not be empty")
+        _require(self.max_redeliveries >= 0, "max_redeliveries", "must be >= 0")
+        _require(self.result_expires > 0, "result_expires", "must be positive")
+        self.ar.validate("ar")
+        self.diffusion.validate("diffusion")
+        _require(self.ar.queue != self.diffusion.queue, "diffusion.queue", "must differ from ar")
+
+    @property
+    def longest_task_s(self) -> int:
+        """Upper bound of any task's run time; the broker's visibility timeout exceeds it."""
+        return max(self.request_timeout, self.scheduler.timeout_seconds)
+
+    def pool_for(self, stage: Stage) -> PoolConfig:
+        """The pool that runs a pipeline stage: the AR pool for "ar", else the diffusion pool."""
+        return self.ar if stage == "ar" else self.diffusion
+
+    def stages_for(self, queues: list[str]) -> list[Stage]:
+        """The pipeline stages a worker consuming `queues` runs, in pipeline order."""
+        return [stage for stage in STAGES if self.pool_for(stage).queue in queues]
+
+    def models_path(self) -> Path:
+        return Path(os.path.expanduser(self.models_dir))
+
+    def output_path(self) -> Path:
+        return Path(os.path.expanduser(self.output_dir))
+
+
+def _require(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(field_name, message)

@@ -1,0 +1,198 @@
+"""The DiT cache directory in Redis: a request's DiT cache keys, and which live worker
+holds which key.
+
+Workers keep the cached tensors in their own device memory; Redis keeps only metadata,
+updated on every insert and eviction (so the directory is exact, not guessed from
+routing history), and cleared when a worker stops or its heartbeat expires. The
+producer reads it to route a repeat request to the worker that holds its keys.
+
+Layout (names in `keys`): `cache:holders:<key>` hash, field = worker hostname, value =
+JSON {queue, bytes, created, last_hit, hits}; `cache:worker:<hostname>` set of the
+keys a worker holds; `cache:stats:<queue>` / `cache:wstats:<hostname>` hit/miss counters.
+Multi-key updates are the `directory_*` Lua scripts (atomic, one round trip).
+
+A request has two DiT cache keys, computed the same way by producers and workers:
+- embeddings: what the text encoders see (model, prompt, negative prompt): a new seed
+  of a known prompt skips the encoders;
+- latents: everything that determines the denoised latents (`generate_cache_key()`
+  parts, the model, and the step-cache mode and parameters in force): an exact repeat
+  skips denoising and only decodes.
+Defaults the request leaves open (model, step cache) come from the pool's config, so a
+producer and a worker with the same config agree on the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from omni_tasks.config import CoreModuleConfig
+from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import get_redis, get_scripts
+from omni_tasks.requests import OmniRequest
+
+ENCODER_SETTINGS = "flux-clip77-t5-512"  # what the pipeline's encoders are run with
+
+
+@dataclass(frozen=True)
+class DiTKeys:
+    embeddings: str
+    latents: str
+
+    def all(self) -> list[str]:
+        """Most valuable first (an exact repeat beats a known prompt)."""
+        return [self.latents, self.embeddings]
+
+
+def _digest(kind: str, parts: dict[str, Any]) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return f"{kind}:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+def step_cache_of(request: OmniRequest, config: CoreModuleConfig) -> tuple[str, dict[str, float]]:
+    """The step-cache mode and parameters a request runs with (the pool's by default)."""
+    mode = request.step_cache or config.diffusion.step_cache
+    params = request.step_cache_params
+    if params is None:
+        params = config.diffusion.step_cache_params if mode == config.diffusion.step_cache else {}
+    return mode, dict(params)
+
+
+def dit_keys(request: OmniRequest, config: CoreModuleConfig, prompt: str | None = None) -> DiTKeys:
+    """Keys for `request`; `prompt` overrides the prompt (a multimodal DiT stage)."""
+    model = request.model or config.diffusion.model
+    text = request.prompt if prompt is None else prompt
+    embeddings = _digest(
+        "emb",
+        {
+            "model": model,
+            "prompt": text,
+            "negative_prompt": request.negative_prompt,
+            "encoders": ENCODER_SETTINGS,
+        },
+    )
+    mode, params = step_cache_of(request, config)
+    parts = request.cache_key_parts()
+    parts.update(
+        model=model, prompt=text, step_cache=mode, step_cache_params=params, type="dit"
+    )  # IMAGE/DIFFUSION/MULTIMODAL alike: the same latents
+    if request.image is None:
+        parts.pop("strength", None)
+    for text_only in ("max_tokens", "temperature", "top_p", "stop"):
+        parts.pop(text_only, None)
+    return DiTKeys(embeddings=embeddings, latents=_digest("lat", parts))
+
+
+@dataclass
+class Holder:
+    """One worker's entry for a cache key."""
+
+    worker: str
+    queue: str
+    bytes: int
+    created: float
+    last_hit: float
+    hits: int
+
+
+def record_insert(worker: str, queue: str, cache_key: str, nbytes: int) -> None:
+    get_scripts().directory_insert(
+        keys=[keys.cache_holders(cache_key), keys.cache_worker(worker)],
+        args=[worker, cache_key, queue, int(nbytes), time.time()],
+    )
+
+
+def record_remove(worker: str, cache_key: str) -> None:
+    get_scripts().directory_remove(
+        keys=[keys.cache_holders(cache_key), keys.cache_worker(worker)], args=[worker, cache_key]
+    )
+
+
+def record_hit(worker: str, cache_key: str) -> None:
+    get_scripts().directory_hit(keys=[keys.cache_holders(cache_key)], args=[worker, time.time()])
+
+
+def clear_worker(worker: str) -> int:
+    return int(
+        get_scripts().directory_clear_worker(
+            keys=[keys.cache_worker(worker)], args=[worker, keys.cache_holders("")]
+        )
+    )
+
+
+def holders(cache_key: str) -> list[Holder]:
+    raw = get_redis().hgetall(keys.cache_holders(cache_key))
+    return [Holder(worker=w, **json.loads(v)) for w, v in sorted(raw.items())]
+
+
+def held_by(worker: str) -> set[str]:
+    return set(get_redis().smembers(keys.cache_worker(worker)))
+
+
+def pick_holder(cache_keys: list[str]) -> str | None:
+    """The live, not overloaded worker holding the first of `cache_keys` it can find.
+
+    Overloaded = its own queue already holds as many requests as it has slots: the
+    next one would wait at least one full run there, and a full run is the most a
+    cache hit can save (a miss elsewhere costs one run), so past that point spreading
+    the work wins.
+    """
+    found = get_scripts().directory_pick(
+        keys=[keys.cache_holders(k) for k in cache_keys],
+        args=[keys.worker(""), keys.worker_queue(""), keys.PRIORITY_SEP, *keys.PRIORITY_STEPS[1:]],
+    )
+    return found or None
+
+
+def sweep_dead_workers(pool_queue: str) -> list[str]:
+    """Clear the entries of workers whose heartbeat expired, and move the messages left
+    in their own queues (affinity-routed, or restored there after they died) back to
+    the pool queue at the same priority. Run periodically by every live DiT worker."""
+    client = get_redis()
+    dead: set[str] = set()
+    prefix = keys.cache_worker("")
+    for key in client.scan_iter(match=prefix + "*", count=500):
+        worker = key[len(prefix) :]
+        if not client.exists(keys.worker(worker)):
+            clear_worker(worker)
+            dead.add(worker)
+    for key, worker, level in own_queue_keys(client):
+        if client.exists(keys.worker(worker)):
+            continue
+        if get_scripts().move_all(keys=[key, keys.queue_key(pool_queue, level)]):
+            dead.add(worker)
+    return sorted(dead)
+
+
+def own_queue_keys(client: Any) -> Iterator[tuple[str, str, int]]:
+    """(list key, worker, priority level) of every list of the workers' own queues."""
+    prefix = keys.worker_queue("")
+    for key in client.scan_iter(match=prefix + "*", count=500):
+        queue, level = keys.parse_queue_key(key)
+        yield key, queue[len(prefix) :], level
+
+
+def count_lookup(queue: str, worker: str, kind: str, hit: bool) -> None:
+    """Hit/miss counters per pool (named by its queue) and per worker, per kind of entry."""
+    field = f"{'hits' if hit else 'misses'}:{kind}"
+    pipe = get_redis().pipeline(transaction=False)
+    pipe.hincrby(keys.cache_stats(queue), field, 1)
+    pipe.hincrby(keys.cache_worker_stats(worker), field, 1)
+    pipe.execute()
+
+
+def hit_rate(queue: str, kind: str | None = None) -> tuple[float, int, int]:
+    """(rate, hits, misses) of a pool, over one kind of entry or all of them."""
+    raw: dict[str, Any] = get_redis().hgetall(keys.cache_stats(queue))
+    hits = sum(int(v) for f, v in raw.items() if f.startswith("hits:") and _kind(f, kind))
+    misses = sum(int(v) for f, v in raw.items() if f.startswith("misses:") and _kind(f, kind))
+    total = hits + misses
+    return (hits / total if total else 0.0), hits, misses
+
+
+def _kind(field: str, kind: str | None) -> bool:
+    return kind is None or field.endswith(":" + kind)

@@ -1,0 +1,95 @@
+"""Every Redis key omni-tasks uses, in one place: plain functions of the key prefix.
+
+Queues are kombu's lists (one per priority level); everything else lives under
+`<key_prefix>:` so one Redis can serve several deployments.
+"""
+
+from __future__ import annotations
+
+from omni_tasks.config import get_config
+
+#: kombu's separator between a queue name and its priority level, and the levels a
+#: worker reads (0 is served first). Clients must use the same transport options.
+PRIORITY_SEP = ":"
+PRIORITY_STEPS = tuple(range(10))
+
+
+def _p() -> str:
+    return get_config().key_prefix
+
+
+def queue_key(queue: str, priority: int) -> str:
+    """The Redis list kombu keeps for one priority level of a queue (0 is the bare name)."""
+    return queue if priority == 0 else f"{queue}{PRIORITY_SEP}{priority}"
+
+
+def queue_keys(queue: str) -> list[str]:
+    return [queue_key(queue, p) for p in PRIORITY_STEPS]
+
+
+def parse_queue_key(key: str) -> tuple[str, int]:
+    """(queue, priority) of a list named by `queue_key`."""
+    queue, sep, level = key.rpartition(PRIORITY_SEP)
+    if sep and level.isdigit() and int(level) in PRIORITY_STEPS:
+        return queue, int(level)
+    return key, 0
+
+
+def stats(queue: str) -> str:
+    """Hash of a pool's counters: processed, failed, rejected, run_s_sum, queued_s_sum."""
+    return f"{_p()}:stats:{queue}"
+
+
+def rejected() -> str:
+    """List (newest first, capped) of JSON records of refused or malformed messages."""
+    return f"{_p()}:rejected"
+
+
+def deliveries(task_id: str) -> str:
+    """How many times a message started running (redelivery cap)."""
+    return f"{_p()}:deliveries:{task_id}"
+
+
+def revoked(task_id: str) -> str:
+    """Set while a request is cancelled, so even workers started later skip it."""
+    return f"{_p()}:revoked:{task_id}"
+
+
+def worker(hostname: str) -> str:
+    """Heartbeat hash of a live worker (expires when it stops beating)."""
+    return f"{_p()}:worker:{hostname}"
+
+
+def worker_queue(hostname: str) -> str:
+    """A diffusion worker's own queue (cache-affinity routing sends repeats there)."""
+    return f"{_p()}:wq:{hostname}"
+
+
+def cache_holders(cache_key: str) -> str:
+    """Hash: worker -> JSON {queue, bytes, created, last_hit, hits} for one DiT cache key."""
+    return f"{_p()}:cache:holders:{cache_key}"
+
+
+def cache_worker(hostname: str) -> str:
+    """Set of the DiT cache keys a worker holds."""
+    return f"{_p()}:cache:worker:{hostname}"
+
+
+def cache_stats(queue: str) -> str:
+    """Hash of a pool's DiT cache counters: hits:<kind>, misses:<kind>."""
+    return f"{_p()}:cache:stats:{queue}"
+
+
+def cache_worker_stats(hostname: str) -> str:
+    """Hash of one worker's DiT cache counters, as `cache_stats`."""
+    return f"{_p()}:cache:wstats:{hostname}"
+
+
+def flight_lease(cache_key: str) -> str:
+    """Single-flight lease: the token of the worker computing `cache_key` (expires)."""
+    return f"{_p()}:flight:lease:{cache_key}"
+
+
+def flight_result(cache_key: str) -> str:
+    """Single-flight outcome, kept briefly for the requests that waited on it."""
+    return f"{_p()}:flight:done:{cache_key}"

@@ -1,0 +1,124 @@
+"""Cluster figures read from Redis: queue depths, live workers, per-pool counters, health.
+
+Every producer and worker writes to the same keys, so any process sees the whole
+system; nothing here depends on which process scheduled what. Pools are named by
+their queue.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from omni_tasks.config import CoreModuleConfig, get_config
+from omni_tasks.coordination import keys
+from omni_tasks.coordination.cache_directory import own_queue_keys
+from omni_tasks.coordination.client import get_redis
+
+
+def queue_depths(config: CoreModuleConfig | None = None) -> dict[str, dict[int, int]]:
+    """Messages waiting per pool and priority level (0 highest). The diffusion pool's
+    figure includes its workers' own queues (cache-affinity routing puts work there)."""
+    config = config or get_config()
+    client = get_redis()
+    depths: dict[str, dict[int, int]] = {}
+    for queue in (config.ar.queue, config.diffusion.queue):
+        pipe = client.pipeline(transaction=False)
+        for key in keys.queue_keys(queue):
+            pipe.llen(key)
+        depths[queue] = dict(enumerate(pipe.execute()))
+    own = depths[config.diffusion.queue]
+    for key, _, level in own_queue_keys(client):
+        own[level] += int(client.llen(key))
+    return depths
+
+
+def total_queued(config: CoreModuleConfig | None = None) -> int:
+    """Messages waiting in every queue, all levels."""
+    return sum(sum(levels.values()) for levels in queue_depths(config).values())
+
+
+@dataclass
+class PoolStats:
+    processed: int = 0
+    failed: int = 0
+    rejected: int = 0
+    run_s_sum: float = 0.0
+    queued_s_sum: float = 0.0
+
+
+@dataclass
+class ClusterSnapshot:
+    queues: dict[str, dict[int, int]]
+    pools: dict[str, PoolStats]
+    workers: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def queued(self) -> int:
+        return sum(sum(levels.values()) for levels in self.queues.values())
+
+    @property
+    def processed(self) -> int:
+        return sum(p.processed for p in self.pools.values())
+
+    @property
+    def failed(self) -> int:
+        return sum(p.failed for p in self.pools.values())
+
+    @property
+    def dit_cache_bytes(self) -> int:
+        return sum(int(w.get("dit_cache_bytes", 0)) for w in self.workers)
+
+    @property
+    def dit_cache_max_bytes(self) -> int:
+        return sum(int(w.get("dit_cache_max_bytes", 0)) for w in self.workers)
+
+    def workers_of(self, queue: str) -> list[dict[str, Any]]:
+        return [w for w in self.workers if queue in w.get("queues", [])]
+
+
+def read_snapshot(config: CoreModuleConfig | None = None) -> ClusterSnapshot:
+    config = config or get_config()
+    client = get_redis()
+    pools: dict[str, PoolStats] = {}
+    for queue in (config.ar.queue, config.diffusion.queue):
+        raw = client.hgetall(keys.stats(queue))
+        pools[queue] = PoolStats(
+            processed=int(raw.get("processed", 0)),
+            failed=int(raw.get("failed", 0)),
+            rejected=int(raw.get("rejected", 0)),
+            run_s_sum=float(raw.get("run_s_sum", 0.0)),
+            queued_s_sum=float(raw.get("queued_s_sum", 0.0)),
+        )
+    workers = []
+    for key in client.scan_iter(match=keys.worker("") + "*", count=200):
+        info = client.hgetall(key)
+        if not info:
+            continue
+        for name in ("queues", "stages"):
+            info[name] = json.loads(info.get(name) or "[]")
+        workers.append(info)
+    workers.sort(key=lambda w: w.get("hostname", ""))
+    return ClusterSnapshot(queues=queue_depths(config), pools=pools, workers=workers)
+
+
+def health_of(snapshot: ClusterSnapshot, config: CoreModuleConfig) -> tuple[list[str], list[str]]:
+    """Issues and recommendations: pools without workers, full queues, failure rates."""
+    issues: list[str] = []
+    advice: list[str] = []
+    for queue, levels in snapshot.queues.items():
+        waiting = sum(levels.values())
+        if not snapshot.workers_of(queue):
+            issues.append(f"no live worker consumes queue {queue!r} ({waiting} waiting)")
+            advice.append(f"start one: celery -A omni_tasks worker -Q {queue}")
+    limit = config.scheduler.max_queue_size
+    if snapshot.queued >= 0.9 * limit:
+        issues.append(f"queues hold {snapshot.queued} of max_queue_size={limit}")
+        advice.append("add workers or raise scheduler.max_queue_size")
+    for queue, stats in snapshot.pools.items():
+        done = stats.processed + stats.failed
+        if done >= 10 and stats.failed / done > 0.1:
+            issues.append(f"pool {queue!r} failed {stats.failed} of {done} requests")
+            advice.append(f"read the {queue!r} workers' logs and the rejected list")
+    return issues, advice

@@ -1,0 +1,209 @@
+"""`omni-tasks demo`: Redis, an AR pool and a diffusion pool, a mixed workload with
+priorities through `.delay()`, progress, results, a status summary; then it stops
+everything it started."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from omni_tasks.dev.redis_server import PrivateRedis, start_private_redis
+
+
+def _line(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def run_demo(out_dir: Path, timeout_s: float = 900.0) -> int:
+    out_dir = out_dir.resolve()
+    private: PrivateRedis | None = None
+    if not os.environ.get("OMNI_REDIS_URL"):
+        private = start_private_redis()
+        os.environ["OMNI_REDIS_URL"] = private.url
+        _line(f"started a private Redis ({private.kind}) at {private.url}")
+    else:
+        _line(f"using Redis at {os.environ['OMNI_REDIS_URL']}")
+    os.environ["OMNI_OUTPUT_DIR"] = str(out_dir / "images")
+    workers = []
+    try:
+        from omni_tasks.dev.launcher import start_worker
+
+        log_dir = out_dir / "logs"
+        for queue in ("ar", "diffusion"):
+            workers.append(start_worker(queue, log_dir))
+            _line(f"started: celery -A omni_tasks worker -Q {queue}  (log: {log_dir})")
+        _line("loading models in the pools (tiny models are built on first start)...")
+        start = time.monotonic()
+        for worker in workers:
+            worker.wait_ready(timeout_s)
+        _line(f"pools ready in {time.monotonic() - start:.1f}s")
+        results = _submit_and_follow(timeout_s)
+        _summary(results, out_dir)
+        return 0 if all(r["state"] == "SUCCESS" for r in results) else 1
+    finally:
+        for worker in workers:
+            code = worker.stop()
+            _line(f"stopped {worker.hostname} (exit {code})")
+        if private is not None:
+            private.stop()
+            _line("stopped the private Redis")
+
+
+def _workload() -> list[tuple[str, Any, dict[str, Any]]]:
+    from omni_tasks import generate_image, generate_multimodal, generate_text
+
+    jobs: list[tuple[str, Any, dict[str, Any]]] = []
+    for i, priority in enumerate(["low", "normal", "high", "low", "normal", "high"]):
+        jobs.append(
+            (
+                "text",
+                generate_text,
+                {
+                    "prompt": f"Story {i}: once upon a time",
+                    "max_tokens": 32,
+                    "priority": priority,
+                    "seed": i,
+                },
+            )
+        )
+    for i, (priority, size) in enumerate([("low", 128), ("normal", 64), ("high", 64)]):
+        jobs.append(
+            (
+                "image",
+                generate_image,
+                {
+                    "prompt": f"a red fox, study {i}",
+                    "width": size,
+                    "height": size,
+                    "steps": 4,
+                    "seed": 7 + i,
+                    "priority": priority,
+                },
+            )
+        )
+    jobs.append(
+        (
+            "multimodal",
+            generate_multimodal,
+            {
+                "prompt": "a lighthouse at dusk",
+                "max_tokens": 24,
+                "width": 64,
+                "height": 64,
+                "steps": 4,
+                "seed": 3,
+                "priority": "normal",
+            },
+        )
+    )
+    return jobs
+
+
+def _submit_and_follow(timeout_s: float) -> list[dict[str, Any]]:
+
+    jobs = _workload()
+    pending: dict[str, dict[str, Any]] = {}
+    for kind, task, kwargs in jobs:
+        result = task.delay(**kwargs)
+        pending[result.id] = {
+            "kind": kind,
+            "priority": kwargs["priority"],
+            "result": result,
+            "kwargs": kwargs,
+        }
+    _line(f"submitted {len(pending)} requests with .delay() (priorities high/normal/low)")
+    done: list[dict[str, Any]] = []
+    edit_sent = False
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        for task_id, job in list(pending.items()):
+            result = job["result"]
+            if not result.ready():
+                continue
+            pending.pop(task_id)
+            job["state"] = result.state
+            job["value"] = result.result if result.successful() else repr(result.result)
+            done.append(job)
+            _progress(job, len(done), len(done) + len(pending))
+            if job["kind"] == "image" and result.successful() and not edit_sent:
+                pending.update(_follow_ups(job["kwargs"], job["value"]["image_path"]))
+                edit_sent = True
+        time.sleep(0.1)
+    for job in pending.values():
+        job["state"], job["value"] = "TIMEOUT", None
+        done.append(job)
+    return done
+
+
+def _follow_ups(kwargs: dict[str, Any], image_path: str) -> dict[str, dict[str, Any]]:
+    """Once a picture exists: an edit of it (img2img), an exact repeat (its latents are
+    in the DiT cache: decode only) and a new seed of its prompt (embeddings reused)."""
+    from omni_tasks import generate_image
+
+    sent = {
+        "image edit": generate_image.delay(
+            prompt="the same fox, in winter",
+            image=image_path,
+            strength=0.7,
+            width=64,
+            height=64,
+            steps=4,
+            seed=11,
+            priority="high",
+        ),
+        "repeat": generate_image.delay(**kwargs),
+        "new seed": generate_image.delay(**{**kwargs, "seed": kwargs["seed"] + 100}),
+    }
+    return {
+        r.id: {
+            "kind": kind,
+            "priority": kwargs["priority"] if kind != "image edit" else "high",
+            "result": r,
+            "kwargs": kwargs,
+        }
+        for kind, r in sent.items()
+    }
+
+
+def _progress(job: dict[str, Any], n: int, total: int) -> None:
+    value = job["value"]
+    if job["state"] != "SUCCESS":
+        _line(f"[{n}/{total}] {job['kind']:<10} {job['priority']:<6} {job['state']}: {value}")
+        return
+    t = value.get("timings", {})
+    what = value.get("image_path") or repr(value.get("text", ""))[:60]
+    if value.get("cache"):
+        what += "  cache " + ",".join(f"{k}={v}" for k, v in value["cache"].items())
+    _line(
+        f"[{n}/{total}] {job['kind']:<10} {job['priority']:<6} queued {t.get('queued_s', 0):6.2f}s"
+        f" ran {t.get('run_s', 0):5.2f}s  {what}"
+    )
+
+
+def _summary(results: list[dict[str, Any]], out_dir: Path) -> None:
+    from omni_tasks import OmniScheduler
+
+    ok = sum(r["state"] == "SUCCESS" for r in results)
+    _line(f"\n{ok}/{len(results)} requests succeeded")
+    time.sleep(1.0)  # workers flush their success counters every 0.25 s
+    status = OmniScheduler().get_status()
+    summary = {
+        "queue_size": status["queue_size"],
+        "processed_requests": status["processed_requests"],
+        "failed_requests": status["failed_requests"],
+        "dit_cache_hit_rate": round(status["cache_hit_rate"], 3),
+        "dit_cache_gb": round(status["memory_usage"], 6),
+        "pools": status["pools"],
+        "workers": [w["hostname"] for w in status["resource_status"]["workers"]],
+    }
+    _line("status: " + json.dumps(summary, indent=2, default=str))
+    report = out_dir / "results.json"
+    serial = [{k: v for k, v in r.items() if k not in ("result", "kwargs")} for r in results]
+    report.write_text(json.dumps(serial, indent=2, default=str))
+    _line(f"images in {out_dir / 'images'}; results in {report}")
+
+
+DEFAULT_OUT_DIR = Path("omni-demo-output")

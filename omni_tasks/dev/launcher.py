@@ -1,0 +1,94 @@
+"""Starting and stopping `celery -A omni_tasks worker` processes (demo, tests, bench).
+
+A worker counts as ready once its heartbeat is in Redis: that happens at Celery's
+`worker_ready`, after its engines have loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import get_redis
+
+
+@dataclass
+class WorkerProcess:
+    queue: str
+    hostname: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    def is_ready(self) -> bool:
+        return bool(get_redis().exists(keys.worker(self.hostname)))
+
+    def wait_ready(self, timeout_s: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.is_ready():
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"worker {self.hostname} exited with {self.proc.returncode}; "
+                    f"log tail:\n{self.log_tail()}"
+                )
+            time.sleep(0.2)
+        raise TimeoutError(f"worker {self.hostname} not ready after {timeout_s:.0f}s")
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """Warm shutdown (SIGTERM); SIGKILL if it does not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return int(self.proc.returncode)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def start_worker(
+    queue: str,
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
+    name: str | None = None,
+) -> WorkerProcess:
+    """`celery -A omni_tasks worker -Q <queue>`, exactly as a user types it."""
+    hostname = f"{name or queue}-{uuid.uuid4().hex[:6]}@{os.uname().nodename}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{hostname.split('@')[0]}.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+    cmd = [sys.executable, "-m", "celery", "-A", "omni_tasks", "worker", "-Q", queue]
+    cmd += ["-n", hostname, "--loglevel", "INFO", *(extra_args or [])]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    return WorkerProcess(queue=queue, hostname=hostname, proc=proc, log_path=log_path, _log=log)

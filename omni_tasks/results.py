@@ -1,0 +1,114 @@
+"""Typed results: what a task returns, as dataclasses that serialize to its JSON.
+
+Workers build them; `to_json()` gives the dict Celery stores (JSON only on the wire);
+applications may read a result dict back with `from_json()`. Field order is the order
+of the keys in the JSON.
+
+`timings` holds at least `queued_s` (creation to start), `run_s` and `started_at`,
+plus the engine's phases (`generate_s`; `encode_s`, `denoise_s`, `decode_s` for images).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+R = TypeVar("R", bound="_Result")
+
+
+@dataclass
+class Usage:
+    """Token counts of an AR generation."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
+
+
+class _Result:
+    """JSON in and out for the result dataclasses below."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls: type[R], data: dict[str, Any]) -> R:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        values = {k: v for k, v in data.items() if k in names}
+        if isinstance(values.get("usage"), dict):
+            values["usage"] = Usage(**values["usage"])
+        return cls(**values)
+
+
+@dataclass
+class ProbeResult(_Result):
+    """A probe request's answer: it ran no engine (the queue path alone is measured)."""
+
+    request_id: str
+    text: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TextResult(_Result):
+    """A TEXT request's generation."""
+
+    request_id: str
+    request_type: str
+    text: str
+    usage: Usage
+    finish_reason: str  # "length" | "stop"
+    engine: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PromptResult(_Result):
+    """The AR stage of a MULTIMODAL request: the image prompt it wrote (task `<id>.prompt`)."""
+
+    request_id: str
+    text: str
+    image_prompt: str
+    usage: Usage
+    finish_reason: str
+    engine: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ImageResult(_Result):
+    """A DIFFUSION or IMAGE request's picture: a PNG under the workers' `output_dir`.
+
+    `steps_run` counts the denoising steps whose transformer blocks ran (fewer than
+    `steps` with step caching, 0 on a DiT cache hit); `cache` says what was reused.
+    """
+
+    request_id: str
+    request_type: str
+    image_path: str
+    width: int
+    height: int
+    seed: int
+    steps: int
+    steps_run: int
+    step_cache: str
+    cache: dict[str, str]
+    engine: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MultimodalResult(ImageResult):
+    """A MULTIMODAL request: the picture, the prompt the AR stage wrote, and per-stage
+    timings (`stages`: `ar` and `dit`, each with `queued_s` and `run_s`)."""
+
+    text: str = ""
+    image_prompt: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    finish_reason: str | None = None
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)

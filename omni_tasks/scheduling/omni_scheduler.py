@@ -1,0 +1,268 @@
+"""`OmniScheduler` (alias `CoreScheduler`): the core module's async scheduler API, over
+the shared Celery queues.
+
+`schedule_request` enqueues into the shared Redis queues with this scheduler's policy
+(queue + priority); `process_request` awaits the result (scheduling first if needed);
+`get_next_request` answers which of the requests this scheduler scheduled would run
+next; queue sizes and counters come from Redis, so they cover every producer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import replace
+from typing import Any
+
+from celery.result import AsyncResult
+
+from omni_tasks.config import GB, CacheConfig, CoreModuleConfig, SchedulerConfig, get_config
+from omni_tasks.coordination.cache_directory import hit_rate
+from omni_tasks.coordination.client import backoff
+from omni_tasks.coordination.monitoring import health_of, read_snapshot, total_queued
+from omni_tasks.errors import (
+    ConfigError,
+    CoreModuleError,
+    ProcessingError,
+    QueueFullError,
+    RequestTimeoutError,
+    SchedulerError,
+)
+from omni_tasks.requests import OmniRequest, ProcessingStage
+from omni_tasks.scheduling.schedulers import PolicyScheduler, create_scheduler
+from omni_tasks.tasks.producer import cancel, submit
+
+
+class OmniScheduler:
+    """The scheduler an application awaits: it enqueues with its own policy, awaits
+    results, cancels, and reports status, metrics and health for the whole cluster."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig | None = None,
+        cache_config: CacheConfig | None = None,
+        core_config: CoreModuleConfig | None = None,
+    ) -> None:
+        base = core_config or get_config()
+        self.core_config = replace(
+            base, scheduler=config or base.scheduler, cache=cache_config or base.cache
+        )
+        self.core_config.validate()
+        self.config = self.core_config.scheduler
+        self.cache_config = self.core_config.cache
+        self.scheduler: PolicyScheduler = self._create_scheduler()
+        self._running = False
+        self._pending: dict[str, tuple[OmniRequest, AsyncResult]] = {}
+        self._started_at = time.time()
+        self._background: list[asyncio.Task[None]] = []
+        self._stats: dict[str, Any] = {
+            "total_requests": 0,
+            "processed_requests": 0,
+            "failed_requests": 0,
+            "average_processing_time": 0.0,
+        }
+
+    def _create_scheduler(self) -> PolicyScheduler:
+        return create_scheduler(self.core_config)
+
+    # Core operations.
+    async def schedule_request(self, request: OmniRequest) -> bool:
+        """Enqueue `request`; False if this scheduler already holds it."""
+        if request.request_id in self._pending:
+            return False
+        try:
+            queued = await asyncio.to_thread(total_queued, self.core_config)
+            if queued >= self.config.max_queue_size:
+                raise QueueFullError(
+                    f"queues hold max_queue_size={self.config.max_queue_size} requests"
+                )
+            if not await self.scheduler.schedule_request(request):
+                return False
+            result = await asyncio.to_thread(submit, request, policy=self.scheduler.policy)
+        except CoreModuleError:
+            self._stats["failed_requests"] += 1
+            await self.scheduler.remove_request(request.request_id)
+            raise
+        except Exception as exc:
+            self._stats["failed_requests"] += 1
+            await self.scheduler.remove_request(request.request_id)
+            raise SchedulerError(f"Failed to schedule request: {exc}") from exc
+        self._pending[request.request_id] = (request, result)
+        self._stats["total_requests"] += 1
+        return True
+
+    async def get_next_request(self) -> OmniRequest | None:
+        """The next of this scheduler's requests still waiting in the queues."""
+        while True:
+            request = await self.scheduler.get_next_request()
+            if request is None:
+                return None
+            entry = self._pending.get(request.request_id)
+            if entry and await asyncio.to_thread(lambda r=entry[1]: r.state) == "PENDING":
+                request.update_processing_stage(ProcessingStage.PREPROCESSING)
+                return request
+
+    async def process_request(self, request: OmniRequest, timeout: float | None = None) -> Any:
+        """Schedule `request` if needed and await its result (a JSON dict)."""
+        if request.request_id not in self._pending:
+            await self.schedule_request(request)
+        _, result = self._pending[request.request_id]
+        limit = timeout or float(request.timeout_s or self.core_config.request_timeout) * 2
+        started = time.time()
+        try:
+            value = await self._await_result(result, limit)
+        except Exception as exc:
+            request.add_error(str(exc))
+            request.update_processing_stage(ProcessingStage.FAILED)
+            self._stats["failed_requests"] += 1
+            raise
+        finally:
+            self._pending.pop(request.request_id, None)
+        self._update_stats(time.time() - started)
+        request.update_processing_stage(ProcessingStage.COMPLETED)
+        return value
+
+    async def _await_result(self, result: AsyncResult, limit: float) -> Any:
+        backend = result.backend
+        deadline = time.monotonic() + limit
+        for interval in backoff():
+            meta = await asyncio.to_thread(backend.get_task_meta, result.id)
+            status = meta.get("status")
+            if status == "SUCCESS":
+                return meta.get("result")
+            if status in ("FAILURE", "REVOKED", "REJECTED"):
+                raise ProcessingError(
+                    f"Failed to process request {result.id}: {meta.get('result')}"
+                )
+            if time.monotonic() >= deadline:
+                raise RequestTimeoutError(f"request {result.id} not done after {limit:.0f}s")
+            await asyncio.sleep(interval)
+
+    async def remove_request(self, request_id: str) -> bool:
+        """Cancel a request (revoke); True if this scheduler knew it."""
+        entry = self._pending.pop(request_id, None)
+        known = await self.scheduler.remove_request(request_id) or entry is not None
+        kind = entry[0].request_type if entry else None
+        await asyncio.to_thread(cancel, request_id, kind)
+        if entry:
+            entry[0].update_processing_stage(ProcessingStage.CANCELLED)
+        return known
+
+    def get_queue_size(self) -> int:
+        return total_queued(self.core_config)
+
+    def get_processed_count(self) -> int:
+        return read_snapshot(self.core_config).processed
+
+    # Configuration.
+    def update_config(self, new_config: SchedulerConfig) -> None:
+        try:
+            new_config.validate()
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError("scheduler", f"Failed to update config: {exc}") from exc
+        self.core_config = replace(self.core_config, scheduler=new_config)
+        self.config = new_config
+        new = self._create_scheduler()
+        new.adopt(self.scheduler)
+        self.scheduler = new
+
+    def get_config(self) -> SchedulerConfig:
+        return self.config
+
+    def update_cache_config(self, new_config: CacheConfig) -> None:
+        new_config.validate()
+        self.cache_config = new_config
+        self.core_config = replace(self.core_config, cache=new_config)
+
+    # Lifecycle.
+    async def start(self) -> None:
+        if self._running:
+            raise SchedulerError("Scheduler is already running")
+        self._running = True
+        self._background.append(asyncio.create_task(self._background_cleanup()))
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop gracefully: wait (bounded) for this scheduler's requests to finish."""
+        if not self._running:
+            return
+        self._running = False
+        deadline = time.monotonic() + (timeout or self.core_config.request_timeout)
+        while self._pending and time.monotonic() < deadline:
+            await self._drop_finished()
+            await asyncio.sleep(0.05)
+        await self._cancel_background()
+
+    async def shutdown(self) -> None:
+        """Stop at once; requests already queued stay queued for the workers."""
+        self._running = False
+        await self._cancel_background()
+        self._pending.clear()
+
+    async def _background_cleanup(self) -> None:
+        while self._running:
+            await asyncio.sleep(self.core_config.cleanup_interval)
+            await self._drop_finished()
+
+    async def _drop_finished(self) -> None:
+        for request_id, (_, result) in list(self._pending.items()):
+            if await asyncio.to_thread(lambda r=result: r.ready()):
+                self._pending.pop(request_id, None)
+                await self.scheduler.remove_request(request_id)
+
+    async def _cancel_background(self) -> None:
+        for task in self._background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._background.clear()
+
+    # Monitoring.
+    def get_status(self) -> dict[str, Any]:
+        snap = read_snapshot(self.core_config)
+        return {
+            "running": self._running,
+            "queue_size": snap.queued,
+            "queues": snap.queues,
+            "processed_requests": snap.processed,
+            "failed_requests": snap.failed,
+            "cache_hit_rate": self._cache_hit_rate(),
+            "memory_usage": snap.dit_cache_bytes / GB,
+            "resource_status": {"workers": snap.workers},
+            "pools": {q: vars(p) for q, p in snap.pools.items()},
+            "stats": self._stats.copy(),
+        }
+
+    def get_metrics(self) -> dict[str, float]:
+        snap = read_snapshot(self.core_config)
+        uptime = max(time.time() - self._started_at, 1e-9)
+        runs = [p for p in snap.pools.values() if p.processed]
+        latency = sum(p.run_s_sum + p.queued_s_sum for p in runs) / max(snap.processed, 1)
+        return {
+            "throughput": self._stats["processed_requests"] / uptime,
+            "average_latency": latency,
+            "average_processing_time": self._stats["average_processing_time"],
+            "cache_hit_rate": self._cache_hit_rate(),
+            "memory_utilization": snap.dit_cache_bytes / max(snap.dit_cache_max_bytes, 1),
+            "queue_utilization": snap.queued / self.config.max_queue_size,
+        }
+
+    def get_health_status(self) -> dict[str, Any]:
+        snap = read_snapshot(self.core_config)
+        issues, advice = health_of(snap, self.core_config)
+        return {"healthy": not issues, "issues": issues, "recommendations": advice}
+
+    def _cache_hit_rate(self) -> float:
+        """DiT cache hits over lookups in the diffusion pool (all kinds of entries)."""
+        return hit_rate(self.core_config.diffusion.queue)[0]
+
+    def _update_stats(self, seconds: float) -> None:
+        n = self._stats["processed_requests"] + 1
+        avg = self._stats["average_processing_time"]
+        self._stats["processed_requests"] = n
+        self._stats["average_processing_time"] = avg + (seconds - avg) / n
+
+
+CoreScheduler = OmniScheduler

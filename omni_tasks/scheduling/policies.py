@@ -1,0 +1,145 @@
+"""Scheduling policies: request -> (pool queue, Celery priority 0..9, 0 highest).
+
+The one registry of `SchedulerType`s: a policy per type, built by `create_policy`
+(`ValueError` for an unknown type). The producer uses it to pick the queue and the
+priority sub-list in Redis; the in-process schedulers order what they hold by the same
+`sort_key`, so a request is ranked the same way everywhere.
+
+- FIFO: one priority level; arrival order only.
+- PRIORITY: class weights spread over all ten levels (heaviest class -> 0).
+- MULTIMODAL: class band, and a request's later stage (the DiT stage of a MULTIMODAL
+  chain) ranks above fresh work of its class, so started requests finish first.
+- DIFFUSION: class band, then shortest-job-first on DiT cost (steps x pixels).
+- HYBRID: class band, then shortest-job-first on the cost of either kind of work
+  (max_tokens for AR, steps x pixels for DiT), later stages first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omni_tasks.config import CoreModuleConfig, SchedulerType
+from omni_tasks.coordination.keys import PRIORITY_STEPS
+from omni_tasks.requests import OmniRequest, Stage, stages_of
+
+MAX_PRIORITY = PRIORITY_STEPS[-1]  # 0 is served first
+BAND_SPAN = 6  # class bands start at 0..6, leaving 0..3 for the in-class offset
+# Cost-bucket edges: megapixel-steps for DiT work, kilo-tokens for AR work.
+DIT_COST_EDGES = (0.1, 1.0, 10.0)
+AR_COST_EDGES = (0.128, 0.512, 2.048)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a message goes: a queue, and a Celery priority (0 highest)."""
+
+    queue: str
+    priority: int
+
+
+def first_stage(request: OmniRequest) -> Stage:
+    return stages_of(request.request_type)[0]
+
+
+class SchedulingPolicy:
+    """Base policy: pool by stage; subclasses decide the priority number."""
+
+    scheduler_type: SchedulerType
+
+    def __init__(self, config: CoreModuleConfig) -> None:
+        self.config = config
+        weights = config.scheduler.priority_weights
+        self._wmax, self._wmin = max(weights.values()), min(weights.values())
+        self._weights = weights
+
+    def route(self, request: OmniRequest, stage: Stage | None = None) -> Route:
+        stage = stage or first_stage(request)
+        queue = self.config.pool_for(stage).queue
+        return Route(queue=queue, priority=self.priority(request, stage))
+
+    def priority(self, request: OmniRequest, stage: Stage) -> int:
+        raise NotImplementedError
+
+    def sort_key(self, request: OmniRequest, stage: Stage | None = None) -> tuple[float, ...]:
+        """Order within one scheduler (ties go to the earlier arrival, as in Redis)."""
+        stage = stage or first_stage(request)
+        return (self.priority(request, stage),)
+
+    # Helpers shared by the policies.
+    def class_position(self, request: OmniRequest) -> float:
+        """0.0 for the heaviest class, 1.0 for the lightest."""
+        if self._wmax == self._wmin:
+            return 0.0
+        return (self._wmax - self._weights[request.priority]) / (self._wmax - self._wmin)
+
+    def class_band(self, request: OmniRequest) -> int:
+        return round(BAND_SPAN * self.class_position(request))
+
+
+class FIFOPolicy(SchedulingPolicy):
+    scheduler_type = SchedulerType.FIFO
+
+    def priority(self, request: OmniRequest, stage: Stage) -> int:
+        return 0
+
+
+class PriorityPolicy(SchedulingPolicy):
+    scheduler_type = SchedulerType.PRIORITY
+
+    def priority(self, request: OmniRequest, stage: Stage) -> int:
+        return round(MAX_PRIORITY * self.class_position(request))
+
+
+class MultimodalPolicy(SchedulingPolicy):
+    scheduler_type = SchedulerType.MULTIMODAL
+
+    def priority(self, request: OmniRequest, stage: Stage) -> int:
+        continuing = stage != first_stage(request)
+        return self.class_band(request) + (0 if continuing else 1)
+
+
+class DiffusionPolicy(SchedulingPolicy):
+    scheduler_type = SchedulerType.DIFFUSION
+
+    def priority(self, request: OmniRequest, stage: Stage) -> int:
+        if stage != "dit":
+            return self.class_band(request)
+        return self.class_band(request) + cost_bucket(dit_cost(request), DIT_COST_EDGES)
+
+
+class HybridPolicy(SchedulingPolicy):
+    scheduler_type = SchedulerType.HYBRID
+
+    def priority(self, request: OmniRequest, stage: Stage) -> int:
+        if stage == "dit":
+            offset = cost_bucket(dit_cost(request), DIT_COST_EDGES)
+        else:
+            offset = cost_bucket(request.max_tokens / 1000, AR_COST_EDGES)
+        if stage != first_stage(request):
+            offset = max(0, offset - 1)
+        return self.class_band(request) + offset
+
+
+def dit_cost(request: OmniRequest) -> float:
+    return request.steps * request.width * request.height / 1e6
+
+
+def cost_bucket(cost: float, edges: tuple[float, ...]) -> int:
+    return sum(cost >= edge for edge in edges)
+
+
+_POLICIES: dict[SchedulerType, type[SchedulingPolicy]] = {
+    cls.scheduler_type: cls
+    for cls in (FIFOPolicy, PriorityPolicy, MultimodalPolicy, DiffusionPolicy, HybridPolicy)
+}
+
+
+def create_policy(
+    config: CoreModuleConfig, scheduler_type: SchedulerType | None = None
+) -> SchedulingPolicy:
+    """Factory: the policy of `scheduler_type` (default: the config's)."""
+    kind = scheduler_type or config.scheduler.scheduler_type
+    try:
+        return _POLICIES[kind](config)
+    except KeyError:
+        raise ValueError(f"Unknown scheduler type: {kind}") from None

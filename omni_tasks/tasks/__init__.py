@@ -1,0 +1,28 @@
+"""How a request becomes a Celery task: the app and its settings, the router (queue and
+priority), the task class and the public tasks, and submit/cancel."""
+
+from omni_tasks.tasks.celery_app import app
+from omni_tasks.tasks.definitions import (
+    TASK_FOR_TYPE,
+    generate_image,
+    generate_multimodal,
+    generate_text,
+    multimodal_chain,
+    multimodal_prompt,
+    multimodal_render,
+    probe,
+    task_ids_of,
+)
+
+__all__ = [
+    "TASK_FOR_TYPE",
+    "app",
+    "generate_image",
+    "generate_multimodal",
+    "generate_text",
+    "multimodal_chain",
+    "multimodal_prompt",
+    "multimodal_render",
+    "probe",
+    "task_ids_of",
+]

@@ -1,0 +1,75 @@
+"""The task class every omni-tasks task uses: the producer half of the contract.
+
+`apply_async` (and so `.delay`) validates the kwargs into an `OmniRequest` before
+anything is sent and uses the request id as the task id; the router then picks the
+queue and priority. A task's name and message are the contract: its body runs the
+`handler` that the worker side registered for it (`workers.lifecycle`, loaded only by
+worker processes), so this module never reaches into the worker side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from celery import Task
+
+from omni_tasks.config import get_config
+from omni_tasks.errors import ProcessingError, RequestValidationError
+from omni_tasks.requests import OmniRequest, RequestType, Stage, request_from_task_kwargs
+
+#: Runs one message on a worker: (task, kwargs, previous stage's result) -> result JSON.
+TaskHandler = Callable[["OmniTask", dict[str, Any], "dict[str, Any] | None"], dict[str, Any]]
+
+
+class OmniTask(Task):
+    """Base of the omni-tasks tasks; `request_type` and `stage` are set per task."""
+
+    abstract = True
+    typing = False  # the request model validates (and names the bad field)
+    request_type: RequestType | None = None
+    stage: Stage = "ar"
+    #: True for a chain's later stage, which receives the previous stage's result.
+    takes_previous_result = False
+    #: Set on worker processes by `workers.lifecycle`; None in an application process.
+    handler: TaskHandler | None = None
+
+    def request_type_for(self, kwargs: dict[str, Any]) -> RequestType:
+        if self.request_type is None:
+            raise NotImplementedError("tasks without a fixed request_type decide per message")
+        return self.request_type
+
+    def build_request(self, kwargs: dict[str, Any]) -> OmniRequest:
+        if not isinstance(kwargs, dict):
+            raise RequestValidationError("kwargs", "request fields must be keyword arguments")
+        return request_from_task_kwargs(self.request_type_for(kwargs), kwargs)
+
+    def apply_async(
+        self,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        task_id: str | None = None,
+        **options: Any,
+    ) -> Any:
+        if args and not self.takes_previous_result:
+            raise RequestValidationError("args", "pass request fields as keyword arguments")
+        request = self.build_request(kwargs or {})
+        return super().apply_async(
+            args, request.to_message(), task_id=task_id or request.request_id, **options
+        )
+
+    @property
+    def queue(self) -> str:
+        """The pool queue of this task's stage (its counters are kept under this name)."""
+        return get_config().pool_for(self.stage).queue
+
+    def run_on_worker(
+        self, kwargs: dict[str, Any], previous: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The task body: hand the message to the worker side's handler."""
+        if self.handler is None:
+            raise ProcessingError(
+                f"{self.name} runs only in an omni-tasks worker "
+                "(celery -A omni_tasks worker), which registers its handler"
+            )
+        return self.handler(self, kwargs, previous)

@@ -1,0 +1,78 @@
+"""The Celery router: every omni-tasks message gets its queue and priority here.
+
+Plain `.delay()`, `apply_async`, chains and `send_task` by name all pass through
+Celery's router, so routing needs nothing special from apps. The policy is the one of
+the current config (`create_policy`), so `OmniScheduler.update_config` takes effect on
+the next message.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from omni_tasks.config import CoreModuleConfig, get_config
+from omni_tasks.coordination import cache_directory, keys
+from omni_tasks.requests import OmniRequest, RequestType, Stage
+from omni_tasks.scheduling.policies import Route, SchedulingPolicy, create_policy
+
+log = logging.getLogger(__name__)
+
+
+class OmniRouter:
+    """Routes omni-tasks tasks by request; leaves other tasks to Celery's defaults.
+
+    Keeps the policy of the current config, rebuilt only when the config object changes.
+    """
+
+    def __init__(self) -> None:
+        self._policy: tuple[CoreModuleConfig, SchedulingPolicy] | None = None
+
+    def current_policy(self) -> SchedulingPolicy:
+        config = get_config()
+        if self._policy is None or self._policy[0] is not config:
+            self._policy = (config, create_policy(config))
+        return self._policy[1]
+
+    def __call__(
+        self,
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        options: dict[str, Any],
+        task: Any = None,
+        **_: Any,
+    ) -> dict[str, Any] | None:
+        from omni_tasks.tasks.base import OmniTask
+        from omni_tasks.tasks.celery_app import app
+
+        if not isinstance(task, OmniTask):
+            task = app.tasks.get(name)
+            if not isinstance(task, OmniTask):
+                return None
+        request = task.build_request(kwargs or {})  # RequestValidationError: nothing sent
+        route = resolve_route(request, task.stage, self.current_policy())
+        return {"queue": route.queue, "priority": route.priority}
+
+
+def resolve_route(request: OmniRequest, stage: Stage, policy: SchedulingPolicy) -> Route:
+    """The policy's route; a DiT request whose cache keys a live, not overloaded worker
+    holds goes to that worker's own queue instead, with the same priority.
+
+    Not for a MULTIMODAL DiT stage: its prompt is written by the AR stage, so its keys
+    are unknown when it is routed.
+    """
+    route = policy.route(request, stage)
+    config = policy.config
+    if stage != "dit" or request.request_type is RequestType.MULTIMODAL:
+        return route
+    if not config.diffusion.cache_affinity:
+        return route
+    try:
+        holder = cache_directory.pick_holder(cache_directory.dit_keys(request, config).all())
+    except Exception:  # the directory is an optimisation: route normally without it
+        log.warning("cache directory lookup failed", exc_info=True)
+        return route
+    if holder is None:
+        return route
+    return Route(queue=keys.worker_queue(holder), priority=route.priority)

@@ -1,0 +1,121 @@
+"""What a task body runs on a worker: the handler registered for each task name.
+
+Every handler trusts nothing. For a message that came back it checks cancellation and
+caps redeliveries (a message that keeps killing workers); it validates the message
+again, rejecting and recording what does not parse; it runs the stage on this worker's
+engines; it hands the message back if the engine is shutting down; and it counts the
+outcome for monitoring.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import Ignore, Reject
+
+from omni_tasks.config import get_config
+from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import get_redis, get_scripts
+from omni_tasks.coordination.rejections import record_rejection
+from omni_tasks.errors import EngineStoppedError, ProcessingError, RequestValidationError
+from omni_tasks.requests import OmniRequest
+from omni_tasks.results import ProbeResult
+from omni_tasks.tasks.base import OmniTask, TaskHandler
+from workers import execution
+from workers.runtime import runtime
+
+DELIVERY_KEY_TTL_S = 7 * 86400
+#: Runs a task's stage: the validated request and the previous stage's result -> a
+#: typed result (`omni_tasks.results`).
+Runner = Callable[[OmniRequest, "dict[str, Any] | None"], Any]
+
+
+def handler_for(runner: Runner) -> TaskHandler:
+    def handle(task: OmniTask, kwargs: dict[str, Any], previous: dict[str, Any] | None) -> Any:
+        return execute(task, kwargs, lambda request: runner(request, previous))
+
+    return handle
+
+
+def execute(
+    task: OmniTask, kwargs: dict[str, Any], run: Callable[[OmniRequest], Any]
+) -> dict[str, Any]:
+    """Run one message of `task` (see the module docstring); returns the result's JSON."""
+    started = time.time()
+    task_id = task.request.id or ""
+    queue = task.queue
+    client = get_redis()
+    redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
+    if redelivered:
+        _admit_redelivery(task, task_id, kwargs, queue)
+    try:
+        request = task.build_request(kwargs)
+    except RequestValidationError as exc:
+        record_rejection(str(exc), task_id=task_id, task_name=task.name, queue=queue, body=kwargs)
+        client.hincrby(keys.stats(queue), "failed", 1)
+        raise
+    try:
+        result = run(request)
+    except EngineStoppedError:
+        # A warm shutdown: give the message back; the credit cancels the count the
+        # redelivered message will add when it starts again.
+        client.decr(keys.deliveries(task_id))
+        raise Reject("worker shutting down", requeue=True) from None
+    except Exception:
+        client.hincrby(keys.stats(queue), "failed", 1)
+        raise
+    run_s = time.time() - started
+    timings = result.timings
+    timings.setdefault("queued_s", round(max(0.0, started - request.created_at), 6))
+    timings.setdefault("run_s", round(run_s, 6))
+    timings.setdefault("started_at", round(started, 6))
+    runtime.counters.add_success(queue, run_s, timings["queued_s"])
+    if redelivered:
+        client.delete(keys.deliveries(task_id))
+    return result.to_json()
+
+
+def _admit_redelivery(task: OmniTask, task_id: str, kwargs: Any, queue: str) -> None:
+    """A message that came back (worker died, shutdown, visibility timeout): skip it if
+    it was cancelled meanwhile; refuse it after `max_redeliveries` returns.
+
+    First deliveries skip this round trip: Celery's revoked list covers them (and
+    workers load the Redis revocations when they start).
+    """
+    revoked, returns = get_scripts().admit_redelivery(
+        keys=[keys.revoked(task_id), keys.deliveries(task_id)], args=[DELIVERY_KEY_TTL_S]
+    )
+    if revoked:
+        task.backend.mark_as_revoked(task_id, "cancelled before it ran", request=task.request)
+        raise Ignore()
+    cap = get_config().max_redeliveries
+    if int(returns) > cap:
+        reason = f"redelivered {returns} times (max_redeliveries={cap}); giving up"
+        record_rejection(reason, task_id=task_id, task_name=task.name, queue=queue, body=kwargs)
+        get_redis().hincrby(keys.stats(queue), "failed", 1)
+        raise ProcessingError(reason)
+
+
+def _probe(request: OmniRequest, previous: dict[str, Any] | None) -> ProbeResult:
+    return ProbeResult(request_id=request.request_id)
+
+
+#: Task name -> what its body runs.
+RUNNERS: Mapping[str, Runner] = {
+    "omni_tasks.generate_text": lambda request, _: execution.run_text(request),
+    "omni_tasks.generate_image": lambda request, _: execution.run_image(request),
+    "omni_tasks.multimodal_prompt": lambda request, _: execution.run_multimodal_prompt(request),
+    "omni_tasks.multimodal_render": execution.run_multimodal_render,
+    "omni_tasks.probe": _probe,
+}
+
+
+def register_handlers(app: Celery) -> None:
+    """Give each task of `app` the handler that runs it in this worker process."""
+    for name, runner in RUNNERS.items():
+        task = app.tasks[name]
+        assert isinstance(task, OmniTask), name
+        task.handler = handler_for(runner)

@@ -1,0 +1,87 @@
+"""The worker's heartbeat: a Redis hash, renewed every few seconds, that says it is alive
+and what it serves. It expires when the worker stops beating; live diffusion workers
+then clear the dead one's DiT cache entries and move its own queue back to the pool.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from omni_tasks.config import get_config
+from omni_tasks.coordination import cache_directory, keys
+from omni_tasks.coordination.client import get_redis
+from workers.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+HEARTBEAT_INTERVAL_S = 5.0
+HEARTBEAT_TTL_S = 20
+
+
+class Heartbeat:
+    """Beats for one worker from a daemon thread, from `start()` until `stop()`."""
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.runtime = runtime
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="omni-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def clear(self) -> None:
+        """Remove this worker's heartbeat and DiT cache entries (a clean exit)."""
+        hostname = self.runtime.hostname
+        try:
+            get_redis().delete(keys.worker(hostname))
+            cache_directory.clear_worker(hostname)
+        except Exception:
+            log.warning("could not clear the heartbeat key", exc_info=True)
+
+    def info(self) -> dict[str, Any]:
+        """What the heartbeat hash holds, apart from the time of the beat."""
+        identity = self.runtime.identity
+        return {
+            "hostname": identity.hostname,
+            "queues": json.dumps(identity.queues),
+            "stages": json.dumps(identity.stages),
+            "pool_type": identity.pool_type,
+            "concurrency": identity.concurrency,
+            "pid": os.getpid(),
+            "started": time.time(),
+        }
+
+    def _loop(self) -> None:
+        key = keys.worker(self.runtime.hostname)
+        info = self.info()
+        sweeps = "dit" in self.runtime.identity.stages
+        beats = 0
+        while not self._stop.is_set():
+            beats += 1
+            if sweeps and beats % 2 == 1:
+                self._sweep()
+            try:
+                pipe = get_redis().pipeline(transaction=True)
+                figures = self.runtime.dit_cache_figures()
+                pipe.hset(key, mapping={**info, **figures, "beat": time.time()})
+                pipe.expire(key, HEARTBEAT_TTL_S)
+                pipe.execute()
+            except Exception:
+                log.warning("heartbeat to Redis failed", exc_info=True)
+            self._stop.wait(HEARTBEAT_INTERVAL_S)
+
+    @staticmethod
+    def _sweep() -> None:
+        try:
+            cache_directory.sweep_dead_workers(get_config().diffusion.queue)
+        except Exception:
+            log.warning("cache directory sweep failed", exc_info=True)

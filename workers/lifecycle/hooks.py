@@ -1,0 +1,110 @@
+"""Worker lifecycle, on Celery's signals: take the worker's identity and load its engines
+before it reports ready, beat a heartbeat into Redis, and on SIGTERM abort in-flight
+requests so their messages go back to the queue.
+
+Connected when Celery imports `workers.lifecycle` in a worker process (the app's
+`imports` setting); never in an application process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from celery import signals
+
+from omni_tasks.config import get_config
+from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import get_redis
+from omni_tasks.tasks.celery_app import pool_queue
+from workers.lifecycle.heartbeat import Heartbeat
+from workers.runtime import WorkerIdentity, runtime
+
+log = logging.getLogger(__name__)
+heartbeat = Heartbeat(runtime)
+
+
+def identity_of(worker: Any) -> WorkerIdentity:
+    """The identity of a Celery `WorkController` (at `worker_init`)."""
+    queues = sorted(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
+    pool_cls = worker.pool_cls
+    pool_type = getattr(pool_cls, "__module__", str(pool_cls)).rsplit(".", 1)[-1]
+    return WorkerIdentity(
+        hostname=worker.hostname,
+        queues=queues,
+        stages=get_config().stages_for(queues),
+        pool_type=pool_type,
+        concurrency=int(worker.concurrency or 0),
+    )
+
+
+@signals.worker_init.connect
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    runtime.attach(identity_of(sender))
+    if runtime.identity.pool_type != "prefork":  # prefork: each child loads its own
+        _load_engines()
+
+
+@signals.celeryd_after_setup.connect
+def _on_after_setup(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    """A diffusion worker also consumes its own queue (cache-affinity routing)."""
+    if "dit" in runtime.identity.stages:
+        own = pool_queue(keys.worker_queue(runtime.hostname))
+        instance.app.amqp.queues.select_add(own)
+
+
+@signals.worker_process_init.connect
+def _on_worker_process_init(**_: Any) -> None:
+    _load_engines()
+
+
+def _load_engines() -> None:
+    started = time.perf_counter()
+    runtime.start()
+    identity = runtime.identity
+    log.warning(
+        "omni-tasks worker %s serving %s (stages %s) ready in %.1fs",
+        identity.hostname,
+        identity.queues,
+        identity.stages,
+        time.perf_counter() - started,
+    )
+
+
+@signals.worker_ready.connect
+def _on_worker_ready(**_: Any) -> None:
+    _load_revocations()
+    heartbeat.start()
+
+
+def _load_revocations() -> None:
+    """Requests cancelled while this worker was not running: Celery's in-memory revoked
+    list only hears live broadcasts, so seed it from the flags kept in Redis."""
+    from celery.worker import state as worker_state
+
+    prefix = keys.revoked("")
+    try:
+        for key in get_redis().scan_iter(match=prefix + "*", count=1000):
+            worker_state.revoked.add(key[len(prefix) :])
+    except Exception:
+        log.warning("could not load revocations from Redis", exc_info=True)
+
+
+@signals.worker_shutting_down.connect
+def _on_shutting_down(**_: Any) -> None:
+    # Called inside a signal handler: do the work on a thread.
+    threading.Thread(target=_stop_engines, name="omni-stop", daemon=True).start()
+
+
+def _stop_engines() -> None:
+    heartbeat.stop()
+    runtime.stop()
+
+
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    _stop_engines()
+    runtime.counters.flush()
+    heartbeat.clear()
