@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
+BENCHMARKS = ("p1_queue_overhead.py", "p3_ar_throughput.py", "p4_dit_cache.py", "p5_affinity.py")
 
-for script in ("p1_queue_overhead.py", "p3_ar_throughput.py"):
+for script in BENCHMARKS:
     print(f"== {script}", flush=True)
     subprocess.run([sys.executable, str(HERE / script)], cwd=HERE, check=True)

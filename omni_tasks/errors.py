@@ -1,4 +1,4 @@
-"""The one error hierarchy of omni-tasks (the seed's names, plus what a queue needs).
+"""The one error hierarchy of omni-tasks: the core module's errors, plus what a queue needs.
 
 Every class says when it is raised. Producer-side validation errors name the field,
 and are raised before anything reaches Redis.

@@ -145,7 +145,7 @@ class OmniRequest(BaseModel):
             raise ValueError("image: only IMAGE requests take an input image")
         return self
 
-    # The seed's request API.
+    # The request API schedulers and caches use.
     def generate_cache_key(self) -> str:
         """A digest of everything that determines the output (not id, priority, time)."""
         parts = self.cache_key_parts()
@@ -262,7 +262,8 @@ def _new_request(
 
 
 def create_text_request(prompt: str, request_id: str | None = None, **fields: Any) -> OmniRequest:
-    """A TEXT request; `sampling_params` (dict or object) is accepted as in the seed."""
+    """A TEXT request; `sampling_params` may be a dict or any object with those attributes
+    (vLLM's `SamplingParams`, say)."""
     sampling = fields.pop("sampling_params", None)
     if sampling is not None:
         fields = {**_sampling_fields(sampling), **fields}

@@ -46,7 +46,7 @@ def execute(
     """Run one message of `task` (see the module docstring); returns the result's JSON."""
     started = time.time()
     task_id = task.request.id or ""
-    queue = task.queue
+    queue = task.stage_queue
     client = get_redis()
     redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
     if redelivered:

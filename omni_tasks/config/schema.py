@@ -92,6 +92,8 @@ class PoolConfig:
 
     def validate(self, name: str) -> None:
         _require(bool(self.queue), f"{name}.queue", "must not be empty")
+        # kombu joins a queue's binding fields (and its priority lists) with ":".
+        _require(":" not in self.queue, f"{name}.queue", "must not contain ':'")
         _require(
             self.pool_type in ("threads", "solo", "prefork"),
             f"{name}.pool_type",
@@ -189,6 +191,7 @@ class CoreModuleConfig:
             "must be a redis://, rediss:// or unix:// URL",
         )
         _require(bool(self.key_prefix), "key_prefix", "must not be empty")
+        _require(":" not in self.key_prefix, "key_prefix", "must not contain ':' (it names queues)")
         _require(self.max_redeliveries >= 0, "max_redeliveries", "must be >= 0")
         _require(self.result_expires > 0, "result_expires", "must be positive")
         self.ar.validate("ar")

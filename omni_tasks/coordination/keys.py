@@ -61,8 +61,12 @@ def worker(hostname: str) -> str:
 
 
 def worker_queue(hostname: str) -> str:
-    """A diffusion worker's own queue (cache-affinity routing sends repeats there)."""
-    return f"{_p()}:wq:{hostname}"
+    """A diffusion worker's own queue (cache-affinity routing sends repeats there).
+
+    A queue name, not a key of ours: it must not contain `PRIORITY_SEP`, which kombu
+    also uses to join the fields of a queue's exchange binding.
+    """
+    return f"{_p()}.w.{hostname}"
 
 
 def cache_holders(cache_key: str) -> str:

@@ -59,8 +59,11 @@ class OmniTask(Task):
         )
 
     @property
-    def queue(self) -> str:
-        """The pool queue of this task's stage (its counters are kept under this name)."""
+    def stage_queue(self) -> str:
+        """The pool queue of this task's stage (its counters are kept under this name).
+
+        Not Celery's `Task.queue`, which would override the router for every message.
+        """
         return get_config().pool_for(self.stage).queue
 
     def run_on_worker(

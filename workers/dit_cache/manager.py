@@ -74,7 +74,7 @@ class _Entry:
 class DiTCacheManager:
     """Byte-bounded, thread-safe tensor cache of one worker process (see module docstring).
 
-    The seed's API (`get_cache`, `set_cache`, `invalidate_cache`, `get_hit_rate`,
+    The core module's API (`get_cache`, `set_cache`, `invalidate_cache`, `get_hit_rate`,
     `get_memory_usage`, attributes `config`, `cache_stats`, `memory_usage`) plus
     synchronous twins for worker threads, which have no event loop.
     """
