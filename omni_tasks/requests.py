@@ -184,13 +184,21 @@ class OmniRequest(BaseModel):
         self.errors.append(message)
 
     def estimated_cost(self) -> float:
-        """Relative work: megapixel-steps for DiT work, kilo-tokens for AR work."""
+        """Relative work of the whole request: its AR cost plus its DiT cost."""
         cost = 0.0
         if self.request_type in (RequestType.TEXT, RequestType.MULTIMODAL):
-            cost += self.max_tokens / 1000
+            cost += self.ar_cost()
         if self.request_type in IMAGE_TYPES:
-            cost += self.steps * self.width * self.height / 1e6
+            cost += self.dit_cost()
         return cost
+
+    def ar_cost(self) -> float:
+        """Work of the AR stage, in kilo-tokens."""
+        return self.max_tokens / 1000
+
+    def dit_cost(self) -> float:
+        """Work of the DiT stage, in megapixel-steps."""
+        return self.steps * self.width * self.height / 1e6
 
     # Wire format.
     def to_message(self) -> dict[str, Any]:

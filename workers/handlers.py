@@ -54,8 +54,7 @@ def execute(
     try:
         request = task.build_request(kwargs)
     except RequestValidationError as exc:
-        record_rejection(str(exc), task_id=task_id, task_name=task.name, queue=queue, body=kwargs)
-        client.hincrby(keys.stats(queue), "failed", 1)
+        _record_failure(task, task_id, queue, str(exc), kwargs)
         raise
     try:
         result = run(request)
@@ -94,9 +93,14 @@ def _admit_redelivery(task: OmniTask, task_id: str, kwargs: Any, queue: str) -> 
     cap = get_config().max_redeliveries
     if int(returns) > cap:
         reason = f"redelivered {returns} times (max_redeliveries={cap}); giving up"
-        record_rejection(reason, task_id=task_id, task_name=task.name, queue=queue, body=kwargs)
-        get_redis().hincrby(keys.stats(queue), "failed", 1)
+        _record_failure(task, task_id, queue, reason, kwargs)
         raise ProcessingError(reason)
+
+
+def _record_failure(task: OmniTask, task_id: str, queue: str, reason: str, body: Any) -> None:
+    """A message refused without running: kept in the rejected list, counted as failed."""
+    record_rejection(reason, task_id=task_id, task_name=task.name, queue=queue, body=body)
+    get_redis().hincrby(keys.stats(queue), "failed", 1)
 
 
 def _probe(request: OmniRequest, previous: dict[str, Any] | None) -> ProbeResult:

@@ -104,7 +104,7 @@ class DiffusionPolicy(SchedulingPolicy):
     def priority(self, request: OmniRequest, stage: Stage) -> int:
         if stage != "dit":
             return self.class_band(request)
-        return self.class_band(request) + cost_bucket(dit_cost(request), DIT_COST_EDGES)
+        return self.class_band(request) + cost_bucket(request.dit_cost(), DIT_COST_EDGES)
 
 
 class HybridPolicy(SchedulingPolicy):
@@ -112,16 +112,12 @@ class HybridPolicy(SchedulingPolicy):
 
     def priority(self, request: OmniRequest, stage: Stage) -> int:
         if stage == "dit":
-            offset = cost_bucket(dit_cost(request), DIT_COST_EDGES)
+            offset = cost_bucket(request.dit_cost(), DIT_COST_EDGES)
         else:
-            offset = cost_bucket(request.max_tokens / 1000, AR_COST_EDGES)
+            offset = cost_bucket(request.ar_cost(), AR_COST_EDGES)
         if stage != first_stage(request):
             offset = max(0, offset - 1)
         return self.class_band(request) + offset
-
-
-def dit_cost(request: OmniRequest) -> float:
-    return request.steps * request.width * request.height / 1e6
 
 
 def cost_bucket(cost: float, edges: tuple[float, ...]) -> int:

@@ -53,7 +53,10 @@ class OmniTask(Task):
     ) -> Any:
         if args and not self.takes_previous_result:
             raise RequestValidationError("args", "pass request fields as keyword arguments")
-        request = self.build_request(kwargs or {})
+        return self.send(self.build_request(kwargs or {}), args, task_id, options)
+
+    def send(self, request: OmniRequest, args: Any, task_id: str | None, options: dict) -> Any:
+        """Enqueue a validated request as this task's message (its id is the task id)."""
         return super().apply_async(
             args, request.to_message(), task_id=task_id or request.request_id, **options
         )

@@ -39,14 +39,7 @@ class MultimodalTask(OmniTask):
 
     abstract = True
 
-    def apply_async(
-        self,
-        args: tuple[Any, ...] | list[Any] | None = None,
-        kwargs: dict[str, Any] | None = None,
-        task_id: str | None = None,
-        **options: Any,
-    ) -> Any:
-        request = self.build_request(kwargs or {})
+    def send(self, request: OmniRequest, args: Any, task_id: str | None, options: dict) -> Any:
         if task_id:
             request.request_id = task_id
         return multimodal_chain(request).apply_async(**options)
