@@ -125,8 +125,15 @@ def clear_worker(worker: str) -> int:
 
 
 def holders(cache_key: str) -> list[Holder]:
+    """Every worker's entry for `cache_key`, by worker name."""
     raw = get_redis().hgetall(keys.cache_holders(cache_key))
-    return [Holder(worker=w, **json.loads(v)) for w, v in sorted(raw.items())]
+    return [_holder(worker, json.loads(entry)) for worker, entry in sorted(raw.items())]
+
+
+def _holder(worker: str, entry: dict[str, Any]) -> Holder:
+    if "pool" in entry:  # written by workers of the previous release
+        entry["queue"] = entry.pop("pool")
+    return Holder(worker=worker, **entry)
 
 
 def held_by(worker: str) -> set[str]:
