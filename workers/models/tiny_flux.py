@@ -15,13 +15,28 @@ import math
 import random
 import shutil
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers.models.atomic import build_atomically
+from workers.models.building import seeded_torch, token_ids
+
+if TYPE_CHECKING:
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTokenizer, T5TokenizerFast
 
 SEED = 0
 # Weights come from torch's global RNG: two builds in one process must not interleave.
+
+# Width of the CLIP and T5 embeddings, which the transformer takes as input.
+_TEXT_DIM = 32
+_T5_DIM = 32
 
 _WORDS = (
     "a an the of with in on at by and photo painting drawing render portrait landscape "
@@ -127,95 +142,129 @@ def _save_t5_tokenizer(corpus: list[str], out: Path, size: int = 1000) -> int:
 
 
 def _build_pipeline(out: Path) -> None:
-    """Build every component from a seeded RNG and save the pipeline to `out`."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxPipeline,
-        FluxTransformer2DModel,
-    )
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTokenizer,
-        T5Config,
-        T5EncoderModel,
-        T5TokenizerFast,
-    )
-    from transformers.utils import logging as transformers_logging
+    """Build every component and save the pipeline to `out`."""
+    from diffusers import FluxPipeline
 
-    corpus = _corpus()
     tok_dir = out / "_tokenizers"
-    clip_vocab = _save_clip_tokenizer(corpus, tok_dir / "clip")
-    t5_vocab = _save_t5_tokenizer(corpus, tok_dir / "t5")
-    clip_tok = CLIPTokenizer.from_pretrained(tok_dir / "clip")
-    t5_tok = T5TokenizerFast.from_pretrained(tok_dir / "t5")
-
-    text_dim, t5_dim = 32, 32
-    components: dict[str, Any] = {}
-    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
-        torch.manual_seed(SEED)
-        components["text_encoder"] = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=clip_vocab,
-                hidden_size=text_dim,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                projection_dim=text_dim,
-                bos_token_id=clip_tok.bos_token_id,
-                eos_token_id=clip_tok.eos_token_id,
-                pad_token_id=clip_tok.pad_token_id,
-            )
-        )
-        components["text_encoder_2"] = T5EncoderModel(
-            T5Config(
-                vocab_size=t5_vocab,
-                d_model=t5_dim,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                dropout_rate=0.0,
-                feed_forward_proj="gated-gelu",
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        )
-        components["vae"] = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16),  # 4 levels: 8x downsampling, like Flux
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=8,
-            sample_size=128,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
-        components["transformer"] = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=64,  # 16 latent channels packed 2x2
-            num_layers=2,
-            num_single_layers=4,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=t5_dim,
-            pooled_projection_dim=text_dim,
-            guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
-        )
+    tokenizers = _tokenizers(tok_dir)
+    # One RNG stream for all weights: the build order below is part of the format.
+    with seeded_torch(SEED):
+        components: dict[str, Any] = {
+            **_text_encoders(tokenizers),
+            "vae": _vae(),
+            "transformer": _transformer(),
+        }
     for module in components.values():
         module.eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(
+    pipe = FluxPipeline(
+        scheduler=_scheduler(),
+        tokenizer=tokenizers.clip,
+        tokenizer_2=tokenizers.t5,
+        **components,
+    )
+    _save(pipe, out, tok_dir / "clip")
+    shutil.rmtree(tok_dir)
+
+
+@dataclass(frozen=True)
+class _Tokenizers:
+    clip: CLIPTokenizer
+    t5: T5TokenizerFast
+    clip_vocab: int
+    t5_vocab: int
+
+
+def _tokenizers(tok_dir: Path) -> _Tokenizers:
+    """Train both tokenizers on one corpus, save them under `tok_dir` and load them back."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    corpus = _corpus()
+    clip_vocab = _save_clip_tokenizer(corpus, tok_dir / "clip")
+    t5_vocab = _save_t5_tokenizer(corpus, tok_dir / "t5")
+    return _Tokenizers(
+        clip=CLIPTokenizer.from_pretrained(tok_dir / "clip"),
+        t5=T5TokenizerFast.from_pretrained(tok_dir / "t5"),
+        clip_vocab=clip_vocab,
+        t5_vocab=t5_vocab,
+    )
+
+
+def _text_encoders(tokenizers: _Tokenizers) -> dict[str, Any]:
+    """The CLIP (pooled) and T5 (sequence) text encoders, in that order."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=tokenizers.clip_vocab,
+            hidden_size=_TEXT_DIM,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=_TEXT_DIM,
+            **token_ids(tokenizers.clip),
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=tokenizers.t5_vocab,
+            d_model=_T5_DIM,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    return {"text_encoder": clip, "text_encoder_2": t5}
+
+
+def _vae() -> AutoencoderKL:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),  # 4 levels: 8x downsampling, like Flux
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=128,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _transformer() -> FluxTransformer2DModel:
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels packed 2x2
+        num_layers=2,
+        num_single_layers=4,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=_T5_DIM,
+        pooled_projection_dim=_TEXT_DIM,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+    )
+
+
+def _scheduler() -> FlowMatchEulerDiscreteScheduler:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=3.0,
         use_dynamic_shifting=True,
@@ -224,7 +273,12 @@ def _build_pipeline(out: Path) -> None:
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
-    pipe = FluxPipeline(scheduler=scheduler, tokenizer=clip_tok, tokenizer_2=t5_tok, **components)
+
+
+def _save(pipe: FluxPipeline, out: Path, clip_dir: Path) -> None:
+    """`save_pretrained` without progress bars, plus CLIP's files for transformers 4.x."""
+    from transformers.utils import logging as transformers_logging
+
     bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()  # "Writing model shards" per component
     try:
@@ -234,8 +288,7 @@ def _build_pipeline(out: Path) -> None:
             transformers_logging.enable_progress_bar()
     # save_pretrained writes tokenizer.json only; keep vocab.json + merges.txt for 4.x.
     for name in ("vocab.json", "merges.txt"):
-        shutil.copyfile(tok_dir / "clip" / name, out / "tokenizer" / name)
-    shutil.rmtree(tok_dir)
+        shutil.copyfile(clip_dir / name, out / "tokenizer" / name)
 
 
 def build_tiny_flux(path: Path) -> Path:

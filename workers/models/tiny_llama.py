@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from workers.models.atomic import build_atomically
+from workers.models.building import seeded_torch, token_ids
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 FORMAT_VERSION = 1
 SEED = 1234
@@ -56,7 +61,7 @@ def _corpus(n_lines: int = 3000) -> list[str]:
     return lines
 
 
-def _build_tokenizer():
+def _build_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -102,15 +107,11 @@ def _write_checkpoint(out: Path) -> None:
         num_key_value_heads=2,
         max_position_embeddings=4096,
         initializer_range=0.2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
         dtype="float32",
+        **token_ids(tokenizer),
     )
-    # Seeded in a forked RNG so the caller's global torch RNG is left untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
+    with seeded_torch(SEED):
         model = LlamaForCausalLM(config).eval()
         with torch.no_grad():
             # Sharper logits (see module docstring); special tokens get logit 0, far
@@ -118,11 +119,7 @@ def _write_checkpoint(out: Path) -> None:
             # string matches: "length" finishes are predictable.
             model.lm_head.weight.mul_(LOGIT_SCALE)
             model.lm_head.weight[[tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]] = 0
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    model.generation_config = GenerationConfig(**token_ids(tokenizer))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
