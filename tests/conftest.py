@@ -11,8 +11,9 @@ from __future__ import annotations
 import atexit
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,3 +113,26 @@ def pools(tiny_models, run_dir: Path) -> Iterator[dict]:
     for worker in workers:
         worker.stop()
     clean_redis()
+
+
+@pytest.fixture()
+def use_config() -> Iterator[Callable[..., None]]:
+    """`set_config` for one test: the process config it replaced comes back afterwards."""
+    from omni_tasks.config import get_config, set_config
+
+    original = get_config()
+    yield set_config
+    set_config(original)
+
+
+@pytest.fixture()
+def scheduler_type(request: pytest.FixtureRequest, use_config: Callable[..., None]) -> Any:
+    """The process config with `scheduler_type` = the (indirect) parameter, for one test."""
+    from dataclasses import replace
+
+    from omni_tasks.config import get_config
+
+    original = get_config()
+    kind = request.param
+    use_config(replace(original, scheduler=replace(original.scheduler, scheduler_type=kind)))
+    return kind

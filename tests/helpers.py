@@ -48,3 +48,39 @@ def assert_png(path: str | Path, width: int, height: int) -> None:
         assert img.format == "PNG"
         assert img.size == (width, height)
         assert any(lo < hi for lo, hi in img.getextrema())  # a rendering, not a blank canvas
+
+
+def queued_messages(client: Any, queue: str) -> list[tuple[int, dict[str, Any]]]:
+    """(priority level, message) of every message waiting in `queue`, oldest first per level.
+
+    kombu LPUSHes, and consumers pop from the right: the oldest message is last in LRANGE.
+    """
+    import json
+
+    from omni_tasks.coordination.keys import queue_key
+
+    found: list[tuple[int, dict[str, Any]]] = []
+    for level in range(10):
+        raw = client.lrange(queue_key(queue, level), 0, -1)
+        found += [(level, json.loads(m)) for m in reversed(raw)]
+    return found
+
+
+def where(
+    client: Any, task_id: str, queues: tuple[str, ...] = ("ar", "diffusion")
+) -> tuple[str, int]:
+    """The (queue, priority) list in Redis that holds the message of `task_id`."""
+    for queue in queues:
+        for level, message in queued_messages(client, queue):
+            if message["headers"]["id"] == task_id:
+                return queue, level
+    raise AssertionError(f"{task_id} is in no queue")
+
+
+def message_kwargs(message: dict[str, Any]) -> dict[str, Any]:
+    """The task kwargs of a kombu message as it sits in Redis (JSON, base64 body)."""
+    import base64
+    import json
+
+    _args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+    return kwargs

@@ -46,6 +46,7 @@ def test_the_scan_finds_a_lazy_import(tmp_path: Path) -> None:
 
 
 def test_importing_omni_tasks_loads_no_worker_side_and_connects_no_worker_signal() -> None:
+    # Also what tests/test_imports.py checked: the public names import without an engine.
     code = (
         "import json, sys\n"
         "import omni_tasks\n"

@@ -20,7 +20,6 @@ from omni_tasks import (
     generate_image,
     generate_multimodal,
     generate_text,
-    submit,
 )
 
 PNG_1PX = base64.b64decode(
@@ -125,7 +124,10 @@ def test_message_round_trip_and_stage_and_errors() -> None:
     again = OmniRequest.from_message(request.to_message())
     assert again == request
     request.update_processing_stage(ProcessingStage.DIT_GENERATION)
-    assert request.processing_stage is ProcessingStage.DIT_GENERATION and not request.processing_stage.is_finished()
+    assert (
+        request.processing_stage is ProcessingStage.DIT_GENERATION
+        and not request.processing_stage.is_finished()
+    )
     request.update_processing_stage(ProcessingStage.COMPLETED)
     assert request.processing_stage.is_finished()
     request.add_error("boom")
@@ -159,14 +161,6 @@ def test_cost_estimate_orders_work() -> None:
     big = create_diffusion_request("fox", width=512, height=512, steps=20)
     assert big.estimated_cost() > small.estimated_cost() > 0
     assert create_text_request("hi", max_tokens=1000).estimated_cost() == pytest.approx(1.0)
-
-
-def test_submit_uses_the_request_id_as_task_id(redis_client) -> None:
-    request = create_text_request("hello", request_id="my-request-1")
-    result = submit(request)
-    assert result.id == "my-request-1"
-    multi = submit(create_multimodal_request("cat", request_id="mm-1"))
-    assert multi.id == "mm-1" and multi.parent.id == "mm-1.prompt"
 
 
 def test_png_from_pillow_is_accepted() -> None:

@@ -173,9 +173,12 @@ def coerce(tp: Any, value: Any, path: str) -> Any:
 
 
 def _to_int(value: Any) -> int:
+    """An integer, from an int, an integral float, or text of either ("30", "30.0")."""
+    if isinstance(value, str) and "." in value:
+        value = float(value)
     if isinstance(value, float) and not value.is_integer():
         raise ValueError(value)
-    return int(float(value)) if isinstance(value, str) and "." in value else int(value)
+    return int(value)
 
 
 def _parse_mapping(text: str, path: str) -> Any:

@@ -1,47 +1,25 @@
-"""Config: seed defaults, YAML, environment overrides, ConfigError naming the field."""
+"""Config loading: the embedded YAML files, `OMNI_CONFIG`, `OMNI_*` overrides, values
+coerced to the field types (a bad value is a ConfigError naming the field), and the
+process-wide copy."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from omni_tasks.config import (
     DEFAULT_CONFIG_FILE,
-    CacheConfig,
     CacheStrategy,
     CoreModuleConfig,
-    SchedulerConfig,
     SchedulerType,
+    config_from_dict,
+    get_config,
     load_config,
+    set_config,
 )
 from omni_tasks.errors import ConfigError
-
-
-def test_seed_defaults() -> None:
-    s, c, core = SchedulerConfig(), CacheConfig(), CoreModuleConfig()
-    assert s.scheduler_type is SchedulerType.FIFO
-    assert (s.max_queue_size, s.timeout_seconds, s.batch_size, s.enable_preemption) == (
-        1000,
-        300,
-        32,
-        True,
-    )
-    assert s.priority_weights == {"high": 2.0, "normal": 1.0, "low": 0.5}
-    assert (c.max_memory_gb, c.strategy, c.ttl_seconds) == (8.0, CacheStrategy.LRU, 3600)
-    assert (c.enable_compression, c.compression_ratio) == (True, 0.7)
-    assert (core.max_memory_gb, core.max_gpu_utilization, core.max_cpu_utilization) == (
-        16.0,
-        0.8,
-        0.9,
-    )
-    assert (core.request_timeout, core.worker_timeout, core.cleanup_interval) == (300, 60, 30)
-    assert (core.enable_metrics, core.metrics_interval, core.enable_health_checks) == (
-        True,
-        10,
-        True,
-    )
-    core.validate()
 
 
 def test_embedded_default_yaml_loads() -> None:
@@ -49,6 +27,10 @@ def test_embedded_default_yaml_loads() -> None:
     assert config.scheduler.scheduler_type is SchedulerType.PRIORITY
     assert config.ar.model == "tiny-llama" and config.diffusion.model == "tiny-flux"
     assert config.ar.pool_type == "threads" and config.ar.concurrency == 32
+
+
+def test_no_file_named_loads_the_embedded_default() -> None:
+    assert load_config(env={}) == load_config(DEFAULT_CONFIG_FILE, env={})
 
 
 def test_gpu_yaml_loads() -> None:
@@ -89,35 +71,35 @@ def test_env_overrides_yaml(tmp_path: Path) -> None:
     assert config.ar.concurrency == 8
 
 
+def test_env_values_are_coerced_to_the_field_types() -> None:
+    env = {
+        "OMNI_CACHE__TTL_SECONDS": "7.0",  # an integral float string is an int
+        "OMNI_CACHE__COMPRESSION_RATIO": "0.5",
+        "OMNI_ENABLE_METRICS": "off",
+        "OMNI_DIFFUSION__STEP_CACHE_PARAMS": "{threshold: 0.2}",
+        "OMNI_DIFFUSION__CACHE_AFFINITY": "no",
+    }
+    config = load_config(DEFAULT_CONFIG_FILE, env=env)
+    assert config.cache.ttl_seconds == 7 and isinstance(config.cache.ttl_seconds, int)
+    assert config.cache.compression_ratio == 0.5
+    assert config.enable_metrics is False
+    assert config.diffusion.step_cache_params == {"threshold": 0.2}
+    assert config.diffusion.cache_affinity is False
+
+
+# Values the loader cannot turn into the field's type, and names that match no field.
+# (Values of the right type that `validate()` refuses: tests/config/test_schema.py.)
 @pytest.mark.parametrize(
     ("env", "field"),
     [
-        ({"OMNI_SCHEDULER__MAX_QUEUE_SIZE": "0"}, "scheduler.max_queue_size"),
         ({"OMNI_SCHEDULER__MAX_QUEUE_SIZE": "many"}, "scheduler.max_queue_size"),
         ({"OMNI_SCHEDULER__SCHEDULER_TYPE": "random"}, "scheduler.scheduler_type"),
-        (
-            {"OMNI_SCHEDULER__PRIORITY_WEIGHTS": "{high: 1, normal: 1}"},
-            "scheduler.priority_weights",
-        ),
-        (
-            {"OMNI_SCHEDULER__PRIORITY_WEIGHTS": "{high: -1, normal: 1, low: 1}"},
-            "scheduler.priority_weights.high",
-        ),
-        ({"OMNI_SCHEDULER__TIMEOUT_SECONDS": "-5"}, "scheduler.timeout_seconds"),
         ({"OMNI_SCHEDULER__MAX_QUEU_SIZE": "5"}, "scheduler.max_queu_size"),
-        ({"OMNI_CACHE__MAX_MEMORY_GB": "0"}, "cache.max_memory_gb"),
-        ({"OMNI_CACHE__COMPRESSION_RATIO": "1.5"}, "cache.compression_ratio"),
         ({"OMNI_CACHE__STRATEGY": "mru"}, "cache.strategy"),
+        ({"OMNI_CACHE__TTL_SECONDS": "7.5"}, "cache.ttl_seconds"),  # not truncated to 7
         ({"OMNI_CACHE__ENABLE_COMPRESSION": "maybe"}, "cache.enable_compression"),
-        ({"OMNI_MAX_GPU_UTILIZATION": "1.2"}, "max_gpu_utilization"),
-        ({"OMNI_MAX_CPU_UTILIZATION": "0"}, "max_cpu_utilization"),
-        ({"OMNI_MAX_MEMORY_GB": "-1"}, "max_memory_gb"),
-        ({"OMNI_REQUEST_TIMEOUT": "0"}, "request_timeout"),
-        ({"OMNI_REDIS_URL": "http://x"}, "redis_url"),
-        ({"OMNI_AR__ENGINE": "tgi"}, "ar.engine"),
-        ({"OMNI_AR__POOL_TYPE": "gevent"}, "ar.pool_type"),
-        ({"OMNI_DIFFUSION__CONCURRENCY": "0"}, "diffusion.concurrency"),
-        ({"OMNI_DIFFUSION__QUEUE": "ar"}, "diffusion.queue"),
+        ({"OMNI_SCHEDULER__PRIORITY_WEIGHTS": "[1, 2]"}, "scheduler.priority_weights"),
+        ({"OMNI_AR": "threads"}, "ar"),
     ],
 )
 def test_bad_values_raise_config_error_naming_the_field(env: dict[str, str], field: str) -> None:
@@ -134,9 +116,30 @@ def test_missing_or_broken_config_file(tmp_path: Path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad, env={})
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("scheduler: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as info:
+        load_config(broken, env={})
+    assert info.value.field == "OMNI_CONFIG"
 
 
-def test_seed_validate_raises_value_error_compatible() -> None:
-    config = CoreModuleConfig(max_gpu_utilization=0)
-    with pytest.raises(ValueError, match="max_gpu_utilization"):
-        config.validate()
+def test_config_from_dict_builds_and_validates() -> None:
+    config = config_from_dict({"key_prefix": "other", "diffusion": {"queue": "dit"}})
+    assert isinstance(config, CoreModuleConfig)
+    assert (config.key_prefix, config.diffusion.queue, config.ar.queue) == ("other", "dit", "ar")
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"diffusion": {"queue": "ar"}})
+    assert info.value.field == "diffusion.queue"
+
+
+def test_set_config_validates_and_replaces_the_process_config(use_config) -> None:
+    original = get_config()
+    assert get_config() is original  # loaded once, then the same object
+    changed = replace(original, key_prefix="elsewhere")
+    use_config(changed)
+    assert get_config() is changed
+    broken = replace(original, request_timeout=0)
+    with pytest.raises(ConfigError) as info:
+        set_config(broken)
+    assert info.value.field == "request_timeout"
+    assert get_config() is changed  # a refused config does not replace the current one

@@ -1,0 +1,74 @@
+"""Batched success counters: added in memory, written to Redis in one pipeline per flush
+(every FLUSH_INTERVAL_S in the background, and on demand)."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import eventually
+from redis import Redis
+
+from omni_tasks import get_config
+from omni_tasks.coordination import counters, keys
+from omni_tasks.coordination.counters import SuccessCounters
+
+
+def stats(client: Redis, queue: str) -> dict[str, str]:
+    return client.hgetall(keys.stats(queue))
+
+
+def test_successes_are_batched_until_a_flush(redis_client, monkeypatch) -> None:
+    monkeypatch.setattr(counters, "FLUSH_INTERVAL_S", 3600.0)  # no background flush here
+    batch = SuccessCounters()
+    batch.add_success("ar", run_s=0.5, queued_s=0.25)
+    batch.add_success("ar", run_s=1.5, queued_s=0.75)
+    batch.add_success("diffusion", run_s=2.0, queued_s=0.0)
+    assert stats(redis_client, "ar") == {}  # nothing written per success
+    batch.flush()
+    ar = stats(redis_client, "ar")
+    assert int(ar["processed"]) == 2
+    assert float(ar["run_s_sum"]) == pytest.approx(2.0)
+    assert float(ar["queued_s_sum"]) == pytest.approx(1.0)
+    assert int(stats(redis_client, "diffusion")["processed"]) == 1
+    batch.flush()  # nothing pending: nothing added twice
+    assert int(stats(redis_client, "ar")["processed"]) == 2
+
+
+def test_flushes_add_to_what_redis_holds(redis_client, monkeypatch) -> None:
+    monkeypatch.setattr(counters, "FLUSH_INTERVAL_S", 3600.0)
+    redis_client.hset(keys.stats("ar"), mapping={"processed": 10, "failed": 2})
+    first, second = SuccessCounters(), SuccessCounters()  # two workers of one pool
+    first.add_success("ar", 1.0, 0.1)
+    second.add_success("ar", 3.0, 0.3)
+    first.flush()
+    second.flush()
+    ar = stats(redis_client, "ar")
+    assert (int(ar["processed"]), int(ar["failed"])) == (12, 2)
+    assert float(ar["run_s_sum"]) == pytest.approx(4.0)
+
+
+def test_the_background_thread_flushes_on_its_own(redis_client) -> None:
+    batch = SuccessCounters()
+    batch.add_success("ar", 0.1, 0.2)
+    written = eventually(lambda: stats(redis_client, "ar").get("processed"), timeout_s=5)
+    assert written == "1"
+    assert float(stats(redis_client, "ar")["queued_s_sum"]) == pytest.approx(0.2)
+
+
+def test_a_failed_flush_keeps_the_counts_for_the_next(
+    redis_client, monkeypatch, use_config
+) -> None:
+    from dataclasses import replace
+
+    monkeypatch.setattr(counters, "FLUSH_INTERVAL_S", 3600.0)
+    reachable = get_config()
+    batch = SuccessCounters()
+    batch.add_success("ar", 1.0, 0.5)
+    use_config(replace(reachable, redis_url="redis://127.0.0.1:1/11"))  # nothing listens there
+    batch.flush()  # logs a warning, raises nothing
+    batch.add_success("ar", 2.0, 0.5)
+    use_config(reachable)
+    batch.flush()
+    ar = stats(redis_client, "ar")
+    assert int(ar["processed"]) == 2
+    assert float(ar["run_s_sum"]) == pytest.approx(3.0)
+    assert float(ar["queued_s_sum"]) == pytest.approx(1.0)

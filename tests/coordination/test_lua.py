@@ -1,0 +1,158 @@
+"""The Lua scripts: each file documents its KEYS and ARGV in a header; they are registered
+once per Redis client; and each one runs on the real Redis and does what its header says.
+(The directory scripts through their Python callers: test_cache_directory.py.)"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+import pytest
+
+from omni_tasks.config import get_config
+from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import get_redis, get_scripts
+from omni_tasks.coordination.lua import SCRIPTS_DIR, SOURCES, Scripts
+
+SCRIPT_FILES = sorted(SCRIPTS_DIR.glob("*.lua"))
+
+
+def header(source: str) -> list[str]:
+    """The comment lines a script starts with."""
+    lines = []
+    for line in source.splitlines():
+        if not line.startswith("--"):
+            break
+        lines.append(line)
+    return lines
+
+
+def test_every_script_file_is_loaded() -> None:
+    assert len(SCRIPT_FILES) >= 10
+    assert sorted(SOURCES) == [p.stem for p in SCRIPT_FILES]
+    for path in SCRIPT_FILES:
+        assert SOURCES[path.stem] == path.read_text()
+
+
+@pytest.mark.parametrize("path", SCRIPT_FILES, ids=lambda p: p.stem)
+def test_every_script_starts_with_a_header_naming_its_keys_and_argv(path) -> None:
+    source = path.read_text()
+    lines = header(source)
+    assert len(lines) >= 2, f"{path.name} has no header comment"
+    text = "\n".join(lines)
+    body = source[len(text) :]
+    for kind in ("KEYS", "ARGV"):
+        used = sorted(set(re.findall(kind + r"\[(\d+|i)\]", body)))
+        if kind == "KEYS" or used:
+            assert re.search(rf"\b{kind}\b", text), f"{path.name}: the header names no {kind}"
+        # Each one the body reads is described, one by one or as a whole ("-- ARGV  a, b").
+        whole = re.search(rf"^-- {kind}\s", text, re.M)
+        for index in used:
+            if index == "i":  # a loop over the rest: "ARGV[4..]"
+                described = re.search(rf"{kind}\[\d+\.\.\]", text)
+            else:
+                described = f"{kind}[{index}]" in text
+            assert whole or described, f"{path.name}: {kind}[{index}] is not in the header"
+
+
+def test_scripts_are_registered_once_per_client(redis_client) -> None:
+    scripts = get_scripts()
+    assert get_scripts() is scripts
+    assert get_scripts(get_config().redis_url) is scripts  # the same URL, the same object
+    for name, source in SOURCES.items():
+        script = getattr(scripts, name)
+        assert script is getattr(scripts, name)
+        assert script.registered_client is get_redis()
+        assert script.sha == hashlib.sha1(source.encode()).hexdigest()
+    with pytest.raises(AttributeError, match="no Lua script 'nope'"):
+        scripts.nope  # noqa: B018
+
+
+def test_scripts_on_another_client_are_their_own() -> None:
+    client = get_redis()
+    other = Scripts(client)
+    assert other is not get_scripts()
+    assert other.move_all.sha == get_scripts().move_all.sha
+
+
+def test_admit_redelivery(redis_client) -> None:
+    run = get_scripts().admit_redelivery
+    revoked, counter = keys.revoked("t1"), keys.deliveries("t1")
+    assert run(keys=[revoked, counter], args=[60]) == [0, 1]
+    assert run(keys=[revoked, counter], args=[60]) == [0, 2]
+    assert 0 < redis_client.ttl(counter) <= 60
+    redis_client.set(revoked, 1)
+    assert run(keys=[revoked, counter], args=[60]) == [1, 0]
+    assert redis_client.get(counter) == "2"  # a revoked task's counter is not touched
+
+
+def test_directory_insert_hit_remove_and_clear(redis_client) -> None:
+    s = get_scripts()
+    holders, held = keys.cache_holders("lat:1"), keys.cache_worker("w1")
+    assert s.directory_insert(keys=[holders, held], args=["w1", "lat:1", "diffusion", 10, 5.0]) == 1
+    entry = json.loads(redis_client.hget(holders, "w1"))
+    assert entry == {"queue": "diffusion", "bytes": 10, "created": 5, "last_hit": 0, "hits": 0}
+    assert redis_client.smembers(held) == {"lat:1"}
+    assert s.directory_hit(keys=[holders], args=["w1", 7.5]) == 1
+    assert s.directory_hit(keys=[holders], args=["w1", 8.5]) == 2
+    assert json.loads(redis_client.hget(holders, "w1"))["last_hit"] == 8.5
+    assert s.directory_hit(keys=[holders], args=["w2", 9.0]) == 0  # w2 holds nothing
+    assert s.directory_remove(keys=[holders, held], args=["w1", "lat:1"]) == 1
+    assert not redis_client.exists(holders, held)
+    s.directory_insert(keys=[holders, held], args=["w1", "lat:1", "diffusion", 10, 5.0])
+    other = keys.cache_holders("emb:1")
+    s.directory_insert(keys=[other, held], args=["w1", "emb:1", "diffusion", 3, 5.0])
+    assert s.directory_clear_worker(keys=[held], args=["w1", keys.cache_holders("")]) == 2
+    assert not redis_client.exists(holders, other, held)
+
+
+def test_directory_pick(redis_client) -> None:
+    s = get_scripts()
+    holders = keys.cache_holders("lat:1")
+    s.directory_insert(keys=[holders, keys.cache_worker("w1")], args=["w1", "lat:1", "d", 1, 0])
+    args = [keys.worker(""), keys.worker_queue(""), keys.PRIORITY_SEP, *keys.PRIORITY_STEPS[1:]]
+    assert s.directory_pick(keys=[holders], args=args) is None  # no heartbeat: false
+    redis_client.hset(keys.worker("w1"), "concurrency", 1)
+    assert s.directory_pick(keys=[keys.cache_holders("lat:none"), holders], args=args) == "w1"
+    redis_client.lpush(keys.queue_key(keys.worker_queue("w1"), 9), "m")
+    assert s.directory_pick(keys=[holders], args=args) is None  # one message, one slot
+
+
+def test_flight_scripts(redis_client) -> None:
+    s = get_scripts()
+    lease, done = keys.flight_lease("k"), keys.flight_result("k")
+    redis_client.set(lease, "mine", px=1000)
+    assert s.flight_renew(keys=[lease], args=["theirs", 60000]) == 0
+    assert s.flight_renew(keys=[lease], args=["mine", 60000]) == 1
+    assert redis_client.pttl(lease) > 1000
+    assert s.flight_release(keys=[lease], args=["theirs"]) == 0
+    assert redis_client.get(lease) == "mine"
+    assert s.flight_publish(keys=[lease, done], args=["theirs", "out", 30]) == 1
+    assert redis_client.get(done) == "out" and redis_client.get(lease) == "mine"
+    s.flight_publish(keys=[lease, done], args=["mine", "out2", 30])
+    assert redis_client.get(done) == "out2" and not redis_client.exists(lease)
+    assert 0 < redis_client.ttl(done) <= 30
+    redis_client.set(lease, "mine")
+    assert s.flight_release(keys=[lease], args=["mine"]) == 1
+    assert not redis_client.exists(lease)
+
+
+def test_move_all_keeps_the_order_messages_are_served_in(redis_client) -> None:
+    # kombu LPUSHes and consumers pop from the right: the right end is the oldest.
+    redis_client.lpush("dst", "old-1")
+    for message in ("a", "b", "c"):
+        redis_client.lpush("src", message)
+    assert get_scripts().move_all(keys=["src", "dst"]) == 3
+    assert not redis_client.exists("src")
+    served = [redis_client.rpop("dst") for _ in range(4)]
+    assert served == ["old-1", "a", "b", "c"]
+    assert get_scripts().move_all(keys=["src", "dst"]) == 0
+
+
+def test_every_script_runs_in_a_test_here() -> None:
+    from pathlib import Path
+
+    text = Path(__file__).read_text()
+    untested = [name for name in SOURCES if f".{name}" not in text.replace(" ", "")]
+    assert untested == []

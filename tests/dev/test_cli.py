@@ -1,0 +1,83 @@
+"""The `omni-tasks` command line, run as a user runs it (its own process, the test Redis
+named by OMNI_REDIS_URL in the environment it inherits)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from helpers import message_kwargs, queued_messages, where
+
+from omni_tasks import generate_text
+
+
+def omni_tasks_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "omni_tasks.dev.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_help_runs() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "omni_tasks.dev.cli", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    for command in ("demo", "models", "submit", "status"):
+        assert command in out.stdout
+
+
+def test_status_prints_the_cluster_as_json(redis_client) -> None:
+    generate_text.delay(prompt="waiting", priority="high")
+    out = omni_tasks_cli("status")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    status, health = report["status"], report["health"]
+    assert status["queue_size"] == 1
+    assert sum(status["queues"]["ar"].values()) == 1
+    assert status["resource_status"] == {"workers": []}
+    assert set(status["pools"]) == {"ar", "diffusion"}
+    assert health["healthy"] is False  # no worker runs in this test
+    assert any("'diffusion'" in issue for issue in health["issues"])
+
+
+def test_submit_of_a_bad_field_exits_2_naming_it(redis_client) -> None:
+    out = omni_tasks_cli("submit", "image", "a fox", "--width", "72", "--no-wait")
+    assert out.returncode == 2
+    assert "error: width:" in out.stderr
+    assert "multiple of 16" in out.stderr
+    assert queued_messages(redis_client, "diffusion") == []  # nothing was sent
+
+
+def test_submit_without_waiting_enqueues_and_prints_the_id(redis_client) -> None:
+    out = omni_tasks_cli(
+        "submit", "text", "once upon a time", "--max-tokens", "12", "--priority", "low", "--no-wait"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.startswith("submitted ")
+    task_id = out.stderr.split()[1]
+    assert where(redis_client, task_id)[0] == "ar"
+    ((_, message),) = queued_messages(redis_client, "ar")
+    kwargs = message_kwargs(message)
+    assert (kwargs["prompt"], kwargs["max_tokens"], kwargs["priority"]) == (
+        "once upon a time",
+        12,
+        "low",
+    )
+
+
+def test_submit_multimodal_sends_its_first_stage(redis_client) -> None:
+    out = omni_tasks_cli("submit", "multimodal", "a lighthouse", "--steps", "2", "--no-wait")
+    assert out.returncode == 0, out.stderr
+    task_id = out.stderr.split()[1]
+    assert where(redis_client, task_id + ".prompt")[0] == "ar"
+
+
+def test_usage_errors_exit_2_before_anything_runs(redis_client) -> None:
+    out = omni_tasks_cli("submit", "video", "a fox")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+    out = omni_tasks_cli()
+    assert out.returncode == 2 and "required" in out.stderr

@@ -1,0 +1,163 @@
+"""`OmniTask`, the producer half of the task contract: kwargs are validated into a request
+before anything is sent, the request id is the task id, and the body runs the handler
+the worker side registered (none in an application process)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from helpers import message_kwargs, queued_messages, where
+from redis import Redis
+
+from omni_tasks import (
+    ProcessingError,
+    RequestType,
+    RequestValidationError,
+    create_multimodal_request,
+    generate_image,
+    generate_multimodal,
+    generate_text,
+    get_config,
+)
+from omni_tasks.config import ARConfig, DiffusionConfig
+from omni_tasks.tasks import multimodal_prompt, multimodal_render, probe
+from omni_tasks.tasks.base import OmniTask
+
+TASKS = [generate_text, generate_image, generate_multimodal, multimodal_prompt, probe]
+
+
+def snapshot(client: Redis) -> dict[str, object]:
+    return {k: client.type(k) for k in client.scan_iter(count=1000)}
+
+
+@pytest.mark.parametrize("task", TASKS, ids=lambda t: t.name)
+def test_invalid_kwargs_raise_before_anything_is_sent(redis_client, task: OmniTask) -> None:
+    before = snapshot(redis_client)
+    with pytest.raises(RequestValidationError) as info:
+        task.apply_async(kwargs={"prompt": "x", "steps": 0, "max_tokens": 0})
+    assert info.value.field in ("steps", "max_tokens")
+    with pytest.raises(RequestValidationError) as info:
+        task.apply_async(kwargs=["prompt", "x"])  # type: ignore[arg-type]
+    assert info.value.field == "kwargs"
+    with pytest.raises(RequestValidationError) as info:
+        task.delay(prompt="x", unknown_field=1)
+    assert info.value.field == "unknown_field"
+    assert snapshot(redis_client) == before
+
+
+@pytest.mark.parametrize("task", [generate_text, generate_image, probe], ids=lambda t: t.name)
+def test_positional_args_are_refused(redis_client, task: OmniTask) -> None:
+    before = snapshot(redis_client)
+    with pytest.raises(RequestValidationError, match="keyword arguments") as info:
+        task.apply_async(args=("a prompt",), kwargs={})
+    assert info.value.field == "args"
+    assert snapshot(redis_client) == before
+
+
+def test_a_later_chain_stage_takes_the_previous_result_positionally(redis_client) -> None:
+    request = create_multimodal_request("a lighthouse")
+    previous = {"request_id": request.request_id, "image_prompt": "a lighthouse at dusk"}
+    sent = multimodal_render.apply_async(args=(previous,), kwargs=request.to_message())
+    assert sent.id == request.request_id
+    ((_level, message),) = queued_messages(redis_client, "diffusion")
+    assert message["headers"]["id"] == request.request_id
+    assert message["headers"]["task"] == "omni_tasks.multimodal_render"
+    assert message_kwargs(message)["request_id"] == request.request_id
+
+
+def test_the_request_id_is_the_task_id(redis_client) -> None:
+    sent = generate_text.delay(prompt="hello")
+    ((_level, message),) = queued_messages(redis_client, "ar")
+    kwargs = message_kwargs(message)
+    assert message["headers"]["id"] == sent.id == kwargs["request_id"]
+    assert kwargs["request_type"] == "text" and kwargs["prompt"] == "hello"
+    named = generate_image.delay(prompt="fox", request_id="my-image-7")
+    assert named.id == "my-image-7"
+    assert where(redis_client, "my-image-7")[0] == "diffusion"
+
+
+def test_the_message_is_the_validated_request(redis_client) -> None:
+    generate_image.delay(prompt="fox", width=128, steps=6, priority="low", seed=3)
+    ((_level, message),) = queued_messages(redis_client, "diffusion")
+    kwargs = message_kwargs(message)
+    # Defaults are left out; what the request set is there, with its type and time.
+    assert {k: kwargs[k] for k in ("prompt", "width", "steps", "priority", "seed")} == {
+        "prompt": "fox",
+        "width": 128,
+        "steps": 6,
+        "priority": "low",
+        "seed": 3,
+    }
+    assert kwargs["request_type"] == "diffusion" and kwargs["created_at"] > 0
+    assert "height" not in kwargs and "processing_stage" not in kwargs
+
+
+@pytest.mark.parametrize("task", [*TASKS, multimodal_render], ids=lambda t: t.name)
+def test_a_task_body_without_a_registered_handler_raises(task: OmniTask) -> None:
+    assert task.handler is None
+    with pytest.raises(ProcessingError, match="celery -A omni_tasks worker") as info:
+        task.run_on_worker({"prompt": "x"})
+    assert task.name in str(info.value)
+
+
+def test_the_task_body_hands_its_message_to_the_registered_handler(monkeypatch) -> None:
+    calls: list[tuple[Any, ...]] = []
+
+    def handler(task: OmniTask, kwargs: dict[str, Any], previous: Any) -> dict[str, Any]:
+        calls.append((task.name, kwargs, previous))
+        return {"request_id": kwargs["request_id"], "text": "ok"}
+
+    monkeypatch.setattr(generate_text, "handler", handler)  # as workers.lifecycle does
+    monkeypatch.setattr(multimodal_render, "handler", handler)
+    assert generate_text.run(request_id="r1", prompt="hi") == {"request_id": "r1", "text": "ok"}
+    multimodal_render.run({"image_prompt": "p"}, request_id="r2", prompt="hi")
+    assert calls == [
+        ("omni_tasks.generate_text", {"request_id": "r1", "prompt": "hi"}, None),
+        (
+            "omni_tasks.multimodal_render",
+            {"request_id": "r2", "prompt": "hi"},
+            {"image_prompt": "p"},
+        ),
+    ]
+
+
+def test_stage_queue_is_the_pool_of_the_task_stage(use_config) -> None:
+    stages = {task.name: task.stage for task in [*TASKS, multimodal_render]}
+    assert stages == {
+        "omni_tasks.generate_text": "ar",
+        "omni_tasks.generate_image": "dit",
+        "omni_tasks.generate_multimodal": "ar",
+        "omni_tasks.multimodal_prompt": "ar",
+        "omni_tasks.probe": "ar",
+        "omni_tasks.multimodal_render": "dit",
+    }
+    config = get_config()
+    assert generate_text.stage_queue == config.ar.queue
+    assert generate_image.stage_queue == config.diffusion.queue
+    renamed = replace(
+        config, ar=ARConfig(queue="text-pool"), diffusion=DiffusionConfig(queue="dit")
+    )
+    use_config(renamed)
+    assert [t.stage_queue for t in (generate_text, multimodal_prompt, probe)] == ["text-pool"] * 3
+    assert [t.stage_queue for t in (generate_image, multimodal_render)] == ["dit", "dit"]
+
+
+@pytest.mark.parametrize("task", [*TASKS, multimodal_render], ids=lambda t: t.name)
+def test_no_task_fixes_a_celery_queue(task: OmniTask) -> None:
+    # Celery's `Task.queue` would override the router for every message of the task.
+    assert getattr(task, "queue", None) is None
+    assert task.typing is False  # the request model validates, and names the bad field
+
+
+def test_request_types_per_task() -> None:
+    assert generate_text.request_type_for({}) is RequestType.TEXT
+    assert probe.request_type_for({}) is RequestType.TEXT
+    assert multimodal_prompt.request_type_for({}) is RequestType.MULTIMODAL
+    assert multimodal_render.request_type_for({}) is RequestType.MULTIMODAL
+    with pytest.raises(NotImplementedError):
+        OmniTask().request_type_for({})
+    with pytest.raises(RequestValidationError) as info:
+        generate_text.build_request({"prompt": "x", "request_type": "diffusion"})
+    assert info.value.field == "request_type"

@@ -1,0 +1,97 @@
+"""The Celery app's settings: JSON only, late acks, Redis priority lists with kombu's
+separator, a visibility timeout above the longest task, the worker side loaded through
+`imports`, and the task names (the contract with workers)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from omni_tasks import app, get_config
+from omni_tasks.config import CoreModuleConfig
+from omni_tasks.coordination.keys import PRIORITY_SEP
+from omni_tasks.tasks.celery_app import celery_settings, settings_for_process
+
+TASK_NAMES = {
+    "omni_tasks.generate_text",
+    "omni_tasks.generate_image",
+    "omni_tasks.generate_multimodal",
+    "omni_tasks.multimodal_prompt",
+    "omni_tasks.multimodal_render",
+    "omni_tasks.probe",
+}
+
+
+def test_json_only_on_the_wire() -> None:
+    conf = app.conf
+    assert conf.accept_content == ["json"]
+    assert conf.result_accept_content == ["json"]
+    assert (conf.task_serializer, conf.result_serializer, conf.event_serializer) == (
+        "json",
+        "json",
+        "json",
+    )
+
+
+def test_nothing_accepted_is_lost() -> None:
+    conf = app.conf
+    assert conf.task_acks_late is True
+    assert conf.task_reject_on_worker_lost is True
+    assert conf.worker_prefetch_multiplier == 1
+
+
+def test_priority_lists_use_kombus_separator_and_ten_levels() -> None:
+    options = app.conf.broker_transport_options
+    assert options["sep"] == PRIORITY_SEP == ":"
+    assert options["priority_steps"] == list(range(10))
+    assert options["queue_order_strategy"] == "priority"
+    assert app.conf.task_default_priority is None  # the router sets every priority
+
+
+def test_visibility_timeout_exceeds_the_longest_task() -> None:
+    config = get_config()
+    visibility = app.conf.broker_transport_options["visibility_timeout"]
+    assert visibility > config.longest_task_s
+    assert visibility > config.request_timeout and visibility > config.scheduler.timeout_seconds
+    slow = replace(CoreModuleConfig(), request_timeout=7200)
+    assert celery_settings(slow)["broker_transport_options"]["visibility_timeout"] > 7200
+
+
+def test_worker_processes_import_the_worker_side() -> None:
+    assert "workers.lifecycle" in app.conf.imports
+    assert app.conf.worker_consumer == "workers.lifecycle.consumer:OmniConsumer"
+
+
+def test_task_names_are_unchanged() -> None:
+    registered = {name for name in app.tasks if name.startswith("omni_tasks.")}
+    assert registered == TASK_NAMES
+
+
+def test_one_queue_per_pool_with_its_own_exchange_and_ten_priorities() -> None:
+    config = get_config()
+    queues = {q.name: q for q in app.conf.task_queues}
+    assert set(queues) == {config.ar.queue, config.diffusion.queue}
+    for name, queue in queues.items():
+        assert queue.exchange.name == name and queue.exchange.type == "direct"
+        assert queue.routing_key == name
+        assert queue.queue_arguments == {"x-max-priority": 10}
+    assert app.conf.task_default_queue == config.ar.queue
+
+
+def test_the_app_reads_the_process_config() -> None:
+    config = get_config()
+    assert app.conf.broker_url == config.redis_url
+    assert app.conf.result_backend == config.redis_url
+    assert app.conf.result_expires == config.result_expires
+    assert app.conf.result_extended is True and app.conf.worker_send_task_events is True
+
+
+def test_settings_for_a_worker_process_add_its_pool_settings() -> None:
+    config = get_config()
+    argv = ["celery", "-A", "omni_tasks", "worker", "-Q", config.diffusion.queue]
+    worker = settings_for_process(config, argv)
+    assert worker["worker_pool"] == config.diffusion.pool_type
+    assert worker["worker_concurrency"] == config.diffusion.concurrency
+    assert worker["worker_prefetch_multiplier"] == config.diffusion.prefetch_multiplier
+    application = settings_for_process(config, ["python", "app.py"])
+    assert "worker_pool" not in application and "worker_concurrency" not in application
+    assert set(application) == set(celery_settings(config))  # the config's settings only

@@ -1,0 +1,208 @@
+"""The Celery router: each SchedulerType puts a request on the expected queue and priority
+sub-list, whatever way it is sent; a repeat DiT request goes to the live worker that
+holds its DiT cache keys."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import pytest
+from helpers import queued_messages, where
+from redis import Redis
+
+from omni_tasks import (
+    RequestValidationError,
+    SchedulerType,
+    app,
+    create_diffusion_request,
+    create_multimodal_request,
+    generate_image,
+    generate_multimodal,
+    generate_text,
+    get_config,
+)
+from omni_tasks.coordination import cache_directory, keys
+from omni_tasks.requests import OmniRequest
+from omni_tasks.scheduling.policies import Route, create_policy
+from omni_tasks.tasks.router import OmniRouter, resolve_route
+
+SMALL = {"width": 64, "height": 64, "steps": 4}
+LARGE = {"width": 512, "height": 512, "steps": 20}
+# (scheduler type) -> expected (queue, priority) for: text high, text normal, text low,
+# long text normal (1000 tokens), small image low, large image low, multimodal first stage.
+EXPECTED = {
+    SchedulerType.FIFO: [
+        ("ar", 0),
+        ("ar", 0),
+        ("ar", 0),
+        ("ar", 0),
+        ("diffusion", 0),
+        ("diffusion", 0),
+        ("ar", 0),
+    ],
+    SchedulerType.PRIORITY: [
+        ("ar", 0),
+        ("ar", 6),
+        ("ar", 9),
+        ("ar", 6),
+        ("diffusion", 9),
+        ("diffusion", 9),
+        ("ar", 6),
+    ],
+    SchedulerType.MULTIMODAL: [
+        ("ar", 1),
+        ("ar", 5),
+        ("ar", 7),
+        ("ar", 5),
+        ("diffusion", 7),
+        ("diffusion", 7),
+        ("ar", 5),
+    ],
+    SchedulerType.DIFFUSION: [
+        ("ar", 0),
+        ("ar", 4),
+        ("ar", 6),
+        ("ar", 4),
+        ("diffusion", 6),
+        ("diffusion", 8),
+        ("ar", 4),
+    ],
+    SchedulerType.HYBRID: [
+        ("ar", 0),
+        ("ar", 4),
+        ("ar", 6),
+        ("ar", 6),
+        ("diffusion", 6),
+        ("diffusion", 8),
+        ("ar", 4),
+    ],
+}
+WORKER = "diffusion-abc123@host"
+
+
+@pytest.mark.parametrize("scheduler_type", list(SchedulerType), indirect=True)
+def test_delay_routes_by_policy(redis_client, scheduler_type: SchedulerType) -> None:
+    sent = [
+        generate_text.delay(prompt="a", priority="high"),
+        generate_text.delay(prompt="b", priority="normal"),
+        generate_text.delay(prompt="c", priority="low"),
+        generate_text.delay(prompt="d", priority="normal", max_tokens=1000),
+        generate_image.delay(prompt="e", priority="low", **SMALL),
+        generate_image.delay(prompt="f", priority="low", **LARGE),
+        generate_multimodal.delay(prompt="g", priority="normal", **SMALL).parent,
+    ]
+    assert [where(redis_client, r.id) for r in sent] == EXPECTED[scheduler_type]
+
+
+@pytest.mark.parametrize("scheduler_type", [SchedulerType.PRIORITY], indirect=True)
+def test_send_task_by_name_is_routed_too(redis_client, scheduler_type: SchedulerType) -> None:
+    sent = app.send_task("omni_tasks.generate_text", kwargs={"prompt": "x", "priority": "low"})
+    assert where(redis_client, sent.id) == ("ar", 9)
+    image = app.send_task("omni_tasks.generate_image", kwargs={"prompt": "y", "priority": "high"})
+    assert where(redis_client, image.id) == ("diffusion", 0)
+    before = queued_messages(redis_client, "ar")
+    with pytest.raises(RequestValidationError) as info:
+        app.send_task("omni_tasks.generate_text", kwargs={"prompt": "x", "max_tokens": 0})
+    assert info.value.field == "max_tokens"
+    assert queued_messages(redis_client, "ar") == before  # nothing sent
+
+
+@pytest.mark.parametrize("scheduler_type", [SchedulerType.PRIORITY], indirect=True)
+def test_router_answers_queue_and_priority(scheduler_type: SchedulerType) -> None:
+    router = OmniRouter()
+    route = router("omni_tasks.generate_image", (), {"prompt": "x", "priority": "high"}, {})
+    assert route == {"queue": "diffusion", "priority": 0}
+    task = app.tasks["omni_tasks.multimodal_render"]  # a chain's later stage: its own stage
+    later = router(task.name, (), {"prompt": "x", "request_type": "multimodal"}, {}, task=task)
+    assert later == {"queue": "diffusion", "priority": 6}
+
+
+def test_router_leaves_other_tasks_to_celery() -> None:
+    router = OmniRouter()
+    assert router("celery.backend_cleanup", (), {}, {}) is None
+    assert router("someone_else.task", (), {"prompt": "x"}, {}) is None
+
+
+def test_router_follows_the_current_config(use_config) -> None:
+    router = OmniRouter()
+    first = router.current_policy()
+    assert router.current_policy() is first  # kept while the config object is the same
+    assert first.scheduler_type is get_config().scheduler.scheduler_type
+    config = get_config()
+    use_config(
+        replace(config, scheduler=replace(config.scheduler, scheduler_type=SchedulerType.FIFO))
+    )
+    assert router.current_policy().scheduler_type is SchedulerType.FIFO
+    route = router("omni_tasks.generate_text", (), {"prompt": "x", "priority": "low"}, {})
+    assert route == {"queue": "ar", "priority": 0}
+
+
+def beat(client: Redis, hostname: str, concurrency: int = 2) -> None:
+    """A live worker's heartbeat, as the worker side writes it (expiring)."""
+    info = {"hostname": hostname, "queues": '["diffusion"]', "stages": '["dit"]'}
+    client.hset(keys.worker(hostname), mapping={**info, "concurrency": concurrency})
+    client.expire(keys.worker(hostname), 30)
+
+
+def hold(hostname: str, request: OmniRequest) -> None:
+    """Record that `hostname` cached the request's latents (as its DiT cache does)."""
+    latents = cache_directory.dit_keys(request, get_config()).latents
+    cache_directory.record_insert(hostname, "diffusion", latents, 1024)
+
+
+def test_a_repeat_goes_to_the_live_worker_holding_its_keys(redis_client) -> None:
+    fields = {"prompt": "a red fox", "seed": 5, "priority": "high", **SMALL}
+    beat(redis_client, WORKER)
+    hold(WORKER, create_diffusion_request(**fields))
+    pool_priority = create_policy(get_config()).route(create_diffusion_request(**fields)).priority
+    sent = generate_image.delay(**fields)
+    own = keys.worker_queue(WORKER)
+    assert where(redis_client, sent.id, queues=(own,)) == (own, pool_priority)
+    other_seed = generate_image.delay(**{**fields, "seed": 6})  # same prompt: embeddings only
+    assert where(redis_client, other_seed.id) == ("diffusion", pool_priority)
+
+
+def test_the_embeddings_holder_gets_a_new_seed_of_a_known_prompt(redis_client) -> None:
+    fields = {"prompt": "a red fox", "seed": 5, "priority": "normal", **SMALL}
+    beat(redis_client, WORKER)
+    embeddings = cache_directory.dit_keys(create_diffusion_request(**fields), get_config())
+    cache_directory.record_insert(WORKER, "diffusion", embeddings.embeddings, 512)
+    sent = generate_image.delay(**{**fields, "seed": 99})
+    own = keys.worker_queue(WORKER)
+    assert where(redis_client, sent.id, queues=(own,))[0] == own
+
+
+def test_no_affinity_for_a_dead_holder_a_disabled_pool_or_other_stages(
+    redis_client, use_config
+) -> None:
+    fields = {"prompt": "a red fox", "seed": 5, "priority": "normal", **SMALL}
+    request = create_diffusion_request(**fields)
+    hold(WORKER, request)
+    policy = create_policy(get_config())
+    pool = policy.route(request, "dit")
+    assert resolve_route(request, "dit", policy) == pool  # no heartbeat: dead
+    beat(redis_client, WORKER)
+    assert resolve_route(request, "dit", policy) == Route(keys.worker_queue(WORKER), pool.priority)
+    # The DiT stage of a MULTIMODAL request renders a prompt the AR stage has not written yet.
+    multi = create_multimodal_request(**fields)
+    hold(WORKER, multi)
+    assert resolve_route(multi, "dit", policy) == policy.route(multi, "dit")
+    assert resolve_route(multi, "ar", policy) == policy.route(multi, "ar")
+    config = get_config()
+    off = replace(config, diffusion=replace(config.diffusion, cache_affinity=False))
+    use_config(off)
+    assert resolve_route(request, "dit", create_policy(off)) == pool
+    sent = generate_image.delay(**fields)
+    assert where(redis_client, sent.id) == ("diffusion", pool.priority)
+
+
+def test_a_directory_failure_routes_to_the_pool(use_config, caplog) -> None:
+    request = create_diffusion_request("a red fox", seed=5)
+    config = get_config()
+    unreachable = replace(config, redis_url="redis://127.0.0.1:1/11")  # nothing listens there
+    use_config(unreachable)
+    policy = create_policy(unreachable)
+    with caplog.at_level(logging.WARNING, logger="omni_tasks.tasks.router"):
+        assert resolve_route(request, "dit", policy) == policy.route(request, "dit")
+    assert "cache directory lookup failed" in caplog.text
