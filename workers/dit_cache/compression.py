@@ -29,7 +29,7 @@ originals, on N(0,1) [256, 1024], Flux-like packed latents [1, 4096, 64] (per-ch
 mean and std), T5-like prompt embeddings [1, 256, 4096] with six outlier channels (std
 3 vs 0.15) and DiT-like hidden states [1, 512, 3072] with four "massive activation"
 channels at +-200; `MEAN_ERROR_BOUND` (int8 0.01, int4 0.16) is what
-`tests/dit_cache/test_compression.py` asserts on those tensors, on CPU and CUDA.
+`tests/workers/dit_cache/test_compression.py` asserts on those tensors, on CPU and CUDA.
 
 fp16 is used when `2^-14 <= absmax <= 65504` (no overflow, no precision lost to
 subnormals relative to absmax), else bf16 (fp32's range).

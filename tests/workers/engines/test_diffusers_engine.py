@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Iterator
@@ -17,8 +16,6 @@ from PIL import Image
 from omni_tasks.errors import EngineStoppedError, RequestTimeoutError, RequestValidationError
 from workers.engines.base import ImageOutput, ImageParams
 from workers.engines.diffusers_engine import FluxDiffusionEngine
-from workers.models import build_tiny_model
-from workers.models.atomic import MARKER as COMPLETE_MARKER
 
 PROMPT = "a photo of an astronaut riding a horse"
 
@@ -32,14 +29,6 @@ def engine(tiny_flux_dir: Path) -> Iterator[FluxDiffusionEngine]:
 
 def pixels(out: ImageOutput) -> np.ndarray:
     return np.asarray(out.image)
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def test_engine_defaults_on_cpu(engine: FluxDiffusionEngine) -> None:
@@ -237,22 +226,3 @@ def test_shutdown_stops_inflight_and_later_calls(tiny_flux_dir: Path) -> None:
 def test_bad_dtype_is_a_config_error(tiny_flux_dir: Path) -> None:
     with pytest.raises(ValueError, match="dtype"):
         FluxDiffusionEngine(tiny_flux_dir, dtype="float8")
-
-
-def test_build_is_idempotent_and_deterministic(tiny_flux_dir: Path, tmp_path: Path) -> None:
-    marker = tiny_flux_dir / COMPLETE_MARKER
-    mtime = marker.stat().st_mtime_ns
-    t0 = time.perf_counter()
-    assert build_tiny_model("tiny-flux", tiny_flux_dir) == tiny_flux_dir
-    assert time.perf_counter() - t0 < 0.5  # complete model: nothing rebuilt
-    assert marker.stat().st_mtime_ns == mtime
-
-    # Two concurrent builders of one fresh path: one build, no temp dirs left behind; and a
-    # second build elsewhere gives the same bytes (weights and tokenizers).
-    target = tmp_path / "a" / "tiny-flux"
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        paths = list(pool.map(lambda _: build_tiny_model("tiny-flux", target), range(2)))
-    assert paths == [target, target]
-    assert sorted(p.name for p in target.parent.iterdir()) == ["tiny-flux"]
-    other = build_tiny_model("tiny-flux", tmp_path / "b" / "tiny-flux")
-    assert tree_digest(target) == tree_digest(other)

@@ -1,8 +1,9 @@
-"""TransformersTextEngine and the tiny Llama builder: real model, no mocks."""
+"""TransformersTextEngine on the tiny random-weight Llama: real model, no mocks.
+
+The tiny Llama builder is tested in `tests/workers/models/test_tiny_llama.py`."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Iterator
@@ -14,9 +15,6 @@ import pytest
 from omni_tasks.errors import EngineStoppedError, ProcessingError, RequestTimeoutError
 from workers.engines.base import TextOutput, TextParams
 from workers.engines.transformers_engine import TransformersTextEngine
-from workers.models import build_tiny_model
-from workers.models.atomic import MARKER
-from workers.models.tiny_llama import build_tiny_llama
 
 GREEDY = TextParams(max_tokens=24, temperature=0.0)
 PROMPTS = [f"Request {i}: " + "kati rone suma " * (i % 5) + "tell me" for i in range(16)]
@@ -27,61 +25,6 @@ def engine(tiny_llama_dir: Path) -> Iterator[TransformersTextEngine]:
     eng = TransformersTextEngine(str(tiny_llama_dir), max_batch_size=16)
     yield eng
     eng.shutdown()
-
-
-def digest(root: Path) -> dict[str, str]:
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.iterdir())
-        if p.is_file()
-    }
-
-
-# ------------------------------------------------------------------ tiny llama
-
-
-def test_tiny_llama_is_deterministic_and_idempotent(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    built = build_tiny_model("tiny-llama", tmp_path / "a")
-    assert (built / MARKER).exists()
-    assert digest(built) == digest(tiny_llama_dir)  # same seeds, same bytes
-    before = (built / "model.safetensors").stat().st_mtime_ns
-    t0 = time.monotonic()
-    assert build_tiny_llama(built) == built
-    assert time.monotonic() - t0 < 0.1
-    assert (built / "model.safetensors").stat().st_mtime_ns == before
-
-
-def test_tiny_llama_concurrent_builders(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    target = tmp_path / "race"
-    with ThreadPoolExecutor(4) as pool:
-        paths = list(pool.map(lambda _: build_tiny_llama(target), range(4)))
-    assert set(paths) == {target}
-    assert digest(target) == digest(tiny_llama_dir)
-    assert [p.name for p in tmp_path.iterdir()] == ["race"]  # no temp dirs left
-
-
-def test_tiny_llama_replaces_incomplete_dir(tmp_path: Path) -> None:
-    target = tmp_path / "partial"
-    target.mkdir()
-    (target / "config.json").write_text("{}")
-    build_tiny_llama(target)
-    assert (target / MARKER).exists() and (target / "model.safetensors").exists()
-
-
-def test_tiny_llama_tokenizer(tiny_llama_dir: Path) -> None:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    ids = tok("Hello world, 123!").input_ids
-    assert ids[0] == tok.bos_token_id
-    assert tok.decode(ids, skip_special_tokens=True) == "Hello world, 123!"
-    chat = tok.apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
-    )
-    assert chat == "<s><|user|>\nhi</s>\n<|assistant|>\n"
-
-
-# ---------------------------------------------------------------------- engine
 
 
 def test_generate_counts_tokens_and_stops_at_length(

@@ -1,5 +1,9 @@
-"""Queue semantics with real worker processes started and stopped by the tests:
-priority order, cancellation, and a warm shutdown that hands work back."""
+"""The worker lifecycle (`workers.lifecycle.hooks`) with real worker processes started
+and stopped by the tests: engines loaded before the pool serves (priority order once it
+starts), revocations made while no worker ran, a warm shutdown that hands work back,
+and the engine a pool's config picks.
+
+The redelivery cap, which the handler enforces, is in `tests/workers/test_handlers.py`."""
 
 from __future__ import annotations
 
@@ -16,7 +20,6 @@ from omni_tasks import (
     create_diffusion_request,
     generate_image,
     generate_text,
-    submit,
 )
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis
@@ -119,38 +122,6 @@ def test_warm_shutdown_hands_running_requests_back(clean, run_dir) -> None:
             assert value["usage"]["completion_tokens"] > 0
     finally:
         second.stop()
-
-
-def test_redelivery_cap_gives_up_on_a_poison_message(clean, run_dir) -> None:
-    """A message that keeps coming back (each time a worker died on it) is failed and
-    recorded once it has returned `max_redeliveries` times."""
-    import json
-
-    from omni_tasks.config import get_config
-    from omni_tasks.coordination.rejections import list_rejections
-
-    poison = submit(create_diffusion_request("poison", width=32, height=32, steps=1))
-    fine = submit(create_diffusion_request("fine", width=32, height=32, steps=1))
-    client = get_redis()
-    # Mark the message redelivered exactly as kombu does when it restores one, and
-    # record that it already came back `max_redeliveries` times.
-    for key in keys.queue_keys("diffusion"):
-        for i, raw in enumerate(client.lrange(key, 0, -1)):
-            message = json.loads(raw)
-            if message["headers"]["id"] == poison.id:
-                message["headers"]["redelivered"] = True
-                message["properties"]["delivery_info"]["redelivered"] = True
-                client.lset(key, i, json.dumps(message))
-    client.set(keys.deliveries(poison.id), get_config().max_redeliveries)
-    (worker,) = start_ready_workers(["diffusion"], run_dir / "logs")
-    try:
-        with pytest.raises(Exception, match="max_redeliveries"):
-            poison.get(TIMEOUT)
-        assert fine.get(TIMEOUT)["width"] == 32  # the worker lives on
-    finally:
-        worker.stop()
-    record = next(r for r in list_rejections() if r["task_id"] == poison.id)
-    assert "redelivered" in record["reason"]
 
 
 def test_transformers_engine_pool(clean, run_dir) -> None:

@@ -1,0 +1,79 @@
+"""The worker's message consumer (`workers.lifecycle.consumer`) in a live `celery worker`:
+messages it cannot run are refused, recorded in the rejected list and, when they name
+a task id, marked failed; the worker keeps serving.
+
+A pickled message refused on arrival is covered by
+`tests/test_end_to_end.py::test_worker_refuses_a_pickled_message_and_keeps_serving`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery.result import AsyncResult
+from conftest import clean_redis, start_ready_workers
+from helpers import assert_png, eventually, publish_raw
+
+from omni_tasks import app, generate_image
+from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import get_redis
+from omni_tasks.coordination.rejections import list_rejections
+
+pytestmark = pytest.mark.slow
+TIMEOUT = 180
+
+
+@pytest.fixture(scope="module")
+def diffusion_worker(tiny_models, run_dir: Path) -> Iterator:
+    clean_redis()
+    (worker,) = start_ready_workers(["diffusion"], run_dir / "logs")
+    yield worker
+    worker.stop()
+    clean_redis()
+
+
+def waiting_in(queue: str) -> int:
+    return sum(get_redis().llen(k) for k in keys.queue_keys(queue))
+
+
+def still_serving() -> None:
+    value = generate_image.delay(prompt="still here", width=32, height=32, steps=1).get(TIMEOUT)
+    assert_png(value["image_path"], 32, 32)
+
+
+def test_a_message_for_an_unknown_task_is_refused_recorded_and_failed(diffusion_worker) -> None:
+    task_id = publish_raw("omni_tasks.no_such_task", {"prompt": "x"}, "diffusion")
+    with pytest.raises(Exception, match="no_such_task"):
+        AsyncResult(task_id).get(TIMEOUT)
+    assert AsyncResult(task_id).state == "FAILURE"
+    record = next(r for r in list_rejections() if r["task_id"] == task_id)
+    assert record["reason"].startswith("unknown task")
+    assert record["task"] == "omni_tasks.no_such_task" and record["queue"] == "diffusion"
+    assert int(get_redis().hget(keys.stats("diffusion"), "rejected") or 0) >= 1
+    still_serving()
+
+
+def test_an_undecodable_message_is_recorded_and_dropped(diffusion_worker) -> None:
+    queue = app.amqp.queues["diffusion"]
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            b'{"prompt": "half a message',
+            exchange=queue.exchange,
+            routing_key=queue.routing_key,
+            declare=[queue],
+            content_type="application/json",
+            content_encoding="utf-8",
+        )
+
+    def undecodable() -> list[dict]:
+        return [r for r in list_rejections() if r["reason"].startswith("undecodable message")]
+
+    found = eventually(undecodable, timeout_s=60)
+    assert len(found) == 1, list_rejections()
+    record = found[0]
+    assert record["queue"] == "diffusion" and record["task_id"] is None
+    assert record["body"] == '{"prompt": "half a message'
+    assert eventually(lambda: waiting_in("diffusion") == 0)  # acknowledged, not requeued
+    still_serving()
