@@ -47,6 +47,14 @@ def test_invalid_kwargs_raise_before_anything_is_sent(redis_client, task: OmniTa
     assert snapshot(redis_client) == before
 
 
+def test_an_unknown_step_cache_fails_before_enqueue(redis_client) -> None:
+    before = snapshot(redis_client)
+    with pytest.raises(RequestValidationError) as info:
+        generate_image.delay(prompt="x", step_cache="turbo")
+    assert info.value.field == "step_cache"
+    assert snapshot(redis_client) == before
+
+
 @pytest.mark.parametrize("task", [generate_text, generate_image, probe], ids=lambda t: t.name)
 def test_positional_args_are_refused(redis_client, task: OmniTask) -> None:
     before = snapshot(redis_client)
