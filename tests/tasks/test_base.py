@@ -4,6 +4,7 @@ the worker side registered (none in an application process)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -23,7 +24,7 @@ from omni_tasks import (
 )
 from omni_tasks.config import ARConfig, DiffusionConfig
 from omni_tasks.tasks import multimodal_prompt, multimodal_render, probe
-from omni_tasks.tasks.base import OmniTask
+from omni_tasks.tasks.base import KWARGSREPR_MAX_CHARS, OmniTask
 
 TASKS = [generate_text, generate_image, generate_multimodal, multimodal_prompt, probe]
 
@@ -100,6 +101,27 @@ def test_the_message_is_the_validated_request(redis_client) -> None:
     }
     assert kwargs["request_type"] == "diffusion" and kwargs["created_at"] > 0
     assert "height" not in kwargs and "processing_stage" not in kwargs
+
+
+def test_kwargsrepr_is_json_and_shows_an_input_image_by_size(redis_client, tmp_path) -> None:
+    from PIL import Image
+
+    path = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(path)
+    generate_image.delay(prompt="fox", image=str(path), seed=3)
+    ((_level, message),) = queued_messages(redis_client, "diffusion")
+    shown = json.loads(message["headers"]["kwargsrepr"])
+    kwargs = message_kwargs(message)
+    assert shown["image"] == f"<{len(kwargs['image'])} chars of base64>"
+    assert {k: v for k, v in shown.items() if k != "image"} == {
+        k: v for k, v in kwargs.items() if k != "image"
+    }
+
+
+def test_kwargsrepr_is_capped_like_celerys(redis_client) -> None:
+    generate_text.delay(prompt="x" * 3000)
+    ((_level, message),) = queued_messages(redis_client, "ar")
+    assert len(message["headers"]["kwargsrepr"]) == KWARGSREPR_MAX_CHARS
 
 
 @pytest.mark.parametrize("task", [*TASKS, multimodal_render], ids=lambda t: t.name)
