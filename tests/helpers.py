@@ -8,6 +8,29 @@ from typing import Any
 
 from PIL import Image
 
+#: The JSON keys of each result, in order: the shape callers of every version rely on.
+USAGE_KEYS = ["prompt_tokens", "completion_tokens", "total_tokens"]
+TEXT_KEYS = ["request_id", "request_type", "text", "usage", "finish_reason", "engine", "timings"]
+PROMPT_KEYS = ["request_id", "text", "image_prompt", "usage", "finish_reason", "engine", "timings"]
+IMAGE_KEYS = [
+    "request_id",
+    "request_type",
+    "image_path",
+    "width",
+    "height",
+    "seed",
+    "steps",
+    "steps_run",
+    "step_cache",
+    "cache",
+    "engine",
+    "timings",
+]
+MULTIMODAL_KEYS = [*IMAGE_KEYS, "text", "image_prompt", "usage", "finish_reason", "stages"]
+#: Image sizes whose DiT cost falls in the lowest and a high cost bucket.
+SMALL = {"width": 64, "height": 64, "steps": 4}
+LARGE = {"width": 512, "height": 512, "steps": 20}
+
 
 def publish_raw(
     task_name: str,

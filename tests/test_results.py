@@ -5,43 +5,10 @@ from __future__ import annotations
 
 import json
 
+from helpers import IMAGE_KEYS, MULTIMODAL_KEYS, PROMPT_KEYS, TEXT_KEYS, USAGE_KEYS
+
 from omni_tasks import ImageResult, MultimodalResult, PromptResult, TextResult, Usage
 from omni_tasks.results import ProbeResult
-
-USAGE_KEYS = ["prompt_tokens", "completion_tokens", "total_tokens"]
-TEXT_KEYS = [
-    "request_id",
-    "request_type",
-    "text",
-    "usage",
-    "finish_reason",
-    "engine",
-    "timings",
-]
-IMAGE_KEYS = [
-    "request_id",
-    "request_type",
-    "image_path",
-    "width",
-    "height",
-    "seed",
-    "steps",
-    "steps_run",
-    "step_cache",
-    "cache",
-    "engine",
-    "timings",
-]
-MULTIMODAL_KEYS = [*IMAGE_KEYS, "text", "image_prompt", "usage", "finish_reason", "stages"]
-PROMPT_KEYS = [
-    "request_id",
-    "text",
-    "image_prompt",
-    "usage",
-    "finish_reason",
-    "engine",
-    "timings",
-]
 
 
 def text_result() -> TextResult:

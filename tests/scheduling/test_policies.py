@@ -9,6 +9,7 @@ from dataclasses import replace
 from enum import Enum
 
 import pytest
+from helpers import LARGE, SMALL
 
 from omni_tasks import (
     SchedulerConfig,
@@ -22,8 +23,6 @@ from omni_tasks import (
 from omni_tasks.config import ARConfig, CoreModuleConfig, DiffusionConfig
 from omni_tasks.scheduling.policies import Route, SchedulingPolicy, create_policy
 
-SMALL = {"width": 64, "height": 64, "steps": 4}
-LARGE = {"width": 512, "height": 512, "steps": 20}
 PNG_1PX = (  # a 1x1 PNG, base64
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmM"
     "IQAAAABJRU5ErkJggg=="

@@ -7,6 +7,7 @@ import asyncio
 from dataclasses import replace
 
 import pytest
+from helpers import LARGE, SMALL
 
 from omni_tasks import (
     DiffusionScheduler,
@@ -25,8 +26,6 @@ from omni_tasks import (
 from omni_tasks.requests import OmniRequest
 from omni_tasks.scheduling import BaseScheduler, PolicyScheduler
 
-SMALL = {"width": 64, "height": 64, "steps": 4}
-LARGE = {"width": 512, "height": 512, "steps": 20}
 NAMED = {
     SchedulerType.FIFO: FIFOScheduler,
     SchedulerType.PRIORITY: PriorityScheduler,

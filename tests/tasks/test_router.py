@@ -8,7 +8,7 @@ import logging
 from dataclasses import replace
 
 import pytest
-from helpers import queued_messages, where
+from helpers import LARGE, SMALL, queued_messages, where
 from redis import Redis
 
 from omni_tasks import (
@@ -27,8 +27,6 @@ from omni_tasks.requests import OmniRequest
 from omni_tasks.scheduling.policies import Route, create_policy
 from omni_tasks.tasks.router import OmniRouter, resolve_route
 
-SMALL = {"width": 64, "height": 64, "steps": 4}
-LARGE = {"width": 512, "height": 512, "steps": 20}
 # (scheduler type) -> expected (queue, priority) for: text high, text normal, text low,
 # long text normal (1000 tokens), small image low, large image low, multimodal first stage.
 EXPECTED = {

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import assert_png
+from helpers import IMAGE_KEYS, MULTIMODAL_KEYS, PROMPT_KEYS, TEXT_KEYS, USAGE_KEYS, assert_png
 
 from omni_tasks import (
     ProcessingError,
@@ -32,24 +32,6 @@ from workers.execution import (
     timeout_for,
 )
 
-TEXT_KEYS = ["request_id", "request_type", "text", "usage", "finish_reason", "engine", "timings"]
-PROMPT_KEYS = ["request_id", "text", "image_prompt", "usage", "finish_reason", "engine", "timings"]
-IMAGE_KEYS = [
-    "request_id",
-    "request_type",
-    "image_path",
-    "width",
-    "height",
-    "seed",
-    "steps",
-    "steps_run",
-    "step_cache",
-    "cache",
-    "engine",
-    "timings",
-]
-MULTIMODAL_KEYS = [*IMAGE_KEYS, "text", "image_prompt", "usage", "finish_reason", "stages"]
-USAGE_KEYS = ["prompt_tokens", "completion_tokens", "total_tokens"]
 IMAGE_PHASES = {"encode_s", "denoise_s", "decode_s", "total_s", "generate_s"}
 
 
