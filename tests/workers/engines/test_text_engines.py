@@ -1,0 +1,216 @@
+"""The `TextEngine` contract (workers/engines/base.py), checked on both text engines.
+
+VllmTextEngine and TransformersTextEngine on the tiny random-weight Llama: real models,
+no mocks. One shared engine per parameter (vLLM allows one live in-process engine per
+process); pytest runs every test of one engine before building the next, and the
+shutdown test runs last for each: it closes the shared engine and builds its own.
+What only one engine has lives in `test_vllm_engine.py` / `test_transformers_engine.py`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from omni_tasks.errors import EngineStoppedError, ProcessingError, RequestTimeoutError
+from workers.engines.base import TextEngine, TextOutput, TextParams
+
+GREEDY = TextParams(max_tokens=24, temperature=0.0)
+PROMPTS = [f"Request {i}: " + "kati rone suma " * (i % 5) + "tell me" for i in range(16)]
+
+#: max_tokens of a request meant to run far past its timeout (within max_model_len).
+LONG_TOKENS = {"vllm": 1900, "transformers": 1500}
+#: The timeout that such a request is given in the timeout test.
+SHORT_TIMEOUT_S = {"vllm": 0.2, "transformers": 0.3}
+
+
+def build_engine(name: str, model_dir: Path, **kwargs: Any) -> Any:
+    if name == "vllm":
+        pytest.importorskip("vllm")
+        from workers.engines.vllm_engine import VllmTextEngine
+
+        return VllmTextEngine(str(model_dir), **kwargs)
+    from workers.engines.transformers_engine import TransformersTextEngine
+
+    return TransformersTextEngine(str(model_dir), **kwargs)
+
+
+@pytest.fixture(scope="module", params=["vllm", "transformers"])
+def engine(request: pytest.FixtureRequest, tiny_llama_dir: Path) -> Iterator[TextEngine]:
+    if request.param == "vllm":
+        # float32: bf16 rounding would make greedy text depend on the batch composition.
+        eng = build_engine("vllm", tiny_llama_dir, dtype="float32", max_num_seqs=32, kv_cache_gib=1)
+    else:
+        eng = build_engine("transformers", tiny_llama_dir, max_batch_size=16)
+    yield eng
+    eng.shutdown()
+
+
+def test_generate_counts_tokens_and_stops_at_length(
+    engine: Any, tiny_llama_dir: Path, request: pytest.FixtureRequest
+) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    out = engine.generate("r1", "Hello world", TextParams(max_tokens=16, temperature=0), 30)
+    assert isinstance(out, TextOutput)
+    assert (out.finish_reason, out.completion_tokens) == ("length", 16)
+    assert out.prompt_tokens == len(tok("Hello world").input_ids)  # BOS included
+    assert out.text
+    assert engine.name == request.node.callspec.params["engine"]
+
+
+def test_stop_string_ends_with_stop(engine: Any) -> None:
+    full = engine.generate("s0", PROMPTS[1], TextParams(max_tokens=40, temperature=0), 30)
+    stop = full.text[10:13]
+    params = TextParams(max_tokens=40, temperature=0, stop=(stop,))
+    out = engine.generate("s1", PROMPTS[1], params, 30)
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[: full.text.index(stop)]
+    assert out.completion_tokens < 40
+
+
+def test_concurrent_requests_get_their_own_results(engine: Any) -> None:
+    # Mixed max_tokens in one batch, and one request id for all: nothing may mix.
+    params = [TextParams(max_tokens=24 - (i % 3), temperature=0) for i in range(16)]
+    solo = [engine.generate(f"solo-{i}", p, params[i], 30) for i, p in enumerate(PROMPTS)]
+    with ThreadPoolExecutor(16) as pool:
+        batched = list(
+            pool.map(lambda i: engine.generate("same-id", PROMPTS[i], params[i], 60), range(16))
+        )
+    assert batched == solo
+    assert [o.text for o in batched] == [o.text for o in solo]
+    assert [o.completion_tokens for o in batched] == [p.max_tokens for p in params]
+    assert {o.finish_reason for o in batched} == {"length"}
+    assert len({o.text for o in solo}) == len(PROMPTS)
+
+
+def test_seeded_sampling_is_reproducible(engine: Any) -> None:
+    params = TextParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    a = engine.generate("a", PROMPTS[0], params, 30)
+    # Seeded requests keep their text in a batch (vLLM) or run alone (transformers).
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda i: engine.generate(f"b{i}", PROMPTS[0], params, 30), range(4)))
+    assert len({o.text for o in outs}) == 1
+    assert {o.text for o in outs} == {a.text}
+    other = engine.generate("c", PROMPTS[0], TextParams(16, 1.0, 0.9, seed=8), 30)
+    assert other.text != outs[0].text
+
+
+def test_timeout_raises_and_aborts(engine: Any) -> None:
+    params = TextParams(max_tokens=LONG_TOKENS[engine.name], temperature=0)
+    t0 = time.monotonic()
+    with pytest.raises(RequestTimeoutError):
+        engine.generate("slow", "Hello", params, timeout_s=SHORT_TIMEOUT_S[engine.name])
+    assert time.monotonic() - t0 < 2
+    # The abandoned request stops early and the engine keeps serving.
+    t0 = time.monotonic()
+    assert engine.generate("after", "Hello", GREEDY, 30).completion_tokens == 24
+    if engine.name == "transformers":
+        assert time.monotonic() - t0 < 3  # not stuck behind the abandoned row
+    else:
+        deadline = time.monotonic() + 5  # the aborted request leaves vLLM promptly
+        while engine._active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not engine._active
+
+
+def test_bad_request_fails_alone(engine: Any) -> None:
+    bad = [
+        ("zero", "Hello", TextParams(max_tokens=0)),
+        ("neg", "Hello", TextParams(max_tokens=4, temperature=-1.0)),
+    ]
+    if engine.name == "vllm":
+        bad.append(("long", "kati " * 5000, GREEDY))  # longer than max_model_len
+    for rid, prompt, params in bad:
+        with pytest.raises(ProcessingError):
+            engine.generate(rid, prompt, params, 30)
+    assert engine.generate("ok", "Hello", GREEDY, 30).finish_reason == "length"
+    assert engine.healthy
+
+
+def test_failure_reaches_callers_and_engine_recovers(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One injected fault around the real model: vLLM's third step, transformers' generate.
+    if engine.name == "vllm":
+        real_step = engine._engine.step
+        calls = {"n": 0}
+
+        def failing_step():
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("injected step failure")
+            return real_step()
+
+        monkeypatch.setattr(engine._engine, "step", failing_step)
+    else:
+        real = engine.model.generate
+
+        def failing_generate(**kwargs):
+            monkeypatch.setattr(engine.model, "generate", real)
+            raise RuntimeError("injected failure")
+
+        monkeypatch.setattr(engine.model, "generate", failing_generate)
+    with pytest.raises(ProcessingError, match="injected"):
+        engine.generate("boom", "Hello", TextParams(max_tokens=50, temperature=0), 30)
+    assert engine.healthy and engine._thread.is_alive()
+    assert engine.generate("ok", "Hello", GREEDY, 30).completion_tokens == 24
+
+
+def test_shutdown_stops_inflight_requests(engine: Any, tiny_llama_dir: Path) -> None:
+    name = engine.name
+    engine.shutdown()  # the shared engine goes first: one live vLLM engine per process
+    with pytest.raises(EngineStoppedError):
+        engine.generate("late", "Hello", GREEDY, 30)
+
+    if name == "vllm":
+        eng = build_engine(name, tiny_llama_dir, dtype="float32", kv_cache_gib=0.25)
+
+        def started() -> bool:
+            return len(eng._active) == 8  # all 8 in vLLM's running batch
+    else:
+        eng = build_engine(name, tiny_llama_dir, max_batch_size=4)
+
+        def started() -> bool:
+            return bool(eng._running)  # 4 run, 4 wait
+
+    results: list[tuple[BaseException | None, float]] = []
+
+    def call(i: int) -> None:
+        try:
+            eng.generate(f"long-{i}", PROMPTS[i], TextParams(max_tokens=LONG_TOKENS[name]), 120)
+            results.append((None, time.monotonic()))
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            results.append((exc, time.monotonic()))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while not started() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert started()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    eng.shutdown()
+    for t in threads:
+        t.join(5)
+    stop_s = time.monotonic() - t0
+    assert len(results) == 8
+    assert all(isinstance(e, EngineStoppedError) for e, _ in results), results
+    assert max(at for _, at in results) - t0 < 1.0  # callers are released at once
+    assert stop_s < 5
+    assert not eng._thread.is_alive()
+    assert not eng.healthy
+    if name == "transformers":
+        assert eng.model is None
+    with pytest.raises(EngineStoppedError):
+        eng.generate("late", "Hello", GREEDY, 30)
+    eng.shutdown()  # idempotent
