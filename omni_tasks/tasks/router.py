@@ -15,6 +15,8 @@ from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.coordination import cache_directory, keys
 from omni_tasks.requests import OmniRequest, RequestType, Stage
 from omni_tasks.scheduling.policies import Route, SchedulingPolicy, create_policy
+from omni_tasks.tasks.base import OmniTask
+from omni_tasks.tasks.celery_app import app
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,6 @@ class OmniRouter:
         task: Any = None,
         **_: Any,
     ) -> dict[str, Any] | None:
-        from omni_tasks.tasks.base import OmniTask
-        from omni_tasks.tasks.celery_app import app
-
         if not isinstance(task, OmniTask):
             task = app.tasks.get(name)
             if not isinstance(task, OmniTask):
