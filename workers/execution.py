@@ -33,6 +33,7 @@ def _text_params(request: OmniRequest) -> TextParams:
         top_p=request.top_p,
         seed=request.seed,
         stop=tuple(request.stop),
+        priority=get_config().scheduler.class_rank(request.priority),
     )
 
 

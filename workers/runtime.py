@@ -172,14 +172,15 @@ def build_text_engine(config: CoreModuleConfig) -> TextEngine:
     if ar.engine == "transformers":
         from workers.engines.transformers_engine import TransformersTextEngine
 
-        return TransformersTextEngine(model, dtype=ar.dtype, max_batch_size=ar.max_batch_size)
+        batch = min(ar.max_batch_size, config.scheduler.batch_size)
+        return TransformersTextEngine(model, dtype=ar.dtype, max_batch_size=batch)
     from workers.engines.vllm_engine import VllmTextEngine
 
     return VllmTextEngine(
         model,
         dtype=ar.dtype,
         max_model_len=ar.max_model_len,
-        max_num_seqs=ar.concurrency,
+        max_num_seqs=min(ar.concurrency, config.scheduler.batch_size),
         gpu_memory_utilization=config.max_gpu_utilization,
         tensor_parallel_size=ar.tensor_parallel_size,
         kv_cache_gib=ar.kv_cache_gib,

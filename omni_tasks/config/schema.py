@@ -48,6 +48,11 @@ class SchedulerConfig:
     batch_size: int = 32
     enable_preemption: bool = True
 
+    def class_rank(self, priority_class: str) -> int:
+        """0 for the heaviest class, then 1, 2: the order engines serve classes in."""
+        ranked = sorted(PRIORITY_CLASSES, key=lambda c: -self.priority_weights[c])
+        return ranked.index(priority_class)
+
     def validate(self) -> None:
         _require(self.max_queue_size > 0, "scheduler.max_queue_size", "must be positive")
         _require(self.timeout_seconds > 0, "scheduler.timeout_seconds", "must be positive")

@@ -163,3 +163,12 @@ def test_longest_task_bounds_both_timeouts() -> None:
     assert config.longest_task_s == 300  # scheduler.timeout_seconds
     longer = replace(config, request_timeout=900)
     assert longer.longest_task_s == 900
+
+
+def test_class_rank_orders_classes_by_weight() -> None:
+    from omni_tasks.config import SchedulerConfig
+
+    default = SchedulerConfig()
+    assert [default.class_rank(c) for c in ("high", "normal", "low")] == [0, 1, 2]
+    upside_down = SchedulerConfig(priority_weights={"high": 0.5, "normal": 1.0, "low": 2.0})
+    assert [upside_down.class_rank(c) for c in ("high", "normal", "low")] == [2, 1, 0]

@@ -147,3 +147,20 @@ def test_stop_is_idempotent_and_a_second_caller_waits() -> None:
     assert not any(caller.is_alive() for caller in callers)
     with pytest.raises(EngineStoppedError, match="shutting down"):
         runtime.text_engine()
+
+
+def test_scheduler_batch_size_caps_the_text_engines_batch(tiny_llama_dir: Path) -> None:
+    from workers.runtime import build_text_engine
+
+    config = get_config()
+    config = replace(
+        config,
+        models_dir=str(tiny_llama_dir.parent),
+        scheduler=replace(config.scheduler, batch_size=3),
+        ar=replace(config.ar, engine="transformers", model=str(tiny_llama_dir), max_batch_size=16),
+    )
+    engine = build_text_engine(config)
+    try:
+        assert engine.max_batch_size == 3
+    finally:
+        engine.shutdown()

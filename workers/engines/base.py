@@ -25,6 +25,9 @@ class TextParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    #: Rank of the request's class, 0 first (`SchedulerConfig.class_rank`): engines that
+    #: schedule by priority serve lower values first.
+    priority: int = 0
 
 
 @dataclass

@@ -217,7 +217,8 @@ class TransformersTextEngine(BackgroundThreadEngine):
             self._close()
 
     def _next_batch(self) -> list[_Request] | None:
-        """Wait for work; return compatible live requests (None once stopping)."""
+        """Wait for work; return compatible live requests, led by the most urgent one
+        (None once stopping)."""
         with self._cond:
             while not (self._stopping or self._queue):
                 self._cond.wait()
@@ -228,10 +229,12 @@ class TransformersTextEngine(BackgroundThreadEngine):
         with self._cond:
             if self._stopping:
                 return None
-            first = self._queue.popleft()
+            # The most urgent class first (arrival order within a class).
+            waiting = deque(sorted(self._queue, key=lambda r: r.params.priority))
+            first = waiting.popleft()
             batch, rest = [first], deque()
-            while self._queue:
-                req = self._queue.popleft()
+            while waiting:
+                req = waiting.popleft()
                 if len(batch) < self.max_batch_size and req.group == first.group:
                     batch.append(req)
                 else:

@@ -133,6 +133,8 @@ class VllmTextEngine(BackgroundThreadEngine):
             distributed_executor_backend="uni" if tensor_parallel_size == 1 else None,
             enforce_eager=enforce_eager,
             disable_log_stats=True,
+            # The request's class orders vLLM's waiting queue (and its preemptions).
+            scheduling_policy="priority",
             **(
                 {"kv_cache_memory_bytes": kv_bytes}
                 if self.is_cpu
@@ -159,7 +161,7 @@ class VllmTextEngine(BackgroundThreadEngine):
         with self._cond:
             self._raise_if_unavailable()
             self._futures[iid] = fut
-            self._inbox.append(("add", iid, (prompt, sampling)))
+            self._inbox.append(("add", iid, (prompt, sampling, params.priority)))
             self._cond.notify()
         try:
             return fut.result(timeout=max(timeout_s, 0.0))
@@ -260,9 +262,9 @@ class VllmTextEngine(BackgroundThreadEngine):
             fut = self._futures.get(iid)
         if fut is None or fut.done():
             return  # timed out or shut down before it was added
-        prompt, sampling = payload
+        prompt, sampling, priority = payload
         try:
-            self._engine.add_request(iid, prompt, sampling)
+            self._engine.add_request(iid, prompt, sampling, priority=priority)
         except Exception as exc:  # noqa: BLE001 - e.g. prompt longer than max_model_len
             self._pop_and_settle(iid, exc=ProcessingError(f"vLLM rejected the request: {exc}"))
             return

@@ -214,3 +214,57 @@ def test_shutdown_stops_inflight_requests(engine: Any, tiny_llama_dir: Path) -> 
     with pytest.raises(EngineStoppedError):
         eng.generate("late", "Hello", GREEDY, 30)
     eng.shutdown()  # idempotent
+
+
+# Run in a process of its own: it needs an engine that runs one sequence at a time, and
+# vLLM allows one live engine per process.
+URGENT_FIRST = """
+import json, sys, threading, time
+from workers.engines.base import TextParams
+name, model = sys.argv[1], sys.argv[2]
+if name == "vllm":
+    from workers.engines.vllm_engine import VllmTextEngine
+    engine = VllmTextEngine(model, dtype="float32", max_num_seqs=1, kv_cache_gib=1)
+else:
+    from workers.engines.transformers_engine import TransformersTextEngine
+    engine = TransformersTextEngine(model, max_batch_size=1, batch_wait_s=0)
+done, lock = [], threading.Lock()
+def run(rid, priority, tokens=48):
+    engine.generate(rid, "tell me a story", TextParams(tokens, 0.0, priority=priority), 120)
+    with lock:
+        done.append(rid)
+first = threading.Thread(target=run, args=("low-0", 2, 800))  # still running below
+first.start()
+time.sleep(0.3)
+later = [threading.Thread(target=run, args=(f"low-{i}", 2)) for i in (1, 2, 3)]
+later.append(threading.Thread(target=run, args=("high", 0)))
+for t in later:
+    t.start()
+for t in [first, *later]:
+    t.join()
+engine.shutdown()
+print("ORDER " + json.dumps(done))
+"""
+
+
+@pytest.mark.parametrize("name", ["vllm", "transformers"])
+def test_the_most_urgent_class_is_served_first(name: str, tiny_llama_dir: Path) -> None:
+    """One sequence at a time; three low-class requests, then a high-class one, queue
+    behind a running low-class request: the high one is served before them."""
+    import json
+    import subprocess
+    import sys
+
+    if name == "vllm":
+        pytest.importorskip("vllm")
+    out = subprocess.run(
+        [sys.executable, "-c", URGENT_FIRST, name, str(tiny_llama_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("ORDER ")]
+    assert lines, out.stdout[-2000:] + out.stderr[-2000:]
+    order = json.loads(lines[-1][len("ORDER ") :])
+    assert sorted(order) == ["high", "low-0", "low-1", "low-2", "low-3"]
+    assert order.index("high") < min(order.index(f"low-{i}") for i in (1, 2, 3)), order
