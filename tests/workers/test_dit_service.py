@@ -58,7 +58,9 @@ def test_exact_repeat_reuses_latents_and_new_seed_reuses_embeddings(two_workers)
     assert first["cache"] == {"latents": "miss", "embeddings": "miss"}
     assert first["steps_run"] == 2
     repeat = generate_image.delay(prompt="a tiny fox", seed=1, **SMALL).get(TIMEOUT)
-    assert repeat["cache"]["latents"] == "hit" and repeat["steps_run"] == 0
+    assert repeat["cache"] == {"latents": "hit", "embeddings": "skipped", "image": "hit"}
+    assert repeat["steps_run"] == 0
+    assert repeat["timings"]["decode_s"] == 0.0  # the decoded image was reused
     with open(first["image_path"], "rb") as a, open(repeat["image_path"], "rb") as b:
         assert a.read() == b.read()
     # The repeat went to the worker that held the latents (affinity), so it hit.
