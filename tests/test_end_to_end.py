@@ -181,11 +181,33 @@ def test_worker_refuses_a_pickled_message_and_keeps_serving(pools) -> None:
 
 
 def test_engine_side_timeout_fails_the_request(pools) -> None:
+    expired_before = pool_counter("ar", "expired")
+
     async def run() -> None:
         scheduler = OmniScheduler()
-        request = create_text_request("x", max_tokens=2000, timeout_s=0.001)
+        # Started at once (the pool is idle), then stopped by the engine at its deadline.
+        request = create_text_request("x", max_tokens=2000, timeout_s=1.0)
         with pytest.raises(ProcessingError, match="(?i)time"):
             await scheduler.process_request(request, timeout=TIMEOUT)
         assert request.processing_stage is ProcessingStage.FAILED and request.errors
 
     asyncio.run(run())
+    assert pool_counter("ar", "expired") == expired_before + 1
+
+
+def test_a_request_past_its_deadline_is_never_started(pools) -> None:
+    from celery.exceptions import TaskRevokedError
+
+    expired_before = pool_counter("diffusion", "expired")
+    result = generate_image.delay(prompt="too late", steps=2, timeout_s=0.001)
+    with pytest.raises(TaskRevokedError):
+        result.get(timeout=TIMEOUT)
+    assert result.state == "REVOKED"
+    assert eventually(lambda: pool_counter("diffusion", "expired") == expired_before + 1)
+
+
+def pool_counter(queue: str, name: str) -> int:
+    from omni_tasks.coordination import keys
+    from omni_tasks.coordination.client import get_redis
+
+    return int(get_redis().hget(keys.stats(queue), name) or 0)

@@ -11,6 +11,7 @@ from omni_tasks.coordination.cache_directory import step_cache_of
 from omni_tasks.errors import ProcessingError
 from omni_tasks.requests import OmniRequest, RequestType
 from omni_tasks.results import ImageResult, MultimodalResult, PromptResult, TextResult, Usage
+from omni_tasks.tasks.base import request_deadline
 from workers.dit_service import render
 from workers.engines.base import ImageParams, StepCacheSettings, TextParams
 from workers.images import decode_image, save_png
@@ -20,10 +21,13 @@ IMAGE_PROMPT_TEMPLATE = "Write a short, vivid prompt for an image of: {prompt}\n
 
 
 def timeout_for(request: OmniRequest) -> float:
-    """The engine-side limit: the request's own timeout, capped by the config."""
-    config = get_config()
-    cap = float(min(config.scheduler.timeout_seconds, config.request_timeout))
-    return min(request.timeout_s or cap, cap)
+    """The engine-side limit: what is left until the request's deadline (its creation
+    plus `timeout_s`), or the config's cap for a request without a timeout."""
+    deadline = request_deadline(request)
+    if deadline is None:
+        config = get_config()
+        return float(min(config.scheduler.timeout_seconds, config.request_timeout))
+    return max(deadline - time.time(), 0.0)
 
 
 def _text_params(request: OmniRequest) -> TextParams:

@@ -19,8 +19,14 @@ from celery.exceptions import Ignore, Reject
 from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis, get_scripts
+from omni_tasks.coordination.counters import count_outcome
 from omni_tasks.coordination.rejections import record_rejection
-from omni_tasks.errors import EngineStoppedError, ProcessingError, RequestValidationError
+from omni_tasks.errors import (
+    EngineStoppedError,
+    ProcessingError,
+    RequestTimeoutError,
+    RequestValidationError,
+)
 from omni_tasks.requests import OmniRequest
 from omni_tasks.results import ProbeResult
 from omni_tasks.tasks.base import OmniTask, TaskHandler
@@ -63,8 +69,11 @@ def execute(
         # redelivered message will add when it starts again.
         client.decr(keys.deliveries(task_id))
         raise Reject("worker shutting down", requeue=True) from None
+    except RequestTimeoutError:
+        count_outcome(queue, "expired")
+        raise
     except Exception:
-        client.hincrby(keys.stats(queue), "failed", 1)
+        count_outcome(queue, "failed")
         raise
     run_s = time.time() - started
     timings = result.timings
@@ -89,6 +98,7 @@ def _admit_redelivery(task: OmniTask, task_id: str, kwargs: Any, queue: str) -> 
     )
     if revoked:
         task.backend.mark_as_revoked(task_id, "cancelled before it ran", request=task.request)
+        count_outcome(queue, "cancelled")
         raise Ignore()
     cap = get_config().max_redeliveries
     if int(returns) > cap:
@@ -100,7 +110,7 @@ def _admit_redelivery(task: OmniTask, task_id: str, kwargs: Any, queue: str) -> 
 def _record_failure(task: OmniTask, task_id: str, queue: str, reason: str, body: Any) -> None:
     """A message refused without running: kept in the rejected list, counted as failed."""
     record_rejection(reason, task_id=task_id, task_name=task.name, queue=queue, body=body)
-    get_redis().hincrby(keys.stats(queue), "failed", 1)
+    count_outcome(queue, "failed")
 
 
 def _probe(request: OmniRequest, previous: dict[str, Any] | None) -> ProbeResult:

@@ -1,7 +1,8 @@
-"""Per-pool success counters, batched: added in memory, flushed to Redis every 0.25 s.
+"""Per-pool outcome counters. Successes are batched: added in memory, flushed to Redis
+every 0.25 s. Failures, expirations and cancellations are counted at once.
 
 A success is the hot path of every task; one Redis round trip per task for a metric
-cost more than the whole no-op task itself. Failures and rejections stay immediate.
+cost more than the whole no-op task itself.
 A worker owns one `SuccessCounters` and flushes it on shutdown, so nothing counted is
 lost on a clean stop. Pools are named by their queue.
 """
@@ -17,6 +18,16 @@ from omni_tasks.coordination.client import get_redis
 
 log = logging.getLogger(__name__)
 FLUSH_INTERVAL_S = 0.25
+#: Outcomes other than success: a run failed; a request passed its deadline (never
+#: started, or stopped running); a request was cancelled before or while it ran.
+OUTCOMES = ("failed", "expired", "cancelled")
+
+
+def count_outcome(queue: str, outcome: str) -> None:
+    """Count one failed, expired or cancelled request of the pool named by `queue`."""
+    if outcome not in OUTCOMES:
+        raise ValueError(f"unknown outcome {outcome!r}; one of {OUTCOMES}")
+    get_redis().hincrby(keys.stats(queue), outcome, 1)
 
 
 class SuccessCounters:

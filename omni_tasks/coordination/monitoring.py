@@ -43,6 +43,8 @@ def total_queued(config: CoreModuleConfig | None = None) -> int:
 class PoolStats:
     processed: int = 0
     failed: int = 0
+    expired: int = 0
+    cancelled: int = 0
     rejected: int = 0
     run_s_sum: float = 0.0
     queued_s_sum: float = 0.0
@@ -87,6 +89,8 @@ def read_snapshot(config: CoreModuleConfig | None = None) -> ClusterSnapshot:
         pools[queue] = PoolStats(
             processed=int(raw.get("processed", 0)),
             failed=int(raw.get("failed", 0)),
+            expired=int(raw.get("expired", 0)),
+            cancelled=int(raw.get("cancelled", 0)),
             rejected=int(raw.get("rejected", 0)),
             run_s_sum=float(raw.get("run_s_sum", 0.0)),
             queued_s_sum=float(raw.get("queued_s_sum", 0.0)),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 from celery import Task
@@ -63,6 +64,9 @@ class OmniTask(Task):
         """Enqueue a validated request as this task's message (its id is the task id)."""
         message = request.to_message()
         options.setdefault("kwargsrepr", kwargs_repr(message))
+        deadline = request_deadline(request)
+        if deadline is not None:
+            options.setdefault("expires", datetime.fromtimestamp(deadline, timezone.utc))
         return super().apply_async(args, message, task_id=task_id or request.request_id, **options)
 
     @property
@@ -94,3 +98,14 @@ def kwargs_repr(message: dict[str, Any]) -> str:
     if isinstance(shown.get("image"), str):
         shown["image"] = f"<{len(shown['image'])} chars of base64>"
     return json.dumps(shown)[:KWARGSREPR_MAX_CHARS]
+
+
+def request_deadline(request: OmniRequest) -> float | None:
+    """When a request with a `timeout_s` stops being worth running: its creation plus
+    its timeout (capped by the config). Its message expires then, so a worker never
+    starts it late; None for a request without a timeout."""
+    if request.timeout_s is None:
+        return None
+    config = get_config()
+    cap = min(config.scheduler.timeout_seconds, config.request_timeout)
+    return request.created_at + min(request.timeout_s, cap)

@@ -72,3 +72,17 @@ def test_a_failed_flush_keeps_the_counts_for_the_next(
     assert int(ar["processed"]) == 2
     assert float(ar["run_s_sum"]) == pytest.approx(3.0)
     assert float(ar["queued_s_sum"]) == pytest.approx(1.0)
+
+
+def test_outcomes_are_counted_at_once(redis_client) -> None:
+    from omni_tasks.coordination.counters import count_outcome
+
+    for outcome in ("failed", "expired", "expired", "cancelled"):
+        count_outcome("diffusion", outcome)
+    assert redis_client.hgetall(keys.stats("diffusion")) == {
+        "failed": "1",
+        "expired": "2",
+        "cancelled": "1",
+    }
+    with pytest.raises(ValueError, match="outcome"):
+        count_outcome("diffusion", "lost")

@@ -78,7 +78,15 @@ def test_queue_depths_follow_the_configured_queue_names(redis_client) -> None:
 def test_read_snapshot_parses_counters_and_heartbeats(redis_client) -> None:
     redis_client.hset(
         keys.stats("ar"),
-        mapping={"processed": 7, "failed": 1, "rejected": 2, "run_s_sum": 3.5, "queued_s_sum": 0.5},
+        mapping={
+            "processed": 7,
+            "failed": 1,
+            "expired": 4,
+            "cancelled": 5,
+            "rejected": 2,
+            "run_s_sum": 3.5,
+            "queued_s_sum": 0.5,
+        },
     )
     redis_client.hset(keys.stats("diffusion"), mapping={"processed": 3})
     beat(
@@ -88,7 +96,15 @@ def test_read_snapshot_parses_counters_and_heartbeats(redis_client) -> None:
     beat(redis_client, "diffusion-1@h", ["diffusion"], dit_cache_bytes=50, dit_cache_max_bytes=1000)
     redis_client.lpush("ar", "m1")
     snap = read_snapshot()
-    assert snap.pools["ar"] == PoolStats(7, 1, 2, 3.5, 0.5)
+    assert snap.pools["ar"] == PoolStats(
+        processed=7,
+        failed=1,
+        expired=4,
+        cancelled=5,
+        rejected=2,
+        run_s_sum=3.5,
+        queued_s_sum=0.5,
+    )
     assert snap.pools["diffusion"] == PoolStats(processed=3)
     assert (snap.processed, snap.failed, snap.queued) == (10, 1, 1)
     assert [w["hostname"] for w in snap.workers] == ["ar-1@h", "diffusion-1@h", "diffusion-2@h"]

@@ -48,6 +48,27 @@ def test_invalid_kwargs_raise_before_anything_is_sent(redis_client, task: OmniTa
     assert snapshot(redis_client) == before
 
 
+def test_a_timeout_becomes_the_messages_expiry(redis_client, use_config) -> None:
+    from datetime import datetime
+
+    from omni_tasks.tasks.base import request_deadline
+
+    generate_text.delay(prompt="soon", timeout_s=30)
+    generate_text.delay(prompt="whenever")
+    (_, timed), (_, untimed) = sorted(
+        queued_messages(redis_client, "ar"), key=lambda m: message_kwargs(m[1])["prompt"]
+    )
+    kwargs = message_kwargs(timed)
+    expires = datetime.fromisoformat(timed["headers"]["expires"]).timestamp()
+    assert expires == pytest.approx(kwargs["created_at"] + 30, abs=1e-3)
+    assert untimed["headers"]["expires"] is None
+    # Capped by the config: a longer timeout still expires at the cap.
+    config = get_config()
+    use_config(replace(config, scheduler=replace(config.scheduler, timeout_seconds=5)))
+    request = generate_text.build_request({"prompt": "x", "timeout_s": 60})
+    assert request_deadline(request) == pytest.approx(request.created_at + 5)
+
+
 def test_an_unknown_step_cache_fails_before_enqueue(redis_client) -> None:
     before = snapshot(redis_client)
     with pytest.raises(RequestValidationError) as info:

@@ -148,9 +148,21 @@ def test_render_without_a_prompt_result_fails(prompt_result: dict | None) -> Non
 
 def test_timeout_for_caps_the_requests_own_timeout_by_the_config() -> None:
     config = get_config()
+    near = pytest.approx  # what is left of a deadline shrinks while the test runs
     with config_with(scheduler=replace(config.scheduler, timeout_seconds=100), request_timeout=50):
         assert timeout_for(create_text_request("x")) == 50  # none given: the cap
-        assert timeout_for(create_text_request("x", timeout_s=10)) == 10
-        assert timeout_for(create_text_request("x", timeout_s=500)) == 50
+        assert timeout_for(create_text_request("x", timeout_s=10)) == near(10, abs=0.5)
+        assert timeout_for(create_text_request("x", timeout_s=500)) == near(50, abs=0.5)
     with config_with(scheduler=replace(config.scheduler, timeout_seconds=20)):
-        assert timeout_for(create_text_request("x", timeout_s=30)) == 20  # the lower cap
+        # the lower cap
+        assert timeout_for(create_text_request("x", timeout_s=30)) == near(20, abs=0.5)
+
+
+def test_timeout_for_counts_from_the_requests_creation() -> None:
+    import time
+
+    created = time.time() - 3
+    waited = create_text_request("x", timeout_s=10, created_at=created)
+    assert timeout_for(waited) == pytest.approx(7, abs=0.5)  # 3 s were spent queued
+    late = create_text_request("x", timeout_s=2, created_at=created)
+    assert timeout_for(late) == 0.0  # past its deadline: the engine stops it at once

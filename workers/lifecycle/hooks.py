@@ -18,6 +18,8 @@ from celery import signals
 from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis
+from omni_tasks.coordination.counters import count_outcome
+from omni_tasks.tasks.base import OmniTask
 from omni_tasks.tasks.celery_app import pool_queue
 from workers.lifecycle.heartbeat import Heartbeat
 from workers.runtime import WorkerIdentity, runtime
@@ -90,6 +92,16 @@ def _load_revocations() -> None:
             worker_state.revoked.add(key[len(prefix) :])
     except Exception:
         log.warning("could not load revocations from Redis", exc_info=True)
+
+
+@signals.task_revoked.connect
+def _on_task_revoked(sender: Any = None, expired: bool = False, **_: Any) -> None:
+    """A message this worker discarded: past its `expires`, or cancelled."""
+    if isinstance(sender, OmniTask):
+        try:
+            count_outcome(sender.stage_queue, "expired" if expired else "cancelled")
+        except Exception:
+            log.warning("could not count a revoked task", exc_info=True)
 
 
 @signals.worker_shutting_down.connect

@@ -12,6 +12,7 @@ import time
 
 import pytest
 from conftest import clean_redis, start_ready_workers
+from helpers import eventually
 
 from omni_tasks import (
     OmniScheduler,
@@ -92,6 +93,9 @@ def test_removed_request_is_skipped_and_next_request_is_by_policy(clean, run_dir
             time.sleep(0.1)
         assert removed.state == "REVOKED"
         assert not get_redis().exists(keys.deliveries(reqs[0].request_id))
+        # The worker discarded it and counted it for the pool.
+        counted = eventually(lambda: get_redis().hget(keys.stats("diffusion"), "cancelled"))
+        assert int(counted or 0) == 1
     finally:
         worker.stop()
     assert scheduler.get_queue_size() == 0
