@@ -25,8 +25,7 @@ def timeout_for(request: OmniRequest) -> float:
     plus `timeout_s`), or the config's cap for a request without a timeout."""
     deadline = request_deadline(request)
     if deadline is None:
-        config = get_config()
-        return float(min(config.scheduler.timeout_seconds, config.request_timeout))
+        return float(get_config().request_time_cap_s)
     return max(deadline - time.time(), 0.0)
 
 

@@ -208,6 +208,11 @@ class CoreModuleConfig:
         """Upper bound of any task's run time; the broker's visibility timeout exceeds it."""
         return max(self.request_timeout, self.scheduler.timeout_seconds)
 
+    @property
+    def request_time_cap_s(self) -> int:
+        """The most time any one request gets, from its creation, whatever its `timeout_s`."""
+        return min(self.request_timeout, self.scheduler.timeout_seconds)
+
     def pool_for(self, stage: Stage) -> PoolConfig:
         """The pool that runs a pipeline stage: the AR pool for "ar", else the diffusion pool."""
         return self.ar if stage == "ar" else self.diffusion

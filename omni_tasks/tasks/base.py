@@ -106,6 +106,4 @@ def request_deadline(request: OmniRequest) -> float | None:
     starts it late; None for a request without a timeout."""
     if request.timeout_s is None:
         return None
-    config = get_config()
-    cap = min(config.scheduler.timeout_seconds, config.request_timeout)
-    return request.created_at + min(request.timeout_s, cap)
+    return request.created_at + min(request.timeout_s, get_config().request_time_cap_s)
