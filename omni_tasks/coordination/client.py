@@ -50,12 +50,16 @@ def to_redis_py_url(url: str) -> str:
 
 def get_redis(url: str | None = None) -> redis.Redis:
     """The client for `url` (default: the configured `redis_url`)."""
-    return _connections.get(to_redis_py_url(url or get_config().redis_url)).client
+    return _connection(url).client
 
 
 def get_scripts(url: str | None = None) -> Scripts:
     """The Lua scripts, registered on `get_redis(url)`."""
-    return _connections.get(to_redis_py_url(url or get_config().redis_url)).scripts
+    return _connection(url).scripts
+
+
+def _connection(url: str | None) -> _Connection:
+    return _connections.get(to_redis_py_url(url or get_config().redis_url))
 
 
 def backoff(
