@@ -21,10 +21,8 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
 from PIL import Image
 
 from omni_tasks.config import get_config
@@ -33,6 +31,9 @@ from omni_tasks.coordination.cache_directory import DiTKeys, dit_keys
 from omni_tasks.requests import OmniRequest
 from workers.engines.base import ImageOutput, ImageParams
 from workers.runtime import runtime
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 PAUSED_PREFIX = "paused:"
@@ -106,6 +107,9 @@ def render(
 def _final(out: ImageOutput) -> dict[str, torch.Tensor]:
     """What an exact repeat reuses: the final latents, and the decoded image beside them
     (uint8 HxWx3), so the repeat skips the VAE decode too."""
+    import numpy as np
+    import torch
+
     assert out.latents is not None
     pixels = torch.from_numpy(np.asarray(out.image.convert("RGB"), dtype=np.uint8).copy())
     return {"latents": out.latents, "image": pixels}
