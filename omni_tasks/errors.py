@@ -35,6 +35,11 @@ class RequestTimeoutError(ProcessingError):
     """Raised when a request runs longer than its timeout (engine-side time limit)."""
 
 
+class RequestCancelledError(ProcessingError):
+    """Raised inside a worker when a running request is revoked: it leaves at the next
+    denoising step boundary, and its task ends REVOKED."""
+
+
 class EngineStoppedError(ProcessingError):
     """Raised inside a worker when its engine shuts down while a request is running.
 

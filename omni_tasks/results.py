@@ -86,6 +86,10 @@ class ImageResult(_Result):
 
     `steps_run` counts the denoising steps whose transformer blocks ran (fewer than
     `steps` with step caching, 0 on a DiT cache hit); `cache` says what was reused.
+    `denoise_steps`: the scheduler steps this request ran, each once (`steps`, or fewer
+    for img2img; 0 when reused); `preemptions`: how often the worker's step scheduler
+    paused it for a higher-ranked request (`timings.paused_s` in all); `max_batch`: the
+    most requests any of its steps ran together with (itself included).
     """
 
     request_id: str
@@ -100,6 +104,9 @@ class ImageResult(_Result):
     cache: dict[str, str]
     engine: str
     timings: dict[str, float] = field(default_factory=dict)
+    denoise_steps: int = 0
+    preemptions: int = 0
+    max_batch: int = 0
 
 
 @dataclass

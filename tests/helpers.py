@@ -25,6 +25,9 @@ IMAGE_KEYS = [
     "cache",
     "engine",
     "timings",
+    "denoise_steps",
+    "preemptions",
+    "max_batch",
 ]
 MULTIMODAL_KEYS = [*IMAGE_KEYS, "text", "image_prompt", "usage", "finish_reason", "stages"]
 #: Image sizes whose DiT cost falls in the lowest and a high cost bucket.

@@ -27,6 +27,7 @@ from omni_tasks.errors import (
         "ResourceError",
         "ProcessingError",
         "RequestTimeoutError",
+        "RequestCancelledError",
         "EngineStoppedError",
         "ConfigError",
         "RequestValidationError",

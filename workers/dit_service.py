@@ -31,12 +31,12 @@ from omni_tasks.coordination.cache_directory import DiTKeys, dit_keys
 from omni_tasks.requests import OmniRequest
 from workers.engines.base import ImageOutput, ImageParams
 from workers.runtime import runtime
+from workers.stepping.request import StepTicket
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-PAUSED_PREFIX = "paused:"
 
 
 @dataclass
@@ -45,6 +45,9 @@ class Rendered:
     steps_run: int
     timings: dict[str, float]
     cache: dict[str, str] = field(default_factory=dict)
+    denoise_steps: int = 0
+    preemptions: int = 0
+    max_batch: int = 0
 
 
 def _count(kind: str, hit: bool) -> None:
@@ -67,6 +70,7 @@ def render(
     params: ImageParams,
     timeout_s: float,
     init_image: Image.Image | None = None,
+    ticket: StepTicket | None = None,
 ) -> Rendered:
     engine = runtime.diffusion_engine()
     cache = runtime.dit_cache()
@@ -90,7 +94,7 @@ def render(
             _record_hit(keys.embeddings)
         remaining = max(deadline - time.monotonic(), 0.001)
         out: ImageOutput = engine.generate(
-            request.request_id, prompt, params, remaining, init_image, embeds=embeds
+            request.request_id, prompt, params, remaining, init_image, embeds=embeds, ticket=ticket
         )
         if embeds is None and out.embeds is not None:
             cache.put(keys.embeddings, out.embeds)
@@ -101,7 +105,15 @@ def render(
     except BaseException:
         flight.release()
         raise
-    return Rendered(out.image, out.steps_run, out.timings, info)
+    return Rendered(
+        out.image,
+        out.steps_run,
+        out.timings,
+        info,
+        denoise_steps=out.denoise_steps,
+        preemptions=out.preemptions,
+        max_batch=out.max_batch,
+    )
 
 
 def _final(out: ImageOutput) -> dict[str, torch.Tensor]:
@@ -145,19 +157,3 @@ def _from_outcome(raw: str) -> Rendered:
         {},
         {"latents": "shared", "embeddings": "skipped", "shared_steps_run": str(data["steps_run"])},
     )
-
-
-# The slot for paused requests' latents (preemption parks a request's state here).
-def park(request_id: str, state: Any) -> bool:
-    """Keep a paused request's latents (and step) in the worker's DiT cache; lossless,
-    so the resumed request finishes exactly as it would have without the pause."""
-    return runtime.dit_cache().put(PAUSED_PREFIX + request_id, state, lossless=True)
-
-
-def resume(request_id: str) -> Any | None:
-    """Take a paused request's state back out (None if it was evicted)."""
-    cache = runtime.dit_cache()
-    key = PAUSED_PREFIX + request_id
-    state = cache.get(key)
-    cache.invalidate(key)
-    return state

@@ -12,10 +12,12 @@ from omni_tasks.errors import ProcessingError
 from omni_tasks.requests import OmniRequest, RequestType
 from omni_tasks.results import ImageResult, MultimodalResult, PromptResult, TextResult, Usage
 from omni_tasks.tasks.base import request_deadline
+from workers import progress, task_context
 from workers.dit_service import render
 from workers.engines.base import ImageParams, StepCacheSettings, TextParams
 from workers.images import decode_image, save_png
 from workers.runtime import runtime
+from workers.stepping.request import StepTicket
 
 IMAGE_PROMPT_TEMPLATE = "Write a short, vivid prompt for an image of: {prompt}\nImage prompt:"
 
@@ -76,8 +78,17 @@ def run_image(request: OmniRequest, prompt: str | None = None) -> ImageResult:
         strength=request.strength,
         step_cache=StepCacheSettings(mode=mode, params=mode_params),
     )
+    timeout_s = timeout_for(request)
+    ticket = StepTicket(
+        request.request_id,
+        priority_class=request.priority,
+        continuing=request.request_type is RequestType.MULTIMODAL,
+        deadline=time.monotonic() + timeout_s,
+        cancelled=task_context.revoked_check(),
+        on_progress=progress.callback(),
+    )
     start = time.perf_counter()
-    out = render(request, prompt or request.prompt, params, timeout_for(request), init_image)
+    out = render(request, prompt or request.prompt, params, timeout_s, init_image, ticket)
     gen_s = time.perf_counter() - start
     path = save_png(out.image, config.output_path(), request.request_id)
     timings = {k: round(v, 6) for k, v in out.timings.items()}
@@ -95,6 +106,9 @@ def run_image(request: OmniRequest, prompt: str | None = None) -> ImageResult:
         cache=out.cache,
         engine=runtime.diffusion_engine().name,
         timings=timings,
+        denoise_steps=out.denoise_steps,
+        preemptions=out.preemptions,
+        max_batch=out.max_batch,
     )
 
 

@@ -24,13 +24,14 @@ from omni_tasks.coordination.rejections import record_rejection
 from omni_tasks.errors import (
     EngineStoppedError,
     ProcessingError,
+    RequestCancelledError,
     RequestTimeoutError,
     RequestValidationError,
 )
 from omni_tasks.requests import OmniRequest
 from omni_tasks.results import ProbeResult
 from omni_tasks.tasks.base import OmniTask, TaskHandler
-from workers import execution
+from workers import execution, progress, task_context
 from workers.runtime import runtime
 
 DELIVERY_KEY_TTL_S = 7 * 86400
@@ -63,7 +64,8 @@ def execute(
         _record_failure(task, task_id, queue, str(exc), kwargs)
         raise
     try:
-        result = run(request)
+        with task_context.running(task_id), progress.reporting(task):
+            result = run(request)
     except EngineStoppedError:
         # A warm shutdown: give the message back; the credit cancels the count the
         # redelivered message will add when it starts again.
@@ -72,6 +74,10 @@ def execute(
     except RequestTimeoutError:
         count_outcome(queue, "expired")
         raise
+    except RequestCancelledError:
+        task.backend.mark_as_revoked(task_id, "cancelled while running", request=task.request)
+        count_outcome(queue, "cancelled")
+        raise Ignore() from None
     except Exception:
         count_outcome(queue, "failed")
         raise

@@ -193,7 +193,13 @@ def build_diffusion_engine(config: CoreModuleConfig) -> DiffusionEngine:
     dit = config.diffusion
     model = resolve_model(dit.model, config)
     log.info("loading diffusion engine for %s", model)
-    return FluxDiffusionEngine(model, device=dit.device, dtype=dit.dtype)
+    return FluxDiffusionEngine(
+        model,
+        device=dit.device,
+        dtype=dit.dtype,
+        max_batch_size=config.step_batch_limit,
+        config=config,
+    )
 
 
 runtime = WorkerRuntime()

@@ -47,6 +47,9 @@ class SchedulerConfig:
     timeout_seconds: int = 300
     batch_size: int = 32
     enable_preemption: bool = True
+    # A request a diffusion worker has held this long ranks above every request it has
+    # held for less (oldest first): it is neither passed nor paused by later arrivals.
+    starvation_s: float = 30.0
 
     def class_rank(self, priority_class: str) -> int:
         """0 for the heaviest class, then 1, 2: the order engines serve classes in."""
@@ -57,6 +60,7 @@ class SchedulerConfig:
         _require(self.max_queue_size > 0, "scheduler.max_queue_size", "must be positive")
         _require(self.timeout_seconds > 0, "scheduler.timeout_seconds", "must be positive")
         _require(self.batch_size > 0, "scheduler.batch_size", "must be positive")
+        _require(self.starvation_s > 0, "scheduler.starvation_s", "must be positive")
         missing = [c for c in PRIORITY_CLASSES if c not in self.priority_weights]
         _require(not missing, "scheduler.priority_weights", f"missing classes {missing}")
         for name, weight in self.priority_weights.items():
@@ -134,10 +138,16 @@ class ARConfig(PoolConfig):
 
 @dataclass
 class DiffusionConfig(PoolConfig):
-    """The diffusion pool: pipeline and model."""
+    """The diffusion pool: pipeline and model.
+
+    `concurrency` is how many requests a worker holds (reserved, unacked): the ones its
+    step scheduler runs together, at most `max_batch_size`, and a lookahead it can rank
+    against them (a later high-class arrival preempts a running low-class one).
+    """
 
     queue: str = "diffusion"
-    concurrency: int = 2
+    concurrency: int = 10
+    max_batch_size: int = 8
     model: str = "tiny-flux"
     device: str = "auto"
     dtype: str = "auto"
@@ -148,6 +158,7 @@ class DiffusionConfig(PoolConfig):
     def validate(self, name: str = "diffusion") -> None:
         super().validate(name)
         _require(bool(self.model), f"{name}.model", "must not be empty")
+        _require(self.max_batch_size > 0, f"{name}.max_batch_size", "must be positive")
         _require(
             self.step_cache in STEP_CACHE_MODES,
             f"{name}.step_cache",
@@ -212,6 +223,11 @@ class CoreModuleConfig:
     def request_time_cap_s(self) -> int:
         """The most time any one request gets, from its creation, whatever its `timeout_s`."""
         return min(self.request_timeout, self.scheduler.timeout_seconds)
+
+    @property
+    def step_batch_limit(self) -> int:
+        """The most requests one denoising step of a diffusion worker runs together."""
+        return min(self.scheduler.batch_size, self.diffusion.max_batch_size)
 
     def pool_for(self, stage: Stage) -> PoolConfig:
         """The pool that runs a pipeline stage: the AR pool for "ar", else the diffusion pool."""

@@ -170,19 +170,3 @@ def test_step_cache_is_chosen_per_request(two_workers) -> None:
     assert fast["step_cache"] == "first_block" and 0 < fast["steps_run"] < 8
     assert fast["cache"]["latents"] == "miss"  # another mode: another latents key
     assert_png(fast["image_path"], 64, 64)
-
-
-def test_paused_request_slot(tiny_flux_dir) -> None:
-    """Preemption parks a request's latents in the worker's DiT cache and takes them back."""
-    import torch
-
-    from workers.dit_service import PAUSED_PREFIX, park, resume
-    from workers.runtime import runtime
-
-    latents = torch.randn(1, 16, 8, 8)
-    assert park("req-paused", {"latents": latents, "step": 3})
-    assert PAUSED_PREFIX + "req-paused" in directory_of(runtime.hostname)
-    state = resume("req-paused")
-    assert state["step"] == 3 and torch.equal(state["latents"], latents)
-    assert PAUSED_PREFIX + "req-paused" not in directory_of(runtime.hostname)
-    assert resume("req-paused") is None

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from workers.stepping.request import StepTicket
+
 
 @dataclass(frozen=True)
 class TextParams:
@@ -92,8 +94,10 @@ class ImageOutput:
     the request only decoded given latents. `latents`: the final denoised latents before the
     VAE, unpacked to (1, channels, height / 8, width / 8) and not yet scaled or shifted. Both
     stay on the engine's device. `timings` (seconds): encode_s, denoise_s, decode_s (0 for
-    skipped phases) and total_s, whose remainder is mostly waiting for the shared
-    transformer; calibrate_s too when the request had to calibrate MagCache first.
+    skipped phases), paused_s (time preempted) and total_s, whose remainder is mostly
+    waiting for the step scheduler; calibrate_s too when the request had to calibrate
+    MagCache first. `preemptions`: times the step scheduler paused it; `max_batch`: the
+    most requests any of its steps ran with.
     """
 
     image: Image.Image
@@ -102,6 +106,8 @@ class ImageOutput:
     denoise_steps: int = 0
     embeds: dict[str, torch.Tensor] | None = None
     latents: torch.Tensor | None = None
+    preemptions: int = 0
+    max_batch: int = 0
 
 
 class DiffusionEngine(Protocol):
@@ -119,11 +125,13 @@ class DiffusionEngine(Protocol):
         *,
         embeds: dict[str, torch.Tensor] | None = None,
         latents: torch.Tensor | None = None,
+        ticket: StepTicket | None = None,
     ) -> ImageOutput:
         """Text-to-image, or img2img when `init_image` is given; blocks until done.
 
         `embeds` (from an earlier `ImageOutput.embeds`) skips the text encoders; `latents`
-        (from an earlier `ImageOutput.latents`) skips everything but the VAE decode.
+        (from an earlier `ImageOutput.latents`) skips everything but the VAE decode;
+        `ticket`: how the worker's step scheduler ranks, cancels and reports the request.
         """
         ...
 

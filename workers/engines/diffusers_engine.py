@@ -24,21 +24,26 @@ that fill it (`hooks`), the phases (`phases`) and MagCache calibration (`magcach
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.errors import (
     ConfigError,
     EngineStoppedError,
     ProcessingError,
+    RequestCancelledError,
     RequestTimeoutError,
     RequestValidationError,
 )
 from workers.engines import step_cache
 from workers.engines.base import ImageOutput, ImageParams
+from workers.engines.flux.batching import LoopTransformer, batch_key, run_batch
 from workers.engines.flux.hooks import Request, TransformerHooks, timings
 from workers.engines.flux.magcache import (
     MAGCACHE_CALIBRATION_GUIDANCE,
@@ -57,6 +62,9 @@ from workers.engines.flux.phases import (
     steps_taken,
     unpack,
 )
+from workers.stepping.loop import StepLoop
+from workers.stepping.request import StepRequest, StepStatus, StepTicket
+from workers.stepping.scheduler import StepScheduler
 
 if TYPE_CHECKING:
     import torch
@@ -74,12 +82,22 @@ __all__ = [
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 _DTYPES.update(fp32="float32", bf16="bfloat16", fp16="float16")
-# How often a thread waiting for the transformer looks at its deadline and at shutdown.
-_LOCK_POLL_S = 0.05
+# How a request's end maps to its step-scheduler status.
+_ENDINGS: tuple[tuple[type[BaseException], StepStatus], ...] = (
+    (RequestTimeoutError, StepStatus.FINISHED_EXPIRED),
+    (RequestCancelledError, StepStatus.FINISHED_CANCELLED),
+    (EngineStoppedError, StepStatus.FINISHED_STOPPED),
+)
 
 
 class FluxDiffusionEngine:
-    """Loads a Flux checkpoint once; `generate` may be called from many threads at once."""
+    """Loads a Flux checkpoint once; `generate` may be called from many threads at once.
+
+    The transformer belongs to a step loop (`workers.stepping`): requests without a step
+    cache share its denoising steps, up to `max_batch_size` at a time, in the order of
+    `scheduler` (the config's step scheduler by default); a request with a step cache runs
+    alone, its hooks on the transformer.
+    """
 
     name = "diffusers"
 
@@ -92,19 +110,21 @@ class FluxDiffusionEngine:
         max_sequence_length: int = 512,
         true_cfg_scale: float = 4.0,
         mag_ratios: Mapping[tuple[int, int, int], Sequence[float]] | None = None,
+        max_batch_size: int = 8,
+        config: CoreModuleConfig | None = None,
     ) -> None:
         """`true_cfg_scale` applies only to requests with a negative prompt (true CFG
         doubles the transformer calls); `max_sequence_length` is the T5 prompt length.
         `mag_ratios`: MagCache ratios from an earlier `calibrate_magcache` of this same
         checkpoint (or published ones, stretched to the step count as diffusers does), keyed
-        by (steps, width, height), to skip calibrating them again."""
+        by (steps, width, height), to skip calibrating them again. `max_batch_size`: the
+        most requests one denoising step runs; `config`: whose `scheduler` section ranks
+        them (default: the loaded config)."""
         self.model = str(model)
         self.device, self.dtype = _device_and_dtype(device, dtype)
         self.max_sequence_length = max_sequence_length
         self.true_cfg_scale = true_cfg_scale
         self._stopped = threading.Event()
-        # The transformer (and its cache hooks) serve one pipeline call at a time.
-        self._denoise_lock = threading.Lock()
         self._hooks = TransformerHooks(self._stopped)
         self._encoder = PromptEncoder(self.device, max_sequence_length, true_cfg_scale)
         self._mag_ratios = MagCacheRatios(self._encoder, self._hooks, mag_ratios)
@@ -115,6 +135,11 @@ class FluxDiffusionEngine:
         # Latent 2x2 packing after the VAE's downsampling: sizes must be multiples of this.
         self.size_multiple: int = pipe.vae_scale_factor * 2
         self.latent_channels: int = pipe.transformer.config.in_channels // 4
+        transformer = pipe.transformer
+        self.step_scheduler = StepScheduler(config or get_config())
+        self.loop = StepLoop(
+            self.step_scheduler, lambda calls: run_batch(transformer, calls), max_batch_size
+        )
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -128,6 +153,7 @@ class FluxDiffusionEngine:
         *,
         embeds: Mapping[str, torch.Tensor] | None = None,
         latents: torch.Tensor | None = None,
+        ticket: StepTicket | None = None,
     ) -> ImageOutput:
         """Text-to-image, or img2img from `init_image` (resized to width x height).
 
@@ -137,38 +163,52 @@ class FluxDiffusionEngine:
         `embeds` lacks the negative ones, those are encoded; negative ones are ignored when
         it has none. `latents`: from an earlier `ImageOutput.latents` of the same request
         settings: only the VAE decode runs (`steps_run` 0), same pixels as that request.
+        `ticket`: what the step scheduler ranks the request by (class, stage), how it
+        learns the request was cancelled and where its progress goes.
 
-        Raises RequestTimeoutError once `timeout_s` has passed and EngineStoppedError after
-        `shutdown()`, both checked while waiting for the transformer, before the first step
-        and after every step; ConfigError for bad `params.step_cache`;
-        RequestValidationError for bad sizes, `embeds` or `latents`.
+        Raises RequestTimeoutError once `timeout_s` has passed, RequestCancelledError once
+        `ticket.cancelled()` and EngineStoppedError after `shutdown()`, all checked while
+        the request waits for a step and after every step; ConfigError for bad
+        `params.step_cache`; RequestValidationError for bad sizes, `embeds` or `latents`.
         """
         base = self._live_base(request_id)
         self._check_size(params)
         mode_params = step_cache.resolve(params.step_cache)
         request = Request(request_id, deadline=time.perf_counter() + timeout_s)
+        ticket = ticket or StepTicket(request_id)
+        ticket = dataclasses.replace(
+            ticket, deadline=min(ticket.deadline, time.monotonic() + timeout_s)
+        )
         self._hooks.check(request)
+        held = None if latents is not None else self._step_request(ticket, params, init_image)
         try:
             with self._hooks.serving(request):
-                final, used_embeds = self._final_latents(
-                    base, request, prompt, params, init_image, embeds, latents, mode_params
-                )
+                with self._holding(held):
+                    final, used_embeds = self._final_latents(
+                        base,
+                        request,
+                        held,
+                        prompt,
+                        params,
+                        init_image,
+                        embeds,
+                        latents,
+                        mode_params,
+                    )
                 self._hooks.check(request)
                 start = time.perf_counter()
                 image = decode(base, final)
                 request.decode_s = time.perf_counter() - start
-        except (RequestTimeoutError, EngineStoppedError, RequestValidationError):
+        except (
+            RequestTimeoutError,
+            EngineStoppedError,
+            RequestValidationError,
+            RequestCancelledError,
+        ):
             raise
         except Exception as exc:
             raise ProcessingError(f"{request_id}: diffusion failed: {exc}") from exc
-        return ImageOutput(
-            image=image,
-            steps_run=request.steps_run,
-            timings=timings(request),
-            denoise_steps=request.denoise_steps,
-            embeds=used_embeds,
-            latents=final,
-        )
+        return _output(image, request, held, used_embeds, final)
 
     def encode_prompt(
         self, prompt: str, negative_prompt: str | None = None
@@ -192,11 +232,10 @@ class FluxDiffusionEngine:
         """
         base = self._live_base("calibrate")
         request = Request("calibrate", deadline=time.perf_counter() + timeout_s)
-        self._acquire(request)
-        try:
+        ticket = StepTicket("calibrate", deadline=time.monotonic() + timeout_s)
+        held = StepRequest(ticket, steps=steps, pixels=width * height, batch_key=None)
+        with self._holding(held), self.loop.exclusive(held):
             return list(self._mag_ratios.get_locked(base, request, steps, width, height))
-        finally:
-            self._denoise_lock.release()
 
     @property
     def mag_ratios(self) -> dict[tuple[int, int, int], list[float]]:
@@ -209,6 +248,7 @@ class FluxDiffusionEngine:
         The modules are freed once the in-flight requests, which hold references, return.
         """
         self._stopped.set()
+        self.loop.stop()
         self._base = None
 
     # --- phases -------------------------------------------------------------------------------
@@ -217,6 +257,7 @@ class FluxDiffusionEngine:
         self,
         base: FluxPipeline,
         request: Request,
+        held: StepRequest | None,
         prompt: str,
         params: ImageParams,
         init_image: Image.Image | None,
@@ -225,7 +266,7 @@ class FluxDiffusionEngine:
         mode_params: dict[str, float | int],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """The latents to decode and the embeddings they came from (None when given)."""
-        if latents is not None:
+        if held is None:
             scale = self.size_multiple // 2  # the VAE's downsampling
             want = (1, self.latent_channels, params.height // scale, params.width // scale)
             return given_latents(latents, want, self.device), None
@@ -235,29 +276,58 @@ class FluxDiffusionEngine:
         else:
             used_embeds = self._encoder.given_embeds(base, embeds, params.negative_prompt)
         request.encode_s = time.perf_counter() - start
-        final = self._denoise(base, request, used_embeds, params, init_image, mode_params)
-        return final, used_embeds
+        img2img = init_image is not None
+        kwargs = self._encoder.denoise_kwargs(used_embeds, params, init_image, None)
+        if params.step_cache.mode == "none":
+            packed = self._denoise_batched(base, request, held, kwargs, img2img)
+        else:
+            packed = self._denoise_alone(base, request, held, kwargs, params, mode_params, img2img)
+        return unpack(packed, params, base), used_embeds
 
-    def _denoise(
+    def _denoise_batched(
         self,
         base: FluxPipeline,
         request: Request,
-        embeds: dict[str, torch.Tensor],
-        params: ImageParams,
-        init_image: Image.Image | None,
-        mode_params: dict[str, float | int],
+        held: StepRequest,
+        kwargs: dict[str, object],
+        img2img: bool,
     ) -> torch.Tensor:
-        """The pipeline call, under the transformer lock; returns unpacked latents."""
-        img2img = init_image is not None
+        """The pipeline call, its transformer calls run by the step loop in batches."""
+        proxy = LoopTransformer(base.transformer, self.loop, held)
+        pipe = request_pipeline(base, img2img=img2img, transformer=proxy)
+
+        def on_step() -> None:
+            request.steps_run += 1  # no step cache: every block of every step runs
+            proxy.step_ended()
+            self._step_ended(held)
+
+        kwargs["callback_on_step_end"] = self._hooks.step_callback(request, on_step)
+        request.pipe_start = time.perf_counter()
+        packed = pipe(**kwargs).images
+        request.denoise_start = proxy.first_call_at
+        return packed
+
+    def _denoise_alone(
+        self,
+        base: FluxPipeline,
+        request: Request,
+        held: StepRequest,
+        kwargs: dict[str, object],
+        params: ImageParams,
+        mode_params: dict[str, float | int],
+        img2img: bool,
+    ) -> torch.Tensor:
+        """The pipeline call with a step cache's hooks on the transformer, which this
+        request holds alone meanwhile."""
         pipe = request_pipeline(base, img2img=img2img)
-        callback = self._hooks.step_callback(request)
-        kwargs = self._encoder.denoise_kwargs(embeds, params, init_image, callback)
+        kwargs["callback_on_step_end"] = self._hooks.step_callback(
+            request, lambda: self._step_ended(held)
+        )
         num_steps = steps_taken(params, img2img)
         mode = params.step_cache.mode
         request.needs_cache_context = img2img and mode in step_cache.DIFFUSERS_MODES
-
-        self._acquire(request)
-        try:
+        with self.loop.exclusive(held):
+            self._hooks.check(request)
             ratios = None
             if mode == "magcache":
                 full = self._mag_ratios.get_locked(
@@ -270,16 +340,51 @@ class FluxDiffusionEngine:
                 mode,
                 mode_params,
                 num_steps=num_steps,
-                true_cfg=NEGATIVE_EMBED_KEYS[0] in embeds,
+                true_cfg=NEGATIVE_EMBED_KEYS[0] in kwargs,
                 mag_ratios=ratios,
                 current_timestep=(lambda: request.timestep) if img2img else None,
             ):
-                packed = pipe(**kwargs).images
-        finally:
-            self._denoise_lock.release()
-        return unpack(packed, params, pipe)
+                return pipe(**kwargs).images
 
     # --- plumbing -----------------------------------------------------------------------------
+
+    def _step_request(
+        self, ticket: StepTicket, params: ImageParams, init_image: Image.Image | None
+    ) -> StepRequest:
+        batched = params.step_cache.mode == "none"
+        key = batch_key(params.width, params.height, self.max_sequence_length)
+        return StepRequest(
+            ticket,
+            steps=steps_taken(params, init_image is not None),
+            pixels=params.width * params.height,
+            batch_key=key if batched else None,
+        )
+
+    @contextmanager
+    def _holding(self, held: StepRequest | None) -> Iterator[None]:
+        """Hold `held` in the step scheduler meanwhile; its ending sets its final status."""
+        if held is None:
+            yield
+            return
+        self.loop.admit(held)
+        status = StepStatus.FINISHED_FAILED
+        try:
+            yield
+            status = StepStatus.FINISHED
+        except BaseException as exc:
+            status = next((s for kind, s in _ENDINGS if isinstance(exc, kind)), status)
+            raise
+        finally:
+            self.loop.leave(held, status)
+
+    @staticmethod
+    def _step_ended(held: StepRequest) -> None:
+        """After each step, in the request's thread: progress, then a cancellation check."""
+        held.step_ended()
+        if held.ticket.cancelled():
+            raise RequestCancelledError(
+                f"{held.request_id}: cancelled after {held.steps_done} denoising steps"
+            )
 
     def _live_base(self, request_id: str) -> FluxPipeline:
         base = self._base
@@ -294,15 +399,26 @@ class FluxDiffusionEngine:
                     name, f"must be a multiple of {self.size_multiple} for this model"
                 )
 
-    def _acquire(self, request: Request) -> None:
-        """Take the transformer lock, giving up on timeout or shutdown."""
-        while not self._denoise_lock.acquire(timeout=_LOCK_POLL_S):
-            self._hooks.check(request)
-        try:
-            self._hooks.check(request)
-        except BaseException:
-            self._denoise_lock.release()
-            raise
+
+def _output(
+    image: Image.Image,
+    request: Request,
+    held: StepRequest | None,
+    embeds: dict[str, torch.Tensor] | None,
+    final: torch.Tensor,
+) -> ImageOutput:
+    figures = timings(request)
+    figures["paused_s"] = round(held.paused_s, 6) if held is not None else 0.0
+    return ImageOutput(
+        image=image,
+        steps_run=request.steps_run,
+        timings=figures,
+        denoise_steps=request.denoise_steps,
+        embeds=embeds,
+        latents=final,
+        preemptions=held.preemptions if held is not None else 0,
+        max_batch=held.max_batch if held is not None else 0,
+    )
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:

@@ -88,8 +88,11 @@ class TransformerHooks:
                 f"{request.request_id}: timed out after {request.denoise_steps} denoising steps"
             )
 
-    def step_callback(self, request: Request) -> StepCallback:
-        """The pipeline's `callback_on_step_end`: closes a step's counts, then checks."""
+    def step_callback(
+        self, request: Request, on_step: Callable[[], None] | None = None
+    ) -> StepCallback:
+        """The pipeline's `callback_on_step_end`: closes a step's counts, runs `on_step`
+        (progress, cancellation), then checks."""
 
         def on_step_end(
             pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]
@@ -100,6 +103,8 @@ class TransformerHooks:
             request.full_call = False
             request.calls_in_step = 0
             request.last_step_end = time.perf_counter()
+            if on_step is not None:
+                on_step()
             self.check(request)
             return tensors
 

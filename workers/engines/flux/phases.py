@@ -47,11 +47,13 @@ def load_pipeline(model: str, dtype: torch.dtype, device: torch.device) -> FluxP
     return pipe
 
 
-def request_pipeline(base: FluxPipeline, *, img2img: bool) -> FluxPipeline:
+def request_pipeline(base: FluxPipeline, *, img2img: bool, transformer: Any = None) -> FluxPipeline:
     """A per-request pipeline object sharing `base`'s modules, with its own scheduler.
 
     Built with the constructor, not `from_pipe`: `from_pipe` without `torch_dtype` casts
-    the shared modules to float32 (it calls `.to(dtype)` on them).
+    the shared modules to float32 (it calls `.to(dtype)` on them). `transformer`: what
+    the pipeline calls instead of the shared transformer (the step loop's stand-in); set
+    past the pipeline's config bookkeeping, which only records real modules.
     """
     from diffusers import FluxImg2ImgPipeline, FluxPipeline
 
@@ -59,6 +61,8 @@ def request_pipeline(base: FluxPipeline, *, img2img: bool) -> FluxPipeline:
     components["scheduler"] = base.scheduler.from_config(base.scheduler.config)
     pipe = (FluxImg2ImgPipeline if img2img else FluxPipeline)(**components)
     pipe.set_progress_bar_config(disable=True)
+    if transformer is not None:
+        object.__setattr__(pipe, "transformer", transformer)
     return pipe
 
 
@@ -160,7 +164,7 @@ class PromptEncoder:
         embeds: dict[str, torch.Tensor],
         params: ImageParams,
         init_image: Image.Image | None,
-        callback: StepCallback,
+        callback: StepCallback | None,
     ) -> dict[str, Any]:
         """The denoise call's arguments; true CFG when `embeds` has the negative ones."""
         import torch

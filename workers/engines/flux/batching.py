@@ -1,0 +1,93 @@
+"""Batched denoising steps: the transformer calls of several Flux requests as one call.
+
+A request's pipeline gets a `LoopTransformer` in place of the shared transformer: the
+pipeline runs its own denoising loop (its timesteps, guidance, scheduler, img2img start
+step, true CFG) and each of its transformer calls goes to the step loop, which stacks the
+calls of one step into one forward pass (`run_batch`). Requests that share a step must
+have the same image size (the same `img_ids`) and text length (`txt_ids`); everything
+else is per row. Each row's output is its own: the image does not depend on what it was
+batched with beyond the float rounding of a larger matrix product.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
+
+from omni_tasks.errors import ProcessingError
+from workers.stepping.loop import StepLoop
+from workers.stepping.request import ForwardCall, StepRequest
+
+if TYPE_CHECKING:
+    import torch
+
+# Per-row inputs, stacked along the batch; the rest must be equal across the batch.
+_ROW_INPUTS = (
+    "hidden_states",
+    "timestep",
+    "guidance",
+    "pooled_projections",
+    "encoder_hidden_states",
+)
+_SHARED_INPUTS = ("txt_ids", "img_ids")
+
+
+def batch_key(width: int, height: int, text_length: int) -> Hashable:
+    """Requests with equal keys may share a denoising step."""
+    return ("flux", width, height, text_length)
+
+
+class LoopTransformer:
+    """Stands in for the shared transformer in one request's pipeline object."""
+
+    def __init__(self, transformer: Any, loop: StepLoop, request: StepRequest) -> None:
+        self._transformer = transformer
+        self._loop = loop
+        self._request = request
+        self._calls_in_step = 0
+        self.calls = 0
+        self.first_call_at: float | None = None
+
+    def __getattr__(self, name: str) -> Any:  # config, dtype, device, encoder_hid_proj...
+        return getattr(self._transformer, name)
+
+    def cache_context(self, name: str) -> Any:
+        """No step cache runs on a batched request (those run alone, on the real one)."""
+        return nullcontext()
+
+    def __call__(self, **kwargs: Any) -> tuple[torch.Tensor]:
+        if kwargs.get("joint_attention_kwargs"):
+            raise ProcessingError("joint_attention_kwargs cannot be batched")
+        first = self._calls_in_step == 0
+        self._calls_in_step += 1
+        self.calls += 1
+        if self.first_call_at is None:
+            self.first_call_at = time.perf_counter()
+        return self._loop.forward(self._request, kwargs, first_of_step=first)
+
+    def step_ended(self) -> None:
+        self._calls_in_step = 0
+
+
+def run_batch(transformer: Any, calls: list[ForwardCall]) -> None:
+    """One forward pass for `calls` (at most one per request); resolves each with its row."""
+    import torch
+
+    payloads = [call.payload for call in calls]
+    first = payloads[0]
+    inputs: dict[str, Any] = {name: first[name] for name in _SHARED_INPUTS}
+    for name in _ROW_INPUTS:
+        rows = [p[name] for p in payloads]
+        inputs[name] = None if rows[0] is None else torch.cat(rows, dim=0)
+    try:
+        with torch.no_grad():
+            out = transformer(**inputs, joint_attention_kwargs=None, return_dict=False)[0]
+    except Exception as exc:
+        error = ProcessingError(f"a denoising step of {len(calls)} requests failed: {exc}")
+        for call in calls:
+            call.fail(error)
+        return
+    for i, call in enumerate(calls):
+        call.resolve((out[i : i + 1],))

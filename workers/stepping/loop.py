@@ -1,0 +1,182 @@
+"""The step loop: one thread that owns the transformer and runs one denoising step at a
+time for the batch the step scheduler picks.
+
+Each request runs its own pipeline call in its own (Celery task) thread; its transformer
+calls come here as `ForwardCall`s and block until the loop has run them in a batch. So
+requests join and leave at step boundaries, keep their own timesteps, guidance and
+scheduler, and a paused request simply waits, its latents and scheduler state intact in
+its pipeline call, and resumes with no step recomputed. Its message stays unacked all
+along: if the worker dies, it is redelivered and starts over.
+
+Before every batch the loop fails the pending calls of requests past their deadline
+(`RequestTimeoutError`), cancelled (`RequestCancelledError`) or of a stopped engine
+(`EngineStoppedError`), which frees their slots. A request whose step cache keeps state on
+the shared transformer runs alone (`exclusive`): the loop grants it the transformer and
+waits until it hands it back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from omni_tasks.errors import EngineStoppedError, RequestCancelledError, RequestTimeoutError
+from workers.stepping.request import ForwardCall, StepRequest, StepStatus
+from workers.stepping.scheduler import StepScheduler
+
+log = logging.getLogger(__name__)
+
+#: Runs one batch: resolves (or fails) every call it is given.
+BatchRunner = Callable[[list[ForwardCall]], None]
+#: How often waiting threads and the idle loop look at deadlines, cancellation and stop.
+POLL_S = 0.02
+#: How long a step waits for running requests still between two calls before it goes
+#: without them (they join the next one).
+LAGGARD_WAIT_S = 0.1
+
+
+class StepLoop:
+    """Owns the transformer's calls for one engine; `forward` may be called from any thread."""
+
+    def __init__(self, scheduler: StepScheduler, run_batch: BatchRunner, limit: int) -> None:
+        self.scheduler = scheduler
+        self.limit = limit
+        self._run_batch = run_batch
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._granted: StepRequest | None = None
+        self.batches_run = 0
+        self._thread = threading.Thread(target=self._serve, name="step-loop", daemon=True)
+        self._thread.start()
+
+    # --- what request threads call ------------------------------------------------------------
+
+    def admit(self, request: StepRequest) -> None:
+        with self._cond:
+            self._check_stopped(request)
+            self.scheduler.add(request)
+
+    def leave(self, request: StepRequest, status: StepStatus) -> None:
+        """The request is done with the transformer (finished, failed or gave up)."""
+        with self._cond:
+            if not request.status.finished:
+                self.scheduler.finish(request, status)
+            if self._granted is request:
+                self._granted = None
+            self._cond.notify_all()
+
+    def forward(self, request: StepRequest, payload: Any, first_of_step: bool) -> Any:
+        """Hand one transformer call to the loop; its output once a batch has run it."""
+        call = ForwardCall(payload, first_of_step)
+        with self._cond:
+            self._check_stopped(request)
+            request.pending = call
+            self._cond.notify_all()
+        return call.wait(POLL_S, self._check_alive)
+
+    @contextmanager
+    def exclusive(self, request: StepRequest) -> Iterator[None]:
+        """Hold the transformer alone meanwhile (when the scheduler picks `request`)."""
+        self.forward(request, None, first_of_step=True)
+        try:
+            yield
+        finally:
+            with self._cond:
+                if self._granted is request:
+                    self._granted = None
+                self._cond.notify_all()
+
+    def stop(self) -> None:
+        """Fail every waiting call with EngineStoppedError; later calls raise it too."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            calls = [r.pending for r in batch]
+            for r in batch:
+                r.pending = None
+            if batch[0].exclusive:
+                self._grant(batch[0], calls[0])
+                continue
+            try:
+                self._run_batch([c for c in calls if c is not None])
+            except BaseException as exc:  # the runner fails its calls; never kill the loop
+                log.exception("a batch of %d failed", len(batch))
+                for call in calls:
+                    if call is not None and not call.done:
+                        call.fail(exc)
+            self.batches_run += 1
+
+    def _next_batch(self) -> list[StepRequest] | None:
+        """Wait until a batch can run (None once stopped)."""
+        since = time.monotonic()
+        with self._cond:
+            while True:
+                self._drop_finished_calls()
+                if self._stopped:
+                    return None
+                if self._granted is None and not self._laggards(since):
+                    batch = self.scheduler.get_next_batch(self.limit)
+                    if batch:
+                        return batch
+                self._cond.wait(POLL_S)
+
+    def _grant(self, request: StepRequest, call: ForwardCall | None) -> None:
+        with self._cond:
+            self._granted = request
+        if call is not None:
+            call.resolve(None)
+
+    def _laggards(self, since: float) -> bool:
+        """Running requests still between two calls, waited for up to LAGGARD_WAIT_S."""
+        if time.monotonic() - since > LAGGARD_WAIT_S:
+            return False
+        return any(
+            r.status is StepStatus.RUNNING and r.pending is None for r in self.scheduler.held()
+        )
+
+    def _drop_finished_calls(self) -> None:
+        """Fail the waiting calls of stopped, expired or cancelled requests (lock held)."""
+        now = time.monotonic()
+        for r in self.scheduler.held():
+            call = r.pending
+            if call is None:
+                continue
+            error, status = self._verdict(r, now)
+            if error is not None:
+                self.scheduler.finish(r, status)
+                call.fail(error)
+                self._cond.notify_all()
+
+    def _verdict(self, r: StepRequest, now: float) -> tuple[Exception | None, StepStatus]:
+        rid = r.request_id
+        if self._stopped:
+            return EngineStoppedError(
+                f"{rid}: diffusion engine shut down"
+            ), StepStatus.FINISHED_STOPPED
+        if now > r.ticket.deadline:
+            error = RequestTimeoutError(f"{rid}: timed out after {r.steps_done} denoising steps")
+            return error, StepStatus.FINISHED_EXPIRED
+        if r.ticket.cancelled():
+            error = RequestCancelledError(f"{rid}: cancelled after {r.steps_done} denoising steps")
+            return error, StepStatus.FINISHED_CANCELLED
+        return None, StepStatus.WAITING
+
+    def _check_stopped(self, request: StepRequest) -> None:
+        if self._stopped:
+            raise EngineStoppedError(f"{request.request_id}: diffusion engine shut down")
+
+    def _check_alive(self) -> None:
+        if not self._thread.is_alive():
+            raise EngineStoppedError("the diffusion step loop has stopped")
