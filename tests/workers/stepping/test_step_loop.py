@@ -77,7 +77,9 @@ def test_concurrent_requests_share_steps_and_keep_their_own_images(engine, limit
     batched = [box["out"] for _, box in runs]
     assert max(out.max_batch for out in batched) == 8
     assert all(out.denoise_steps == 8 and out.steps_run == 8 for out in batched)
-    diffs = [np.abs(pixels(a) - pixels(b)).mean() / 255 for a, b in zip(alone, batched)]
+    diffs = [
+        np.abs(pixels(a) - pixels(b)).mean() / 255 for a, b in zip(alone, batched, strict=True)
+    ]
     assert max(diffs) <= 1 / 255, diffs
 
 
