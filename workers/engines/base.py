@@ -94,7 +94,8 @@ class ImageOutput:
     the request only decoded given latents. `latents`: the final denoised latents before the
     VAE, unpacked to (1, channels, height / 8, width / 8) and not yet scaled or shifted. Both
     stay on the engine's device. `timings` (seconds): encode_s, denoise_s, decode_s (0 for
-    skipped phases), paused_s (time preempted) and total_s, whose remainder is mostly
+    skipped phases), paused_s (time preempted), first_step_at (wall clock of its first
+    denoising step) and total_s, whose remainder is mostly
     waiting for the step scheduler; calibrate_s too when the request had to calibrate
     MagCache first. `preemptions`: times the step scheduler paused it; `max_batch`: the
     most requests any of its steps ran with.

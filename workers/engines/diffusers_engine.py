@@ -126,9 +126,6 @@ class FluxDiffusionEngine:
         self.true_cfg_scale = true_cfg_scale
         self._stopped = threading.Event()
         self._hooks = TransformerHooks(self._stopped)
-        self._encoder = PromptEncoder(self.device, max_sequence_length, true_cfg_scale)
-        self._mag_ratios = MagCacheRatios(self._encoder, self._hooks, mag_ratios)
-
         pipe = load_pipeline(self.model, self.dtype, self.device)
         self._hooks.install(pipe.transformer)
         self._base: FluxPipeline | None = pipe
@@ -140,6 +137,10 @@ class FluxDiffusionEngine:
         self.loop = StepLoop(
             self.step_scheduler, lambda calls: run_batch(transformer, calls), max_batch_size
         )
+        self._encoder = PromptEncoder(
+            self.device, max_sequence_length, true_cfg_scale, run_on=self.loop.run
+        )
+        self._mag_ratios = MagCacheRatios(self._encoder, self._hooks, mag_ratios)
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -197,7 +198,7 @@ class FluxDiffusionEngine:
                     )
                 self._hooks.check(request)
                 start = time.perf_counter()
-                image = decode(base, final)
+                image = self.loop.run(lambda: decode(base, final))
                 request.decode_s = time.perf_counter() - start
         except (
             RequestTimeoutError,
@@ -409,6 +410,8 @@ def _output(
 ) -> ImageOutput:
     figures = timings(request)
     figures["paused_s"] = round(held.paused_s, 6) if held is not None else 0.0
+    if held is not None and held.first_step_at is not None:
+        figures["first_step_at"] = round(held.first_step_at, 6)
     return ImageOutput(
         image=image,
         steps_run=request.steps_run,

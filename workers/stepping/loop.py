@@ -8,6 +8,11 @@ scheduler, and a paused request simply waits, its latents and scheduler state in
 its pipeline call, and resumes with no step recomputed. Its message stays unacked all
 along: if the worker dies, it is redelivered and starts over.
 
+The loop thread also runs the engine's other device work (`run`: the text encoders, the
+VAE decode) between two steps, so only one thread drives the device at a time: on a
+CPU, two threads running parallel kernels at once slow each other down more than they
+gain, and on a GPU one thread keeps the work on one stream.
+
 Before every batch the loop fails the pending calls of requests past their deadline
 (`RequestTimeoutError`), cancelled (`RequestCancelledError`) or of a stopped engine
 (`EngineStoppedError`), which frees their slots. A request whose step cache keeps state on
@@ -22,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from omni_tasks.errors import EngineStoppedError, RequestCancelledError, RequestTimeoutError
 from workers.stepping.request import ForwardCall, StepRequest, StepStatus
@@ -30,6 +35,7 @@ from workers.stepping.scheduler import StepScheduler
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 #: Runs one batch: resolves (or fails) every call it is given.
 BatchRunner = Callable[[list[ForwardCall]], None]
 #: How often waiting threads and the idle loop look at deadlines, cancellation and stop.
@@ -49,6 +55,7 @@ class StepLoop:
         self._cond = threading.Condition()
         self._stopped = False
         self._granted: StepRequest | None = None
+        self._jobs: list[ForwardCall] = []
         self.batches_run = 0
         self._thread = threading.Thread(target=self._serve, name="step-loop", daemon=True)
         self._thread.start()
@@ -78,6 +85,18 @@ class StepLoop:
             self._cond.notify_all()
         return call.wait(POLL_S, self._check_alive)
 
+    def run(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the loop thread before the next step; its result (or exception)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        job = ForwardCall(fn, first_of_step=False)
+        with self._cond:
+            if self._stopped:
+                raise EngineStoppedError("diffusion engine shut down")
+            self._jobs.append(job)
+            self._cond.notify_all()
+        return job.wait(POLL_S, self._check_alive)
+
     @contextmanager
     def exclusive(self, request: StepRequest) -> Iterator[None]:
         """Hold the transformer alone meanwhile (when the scheduler picks `request`)."""
@@ -100,9 +119,13 @@ class StepLoop:
 
     def _serve(self) -> None:
         while True:
-            batch = self._next_batch()
+            jobs, batch = self._next_work()
+            for job in jobs:
+                _run_job(job)
             if batch is None:
-                return
+                if not jobs:
+                    return
+                continue
             calls = [r.pending for r in batch]
             for r in batch:
                 r.pending = None
@@ -118,18 +141,23 @@ class StepLoop:
                         call.fail(exc)
             self.batches_run += 1
 
-    def _next_batch(self) -> list[StepRequest] | None:
-        """Wait until a batch can run (None once stopped)."""
+    def _next_work(self) -> tuple[list[ForwardCall], list[StepRequest] | None]:
+        """Wait for jobs to run, or for a batch that can (neither once stopped)."""
         since = time.monotonic()
         with self._cond:
             while True:
                 self._drop_finished_calls()
+                jobs, self._jobs = self._jobs, []
                 if self._stopped:
-                    return None
+                    for job in jobs:
+                        job.fail(EngineStoppedError("diffusion engine shut down"))
+                    return [], None
+                if jobs:
+                    return jobs, None
                 if self._granted is None and not self._laggards(since):
                     batch = self.scheduler.get_next_batch(self.limit)
                     if batch:
-                        return batch
+                        return [], batch
                 self._cond.wait(POLL_S)
 
     def _grant(self, request: StepRequest, call: ForwardCall | None) -> None:
@@ -139,11 +167,13 @@ class StepLoop:
             call.resolve(None)
 
     def _laggards(self, since: float) -> bool:
-        """Running requests still between two calls, waited for up to LAGGARD_WAIT_S."""
+        """Running requests still between two calls, waited for up to LAGGARD_WAIT_S (not
+        those that reserved a slot while preparing: the others step on meanwhile)."""
         if time.monotonic() - since > LAGGARD_WAIT_S:
             return False
         return any(
-            r.status is StepStatus.RUNNING and r.pending is None for r in self.scheduler.held()
+            r.status is StepStatus.RUNNING and r.pending is None and r.first_step_at is not None
+            for r in self.scheduler.held()
         )
 
     def _drop_finished_calls(self) -> None:
@@ -180,3 +210,10 @@ class StepLoop:
     def _check_alive(self) -> None:
         if not self._thread.is_alive():
             raise EngineStoppedError("the diffusion step loop has stopped")
+
+
+def _run_job(job: ForwardCall) -> None:
+    try:
+        job.resolve(job.payload())
+    except BaseException as exc:  # handed to the caller; the loop goes on
+        job.fail(exc)

@@ -102,6 +102,7 @@ class StepRequest:
     max_batch: int = 0
     paused_s: float = 0.0
     paused_at: float | None = None
+    first_step_at: float | None = None  # wall clock (time.time()) of its first step
     pending: ForwardCall | None = None
 
     @property

@@ -9,7 +9,8 @@ diffusion worker holds, every step, by the same `SchedulerType`:
 - HYBRID: remaining cost divided by class weight;
 - MULTIMODAL: later stages first, then class weight.
 
-Ties go to the earlier arrival. **Aging / starvation bound:** a request held for
+Ties go to the earlier arrival. A held request still preparing (its prompt being
+encoded) is ranked too and may reserve a slot. **Aging / starvation bound:** a request held for
 `scheduler.starvation_s` or longer ranks above every request held for less, oldest
 first, so from then on no later arrival passes or pauses it.
 
@@ -130,12 +131,14 @@ class StepScheduler(BaseScheduler):
         committed = [r for r in running if r not in at_boundary]
         if not self.preemption:
             committed, at_boundary = running, []
+        # Held requests still preparing (encoding their prompt) rank too: one that wins
+        # a slot reserves it, so a running request it outranks pauses now, not a step
+        # after it is ready.
         ready = [
             r
             for r in self._held.values()
             if r.status in (StepStatus.WAITING, StepStatus.PAUSED)
-            and r.pending is not None
-            and r.pending.first_of_step
+            and (r.pending is None or r.pending.first_of_step)
         ]
         ranked = sorted(at_boundary + ready, key=lambda r: self.rank(r, now))
         chosen = _fill(committed, ranked, limit)
@@ -154,6 +157,8 @@ class StepScheduler(BaseScheduler):
         for r in chosen:
             self._settle_pause(r, now)
             r.status = StepStatus.RUNNING
+            if r.first_step_at is None:
+                r.first_step_at = time.time()
 
     @staticmethod
     def _settle_pause(request: StepRequest, now: float) -> None:

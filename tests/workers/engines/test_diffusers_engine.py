@@ -47,7 +47,14 @@ def test_text_to_image_size_and_steps(
     assert out.image.size == (width, height)
     assert out.image.mode == "RGB"
     assert out.steps_run == steps
-    assert set(out.timings) == {"total_s", "encode_s", "denoise_s", "decode_s", "paused_s"}
+    assert set(out.timings) == {
+        "total_s",
+        "encode_s",
+        "denoise_s",
+        "decode_s",
+        "paused_s",
+        "first_step_at",
+    }
     assert out.denoise_steps == steps
     assert all(v >= 0 for v in out.timings.values())
     assert pixels(out).std() > 0  # not a blank image

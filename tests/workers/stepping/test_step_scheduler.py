@@ -182,3 +182,16 @@ def test_an_unknown_policy_is_a_value_error() -> None:
     config.scheduler.scheduler_type = "lottery"  # type: ignore[assignment]
     with pytest.raises(ValueError, match="Unknown scheduler type"):
         StepScheduler(config)
+
+
+def test_a_preparing_request_that_outranks_reserves_a_slot_at_once() -> None:
+    s = make_scheduler()
+    low = held(s, "low", cls="low")
+    assert ids(s.get_next_batch(1)) == ["low"]
+    low.pending = ForwardCall({}, first_of_step=True)
+    high = held(s, "high", cls="high", arrival=101.0)
+    high.pending = None  # still encoding its prompt
+    assert s.get_next_batch(1) == []  # nothing runs: the slot waits for high
+    assert low.status is StepStatus.PAUSED and high.status is StepStatus.RUNNING
+    high.pending = ForwardCall({}, first_of_step=True)
+    assert ids(s.get_next_batch(1)) == ["high"]

@@ -8,13 +8,13 @@ module builds its arguments and the per-request pipeline object, the engine runs
 
 from __future__ import annotations
 
-import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from omni_tasks.errors import RequestValidationError
 from workers.engines.base import ImageParams
+from workers.engines.coalescer import Coalescer
 from workers.engines.flux.hooks import StepCallback
 
 if TYPE_CHECKING:
@@ -113,13 +113,22 @@ class PromptEncoder:
     """The text encoders' phase, and the pipeline arguments that carry its embeddings."""
 
     def __init__(
-        self, device: torch.device, max_sequence_length: int, true_cfg_scale: float
+        self,
+        device: torch.device,
+        max_sequence_length: int,
+        true_cfg_scale: float,
+        run_on: Callable[[Callable[[], Any]], Any] | None = None,
     ) -> None:
+        """`run_on`: runs an encoder call on the thread that drives the device (the
+        engine's step loop); by default the calling thread."""
         self.device = device
+        self._run_on = run_on or (lambda fn: fn())
         self.max_sequence_length = max_sequence_length
         self.true_cfg_scale = true_cfg_scale
-        # Fast tokenizers are not safe to call from several threads at once.
-        self._lock = threading.Lock()
+        # Prompts of requests arriving together are encoded as one batch; one call at a
+        # time, which fast tokenizers need (they are not thread-safe).
+        self._texts: Coalescer[tuple[FluxPipeline, str], tuple[torch.Tensor, torch.Tensor]]
+        self._texts = Coalescer(lambda items: self._run_on(lambda: self._encode_texts(items)))
 
     def true_cfg(self, negative_prompt: str | None) -> bool:
         return bool(negative_prompt) and self.true_cfg_scale > 1
@@ -192,14 +201,24 @@ class PromptEncoder:
 
     def _encode_text(self, base: FluxPipeline, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 sequence and CLIP pooled embeddings of one prompt."""
+        return self._texts((base, text))  # type: ignore[no-any-return]
+
+    def _encode_texts(
+        self, items: list[tuple[FluxPipeline, str]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One encoder call for several prompts. Both encoders pad every prompt to a fixed
+        length, so a prompt's rows are computed as they would be alone."""
         import torch
 
-        with self._lock, torch.no_grad():
+        base = items[0][0]
+        assert all(b is base for b, _ in items), "one engine, one pipeline"
+        with torch.no_grad():
             sequence, pooled, _ = base.encode_prompt(
-                prompt=text,
+                prompt=[text for _, text in items],
                 prompt_2=None,
                 device=self.device,
                 num_images_per_prompt=1,
                 max_sequence_length=self.max_sequence_length,
             )
-        return sequence, pooled
+        # Own copies: a cached row must not keep the whole batch's storage alive.
+        return [(sequence[i : i + 1].clone(), pooled[i : i + 1].clone()) for i in range(len(items))]
