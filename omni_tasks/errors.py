@@ -40,6 +40,12 @@ class RequestCancelledError(ProcessingError):
     denoising step boundary, and its task ends REVOKED."""
 
 
+class RequestYieldedError(ProcessingError):
+    """Raised inside a diffusion worker when its step scheduler hands back a request it
+    holds but has not started, because a higher-priority message waits in the queue; the
+    task requeues its message (nothing was computed, nothing is lost)."""
+
+
 class EngineStoppedError(ProcessingError):
     """Raised inside a worker when its engine shuts down while a request is running.
 

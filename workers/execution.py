@@ -11,6 +11,7 @@ from omni_tasks.coordination.cache_directory import step_cache_of
 from omni_tasks.errors import ProcessingError
 from omni_tasks.requests import OmniRequest, RequestType
 from omni_tasks.results import ImageResult, MultimodalResult, PromptResult, TextResult, Usage
+from omni_tasks.scheduling.policies import create_policy
 from omni_tasks.tasks.base import request_deadline
 from workers import progress, task_context
 from workers.dit_service import render
@@ -84,6 +85,7 @@ def run_image(request: OmniRequest, prompt: str | None = None) -> ImageResult:
         priority_class=request.priority,
         continuing=request.request_type is RequestType.MULTIMODAL,
         deadline=time.monotonic() + timeout_s,
+        level=_broker_priority(request),
         cancelled=task_context.revoked_check(),
         on_progress=progress.callback(),
     )
@@ -110,6 +112,14 @@ def run_image(request: OmniRequest, prompt: str | None = None) -> ImageResult:
         preemptions=out.preemptions,
         max_batch=out.max_batch,
     )
+
+
+def _broker_priority(request: OmniRequest) -> int:
+    """The priority its message came at (0 highest), else what the policy gives it."""
+    delivered = task_context.current_priority()
+    if delivered is not None:
+        return int(delivered)
+    return create_policy(get_config()).priority(request, "dit")
 
 
 def run_multimodal_prompt(request: OmniRequest) -> PromptResult:

@@ -27,6 +27,7 @@ from omni_tasks.errors import (
     RequestCancelledError,
     RequestTimeoutError,
     RequestValidationError,
+    RequestYieldedError,
 )
 from omni_tasks.requests import OmniRequest
 from omni_tasks.results import ProbeResult
@@ -64,13 +65,15 @@ def execute(
         _record_failure(task, task_id, queue, str(exc), kwargs)
         raise
     try:
-        with task_context.running(task_id), progress.reporting(task):
+        priority = (task.request.delivery_info or {}).get("priority")
+        with task_context.running(task_id, priority), progress.reporting(task):
             result = run(request)
-    except EngineStoppedError:
-        # A warm shutdown: give the message back; the credit cancels the count the
-        # redelivered message will add when it starts again.
+    except (EngineStoppedError, RequestYieldedError) as exc:
+        # A warm shutdown, or an unstarted request handed back for higher-priority work:
+        # give the message back; the credit cancels the count the redelivered message
+        # will add when it starts again.
         client.decr(keys.deliveries(task_id))
-        raise Reject("worker shutting down", requeue=True) from None
+        raise Reject(str(exc), requeue=True) from None
     except RequestTimeoutError:
         count_outcome(queue, "expired")
         raise

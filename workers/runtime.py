@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from omni_tasks.config import CoreModuleConfig, get_config
-from omni_tasks.coordination import cache_directory
+from omni_tasks.coordination import cache_directory, keys
 from omni_tasks.coordination.counters import SuccessCounters
+from omni_tasks.coordination.monitoring import highest_waiting_level
 from omni_tasks.errors import EngineStoppedError
 from omni_tasks.requests import Stage
 from workers.engines.base import DiffusionEngine, TextEngine
@@ -199,6 +200,7 @@ def build_diffusion_engine(config: CoreModuleConfig) -> DiffusionEngine:
         dtype=dit.dtype,
         max_batch_size=config.step_batch_limit,
         config=config,
+        arrivals=lambda: highest_waiting_level([dit.queue, keys.worker_queue(runtime.hostname)]),
     )
 
 

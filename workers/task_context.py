@@ -11,24 +11,31 @@ from contextlib import contextmanager
 
 class _Current(threading.local):
     task_id: str | None = None
+    priority: int | None = None
 
 
 _current = _Current()
 
 
 @contextmanager
-def running(task_id: str) -> Iterator[None]:
-    """Make `task_id` this thread's current task meanwhile."""
-    outer = _current.task_id
-    _current.task_id = task_id
+def running(task_id: str, priority: int | None = None) -> Iterator[None]:
+    """Make `task_id` (its message delivered at broker `priority`, 0 highest) this
+    thread's current task meanwhile."""
+    outer = _current.task_id, _current.priority
+    _current.task_id, _current.priority = task_id, priority
     try:
         yield
     finally:
-        _current.task_id = outer
+        _current.task_id, _current.priority = outer
 
 
 def current_task_id() -> str | None:
     return _current.task_id
+
+
+def current_priority() -> int | None:
+    """The broker priority the current task's message was delivered at, if known."""
+    return _current.priority
 
 
 def is_revoked(task_id: str) -> bool:

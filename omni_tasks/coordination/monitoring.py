@@ -34,6 +34,19 @@ def queue_depths(config: CoreModuleConfig | None = None) -> dict[str, dict[int, 
     return depths
 
 
+def highest_waiting_level(queues: list[str]) -> int | None:
+    """The highest priority (lowest level, 0..9) with a message waiting in any of
+    `queues`, or None when they are all empty: one round trip."""
+    pipe = get_redis().pipeline(transaction=False)
+    for queue in queues:
+        for key in keys.queue_keys(queue):
+            pipe.llen(key)
+    counts = pipe.execute()
+    levels = len(keys.PRIORITY_STEPS)
+    waiting = [i % levels for i, n in enumerate(counts) if n]
+    return min(waiting) if waiting else None
+
+
 def total_queued(config: CoreModuleConfig | None = None) -> int:
     """Messages waiting in every queue, all levels."""
     return sum(sum(levels.values()) for levels in queue_depths(config).values())

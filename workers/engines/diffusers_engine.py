@@ -28,7 +28,7 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -40,6 +40,7 @@ from omni_tasks.errors import (
     RequestCancelledError,
     RequestTimeoutError,
     RequestValidationError,
+    RequestYieldedError,
 )
 from workers.engines import step_cache
 from workers.engines.base import ImageOutput, ImageParams
@@ -82,11 +83,20 @@ __all__ = [
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 _DTYPES.update(fp32="float32", bf16="bfloat16", fp16="float16")
+# Errors `generate` raises as they are (any other becomes a ProcessingError).
+_PASSED_ON = (
+    RequestTimeoutError,
+    EngineStoppedError,
+    RequestValidationError,
+    RequestCancelledError,
+    RequestYieldedError,
+)
 # How a request's end maps to its step-scheduler status.
 _ENDINGS: tuple[tuple[type[BaseException], StepStatus], ...] = (
     (RequestTimeoutError, StepStatus.FINISHED_EXPIRED),
     (RequestCancelledError, StepStatus.FINISHED_CANCELLED),
     (EngineStoppedError, StepStatus.FINISHED_STOPPED),
+    (RequestYieldedError, StepStatus.FINISHED_YIELDED),
 )
 
 
@@ -112,6 +122,7 @@ class FluxDiffusionEngine:
         mag_ratios: Mapping[tuple[int, int, int], Sequence[float]] | None = None,
         max_batch_size: int = 8,
         config: CoreModuleConfig | None = None,
+        arrivals: Callable[[], int | None] | None = None,
     ) -> None:
         """`true_cfg_scale` applies only to requests with a negative prompt (true CFG
         doubles the transformer calls); `max_sequence_length` is the T5 prompt length.
@@ -119,7 +130,8 @@ class FluxDiffusionEngine:
         checkpoint (or published ones, stretched to the step count as diffusers does), keyed
         by (steps, width, height), to skip calibrating them again. `max_batch_size`: the
         most requests one denoising step runs; `config`: whose `scheduler` section ranks
-        them (default: the loaded config)."""
+        them (default: the loaded config); `arrivals`: the best priority waiting in the
+        worker's queues (see `StepLoop`)."""
         self.model = str(model)
         self.device, self.dtype = _device_and_dtype(device, dtype)
         self.max_sequence_length = max_sequence_length
@@ -135,7 +147,10 @@ class FluxDiffusionEngine:
         transformer = pipe.transformer
         self.step_scheduler = StepScheduler(config or get_config())
         self.loop = StepLoop(
-            self.step_scheduler, lambda calls: run_batch(transformer, calls), max_batch_size
+            self.step_scheduler,
+            lambda calls: run_batch(transformer, calls),
+            max_batch_size,
+            arrivals=arrivals,
         )
         self._encoder = PromptEncoder(
             self.device, max_sequence_length, true_cfg_scale, run_on=self.loop.run
@@ -200,12 +215,7 @@ class FluxDiffusionEngine:
                 start = time.perf_counter()
                 image = self.loop.run(lambda: decode(base, final))
                 request.decode_s = time.perf_counter() - start
-        except (
-            RequestTimeoutError,
-            EngineStoppedError,
-            RequestValidationError,
-            RequestCancelledError,
-        ):
+        except _PASSED_ON:
             raise
         except Exception as exc:
             raise ProcessingError(f"{request_id}: diffusion failed: {exc}") from exc
@@ -277,6 +287,7 @@ class FluxDiffusionEngine:
         else:
             used_embeds = self._encoder.given_embeds(base, embeds, params.negative_prompt)
         request.encode_s = time.perf_counter() - start
+        held.encoded = True  # its first call follows within milliseconds
         img2img = init_image is not None
         kwargs = self._encoder.denoise_kwargs(used_embeds, params, init_image, None)
         if params.step_cache.mode == "none":
@@ -305,7 +316,10 @@ class FluxDiffusionEngine:
         kwargs["callback_on_step_end"] = self._hooks.step_callback(request, on_step)
         request.pipe_start = time.perf_counter()
         packed = pipe(**kwargs).images
-        request.denoise_start = proxy.first_call_at
+        # Denoising counts from its first step: the wait for a slot is not part of it.
+        request.denoise_start = held.first_step_perf or proxy.first_call_at
+        if held.first_step_perf is not None and proxy.first_call_at is not None:
+            request.waited_s = max(held.first_step_perf - proxy.first_call_at, 0.0)
         return packed
 
     def _denoise_alone(

@@ -29,7 +29,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from omni_tasks.errors import EngineStoppedError, RequestCancelledError, RequestTimeoutError
+from omni_tasks.errors import (
+    EngineStoppedError,
+    RequestCancelledError,
+    RequestTimeoutError,
+    RequestYieldedError,
+)
 from workers.stepping.request import ForwardCall, StepRequest, StepStatus
 from workers.stepping.scheduler import StepScheduler
 
@@ -38,8 +43,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: Runs one batch: resolves (or fails) every call it is given.
 BatchRunner = Callable[[list[ForwardCall]], None]
-#: How often waiting threads and the idle loop look at deadlines, cancellation and stop.
+#: How often the idle loop looks at deadlines, cancellation and stop.
 POLL_S = 0.02
+#: How often a request thread waiting for its call checks that the loop still runs (the
+#: loop itself fails calls on deadlines, cancellation and stop): rarely, since a dozen
+#: threads waking up often would take the GIL from the loop.
+ALIVE_POLL_S = 1.0
+#: How often, at most, the loop reads the queue for higher-priority arrivals.
+PEEK_S = 0.02
 #: How long a step waits for running requests still between two calls before it goes
 #: without them (they join the next one).
 LAGGARD_WAIT_S = 0.1
@@ -48,10 +59,22 @@ LAGGARD_WAIT_S = 0.1
 class StepLoop:
     """Owns the transformer's calls for one engine; `forward` may be called from any thread."""
 
-    def __init__(self, scheduler: StepScheduler, run_batch: BatchRunner, limit: int) -> None:
+    def __init__(
+        self,
+        scheduler: StepScheduler,
+        run_batch: BatchRunner,
+        limit: int,
+        arrivals: Callable[[], int | None] | None = None,
+    ) -> None:
+        """`arrivals`: the best broker priority (0 highest) waiting in the queues this
+        worker consumes, or None; with it, a held request that has not started yields
+        its place to a waiting message of higher priority (see `_yield_to_arrivals`)."""
         self.scheduler = scheduler
         self.limit = limit
         self._run_batch = run_batch
+        self._arrivals = arrivals
+        self._last_peek = 0.0
+        self.yielded = 0
         self._cond = threading.Condition()
         self._stopped = False
         self._granted: StepRequest | None = None
@@ -83,7 +106,7 @@ class StepLoop:
             self._check_stopped(request)
             request.pending = call
             self._cond.notify_all()
-        return call.wait(POLL_S, self._check_alive)
+        return call.wait(ALIVE_POLL_S, self._check_alive)
 
     def run(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the loop thread before the next step; its result (or exception)."""
@@ -95,7 +118,7 @@ class StepLoop:
                 raise EngineStoppedError("diffusion engine shut down")
             self._jobs.append(job)
             self._cond.notify_all()
-        return job.wait(POLL_S, self._check_alive)
+        return job.wait(ALIVE_POLL_S, self._check_alive)
 
     @contextmanager
     def exclusive(self, request: StepRequest) -> Iterator[None]:
@@ -155,6 +178,7 @@ class StepLoop:
                 if jobs:
                     return jobs, None
                 if self._granted is None and not self._laggards(since):
+                    self._yield_to_arrivals()
                     batch = self.scheduler.get_next_batch(self.limit)
                     if batch:
                         return [], batch
@@ -167,14 +191,49 @@ class StepLoop:
             call.resolve(None)
 
     def _laggards(self, since: float) -> bool:
-        """Running requests still between two calls, waited for up to LAGGARD_WAIT_S (not
-        those that reserved a slot while preparing: the others step on meanwhile)."""
+        """Running requests still between two calls, waited for up to LAGGARD_WAIT_S; a
+        request that reserved a slot counts once its prompt is encoded (its first call is
+        milliseconds away), not while it encodes (the others step on meanwhile)."""
         if time.monotonic() - since > LAGGARD_WAIT_S:
             return False
         return any(
-            r.status is StepStatus.RUNNING and r.pending is None and r.first_step_at is not None
+            r.status is StepStatus.RUNNING
+            and r.pending is None
+            and (r.first_step_at is not None or r.encoded)
             for r in self.scheduler.held()
         )
+
+    def _yield_to_arrivals(self) -> None:
+        """Hand back the lowest-priority held request that has not run a step if a message
+        of higher priority waits in the queue (lock held).
+
+        A worker's held slots are full while lower-class work is queued, so it would see
+        a higher-class arrival only once one of its requests ends; handing back one it
+        has not started frees a slot, and the broker gives it the better message. The
+        queue is read at most every PEEK_S, and only while there is something to hand back.
+        """
+        now = time.monotonic()
+        if self._arrivals is None or now - self._last_peek < PEEK_S:
+            return
+        unstarted = [
+            r
+            for r in self.scheduler.held()
+            if r.first_step_at is None and r.pending is not None and r.ticket.level > 0
+        ]
+        if not unstarted:
+            return
+        self._last_peek = now
+        try:
+            level = self._arrivals()
+        except Exception:
+            log.warning("could not read the queue's waiting priorities", exc_info=True)
+            return
+        worst = max(unstarted, key=lambda r: (r.ticket.level, r.arrival))
+        if level is not None and level < worst.ticket.level and worst.pending is not None:
+            call = worst.pending
+            self.scheduler.finish(worst, StepStatus.FINISHED_YIELDED)
+            call.fail(RequestYieldedError(f"{worst.request_id}: yields to priority {level}"))
+            self.yielded += 1
 
     def _drop_finished_calls(self) -> None:
         """Fail the waiting calls of stopped, expired or cancelled requests (lock held)."""

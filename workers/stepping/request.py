@@ -31,6 +31,7 @@ class StepStatus(enum.IntEnum):
     FINISHED_CANCELLED = 5
     FINISHED_STOPPED = 6
     FINISHED_FAILED = 7
+    FINISHED_YIELDED = 8  # handed back to the queue, unstarted, for higher-priority work
 
     @property
     def finished(self) -> bool:
@@ -50,6 +51,7 @@ class StepTicket:
     priority_class: str = "normal"
     continuing: bool = False
     deadline: float = math.inf
+    level: int = 0  # its message's broker priority (0 highest): what it yields to
     cancelled: Callable[[], bool] = _never_cancelled
     on_progress: ProgressCallback | None = None
 
@@ -103,6 +105,8 @@ class StepRequest:
     paused_s: float = 0.0
     paused_at: float | None = None
     first_step_at: float | None = None  # wall clock (time.time()) of its first step
+    first_step_perf: float | None = None  # the same on time.perf_counter()
+    encoded: bool = False  # set by its thread once its prompt is encoded
     pending: ForwardCall | None = None
 
     @property

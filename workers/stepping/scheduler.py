@@ -158,7 +158,7 @@ class StepScheduler(BaseScheduler):
             self._settle_pause(r, now)
             r.status = StepStatus.RUNNING
             if r.first_step_at is None:
-                r.first_step_at = time.time()
+                r.first_step_at, r.first_step_perf = time.time(), time.perf_counter()
 
     @staticmethod
     def _settle_pause(request: StepRequest, now: float) -> None:

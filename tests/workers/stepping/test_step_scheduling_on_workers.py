@@ -140,3 +140,20 @@ def test_a_request_cancelled_while_running_leaves_at_the_next_step(worker) -> No
     assert eventually(lambda: stat("cancelled") == cancelled_before + 1)
     # Its slot is free: the next request runs at once.
     assert send("next", steps=2).get(TIMEOUT)["denoise_steps"] == 2
+
+
+def test_an_unstarted_held_request_yields_to_a_higher_priority_message(worker) -> None:
+    # Ten held (eight running, two waiting) and two more queued: every slot is taken.
+    lows = [send(f"backlog {i}", steps=100, priority="low", seed=i) for i in range(12)]
+    wait_progress(lows[0], 2)
+    time.sleep(0.5)  # the lookahead is filled with requests that cannot start yet
+    sent = time.time()
+    high = send("jump the queue", steps=8, priority="high").get(TIMEOUT)
+    # A waiting low request was handed back, so the high one started at once ...
+    assert high["timings"]["started_at"] - sent < 1.0  # the first low ends after ~3 s
+    outs = [r.get(TIMEOUT) for r in lows]  # ... and nothing handed back was lost
+    assert all(out["denoise_steps"] == 100 for out in outs)
+    overtook = [
+        o for o in outs if sent < o["timings"]["started_at"] < high["timings"]["started_at"]
+    ]
+    assert overtook == []

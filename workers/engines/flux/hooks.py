@@ -34,6 +34,7 @@ class Request:
     encode_s: float = 0.0
     calibrate_s: float | None = None
     pipe_start: float | None = None
+    waited_s: float = 0.0  # between preparing and the first step: waiting for a slot
     denoise_start: float | None = None
     last_step_end: float | None = None
     decode_s: float = 0.0
@@ -149,15 +150,15 @@ class TransformerHooks:
 
 def timings(request: Request) -> dict[str, float]:
     """encode_s: text encoders, plus the pipeline's preparation up to the first transformer
-    call (latents, timesteps, the init image's VAE encode); denoise_s: first transformer
-    call to the end of the last step; decode_s: the VAE decode and postprocessing; 0 for a
-    skipped phase. The rest of total_s is mostly waiting for the shared transformer.
-    calibrate_s only when the request had to calibrate MagCache first."""
+    call (latents, timesteps, the init image's VAE encode); denoise_s: from the first step
+    to the end of the last one (paused time included); decode_s: the VAE decode and
+    postprocessing; 0 for a skipped phase. The rest of total_s is mostly waiting for the
+    step scheduler. calibrate_s only when the request had to calibrate MagCache first."""
     end = time.perf_counter()
     encode_s = request.encode_s
     denoise_s = 0.0
     if request.pipe_start is not None and request.denoise_start is not None:
-        encode_s += request.denoise_start - request.pipe_start
+        encode_s += request.denoise_start - request.pipe_start - request.waited_s
         if request.last_step_end is not None:
             denoise_s = request.last_step_end - request.denoise_start
     result = {
