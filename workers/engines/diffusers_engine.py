@@ -28,8 +28,7 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from omni_tasks.config import CoreModuleConfig, get_config
@@ -44,7 +43,7 @@ from omni_tasks.errors import (
 )
 from workers.engines import step_cache
 from workers.engines.base import ImageOutput, ImageParams
-from workers.engines.flux.batching import LoopTransformer, batch_key, run_batch
+from workers.engines.flux.batching import batch_key, denoise_batched, run_batch
 from workers.engines.flux.hooks import Request, TransformerHooks, timings
 from workers.engines.flux.magcache import (
     MAGCACHE_CALIBRATION_GUIDANCE,
@@ -64,7 +63,7 @@ from workers.engines.flux.phases import (
     unpack,
 )
 from workers.stepping.loop import StepLoop
-from workers.stepping.request import StepRequest, StepStatus, StepTicket
+from workers.stepping.request import StepRequest, StepTicket
 from workers.stepping.scheduler import StepScheduler
 
 if TYPE_CHECKING:
@@ -90,13 +89,6 @@ _PASSED_ON = (
     RequestValidationError,
     RequestCancelledError,
     RequestYieldedError,
-)
-# How a request's end maps to its step-scheduler status.
-_ENDINGS: tuple[tuple[type[BaseException], StepStatus], ...] = (
-    (RequestTimeoutError, StepStatus.FINISHED_EXPIRED),
-    (RequestCancelledError, StepStatus.FINISHED_CANCELLED),
-    (EngineStoppedError, StepStatus.FINISHED_STOPPED),
-    (RequestYieldedError, StepStatus.FINISHED_YIELDED),
 )
 
 
@@ -179,8 +171,7 @@ class FluxDiffusionEngine:
         `embeds` lacks the negative ones, those are encoded; negative ones are ignored when
         it has none. `latents`: from an earlier `ImageOutput.latents` of the same request
         settings: only the VAE decode runs (`steps_run` 0), same pixels as that request.
-        `ticket`: what the step scheduler ranks the request by (class, stage), how it
-        learns the request was cancelled and where its progress goes.
+        `ticket`: how the step scheduler ranks, cancels and reports the request.
 
         Raises RequestTimeoutError once `timeout_s` has passed, RequestCancelledError once
         `ticket.cancelled()` and EngineStoppedError after `shutdown()`, all checked while
@@ -199,7 +190,7 @@ class FluxDiffusionEngine:
         held = None if latents is not None else self._step_request(ticket, params, init_image)
         try:
             with self._hooks.serving(request):
-                with self._holding(held):
+                with self.loop.holding(held):
                     final, used_embeds = self._final_latents(
                         base,
                         request,
@@ -245,7 +236,7 @@ class FluxDiffusionEngine:
         request = Request("calibrate", deadline=time.perf_counter() + timeout_s)
         ticket = StepTicket("calibrate", deadline=time.monotonic() + timeout_s)
         held = StepRequest(ticket, steps=steps, pixels=width * height, batch_key=None)
-        with self._holding(held), self.loop.exclusive(held):
+        with self.loop.holding(held), self.loop.exclusive(held):
             return list(self._mag_ratios.get_locked(base, request, steps, width, height))
 
     @property
@@ -291,36 +282,10 @@ class FluxDiffusionEngine:
         img2img = init_image is not None
         kwargs = self._encoder.denoise_kwargs(used_embeds, params, init_image, None)
         if params.step_cache.mode == "none":
-            packed = self._denoise_batched(base, request, held, kwargs, img2img)
+            packed = denoise_batched(base, self.loop, self._hooks, request, held, kwargs, img2img)
         else:
             packed = self._denoise_alone(base, request, held, kwargs, params, mode_params, img2img)
         return unpack(packed, params, base), used_embeds
-
-    def _denoise_batched(
-        self,
-        base: FluxPipeline,
-        request: Request,
-        held: StepRequest,
-        kwargs: dict[str, object],
-        img2img: bool,
-    ) -> torch.Tensor:
-        """The pipeline call, its transformer calls run by the step loop in batches."""
-        proxy = LoopTransformer(base.transformer, self.loop, held)
-        pipe = request_pipeline(base, img2img=img2img, transformer=proxy)
-
-        def on_step() -> None:
-            request.steps_run += 1  # no step cache: every block of every step runs
-            proxy.step_ended()
-            self._step_ended(held)
-
-        kwargs["callback_on_step_end"] = self._hooks.step_callback(request, on_step)
-        request.pipe_start = time.perf_counter()
-        packed = pipe(**kwargs).images
-        # Denoising counts from its first step: the wait for a slot is not part of it.
-        request.denoise_start = held.first_step_perf or proxy.first_call_at
-        if held.first_step_perf is not None and proxy.first_call_at is not None:
-            request.waited_s = max(held.first_step_perf - proxy.first_call_at, 0.0)
-        return packed
 
     def _denoise_alone(
         self,
@@ -335,9 +300,7 @@ class FluxDiffusionEngine:
         """The pipeline call with a step cache's hooks on the transformer, which this
         request holds alone meanwhile."""
         pipe = request_pipeline(base, img2img=img2img)
-        kwargs["callback_on_step_end"] = self._hooks.step_callback(
-            request, lambda: self._step_ended(held)
-        )
+        kwargs["callback_on_step_end"] = self._hooks.step_callback(request, held.step_ended)
         num_steps = steps_taken(params, img2img)
         mode = params.step_cache.mode
         request.needs_cache_context = img2img and mode in step_cache.DIFFUSERS_MODES
@@ -374,32 +337,6 @@ class FluxDiffusionEngine:
             pixels=params.width * params.height,
             batch_key=key if batched else None,
         )
-
-    @contextmanager
-    def _holding(self, held: StepRequest | None) -> Iterator[None]:
-        """Hold `held` in the step scheduler meanwhile; its ending sets its final status."""
-        if held is None:
-            yield
-            return
-        self.loop.admit(held)
-        status = StepStatus.FINISHED_FAILED
-        try:
-            yield
-            status = StepStatus.FINISHED
-        except BaseException as exc:
-            status = next((s for kind, s in _ENDINGS if isinstance(exc, kind)), status)
-            raise
-        finally:
-            self.loop.leave(held, status)
-
-    @staticmethod
-    def _step_ended(held: StepRequest) -> None:
-        """After each step, in the request's thread: progress, then a cancellation check."""
-        held.step_ended()
-        if held.ticket.cancelled():
-            raise RequestCancelledError(
-                f"{held.request_id}: cancelled after {held.steps_done} denoising steps"
-            )
 
     def _live_base(self, request_id: str) -> FluxPipeline:
         base = self._base

@@ -43,6 +43,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: Runs one batch: resolves (or fails) every call it is given.
 BatchRunner = Callable[[list[ForwardCall]], None]
+# How a request's end maps to its final status.
+_ENDINGS: tuple[tuple[type[BaseException], StepStatus], ...] = (
+    (RequestTimeoutError, StepStatus.FINISHED_EXPIRED),
+    (RequestCancelledError, StepStatus.FINISHED_CANCELLED),
+    (EngineStoppedError, StepStatus.FINISHED_STOPPED),
+    (RequestYieldedError, StepStatus.FINISHED_YIELDED),
+)
 #: How often the idle loop looks at deadlines, cancellation and stop.
 POLL_S = 0.02
 #: How often a request thread waiting for its call checks that the loop still runs (the
@@ -98,6 +105,24 @@ class StepLoop:
             if self._granted is request:
                 self._granted = None
             self._cond.notify_all()
+
+    @contextmanager
+    def holding(self, request: StepRequest | None) -> Iterator[None]:
+        """Hold `request` in the scheduler meanwhile (None: nothing to hold); how the
+        block ends (done, or which error) sets its final status."""
+        if request is None:
+            yield
+            return
+        self.admit(request)
+        status = StepStatus.FINISHED_FAILED
+        try:
+            yield
+            status = StepStatus.FINISHED
+        except BaseException as exc:
+            status = next((s for kind, s in _ENDINGS if isinstance(exc, kind)), status)
+            raise
+        finally:
+            self.leave(request, status)
 
     def forward(self, request: StepRequest, payload: Any, first_of_step: bool) -> Any:
         """Hand one transformer call to the loop; its output once a batch has run it."""

@@ -16,6 +16,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+from omni_tasks.errors import RequestCancelledError
 from workers.progress import ProgressCallback
 
 
@@ -123,7 +124,12 @@ class StepRequest:
         return max(self.steps - self.steps_done, 0) * self.pixels / 1e6
 
     def step_ended(self) -> None:
-        """Called by the request's own thread when one of its denoising steps ends."""
+        """Called by the request's own thread when one of its denoising steps ends:
+        reports progress, then leaves (RequestCancelledError) if it was revoked."""
         self.steps_done += 1
         if self.ticket.on_progress is not None:
             self.ticket.on_progress({"step": self.steps_done, "steps": self.steps})
+        if self.ticket.cancelled():
+            raise RequestCancelledError(
+                f"{self.request_id}: cancelled after {self.steps_done} denoising steps"
+            )

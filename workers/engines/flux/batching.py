@@ -17,6 +17,8 @@ from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 from omni_tasks.errors import ProcessingError
+from workers.engines.flux.hooks import Request, TransformerHooks
+from workers.engines.flux.phases import request_pipeline
 from workers.stepping.loop import StepLoop
 from workers.stepping.request import ForwardCall, StepRequest
 
@@ -91,3 +93,32 @@ def run_batch(transformer: Any, calls: list[ForwardCall]) -> None:
         return
     for i, call in enumerate(calls):
         call.resolve((out[i : i + 1],))
+
+
+def denoise_batched(
+    base: Any,
+    loop: StepLoop,
+    hooks: TransformerHooks,
+    request: Request,
+    held: StepRequest,
+    kwargs: dict[str, Any],
+    img2img: bool,
+) -> torch.Tensor:
+    """A request's pipeline call whose transformer calls the step loop runs in batches;
+    returns the packed latents."""
+    proxy = LoopTransformer(base.transformer, loop, held)
+    pipe = request_pipeline(base, img2img=img2img, transformer=proxy)
+
+    def on_step() -> None:
+        request.steps_run += 1  # no step cache: every block of every step runs
+        proxy.step_ended()
+        held.step_ended()
+
+    kwargs["callback_on_step_end"] = hooks.step_callback(request, on_step)
+    request.pipe_start = time.perf_counter()
+    packed = pipe(**kwargs).images
+    # Denoising counts from its first step: the wait for a slot is not part of it.
+    request.denoise_start = held.first_step_perf or proxy.first_call_at
+    if held.first_step_perf is not None and proxy.first_call_at is not None:
+        request.waited_s = max(held.first_step_perf - proxy.first_call_at, 0.0)
+    return packed
