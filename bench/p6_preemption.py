@@ -1,5 +1,5 @@
 """P6: preemption at a step boundary. One diffusion worker running batches of one
-(`max_batch_size` 1); a long low-class job runs (256x256, 60 steps) when a high-class
+(`max_batch_size` 1); a long low-class job runs (256x256, 100 steps) when a high-class
 request (128x128, 8 steps) arrives. Measured per round:
 
 - the high request's time to start (send -> its first denoising step), against the same
@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, clean_redis, setup_redis, write_result  # noqa: E402
 
-LOW = {"width": 256, "height": 256, "steps": 60, "priority": "low"}
+LOW = {"width": 256, "height": 256, "steps": 100, "priority": "low"}
 HIGH = {"width": 128, "height": 128, "steps": 8, "priority": "high"}
 
 

@@ -62,6 +62,7 @@ from workers.engines.flux.phases import (
     steps_taken,
     unpack,
 )
+from workers.stepping.arrivals import ArrivalWatch
 from workers.stepping.loop import StepLoop
 from workers.stepping.request import StepRequest, StepTicket
 from workers.stepping.scheduler import StepScheduler
@@ -122,8 +123,8 @@ class FluxDiffusionEngine:
         checkpoint (or published ones, stretched to the step count as diffusers does), keyed
         by (steps, width, height), to skip calibrating them again. `max_batch_size`: the
         most requests one denoising step runs; `config`: whose `scheduler` section ranks
-        them (default: the loaded config); `arrivals`: the best priority waiting in the
-        worker's queues (see `StepLoop`)."""
+        them (default: the loaded config); `arrivals`: reads the best priority waiting in
+        the worker's queues (see `workers.stepping.arrivals`)."""
         self.model = str(model)
         self.device, self.dtype = _device_and_dtype(device, dtype)
         self.max_sequence_length = max_sequence_length
@@ -142,8 +143,8 @@ class FluxDiffusionEngine:
             self.step_scheduler,
             lambda calls: run_batch(transformer, calls),
             max_batch_size,
-            arrivals=arrivals,
         )
+        self._watch = ArrivalWatch(self.loop, arrivals) if arrivals is not None else None
         self._encoder = PromptEncoder(
             self.device, max_sequence_length, true_cfg_scale, run_on=self.loop.run
         )
@@ -250,6 +251,8 @@ class FluxDiffusionEngine:
         The modules are freed once the in-flight requests, which hold references, return.
         """
         self._stopped.set()
+        if self._watch is not None:
+            self._watch.stop()
         self.loop.stop()
         self._base = None
 
@@ -274,7 +277,8 @@ class FluxDiffusionEngine:
             return given_latents(latents, want, self.device), None
         start = time.perf_counter()
         if embeds is None:
-            used_embeds = self._encoder.encode(base, prompt, params.negative_prompt)
+            urgent = self.loop.would_preempt(held)
+            used_embeds = self._encoder.encode(base, prompt, params.negative_prompt, urgent)
         else:
             used_embeds = self._encoder.given_embeds(base, embeds, params.negative_prompt)
         request.encode_s = time.perf_counter() - start

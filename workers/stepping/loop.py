@@ -56,8 +56,6 @@ POLL_S = 0.02
 #: loop itself fails calls on deadlines, cancellation and stop): rarely, since a dozen
 #: threads waking up often would take the GIL from the loop.
 ALIVE_POLL_S = 1.0
-#: How often, at most, the loop reads the queue for higher-priority arrivals.
-PEEK_S = 0.02
 #: How long a step waits for running requests still between two calls before it goes
 #: without them (they join the next one).
 LAGGARD_WAIT_S = 0.1
@@ -71,16 +69,10 @@ class StepLoop:
         scheduler: StepScheduler,
         run_batch: BatchRunner,
         limit: int,
-        arrivals: Callable[[], int | None] | None = None,
     ) -> None:
-        """`arrivals`: the best broker priority (0 highest) waiting in the queues this
-        worker consumes, or None; with it, a held request that has not started yields
-        its place to a waiting message of higher priority (see `_yield_to_arrivals`)."""
         self.scheduler = scheduler
         self.limit = limit
         self._run_batch = run_batch
-        self._arrivals = arrivals
-        self._last_peek = 0.0
         self.yielded = 0
         self._cond = threading.Condition()
         self._stopped = False
@@ -157,6 +149,40 @@ class StepLoop:
                     self._granted = None
                 self._cond.notify_all()
 
+    def worst_unstarted_level(self) -> int | None:
+        """The lowest broker priority (highest level) among held requests that have not
+        run a step and could be handed back now (None: none of them)."""
+        with self._cond:
+            levels = [r.ticket.level for r in self._unstarted()]
+        return max(levels) if levels else None
+
+    def yield_unstarted(self, level: int) -> bool:
+        """Hand back the lowest-priority unstarted held request if its priority is below
+        `level`'s: its call fails with RequestYieldedError and its task requeues it."""
+        with self._cond:
+            unstarted = self._unstarted()
+            if not unstarted:
+                return False
+            worst = max(unstarted, key=lambda r: (r.ticket.level, r.arrival))
+            if level >= worst.ticket.level or worst.pending is None:
+                return False
+            call = worst.pending
+            self.scheduler.finish(worst, StepStatus.FINISHED_YIELDED)
+            call.fail(RequestYieldedError(f"{worst.request_id}: yields to priority {level}"))
+            self.yielded += 1
+            self._cond.notify_all()
+            return True
+
+    def would_preempt(self, request: StepRequest) -> bool:
+        """Whether `request` outranks a running request of a full batch: it will take
+        that one's slot as soon as it is ready, so its preparation is urgent."""
+        with self._cond:
+            running = [r for r in self.scheduler.held() if r.status is StepStatus.RUNNING]
+            if len(running) < self.limit or not self.scheduler.preemption:
+                return False
+            rank = self.scheduler.rank(request)
+            return any(self.scheduler.rank(r) > rank for r in running)
+
     def stop(self) -> None:
         """Fail every waiting call with EngineStoppedError; later calls raise it too."""
         with self._cond:
@@ -203,7 +229,6 @@ class StepLoop:
                 if jobs:
                     return jobs, None
                 if self._granted is None and not self._laggards(since):
-                    self._yield_to_arrivals()
                     batch = self.scheduler.get_next_batch(self.limit)
                     if batch:
                         return [], batch
@@ -228,37 +253,13 @@ class StepLoop:
             for r in self.scheduler.held()
         )
 
-    def _yield_to_arrivals(self) -> None:
-        """Hand back the lowest-priority held request that has not run a step if a message
-        of higher priority waits in the queue (lock held).
-
-        A worker's held slots are full while lower-class work is queued, so it would see
-        a higher-class arrival only once one of its requests ends; handing back one it
-        has not started frees a slot, and the broker gives it the better message. The
-        queue is read at most every PEEK_S, and only while there is something to hand back.
-        """
-        now = time.monotonic()
-        if self._arrivals is None or now - self._last_peek < PEEK_S:
-            return
-        unstarted = [
+    def _unstarted(self) -> list[StepRequest]:
+        """Held requests waiting for their first step, ready to run (lock held)."""
+        return [
             r
             for r in self.scheduler.held()
-            if r.first_step_at is None and r.pending is not None and r.ticket.level > 0
+            if r.first_step_at is None and r.pending is not None and not r.status.finished
         ]
-        if not unstarted:
-            return
-        self._last_peek = now
-        try:
-            level = self._arrivals()
-        except Exception:
-            log.warning("could not read the queue's waiting priorities", exc_info=True)
-            return
-        worst = max(unstarted, key=lambda r: (r.ticket.level, r.arrival))
-        if level is not None and level < worst.ticket.level and worst.pending is not None:
-            call = worst.pending
-            self.scheduler.finish(worst, StepStatus.FINISHED_YIELDED)
-            call.fail(RequestYieldedError(f"{worst.request_id}: yields to priority {level}"))
-            self.yielded += 1
 
     def _drop_finished_calls(self) -> None:
         """Fail the waiting calls of stopped, expired or cancelled requests (lock held)."""

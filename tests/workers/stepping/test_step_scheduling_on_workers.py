@@ -52,6 +52,12 @@ def wait_progress(result: AsyncResult, step: int = 1) -> dict:
     return info
 
 
+def wait_running(result: AsyncResult) -> None:
+    """Until its task has started on the worker, and a moment more to reach its steps."""
+    assert eventually(lambda: result.state in ("STARTED", "PROGRESS"), 60, 0.01), result.state
+    time.sleep(0.2)
+
+
 def pixels(result: dict) -> np.ndarray:
     with Image.open(result["image_path"]) as image:
         return np.asarray(image.convert("RGB"), dtype=np.float64)
@@ -69,11 +75,12 @@ def test_eight_compatible_requests_run_as_one_batch(worker) -> None:
 
 
 def test_progress_is_visible_through_async_result(worker) -> None:
-    result = send("progress please", steps=60)
-    seen = [wait_progress(result, 1), wait_progress(result, 30)]
-    assert all(info["steps"] == 60 for info in seen)
-    assert seen[0]["step"] < seen[1]["step"]
-    assert result.get(TIMEOUT)["denoise_steps"] == 60
+    # Long enough (a few seconds) for several throttled writes.
+    result = generate_image.delay(prompt="progress please", steps=100, width=256, height=256)
+    first = wait_progress(result, 1)
+    later = wait_progress(result, first["step"] + 1)
+    assert first["steps"] == later["steps"] == 100
+    assert result.get(TIMEOUT)["denoise_steps"] == 100
 
 
 def test_a_high_class_arrival_preempts_and_the_paused_image_is_unchanged(
@@ -83,7 +90,7 @@ def test_a_high_class_arrival_preempts_and_the_paused_image_is_unchanged(
     from workers.engines.diffusers_engine import FluxDiffusionEngine
 
     lows = [send(f"low {i}", steps=60, priority="low", seed=i) for i in range(8)]
-    wait_progress(lows[-1], 2)  # all eight hold the batch
+    wait_running(lows[-1])  # all eight hold the batch
     high = send("urgent", steps=8, priority="high").get(TIMEOUT)
     outs = [r.get(TIMEOUT) for r in lows]
     paused = [out for out in outs if out["preemptions"]]
@@ -103,7 +110,7 @@ def test_a_high_class_arrival_preempts_and_the_paused_image_is_unchanged(
 
 def test_starvation_bound_a_paused_low_request_resumes_within_the_bound(worker) -> None:
     low = send("patient", steps=80, priority="low")
-    wait_progress(low, 2)
+    wait_running(low)
     highs = [send(f"rush {i}", steps=40, priority="high", seed=i) for i in range(16)]
     low_out = low.get(TIMEOUT)
     high_outs = [r.get(TIMEOUT) for r in highs]
@@ -118,7 +125,7 @@ def test_starvation_bound_a_paused_low_request_resumes_within_the_bound(worker) 
 def test_a_held_request_past_its_deadline_fails_without_a_step(worker) -> None:
     expired_before = stat("expired")
     busy = [send(f"busy {i}", steps=60, priority="normal", seed=i) for i in range(8)]
-    wait_progress(busy[-1], 2)
+    wait_running(busy[-1])
     late = send("too late", steps=8, priority="low", timeout_s=1.0)
     with pytest.raises(RequestTimeoutError, match="after 0 denoising steps"):
         late.get(TIMEOUT)
@@ -145,7 +152,7 @@ def test_a_request_cancelled_while_running_leaves_at_the_next_step(worker) -> No
 def test_an_unstarted_held_request_yields_to_a_higher_priority_message(worker) -> None:
     # Ten held (eight running, two waiting) and two more queued: every slot is taken.
     lows = [send(f"backlog {i}", steps=100, priority="low", seed=i) for i in range(12)]
-    wait_progress(lows[0], 2)
+    wait_running(lows[9])
     time.sleep(0.5)  # the lookahead is filled with requests that cannot start yet
     sent = time.time()
     high = send("jump the queue", steps=8, priority="high").get(TIMEOUT)

@@ -8,6 +8,7 @@ module builds its arguments and the per-request pipeline object, the engine runs
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -129,17 +130,24 @@ class PromptEncoder:
         # time, which fast tokenizers need (they are not thread-safe).
         self._texts: Coalescer[tuple[FluxPipeline, str], tuple[torch.Tensor, torch.Tensor]]
         self._texts = Coalescer(lambda items: self._run_on(lambda: self._encode_texts(items)))
+        self._lock = threading.Lock()  # urgent calls run beside the batches
 
     def true_cfg(self, negative_prompt: str | None) -> bool:
         return bool(negative_prompt) and self.true_cfg_scale > 1
 
     def encode(
-        self, base: FluxPipeline, prompt: str, negative_prompt: str | None
+        self,
+        base: FluxPipeline,
+        prompt: str,
+        negative_prompt: str | None,
+        urgent: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """What `FluxPipeline.__call__` does for its prompts, with the same arguments."""
-        embeds = dict(zip(EMBED_KEYS, self._encode_text(base, prompt), strict=True))
+        """What `FluxPipeline.__call__` does for its prompts, with the same arguments.
+        `urgent`: encode in the calling thread now, rather than with the next batch of
+        prompts on the device's thread (which waits for the step in progress)."""
+        embeds = dict(zip(EMBED_KEYS, self._encode_text(base, prompt, urgent), strict=True))
         if self.true_cfg(negative_prompt):
-            negative = self._encode_text(base, negative_prompt or "")
+            negative = self._encode_text(base, negative_prompt or "", urgent)
             embeds.update(zip(NEGATIVE_EMBED_KEYS, negative, strict=True))
         return embeds
 
@@ -199,8 +207,12 @@ class PromptEncoder:
             kwargs["strength"] = params.strength
         return kwargs
 
-    def _encode_text(self, base: FluxPipeline, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_text(
+        self, base: FluxPipeline, text: str, urgent: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 sequence and CLIP pooled embeddings of one prompt."""
+        if urgent:
+            return self._encode_texts([(base, text)])[0]
         return self._texts((base, text))  # type: ignore[no-any-return]
 
     def _encode_texts(
@@ -212,7 +224,7 @@ class PromptEncoder:
 
         base = items[0][0]
         assert all(b is base for b, _ in items), "one engine, one pipeline"
-        with torch.no_grad():
+        with self._lock, torch.no_grad():
             sequence, pooled, _ = base.encode_prompt(
                 prompt=[text for _, text in items],
                 prompt_2=None,
