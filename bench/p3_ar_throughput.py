@@ -1,11 +1,14 @@
 """P3: AR tokens/s for N concurrent `generate_text` requests x M new tokens.
 
-All in one run, same tiny model, same prompts, greedy:
+All in one run, same tiny model, same prompts, same max_tokens, greedy:
 - queue: `.delay()` x N into a `celery -A omni_tasks worker -Q ar` pool (defaults:
   threads, 32 slots, one vLLM engine shared, continuous batching);
+- direct: the worker's engine class with the worker's settings, driven by N threads, no
+  queue (p3_engine_direct.py, a process of its own);
 - one_at_a_time: the same pool with `-c 1`;
-- direct: the worker's engine driven by N threads, no queue (p3_engine_direct.py);
 - offline: vLLM's `LLM.generate` on the same prompts (the engine's ceiling).
+Queue and direct both warm up with one untimed round, then their rounds alternate (the
+order flips every pair), so that whatever else runs on the machine hits both alike.
 Targets: queue >= 0.90x direct and >= 4x one_at_a_time; the ratio to offline is reported.
 """
 
@@ -17,56 +20,104 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, clean_redis, setup_redis, write_result  # noqa: E402
 from p3_engine_direct import prompts  # noqa: E402
 
+DIRECT = str(Path(__file__).parent / "p3_engine_direct.py")
 
-def through_queue(n: int, max_tokens: int, repeats: int, extra: list[str]) -> list[dict]:
+
+def queue_round(n: int, max_tokens: int) -> dict:
     from omni_tasks import generate_text
+
+    start = time.perf_counter()
+    results = [
+        generate_text.delay(prompt=p, max_tokens=max_tokens, temperature=0) for p in prompts(n)
+    ]
+    tokens = sum(r.get(600)["usage"]["completion_tokens"] for r in results)
+    elapsed = time.perf_counter() - start
+    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
+
+
+class DirectRounds:
+    """The direct engine's process: one round per `run()` (see p3_engine_direct.py)."""
+
+    def __init__(self, model: str, n: int, max_tokens: int) -> None:
+        cmd = [sys.executable, DIRECT, "direct", "--model", model, "-n", str(n)]
+        cmd += ["--max-tokens", str(max_tokens)]
+        log = open(RESULTS / "logs" / "p3-direct.log", "w")  # noqa: SIM115 - child's stderr
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
+        )
+        self._read("READY")
+
+    def _read(self, prefix: str) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+        raise RuntimeError(f"direct engine exited ({self.proc.wait()}); see logs/p3-direct.log")
+
+    def run(self) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return json.loads(self._read("RESULT "))
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(120)
+
+
+def interleaved(model: str, n: int, max_tokens: int, repeats: int) -> dict[str, list[dict]]:
     from omni_tasks.dev.launcher import start_worker
 
-    worker = start_worker("ar", RESULTS / "logs", extra_args=extra, name="bench-ar")
-    runs = []
+    worker = start_worker("ar", RESULTS / "logs", name="bench-ar")
+    direct = None
+    try:
+        direct = DirectRounds(model, n, max_tokens)
+        worker.wait_ready(600)
+        queue_round(n, max_tokens)  # warm-up, like the direct engine's
+        runs: dict[str, list[dict]] = {"queue": [], "direct": []}
+        sides: dict[str, Callable[[], dict]] = {
+            "queue": lambda: queue_round(n, max_tokens),
+            "direct": direct.run,
+        }
+        for i in range(repeats):
+            for side in ("queue", "direct") if i % 2 == 0 else ("direct", "queue"):
+                time.sleep(0.3)  # let the other side's stragglers (acks, events) settle
+                runs[side].append(sides[side]())
+        return runs
+    finally:
+        if direct is not None:
+            direct.close()
+        worker.stop()
+
+
+def one_at_a_time(n: int, max_tokens: int, repeats: int) -> list[dict]:
+    from omni_tasks.dev.launcher import start_worker
+
+    worker = start_worker("ar", RESULTS / "logs", extra_args=["-c", "1"], name="bench-ar1")
     try:
         worker.wait_ready(600)
-        for p in prompts(4):
-            generate_text.delay(prompt=p, max_tokens=8, temperature=0).get(300)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            results = [
-                generate_text.delay(prompt=p, max_tokens=max_tokens, temperature=0)
-                for p in prompts(n)
-            ]
-            tokens = sum(r.get(600)["usage"]["completion_tokens"] for r in results)
-            elapsed = time.perf_counter() - start
-            runs.append({"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed})
+        queue_round(4, 8)  # warm-up
+        return [queue_round(n, max_tokens) for _ in range(repeats)]
     finally:
         worker.stop()
-    return runs
 
 
-def in_subprocess(mode: str, model: str, n: int, max_tokens: int, repeats: int) -> list[dict]:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).parent / "p3_engine_direct.py"),
-        mode,
-        "--model",
-        model,
-        "-n",
-        str(n),
-        "--max-tokens",
-        str(max_tokens),
-        "--repeats",
-        str(repeats),
-    ]
+def offline(model: str, n: int, max_tokens: int, repeats: int) -> list[dict]:
+    cmd = [sys.executable, DIRECT, "offline", "--model", model, "-n", str(n)]
+    cmd += ["--max-tokens", str(max_tokens), "--repeats", str(repeats)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
-    raise RuntimeError(f"{mode} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    raise RuntimeError(f"offline failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
 
 
 def summary(runs: list[dict]) -> dict:
@@ -82,22 +133,27 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     setup_redis()
     clean_redis()
+    (RESULTS / "logs").mkdir(parents=True, exist_ok=True)
     from omni_tasks.config import get_config
     from workers.runtime import resolve_model
 
     model = resolve_model(get_config().ar.model, get_config())
     n, m, k = args.n, args.max_tokens, args.repeats
+    pairs = interleaved(model, n, m, k)
     modes = {
-        "queue": summary(through_queue(n, m, k, [])),
-        "one_at_a_time": summary(through_queue(n, m, k, ["-c", "1"])),
-        "direct": summary(in_subprocess("direct", model, n, m, k)),
-        "offline": summary(in_subprocess("offline", model, n, m, k)),
+        "queue": summary(pairs["queue"]),
+        "direct": summary(pairs["direct"]),
+        "one_at_a_time": summary(one_at_a_time(n, m, 3)),
+        "offline": summary(offline(model, n, m, k)),
     }
     q = modes["queue"]["median_tok_s"]
+    per_pair = [
+        a["tok_s"] / b["tok_s"] for a, b in zip(pairs["queue"], pairs["direct"], strict=True)
+    ]
     write_result(
         "p3_ar_throughput",
         {
@@ -106,6 +162,7 @@ def main() -> None:
             "model": "tiny-llama (random weights)",
             "modes": modes,
             "ratio_queue_vs_direct": round(q / modes["direct"]["median_tok_s"], 3),
+            "ratios_queue_vs_direct_per_pair": [round(r, 3) for r in per_pair],
             "ratio_queue_vs_one_at_a_time": round(q / modes["one_at_a_time"]["median_tok_s"], 2),
             "ratio_queue_vs_offline": round(q / modes["offline"]["median_tok_s"], 3),
             "targets": "queue >= 0.90x direct, >= 4x one_at_a_time",

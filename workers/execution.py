@@ -46,7 +46,13 @@ def _text_params(request: OmniRequest) -> TextParams:
 def _generate_text(request: OmniRequest, prompt: str) -> tuple[Any, str, float]:
     engine = runtime.text_engine()
     start = time.perf_counter()
-    out = engine.generate(request.request_id, prompt, _text_params(request), timeout_for(request))
+    out = engine.generate(
+        request.request_id,
+        prompt,
+        _text_params(request),
+        timeout_for(request),
+        on_progress=progress.callback(),
+    )
     return out, engine.name, time.perf_counter() - start
 
 

@@ -6,7 +6,16 @@ import argparse
 import json
 import subprocess
 import sys
+import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import IO, Any
+
+#: The state a worker gives a running request while it reports progress (workers/progress.py).
+PROGRESS = "PROGRESS"
+#: How often `submit` polls the result backend while it waits.
+POLL_INTERVAL_S = 0.2
+BAR_WIDTH = 24
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -36,8 +45,44 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     print(f"submitted {result.id}", file=sys.stderr)
     if args.no_wait:
         return 0
-    print(json.dumps(result.get(timeout=args.timeout), indent=2))
+    print(json.dumps(wait_with_progress(result, args.timeout, sys.stderr), indent=2))
     return 0
+
+
+def render_progress(info: Any, width: int = BAR_WIDTH) -> str | None:
+    """`[########--------] step 4/8` or `... tokens 12/64` for a PROGRESS `info`; None
+    for anything else."""
+    if not isinstance(info, Mapping):
+        return None
+    for done_key, total_key, label in (
+        ("step", "steps", "step"),
+        ("tokens", "max_tokens", "tokens"),
+    ):
+        done, total = info.get(done_key), info.get(total_key)
+        if isinstance(done, int) and isinstance(total, int) and total > 0:
+            filled = min(width, max(0, done * width // total))
+            return f"[{'#' * filled}{'-' * (width - filled)}] {label} {done}/{total}"
+    return None
+
+
+def wait_with_progress(result: Any, timeout_s: float, stream: IO[str]) -> Any:
+    """The result of `result` (an AsyncResult), drawing a bar on `stream` while the
+    request reports progress: redrawn in place on a terminal, a line per change otherwise."""
+    deadline = time.monotonic() + timeout_s
+    tty, shown = stream.isatty(), ""
+    while time.monotonic() < deadline:
+        meta = result.backend.get_task_meta(result.id)
+        if meta["status"] in result.backend.READY_STATES:
+            break
+        bar = render_progress(meta["result"]) if meta["status"] == PROGRESS else None
+        if bar and bar != shown:
+            stream.write(f"\r\x1b[K{bar}" if tty else f"{bar}\n")
+            stream.flush()
+            shown = bar
+        time.sleep(POLL_INTERVAL_S)
+    if shown and tty:
+        stream.write("\n")
+    return result.get(timeout=max(deadline - time.monotonic(), 0.1))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -3,13 +3,18 @@ named by OMNI_REDIS_URL in the environment it inherits)."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+import threading
+import time
+import uuid
 
 from helpers import message_kwargs, queued_messages, where
 
 from omni_tasks import generate_text
+from omni_tasks.dev.cli import render_progress, wait_with_progress
 
 
 def omni_tasks_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -81,3 +86,46 @@ def test_usage_errors_exit_2_before_anything_runs(redis_client) -> None:
     assert out.returncode == 2 and "invalid choice" in out.stderr
     out = omni_tasks_cli()
     assert out.returncode == 2 and "required" in out.stderr
+
+
+def test_the_progress_bar_shows_steps_or_tokens() -> None:
+    assert render_progress({"step": 4, "steps": 8}, width=16) == "[########--------] step 4/8"
+    assert render_progress({"tokens": 12, "max_tokens": 64}, width=16) == (
+        "[###-------------] tokens 12/64"
+    )
+    assert render_progress({"tokens": 0, "max_tokens": 64}, width=4) == "[----] tokens 0/64"
+    assert render_progress({"tokens": 70, "max_tokens": 64}, width=4) == "[####] tokens 70/64"
+    for info in (None, "text", {}, {"step": 1}, {"tokens": 1, "max_tokens": 0}):
+        assert render_progress(info) is None
+
+
+def test_waiting_draws_each_new_figure_then_returns_the_result(redis_client) -> None:
+    """The figures a worker writes (state PROGRESS, then SUCCESS) into the real result
+    backend, read back by the CLI's wait: one line per new figure on a non-terminal."""
+    from celery.result import AsyncResult
+
+    from omni_tasks import app
+
+    task_id = uuid.uuid4().hex
+    figures = [{"tokens": 8, "max_tokens": 32}, {"tokens": 8, "max_tokens": 32}]
+    figures.append({"tokens": 24, "max_tokens": 32})
+
+    def worker_side() -> None:
+        for info in figures:
+            time.sleep(0.3)
+            app.backend.store_result(task_id, info, "PROGRESS")
+        time.sleep(0.3)
+        app.backend.store_result(task_id, {"text": "done"}, "SUCCESS")
+
+    writer = threading.Thread(target=worker_side)
+    writer.start()
+    stream = io.StringIO()
+    try:
+        result = wait_with_progress(AsyncResult(task_id, app=app), 30, stream)
+    finally:
+        writer.join()
+    assert result == {"text": "done"}
+    assert stream.getvalue().splitlines() == [
+        render_progress(figures[0]),
+        render_progress(figures[2]),
+    ]

@@ -1,8 +1,19 @@
 """What the text engines share: one background thread owns the model (vLLM's stepping
 loop, or the transformers batcher) and caller threads wait on futures it settles.
 
-The lifecycle around that thread is the same for both: start it, refuse use from a
-forked child or after shutdown/breakage, and join it (bounded) when stopping.
+The lifecycle around that thread is the same for both: build the model on it, start it,
+refuse use from a forked child or after shutdown/breakage, and join it (bounded) when
+stopping.
+
+Why the model is built on the thread that runs it: libgomp gives every thread that starts
+OpenMP regions a team of its own. A model loaded on the caller's thread (the Celery
+worker's main thread) leaves that thread's team alive; once the engine thread starts a
+second one the process has more OpenMP threads than CPUs, and libgomp then (as
+documented for GOMP_SPINCOUNT) all but stops spinning between regions: the small ops of
+a step wait for futex wakes and its helper thread did 8 of 61 CPU ticks instead of half.
+Measured on the 2-core box, tiny Llama, 32 x 128 tokens: 6.3-6.9k tok/s stepping on a
+second thread, 9.1-10.3k on the thread that built the engine (a 32x128x2048 matmul: 150
+against 80 us). vLLM's own `LLM.generate` on the main thread: 9.7-10.4k.
 """
 
 from __future__ import annotations
@@ -11,13 +22,55 @@ import atexit
 import logging
 import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from omni_tasks.errors import EngineStoppedError, ProcessingError
+from workers.progress import ProgressCallback
 
 log = logging.getLogger(__name__)
+
+
+def set_cpu_threads(threads: int | None = None) -> None:
+    """Torch's threads for a model on the CPU; default: all CPUs this process may use but
+    one (1 on a 2-core box), left to the worker's Python threads and Redis, as vLLM's own
+    CPU default reserves one. With every CPU in the model's OpenMP team, any busy
+    neighbour stalls each parallel region. vLLM, 32 x 128 tokens on the 2-core box: alone
+    10k tok/s with 2 threads, 9.1-9.5k with 1; while another process ran, 0.3-2k with 2;
+    through the Celery worker, 0.3-4.3k with 2 and 5.2-6.8k with 1."""
+    import torch
+
+    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) - 1))
+
+
+def notify_progress(callback: ProgressCallback, info: Mapping[str, int]) -> None:
+    """Call a caller's progress callback from the engine's thread; its failure is logged,
+    never raised into the engine."""
+    try:
+        callback(info)
+    except Exception:  # noqa: BLE001 - progress is advisory
+        log.warning("progress callback failed", exc_info=True)
+
+
+def wait_for_burst(
+    cond: threading.Condition, arrivals: Callable[[], int | None], gap_s: float, max_s: float
+) -> None:
+    """(Holding `cond`, notified on each arrival) wait while requests keep arriving, each
+    within `gap_s` of the last, for at most `max_s`. `arrivals()` counts them, or returns
+    None to stop waiting (a full batch, shutdown)."""
+    end = time.monotonic() + max_s
+    seen = arrivals()
+    while seen is not None:
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        cond.wait(min(gap_s, left))
+        now = arrivals()
+        if now == seen:
+            return  # a gap: the burst is over
+        seen = now
 
 
 def settle(fut: Future, result: Any = None, exc: BaseException | None = None) -> None:
@@ -37,12 +90,37 @@ class BackgroundThreadEngine:
     #: How errors and logs name the engine, e.g. "vLLM engine".
     label = "engine"
 
-    def _start_thread(self, target: Callable[[], None], name: str) -> None:
+    def _start_thread(
+        self,
+        target: Callable[[], None],
+        name: str,
+        build: Callable[[], None] | None = None,
+    ) -> None:
+        """Start the engine's thread: it runs `build` (loading the model, see the module
+        docstring), then `target`. Returns once `build` is done; re-raises its error."""
         self._stopping = False
         self._broken: BaseException | None = None
         self._pid = os.getpid()
-        self._thread = threading.Thread(target=target, name=name, daemon=True)
+        built = threading.Event()
+        failed: list[BaseException] = []
+
+        def main() -> None:
+            try:
+                if build is not None:
+                    build()
+            except BaseException as exc:  # handed to the constructor's caller
+                failed.append(exc)
+                return
+            finally:
+                built.set()
+            target()
+
+        self._thread = threading.Thread(target=main, name=name, daemon=True)
         self._thread.start()
+        built.wait()
+        if failed:
+            self._thread.join()
+            raise failed[0]
         # A daemon never blocks interpreter exit: stop it (and wait for it) before the
         # interpreter tears modules down under its feet.
         atexit.register(self.shutdown)

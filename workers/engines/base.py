@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from workers.progress import ProgressCallback
     from workers.stepping.request import StepTicket
 
 
@@ -46,9 +47,20 @@ class TextEngine(Protocol):
     name: str
 
     def generate(
-        self, request_id: str, prompt: str, params: TextParams, timeout_s: float
+        self,
+        request_id: str,
+        prompt: str,
+        params: TextParams,
+        timeout_s: float,
+        *,
+        on_progress: ProgressCallback | None = None,
     ) -> TextOutput:
-        """Blocks until done; raises RequestTimeoutError / EngineStoppedError."""
+        """Blocks until done; raises RequestTimeoutError / EngineStoppedError.
+
+        `on_progress` gets `{"tokens": n, "max_tokens": N}` now and then while the request
+        generates, from the engine's own thread: it must be cheap and not block (its
+        exceptions are logged, never raised into the engine).
+        """
         ...
 
     def shutdown(self) -> None: ...

@@ -8,7 +8,8 @@ runs waits for the next one (vLLM's continuous batching does better under load).
 
 A per-row `StoppingCriteria` ends each row at its own `max_tokens` or stop string,
 and ends rows early whose caller gave up (timeout) or when the engine shuts down, so
-no compute is spent on answers nobody waits for.
+no compute is spent on answers nobody waits for. It also hands each row's token count to
+the caller's `on_progress`, every `progress_interval_s`.
 
 Sampling settings are per batch in `generate`, so requests are grouped:
 - greedy (`temperature == 0`) requests batch together, whatever their other settings;
@@ -32,8 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from omni_tasks.errors import EngineStoppedError, ProcessingError, RequestTimeoutError
-from workers.engines.background import BackgroundThreadEngine, settle
+from workers.engines.background import BackgroundThreadEngine, notify_progress, settle
 from workers.engines.base import TextOutput, TextParams
+from workers.progress import ProgressCallback
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class _Request:
     prompt: str
     params: TextParams
     deadline: float
+    on_progress: ProgressCallback | None = None
     future: Future = field(default_factory=Future)
 
     @property
@@ -64,6 +67,7 @@ class _RowStop:
         self.batch = batch
         self.prompt_len = prompt_len
         self.ends: list[int | None] = [None] * len(batch)  # new-token count when stopped
+        self.next_progress = 0.0
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
@@ -71,6 +75,9 @@ class _RowStop:
         n_new = input_ids.shape[1] - self.prompt_len
         stopping = self.engine._stopping
         now = time.monotonic()
+        if now >= self.next_progress:
+            self.next_progress = now + self.engine.progress_interval_s
+            self._report(n_new)
         done = []
         for i, req in enumerate(self.batch):
             if self.ends[i] is None:
@@ -80,6 +87,14 @@ class _RowStop:
                     self.ends[i] = -1  # abandoned: nobody reads this row
             done.append(self.ends[i] is not None)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def _report(self, n_new: int) -> None:
+        for req, end in zip(self.batch, self.ends, strict=True):
+            if end is None and req.on_progress is not None:
+                tokens = min(n_new, req.params.max_tokens)
+                notify_progress(
+                    req.on_progress, {"tokens": tokens, "max_tokens": req.params.max_tokens}
+                )
 
     def _hit_stop(self, req: _Request, row: Any) -> bool:
         if not req.params.stop:
@@ -104,13 +119,27 @@ class TransformersTextEngine(BackgroundThreadEngine):
         batch_wait_s: float = 0.005,
     ) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
+        self._cond = threading.Condition()
+        self._queue: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._ids = itertools.count()
+        # Loaded on the batching thread: see workers.engines.background.
+        self._start_thread(self._run, "hf-batcher", build=lambda: self._load(model, dtype))
+        log.info("transformers engine for %s on %s ready in %.1f s", model, device, self.init_s)
+
+    def _load(self, model: str, dtype: str) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         if dtype == "auto":
             # bf16/fp16 checkpoints crawl on CPUs without native support: use fp32 there.
-            torch_dtype: Any = "auto" if device != "cpu" else torch.float32
+            torch_dtype: Any = "auto" if self.device != "cpu" else torch.float32
         else:
             torch_dtype = getattr(torch, dtype)
         t0 = time.perf_counter()
@@ -119,29 +148,28 @@ class TransformersTextEngine(BackgroundThreadEngine):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
-        self.model.to(device).eval()
+        self.model.to(self.device).eval()
         self.init_s = time.perf_counter() - t0
-        self.device = device
-        self.max_batch_size = max_batch_size
-        self.batch_wait_s = batch_wait_s
-
-        self._cond = threading.Condition()
-        self._queue: deque[_Request] = deque()
-        self._running: list[_Request] = []
-        self._ids = itertools.count()
-        self._start_thread(self._run, "hf-batcher")
-        log.info("transformers engine for %s on %s ready in %.1f s", model, device, self.init_s)
 
     # ------------------------------------------------------------------ callers
 
+    #: Seconds between two progress reports of a running batch.
+    progress_interval_s = 0.1
+
     def generate(
-        self, request_id: str, prompt: str, params: TextParams, timeout_s: float
+        self,
+        request_id: str,
+        prompt: str,
+        params: TextParams,
+        timeout_s: float,
+        *,
+        on_progress: ProgressCallback | None = None,
     ) -> TextOutput:
         """Queue the request, block until it finishes; see `TextEngine.generate`."""
         self._check_process()
         if params.max_tokens < 1:
             raise ProcessingError("max_tokens must be at least 1")
-        req = _Request(f"{request_id}#{next(self._ids)}", prompt, params, 0.0)
+        req = _Request(f"{request_id}#{next(self._ids)}", prompt, params, 0.0, on_progress)
         req.deadline = time.monotonic() + timeout_s
         with self._cond:
             self._raise_if_unavailable()

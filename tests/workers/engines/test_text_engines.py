@@ -164,6 +164,27 @@ def test_failure_reaches_callers_and_engine_recovers(
     assert engine.generate("ok", "Hello", GREEDY, 30).completion_tokens == 24
 
 
+def test_progress_reports_the_token_count_and_a_failing_listener_is_harmless(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine, "progress_interval_s", 0.0)  # every step
+    seen: list[dict[str, int]] = []
+
+    def listener(info: Any) -> None:
+        seen.append(dict(info))
+        raise RuntimeError("a listener's bug")  # logged by the engine, never raised
+
+    params = TextParams(max_tokens=200, temperature=0)
+    out = engine.generate("p", PROMPTS[2], params, 60, on_progress=listener)
+    assert out.finish_reason == "length" and out.completion_tokens == 200
+    assert len(seen) >= 20
+    assert {i["max_tokens"] for i in seen} == {200}
+    tokens = [i["tokens"] for i in seen]
+    assert tokens == sorted(tokens) and 0 < tokens[0] and tokens[-1] <= 200
+    assert engine.healthy
+    assert engine.generate("quiet", PROMPTS[2], GREEDY, 30).completion_tokens == 24
+
+
 def test_shutdown_stops_inflight_requests(engine: Any, tiny_llama_dir: Path) -> None:
     name = engine.name
     engine.shutdown()  # the shared engine goes first: one live vLLM engine per process

@@ -26,3 +26,9 @@ def test_runs_on_the_best_device(engine: TransformersTextEngine) -> None:
 
     assert engine.name == "transformers"
     assert engine.device == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_a_model_that_fails_to_load_fails_the_constructor(tmp_path: Path) -> None:
+    # The model loads on the engine's own thread; its error reaches the caller.
+    with pytest.raises(OSError):
+        TransformersTextEngine(str(tmp_path / "no-such-model"))

@@ -8,8 +8,11 @@ one live in-process engine per process); the last test closes it and builds its 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_text_engines import GREEDY, PROMPTS
@@ -46,6 +49,34 @@ def test_greedy_matches_transformers(engine: VllmTextEngine, tiny_llama_dir: Pat
         ids = model.generate(**enc, max_new_tokens=24, do_sample=False)
     expected = tok.decode(ids[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
     assert engine.generate("hf", PROMPTS[3], GREEDY, 30).text == expected
+
+
+def test_a_burst_at_an_idle_engine_shares_its_first_step_on_the_reserved_threads(
+    engine: VllmTextEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight requests a few ms apart reach the idle engine: its first step runs all of
+    them, on all CPUs but one (the stepping thread's torch threads)."""
+    import torch
+
+    steps: list[tuple[int, int]] = []
+    real_step = engine._engine.step
+
+    def step() -> Any:
+        steps.append((engine._engine.get_num_unfinished_requests(), torch.get_num_threads()))
+        return real_step()
+
+    monkeypatch.setattr(engine._engine, "step", step)
+    monkeypatch.setattr(engine, "burst_gap_s", 0.05)  # generous on a loaded test machine
+
+    def call(i: int) -> Any:
+        time.sleep(0.005 * i)
+        return engine.generate(f"burst-{i}", PROMPTS[i], GREEDY, 30)
+
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(call, range(8)))
+    assert [o.completion_tokens for o in outs] == [24] * 8
+    assert steps[0][0] == 8
+    assert {threads for _, threads in steps} == {max(1, len(os.sched_getaffinity(0)) - 1)}
 
 
 def test_second_live_engine_is_refused(engine: VllmTextEngine, tiny_llama_dir: Path) -> None:

@@ -1,0 +1,141 @@
+"""Progress of running requests (`workers.progress`): the reporter on the real result
+backend of the tests (throttling, no write after the run, a failing backend), then a
+real AR worker: a long text request shows `PROGRESS` with its token count through
+`AsyncResult`, and `omni-tasks submit` draws the bar while it waits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from celery.result import AsyncResult
+from conftest import clean_redis, start_ready_workers
+
+import omni_tasks
+from omni_tasks import generate_text
+from workers import progress
+from workers.progress import PROGRESS, Reporter
+
+TIMEOUT = 120
+#: Greedy, this prompt runs to max_tokens on the tiny model (~2 ms a token alone).
+LONG = {"prompt": "a very long story", "max_tokens": 1500, "temperature": 0}
+
+
+class RunningTask:
+    """A real task of the app with the request context Celery gives a running task."""
+
+    def __init__(self, app: Celery = omni_tasks.app) -> None:
+        self.task = app.tasks["omni_tasks.generate_text"]
+        self.id = uuid.uuid4().hex
+
+    def __enter__(self) -> RunningTask:
+        self.task.push_request(id=self.id, hostname="progress-test@host")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.task.pop_request()
+
+
+def feed(reporter: Reporter, seconds: float, total: int = 1000) -> int:
+    """Report a rising token count as fast as an engine could, for `seconds`."""
+    end, n = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        n += 1
+        reporter.report({"tokens": min(n, total), "max_tokens": total})
+    return n
+
+
+def test_reports_are_throttled_to_a_few_writes_and_stop_at_the_end(redis_client) -> None:
+    with RunningTask() as running:
+        with progress.reporting(running.task, interval_s=0.2, first_after_s=0.3) as reporter:
+            assert progress.callback() == reporter.report
+            calls = feed(reporter, 1.3)
+        after_close = reporter.writes
+        reporter.report({"tokens": 999, "max_tokens": 1000})  # the run is over: ignored
+    time.sleep(0.3)
+    assert calls > 1000
+    # Writes at ~0.3, 0.5, ... 1.3 s: at most one per interval once the first is due.
+    assert 3 <= after_close <= 6, after_close
+    assert reporter.writes == after_close
+    result = AsyncResult(running.id, app=omni_tasks.app)
+    assert result.state == PROGRESS
+    assert result.info["max_tokens"] == 1000 and 0 < result.info["tokens"] <= 1000
+    assert progress.callback() is None  # outside a run nobody listens
+
+
+def test_a_run_shorter_than_the_first_delay_writes_nothing(redis_client) -> None:
+    with RunningTask() as running:
+        with progress.reporting(running.task, first_after_s=1.0) as reporter:
+            feed(reporter, 0.3)
+    time.sleep(0.2)
+    assert reporter.writes == 0
+    assert AsyncResult(running.id, app=omni_tasks.app).state == "PENDING"
+
+
+def test_an_unreachable_backend_never_reaches_the_engine() -> None:
+    app = Celery("progress-unreachable", backend="redis://127.0.0.1:1/0", set_as_current=False)
+
+    @app.task(name="unreachable-progress", bind=True)
+    def unreachable(self) -> None:  # pragma: no cover - never run, only reported on
+        return None
+
+    task = app.tasks["unreachable-progress"]
+    task.push_request(id=uuid.uuid4().hex)
+    try:
+        with progress.reporting(task, interval_s=0.05, first_after_s=0.0) as reporter:
+            feed(reporter, 0.3)  # raises nothing, blocks on nothing
+            time.sleep(0.5)
+    finally:
+        task.pop_request()
+    assert reporter.writes == 0
+
+
+# ------------------------------------------------------------- on a real worker
+
+
+@pytest.fixture(scope="module")
+def ar_worker(tiny_models, run_dir: Path) -> Iterator[None]:
+    clean_redis()
+    [worker] = start_ready_workers(["ar"], run_dir / "logs")
+    yield
+    worker.stop()
+    clean_redis()
+
+
+@pytest.mark.slow
+def test_a_long_text_request_shows_its_token_count(ar_worker) -> None:
+    result = generate_text.delay(**LONG)
+    seen: list[dict] = []
+    while not result.ready():
+        info = result.info
+        if result.state == PROGRESS and info not in seen:
+            seen.append(info)
+        time.sleep(0.05)
+    out = result.get(TIMEOUT)
+    assert out["usage"]["completion_tokens"] == 1500
+    assert len(seen) >= 2, seen
+    assert all(set(i) == {"tokens", "max_tokens"} and i["max_tokens"] == 1500 for i in seen)
+    tokens = [i["tokens"] for i in seen]
+    assert tokens == sorted(tokens) and 0 < tokens[0] < tokens[-1] < 1500
+
+
+@pytest.mark.slow
+def test_submit_draws_a_bar_while_it_waits(ar_worker) -> None:
+    args = ["text", LONG["prompt"], "--max-tokens", "1200", "--seed", "7", "--timeout", "120"]
+    out = subprocess.run(
+        [sys.executable, "-m", "omni_tasks.dev.cli", "submit", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert out.returncode == 0, out.stderr
+    bars = [line for line in out.stderr.splitlines() if line.startswith("[")]
+    assert bars and all(line.endswith("/1200") and " tokens " in line for line in bars), bars
+    assert json.loads(out.stdout)["usage"]["completion_tokens"] == 1200  # seeded: no early EOS
