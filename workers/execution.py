@@ -90,7 +90,6 @@ def run_image(request: OmniRequest, prompt: str | None = None) -> ImageResult:
         request.request_id,
         priority_class=request.priority,
         continuing=request.request_type is RequestType.MULTIMODAL,
-        deadline=time.monotonic() + timeout_s,
         level=_broker_priority(request),
         cancelled=task_context.revoked_check(),
         on_progress=progress.callback(),

@@ -22,12 +22,7 @@ def queue_depths(config: CoreModuleConfig | None = None) -> dict[str, dict[int, 
     figure includes its workers' own queues (cache-affinity routing puts work there)."""
     config = config or get_config()
     client = get_redis()
-    depths: dict[str, dict[int, int]] = {}
-    for queue in (config.ar.queue, config.diffusion.queue):
-        pipe = client.pipeline(transaction=False)
-        for key in keys.queue_keys(queue):
-            pipe.llen(key)
-        depths[queue] = dict(enumerate(pipe.execute()))
+    depths = _level_counts(client, [config.ar.queue, config.diffusion.queue])
     own = depths[config.diffusion.queue]
     for key, _, level in own_queue_keys(client):
         own[level] += int(client.llen(key))
@@ -37,14 +32,19 @@ def queue_depths(config: CoreModuleConfig | None = None) -> dict[str, dict[int, 
 def highest_waiting_level(queues: list[str]) -> int | None:
     """The highest priority (lowest level, 0..9) with a message waiting in any of
     `queues`, or None when they are all empty: one round trip."""
-    pipe = get_redis().pipeline(transaction=False)
+    depths = _level_counts(get_redis(), queues)
+    waiting = [level for levels in depths.values() for level, n in levels.items() if n]
+    return min(waiting) if waiting else None
+
+
+def _level_counts(client: Any, queues: list[str]) -> dict[str, dict[int, int]]:
+    """Messages per priority level of each queue, read in one pipeline."""
+    pipe = client.pipeline(transaction=False)
     for queue in queues:
         for key in keys.queue_keys(queue):
             pipe.llen(key)
-    counts = pipe.execute()
-    levels = len(keys.PRIORITY_STEPS)
-    waiting = [i % levels for i, n in enumerate(counts) if n]
-    return min(waiting) if waiting else None
+    counts = iter(pipe.execute())
+    return {q: {level: int(next(counts)) for level in keys.PRIORITY_STEPS} for q in queues}
 
 
 def total_queued(config: CoreModuleConfig | None = None) -> int:

@@ -36,7 +36,6 @@ class Coalescer(Generic[K, V]):
         self._cond = threading.Condition()
         self._queue: list[_Slot[K]] = []
         self._busy = False
-        self.calls = 0
 
     def __call__(self, item: K) -> V:
         slot = _Slot(item)
@@ -60,7 +59,6 @@ class Coalescer(Generic[K, V]):
         return slot.value
 
     def _run(self, batch: list[_Slot[K]]) -> None:
-        self.calls += 1
         try:
             values = self._fn([slot.item for slot in batch])
         except BaseException as exc:

@@ -73,12 +73,10 @@ class StepLoop:
         self.scheduler = scheduler
         self.limit = limit
         self._run_batch = run_batch
-        self.yielded = 0
         self._cond = threading.Condition()
         self._stopped = False
         self._granted: StepRequest | None = None
         self._jobs: list[ForwardCall] = []
-        self.batches_run = 0
         self._thread = threading.Thread(target=self._serve, name="step-loop", daemon=True)
         self._thread.start()
 
@@ -169,7 +167,6 @@ class StepLoop:
             call = worst.pending
             self.scheduler.finish(worst, StepStatus.FINISHED_YIELDED)
             call.fail(RequestYieldedError(f"{worst.request_id}: yields to priority {level}"))
-            self.yielded += 1
             self._cond.notify_all()
             return True
 
@@ -213,7 +210,6 @@ class StepLoop:
                 for call in calls:
                     if call is not None and not call.done:
                         call.fail(exc)
-            self.batches_run += 1
 
     def _next_work(self) -> tuple[list[ForwardCall], list[StepRequest] | None]:
         """Wait for jobs to run, or for a batch that can (neither once stopped)."""

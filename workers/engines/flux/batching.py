@@ -49,7 +49,6 @@ class LoopTransformer:
         self._loop = loop
         self._request = request
         self._calls_in_step = 0
-        self.calls = 0
         self.first_call_at: float | None = None
 
     def __getattr__(self, name: str) -> Any:  # config, dtype, device, encoder_hid_proj...
@@ -64,7 +63,6 @@ class LoopTransformer:
             raise ProcessingError("joint_attention_kwargs cannot be batched")
         first = self._calls_in_step == 0
         self._calls_in_step += 1
-        self.calls += 1
         if self.first_call_at is None:
             self.first_call_at = time.perf_counter()
         return self._loop.forward(self._request, kwargs, first_of_step=first)
