@@ -10,6 +10,9 @@ All in one run, same tiny model, same prompts, same max_tokens, greedy:
 Queue and direct both warm up with one untimed round, then their rounds alternate (the
 order flips every pair), so that whatever else runs on the machine hits both alike.
 Targets: queue >= 0.90x direct and >= 4x one_at_a_time; the ratio to offline is reported.
+Each queue round also records where its time goes (sending, the last task's start,
+the tail after the last generation), and a second queue/direct run with longer
+generations (`--long-tokens`) separates the per-message cost from the per-token one.
 """
 
 from __future__ import annotations
@@ -33,13 +36,26 @@ DIRECT = str(Path(__file__).parent / "p3_engine_direct.py")
 def queue_round(n: int, max_tokens: int) -> dict:
     from omni_tasks import generate_text
 
-    start = time.perf_counter()
+    start, sent_at = time.perf_counter(), time.time()
     results = [
         generate_text.delay(prompt=p, max_tokens=max_tokens, temperature=0) for p in prompts(n)
     ]
-    tokens = sum(r.get(600)["usage"]["completion_tokens"] for r in results)
+    sent_s = time.perf_counter() - start
+    outs = [r.get(600) for r in results]
     elapsed = time.perf_counter() - start
-    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
+    tokens = sum(o["usage"]["completion_tokens"] for o in outs)
+    # Where a round's time goes: sending, the worker's intake (the last task started),
+    # and the tail after the last generation ended (result write, client read).
+    last_start = max(o["timings"]["started_at"] for o in outs) - sent_at
+    last_end = max(o["timings"]["started_at"] + o["timings"]["run_s"] for o in outs) - sent_at
+    return {
+        "tokens": tokens,
+        "seconds": elapsed,
+        "tok_s": tokens / elapsed,
+        "sent_s": round(sent_s, 4),
+        "last_started_s": round(last_start, 4),
+        "tail_s": round(elapsed - last_end, 4),
+    }
 
 
 class DirectRounds:
@@ -134,6 +150,9 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--long-tokens", type=int, default=512, help="a second queue/direct run, longer"
+    )
     args = parser.parse_args()
     setup_redis()
     clean_redis()
@@ -144,6 +163,7 @@ def main() -> None:
     model = resolve_model(get_config().ar.model, get_config())
     n, m, k = args.n, args.max_tokens, args.repeats
     pairs = interleaved(model, n, m, k)
+    long_pairs = interleaved(model, n, args.long_tokens, 3)
     modes = {
         "queue": summary(pairs["queue"]),
         "direct": summary(pairs["direct"]),
@@ -163,6 +183,15 @@ def main() -> None:
             "modes": modes,
             "ratio_queue_vs_direct": round(q / modes["direct"]["median_tok_s"], 3),
             "ratios_queue_vs_direct_per_pair": [round(r, 3) for r in per_pair],
+            "intake_s_median": round(
+                statistics.median(r["last_started_s"] for r in pairs["queue"]), 4
+            ),
+            "long_max_tokens": args.long_tokens,
+            "long_ratio_queue_vs_direct": round(
+                summary(long_pairs["queue"])["median_tok_s"]
+                / summary(long_pairs["direct"])["median_tok_s"],
+                3,
+            ),
             "ratio_queue_vs_one_at_a_time": round(q / modes["one_at_a_time"]["median_tok_s"], 2),
             "ratio_queue_vs_offline": round(q / modes["offline"]["median_tok_s"], 3),
             "targets": "queue >= 0.90x direct, >= 4x one_at_a_time",

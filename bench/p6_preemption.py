@@ -77,15 +77,18 @@ def measure(preemption: bool, rounds: int) -> dict:
     try:
         worker.wait_ready(600)
         alone_run_s(f"{name} warm")
-        alone, runs = [], []
+        alone: list[float] = []
+        runs: list[dict] = []
         for r in range(rounds):  # pairs, order flipped each round: drift hits both alike
-            pair = [lambda: alone.append(alone_run_s(f"{name} alone {r}"))]
-            pair.append(lambda: runs.append(one_round(f"{name} {r}")))
-            for step in pair if r % 2 == 0 else pair[::-1]:
-                step()
+            for side in ("alone", "preempted") if r % 2 == 0 else ("preempted", "alone"):
+                if side == "alone":
+                    alone.append(alone_run_s(f"{name} alone {r}"))
+                else:
+                    runs.append(one_round(f"{name} {r}"))
     finally:
         worker.stop()
     med = statistics.median
+    added = [r["low_run_s"] - a for r, a in zip(runs, alone, strict=True)]
     return {
         "time_to_start_ms": round(med(r["start_s"] for r in runs) * 1e3, 2),
         "time_to_start_max_ms": round(max(r["start_s"] for r in runs) * 1e3, 2),
@@ -93,7 +96,7 @@ def measure(preemption: bool, rounds: int) -> dict:
         "high_run_ms": round(med(r["high_run_s"] for r in runs) * 1e3, 2),
         "low_alone_run_ms": round(med(alone) * 1e3, 2),
         "low_run_ms": round(med(r["low_run_s"] for r in runs) * 1e3, 2),
-        "added_ms": round(med(r["low_run_s"] - a for r, a in zip(runs, alone)) * 1e3, 2),
+        "added_ms": round(med(added) * 1e3, 2),
         "preemptions": [r["preemptions"] for r in runs],
         "paused_ms": [round(r["paused_s"] * 1e3, 2) for r in runs],
     }
