@@ -13,13 +13,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from celery import Celery
+from celery import Celery, states
 from celery.exceptions import Ignore, Reject
 
 from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis, get_scripts
 from omni_tasks.coordination.counters import count_outcome
+from omni_tasks.coordination.ledger import REPUBLISHED_HEADER
 from omni_tasks.coordination.rejections import record_rejection
 from omni_tasks.errors import (
     EngineStoppedError,
@@ -56,7 +57,9 @@ def execute(
     task_id = task.request.id or ""
     queue = task.stage_queue
     client = get_redis()
-    redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
+    redelivered = bool((task.request.delivery_info or {}).get("redelivered")) or bool(
+        getattr(task.request, REPUBLISHED_HEADER, False)
+    )
     if redelivered:
         _admit_redelivery(task, task_id, kwargs, queue)
     try:
@@ -96,12 +99,16 @@ def execute(
 
 
 def _admit_redelivery(task: OmniTask, task_id: str, kwargs: Any, queue: str) -> None:
-    """A message that came back (worker died, shutdown, visibility timeout): skip it if
-    it was cancelled meanwhile; refuse it after `max_redeliveries` returns.
+    """A message that came back (worker died, shutdown, visibility timeout, the reaper):
+    skip it if its request is already done (a duplicate: the first result stands) or was
+    cancelled meanwhile; refuse it after `max_redeliveries` returns.
 
-    First deliveries skip this round trip: Celery's revoked list covers them (and
+    First deliveries skip these round trips: Celery's revoked list covers them (and
     workers load the Redis revocations when they start).
     """
+    if task.backend.get_task_meta(task_id).get("status") == states.SUCCESS:
+        count_outcome(queue, "duplicates")
+        raise Ignore()
     revoked, returns = get_scripts().admit_redelivery(
         keys=[keys.revoked(task_id), keys.deliveries(task_id)], args=[DELIVERY_KEY_TTL_S]
     )

@@ -14,6 +14,8 @@ from omni_tasks.errors import ConfigError
 from omni_tasks.requests import STAGES, STEP_CACHE_MODES, Stage
 
 PRIORITY_CLASSES = ("high", "normal", "low")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+socket://")
+BROKER_SCHEMES = ("amqp://", "amqps://", "pyamqp://", *REDIS_SCHEMES)
 #: The unit of every `*_gb` setting and figure: GiB (2**30 bytes), as devices report.
 GB = 2**30
 
@@ -183,11 +185,19 @@ class CoreModuleConfig:
     enable_health_checks: bool = True
     # Deployment.
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # The Celery broker when it is not Redis (amqp:// for RabbitMQ); None: `redis_url`.
+    # Results and coordination stay in Redis either way.
+    broker_url: str | None = None
     key_prefix: str = "omni"
     models_dir: str = "~/.cache/omni-tasks/models"
     output_dir: str = "~/.cache/omni-tasks/outputs"
     max_redeliveries: int = 3
     result_expires: int = 86400
+    #: How often live workers look for a dead worker's messages and for lost requests.
+    reaper_interval_s: float = 10.0
+    #: How long an accepted request may be nowhere (not queued, held or done) before it
+    #: is published again.
+    ledger_grace_s: float = 30.0
     ar: ARConfig = field(default_factory=ARConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
@@ -202,17 +212,34 @@ class CoreModuleConfig:
         _require(self.cleanup_interval > 0, "cleanup_interval", "must be positive")
         _require(self.metrics_interval > 0, "metrics_interval", "must be positive")
         _require(
-            self.redis_url.startswith(("redis://", "rediss://", "unix://", "redis+socket://")),
+            self.redis_url.startswith(REDIS_SCHEMES),
             "redis_url",
             "must be a redis://, rediss:// or unix:// URL",
+        )
+        _require(
+            self.broker_url is None or self.broker_url.startswith(BROKER_SCHEMES),
+            "broker_url",
+            f"must be empty (use redis_url) or a URL starting with one of {BROKER_SCHEMES}",
         )
         _require(bool(self.key_prefix), "key_prefix", "must not be empty")
         _require(":" not in self.key_prefix, "key_prefix", "must not contain ':' (it names queues)")
         _require(self.max_redeliveries >= 0, "max_redeliveries", "must be >= 0")
         _require(self.result_expires > 0, "result_expires", "must be positive")
+        _require(self.reaper_interval_s > 0, "reaper_interval_s", "must be positive")
+        _require(self.ledger_grace_s > 0, "ledger_grace_s", "must be positive")
         self.ar.validate("ar")
         self.diffusion.validate("diffusion")
         _require(self.ar.queue != self.diffusion.queue, "diffusion.queue", "must differ from ar")
+
+    @property
+    def broker(self) -> str:
+        """The Celery broker's URL: `broker_url`, else `redis_url`."""
+        return self.broker_url or self.redis_url
+
+    @property
+    def broker_is_redis(self) -> bool:
+        """Whether the queues are Redis lists (which omni-tasks may read directly)."""
+        return self.broker.startswith(REDIS_SCHEMES)
 
     @property
     def longest_task_s(self) -> int:

@@ -19,8 +19,10 @@ from omni_tasks.coordination.client import get_redis
 log = logging.getLogger(__name__)
 FLUSH_INTERVAL_S = 0.25
 #: Outcomes other than success: a run failed; a request passed its deadline (never
-#: started, or stopped running); a request was cancelled before or while it ran.
-OUTCOMES = ("failed", "expired", "cancelled")
+#: started, or stopped running); a request was cancelled before or while it ran; a
+#: message came again for a request already done (skipped); a dead worker's message was
+#: given back; a lost request was published again (`workers.lifecycle.reaper`).
+OUTCOMES = ("failed", "expired", "cancelled", "duplicates", "restored", "recovered")
 
 
 def count_outcome(queue: str, outcome: str) -> None:

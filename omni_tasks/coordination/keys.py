@@ -97,3 +97,24 @@ def flight_lease(cache_key: str) -> str:
 def flight_result(cache_key: str) -> str:
     """Single-flight outcome, kept briefly for the requests that waited on it."""
     return f"{_p()}:flight:done:{cache_key}"
+
+
+def ledger(task_id: str) -> str:
+    """Hash of an accepted request: what it takes to publish it again (task, args,
+    kwargs, options), kept until it is done or `result_expires` passes."""
+    return f"{_p()}:ledger:{task_id}"
+
+
+def ledger_open() -> str:
+    """Sorted set: the ids of accepted requests not yet known done -> when last published."""
+    return f"{_p()}:ledger:open"
+
+
+def held(hostname: str) -> str:
+    """Set of the task ids a live worker holds (reserved or running), renewed each beat."""
+    return f"{_p()}:held:{hostname}"
+
+
+def reaper_lock() -> str:
+    """Held by the one worker running a reaper pass (expires)."""
+    return f"{_p()}:reaper:lock"

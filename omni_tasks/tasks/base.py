@@ -9,15 +9,19 @@ worker processes), so this module never reaches into the worker side.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+import redis
 from celery import Task
+from kombu.utils.url import maybe_sanitize_url
 
 from omni_tasks.config import get_config
-from omni_tasks.errors import ProcessingError, RequestValidationError
+from omni_tasks.coordination import ledger
+from omni_tasks.errors import ProcessingError, RequestValidationError, SchedulerError
 from omni_tasks.requests import OmniRequest, RequestType, Stage, request_from_task_kwargs
 
 #: Longest `kwargsrepr` (what Flower and the logs show of a message), as Celery's own.
@@ -61,13 +65,26 @@ class OmniTask(Task):
         return self.send(self.build_request(kwargs or {}), args, task_id, options)
 
     def send(self, request: OmniRequest, args: Any, task_id: str | None, options: dict) -> Any:
-        """Enqueue a validated request as this task's message (its id is the task id)."""
+        """Enqueue a validated request as this task's message (its id is the task id),
+        recorded in the ledger first (`omni_tasks.coordination.ledger`)."""
         message = request.to_message()
         options.setdefault("kwargsrepr", kwargs_repr(message))
         deadline = request_deadline(request)
         if deadline is not None:
             options.setdefault("expires", datetime.fromtimestamp(deadline, timezone.utc))
-        return super().apply_async(args, message, task_id=task_id or request.request_id, **options)
+        task_id = task_id or request.request_id
+        try:
+            ledger.record(self.name, task_id, args, message, options)
+        except redis.RedisError as exc:
+            url = maybe_sanitize_url(get_config().redis_url)
+            reason = f"request not accepted: cannot reach Redis at {url}: {exc}"
+            raise SchedulerError(reason) from exc
+        try:
+            return super().apply_async(args, message, task_id=task_id, **options)
+        except BaseException:
+            with contextlib.suppress(redis.RedisError):
+                ledger.forget([task_id])  # the caller learns it failed: never run it later
+            raise
 
     @property
     def stage_queue(self) -> str:

@@ -1,6 +1,8 @@
 """The worker's heartbeat: a Redis hash, renewed every few seconds, that says it is alive
-and what it serves. It expires when the worker stops beating; live diffusion workers
-then clear the dead one's DiT cache entries and move its own queue back to the pool.
+and what it serves, beside the set of task ids it holds (reserved or running). Both
+expire when the worker stops beating: live diffusion workers then clear the dead one's
+DiT cache entries and move its own queue back to the pool, and the reaper gives its
+unacked messages back (`workers.lifecycle.reaper`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class Heartbeat:
         """Remove this worker's heartbeat and DiT cache entries (a clean exit)."""
         hostname = self.runtime.hostname
         try:
-            get_redis().delete(keys.worker(hostname))
+            get_redis().delete(keys.worker(hostname), keys.held(hostname))
             cache_directory.clear_worker(hostname)
         except Exception:
             log.warning("could not clear the heartbeat key", exc_info=True)
@@ -74,6 +76,12 @@ class Heartbeat:
                 figures = self.runtime.dit_cache_figures()
                 pipe.hset(key, mapping={**info, **figures, "beat": time.time()})
                 pipe.expire(key, HEARTBEAT_TTL_S)
+                held_key = keys.held(self.runtime.hostname)
+                pipe.delete(held_key)
+                held = held_task_ids()
+                if held:
+                    pipe.sadd(held_key, *held)
+                    pipe.expire(held_key, HEARTBEAT_TTL_S)
                 pipe.execute()
             except Exception:
                 log.warning("heartbeat to Redis failed", exc_info=True)
@@ -85,3 +93,10 @@ class Heartbeat:
             cache_directory.sweep_dead_workers(get_config().diffusion.queue)
         except Exception:
             log.warning("cache directory sweep failed", exc_info=True)
+
+
+def held_task_ids() -> list[str]:
+    """The ids of the messages this worker holds: reserved (prefetched) or running."""
+    from celery.worker import state
+
+    return [r.id for r in list(state.reserved_requests) if r.id]

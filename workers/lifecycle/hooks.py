@@ -1,6 +1,6 @@
 """Worker lifecycle, on Celery's signals: take the worker's identity and load its engines
-before it reports ready, beat a heartbeat into Redis, and on SIGTERM abort in-flight
-requests so their messages go back to the queue.
+before it reports ready, beat a heartbeat into Redis, run the reaper, and on SIGTERM
+abort in-flight requests so their messages go back to the queue.
 
 Connected when Celery imports `workers.lifecycle` in a worker process (the app's
 `imports` setting); never in an application process.
@@ -20,12 +20,14 @@ from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.counters import count_outcome
 from omni_tasks.tasks.base import OmniTask
-from omni_tasks.tasks.celery_app import pool_queue
+from omni_tasks.tasks.celery_app import app, pool_queue
 from workers.lifecycle.heartbeat import Heartbeat
+from workers.lifecycle.reaper import Reaper
 from workers.runtime import WorkerIdentity, runtime
 
 log = logging.getLogger(__name__)
 heartbeat = Heartbeat(runtime)
+reaper = Reaper(app)
 
 
 def identity_of(worker: Any) -> WorkerIdentity:
@@ -79,6 +81,7 @@ def _load_engines() -> None:
 def _on_worker_ready(**_: Any) -> None:
     _load_revocations()
     heartbeat.start()
+    reaper.start()
 
 
 def _load_revocations() -> None:
@@ -112,6 +115,7 @@ def _on_shutting_down(**_: Any) -> None:
 
 def _stop_engines() -> None:
     heartbeat.stop()
+    reaper.stop()
     runtime.stop()
 
 

@@ -1,0 +1,108 @@
+"""The ledger of accepted requests: what makes "nothing accepted is lost" hold by
+construction rather than by the broker's good behaviour.
+
+`.delay()` records the request here (task name, args, kwargs, publish options) before
+it publishes the message, in one round trip. A request stays "open" until its result
+is final. The worker-side reaper (`workers.lifecycle.reaper`) publishes an open request
+again when it is nowhere: not queued, not held by a live worker, not done. That covers
+the message kombu's Redis transport can drop (BRPOP pops it, and Redis restarts before
+the worker records it as unacked) and any other loss between the producer and a result.
+A request published twice runs once: the worker skips a message whose result is
+already final (`workers.handlers`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from omni_tasks.config import get_config
+from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import get_redis
+
+#: Message header of a request published again: the worker checks it is not done yet.
+REPUBLISHED_HEADER = "omni_republished"
+#: Publish options worth keeping for a second publish (the chain carries later stages).
+KEPT_OPTIONS = (
+    "queue",
+    "priority",
+    "expires",
+    "chain",
+    "link",
+    "link_error",
+    "root_id",
+    "parent_id",
+    "group_id",
+    "kwargsrepr",
+)
+
+
+def record(task: str, task_id: str, args: Any, kwargs: dict[str, Any], options: dict) -> None:
+    """Record an accepted request, before its message is published."""
+    entry = {
+        "task": task,
+        "args": json.dumps(list(args or ())),
+        "kwargs": json.dumps(kwargs),
+        "options": json.dumps(_jsonable(options)),
+    }
+    pipe = get_redis().pipeline(transaction=True)
+    pipe.hset(keys.ledger(task_id), mapping=entry)
+    pipe.expire(keys.ledger(task_id), get_config().result_expires)
+    pipe.zadd(keys.ledger_open(), {task_id: time.time()})
+    pipe.execute()
+
+
+def forget(task_ids: Iterable[str]) -> None:
+    """Close requests whose result is final (or whose publish failed)."""
+    ids = list(task_ids)
+    if not ids:
+        return
+    pipe = get_redis().pipeline(transaction=False)
+    pipe.zrem(keys.ledger_open(), *ids)
+    pipe.delete(*(keys.ledger(i) for i in ids))
+    pipe.execute()
+
+
+def open_since(before: float, limit: int = 500) -> list[str]:
+    """Ids of open requests last published before `before` (oldest first)."""
+    return list(get_redis().zrangebyscore(keys.ledger_open(), "-inf", before, 0, limit))
+
+
+def entry(task_id: str) -> dict[str, Any] | None:
+    """What it takes to publish a request again: task, args, kwargs, options."""
+    raw = get_redis().hgetall(keys.ledger(task_id))
+    if not raw:
+        return None
+    options = json.loads(raw["options"])
+    if isinstance(options.get("expires"), str):
+        options["expires"] = datetime.fromisoformat(options["expires"])
+    return {
+        "task": raw["task"],
+        "args": json.loads(raw["args"]),
+        "kwargs": json.loads(raw["kwargs"]),
+        "options": options,
+    }
+
+
+def touch(task_id: str) -> None:
+    """A request published again: its grace period starts over."""
+    get_redis().zadd(keys.ledger_open(), {task_id: time.time()}, xx=True)
+
+
+def _jsonable(options: dict) -> dict[str, Any]:
+    kept: dict[str, Any] = {}
+    for name in KEPT_OPTIONS:
+        value = options.get(name)
+        if value is None:
+            continue
+        if isinstance(value, datetime):
+            value = value.isoformat()
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue  # not part of the JSON contract: a second publish goes without it
+        kept[name] = value
+    return kept

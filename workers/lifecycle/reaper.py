@@ -1,0 +1,207 @@
+"""The reaper: gives back what a dead worker held, and publishes again what was lost.
+
+Every live worker runs a `Reaper` thread; a Redis lock lets one of them do each pass.
+A pass, every `reaper_interval_s`:
+
+1. **Dead workers' messages** (Redis broker): kombu keeps every delivered, unacked
+   message in its `unacked` hash until the visibility timeout (hours, for long jobs).
+   Each worker's heartbeat lists the task ids it holds (`keys.held`). A message unacked
+   for longer than two beats that no live worker holds belongs to a dead worker: it is
+   restored to the front of its queue at once, with kombu's own atomic restore (marked
+   redelivered, so the redelivery cap applies).
+2. **Lost requests** (any broker): an open ledger entry older than `ledger_grace_s`
+   whose result is not final, and that is neither queued, unacked, nor held by a live
+   worker, is published again (`omni_tasks.coordination.ledger`). Final ones are closed.
+
+Both are counted per pool (`restored`, `recovered`). A message restored or published
+twice runs once: workers skip a message whose result is already final.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from celery import Celery, states
+
+from omni_tasks.config import get_config
+from omni_tasks.coordination import keys, ledger
+from omni_tasks.coordination.client import get_redis
+from omni_tasks.coordination.counters import count_outcome
+from workers.lifecycle.heartbeat import HEARTBEAT_INTERVAL_S
+
+log = logging.getLogger(__name__)
+#: A message unacked for less than this may not be in its worker's held set yet.
+UNACKED_MIN_AGE_S = 2 * HEARTBEAT_INTERVAL_S + 1
+
+
+class Reaper:
+    """One worker's reaper thread (see the module docstring)."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._connection: Any = None
+        self._is_redis: bool | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="omni-reaper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        interval = get_config().reaper_interval_s
+        while not self._stop.wait(interval):
+            try:
+                self.run_once()
+            except Exception:
+                log.warning("reaper pass failed", exc_info=True)
+                self._close()
+
+    def run_once(self) -> dict[str, int]:
+        """One pass, if no other worker holds the lock; returns what it did."""
+        token = uuid.uuid4().hex
+        lock_ms = int(get_config().reaper_interval_s * 1000)
+        client = get_redis()
+        if not client.set(keys.reaper_lock(), token, nx=True, px=lock_ms):
+            return {}
+        held = self._held_by_live_workers()
+        done = {"restored": self._restore_orphans(held) if self._redis_broker() else 0}
+        done["recovered"] = self._recover_lost(held)
+        return done
+
+    # -- 1. dead workers' unacked messages ------------------------------------------
+    def _restore_orphans(self, held: set[str]) -> int:
+        channel = self._channel()
+        client = get_redis()
+        cutoff = time.time() - UNACKED_MIN_AGE_S
+        tags = client.zrangebyscore(channel.unacked_index_key, "-inf", cutoff)
+        restored = 0
+        for tag in tags:
+            raw = client.hget(channel.unacked_key, tag)
+            if raw is None:
+                continue
+            task_id, queue = _id_and_queue(raw)
+            if task_id in held:
+                continue
+            channel.qos.restore_by_tag(tag)
+            restored += 1
+            log.warning("restored %s (task %s): its worker is gone", tag, task_id)
+            _count(queue, "restored")
+        return restored
+
+    # -- 2. lost requests -------------------------------------------------------------
+    def _recover_lost(self, held: set[str]) -> int:
+        ids = ledger.open_since(time.time() - get_config().ledger_grace_s)
+        if not ids:
+            return 0
+        pending = self._not_final(ids)
+        if not pending:
+            return 0
+        present = held | self._queued_ids() | self._unacked_ids()
+        recovered = 0
+        for task_id in pending - present:
+            entry = ledger.entry(task_id)
+            if entry is None:
+                ledger.forget([task_id])
+                continue
+            task = self.app.tasks[entry["task"]]
+            task.apply_async(entry["args"], entry["kwargs"], task_id=task_id, **entry["options"])
+            ledger.touch(task_id)
+            recovered += 1
+            log.warning("published lost request %s again", task_id)
+            _count(task.stage_queue, "recovered")
+        return recovered
+
+    def _not_final(self, ids: list[str]) -> set[str]:
+        """Of `ids`, those without a final result; the final ones leave the ledger."""
+        backend = self.app.backend
+        pipe = get_redis().pipeline(transaction=False)
+        for task_id in ids:
+            pipe.get(backend.get_key_for_task(task_id).decode())
+        final: list[str] = []
+        pending: set[str] = set()
+        for task_id, raw in zip(ids, pipe.execute(), strict=True):
+            status = json.loads(raw).get("status") if raw else states.PENDING
+            if status in states.READY_STATES:
+                final.append(task_id)
+            else:
+                pending.add(task_id)
+        ledger.forget(final)
+        return pending
+
+    # -- what is where ----------------------------------------------------------------
+    @staticmethod
+    def _held_by_live_workers() -> set[str]:
+        client = get_redis()
+        prefix = keys.worker("")
+        held: set[str] = set()
+        for key in client.scan_iter(match=prefix + "*", count=200):
+            held |= client.smembers(keys.held(key[len(prefix) :]))
+        return held
+
+    def _queued_ids(self) -> set[str]:
+        client = get_redis()
+        config = get_config()
+        lists = [k for q in (config.ar.queue, config.diffusion.queue) for k in keys.queue_keys(q)]
+        lists += list(client.scan_iter(match=keys.worker_queue("") + "*", count=200))
+        found: set[str] = set()
+        for name in lists:
+            if client.type(name) != "list":
+                continue
+            for start in range(0, client.llen(name), 1000):
+                for raw in client.lrange(name, start, start + 999):
+                    found.add(_id_and_queue(raw, payload_only=True)[0])
+        return found
+
+    def _unacked_ids(self) -> set[str]:
+        if not self._redis_broker():
+            return set()
+        raw = get_redis().hvals(self._channel().unacked_key)
+        return {_id_and_queue(r)[0] for r in raw}
+
+    # -- the broker connection ---------------------------------------------------------
+    def _redis_broker(self) -> bool:
+        if self._is_redis is None:
+            self._is_redis = self.app.connection_for_write().transport.driver_type == "redis"
+        return self._is_redis
+
+    def _channel(self) -> Any:
+        if self._connection is None:
+            self._connection = self.app.connection_for_write()
+        return self._connection.default_channel
+
+    def _close(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.release()
+            finally:
+                self._connection = None
+
+
+def _id_and_queue(raw: str | bytes, payload_only: bool = False) -> tuple[str, str]:
+    """(task id, routing key) of a kombu Redis entry: an unacked `[payload, exchange,
+    routing_key]` triple or, with `payload_only`, a queued payload. Unreadable -> ''."""
+    try:
+        value = json.loads(raw)
+        payload = value if payload_only else value[0]
+        headers = payload.get("headers") or {}
+        routing_key = payload["properties"]["delivery_info"].get("routing_key") or ""
+        return str(headers.get("id") or ""), str(routing_key)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "", ""
+
+
+def _count(queue: str, outcome: str) -> None:
+    try:
+        count_outcome(queue or "unknown", outcome)
+    except Exception:
+        log.warning("could not count %s", outcome, exc_info=True)
