@@ -37,6 +37,7 @@ from omni_tasks.requests import (
     create_image_request,
     create_multimodal_request,
     create_text_request,
+    encode_image_file,
 )
 from omni_tasks.results import (
     ImageResult,
@@ -102,6 +103,7 @@ __all__ = [
     "create_multimodal_request",
     "create_scheduler",
     "create_text_request",
+    "encode_image_file",
     "generate_image",
     "generate_multimodal",
     "generate_text",

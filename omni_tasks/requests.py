@@ -7,8 +7,6 @@ and rejects what does not parse. Errors name the field.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import secrets
@@ -16,12 +14,22 @@ import time
 import typing
 import uuid
 from enum import Enum, IntEnum
-from pathlib import Path
-from typing import Any, Literal
+from pathlib import PurePath
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from omni_tasks.errors import RequestValidationError
+from omni_tasks.image_input import PATH_REFUSED, inline_image_b64
+from omni_tasks.image_input import encode_image_file as encode_image_file  # re-exported
 
 # Documented bounds (README "Requests").
 MAX_PROMPT_CHARS = 4000
@@ -30,8 +38,14 @@ MAX_STEPS = 100
 MAX_TOKENS = 4096
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1
-MAX_IMAGE_BYTES = 16 * 1024 * 1024
-IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF")  # PNG, JPEG, WebP
+#: In-process state of a request object, never taken from a caller or a message.
+INTERNAL_FIELDS = ("processing_stage", "errors", "stage")
+
+# Strict types: a string or a bool is never taken for a number, nor a number for a
+# string; floats must be finite (JSON has no NaN, and a worker must not see one).
+Int = Annotated[int, Field(strict=True)]
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Str = Annotated[str, Field(strict=True)]
 
 Priority = Literal["high", "normal", "low"]
 #: A pipeline stage: "ar" runs on the AR pool, "dit" on the diffusion pool.
@@ -84,39 +98,52 @@ class OmniRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
+    request_id: Str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
     request_type: RequestType
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: Str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     priority: Priority = "normal"
-    model: str | None = Field(default=None, max_length=512)
-    created_at: float = Field(default_factory=time.time, gt=0)
-    timeout_s: float | None = Field(default=None, gt=0, le=86400)
-    processing_stage: ProcessingStage = ProcessingStage.WAITING
-    errors: list[str] = Field(default_factory=list)
+    model: Str | None = Field(default=None, max_length=512)
+    created_at: Float = Field(default_factory=time.time, gt=0)
+    timeout_s: Float | None = Field(default=None, gt=0, le=86400)
+    # In-process state (`processing_stage`, `errors`): private, so never from input.
+    _processing_stage: ProcessingStage = PrivateAttr(default=ProcessingStage.WAITING)
+    _errors: list[str] = PrivateAttr(default_factory=list)
     # Text (TEXT, and the AR stage of MULTIMODAL).
-    max_tokens: int = Field(default=64, ge=1, le=MAX_TOKENS)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: list[str] = Field(default_factory=list, max_length=8)
+    max_tokens: Int = Field(default=64, ge=1, le=MAX_TOKENS)
+    temperature: Float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: Float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: list[Str] = Field(default_factory=list, max_length=8)
     # Image (DIFFUSION, IMAGE, and the DiT stage of MULTIMODAL).
-    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
-    width: int = Field(default=64, ge=MIN_SIDE, le=MAX_SIDE)
-    height: int = Field(default=64, ge=MIN_SIDE, le=MAX_SIDE)
-    steps: int = Field(default=4, ge=1, le=MAX_STEPS)
-    guidance: float = Field(default=3.5, ge=0.0, le=MAX_GUIDANCE)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    image: str | None = None  # base64 PNG/JPEG/WebP on the wire; a path is read at the producer
-    strength: float = Field(default=0.6, gt=0.0, le=1.0)
+    negative_prompt: Str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    width: Int = Field(default=64, ge=MIN_SIDE, le=MAX_SIDE)
+    height: Int = Field(default=64, ge=MIN_SIDE, le=MAX_SIDE)
+    steps: Int = Field(default=4, ge=1, le=MAX_STEPS)
+    guidance: Float = Field(default=3.5, ge=0.0, le=MAX_GUIDANCE)
+    seed: Int | None = Field(default=None, ge=0, le=MAX_SEED)
+    image: Str | None = None  # inline base64 PNG/JPEG/WebP; never a path (image_input)
+    strength: Float = Field(default=0.6, gt=0.0, le=1.0)
     step_cache: StepCacheMode | None = None  # None: the pool's `diffusion.step_cache`
-    step_cache_params: dict[str, float] | None = Field(default=None, max_length=8)
+    step_cache_params: dict[Str, Float] | None = Field(default=None, max_length=8)
 
     @model_validator(mode="before")
     @classmethod
-    def _drop_local_state(cls, data: Any) -> Any:
-        """Earlier producers could send the in-process status as `stage`: ignore it."""
-        if isinstance(data, dict) and "stage" in data:
-            data = {k: v for k, v in data.items() if k != "stage"}
+    def _refuse_internal_fields(cls, data: Any) -> Any:
+        """The processing status and errors are this process's own: a caller setting
+        them (or the older `stage`) would forge a request's state."""
+        if isinstance(data, dict):
+            for name in INTERNAL_FIELDS:
+                if name in data:
+                    raise ValueError(f"{name}: is internal and cannot be set")
         return data
+
+    @field_validator("request_id")
+    @classmethod
+    def _request_id_printable(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError("must not contain control characters")
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -132,15 +159,25 @@ class OmniRequest(BaseModel):
             raise ValueError(f"must be a multiple of {SIDE_MULTIPLE}")
         return value
 
+    @field_validator("image", mode="before")
+    @classmethod
+    def _image_inline(cls, value: Any) -> Any:
+        """Raw bytes from a Python caller become base64; a path is refused, never read."""
+        if isinstance(value, PurePath):
+            raise ValueError(PATH_REFUSED)
+        if isinstance(value, (bytes, bytearray)):
+            return inline_image_b64(bytes(value))
+        return value
+
     @field_validator("image")
     @classmethod
     def _image_payload(cls, value: str | None) -> str | None:
-        return None if value is None else _load_image_b64(value)
+        return None if value is None else inline_image_b64(value)
 
     @model_validator(mode="after")
     def _fields_fit_type(self) -> OmniRequest:
         if self.request_type is RequestType.IMAGE and self.image is None:
-            raise ValueError("image: IMAGE requests need an input image (base64 or path)")
+            raise ValueError("image: IMAGE requests need an input image (inline, base64)")
         if self.request_type is not RequestType.IMAGE and self.image is not None:
             raise ValueError("image: only IMAGE requests take an input image")
         return self
@@ -177,11 +214,19 @@ class OmniRequest(BaseModel):
         parts["seed"] = self.seed
         return parts
 
+    @property
+    def processing_stage(self) -> ProcessingStage:
+        return self._processing_stage
+
+    @property
+    def errors(self) -> list[str]:
+        return self._errors
+
     def update_processing_stage(self, stage: ProcessingStage) -> None:
-        self.processing_stage = stage
+        self._processing_stage = ProcessingStage(stage)
 
     def add_error(self, message: str) -> None:
-        self.errors.append(message)
+        self._errors.append(message)
 
     def estimated_cost(self) -> float:
         """Relative work of the whole request: its AR cost plus its DiT cost."""
@@ -203,9 +248,7 @@ class OmniRequest(BaseModel):
     # Wire format.
     def to_message(self) -> dict[str, Any]:
         """The JSON-safe kwargs of the task (defaults omitted to keep messages small)."""
-        data = self.model_dump(
-            mode="json", exclude_defaults=True, exclude={"processing_stage", "errors"}
-        )
+        data = self.model_dump(mode="json", exclude_defaults=True)
         data["request_id"] = self.request_id
         data["request_type"] = self.request_type.value
         data["created_at"] = self.created_at
@@ -222,35 +265,13 @@ class OmniRequest(BaseModel):
             raise _to_request_error(exc) from None
 
 
-def _load_image_b64(value: str) -> str:
-    """Accept base64 image bytes (optionally a data: URL) or a readable file path."""
-    text = value.strip()
-    if text.startswith("data:"):
-        text = text.partition(",")[2]
-    raw: bytes | None = None
-    if len(text) < 4096 and not text.startswith(("iVBOR", "/9j/", "UklGR")):
-        path = Path(text).expanduser()
-        if path.is_file():
-            raw = path.read_bytes()
-        elif "/" in text or text.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
-            raise ValueError(f"file {text!r} does not exist")
-    if raw is None:
-        try:
-            raw = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("must be base64 image data or a path to an image file") from None
-    if len(raw) > MAX_IMAGE_BYTES:
-        raise ValueError(f"is {len(raw)} bytes; at most {MAX_IMAGE_BYTES}")
-    if not raw.startswith(IMAGE_MAGIC):
-        raise ValueError("is not a PNG, JPEG or WebP image")
-    return base64.b64encode(raw).decode("ascii")
-
-
 def _to_request_error(exc: ValidationError) -> RequestValidationError:
     errors = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         message = err["msg"].removeprefix("Value error, ")
+        if err["type"].endswith("_type"):  # strict types: say what came instead
+            message += f", got {type(err['input']).__name__}"
         if not loc and message.partition(":")[0].isidentifier():
             loc, _, message = message.partition(": ")
         errors.append({"field": loc or "request", "message": message})
@@ -262,7 +283,7 @@ def _new_request(
     request_type: RequestType, prompt: str, request_id: str | None = None, **fields: Any
 ) -> OmniRequest:
     data = {"request_type": request_type, "prompt": prompt, **fields}
-    if request_id:
+    if request_id is not None:  # an empty id is refused, never silently replaced
         data["request_id"] = request_id
     if request_type in IMAGE_TYPES and data.get("seed") is None:
         data["seed"] = secrets.randbelow(MAX_SEED + 1)  # fixed at the producer: reproducible
@@ -285,10 +306,11 @@ def create_diffusion_request(
 
 
 def create_image_request(
-    prompt: str, image: str | Path, request_id: str | None = None, **fields: Any
+    prompt: str, image: str | bytes, request_id: str | None = None, **fields: Any
 ) -> OmniRequest:
-    """An IMAGE request (img2img / edit) from base64 image data or a path."""
-    return _new_request(RequestType.IMAGE, prompt, request_id, image=str(image), **fields)
+    """An IMAGE request (img2img / edit) from inline image data: raw bytes, base64 or a
+    data: URL. To send a local file, pass `encode_image_file(path)`."""
+    return _new_request(RequestType.IMAGE, prompt, request_id, image=image, **fields)
 
 
 def create_multimodal_request(

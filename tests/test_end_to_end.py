@@ -17,6 +17,7 @@ from omni_tasks import (
     create_image_request,
     create_multimodal_request,
     create_text_request,
+    encode_image_file,
     generate_image,
     generate_multimodal,
     generate_text,
@@ -80,7 +81,7 @@ def test_image_edit_through_delay(pools) -> None:
     base = generate_image.delay(prompt="a fox", width=64, height=64, steps=4, seed=1).get(TIMEOUT)
     edit = generate_image.delay(
         prompt="the fox in snow",
-        image=base["image_path"],
+        image=encode_image_file(base["image_path"]),
         strength=0.5,
         width=64,
         height=64,
@@ -115,7 +116,9 @@ def test_every_type_through_submit(pools, tmp_path) -> None:
     image = submit(create_diffusion_request("fox", width=32, height=32, steps=2)).get(TIMEOUT)
     check_image(image, 32, 32)
     edit = submit(
-        create_image_request("edit", image=image["image_path"], width=32, height=32, steps=2)
+        create_image_request(
+            "edit", image=encode_image_file(image["image_path"]), width=32, height=32, steps=2
+        )
     ).get(TIMEOUT)
     check_image(edit, 32, 32)
     multi = submit(create_multimodal_request("cat", max_tokens=8, width=32, height=32, steps=2))
@@ -136,7 +139,7 @@ def test_every_type_through_omni_scheduler(pools) -> None:
         results = await asyncio.gather(*(scheduler.process_request(r) for r in requests))
         assert all(r.processing_stage is ProcessingStage.COMPLETED for r in requests)
         edit = create_image_request(
-            "edit", image=results[1]["image_path"], width=32, height=32, steps=2
+            "edit", image=encode_image_file(results[1]["image_path"]), width=32, height=32, steps=2
         )
         results.append(await scheduler.process_request(edit))  # schedules it first
         status = eventually(lambda: (s := scheduler.get_status())["processed_requests"] >= 4 and s)

@@ -21,10 +21,15 @@ from omni_tasks import (
     generate_multimodal,
     generate_text,
 )
+from omni_tasks.requests import encode_image_file
 
 PNG_1PX = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 )
+# A PNG whose header claims 50000x50000 pixels: 2.5 GP once decoded, 70 bytes sent.
+PNG_BOMB = PNG_1PX[:16] + (50_000).to_bytes(4, "big") * 2 + PNG_1PX[24:]
+# A JPEG frame header claiming 65535x65535 pixels.
+JPEG_BOMB = b"\xff\xd8\xff\xc0\x00\x11\x08\xff\xff\xff\xff\x03" + b"\x00" * 12
 
 
 def snapshot(client) -> dict[str, object]:
@@ -44,6 +49,26 @@ BAD_TEXT = [
     ({"prompt": "hi", "timeout_s": 0}, "timeout_s"),
     ({"prompt": "hi", "colour": "red"}, "colour"),
     ({"max_tokens": 5}, "prompt"),
+    # Strict types: no string or bool for a number, no number for a string.
+    ({"prompt": "hi", "max_tokens": "16"}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": True}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 16.0}, "max_tokens"),
+    ({"prompt": "hi", "temperature": "0.5"}, "temperature"),
+    ({"prompt": "hi", "top_p": False}, "top_p"),
+    ({"prompt": 42}, "prompt"),
+    ({"prompt": "hi", "stop": "END"}, "stop"),
+    # Non-finite numbers.
+    ({"prompt": "hi", "temperature": float("nan")}, "temperature"),
+    ({"prompt": "hi", "timeout_s": float("inf")}, "timeout_s"),
+    # Internal state is not the caller's to set.
+    ({"prompt": "hi", "stage": 5}, "stage"),
+    ({"prompt": "hi", "processing_stage": 5}, "processing_stage"),
+    ({"prompt": "hi", "errors": ["forged"]}, "errors"),
+    # An id is given whole or not at all: never silently replaced.
+    ({"prompt": "hi", "request_id": ""}, "request_id"),
+    ({"prompt": "hi", "request_id": "  "}, "request_id"),
+    ({"prompt": "hi", "request_id": "a\nb"}, "request_id"),
+    ({"prompt": "hi", "request_id": 7}, "request_id"),
 ]
 BAD_IMAGE = [
     ({"prompt": "fox", "width": 72}, "width"),
@@ -54,7 +79,18 @@ BAD_IMAGE = [
     ({"prompt": "fox", "guidance": -1}, "guidance"),
     ({"prompt": "fox", "guidance": 99}, "guidance"),
     ({"prompt": "fox", "seed": 2**40}, "seed"),
+    ({"prompt": "fox", "width": "64"}, "width"),
+    ({"prompt": "fox", "steps": True}, "steps"),
+    ({"prompt": "fox", "seed": 3.0}, "seed"),
+    ({"prompt": "fox", "guidance": float("-inf")}, "guidance"),
+    (
+        {"prompt": "fox", "step_cache_params": {"threshold": float("nan")}},
+        "step_cache_params.threshold",
+    ),
+    ({"prompt": "fox", "step_cache_params": {"threshold": "0.1"}}, "step_cache_params.threshold"),
     ({"prompt": "fox", "image": "no/such/file.png"}, "image"),
+    ({"prompt": "fox", "image": __file__}, "image"),  # exists: refused all the same
+    ({"prompt": "fox", "image": base64.b64encode(PNG_BOMB).decode()}, "image"),
     ({"prompt": "fox", "image": "bm90IGFuIGltYWdl"}, "image"),
     ({"prompt": "fox", "image": "@@@not base64@@@"}, "image"),
     ({"prompt": "fox", "image": base64.b64encode(PNG_1PX).decode(), "strength": 0}, "strength"),
@@ -109,13 +145,67 @@ def test_factories_validate_and_fill_the_seed(tmp_path: Path) -> None:
     assert image.seed is not None and image.request_type is RequestType.DIFFUSION
     path = tmp_path / "in.png"
     path.write_bytes(PNG_1PX)
-    edit = create_image_request("make it blue", image=path)
+    edit = create_image_request("make it blue", image=encode_image_file(path))
     assert edit.request_type is RequestType.IMAGE
-    assert base64.b64decode(edit.image) == PNG_1PX  # a path becomes bytes on the wire
+    assert base64.b64decode(edit.image) == PNG_1PX  # the caller's file, read by the caller
     multi = create_multimodal_request("a lighthouse")
     assert multi.request_type is RequestType.MULTIMODAL
     with pytest.raises(RequestValidationError) as info:
-        create_diffusion_request("fox", image=str(path))
+        create_diffusion_request("fox", image=encode_image_file(path))
+    assert info.value.field == "image"
+
+
+def test_an_input_image_is_accepted_in_each_inline_form() -> None:
+    from PIL import Image
+
+    encoded = base64.b64encode(PNG_1PX).decode()
+    forms = [PNG_1PX, encoded, f"  {encoded}\n", f"data:image/png;base64,{encoded}"]
+    assert {create_image_request("edit", image=form).image for form in forms} == {encoded}
+    for fmt, options in (("JPEG", {}), ("WEBP", {}), ("WEBP", {"lossless": True})):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 24), "blue").save(buf, format=fmt, **options)
+        request = create_image_request("edit", image=buf.getvalue())
+        assert base64.b64decode(request.image) == buf.getvalue(), fmt
+
+
+@pytest.mark.parametrize("as_path", [str, Path])
+def test_an_image_path_is_refused_and_never_read(tmp_path: Path, as_path) -> None:
+    """An existing file and a missing one get the same answer: nothing to probe."""
+    real = tmp_path / "real.png"
+    real.write_bytes(PNG_1PX)
+    answers = set()
+    for path in (real, tmp_path / "missing.png", Path("/etc/passwd")):
+        with pytest.raises(RequestValidationError) as info:
+            create_image_request("edit", image=as_path(path))
+        assert info.value.field == "image"
+        answers.add(str(info.value))
+    (answer,) = answers
+    assert "file paths are not accepted" in answer and "encode_image_file" in answer
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"GIF89a" + b"\x00" * 40, "not a PNG, JPEG or WebP"),
+        (b"plain text, not an image", "not a PNG, JPEG or WebP"),
+        (b"RIFF\x00\x00\x00\x00WAVEfmt ", "bad header"),
+        (PNG_1PX[:12], "bad header"),
+        (b"\xff\xd8\xff\xda" + b"\x00" * 8, "bad header"),  # a JPEG scan with no frame
+        (PNG_BOMB, "decompression bomb"),
+        (JPEG_BOMB, "65535x65535 pixels"),
+        (PNG_1PX + b"\x00" * (16 * 1024 * 1024), "bytes; at most"),
+    ],
+)
+def test_a_payload_that_is_not_a_usable_image_is_refused(payload: bytes, reason: str) -> None:
+    for form in (payload, base64.b64encode(payload).decode()):
+        with pytest.raises(RequestValidationError) as info:
+            create_image_request("edit", image=form)
+        assert info.value.field == "image" and reason in str(info.value)
+
+
+def test_a_data_url_must_be_base64() -> None:
+    with pytest.raises(RequestValidationError, match="data: URL must be base64") as info:
+        create_image_request("edit", image="data:image/png,%89PNG")
     assert info.value.field == "image"
 
 

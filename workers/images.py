@@ -1,29 +1,90 @@
-"""Images in and out of the diffusion pool: base64 in, PNG files out."""
+"""Images in and out of the diffusion pool: inline base64 in, PNG files out.
+
+Output files are named by `png_name`: the request id percent-encoded, so an ordinary id
+keeps its own name and two different ids never share a file (`rel/collide` is
+`rel%2Fcollide.png`, `rel_collide` is `rel_collide.png`): one request's image is never
+overwritten by another's.
+"""
 
 from __future__ import annotations
 
 import base64
+import binascii
+import hashlib
 import io
 import os
 import time
+import uuid
+import warnings
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from omni_tasks.errors import RequestValidationError
+from omni_tasks.image_input import check_pixels
+
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
+#: Characters kept as they are in a file name; every other byte becomes %XX.
+_NAME_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
+#: Longest encoded name kept whole; longer ones end in a digest (file names: 255 bytes).
+_MAX_NAME_CHARS = 180
 
 
 def decode_image(data_b64: str) -> Image.Image:
-    """The validated base64 payload of an IMAGE request, as RGB."""
-    with Image.open(io.BytesIO(base64.b64decode(data_b64))) as img:
-        return img.convert("RGB")
+    """The inline input image of an IMAGE request, as RGB.
+
+    Checked again here, the size from the header before any pixel is decoded: a message
+    may not have come through the producer. Raises RequestValidationError naming `image`.
+    """
+    try:
+        raw = base64.b64decode(data_b64, validate=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw), formats=INPUT_FORMATS)
+    except (binascii.Error, UnidentifiedImageError):
+        raise RequestValidationError("image", "is not a PNG, JPEG or WebP image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RequestValidationError("image", f"is too large to decode ({exc})") from None
+    with img:
+        try:
+            check_pixels(*img.size)
+        except ValueError as exc:
+            raise RequestValidationError("image", str(exc)) from None
+        try:
+            return img.convert("RGB")
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise RequestValidationError("image", f"cannot be decoded ({exc})") from None
+
+
+def png_name(request_id: str) -> str:
+    """The file name of a request's image: injective in the request id.
+
+    Bytes outside [A-Za-z0-9-_.] (and a leading dot) become %XX, so percent-decoding
+    gives the id back and no two ids share a name. A name too long for the filesystem
+    keeps its first part and ends in `%~` and the id's SHA-256: `%~` never occurs in an
+    encoded name, so the two forms never meet.
+    """
+    encoded = "".join(
+        chr(b) if b in _NAME_SAFE and not (i == 0 and b == ord(".")) else f"%{b:02X}"
+        for i, b in enumerate(request_id.encode("utf-8"))
+    )
+    if len(encoded) > _MAX_NAME_CHARS:
+        digest = hashlib.sha256(request_id.encode("utf-8")).hexdigest()
+        head = encoded[:64]
+        escape = head.rfind("%", len(head) - 2)  # do not cut an escape in two
+        encoded = f"{head[:escape] if escape >= 0 else head}%~{digest}"
+    return f"{encoded}.png"
 
 
 def save_png(image: Image.Image, output_dir: Path, request_id: str) -> Path:
     """Write atomically (temp file then rename): readers never see half a PNG."""
     folder = Path(output_dir).expanduser() / time.strftime("%Y%m%d")
     folder.mkdir(parents=True, exist_ok=True)
-    safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in request_id)
-    path = folder / f"{safe_id}.png"
-    tmp = folder / f".{safe_id}.{os.getpid()}.tmp"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    path = folder / png_name(request_id)
+    tmp = folder / f".{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path.resolve()

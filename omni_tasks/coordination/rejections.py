@@ -1,4 +1,9 @@
-"""Recording messages a worker refuses, so nothing accepted disappears silently."""
+"""Recording messages a worker refuses, so nothing accepted disappears silently.
+
+Each record keeps the start of the refused message as it arrived (`body`: at most
+`MAX_BODY_CHARS` characters, bytes that are not UTF-8 shown as `\\xNN`) and its full
+length in bytes (`size`), so a 20 MB garbage entry costs the list 4 KiB, not 20 MB.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from omni_tasks.coordination.client import get_redis
 
 log = logging.getLogger(__name__)
 MAX_RECORDS = 1000
-MAX_BODY_CHARS = 65536
+MAX_BODY_CHARS = 4096
 
 
 def record_rejection(
@@ -24,13 +29,15 @@ def record_rejection(
     body: Any = None,
 ) -> None:
     """Push a JSON record onto the capped rejected list and count it; never raises."""
+    preview, size = _bounded(body)
     record = {
         "time": time.time(),
         "reason": reason,
         "task_id": task_id,
         "task": task_name,
         "queue": queue,
-        "body": _preview(body),
+        "body": preview,
+        "size": size,
     }
     try:
         client = get_redis()
@@ -49,16 +56,21 @@ def list_rejections(limit: int = 100) -> list[dict[str, Any]]:
     return [json.loads(r) for r in get_redis().lrange(keys.rejected(), 0, limit - 1)]
 
 
-def _preview(body: Any) -> str | None:
+def _bounded(body: Any) -> tuple[str | None, int | None]:
+    """(the first `MAX_BODY_CHARS` of `body` as text, its whole length in bytes)."""
     if body is None:
-        return None
-    if isinstance(body, bytes):
-        text = body.decode("utf-8", errors="backslashreplace")
-    elif isinstance(body, str):
-        text = body
-    else:
-        try:
-            text = json.dumps(body, default=repr)
-        except (TypeError, ValueError):
-            text = repr(body)
-    return text[:MAX_BODY_CHARS]
+        return None, None
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        raw = bytes(body[:MAX_BODY_CHARS])
+        return raw.decode("utf-8", errors="backslashreplace")[:MAX_BODY_CHARS], len(body)
+    text = _text(body)
+    return text[:MAX_BODY_CHARS], len(text.encode("utf-8", errors="surrogatepass"))
+
+
+def _text(body: Any) -> str:
+    if isinstance(body, str):
+        return body
+    try:
+        return json.dumps(body, default=repr)
+    except (TypeError, ValueError):
+        return repr(body)

@@ -141,12 +141,12 @@ def _submit_and_follow(timeout_s: float) -> list[dict[str, Any]]:
 def _follow_ups(kwargs: dict[str, Any], image_path: str) -> dict[str, dict[str, Any]]:
     """Once a picture exists: an edit of it (img2img), an exact repeat (its latents are
     in the DiT cache: decode only) and a new seed of its prompt (embeddings reused)."""
-    from omni_tasks import generate_image
+    from omni_tasks import encode_image_file, generate_image
 
     sent = {
         "image edit": generate_image.delay(
             prompt="the same fox, in winter",
-            image=image_path,
+            image=encode_image_file(image_path),  # the demo's workers share this disk
             strength=0.7,
             width=64,
             height=64,

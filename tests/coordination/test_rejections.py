@@ -31,6 +31,7 @@ def test_record_and_list(redis_client) -> None:
     assert newest["task"] is None and json.loads(newest["body"]) == {"width": 30}
     assert oldest["task"] == "omni_tasks.generate_text"
     assert oldest["body"] == "\\x80"  # undecodable bytes are kept visible
+    assert (oldest["size"], newest["size"]) == (1, len('{"width": 30}'))
     assert oldest["time"] <= newest["time"]
     assert redis_client.hget(keys.stats("ar"), "rejected") == "1"
     assert redis_client.hget(keys.stats("diffusion"), "rejected") == "1"
@@ -40,11 +41,12 @@ def test_record_and_list(redis_client) -> None:
 def test_defaults_of_a_bare_record(redis_client) -> None:
     record_rejection("unknown task")
     (record,) = list_rejections()
-    assert {k: record[k] for k in ("task_id", "task", "queue", "body")} == {
+    assert {k: record[k] for k in ("task_id", "task", "queue", "body", "size")} == {
         "task_id": None,
         "task": None,
         "queue": "unknown",
         "body": None,
+        "size": None,
     }
     assert redis_client.hget(keys.stats("unknown"), "rejected") == "1"
 
@@ -64,10 +66,26 @@ def test_the_body_preview_is_truncated(redis_client) -> None:
     record_rejection("huge", task_id="s", body="x" * (MAX_BODY_CHARS + 100))
     record_rejection("huge bytes", task_id="b", body=b"y" * (MAX_BODY_CHARS * 2))
     record_rejection("huge object", task_id="o", body={"prompt": "z" * MAX_BODY_CHARS})
-    by_id = {r["task_id"]: r["body"] for r in list_rejections()}
-    assert by_id["s"] == "x" * MAX_BODY_CHARS
-    assert by_id["b"] == "y" * MAX_BODY_CHARS
-    assert len(by_id["o"]) == MAX_BODY_CHARS and by_id["o"].startswith('{"prompt": "zzz')
+    by_id = {r["task_id"]: r for r in list_rejections()}
+    assert by_id["s"]["body"] == "x" * MAX_BODY_CHARS
+    assert by_id["b"]["body"] == "y" * MAX_BODY_CHARS
+    assert len(by_id["o"]["body"]) == MAX_BODY_CHARS
+    assert by_id["o"]["body"].startswith('{"prompt": "zzz')
+    # The size is the whole body's, in bytes.
+    assert by_id["s"]["size"] == MAX_BODY_CHARS + 100
+    assert by_id["b"]["size"] == MAX_BODY_CHARS * 2
+    assert by_id["o"]["size"] == len('{"prompt": ""}') + MAX_BODY_CHARS
+
+
+def test_raw_bytes_are_bounded_before_they_are_decoded(redis_client) -> None:
+    """A 20 MB entry of non-UTF-8 bytes is kept as its first 4 KiB (escaped), not 20 MB."""
+    raw = b"\xff" * (20 * 1024 * 1024)
+    record_rejection("garbage", task_id="g", body=raw)
+    (record,) = list_rejections()
+    assert MAX_BODY_CHARS == 4096
+    assert record["body"] == "\\xff" * (MAX_BODY_CHARS // 4)
+    assert record["size"] == len(raw)
+    assert len(redis_client.lindex(keys.rejected(), 0)) < 2 * MAX_BODY_CHARS
 
 
 def test_bodies_json_cannot_encode_are_kept_as_text(redis_client) -> None:

@@ -129,7 +129,7 @@ def test_kwargsrepr_is_json_and_shows_an_input_image_by_size(redis_client, tmp_p
 
     path = tmp_path / "in.png"
     Image.new("RGB", (64, 64), (200, 10, 10)).save(path)
-    generate_image.delay(prompt="fox", image=str(path), seed=3)
+    generate_image.delay(prompt="fox", image=path.read_bytes(), seed=3)
     ((_level, message),) = queued_messages(redis_client, "diffusion")
     shown = json.loads(message["headers"]["kwargsrepr"])
     kwargs = message_kwargs(message)

@@ -17,12 +17,14 @@ from helpers import IMAGE_KEYS, MULTIMODAL_KEYS, PROMPT_KEYS, TEXT_KEYS, USAGE_K
 
 from omni_tasks import (
     ProcessingError,
+    RequestValidationError,
     create_diffusion_request,
     create_image_request,
     create_multimodal_request,
     create_text_request,
 )
 from omni_tasks.config import get_config, set_config
+from omni_tasks.requests import encode_image_file
 from omni_tasks.results import ImageResult, MultimodalResult, PromptResult, TextResult
 from workers.execution import (
     run_image,
@@ -105,13 +107,52 @@ def test_run_image_of_an_image_request_starts_from_its_picture(
 ) -> None:
     base = run_image(create_diffusion_request(unique("a fox"), width=32, height=32, steps=2))
     request = create_image_request(
-        unique("the fox in snow"), image=base.image_path, width=32, height=32, steps=4
+        unique("the fox in snow"),
+        image=encode_image_file(base.image_path),
+        width=32,
+        height=32,
+        steps=4,
     )
     value = run_image(request).to_json()
     assert list(value) == IMAGE_KEYS
     assert value["request_type"] == "image"
     assert value["steps"] == 4 and 0 < value["steps_run"] < 4  # img2img: strength < 1
     assert_png(value["image_path"], 32, 32)
+
+
+def test_requests_whose_ids_differ_never_share_an_image(output_dir: Path, redis_client) -> None:
+    tag = uuid.uuid4().hex[:8]
+    a = run_image(
+        create_diffusion_request(
+            unique("a fox"), request_id=f"{tag}/collide", width=32, height=32, steps=1, seed=1
+        )
+    )
+    first_png = Path(a.image_path).read_bytes()
+    b = run_image(
+        create_diffusion_request(
+            unique("a cat"), request_id=f"{tag}_collide", width=48, height=32, steps=1, seed=2
+        )
+    )
+    assert a.image_path != b.image_path
+    assert Path(a.image_path).read_bytes() == first_png  # the second did not replace it
+    assert_png(a.image_path, 32, 32)
+    assert_png(b.image_path, 48, 32)
+
+
+def test_an_input_image_that_does_not_decode_is_refused_naming_the_field(
+    output_dir: Path, tmp_path: Path
+) -> None:
+    """Its header passes the producer's check; the worker decodes it and refuses it,
+    before any model runs."""
+    from PIL import Image
+
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (32, 32), "green").save(picture)
+    truncated = picture.read_bytes()[:60]
+    request = create_image_request(unique("broken"), image=truncated, width=32, height=32)
+    with pytest.raises(RequestValidationError) as info:
+        run_image(request)
+    assert info.value.field == "image" and "cannot be decoded" in str(info.value)
 
 
 def test_multimodal_stages_return_their_results(output_dir: Path, redis_client) -> None:

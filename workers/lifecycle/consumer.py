@@ -1,8 +1,12 @@
-"""The worker's message consumer: refuses non-JSON messages before they reach a pool.
+"""The worker's message consumer: refuses malformed task messages before they reach a pool.
 
-Celery defers decoding to the pool, where a pickled body would fail deep inside the
-tracer; checking the content type on arrival rejects it at once, records it, marks the
-task failed (so a caller waiting on it learns why) and keeps the worker serving.
+Celery defers decoding to the pool, and drops some malformed messages with only a log
+line (no headers, kwargs that are not an object), leaving their task PENDING forever.
+Checking each message on arrival (content type, protocol-2 headers, body shape) rejects
+it at once, records it, marks its task failed (so a caller waiting on it learns why)
+and keeps the worker serving. Entries too broken for kombu to build a message from
+are caught one step earlier, by the transport this consumer reads with
+(`workers.lifecycle.transport`).
 """
 
 from __future__ import annotations
@@ -14,12 +18,20 @@ from celery.worker.consumer import Consumer
 from kombu.serialization import prepare_accept_content, registry
 
 from omni_tasks.coordination.rejections import record_rejection
-from omni_tasks.errors import RequestValidationError
+from workers.lifecycle.transport import consuming_transport, fail_task
 
 log = logging.getLogger(__name__)
 
 
 class OmniConsumer(Consumer):
+    def connection_for_read(self, heartbeat: float | None = None) -> Any:
+        """The consuming connection, on the vetting transport when the broker is Redis."""
+        url = self.app.conf.broker_read_url or self.app.conf.broker_url
+        transport = consuming_transport(url) if isinstance(url, str) else None
+        return self.ensure_connected(
+            self.app.connection_for_read(heartbeat=heartbeat, transport=transport)
+        )
+
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handler = super().create_task_handler(*args, **kwargs)
         accept = prepare_accept_content(self.app.conf.accept_content)
@@ -27,43 +39,79 @@ class OmniConsumer(Consumer):
         def on_task_received(message: Any) -> Any:
             if message.content_type not in accept:
                 name = registry.type_to_name.get(message.content_type, "unknown")
-                return self._refuse(
-                    message,
-                    f"content type {message.content_type!r} ({name}) refused: only JSON accepted",
-                )
+                reason = f"content type {message.content_type!r} ({name}) refused: only JSON"
+                return self._refuse(message, "content_type", reason)
+            try:
+                body = message.decode()
+            except Exception as exc:  # whatever the JSON decoder raises
+                return self.on_decode_error(message, exc)
+            headers = message.headers or {}
+            if not all(isinstance(headers.get(k), str) and headers[k] for k in ("task", "id")):
+                reason = "missing headers: a task message needs string 'task' and 'id' headers"
+                return self._refuse(message, "headers", reason)
+            problem = body_problem(body)
+            if problem is not None:
+                return self._refuse(message, *problem)
             return handler(message)
 
         return on_task_received
 
-    def _refuse(self, message: Any, reason: str) -> None:
+    def _refuse(self, message: Any, field: str, reason: str) -> None:
         _record(message, reason)
-        task_id = (message.headers or {}).get("id")
         message.reject_log_error(log, self.connection_errors)
-        if task_id:
-            self.app.backend.mark_as_failure(
-                task_id, RequestValidationError("content_type", reason), request=None
-            )
+        fail_task(_task_id(message), field, reason)
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
-        _record(message, f"undecodable message: {exc}")
+        reason = f"undecodable message: {exc}"
+        _record(message, reason)
         super().on_decode_error(message, exc)
+        fail_task(_task_id(message), "body", reason)
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        reason = "unknown message format: not a task message"
+        _record(message, reason)
+        super().on_unknown_message(body, message)
+        fail_task(_task_id(message), "headers", reason)
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
         _record(message, f"unknown task: {exc}")
-        super().on_unknown_task(body, message, exc)
+        super().on_unknown_task(body, message, exc)  # marks the task failed (NotRegistered)
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
-        _record(message, f"invalid task message: {exc}")
+        reason = f"invalid task message: {exc}"
+        _record(message, reason)
         super().on_invalid_task(body, message, exc)
+        fail_task(_task_id(message), "message", reason)
+
+
+def body_problem(body: Any) -> tuple[str, str] | None:
+    """(field, reason) when a decoded body is not Celery's `[args, kwargs, embed]`."""
+    if not isinstance(body, (list, tuple)) or len(body) != 3:
+        return "body", "message body must be a JSON array [args, kwargs, embed]"
+    args, kwargs, embed = body
+    if not isinstance(args, (list, tuple)):
+        return "args", f"args must be a JSON array, not {type(args).__name__}"
+    if not isinstance(kwargs, dict):
+        return "kwargs", f"kwargs must be a JSON object, not {type(kwargs).__name__}"
+    if not isinstance(embed, (dict, type(None))):
+        return "embed", f"embed must be a JSON object, not {type(embed).__name__}"
+    return None
+
+
+def _task_id(message: Any) -> str | None:
+    """The task id of a message: its `id` header, else its correlation id."""
+    task_id = (message.headers or {}).get("id") or (message.properties or {}).get("correlation_id")
+    return task_id if isinstance(task_id, str) and task_id else None
 
 
 def _record(message: Any, reason: str) -> None:
     headers = message.headers or {}
     queue = (message.delivery_info or {}).get("routing_key") or "unknown"
+    name = headers.get("task")
     record_rejection(
         reason,
-        task_id=headers.get("id"),
-        task_name=headers.get("task"),
+        task_id=_task_id(message),
+        task_name=name if isinstance(name, str) else None,
         queue=queue,
         body=message.body,
     )
