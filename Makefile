@@ -19,5 +19,7 @@ test: lint
 bench: setup
 	.venv/bin/python bench/run_all.py
 
+# Local development only: no auth, so it listens on loopback alone. Anywhere else, add
+# --basic-auth=user:pass (compose does, and refuses to start without a password).
 flower: setup
-	.venv/bin/celery -A omni_tasks flower --port=5555
+	.venv/bin/celery -A omni_tasks flower --address=127.0.0.1 --port=5555

@@ -1,13 +1,16 @@
 """The Redis connection of this process for omni-tasks' own keys (Celery keeps its own
-pools), with the Lua scripts registered on it, and the polling cadence of waiters."""
+pools), with the Lua scripts registered on it, the polling cadence of waiters, and the
+URL rules every Redis client of omni-tasks shares (TLS defaults, redaction)."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
 
 import redis
+from kombu.utils.url import maybe_sanitize_url
 
 from omni_tasks.config import get_config
 from omni_tasks.coordination.lua import Scripts
@@ -45,7 +48,27 @@ def to_redis_py_url(url: str) -> str:
     """Celery spells sockets `redis+socket://path`; redis-py wants `unix://path`."""
     if url.startswith("redis+socket://"):
         return "unix://" + url[len("redis+socket://") :]
-    return url
+    return url  # rediss://: redis-py verifies the certificate unless the URL says not to
+
+
+def with_tls_defaults(url: str) -> str:
+    """A `rediss://` URL for Celery that verifies the server's certificate unless it
+    says otherwise.
+
+    Without `ssl_cert_reqs`, kombu would connect unverified and Celery's result backend
+    would refuse the URL, while redis-py (the coordination client) verifies: adding
+    `ssl_cert_reqs=required` makes all three verify, against `ssl_ca_certs` if named.
+    """
+    if not url.startswith("rediss://"):
+        return url
+    if "ssl_cert_reqs" in dict(parse_qsl(urlsplit(url).query)):
+        return url
+    return url + ("&" if "?" in url else "?") + "ssl_cert_reqs=required"
+
+
+def redacted(url: str) -> str:
+    """`url` with its password masked: the form logs, status and errors may show."""
+    return str(maybe_sanitize_url(url))
 
 
 def get_redis(url: str | None = None) -> redis.Redis:

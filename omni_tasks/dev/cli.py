@@ -130,12 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from kombu.exceptions import OperationalError
+    from redis import RedisError
+
+    from omni_tasks.config import get_config
+    from omni_tasks.coordination.client import redacted
     from omni_tasks.errors import CoreModuleError
 
     try:
         return int(args.func(args))
     except CoreModuleError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (RedisError, OperationalError) as exc:
+        # The URLs as logs show them: passwords masked.
+        config = get_config()
+        urls = " and ".join(dict.fromkeys(redacted(u) for u in (config.redis_url, config.broker)))
+        print(f"error: cannot use {urls}: {exc}", file=sys.stderr)
         return 2
 
 

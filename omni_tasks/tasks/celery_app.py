@@ -1,4 +1,9 @@
-"""The Celery app: JSON only, Redis priority queues, late acks, events for Flower.
+"""The Celery app: JSON only, priority queues (Redis lists, or RabbitMQ when
+`broker_url` names one), late acks, events for Flower.
+
+Priorities are levels 0..9, 0 highest, everywhere in omni-tasks, as kombu's Redis
+transport reads them; RabbitMQ serves the highest number first, so `OmniAMQP` turns a
+level into `9 - level` as it publishes to an AMQP broker.
 
 A worker process (`celery -A omni_tasks worker`) also imports `WORKER_MODULES` before
 `worker_init`: that is how the worker side (`workers.lifecycle`) is loaded, and only
@@ -8,12 +13,15 @@ there. An application process never imports it.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
+from celery.app.amqp import AMQP
 from kombu import Exchange, Queue
 
 from omni_tasks.config import CoreModuleConfig, get_config
+from omni_tasks.coordination.client import with_tls_defaults
 from omni_tasks.coordination.keys import PRIORITY_SEP, PRIORITY_STEPS
 from omni_tasks.tasks.worker_settings import queues_from_argv, worker_settings
 
@@ -28,18 +36,71 @@ def pool_queue(name: str) -> Queue:
         name,
         Exchange(name, type="direct"),
         routing_key=name,
-        queue_arguments={"x-max-priority": 10},
+        queue_arguments={"x-max-priority": TOP_LEVEL + 1},
     )
+
+
+#: The top priority level; RabbitMQ queues are declared with `x-max-priority` above it.
+TOP_LEVEL = max(PRIORITY_STEPS)
+
+
+def amqp_priority(level: int | None) -> int:
+    """The AMQP priority of a level (0 highest); no level is the top one, as on Redis."""
+    return TOP_LEVEL - max(0, min(TOP_LEVEL, level or 0))
+
+
+def delivered_level(priority: int | None, broker_is_redis: bool) -> int | None:
+    """The level (0 highest) of a message from the priority its broker delivered it at."""
+    if priority is None or broker_is_redis:
+        return priority
+    return amqp_priority(priority)
+
+
+class OmniAMQP(AMQP):
+    """Celery's message layer, with levels published as AMQP priorities to AMQP brokers."""
+
+    def _create_task_sender(self) -> Callable[..., Any]:
+        send = super()._create_task_sender()
+
+        def send_task_message(producer: Any, name: str, message: Any, **kwargs: Any) -> Any:
+            if producer.connection.transport.driver_type == "amqp":
+                kwargs["priority"] = amqp_priority(kwargs.get("priority"))
+            return send(producer, name, message, **kwargs)
+
+        return send_task_message
+
+
+def broker_settings(config: CoreModuleConfig) -> dict[str, Any]:
+    """What depends on the broker: Redis priority lists and visibility timeout, or
+    RabbitMQ's publisher confirms and redelivery on connection loss."""
+    if not config.broker_is_redis:
+        return {
+            "broker_url": config.broker,
+            # A publish returns once RabbitMQ has the message.
+            "broker_transport_options": {"confirm_publish": True},
+            # RabbitMQ requeues a lost connection's unacked messages at once: stop
+            # running them here, as another worker gets them.
+            "worker_cancel_long_running_tasks_on_connection_loss": True,
+        }
+    return {
+        "broker_url": with_tls_defaults(config.broker),
+        "broker_transport_options": {
+            "priority_steps": list(PRIORITY_STEPS),
+            "sep": PRIORITY_SEP,
+            "queue_order_strategy": "priority",
+            # Unacked messages come back after this; it must exceed the longest task.
+            "visibility_timeout": 2 * config.longest_task_s + 300,
+        },
+    }
 
 
 def celery_settings(config: CoreModuleConfig) -> dict[str, Any]:
     """Celery settings derived from the omni-tasks config."""
     from omni_tasks.tasks.router import OmniRouter
 
-    longest = config.longest_task_s
     return {
-        "broker_url": config.redis_url,
-        "result_backend": config.redis_url,
+        **broker_settings(config),
+        "result_backend": with_tls_defaults(config.redis_url),
         # JSON only on the wire: a pickled message is refused by the worker.
         "task_serializer": "json",
         "result_serializer": "json",
@@ -51,13 +112,6 @@ def celery_settings(config: CoreModuleConfig) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "broker_transport_options": {
-            "priority_steps": list(PRIORITY_STEPS),
-            "sep": PRIORITY_SEP,
-            "queue_order_strategy": "priority",
-            # Unacked messages come back after this; it must exceed the longest task.
-            "visibility_timeout": 2 * longest + 300,
-        },
         "broker_connection_retry_on_startup": True,
         "task_queues": [pool_queue(config.ar.queue), pool_queue(config.diffusion.queue)],
         "task_default_queue": config.ar.queue,
@@ -88,5 +142,5 @@ def settings_for_process(
 
 # The settings are read lazily (Celery imports `omni_tasks.tasks.celeryconfig` on first use of
 # `app.conf`), so a process can set OMNI_* variables after importing omni_tasks.
-app = Celery("omni_tasks", include=TASK_MODULES)
+app = Celery("omni_tasks", include=TASK_MODULES, amqp=OmniAMQP)
 app.config_from_object("omni_tasks.tasks.celeryconfig")

@@ -143,3 +143,11 @@ def test_set_config_validates_and_replaces_the_process_config(use_config) -> Non
         set_config(broken)
     assert info.value.field == "request_timeout"
     assert get_config() is changed  # a refused config does not replace the current one
+
+
+def test_broker_url_from_env_and_empty_means_redis() -> None:
+    rabbit = load_config(env={"OMNI_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//"})
+    assert rabbit.broker_url == "amqp://guest:guest@127.0.0.1:5672//"
+    for empty in ("", "null"):
+        assert load_config(env={"OMNI_BROKER_URL": empty}).broker_url is None
+    assert load_config(env={}).broker_url is None  # the embedded default: null

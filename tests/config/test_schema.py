@@ -69,6 +69,7 @@ def test_seed_defaults() -> None:
         ({"OMNI_MAX_MEMORY_GB": "-1"}, "max_memory_gb"),
         ({"OMNI_REQUEST_TIMEOUT": "0"}, "request_timeout"),
         ({"OMNI_REDIS_URL": "http://x"}, "redis_url"),
+        ({"OMNI_BROKER_URL": "kafka://x:9092"}, "broker_url"),
         ({"OMNI_AR__ENGINE": "tgi"}, "ar.engine"),
         ({"OMNI_AR__POOL_TYPE": "gevent"}, "ar.pool_type"),
         ({"OMNI_DIFFUSION__CONCURRENCY": "0"}, "diffusion.concurrency"),
@@ -172,3 +173,22 @@ def test_class_rank_orders_classes_by_weight() -> None:
     assert [default.class_rank(c) for c in ("high", "normal", "low")] == [0, 1, 2]
     upside_down = SchedulerConfig(priority_weights={"high": 0.5, "normal": 1.0, "low": 2.0})
     assert [upside_down.class_rank(c) for c in ("high", "normal", "low")] == [2, 1, 0]
+
+
+def test_the_broker_is_redis_unless_broker_url_names_another() -> None:
+    core = CoreModuleConfig()
+    assert core.broker_url is None
+    assert core.broker == core.redis_url and core.broker_is_redis
+    rabbit = replace(core, broker_url="amqp://u:p@rabbit:5672//")
+    rabbit.validate()
+    assert rabbit.broker == "amqp://u:p@rabbit:5672//" and not rabbit.broker_is_redis
+    assert rabbit.redis_url == core.redis_url  # results and coordination stay in Redis
+    tls = replace(core, broker_url="rediss://:p@other:6380/0")
+    tls.validate()
+    assert tls.broker_is_redis
+
+
+def test_a_bad_broker_url_is_refused_without_echoing_it() -> None:
+    with pytest.raises(ConfigError) as info:
+        replace(CoreModuleConfig(), broker_url="http://u:secret@x").validate()
+    assert info.value.field == "broker_url" and "secret" not in str(info.value)

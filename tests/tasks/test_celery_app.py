@@ -1,6 +1,7 @@
 """The Celery app's settings: JSON only, late acks, Redis priority lists with kombu's
 separator, a visibility timeout above the longest task, the worker side loaded through
-`imports`, and the task names (the contract with workers)."""
+`imports`, and the task names (the contract with workers); with a RabbitMQ broker, none
+of the Redis-only options and levels published as AMQP priorities."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from dataclasses import replace
 from omni_tasks import app, get_config
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination.keys import PRIORITY_SEP
-from omni_tasks.tasks.celery_app import celery_settings, settings_for_process
+from omni_tasks.tasks.celery_app import (
+    OmniAMQP,
+    amqp_priority,
+    celery_settings,
+    delivered_level,
+    settings_for_process,
+)
 
 TASK_NAMES = {
     "omni_tasks.generate_text",
@@ -79,7 +86,7 @@ def test_one_queue_per_pool_with_its_own_exchange_and_ten_priorities() -> None:
 
 def test_the_app_reads_the_process_config() -> None:
     config = get_config()
-    assert app.conf.broker_url == config.redis_url
+    assert app.conf.broker_url == config.broker == config.redis_url
     assert app.conf.result_backend == config.redis_url
     assert app.conf.result_expires == config.result_expires
     assert app.conf.result_extended is True and app.conf.worker_send_task_events is True
@@ -95,3 +102,32 @@ def test_settings_for_a_worker_process_add_its_pool_settings() -> None:
     application = settings_for_process(config, ["python", "app.py"])
     assert "worker_pool" not in application and "worker_concurrency" not in application
     assert set(application) == set(celery_settings(config))  # the config's settings only
+
+
+AMQP_URL = "amqp://guest:secret@rabbit:5672//"
+
+
+def test_an_amqp_broker_gets_none_of_the_redis_only_options() -> None:
+    config = replace(CoreModuleConfig(), broker_url=AMQP_URL)
+    settings = celery_settings(config)
+    assert settings["broker_url"] == AMQP_URL
+    assert settings["result_backend"] == config.redis_url  # results stay in Redis
+    assert settings["broker_transport_options"] == {"confirm_publish": True}
+    assert settings["worker_cancel_long_running_tasks_on_connection_loss"] is True
+    assert settings["task_acks_late"] is True and settings["task_reject_on_worker_lost"] is True
+    redis_options = celery_settings(CoreModuleConfig())["broker_transport_options"]
+    assert {"priority_steps", "sep", "queue_order_strategy", "visibility_timeout"} <= set(
+        redis_options
+    )
+    assert "worker_cancel_long_running_tasks_on_connection_loss" not in celery_settings(
+        CoreModuleConfig()
+    )
+
+
+def test_levels_become_amqp_priorities_and_back() -> None:
+    # Level 0 is served first everywhere; RabbitMQ serves the highest number first.
+    assert [amqp_priority(level) for level in (0, 4, 9)] == [9, 5, 0]
+    assert amqp_priority(None) == 9  # no priority: the top level, as on Redis
+    assert all(delivered_level(amqp_priority(lv), False) == lv for lv in range(10))
+    assert delivered_level(3, True) == 3 and delivered_level(None, False) is None
+    assert isinstance(app.amqp, OmniAMQP)
