@@ -33,6 +33,7 @@ from omni_tasks.errors import (
 from omni_tasks.requests import OmniRequest
 from omni_tasks.results import ProbeResult
 from omni_tasks.tasks.base import OmniTask, TaskHandler
+from omni_tasks.tasks.celery_app import delivered_level
 from workers import execution, progress, task_context
 from workers.runtime import runtime
 
@@ -68,7 +69,9 @@ def execute(
         _record_failure(task, task_id, queue, str(exc), kwargs)
         raise
     try:
-        priority = (task.request.delivery_info or {}).get("priority")
+        priority = delivered_level(
+            (task.request.delivery_info or {}).get("priority"), get_config().broker_is_redis
+        )
         with task_context.running(task_id, priority), progress.reporting(task):
             result = run(request)
     except (EngineStoppedError, RequestYieldedError) as exc:

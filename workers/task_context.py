@@ -14,7 +14,30 @@ class _Current(threading.local):
     priority: int | None = None
 
 
+class _Running:
+    """The ids of the tasks this process's threads are running now."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ids: dict[str, int] = {}
+
+    def add(self, task_id: str) -> None:
+        with self._lock:
+            self._ids[task_id] = self._ids.get(task_id, 0) + 1
+
+    def discard(self, task_id: str) -> None:
+        with self._lock:
+            left = self._ids.pop(task_id, 1) - 1
+            if left > 0:
+                self._ids[task_id] = left
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._ids)
+
+
 _current = _Current()
+_running = _Running()
 
 
 @contextmanager
@@ -23,10 +46,17 @@ def running(task_id: str, priority: int | None = None) -> Iterator[None]:
     thread's current task meanwhile."""
     outer = _current.task_id, _current.priority
     _current.task_id, _current.priority = task_id, priority
+    _running.add(task_id)
     try:
         yield
     finally:
+        _running.discard(task_id)
         _current.task_id, _current.priority = outer
+
+
+def running_task_ids() -> list[str]:
+    """The tasks this process is running now (what the heartbeat says it holds)."""
+    return _running.ids()
 
 
 def current_task_id() -> str | None:

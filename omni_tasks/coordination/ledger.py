@@ -8,7 +8,8 @@ again when it is nowhere: not queued, not held by a live worker, not done. That 
 the message kombu's Redis transport can drop (BRPOP pops it, and Redis restarts before
 the worker records it as unacked) and any other loss between the producer and a result.
 A request published twice runs once: the worker skips a message whose result is
-already final (`workers.handlers`).
+already final (`workers.handlers`). Only with a Redis broker: RabbitMQ confirms each
+publish and requeues what a lost connection held.
 """
 
 from __future__ import annotations

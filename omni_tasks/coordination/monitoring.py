@@ -144,6 +144,9 @@ class PoolStats:
     expired: int = 0
     cancelled: int = 0
     rejected: int = 0
+    duplicates: int = 0
+    restored: int = 0
+    recovered: int = 0
     run_s_sum: float = 0.0
     queued_s_sum: float = 0.0
 
@@ -190,6 +193,9 @@ def read_snapshot(config: CoreModuleConfig | None = None) -> ClusterSnapshot:
             expired=int(raw.get("expired", 0)),
             cancelled=int(raw.get("cancelled", 0)),
             rejected=int(raw.get("rejected", 0)),
+            duplicates=int(raw.get("duplicates", 0)),
+            restored=int(raw.get("restored", 0)),
+            recovered=int(raw.get("recovered", 0)),
             run_s_sum=float(raw.get("run_s_sum", 0.0)),
             queued_s_sum=float(raw.get("queued_s_sum", 0.0)),
         )

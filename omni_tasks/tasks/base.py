@@ -73,6 +73,8 @@ class OmniTask(Task):
         if deadline is not None:
             options.setdefault("expires", datetime.fromtimestamp(deadline, timezone.utc))
         task_id = task_id or request.request_id
+        if not get_config().broker_is_redis:  # RabbitMQ confirms the publish; no ledger
+            return super().apply_async(args, message, task_id=task_id, **options)
         try:
             ledger.record(self.name, task_id, args, message, options)
         except redis.RedisError as exc:

@@ -65,7 +65,9 @@ def resolve_route(request: OmniRequest, stage: Stage, policy: SchedulingPolicy) 
     config = policy.config
     if stage != "dit" or request.request_type is RequestType.MULTIMODAL:
         return route
-    if not config.diffusion.cache_affinity:
+    # A worker's own queue is a Redis list that live workers drain when it dies; a
+    # RabbitMQ broker would keep a dead worker's queue full.
+    if not config.diffusion.cache_affinity or not config.broker_is_redis:
         return route
     try:
         holder = cache_directory.pick_holder(cache_directory.dit_keys(request, config).all())

@@ -17,6 +17,7 @@ from typing import Any
 from omni_tasks.config import get_config
 from omni_tasks.coordination import cache_directory, keys
 from omni_tasks.coordination.client import get_redis
+from workers import task_context
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,15 @@ class Heartbeat:
 
 
 def held_task_ids() -> list[str]:
-    """The ids of the messages this worker holds: reserved (prefetched) or running."""
+    """The messages this worker holds: running in one of its threads, or reserved on its
+    live broker channel. A request reserved on a channel that was closed (a lost broker
+    connection) cannot be acked any more and may never run; it is not held, so the
+    reaper gives its message back."""
     from celery.worker import state
 
-    return [r.id for r in list(state.reserved_requests) if r.id]
+    held = set(task_context.running_task_ids())
+    for request in list(state.reserved_requests):
+        channel = getattr(getattr(request, "message", None), "channel", None)
+        if request.id and not getattr(channel, "closed", False):
+            held.add(request.id)
+    return sorted(held)

@@ -3,13 +3,15 @@
 Every live worker runs a `Reaper` thread; a Redis lock lets one of them do each pass.
 A pass, every `reaper_interval_s`:
 
-1. **Dead workers' messages** (Redis broker): kombu keeps every delivered, unacked
+With a Redis broker only (RabbitMQ requeues a lost connection's messages itself):
+
+1. **Dead workers' messages**: kombu keeps every delivered, unacked
    message in its `unacked` hash until the visibility timeout (hours, for long jobs).
    Each worker's heartbeat lists the task ids it holds (`keys.held`). A message unacked
    for longer than two beats that no live worker holds belongs to a dead worker: it is
    restored to the front of its queue at once, with kombu's own atomic restore (marked
    redelivered, so the redelivery cap applies).
-2. **Lost requests** (any broker): an open ledger entry older than `ledger_grace_s`
+2. **Lost requests**: an open ledger entry older than `ledger_grace_s`
    whose result is not final, and that is neither queued, unacked, nor held by a live
    worker, is published again (`omni_tasks.coordination.ledger`). Final ones are closed.
 
@@ -74,9 +76,11 @@ class Reaper:
         if not client.set(keys.reaper_lock(), token, nx=True, px=lock_ms):
             return {}
         held = self._held_by_live_workers()
-        done = {"restored": self._restore_orphans(held) if self._redis_broker() else 0}
-        done["recovered"] = self._recover_lost(held)
-        return done
+        if not self._redis_broker():
+            # RabbitMQ requeues a lost connection's messages itself, and a publish is
+            # confirmed: neither loss the reaper covers happens there.
+            return {}
+        return {"restored": self._restore_orphans(held), "recovered": self._recover_lost(held)}
 
     # -- 1. dead workers' unacked messages ------------------------------------------
     def _restore_orphans(self, held: set[str]) -> int:

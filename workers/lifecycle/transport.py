@@ -26,7 +26,7 @@ from queue import Empty
 from typing import Any
 
 from kombu import Connection
-from kombu.transport import get_transport_cls, redis
+from kombu.transport import TRANSPORT_ALIASES, get_transport_cls, redis
 from kombu.utils.encoding import bytes_to_str
 
 from omni_tasks.coordination.rejections import record_rejection
@@ -112,10 +112,16 @@ class OmniRedisTransport(redis.Transport):
     Channel = OmniRedisChannel
 
 
-def consuming_transport(url: str) -> type[redis.Transport] | None:
-    """`OmniRedisTransport` where `url` selects kombu's plain Redis transport, else None."""
+#: The name the worker's consuming connection selects the transport by: a name, not the
+#: class, so the connection's info stays JSON (Flower's worker page, `inspect stats`).
+TRANSPORT_ALIAS = "omni-redis"
+TRANSPORT_ALIASES.setdefault(TRANSPORT_ALIAS, f"{__name__}:OmniRedisTransport")
+
+
+def consuming_transport(url: str) -> str | None:
+    """The vetting transport's name where `url` selects kombu's plain Redis transport."""
     name = Connection(url).transport_cls
-    return OmniRedisTransport if get_transport_cls(name) is redis.Transport else None
+    return TRANSPORT_ALIAS if get_transport_cls(name) is redis.Transport else None
 
 
 def vet_entry(raw: bytes | str, queue: str) -> dict[str, Any] | None:
