@@ -9,8 +9,12 @@ time to recover (from the fault to the last result).
 
 - `kill9`: kill -9 of a worker 5 times during a 300-request run; a new one replaces it.
 - `redis_restart`: the Redis server stops and starts again mid-run.
+- `rabbitmq_restart` (RabbitMQ broker only): `rabbitmqctl stop_app`, then `start_app`.
 
-Usage: python bench/faults.py [--requests 300] [--scenario kill9 redis_restart]
+Each runs on both brokers: Redis, and RabbitMQ (127.0.0.1:5672, or
+`OMNI_TEST_AMQP_URL`) with Redis for results, when one answers.
+
+Usage: python bench/faults.py [--requests 300] [--scenario kill9 ...] [--broker redis]
 """
 
 from __future__ import annotations
@@ -27,12 +31,15 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, write_result  # noqa: E402
 
 LOGS = RESULTS / "logs" / "faults"
+SCENARIOS = ["kill9", "redis_restart", "rabbitmq_restart"]
+AMQP_URL = os.environ.get("OMNI_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 #: Quick to start; a reaper pass every 2 s.
 WORKER_ENV = {"OMNI_AR__ENGINE": "transformers", "OMNI_REAPER_INTERVAL_S": "2"}
 SUCCEEDED = re.compile(r"Task omni_tasks\.\w+\[([^\]]+)\] succeeded")
@@ -152,7 +159,8 @@ def kill9(n: int, kills: int) -> dict:
     return _figures(n, done, last - fault_at, {"kills": kills})
 
 
-def redis_restart(n: int, server: AofRedis) -> dict:
+def restart(n: int, stop: Callable[[], None], start: Callable[[], None]) -> dict:
+    """A mixed run with the broker or result store stopped and started again mid-run."""
     from omni_tasks.dev.launcher import start_worker
 
     workers = [start_worker(q, LOGS, env=WORKER_ENV) for q in ("ar", "diffusion")]
@@ -161,13 +169,17 @@ def redis_restart(n: int, server: AofRedis) -> dict:
     results = send_mixed(n)
     time.sleep(1.0)
     fault_at = time.monotonic()
-    server.stop()
+    stop()
     time.sleep(2.0)
-    server.start()
+    start()
     done, last = collect(results, 300)
     for w in workers:
         w.stop()
     return _figures(n, done, last - fault_at, {})
+
+
+def rabbitmqctl(command: str) -> None:
+    subprocess.run(["rabbitmqctl", command], check=True, capture_output=True, timeout=120)
 
 
 def _figures(n: int, done: int, recover_s: float, extra: dict) -> dict:
@@ -182,35 +194,68 @@ def _figures(n: int, done: int, recover_s: float, extra: dict) -> dict:
     }
 
 
+def run_broker(broker: str, scenarios: list[str], n: int, kills: int) -> dict[str, dict]:
+    """This process's scenarios on one broker (the Celery app reads its config once)."""
+    server = AofRedis()
+    server.start()
+    os.environ["OMNI_REDIS_URL"] = server.url
+    if broker == "amqp":
+        os.environ["OMNI_BROKER_URL"] = AMQP_URL
+    os.environ.setdefault("OMNI_MODELS_DIR", str(RESULTS.parents[1] / "tests" / ".models"))
+    os.environ.setdefault("OMNI_OUTPUT_DIR", str(RESULTS / "outputs"))
+    from omni_tasks.coordination.client import get_redis
+    from omni_tasks.tasks.celery_app import app
+
+    out: dict[str, dict] = {}
+    try:
+        for scenario in scenarios:
+            shutil.rmtree(LOGS, ignore_errors=True)
+            LOGS.mkdir(parents=True)
+            get_redis().flushdb()
+            app.control.purge()
+            if scenario == "kill9":
+                out[scenario] = kill9(n, kills)
+            elif scenario == "redis_restart":
+                out[scenario] = restart(n, server.stop, server.start)
+            elif scenario == "rabbitmq_restart" and broker == "amqp":
+                out[scenario] = restart(
+                    n, lambda: rabbitmqctl("stop_app"), lambda: rabbitmqctl("start_app")
+                )
+            print(broker, scenario, out.get(scenario), file=sys.stderr, flush=True)
+    finally:
+        server.stop()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--kills", type=int, default=5)
-    parser.add_argument("--scenario", nargs="*", default=["kill9", "redis_restart"])
+    parser.add_argument("--scenario", nargs="*", default=SCENARIOS)
+    parser.add_argument("--broker", choices=["redis", "amqp", "all"], default="all")
     args = parser.parse_args()
-    server = AofRedis()
-    server.start()
-    os.environ["OMNI_REDIS_URL"] = server.url
-    os.environ.setdefault("OMNI_MODELS_DIR", str(RESULTS.parents[1] / "tests" / ".models"))
-    os.environ.setdefault("OMNI_OUTPUT_DIR", str(RESULTS / "outputs"))
-    out: dict[str, dict] = {}
-    try:
-        for scenario in args.scenario:
-            shutil.rmtree(LOGS, ignore_errors=True)
-            LOGS.mkdir(parents=True)
-            from omni_tasks.coordination.client import get_redis
+    if args.broker != "all":
+        out = run_broker(args.broker, args.scenario, args.requests, args.kills)
+        print("RESULT " + json.dumps(out), flush=True)
+        return
+    brokers = ["redis"] + (["amqp"] if amqp_answers() else [])
+    results: dict[str, dict] = {}
+    for broker in brokers:
+        cmd = [sys.executable, __file__, "--broker", broker, "--requests", str(args.requests)]
+        cmd += ["--kills", str(args.kills), "--scenario", *args.scenario]
+        child = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=3600)
+        line = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")][-1]
+        for scenario, figures in json.loads(line[len("RESULT ") :]).items():
+            results.setdefault(scenario, {})[broker] = figures
+    write_result("faults", {"requests": args.requests, "brokers": brokers, "scenarios": results})
 
-            get_redis().flushdb()
-            if scenario == "kill9":
-                out[scenario] = {"redis": kill9(args.requests, args.kills)}
-            elif scenario == "redis_restart":
-                out[scenario] = {"redis": redis_restart(args.requests, server)}
-            else:
-                raise ValueError(f"unknown scenario {scenario!r}")
-            print(scenario, out[scenario], flush=True)
-    finally:
-        server.stop()
-    write_result("faults", {"requests": args.requests, "scenarios": out})
+
+def amqp_answers() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":

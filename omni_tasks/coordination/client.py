@@ -18,6 +18,11 @@ from omni_tasks.coordination.lua import Scripts
 POLL_MIN_S, POLL_MAX_S, POLL_GROWTH = 0.01, 0.25, 1.5
 
 
+#: A Redis that does not answer fails a call after this, never hangs it (a producer's
+#: `.delay()` then raises `SchedulerError`).
+CONNECT_TIMEOUT_S = 5.0
+
+
 @dataclass(frozen=True)
 class _Connection:
     client: redis.Redis
@@ -35,7 +40,12 @@ class _Connections:
         with self._lock:
             found = self._by_url.get(url)
             if found is None:
-                client = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+                client = redis.Redis.from_url(
+                    url,
+                    decode_responses=True,
+                    health_check_interval=30,
+                    socket_connect_timeout=CONNECT_TIMEOUT_S,
+                )
                 found = _Connection(client, Scripts(client))
                 self._by_url[url] = found
             return found
