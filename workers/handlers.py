@@ -9,10 +9,12 @@ outcome for monitoring.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import redis
 from celery import Celery, states
 from celery.exceptions import Ignore, Reject
 
@@ -38,6 +40,8 @@ from workers import execution, progress, task_context
 from workers.runtime import runtime
 
 DELIVERY_KEY_TTL_S = 7 * 86400
+#: What gives a running request's message back to the queue rather than failing it.
+HANDED_BACK = (EngineStoppedError, RequestYieldedError, redis.ConnectionError, redis.TimeoutError)
 #: Runs a task's stage: the validated request and the previous stage's result -> a
 #: typed result (`omni_tasks.results`).
 Runner = Callable[[OmniRequest, "dict[str, Any] | None"], Any]
@@ -74,11 +78,13 @@ def execute(
         )
         with task_context.running(task_id, priority), progress.reporting(task):
             result = run(request)
-    except (EngineStoppedError, RequestYieldedError) as exc:
-        # A warm shutdown, or an unstarted request handed back for higher-priority work:
-        # give the message back; the credit cancels the count the redelivered message
-        # will add when it starts again.
-        client.decr(keys.deliveries(task_id))
+    except HANDED_BACK as exc:
+        # A warm shutdown, an unstarted request handed back for higher-priority work, or
+        # Redis gone mid-run (a restart): not the request's fault, so give the message
+        # back; the credit cancels the count the redelivered message will add when it
+        # starts again.
+        with contextlib.suppress(redis.RedisError):
+            client.decr(keys.deliveries(task_id))
         raise Reject(str(exc), requeue=True) from None
     except RequestTimeoutError:
         count_outcome(queue, "expired")

@@ -26,6 +26,7 @@ from omni_tasks.coordination.keys import PRIORITY_SEP, PRIORITY_STEPS
 from omni_tasks.tasks.worker_settings import queues_from_argv, worker_settings
 
 TASK_MODULES = ["omni_tasks.tasks.definitions"]
+RESULT_WRITE_RETRIES = 40
 #: Imported by Celery in worker processes only (the `imports` setting).
 WORKER_MODULES = ["workers.lifecycle"]
 
@@ -123,6 +124,11 @@ def celery_settings(config: CoreModuleConfig) -> dict[str, Any]:
         "task_track_started": True,
         "result_extended": True,
         "result_expires": config.result_expires,
+        # A result write that meets a Redis restart waits for Redis (backoff up to 10 s,
+        # a few minutes in all) instead of failing: the message, acked after the write,
+        # would otherwise be gone with no result.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": RESULT_WRITE_RETRIES,
         "imports": WORKER_MODULES,
         "worker_consumer": "workers.lifecycle.consumer:OmniConsumer",
     }
