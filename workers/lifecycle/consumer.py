@@ -6,7 +6,7 @@ Checking each message on arrival (content type, protocol-2 headers, body shape) 
 it at once, records it, marks its task failed (so a caller waiting on it learns why)
 and keeps the worker serving. Entries too broken for kombu to build a message from
 are caught one step earlier, by the transport this consumer reads with
-(`workers.lifecycle.transport`).
+(`workers.transport`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from celery.worker.consumer import Consumer
 from kombu.serialization import prepare_accept_content, registry
 
 from omni_tasks.coordination.rejections import record_rejection
-from workers.lifecycle.transport import consuming_transport, fail_task
+from workers.transport import consuming_transport, fail_task
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from omni_tasks import app, generate_image
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.rejections import MAX_BODY_CHARS, list_rejections
-from workers.lifecycle.transport import MAX_ENTRY_BYTES
+from workers.transport import MAX_ENTRY_BYTES
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 120
@@ -179,7 +179,7 @@ def test_a_pickled_message_is_refused(worker) -> None:
 
 def test_synchronous_reads_skip_malformed_entries(redis_client) -> None:
     """`basic_get` (no worker needed) drops the garbage and returns the good message."""
-    from workers.lifecycle.transport import OmniRedisTransport
+    from workers.transport import OmniRedisTransport
 
     queue, task_id = f"vetting-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     good = envelope(IMAGE, {"prompt": "fox"}, task_id)
