@@ -7,7 +7,16 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BENCHMARKS = ("p1_queue_overhead.py", "p3_ar_throughput.py", "p4_dit_cache.py", "p5_affinity.py")
+BENCHMARKS = (
+    "p1_queue_overhead.py",
+    "p2_head_of_line.py",
+    "p3_ar_throughput.py",
+    "p4_dit_cache.py",
+    "p4_batch.py",
+    "p5_affinity.py",
+    "p6_preemption.py",
+    "faults.py",
+)
 
 for script in BENCHMARKS:
     print(f"== {script}", flush=True)
