@@ -19,7 +19,13 @@ test: lint
 bench: setup
 	.venv/bin/python bench/run_all.py
 
-# Local development only: no auth, so it listens on loopback alone. Anywhere else, add
-# --basic-auth=user:pass (compose does, and refuses to start without a password).
+# Basic auth always: FLOWER_USER (default admin) and FLOWER_PASSWORD, or a generated
+# password, printed once. Loopback only: Flower's /metrics answers without auth.
 flower: setup
-	.venv/bin/celery -A omni_tasks flower --address=127.0.0.1 --port=5555
+	@user="$${FLOWER_USER:-admin}"; pass="$${FLOWER_PASSWORD:-}"; \
+	if [ -z "$$pass" ]; then \
+		pass="$$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(16))')"; \
+		echo "Flower: http://127.0.0.1:5555  user $$user  password $$pass"; \
+	fi; \
+	exec .venv/bin/celery -A omni_tasks flower --address=127.0.0.1 --port=5555 \
+		--basic-auth="$$user:$$pass"

@@ -70,7 +70,7 @@ def test_importing_omni_tasks_loads_no_worker_side_and_connects_no_worker_signal
 
 def test_worker_processes_load_the_worker_side_through_celery_imports() -> None:
     conf = omni_tasks.app.conf
-    assert "workers.lifecycle" in conf.imports
+    assert "workers.entry" in conf.imports
     assert conf.worker_consumer.startswith("workers.lifecycle.")
 
 

@@ -101,7 +101,7 @@ def execute(
     timings.setdefault("queued_s", round(max(0.0, started - request.created_at), 6))
     timings.setdefault("run_s", round(run_s, 6))
     timings.setdefault("started_at", round(started, 6))
-    runtime.counters.add_success(queue, run_s, timings["queued_s"])
+    runtime.counters.add_success(queue, run_s, timings["queued_s"], request.request_type.value)
     if redelivered:
         client.delete(keys.deliveries(task_id))
     return result.to_json()

@@ -115,6 +115,12 @@ class WorkerRuntime:
             "dit_cache_max_bytes": int(stats["max_bytes"]),
         }
 
+    def resource_status(self) -> dict[str, Any] | None:
+        """The diffusion engine's device memory figures for the heartbeat (None when this
+        process has no diffusion engine: a text engine sizes its own memory)."""
+        resources = getattr(self._diffusion, "resources", None)
+        return None if resources is None else resources.get_resource_status()
+
     def dit_cache(self, config: CoreModuleConfig | None = None) -> Any:
         """The worker-local DiT cache, on the diffusion engine's device, mirrored in Redis."""
         engine = self.diffusion_engine(config)
@@ -126,6 +132,10 @@ class WorkerRuntime:
                 listener = RedisDirectoryListener(self.hostname, config.diffusion.queue)
                 device = getattr(engine, "device", "cpu")
                 self._dit_cache = DiTCacheManager(config.cache, device=device, listener=listener)
+                resources = getattr(engine, "resources", None)
+                if resources is not None:  # the cache fills the budget's carve-out
+                    cache = self._dit_cache
+                    resources.cache_usage = lambda: int(cache.stats()["bytes"])
             return self._dit_cache
 
     def stop(self, timeout_s: float = 60.0) -> None:

@@ -29,6 +29,7 @@ from kombu import Connection
 from kombu.transport import TRANSPORT_ALIASES, get_transport_cls, redis
 from kombu.utils.encoding import bytes_to_str
 
+from omni_tasks.coordination import admission
 from omni_tasks.coordination.rejections import record_rejection
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.image_input import MAX_IMAGE_BYTES
@@ -200,15 +201,20 @@ def reject_entry(
 
 def fail_task(task_id: str | None, field: str, reason: str) -> None:
     """Mark `task_id` FAILURE with a `RequestValidationError`, so a caller waiting on it
-    learns why; never raises (the worker must keep serving)."""
+    learns why, and release its admission; never raises (the worker must keep serving)."""
     if not task_id:
         return
     from omni_tasks.tasks import app
+    from omni_tasks.tasks.definitions import PROMPT_STAGE_SUFFIX
 
     try:
         app.backend.mark_as_failure(task_id, RequestValidationError(field, reason), request=None)
     except Exception:
         log.exception("could not mark refused task %s failed", task_id)
+    try:  # the refused request (a chain's, from its first stage) leaves its pool's count
+        admission.release({task_id, task_id.removesuffix(PROMPT_STAGE_SUFFIX)})
+    except Exception:
+        log.exception("could not release the admission of refused task %s", task_id)
 
 
 def _task_id(headers: Any, properties: Any) -> str | None:

@@ -118,3 +118,27 @@ def held(hostname: str) -> str:
 def reaper_lock() -> str:
     """Held by the one worker running a reaper pass (expires)."""
     return f"{_p()}:reaper:lock"
+
+
+def timings(queue: str) -> str:
+    """Hash of a pool's time histograms per request type: `<type>:<metric>:<le>` bucket
+    counts (not cumulative), `<type>:<metric>:sum` and `:count`, for run_s and queued_s."""
+    return f"{_p()}:timings:{queue}"
+
+
+def step_stats(queue: str) -> str:
+    """Hash of a pool's step-loop figures: batch size histogram (`batch:<le>`,
+    `batch:sum`, `batch:count`) and `preemptions`."""
+    return f"{_p()}:steps:{queue}"
+
+
+def metrics_samples() -> str:
+    """Sorted set: JSON snapshots of the cluster's counters, scored by when they were taken,
+    so every process judges rates over the same recent window."""
+    return f"{_p()}:metrics:samples"
+
+
+def admitted(queue: str) -> str:
+    """Sorted set of a pool's admitted requests not yet final: id -> when admitted.
+    Its size is what `scheduler.max_queue_size` bounds."""
+    return f"{_p()}:admitted:{queue}"

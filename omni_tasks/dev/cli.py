@@ -94,6 +94,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_exporter(args: argparse.Namespace) -> int:
+    """Serves until interrupted; the scrapes read Redis, so no figure lives here."""
+    from omni_tasks.metrics import serve
+
+    try:
+        server, thread = serve(args.port, addr=args.addr)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.addr}:{args.port} (--port): {exc}", file=sys.stderr)
+        return 2
+    host, port = server.server_address[:2]
+    print(f"serving Prometheus metrics on http://{host}:{port}/metrics", file=sys.stderr)
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        server.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omni-tasks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="queues, pools, workers and health from Redis")
     status.set_defaults(func=_cmd_status)
+
+    exporter = sub.add_parser("exporter", help="serve Prometheus metrics read from Redis")
+    exporter.add_argument("--port", type=int, default=9808, help="default: 9808")
+    exporter.add_argument("--addr", default="0.0.0.0", help="address to listen on")
+    exporter.set_defaults(func=_cmd_exporter)
     return parser
 
 

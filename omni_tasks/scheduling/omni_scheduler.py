@@ -11,27 +11,45 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from dataclasses import replace
 from typing import Any
 
 from celery.result import AsyncResult
 
-from omni_tasks.config import GB, CacheConfig, CoreModuleConfig, SchedulerConfig, get_config
+from omni_tasks.config import (
+    GB,
+    CacheConfig,
+    CoreModuleConfig,
+    SchedulerConfig,
+    get_config,
+    set_config,
+)
+from omni_tasks.coordination import admission
 from omni_tasks.coordination.cache_directory import hit_rate
 from omni_tasks.coordination.client import backoff
-from omni_tasks.coordination.monitoring import health_of, read_snapshot, total_queued
+from omni_tasks.coordination.monitoring import (
+    ClusterSnapshot,
+    health_of,
+    memory_figures,
+    read_snapshot,
+    recent_window,
+    total_queued,
+    worker_resources,
+)
 from omni_tasks.errors import (
     ConfigError,
     CoreModuleError,
     ProcessingError,
-    QueueFullError,
     RequestTimeoutError,
     SchedulerError,
 )
 from omni_tasks.requests import OmniRequest, ProcessingStage
 from omni_tasks.scheduling.schedulers import PolicyScheduler, create_scheduler
 from omni_tasks.tasks.producer import cancel, submit
+
+log = logging.getLogger(__name__)
 
 
 class OmniScheduler:
@@ -54,7 +72,6 @@ class OmniScheduler:
         self.scheduler: PolicyScheduler = self._create_scheduler()
         self._running = False
         self._pending: dict[str, tuple[OmniRequest, AsyncResult]] = {}
-        self._started_at = time.time()
         self._background: list[asyncio.Task[None]] = []
         self._stats: dict[str, Any] = {
             "total_requests": 0,
@@ -72,14 +89,11 @@ class OmniScheduler:
         if request.request_id in self._pending:
             return False
         try:
-            queued = await asyncio.to_thread(total_queued, self.core_config)
-            if queued >= self.config.max_queue_size:
-                raise QueueFullError(
-                    f"queues hold max_queue_size={self.config.max_queue_size} requests"
-                )
             if not await self.scheduler.schedule_request(request):
                 return False
-            result = await asyncio.to_thread(submit, request, policy=self.scheduler.policy)
+            # Admitted atomically with the pool's count, this scheduler's limit applying.
+            with admission.max_queue_size(self.config.max_queue_size):
+                result = await asyncio.to_thread(submit, request, policy=self.scheduler.policy)
         except CoreModuleError:
             self._stats["failed_requests"] += 1
             await self.scheduler.remove_request(request.request_id)
@@ -157,6 +171,9 @@ class OmniScheduler:
 
     # Configuration.
     def update_config(self, new_config: SchedulerConfig) -> None:
+        """Switch this scheduler's policy, and the process's: the router reads the
+        process config, so `.delay()`, `send_task` and chains follow from the next
+        message on."""
         try:
             new_config.validate()
         except ConfigError:
@@ -165,6 +182,7 @@ class OmniScheduler:
             raise ConfigError("scheduler", f"Failed to update config: {exc}") from exc
         self.core_config = replace(self.core_config, scheduler=new_config)
         self.config = new_config
+        set_config(replace(get_config(), scheduler=new_config))
         new = self._create_scheduler()
         new.adopt(self.scheduler)
         self.scheduler = new
@@ -183,6 +201,8 @@ class OmniScheduler:
             raise SchedulerError("Scheduler is already running")
         self._running = True
         self._background.append(asyncio.create_task(self._background_cleanup()))
+        if self.core_config.enable_metrics or self.core_config.enable_health_checks:
+            self._background.append(asyncio.create_task(self._background_sampling()))
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop gracefully: wait (bounded) for this scheduler's requests to finish."""
@@ -205,6 +225,24 @@ class OmniScheduler:
         while self._running:
             await asyncio.sleep(self.core_config.cleanup_interval)
             await self._drop_finished()
+
+    async def _background_sampling(self) -> None:
+        """Sample the cluster's counters every `metrics_interval`, so the recent window
+        has points even when nobody asks; log health issues when they change."""
+        reported: list[str] = []
+        while self._running:
+            try:
+                if self.core_config.enable_health_checks:
+                    issues = (await asyncio.to_thread(self.get_health_status))["issues"]
+                    if issues != reported:
+                        for issue in issues:
+                            log.warning("health: %s", issue)
+                        reported = issues
+                else:
+                    await asyncio.to_thread(self._window)
+            except Exception:  # sampling must not stop the scheduler
+                log.warning("metrics sampling failed", exc_info=True)
+            await asyncio.sleep(self.core_config.metrics_interval)
 
     async def _drop_finished(self) -> None:
         for request_id, (_, result) in list(self._pending.items()):
@@ -230,29 +268,45 @@ class OmniScheduler:
             "failed_requests": snap.failed,
             "cache_hit_rate": self._cache_hit_rate(),
             "memory_usage": snap.dit_cache_bytes / GB,
-            "resource_status": {"workers": snap.workers},
+            "resource_status": self._resource_status(snap),
             "pools": {q: vars(p) for q, p in snap.pools.items()},
             "stats": self._stats.copy(),
         }
 
     def get_metrics(self) -> dict[str, float]:
+        """Cluster-wide figures over the recent window (every process shares its
+        samples): requests done per second, and their mean queue + run time."""
         snap = read_snapshot(self.core_config)
-        uptime = max(time.time() - self._started_at, 1e-9)
-        runs = [p for p in snap.pools.values() if p.processed]
-        latency = sum(p.run_s_sum + p.queued_s_sum for p in runs) / max(snap.processed, 1)
+        window = recent_window(snap, self.core_config)
+        done = window.processed
+        spent = sum(p.run_s_sum + p.queued_s_sum for p in window.pools.values())
+        used, budget = memory_figures(snap)
         return {
-            "throughput": self._stats["processed_requests"] / uptime,
-            "average_latency": latency,
+            "throughput": window.throughput,
+            "window_seconds": window.seconds,
+            "average_latency": spent / done if done else 0.0,
             "average_processing_time": self._stats["average_processing_time"],
             "cache_hit_rate": self._cache_hit_rate(),
-            "memory_utilization": snap.dit_cache_bytes / max(snap.dit_cache_max_bytes, 1),
+            "memory_utilization": used / budget if budget else 0.0,
             "queue_utilization": snap.queued / self.config.max_queue_size,
         }
 
     def get_health_status(self) -> dict[str, Any]:
         snap = read_snapshot(self.core_config)
-        issues, advice = health_of(snap, self.core_config)
+        window = recent_window(snap, self.core_config)
+        issues, advice = health_of(snap, self.core_config, window)
         return {"healthy": not issues, "issues": issues, "recommendations": advice}
+
+    def _window(self) -> None:
+        recent_window(read_snapshot(self.core_config), self.core_config)
+
+    @staticmethod
+    def _resource_status(snap: ClusterSnapshot) -> dict[str, Any]:
+        """Each live worker's heartbeat, its `resource_status` parsed (None without one),
+        and the device bytes summed over the workers that report them."""
+        workers = [{**w, "resource_status": worker_resources(w)} for w in snap.workers]
+        used, budget = memory_figures(snap)
+        return {"workers": workers, "used_bytes": used, "budget_bytes": budget}
 
     def _cache_hit_rate(self) -> float:
         """DiT cache hits over lookups in the diffusion pool (all kinds of entries)."""

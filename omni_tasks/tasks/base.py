@@ -3,7 +3,7 @@
 `apply_async` (and so `.delay`) validates the kwargs into an `OmniRequest` before
 anything is sent and uses the request id as the task id; the router then picks the
 queue and priority. A task's name and message are the contract: its body runs the
-`handler` that the worker side registered for it (`workers.lifecycle`, loaded only by
+`handler` that the worker side registered for it (`workers.entry`, loaded only by
 worker processes), so this module never reaches into the worker side.
 """
 
@@ -17,10 +17,11 @@ from typing import Any
 
 import redis
 from celery import Task
+from celery._state import get_current_worker_task
 from kombu.utils.url import maybe_sanitize_url
 
 from omni_tasks.config import get_config
-from omni_tasks.coordination import ledger
+from omni_tasks.coordination import admission, ledger
 from omni_tasks.errors import ProcessingError, RequestValidationError, SchedulerError
 from omni_tasks.requests import OmniRequest, RequestType, Stage, request_from_task_kwargs
 
@@ -40,7 +41,7 @@ class OmniTask(Task):
     stage: Stage = "ar"
     #: True for a chain's later stage, which receives the previous stage's result.
     takes_previous_result = False
-    #: Set on worker processes by `workers.lifecycle`; None in an application process.
+    #: Set on worker processes by `workers.entry`; None in an application process.
     handler: TaskHandler | None = None
 
     def request_type_for(self, kwargs: dict[str, Any]) -> RequestType:
@@ -65,22 +66,53 @@ class OmniTask(Task):
         return self.send(self.build_request(kwargs or {}), args, task_id, options)
 
     def send(self, request: OmniRequest, args: Any, task_id: str | None, options: dict) -> Any:
-        """Enqueue a validated request as this task's message (its id is the task id),
-        recorded in the ledger first (`omni_tasks.coordination.ledger`)."""
+        """Enqueue a validated request as this task's message (its id is the task id):
+        admitted first (`omni_tasks.coordination.admission`), then recorded in the
+        ledger (`omni_tasks.coordination.ledger`), then published."""
         message = request.to_message()
         options.setdefault("kwargsrepr", kwargs_repr(message))
         deadline = request_deadline(request)
         if deadline is not None:
             options.setdefault("expires", datetime.fromtimestamp(deadline, timezone.utc))
         task_id = task_id or request.request_id
+        admitted = self.admit(task_id, options)
+        try:
+            with admission.admitted_here():
+                return self._record_and_publish(args, message, task_id, options)
+        except BaseException:
+            if admitted is not None:
+                with contextlib.suppress(redis.RedisError):
+                    admitted.undo()  # nothing was enqueued: the place goes back
+            raise
+
+    def admit(self, task_id: str, options: dict) -> admission.Admission | None:
+        """Count the request this message starts in its pool (`QueueFullError` when
+        full); None for a chain's later stage, admitted with the chain's first.
+
+        A message published by a running task (the next stage of a chain, a replaced
+        task) or published again (`ledger.REPUBLISHED_HEADER`) belongs to a request
+        already admitted: it is counted without the limit, and never twice.
+        """
+        if self.takes_previous_result:
+            return None
+        republished = bool((options.get("headers") or {}).get(ledger.REPUBLISHED_HEADER))
+        enforce = not republished and get_current_worker_task() is None
+        try:
+            return admission.admit(
+                self.stage_queue, admission.final_task_id(task_id, options), enforce=enforce
+            )
+        except redis.RedisError as exc:
+            raise SchedulerError(_unreachable(exc)) from exc
+
+    def _record_and_publish(
+        self, args: Any, message: dict[str, Any], task_id: str, options: dict
+    ) -> Any:
         if not get_config().broker_is_redis:  # RabbitMQ confirms the publish; no ledger
             return super().apply_async(args, message, task_id=task_id, **options)
         try:
             ledger.record(self.name, task_id, args, message, options)
         except redis.RedisError as exc:
-            url = maybe_sanitize_url(get_config().redis_url)
-            reason = f"request not accepted: cannot reach Redis at {url}: {exc}"
-            raise SchedulerError(reason) from exc
+            raise SchedulerError(_unreachable(exc)) from exc
         try:
             return super().apply_async(args, message, task_id=task_id, **options)
         except BaseException:
@@ -106,6 +138,11 @@ class OmniTask(Task):
                 "(celery -A omni_tasks worker), which registers its handler"
             )
         return self.handler(self, kwargs, previous)
+
+
+def _unreachable(exc: redis.RedisError) -> str:
+    url = maybe_sanitize_url(get_config().redis_url)
+    return f"request not accepted: cannot reach Redis at {url}: {exc}"
 
 
 def kwargs_repr(message: dict[str, Any]) -> str:

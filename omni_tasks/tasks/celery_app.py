@@ -6,7 +6,7 @@ transport reads them; RabbitMQ serves the highest number first, so `OmniAMQP` tu
 level into `9 - level` as it publishes to an AMQP broker.
 
 A worker process (`celery -A omni_tasks worker`) also imports `WORKER_MODULES` before
-`worker_init`: that is how the worker side (`workers.lifecycle`) is loaded, and only
+`worker_init`: that is how the worker side (`workers.entry`) is loaded, and only
 there. An application process never imports it.
 """
 
@@ -28,7 +28,7 @@ from omni_tasks.tasks.worker_settings import queues_from_argv, worker_settings
 TASK_MODULES = ["omni_tasks.tasks.definitions"]
 RESULT_WRITE_RETRIES = 40
 #: Imported by Celery in worker processes only (the `imports` setting).
-WORKER_MODULES = ["workers.lifecycle"]
+WORKER_MODULES = ["workers.entry"]
 
 
 def pool_queue(name: str) -> Queue:
@@ -148,5 +148,16 @@ def settings_for_process(
 
 # The settings are read lazily (Celery imports `omni_tasks.tasks.celeryconfig` on first use of
 # `app.conf`), so a process can set OMNI_* variables after importing omni_tasks.
-app = Celery("omni_tasks", include=TASK_MODULES, amqp=OmniAMQP)
+class OmniCelery(Celery):
+    """Celery, with a message sent by task name admitted like `.delay()`: `send_task`
+    bypasses `OmniTask.apply_async`, and the `before_task_publish` signal cannot refuse
+    a publish (Celery logs and swallows what its receivers raise)."""
+
+    def send_task(self, name: str, *args: Any, **options: Any) -> Any:
+        from omni_tasks.tasks.definitions import send_admitted
+
+        return send_admitted(super().send_task, name, *args, **options)
+
+
+app = OmniCelery("omni_tasks", include=TASK_MODULES, amqp=OmniAMQP)
 app.config_from_object("omni_tasks.tasks.celeryconfig")

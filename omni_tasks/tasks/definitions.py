@@ -6,14 +6,22 @@ handler the worker side registered (`OmniTask.run_on_worker`).
 - `generate_multimodal`: a chain `multimodal_prompt` (pool `ar`: writes the image
   prompt) -> `multimodal_render` (pool `diffusion`: renders it), same priority class;
   the returned result is the chain's last task, whose id is the request id.
+
+A message sent by task name (`app.send_task`) is admitted too
+(`omni_tasks.coordination.admission`, through `OmniCelery.send_task`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import uuid
+from collections.abc import Callable
 from typing import Any
 
+import redis
 from celery import chain
 
+from omni_tasks.coordination import admission
 from omni_tasks.requests import OmniRequest, RequestType
 from omni_tasks.scheduling.policies import SchedulingPolicy
 from omni_tasks.tasks.base import OmniTask
@@ -134,3 +142,20 @@ TASK_FOR_TYPE = {
     RequestType.IMAGE: generate_image,
     RequestType.MULTIMODAL: generate_multimodal,
 }
+
+
+def send_admitted(send_task: Callable[..., Any], name: str, *args: Any, **options: Any) -> Any:
+    """`send_task` of a message sent by name (`OmniCelery.send_task`), admitted first
+    unless `OmniTask.send` has admitted it already."""
+    task = app.tasks.get(name)
+    if admission.is_admitted_here() or not isinstance(task, OmniTask):
+        return send_task(name, *args, **options)
+    options["task_id"] = options.get("task_id") or str(uuid.uuid4())
+    admitted = task.admit(options["task_id"], options)
+    try:
+        return send_task(name, *args, **options)
+    except BaseException:
+        if admitted is not None:
+            with contextlib.suppress(redis.RedisError):
+                admitted.undo()
+        raise

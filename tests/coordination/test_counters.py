@@ -86,3 +86,68 @@ def test_outcomes_are_counted_at_once(redis_client) -> None:
     }
     with pytest.raises(ValueError, match="outcome"):
         count_outcome("diffusion", "lost")
+
+
+def test_times_go_into_per_type_histograms_in_the_same_flush(redis_client, monkeypatch) -> None:
+    from omni_tasks.coordination.counters import TIME_BUCKETS, read_histogram
+
+    monkeypatch.setattr(counters, "FLUSH_INTERVAL_S", 3600.0)
+    batch = SuccessCounters()
+    batch.add_success("ar", run_s=0.003, queued_s=0.2, request_type="text")
+    batch.add_success("ar", run_s=0.7, queued_s=0.2, request_type="text")
+    batch.add_success("ar", run_s=9999.0, queued_s=0.0, request_type="text")  # past 600 s
+    batch.add_success("ar", run_s=1.0, queued_s=1.0)  # no type: the pool totals only
+    batch.add_success("ar", run_s=0.1, queued_s=0.0, request_type="multimodal")
+    assert redis_client.hgetall(keys.timings("ar")) == {}
+    batch.flush()
+    raw = redis_client.hgetall(keys.timings("ar"))
+    assert raw["text:run_s:0.005"] == raw["text:run_s:1.0"] == raw["text:run_s:+Inf"] == "1"
+    buckets, total, count = read_histogram(raw, "text:run_s", TIME_BUCKETS)
+    assert count == 3 and total == pytest.approx(9999.703)
+    cumulative = dict(buckets)
+    assert (cumulative["0.005"], cumulative["0.5"], cumulative["1.0"]) == (1, 1, 2)
+    assert cumulative["600.0"] == 2 and cumulative["+Inf"] == 3
+    waits, wait_sum, _ = read_histogram(raw, "text:queued_s", TIME_BUCKETS)
+    assert dict(waits)["0.1"] == 1 and dict(waits)["0.25"] == 3  # 0.0 is in the first bucket
+    assert wait_sum == pytest.approx(0.4)
+    assert read_histogram(raw, "multimodal:run_s", TIME_BUCKETS)[2] == 1  # its own series
+    assert int(stats(redis_client, "ar")["processed"]) == 5
+
+
+def test_batch_sizes_and_preemptions_are_flushed_with_the_rest(redis_client, monkeypatch) -> None:
+    from omni_tasks.coordination.counters import BATCH_BUCKETS, read_histogram
+
+    monkeypatch.setattr(counters, "FLUSH_INTERVAL_S", 3600.0)
+    batch = SuccessCounters()
+    for size in (1, 3, 3, 8):
+        batch.add_batch("diffusion", size)
+    batch.add_preemptions("diffusion", 2)
+    batch.add_preemptions("diffusion", 0)  # a request never paused adds nothing
+    batch.flush()
+    raw = redis_client.hgetall(keys.step_stats("diffusion"))
+    assert raw["preemptions"] == "2"
+    buckets, total, count = read_histogram(raw, "batch", BATCH_BUCKETS)
+    assert (count, total) == (4, 15.0)
+    assert dict(buckets) == {
+        "1.0": 1, "2.0": 1, "4.0": 3, "8.0": 4, "16.0": 4, "32.0": 4, "64.0": 4, "+Inf": 4
+    }  # fmt: skip
+
+
+def test_a_failed_flush_keeps_the_histograms_too(redis_client, monkeypatch, use_config) -> None:
+    from dataclasses import replace
+
+    monkeypatch.setattr(counters, "FLUSH_INTERVAL_S", 3600.0)
+    reachable = get_config()
+    batch = SuccessCounters()
+    batch.add_success("diffusion", 2.0, 0.5, request_type="diffusion")
+    batch.add_batch("diffusion", 2)
+    use_config(replace(reachable, redis_url="redis://127.0.0.1:1/11"))
+    batch.flush()
+    use_config(reachable)
+    batch.add_preemptions("diffusion", 1)
+    batch.flush()
+    timings = redis_client.hgetall(keys.timings("diffusion"))
+    assert (timings["diffusion:run_s:2.5"], timings["diffusion:run_s:count"]) == ("1", "1")
+    assert float(timings["diffusion:queued_s:sum"]) == pytest.approx(0.5)
+    steps = redis_client.hgetall(keys.step_stats("diffusion"))
+    assert (steps["batch:2.0"], steps["preemptions"]) == ("1", "1")

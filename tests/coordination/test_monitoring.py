@@ -4,6 +4,7 @@ count for the diffusion pool), pool counters, live workers' heartbeats, and heal
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 
 from redis import Redis
@@ -13,12 +14,19 @@ from omni_tasks.config import SchedulerConfig
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.monitoring import (
     ClusterSnapshot,
+    Counters,
     PoolStats,
+    Window,
     health_of,
+    memory_figures,
     queue_depths,
     read_snapshot,
+    recent_window,
+    record_sample,
     total_queued,
+    worker_resources,
 )
+from omni_tasks.coordination.rejections import record_rejection
 
 
 def beat(client: Redis, hostname: str, queues: list[str], **figures: object) -> None:
@@ -31,7 +39,7 @@ def beat(client: Redis, hostname: str, queues: list[str], **figures: object) -> 
         "concurrency": 2,
         "pid": 1234,
         "started": 1.0,
-        "beat": 2.0,
+        "beat": time.time(),
         **figures,
     }
     client.hset(keys.worker(hostname), mapping=info)
@@ -126,48 +134,110 @@ def test_read_snapshot_of_an_empty_cluster(redis_client) -> None:
 def snapshot(
     queued: dict[str, int],
     workers: list[list[str]],
-    pools: dict[str, PoolStats] | None = None,
+    **figures: object,
 ) -> ClusterSnapshot:
     return ClusterSnapshot(
         queues={q: {0: n} for q, n in queued.items()},
-        pools=pools or {"ar": PoolStats(), "diffusion": PoolStats()},
-        workers=[{"hostname": f"w{i}", "queues": qs} for i, qs in enumerate(workers)],
+        pools={"ar": PoolStats(), "diffusion": PoolStats()},
+        workers=[
+            {"hostname": f"w{i}", "queues": qs, "beat": time.time(), **figures}
+            for i, qs in enumerate(workers)
+        ],
     )
 
 
-def test_health_names_pools_without_workers() -> None:
+BOTH = [["ar"], ["diffusion"]]
+
+
+def window(**figures: object) -> Window:
+    pools = figures.pop("pools", {"ar": PoolStats(), "diffusion": PoolStats()})
+    return Window(seconds=60.0, pools=pools, **figures)  # type: ignore[arg-type]
+
+
+def test_health_names_pools_with_work_and_no_live_worker() -> None:
     config = get_config()
     issues, advice = health_of(snapshot({"ar": 0, "diffusion": 2}, []), config)
+    assert issues == ["no live worker consumes queue 'diffusion' (2 waiting)"]
+    assert advice == ["start one: celery -A omni_tasks worker -Q diffusion"]
+    assert health_of(snapshot({"ar": 0, "diffusion": 0}, []), config) == ([], [])
+    assert health_of(snapshot({"ar": 3, "diffusion": 2}, BOTH), config) == ([], [])
+
+
+def test_health_names_stale_heartbeats_and_does_not_count_them_live() -> None:
+    config = replace(get_config(), worker_timeout=30)
+    snap = snapshot({"ar": 1, "diffusion": 0}, BOTH)
+    snap.workers[0]["beat"] = time.time() - 45
+    issues, advice = health_of(snap, config)
     assert issues == [
-        "no live worker consumes queue 'ar' (0 waiting)",
-        "no live worker consumes queue 'diffusion' (2 waiting)",
+        "worker w0 last beat 45s ago (worker_timeout=30)",
+        "no live worker consumes queue 'ar' (1 waiting)",
     ]
-    assert advice == [
-        "start one: celery -A omni_tasks worker -Q ar",
-        "start one: celery -A omni_tasks worker -Q diffusion",
-    ]
-    issues, _ = health_of(snapshot({"ar": 0, "diffusion": 0}, [["ar"], ["diffusion"]]), config)
-    assert issues == []
+    assert advice[0] == "check worker w0: its process and its connection to Redis"
 
 
-def test_health_names_full_queues() -> None:
+def test_health_names_queues_near_their_limit() -> None:
     config = replace(get_config(), scheduler=SchedulerConfig(max_queue_size=10))
-    both = [["ar"], ["diffusion"]]
-    assert health_of(snapshot({"ar": 4, "diffusion": 4}, both), config) == ([], [])
-    issues, advice = health_of(snapshot({"ar": 5, "diffusion": 4}, both), config)
-    assert issues == ["queues hold 9 of max_queue_size=10"]
-    assert advice == ["add workers or raise scheduler.max_queue_size"]
+    assert health_of(snapshot({"ar": 7, "diffusion": 7}, BOTH), config) == ([], [])
+    issues, advice = health_of(snapshot({"ar": 8, "diffusion": 7}, BOTH), config)
+    assert issues == ["queue 'ar' holds 8 of max_queue_size=10"]
+    assert advice == ["add 'ar' workers or raise scheduler.max_queue_size"]
 
 
-def test_health_names_failing_pools() -> None:
+def test_health_names_device_memory_near_budget() -> None:
     config = get_config()
-    both = [["ar"], ["diffusion"]]
-    failing = {
-        "ar": PoolStats(processed=8, failed=2),
-        "diffusion": PoolStats(processed=100, failed=10),
-    }
-    issues, advice = health_of(snapshot({"ar": 0, "diffusion": 0}, both, failing), config)
-    assert issues == ["pool 'ar' failed 2 of 10 requests"]  # 10 % of diffusion is not > 10 %
+    status = {"device": "cpu", "budget_bytes": 1000, "used_bytes": 899, "running": 1}
+    ok = snapshot({"ar": 0, "diffusion": 0}, BOTH, resource_status=json.dumps(status))
+    assert health_of(ok, config) == ([], [])
+    assert memory_figures(ok) == (1798, 2000)
+    full = snapshot({"ar": 0}, [["ar"]], resource_status=json.dumps({**status, "used_bytes": 900}))
+    issues, _ = health_of(full, config)
+    assert issues == ["worker w0 uses 90% of its device memory budget"]
+    assert worker_resources({"hostname": "old"}) is None  # heartbeats without the field
+    assert memory_figures(snapshot({"ar": 0}, [["ar"]])) == (0, 0)
+
+
+def test_health_judges_failures_over_the_window_only() -> None:
+    config = get_config()
+    calm = snapshot({"ar": 0, "diffusion": 0}, BOTH)
+    failing = {"ar": PoolStats(processed=8, failed=1, rejected=1), "diffusion": PoolStats()}
+    issues, advice = health_of(calm, config, window(pools=failing))
+    assert issues == ["pool 'ar' failed 2 of 10 requests in the last 60s"]
     assert advice == ["read the 'ar' workers' logs and the rejected list"]
     few = {"ar": PoolStats(processed=1, failed=8), "diffusion": PoolStats()}
-    assert health_of(snapshot({"ar": 0, "diffusion": 0}, both, few), config) == ([], [])
+    assert health_of(calm, config, window(pools=few)) == ([], [])  # under MIN_OUTCOMES
+    # Without a window only the state now counts: all-time counters never age.
+    calm.pools["ar"] = PoolStats(failed=1000)
+    assert health_of(calm, config) == ([], [])
+
+
+def test_health_names_rejections_and_a_low_hit_rate_without_affinity() -> None:
+    config = get_config()
+    calm = snapshot({"ar": 0, "diffusion": 0}, BOTH)
+    issues, _ = health_of(calm, config, window(rejected=3))
+    assert issues == ["3 messages rejected in the last 60s"]
+    cold = window(cache_hits=1, cache_misses=9)
+    assert health_of(calm, config, cold) == ([], [])  # affinity on: nothing to advise
+    off = replace(config, diffusion=replace(config.diffusion, cache_affinity=False))
+    issues, advice = health_of(calm, off, cold)
+    assert issues == ["DiT cache hit rate 10% in the last 60s, with cache_affinity off"]
+    assert advice == ["set diffusion.cache_affinity: true so repeats reach their cache"]
+
+
+def test_recent_window_compares_with_the_oldest_sample_in_the_window(redis_client) -> None:
+    config = replace(get_config(), metrics_interval=1)  # a 6 s window
+    now = time.time()
+    old = {"ar": PoolStats(processed=1, failed=50), "diffusion": PoolStats()}
+    record_sample(Counters(now - 30, old))  # before the window: ignored
+    record_sample(Counters(now - 4, {**old, "ar": PoolStats(processed=2, failed=50)}))
+    redis_client.hset(keys.stats("ar"), mapping={"processed": 12, "failed": 51})
+    redis_client.hset(keys.cache_stats("diffusion"), mapping={"hits:latents": 3})
+    record_rejection("bad message", queue="ar")
+    recent = recent_window(read_snapshot(config), config)
+    assert recent.pools["ar"] == PoolStats(processed=10, failed=1, rejected=1)
+    assert 3.9 < recent.seconds < 6 and recent.throughput == 10 / recent.seconds
+    assert recent.rejected == 1
+    assert redis_client.zcard(keys.metrics_samples()) == 3  # this call's sample added
+    # A sample not seen before a window's start: nothing is known to be recent.
+    redis_client.delete(keys.metrics_samples())
+    fresh = recent_window(read_snapshot(config), config)
+    assert fresh.seconds == 0 and fresh.processed == 0 and fresh.throughput == 0.0

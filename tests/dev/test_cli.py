@@ -43,10 +43,10 @@ def test_status_prints_the_cluster_as_json(redis_client) -> None:
     status, health = report["status"], report["health"]
     assert status["queue_size"] == 1
     assert sum(status["queues"]["ar"].values()) == 1
-    assert status["resource_status"] == {"workers": []}
+    assert status["resource_status"] == {"workers": [], "used_bytes": 0, "budget_bytes": 0}
     assert set(status["pools"]) == {"ar", "diffusion"}
     assert health["healthy"] is False  # no worker runs in this test
-    assert any("'diffusion'" in issue for issue in health["issues"])
+    assert any("'ar'" in issue for issue in health["issues"])  # work waits, no worker
 
 
 def test_submit_of_a_bad_field_exits_2_naming_it(redis_client) -> None:

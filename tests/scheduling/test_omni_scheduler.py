@@ -5,6 +5,9 @@ tests/test_end_to_end.py."""
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+from dataclasses import replace
 
 import pytest
 from helpers import where
@@ -27,6 +30,7 @@ from omni_tasks import (
 )
 from omni_tasks.coordination import keys
 from omni_tasks.scheduling import HybridScheduler, PriorityScheduler
+from omni_tasks.tasks.definitions import generate_text
 
 PRIORITY = SchedulerConfig(scheduler_type=SchedulerType.PRIORITY)
 
@@ -144,7 +148,9 @@ def test_process_request_times_out_without_workers(redis_client) -> None:
     assert scheduler.get_status()["stats"]["failed_requests"] == 1
 
 
-def test_update_config_switches_the_policy_and_keeps_waiting_requests(redis_client) -> None:
+def test_update_config_switches_the_policy_and_keeps_waiting_requests(
+    redis_client, use_config
+) -> None:
     scheduler = OmniScheduler(SchedulerConfig(scheduler_type=SchedulerType.FIFO))
     requests = [create_text_request(p, priority=p) for p in ("low", "normal", "high")]
 
@@ -194,13 +200,70 @@ def test_status_metrics_and_health_without_workers(redis_client) -> None:
     status = scheduler.get_status()
     assert status["queue_size"] == 1 and status["queues"]["ar"][0] == 1
     assert status["processed_requests"] == 0 and status["failed_requests"] == 0
-    assert status["resource_status"] == {"workers": []}
+    assert status["resource_status"] == {"workers": [], "used_bytes": 0, "budget_bytes": 0}
     assert set(status["pools"]) == {"ar", "diffusion"}
     metrics = scheduler.get_metrics()
     assert metrics["queue_utilization"] == pytest.approx(0.1)
     assert metrics["cache_hit_rate"] == 0.0 and metrics["memory_utilization"] == 0.0
+    assert metrics["throughput"] == 0.0  # nothing done in the window
     health = scheduler.get_health_status()
     assert health["healthy"] is False
-    assert any("'ar'" in issue for issue in health["issues"])
-    assert any("'diffusion'" in issue for issue in health["issues"])
-    assert any("celery -A omni_tasks worker -Q ar" in a for a in health["recommendations"])
+    # Only the pool with work waiting lacks a worker.
+    assert health["issues"] == ["no live worker consumes queue 'ar' (1 waiting)"]
+    assert health["recommendations"] == ["start one: celery -A omni_tasks worker -Q ar"]
+
+
+def test_status_shows_each_workers_resource_status(redis_client) -> None:
+    status = {"device": "cuda:0", "total_bytes": 80, "budget_bytes": 64, "used_bytes": 60}
+    redis_client.hset(
+        keys.worker("diffusion-1@h"),
+        mapping={
+            "hostname": "diffusion-1@h",
+            "queues": '["diffusion"]',
+            "beat": time.time(),
+            "resource_status": json.dumps({**status, "running": 2, "batch": 2}),
+        },
+    )
+    redis_client.hset(
+        keys.worker("ar-1@h"),
+        mapping={"hostname": "ar-1@h", "queues": '["ar"]', "beat": time.time()},
+    )
+    scheduler = OmniScheduler()
+    resources = scheduler.get_status()["resource_status"]
+    assert [w["hostname"] for w in resources["workers"]] == ["ar-1@h", "diffusion-1@h"]
+    assert resources["workers"][0]["resource_status"] is None  # no figures in its beat
+    assert resources["workers"][1]["resource_status"]["batch"] == 2
+    assert (resources["used_bytes"], resources["budget_bytes"]) == (60, 64)
+    assert scheduler.get_metrics()["memory_utilization"] == pytest.approx(60 / 64)
+    health = scheduler.get_health_status()
+    assert health["issues"] == ["worker diffusion-1@h uses 94% of its device memory budget"]
+
+
+def test_update_config_reaches_plain_delay(redis_client, use_config) -> None:
+    use_config(replace(get_config(), scheduler=SchedulerConfig()))  # FIFO: level 0
+    scheduler = OmniScheduler()
+    first = generate_text.delay(prompt="before", priority="low")
+    scheduler.update_config(PRIORITY)
+    second = generate_text.delay(prompt="after", priority="low")
+    assert where(redis_client, first.id) == ("ar", 0)
+    assert where(redis_client, second.id) == ("ar", 9)  # the next message follows
+    assert get_config().scheduler == PRIORITY
+
+
+def test_start_samples_every_metrics_interval_unless_disabled(redis_client) -> None:
+    def samples_after_start(config) -> int:
+        async def run() -> None:
+            scheduler = OmniScheduler(core_config=config)
+            await scheduler.start()
+            await asyncio.sleep(2.5)
+            await scheduler.shutdown()
+
+        redis_client.delete(keys.metrics_samples())
+        asyncio.run(run())
+        return redis_client.zcard(keys.metrics_samples())
+
+    config = replace(get_config(), metrics_interval=1)
+    assert samples_after_start(config) >= 2
+    assert samples_after_start(replace(config, enable_health_checks=False)) >= 2
+    quiet = replace(config, enable_metrics=False, enable_health_checks=False)
+    assert samples_after_start(quiet) == 0

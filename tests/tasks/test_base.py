@@ -160,7 +160,7 @@ def test_the_task_body_hands_its_message_to_the_registered_handler(monkeypatch) 
         calls.append((task.name, kwargs, previous))
         return {"request_id": kwargs["request_id"], "text": "ok"}
 
-    monkeypatch.setattr(generate_text, "handler", handler)  # as workers.lifecycle does
+    monkeypatch.setattr(generate_text, "handler", handler)  # as workers.entry does
     monkeypatch.setattr(multimodal_render, "handler", handler)
     assert generate_text.run(request_id="r1", prompt="hi") == {"request_id": "r1", "text": "ok"}
     multimodal_render.run({"image_prompt": "p"}, request_id="r2", prompt="hi")

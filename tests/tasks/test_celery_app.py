@@ -64,7 +64,7 @@ def test_visibility_timeout_exceeds_the_longest_task() -> None:
 
 
 def test_worker_processes_import_the_worker_side() -> None:
-    assert "workers.lifecycle" in app.conf.imports
+    assert "workers.entry" in app.conf.imports
     assert app.conf.worker_consumer == "workers.lifecycle.consumer:OmniConsumer"
 
 

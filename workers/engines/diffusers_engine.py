@@ -29,7 +29,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.errors import (
@@ -62,6 +62,7 @@ from workers.engines.flux.phases import (
     steps_taken,
     unpack,
 )
+from workers.resources import ResourceManager, ShapeProbe, resident_bytes
 from workers.stepping.arrivals import ArrivalWatch
 from workers.stepping.loop import StepLoop
 from workers.stepping.request import StepRequest, StepTicket
@@ -138,12 +139,16 @@ class FluxDiffusionEngine:
         self.size_multiple: int = pipe.vae_scale_factor * 2
         self.latent_channels: int = pipe.transformer.config.in_channels // 4
         transformer = pipe.transformer
-        self.step_scheduler = StepScheduler(config or get_config())
+        config = config or get_config()
+        modules = list(pipe.components.values())
+        self.resources = ResourceManager(config, self.device, resident_bytes(modules, self.device))
+        self.step_scheduler = StepScheduler(config, resources=self.resources)
         self.loop = StepLoop(
             self.step_scheduler,
             lambda calls: run_batch(transformer, calls),
             max_batch_size,
         )
+        self.resources.run_on = self.loop.run  # probes run where the steps run
         self._watch = ArrivalWatch(self.loop, arrivals) if arrivals is not None else None
         self._encoder = PromptEncoder(
             self.device, max_sequence_length, true_cfg_scale, run_on=self.loop.run
@@ -189,6 +194,8 @@ class FluxDiffusionEngine:
         )
         self._hooks.check(request)
         held = None if latents is not None else self._step_request(ticket, params, init_image)
+        if held is not None:  # ResourceError at once if it could never fit
+            self.resources.admit(held, self._shape_probe(base, params))
         try:
             with self._hooks.serving(request):
                 with self.loop.holding(held):
@@ -211,6 +218,9 @@ class FluxDiffusionEngine:
             raise
         except Exception as exc:
             raise ProcessingError(f"{request_id}: diffusion failed: {exc}") from exc
+        finally:
+            if held is not None:
+                self.resources.release(held)
         return _output(image, request, held, used_embeds, final)
 
     def encode_prompt(
@@ -340,7 +350,36 @@ class FluxDiffusionEngine:
             steps=steps_taken(params, init_image is not None),
             pixels=params.width * params.height,
             batch_key=key if batched else None,
+            shape=key,
         )
+
+    def _shape_probe(self, base: FluxPipeline, params: ImageParams) -> ShapeProbe:
+        """One denoising step of `params`' size, on zeros, for the resource manager."""
+        import torch
+
+        transformer = base.transformer
+        cfg = transformer.config
+        tokens = (params.width // self.size_multiple) * (params.height // self.size_multiple)
+        seq = self.max_sequence_length
+        opts = {"device": self.device, "dtype": self.dtype}
+
+        def inputs(rows: int) -> dict[str, Any]:
+            guided = bool(cfg.guidance_embeds)
+            return {
+                "hidden_states": torch.zeros(rows, tokens, cfg.in_channels, **opts),
+                "encoder_hidden_states": torch.zeros(rows, seq, cfg.joint_attention_dim, **opts),
+                "pooled_projections": torch.zeros(rows, cfg.pooled_projection_dim, **opts),
+                "timestep": torch.ones(rows, **opts),
+                "guidance": torch.full((rows,), 3.5, **opts) if guided else None,
+                "txt_ids": torch.zeros(seq, 3, **opts),
+                "img_ids": torch.zeros(tokens, 3, **opts),
+            }
+
+        def forward(given: dict[str, Any]) -> Any:
+            with torch.no_grad():
+                return transformer(**given, joint_attention_kwargs=None, return_dict=False)[0]
+
+        return ShapeProbe(f"{params.width}x{params.height}", inputs, forward)
 
     def _live_base(self, request_id: str) -> FluxPipeline:
         base = self._base

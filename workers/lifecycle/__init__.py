@@ -1,11 +1,2 @@
-"""The worker side's entry point, imported by Celery in worker processes only (the app's
-`imports` setting): connects the lifecycle hooks and the remote-control commands, and
-registers the handler that runs each task."""
-
-from omni_tasks.tasks import app
-from workers.handlers import register_handlers
-from workers.lifecycle import control, hooks
-
-register_handlers(app)
-
-__all__ = ["control", "hooks"]
+"""The worker's lifecycle: Celery signal hooks, heartbeat, reaper, consumer and remote
+control. Importing this package registers nothing; `workers.entry` does."""

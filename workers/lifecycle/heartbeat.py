@@ -74,7 +74,10 @@ class Heartbeat:
                 self._sweep()
             try:
                 pipe = get_redis().pipeline(transaction=True)
-                figures = self.runtime.dit_cache_figures()
+                figures: dict[str, Any] = dict(self.runtime.dit_cache_figures())
+                resources = self.runtime.resource_status()
+                if resources is not None:
+                    figures["resource_status"] = json.dumps(resources)
                 pipe.hset(key, mapping={**info, **figures, "beat": time.time()})
                 pipe.expire(key, HEARTBEAT_TTL_S)
                 held_key = keys.held(self.runtime.hostname)

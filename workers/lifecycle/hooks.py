@@ -2,7 +2,7 @@
 before it reports ready, beat a heartbeat into Redis, run the reaper, and on SIGTERM
 abort in-flight requests so their messages go back to the queue.
 
-Connected when Celery imports `workers.lifecycle` in a worker process (the app's
+Connected when Celery imports `workers.entry` in a worker process (the app's
 `imports` setting); never in an application process.
 """
 
@@ -13,10 +13,10 @@ import threading
 import time
 from typing import Any
 
-from celery import signals
+from celery import signals, states
 
 from omni_tasks.config import get_config
-from omni_tasks.coordination import keys
+from omni_tasks.coordination import admission, keys
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.counters import count_outcome
 from omni_tasks.tasks.base import OmniTask
@@ -97,10 +97,44 @@ def _load_revocations() -> None:
         log.warning("could not load revocations from Redis", exc_info=True)
 
 
+@signals.task_postrun.connect
+def _on_task_postrun(
+    task_id: str | None = None, task: Any = None, state: str | None = None, **_: Any
+) -> None:
+    """A message ran: if its request ended, its pool's admission count drops."""
+    if isinstance(task, OmniTask) and task_id:
+        try:
+            release_if_ended(task, task_id, task.request.chain, state)
+        except Exception:
+            log.warning("could not release the admission of %s", task_id, exc_info=True)
+
+
+def release_if_ended(task: OmniTask, task_id: str, chain: Any, state: str | None) -> None:
+    """Release the request's admission unless its message comes back (rejected to be
+    requeued, retried), a later chain stage still runs, or it was replaced (ignored,
+    with no final result yet); the reaper reconciles anything missed."""
+    if state == states.SUCCESS and chain:
+        return
+    if state == states.IGNORED:
+        if task.backend.get_task_meta(task_id).get("status") not in states.READY_STATES:
+            return
+    elif state not in states.READY_STATES:
+        return
+    admission.release({task_id, admission.final_task_id(task_id, {"chain": chain})})
+
+
 @signals.task_revoked.connect
-def _on_task_revoked(sender: Any = None, expired: bool = False, **_: Any) -> None:
+def _on_task_revoked(sender: Any = None, expired: bool = False, **kwargs: Any) -> None:
     """A message this worker discarded: past its `expires`, or cancelled."""
     if isinstance(sender, OmniTask):
+        request = kwargs.get("request")
+        task_id = getattr(request, "id", None)
+        if task_id:
+            chain = getattr(request, "chain", None)
+            try:
+                admission.release({task_id, admission.final_task_id(task_id, {"chain": chain})})
+            except Exception:
+                log.warning("could not release the admission of %s", task_id, exc_info=True)
         try:
             count_outcome(sender.stage_queue, "expired" if expired else "cancelled")
         except Exception:

@@ -15,8 +15,17 @@ With a Redis broker only (RabbitMQ requeues a lost connection's messages itself)
    whose result is not final, and that is neither queued, unacked, nor held by a live
    worker, is published again (`omni_tasks.coordination.ledger`). Final ones are closed.
 
-Both are counted per pool (`restored`, `recovered`). A message restored or published
-twice runs once: workers skip a message whose result is already final.
+With any broker:
+
+3. **Admissions nothing will release** (`omni_tasks.coordination.admission`): an id
+   admitted longer than `ledger_grace_s` ago whose result is final leaves its pool's
+   count (its release was lost with its worker). With a Redis broker, so does one that
+   is neither open in the ledger (itself or its chain's first stage) nor queued,
+   unacked or held: no message of it is left to end it.
+
+1 and 2 are counted per pool (`restored`, `recovered`); a pass returns all three. A
+message restored or published twice runs once: workers skip a message whose result is
+already final.
 """
 
 from __future__ import annotations
@@ -31,9 +40,10 @@ from typing import Any
 from celery import Celery, states
 
 from omni_tasks.config import get_config
-from omni_tasks.coordination import keys, ledger
+from omni_tasks.coordination import admission, keys, ledger
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.counters import count_outcome
+from omni_tasks.tasks.definitions import PROMPT_STAGE_SUFFIX
 from workers.lifecycle.heartbeat import HEARTBEAT_INTERVAL_S
 
 log = logging.getLogger(__name__)
@@ -78,9 +88,10 @@ class Reaper:
         held = self._held_by_live_workers()
         if not self._redis_broker():
             # RabbitMQ requeues a lost connection's messages itself, and a publish is
-            # confirmed: neither loss the reaper covers happens there.
-            return {}
-        return {"restored": self._restore_orphans(held), "recovered": self._recover_lost(held)}
+            # confirmed: neither loss 1 or 2 covers happens there.
+            return {"released": self._reconcile_admissions(held)}
+        done = {"restored": self._restore_orphans(held), "recovered": self._recover_lost(held)}
+        return {**done, "released": self._reconcile_admissions(held)}
 
     # -- 1. dead workers' unacked messages ------------------------------------------
     def _restore_orphans(self, held: set[str]) -> int:
@@ -118,12 +129,42 @@ class Reaper:
                 ledger.forget([task_id])
                 continue
             task = self.app.tasks[entry["task"]]
-            task.apply_async(entry["args"], entry["kwargs"], task_id=task_id, **entry["options"])
+            with admission.unlimited():  # admitted when first accepted: never refused now
+                task.apply_async(
+                    entry["args"], entry["kwargs"], task_id=task_id, **entry["options"]
+                )
             ledger.touch(task_id)
             recovered += 1
             log.warning("published lost request %s again", task_id)
             _count(task.stage_queue, "recovered")
         return recovered
+
+    # -- 3. admissions nothing will release -------------------------------------------
+    def _reconcile_admissions(self, held: set[str]) -> int:
+        before = time.time() - get_config().ledger_grace_s
+        ids = [i for q in admission.pool_queues() for i in admission.admitted_before(q, before)]
+        if not ids:
+            return 0
+        pending = self._not_final(ids)
+        ended = set(ids) - pending
+        if pending and self._redis_broker():
+            live = _with_first_stages(pending)
+            accounted = self._open_in_ledger(live)
+            if not live <= accounted:
+                accounted |= live & (held | self._queued_ids() | self._unacked_ids())
+            ended |= {i for i in pending if not _with_first_stages({i}) & accounted}
+        admission.release(ended)
+        for task_id in ended:
+            log.warning("released the admission of %s: its request has ended", task_id)
+        return len(ended)
+
+    @staticmethod
+    def _open_in_ledger(ids: set[str]) -> set[str]:
+        ordered = sorted(ids)
+        pipe = get_redis().pipeline(transaction=False)
+        for task_id in ordered:
+            pipe.zscore(keys.ledger_open(), task_id)
+        return {i for i, score in zip(ordered, pipe.execute(), strict=True) if score is not None}
 
     def _not_final(self, ids: list[str]) -> set[str]:
         """Of `ids`, those without a final result; the final ones leave the ledger."""
@@ -202,6 +243,11 @@ def _id_and_queue(raw: str | bytes, payload_only: bool = False) -> tuple[str, st
         return str(headers.get("id") or ""), str(routing_key)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         return "", ""
+
+
+def _with_first_stages(ids: set[str]) -> set[str]:
+    """`ids` and the first-stage task ids of the MULTIMODAL chains they may end."""
+    return ids | {i + PROMPT_STAGE_SUFFIX for i in ids}
 
 
 def _count(queue: str, outcome: str) -> None:

@@ -29,12 +29,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from omni_tasks.config import get_config
 from omni_tasks.errors import (
     EngineStoppedError,
     RequestCancelledError,
     RequestTimeoutError,
     RequestYieldedError,
 )
+from workers.runtime import runtime
 from workers.stepping.request import ForwardCall, StepRequest, StepStatus
 from workers.stepping.scheduler import StepScheduler
 
@@ -95,6 +97,7 @@ class StepLoop:
             if self._granted is request:
                 self._granted = None
             self._cond.notify_all()
+        runtime.counters.add_preemptions(get_config().diffusion.queue, request.preemptions)
 
     @contextmanager
     def holding(self, request: StepRequest | None) -> Iterator[None]:
@@ -203,6 +206,7 @@ class StepLoop:
             if batch[0].exclusive:
                 self._grant(batch[0], calls[0])
                 continue
+            runtime.counters.add_batch(get_config().diffusion.queue, len(batch))
             try:
                 self._run_batch([c for c in calls if c is not None])
             except BaseException as exc:  # the runner fails its calls; never kill the loop

@@ -92,12 +92,14 @@ class ForwardCall:
 @dataclass(eq=False)
 class StepRequest:
     """A held request. `batch_key`: requests with equal keys may share a step; None means
-    the request runs alone (its step cache's state sits on the shared transformer)."""
+    the request runs alone (its step cache's state sits on the shared transformer).
+    `shape`: what its memory cost is measured and kept under (`workers.resources`)."""
 
     ticket: StepTicket
     steps: int
     pixels: int
     batch_key: Hashable | None
+    shape: Hashable | None = None
     arrival: float = field(default_factory=time.monotonic)
     status: StepStatus = StepStatus.WAITING
     steps_done: int = 0

@@ -20,6 +20,11 @@ ranked, the best one decides the batch key, and compatible ones fill up to `limi
 preemption on, a running request that ranks below `limit` compatible others is PAUSED
 (it resumes, exactly where it was, when it ranks high enough again); with it off, a
 running request keeps its slot until it ends.
+
+With a `ResourceManager` the batch also grows only while `can_allocate` holds: requests
+at a step boundary give their charge back and are charged again if they stay in, each
+request chosen is charged (`allocate`), and the first that does not fit ends the batch,
+as an incompatible one does. A request paused or finished is no longer charged.
 """
 
 from __future__ import annotations
@@ -27,10 +32,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from omni_tasks.config import CoreModuleConfig, SchedulerType
 from omni_tasks.scheduling.schedulers import BaseScheduler
 from workers.stepping.request import StepRequest, StepStatus
+
+if TYPE_CHECKING:
+    from workers.resources import ResourceManager
 
 RankKey = tuple[float, ...]
 
@@ -62,13 +71,18 @@ class StepScheduler(BaseScheduler):
     """
 
     def __init__(
-        self, config: CoreModuleConfig, clock: Callable[[], float] = time.monotonic
+        self,
+        config: CoreModuleConfig,
+        clock: Callable[[], float] = time.monotonic,
+        resources: ResourceManager | None = None,
     ) -> None:
+        """`resources`: the device memory budget batches must fit in (None: no bound)."""
         scheduler = config.scheduler
         self._policy = _rank_fn(scheduler.scheduler_type, scheduler.priority_weights)
         self.starvation_s = float(scheduler.starvation_s)
         self.preemption = bool(scheduler.enable_preemption)
         self._clock = clock
+        self.resources = resources
         self._held: dict[str, StepRequest] = {}
         self._processed = 0
         self._lock = threading.Lock()
@@ -114,6 +128,8 @@ class StepScheduler(BaseScheduler):
         self._settle_pause(request, self._clock())
         request.status = status
         request.pending = None
+        if self.resources is not None:
+            self.resources.deallocate(request)
 
     def rank(self, request: StepRequest, now: float | None = None) -> RankKey:
         """Lower runs first; starved requests (held `starvation_s`) first of all."""
@@ -141,7 +157,10 @@ class StepScheduler(BaseScheduler):
             and (r.pending is None or r.pending.first_of_step)
         ]
         ranked = sorted(at_boundary + ready, key=lambda r: self.rank(r, now))
-        chosen = _fill(committed, ranked, limit)
+        if self.resources is not None:
+            for r in at_boundary:  # charged again below if it stays in
+                self.resources.deallocate(r)
+        chosen = _fill(committed, ranked, limit, self._fits)
         self._apply(chosen, running, now)
         batch = [r for r in chosen if r.pending is not None]
         for r in batch:
@@ -160,6 +179,15 @@ class StepScheduler(BaseScheduler):
             if r.first_step_at is None:
                 r.first_step_at, r.first_step_perf = time.time(), time.perf_counter()
 
+    def _fits(self, request: StepRequest) -> bool:
+        """Charge `request` to the running batch if it fits (always, with no manager)."""
+        if self.resources is None:
+            return True
+        if not self.resources.can_allocate(request):
+            return False
+        self.resources.allocate(request)
+        return True
+
     @staticmethod
     def _settle_pause(request: StepRequest, now: float) -> None:
         if request.paused_at is not None:
@@ -167,22 +195,26 @@ class StepScheduler(BaseScheduler):
             request.paused_at = None
 
 
-def _fill(committed: list[StepRequest], ranked: list[StepRequest], limit: int) -> list[StepRequest]:
-    """`committed`, then the best `ranked` requests that may share its step, in rank
-    order up to the first that may not: that one runs once the batch has drained, so
-    nothing ranked below it overtakes it (and an exclusive request is never starved)."""
+def _fill(
+    committed: list[StepRequest],
+    ranked: list[StepRequest],
+    limit: int,
+    fits: Callable[[StepRequest], bool],
+) -> list[StepRequest]:
+    """`committed`, then the best `ranked` requests that may share its step and `fits`
+    (which charges them), in rank order up to the first that may not: that one runs
+    once the batch has drained, so nothing ranked below it overtakes it (and an
+    exclusive request is never starved)."""
     chosen = list(committed)
     if any(r.exclusive for r in chosen):
         return chosen
     for r in ranked:
         if len(chosen) >= limit:
             break
-        if not chosen:
-            chosen.append(r)
-            if r.exclusive:
-                break
-        elif r.exclusive or r.batch_key != chosen[0].batch_key:
+        compatible = not chosen or not (r.exclusive or r.batch_key != chosen[0].batch_key)
+        if not compatible or not fits(r):
             break
-        else:
-            chosen.append(r)
+        chosen.append(r)
+        if r.exclusive:
+            break
     return chosen

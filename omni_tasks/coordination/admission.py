@@ -1,0 +1,157 @@
+"""Admission: `scheduler.max_queue_size` per pool, held on every enqueue path and across
+any number of producer processes.
+
+Each pool keeps a sorted set of the requests it admitted and that are not final yet
+(`keys.admitted`: id -> when admitted); its size is the pool's count. One Lua script
+(`scripts/admit.lua`) checks the size and adds the id in one step, so concurrent
+producers never overshoot. The id is the request's final task id (a MULTIMODAL chain's
+last stage): a chain is counted once, in the pool of its first stage, and a message
+published again under the same id is not counted twice.
+
+Workers release an id when its request ends (completed, failed, cancelled, expired,
+refused); releasing is a ZREM, so doing it twice is harmless. The worker-side reaper
+reconciles what a lost worker or a lost release leaves behind (`workers.lifecycle.reaper`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from omni_tasks.config import get_config
+from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import get_redis, get_scripts
+from omni_tasks.errors import QueueFullError
+
+#: A limit other than the config's for this context (an `OmniScheduler`'s own config).
+_limit: ContextVar[int | None] = ContextVar("omni_admission_limit", default=None)
+#: Set while `OmniTask.send` publishes what it admitted: the `send_task` hook skips it.
+_admitted_here: ContextVar[bool] = ContextVar("omni_admission_done", default=False)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """One admitted request; `added` is False when it was admitted before (a republish)."""
+
+    queue: str
+    admission_id: str
+    added: bool
+
+    def undo(self) -> None:
+        """Its publish failed: give the place back, unless an earlier publish holds it."""
+        if self.added:
+            release([self.admission_id])
+
+
+def admit(queue: str, admission_id: str, *, enforce: bool = True) -> Admission:
+    """Count `admission_id` in the pool of `queue`, or raise `QueueFullError`.
+
+    `enforce=False` counts it without the limit: a stage published by a worker for a
+    request already admitted, or a lost request published again.
+    """
+    if not admission_id:
+        raise ValueError("admission_id must not be empty")
+    limit = current_limit() if enforce else 0
+    status, count = get_scripts().admit(
+        keys=[keys.admitted(queue)], args=[admission_id, limit, time.time()]
+    )
+    if int(status) < 0:
+        raise QueueFullError(
+            f"pool {pool_name(queue)!r} (queue {queue!r}) is full: {count} requests "
+            f"admitted, max_queue_size={limit}; request {admission_id} not enqueued"
+        )
+    return Admission(queue, admission_id, int(status) == 1)
+
+
+def release(admission_ids: Iterable[str]) -> None:
+    """The requests ended: they leave every pool's count (idempotent)."""
+    ids = [i for i in admission_ids if i]
+    if not ids:
+        return
+    pipe = get_redis().pipeline(transaction=False)
+    for name in pool_sets():
+        pipe.zrem(name, *ids)
+    pipe.execute()
+
+
+def count(queue: str) -> int:
+    """How many requests the pool of `queue` holds admitted."""
+    return int(get_redis().zcard(keys.admitted(queue)))
+
+
+def admitted_before(queue: str, before: float, limit: int = 1000) -> list[str]:
+    """Ids admitted to the pool of `queue` before `before` (oldest first)."""
+    return list(get_redis().zrangebyscore(keys.admitted(queue), "-inf", before, 0, limit))
+
+
+def pool_queues() -> tuple[str, str]:
+    config = get_config()
+    return config.ar.queue, config.diffusion.queue
+
+
+def pool_sets() -> list[str]:
+    return [keys.admitted(q) for q in pool_queues()]
+
+
+def pool_name(queue: str) -> str:
+    """'ar' or 'diffusion' for a pool's queue; the queue itself otherwise."""
+    config = get_config()
+    return {config.ar.queue: "ar", config.diffusion.queue: "diffusion"}.get(queue, queue)
+
+
+def current_limit() -> int:
+    """The limit for this context: a scheduler's own, else the config's."""
+    override = _limit.get()
+    return override if override is not None else get_config().scheduler.max_queue_size
+
+
+@contextmanager
+def max_queue_size(limit: int) -> Iterator[None]:
+    """Admit with `limit` instead of the config's within this context."""
+    token = _limit.set(limit)
+    try:
+        yield
+    finally:
+        _limit.reset(token)
+
+
+def unlimited() -> AbstractContextManager[None]:
+    """Admit without a limit within this context: a lost request published again was
+    admitted when it was first accepted."""
+    return max_queue_size(0)
+
+
+@contextmanager
+def admitted_here() -> Iterator[None]:
+    """What is published within was admitted already (by `OmniTask.send`)."""
+    token = _admitted_here.set(True)
+    try:
+        yield
+    finally:
+        _admitted_here.reset(token)
+
+
+def is_admitted_here() -> bool:
+    return _admitted_here.get()
+
+
+def final_task_id(task_id: str, options: dict[str, Any]) -> str:
+    """The id a publish is admitted under: its chain's last task's, else its own.
+
+    Celery keeps a chain's later stages in the `chain` option, last stage first.
+    """
+    for step in (options.get("chain") or [])[:1]:
+        found = _signature_id(step)
+        if found:
+            return found
+    return task_id
+
+
+def _signature_id(step: Any) -> str | None:
+    opts = step.get("options") if isinstance(step, dict) else getattr(step, "options", None)
+    task_id = (opts or {}).get("task_id")
+    return task_id if isinstance(task_id, str) and task_id else None
