@@ -15,6 +15,8 @@ reconciles what a lost worker or a lost release leaves behind (`workers.lifecycl
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -26,6 +28,8 @@ from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis, get_scripts
 from omni_tasks.errors import QueueFullError
+
+log = logging.getLogger(__name__)
 
 #: A limit other than the config's for this context (an `OmniScheduler`'s own config).
 _limit: ContextVar[int | None] = ContextVar("omni_admission_limit", default=None)
@@ -155,3 +159,45 @@ def _signature_id(step: Any) -> str | None:
     opts = step.get("options") if isinstance(step, dict) else getattr(step, "options", None)
     task_id = (opts or {}).get("task_id")
     return task_id if isinstance(task_id, str) and task_id else None
+
+
+class ReleaseBatch:
+    """A worker's releases, sent together every `interval_s` in one round trip.
+
+    A release per finished task is on the hot path of every task; batching keeps that
+    path free of Redis and holds a place at most `interval_s` longer. A failed flush
+    keeps the ids for the next one; `flush()` on shutdown sends what is left (and the
+    reaper reconciles anything a dead worker never sent).
+    """
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()
+        self._thread: threading.Thread | None = None
+
+    def add(self, admission_ids: Iterable[str]) -> None:
+        with self._lock:
+            self._pending.update(i for i in admission_ids if i)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="omni-releases", daemon=True
+                )
+                self._thread.start()
+
+    def flush(self) -> None:
+        with self._lock:
+            ids, self._pending = self._pending, set()
+        if not ids:
+            return
+        try:
+            release(ids)
+        except Exception:
+            log.warning("could not release %d admissions; keeping them", len(ids), exc_info=True)
+            with self._lock:
+                self._pending |= ids
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.interval_s)
+            self.flush()

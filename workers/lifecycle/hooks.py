@@ -28,6 +28,7 @@ from workers.runtime import WorkerIdentity, runtime
 log = logging.getLogger(__name__)
 heartbeat = Heartbeat(runtime)
 reaper = Reaper(app)
+releases = admission.ReleaseBatch()
 
 
 def identity_of(worker: Any) -> WorkerIdentity:
@@ -120,7 +121,7 @@ def release_if_ended(task: OmniTask, task_id: str, chain: Any, state: str | None
             return
     elif state not in states.READY_STATES:
         return
-    admission.release({task_id, admission.final_task_id(task_id, {"chain": chain})})
+    releases.add({task_id, admission.final_task_id(task_id, {"chain": chain})})
 
 
 @signals.task_revoked.connect
@@ -157,4 +158,5 @@ def _stop_engines() -> None:
 def _on_worker_shutdown(**_: Any) -> None:
     _stop_engines()
     runtime.counters.flush()
+    releases.flush()
     heartbeat.clear()
