@@ -30,11 +30,13 @@ already final.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, states
@@ -59,7 +61,6 @@ class Reaper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._connection: Any = None
-        self._is_redis: bool | None = None
 
     def start(self) -> None:
         self._stop.clear()
@@ -86,12 +87,14 @@ class Reaper:
         if not client.set(keys.reaper_lock(), token, nx=True, px=lock_ms):
             return {}
         held = self._held_by_live_workers()
+        # Where every request is (queues and unacked scanned once a pass, if at all).
+        present = functools.cache(lambda: held | self._queued_ids() | self._unacked_ids())
         if not self._redis_broker():
             # RabbitMQ requeues a lost connection's messages itself, and a publish is
             # confirmed: neither loss 1 or 2 covers happens there.
-            return {"released": self._reconcile_admissions(held)}
-        done = {"restored": self._restore_orphans(held), "recovered": self._recover_lost(held)}
-        return {**done, "released": self._reconcile_admissions(held)}
+            return {"released": self._reconcile_admissions(present)}
+        done = {"restored": self._restore_orphans(held), "recovered": self._recover_lost(present)}
+        return {**done, "released": self._reconcile_admissions(present)}
 
     # -- 1. dead workers' unacked messages ------------------------------------------
     def _restore_orphans(self, held: set[str]) -> int:
@@ -114,16 +117,15 @@ class Reaper:
         return restored
 
     # -- 2. lost requests -------------------------------------------------------------
-    def _recover_lost(self, held: set[str]) -> int:
+    def _recover_lost(self, present: Callable[[], set[str]]) -> int:
         ids = ledger.open_since(time.time() - get_config().ledger_grace_s)
         if not ids:
             return 0
         pending = self._not_final(ids)
         if not pending:
             return 0
-        present = held | self._queued_ids() | self._unacked_ids()
         recovered = 0
-        for task_id in pending - present:
+        for task_id in pending - present():
             entry = ledger.entry(task_id)
             if entry is None:
                 ledger.forget([task_id])
@@ -140,7 +142,7 @@ class Reaper:
         return recovered
 
     # -- 3. admissions nothing will release -------------------------------------------
-    def _reconcile_admissions(self, held: set[str]) -> int:
+    def _reconcile_admissions(self, present: Callable[[], set[str]]) -> int:
         before = time.time() - get_config().ledger_grace_s
         ids = [i for q in admission.pool_queues() for i in admission.admitted_before(q, before)]
         if not ids:
@@ -151,7 +153,7 @@ class Reaper:
             live = _with_first_stages(pending)
             accounted = self._open_in_ledger(live)
             if not live <= accounted:
-                accounted |= live & (held | self._queued_ids() | self._unacked_ids())
+                accounted |= live & present()
             ended |= {i for i in pending if not _with_first_stages({i}) & accounted}
         admission.release(ended)
         for task_id in ended:
@@ -214,10 +216,9 @@ class Reaper:
         return {_id_and_queue(r)[0] for r in raw}
 
     # -- the broker connection ---------------------------------------------------------
-    def _redis_broker(self) -> bool:
-        if self._is_redis is None:
-            self._is_redis = self.app.connection_for_write().transport.driver_type == "redis"
-        return self._is_redis
+    @staticmethod
+    def _redis_broker() -> bool:
+        return get_config().broker_is_redis
 
     def _channel(self) -> Any:
         if self._connection is None:
