@@ -152,6 +152,29 @@ def test_admission_is_atomic_idempotent_and_released_once(redis_client) -> None:
     assert admission.count("diffusion") == 0
 
 
+def test_admission_and_ledger_entry_are_one_step(redis_client) -> None:
+    """A send admits and records in one script: a refused request leaves no entry,
+    an accepted one is open in the ledger, and undo closes both."""
+    from omni_tasks.coordination import ledger
+
+    def entry(task_id: str) -> ledger.Entry:
+        return ledger.prepare("omni_tasks.generate_text", task_id, [], {"prompt": "p"}, {})
+
+    with admission.max_queue_size(1):
+        accepted = admission.admit("ar", "a", entry=entry("a"))
+        with pytest.raises(QueueFullError):
+            admission.admit("ar", "b", entry=entry("b"))
+    assert accepted.added and accepted.recorded == "a"
+    assert ledger.entry("a")["kwargs"] == {"prompt": "p"}
+    assert ledger.entry("b") is None and ledger.open_since(float("inf")) == ["a"]
+    later = admission.admit("ar", "a", counted=False, entry=entry("a-stage2"))
+    assert not later.added and later.recorded == "a-stage2"  # recorded, not counted
+    assert admission.count("ar") == 1
+    accepted.undo()
+    later.undo()
+    assert admission.count("ar") == 0 and ledger.open_since(float("inf")) == []
+
+
 def test_send_task_is_admitted_and_refused_when_full(redis_client, use_config) -> None:
     from dataclasses import replace
 

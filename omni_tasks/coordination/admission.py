@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from omni_tasks.config import get_config
-from omni_tasks.coordination import keys
+from omni_tasks.coordination import keys, ledger
 from omni_tasks.coordination.client import get_redis, get_scripts
 from omni_tasks.errors import QueueFullError
 
@@ -39,36 +39,53 @@ _admitted_here: ContextVar[bool] = ContextVar("omni_admission_done", default=Fal
 
 @dataclass(frozen=True)
 class Admission:
-    """One admitted request; `added` is False when it was admitted before (a republish)."""
+    """One accepted request: `added` is False when it was admitted before (a republish)
+    or not counted here (a chain's later stage); `recorded` is its ledger entry's id."""
 
     queue: str
     admission_id: str
     added: bool
+    recorded: str | None = None
 
     def undo(self) -> None:
-        """Its publish failed: give the place back, unless an earlier publish holds it."""
+        """Its publish failed: give the place back, unless an earlier publish holds it,
+        and close its ledger entry, so that nothing runs it later."""
         if self.added:
             release([self.admission_id])
+        if self.recorded:
+            ledger.forget([self.recorded])
 
 
-def admit(queue: str, admission_id: str, *, enforce: bool = True) -> Admission:
-    """Count `admission_id` in the pool of `queue`, or raise `QueueFullError`.
+def admit(
+    queue: str,
+    admission_id: str,
+    *,
+    enforce: bool = True,
+    counted: bool = True,
+    entry: ledger.Entry | None = None,
+) -> Admission:
+    """Count `admission_id` in the pool of `queue`, or raise `QueueFullError`; with
+    `entry`, record the request in the ledger in the same step (`scripts/admit.lua`).
 
     `enforce=False` counts it without the limit: a stage published by a worker for a
-    request already admitted, or a lost request published again.
+    request already admitted, or a lost request published again. `counted=False`
+    does not count it at all (a chain's later stage, counted with its first).
     """
     if not admission_id:
         raise ValueError("admission_id must not be empty")
-    limit = current_limit() if enforce else 0
-    status, count = get_scripts().admit(
-        keys=[keys.admitted(queue)], args=[admission_id, limit, time.time()]
-    )
+    limit = (current_limit() if enforce else 0) if counted else -1
+    script_keys = [keys.admitted(queue)]
+    script_args: list[Any] = [admission_id, limit, time.time()]
+    if entry is not None:
+        script_keys += entry.keys
+        script_args += entry.script_args
+    status, count = get_scripts().admit(keys=script_keys, args=script_args)
     if int(status) < 0:
         raise QueueFullError(
             f"pool {pool_name(queue)!r} (queue {queue!r}) is full: {count} requests "
             f"admitted, max_queue_size={limit}; request {admission_id} not enqueued"
         )
-    return Admission(queue, admission_id, int(status) == 1)
+    return Admission(queue, admission_id, int(status) == 1, entry.task_id if entry else None)
 
 
 def release(admission_ids: Iterable[str]) -> None:

@@ -2,9 +2,10 @@
 construction rather than by the broker's good behaviour.
 
 `.delay()` records the request here (task name, args, kwargs, publish options) before
-it publishes the message, in one round trip. A request stays "open" until its result
-is final. The worker-side reaper (`workers.lifecycle.reaper`) publishes an open request
-again when it is nowhere: not queued, not held by a live worker, not done. That covers
+it publishes the message, in the same round trip as its admission
+(`scripts/admit.lua`). A request stays "open" until its result is final. The
+worker-side reaper (`workers.lifecycle.reaper`) publishes an open request again when
+it is nowhere: not queued, not held by a live worker, not done. That covers
 the message kombu's Redis transport can drop (BRPOP pops it, and Redis restarts before
 the worker records it as unacked) and any other loss between the producer and a result.
 A request published twice runs once: the worker skips a message whose result is
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -41,16 +43,46 @@ KEPT_OPTIONS = (
 )
 
 
+@dataclass(frozen=True)
+class Entry:
+    """A request's ledger entry, ready to be recorded with its admission in one step
+    (`admission.admit`): the task id and the JSON fields a second publish needs."""
+
+    task_id: str
+    task: str
+    args: str
+    kwargs: str
+    options: str
+
+    @property
+    def keys(self) -> list[str]:
+        return [keys.ledger(self.task_id), keys.ledger_open()]
+
+    @property
+    def script_args(self) -> list[Any]:
+        """ARGV[4..9] of `scripts/admit.lua`."""
+        ttl = get_config().result_expires
+        return [self.task_id, ttl, self.task, self.args, self.kwargs, self.options]
+
+
+def prepare(task: str, task_id: str, args: Any, kwargs: dict[str, Any], options: dict) -> Entry:
+    """The entry of a request about to be published."""
+    return Entry(
+        task_id=task_id,
+        task=task,
+        args=json.dumps(list(args or ())),
+        kwargs=json.dumps(kwargs),
+        options=json.dumps(_jsonable(options)),
+    )
+
+
 def record(task: str, task_id: str, args: Any, kwargs: dict[str, Any], options: dict) -> None:
-    """Record an accepted request, before its message is published."""
-    entry = {
-        "task": task,
-        "args": json.dumps(list(args or ())),
-        "kwargs": json.dumps(kwargs),
-        "options": json.dumps(_jsonable(options)),
-    }
+    """Record an accepted request on its own (`admission.admit` records it together
+    with its admission on the send path)."""
+    found = prepare(task, task_id, args, kwargs, options)
+    fields = {"task": found.task, "args": found.args, "kwargs": found.kwargs}
     pipe = get_redis().pipeline(transaction=True)
-    pipe.hset(keys.ledger(task_id), mapping=entry)
+    pipe.hset(keys.ledger(task_id), mapping={**fields, "options": found.options})
     pipe.expire(keys.ledger(task_id), get_config().result_expires)
     pipe.zadd(keys.ledger_open(), {task_id: time.time()})
     pipe.execute()

@@ -67,58 +67,49 @@ class OmniTask(Task):
 
     def send(self, request: OmniRequest, args: Any, task_id: str | None, options: dict) -> Any:
         """Enqueue a validated request as this task's message (its id is the task id):
-        admitted first (`omni_tasks.coordination.admission`), then recorded in the
-        ledger (`omni_tasks.coordination.ledger`), then published."""
+        accepted first (admitted, and recorded in the ledger, in one round trip:
+        `omni_tasks.coordination.admission`), then published."""
         message = request.to_message()
         options.setdefault("kwargsrepr", kwargs_repr(message))
         deadline = request_deadline(request)
         if deadline is not None:
             options.setdefault("expires", datetime.fromtimestamp(deadline, timezone.utc))
         task_id = task_id or request.request_id
-        admitted = self.admit(task_id, options)
+        accepted = self.accept(args, message, task_id, options)
         try:
             with admission.admitted_here():
-                return self._record_and_publish(args, message, task_id, options)
+                return super().apply_async(args, message, task_id=task_id, **options)
         except BaseException:
-            if admitted is not None:
-                with contextlib.suppress(redis.RedisError):
-                    admitted.undo()  # nothing was enqueued: the place goes back
+            with contextlib.suppress(redis.RedisError):
+                accepted.undo()  # nothing was enqueued: the place goes back
             raise
 
-    def admit(self, task_id: str, options: dict) -> admission.Admission | None:
+    def accept(
+        self, args: Any, kwargs: dict[str, Any], task_id: str, options: dict
+    ) -> admission.Admission:
         """Count the request this message starts in its pool (`QueueFullError` when
-        full); None for a chain's later stage, admitted with the chain's first.
+        full) and record it in the ledger (Redis broker only: RabbitMQ confirms the
+        publish). A chain's later stage is not counted: its first stage was.
 
         A message published by a running task (the next stage of a chain, a replaced
         task) or published again (`ledger.REPUBLISHED_HEADER`) belongs to a request
         already admitted: it is counted without the limit, and never twice.
         """
-        if self.takes_previous_result:
-            return None
         republished = bool((options.get("headers") or {}).get(ledger.REPUBLISHED_HEADER))
         enforce = not republished and get_current_worker_task() is None
+        entry = None
+        if get_config().broker_is_redis:
+            entry = ledger.prepare(self.name, task_id, args, kwargs, options)
         try:
             return admission.admit(
-                self.stage_queue, admission.final_task_id(task_id, options), enforce=enforce
+                self.stage_queue,
+                admission.final_task_id(task_id, options),
+                enforce=enforce,
+                counted=not self.takes_previous_result,
+                entry=entry,
             )
         except redis.RedisError as exc:
             raise SchedulerError(_unreachable(exc)) from exc
-
-    def _record_and_publish(
-        self, args: Any, message: dict[str, Any], task_id: str, options: dict
-    ) -> Any:
-        if not get_config().broker_is_redis:  # RabbitMQ confirms the publish; no ledger
-            return super().apply_async(args, message, task_id=task_id, **options)
-        try:
-            ledger.record(self.name, task_id, args, message, options)
-        except redis.RedisError as exc:
-            raise SchedulerError(_unreachable(exc)) from exc
-        try:
-            return super().apply_async(args, message, task_id=task_id, **options)
-        except BaseException:
-            with contextlib.suppress(redis.RedisError):
-                ledger.forget([task_id])  # the caller learns it failed: never run it later
-            raise
 
     @property
     def stage_queue(self) -> str:

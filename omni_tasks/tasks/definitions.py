@@ -151,11 +151,12 @@ def send_admitted(send_task: Callable[..., Any], name: str, *args: Any, **option
     if admission.is_admitted_here() or not isinstance(task, OmniTask):
         return send_task(name, *args, **options)
     options["task_id"] = options.get("task_id") or str(uuid.uuid4())
-    admitted = task.admit(options["task_id"], options)
+    call_args = args[0] if args else options.get("args")
+    call_kwargs = args[1] if len(args) > 1 else options.get("kwargs")
+    accepted = task.accept(call_args, call_kwargs or {}, options["task_id"], options)
     try:
         return send_task(name, *args, **options)
     except BaseException:
-        if admitted is not None:
-            with contextlib.suppress(redis.RedisError):
-                admitted.undo()
+        with contextlib.suppress(redis.RedisError):
+            accepted.undo()
         raise

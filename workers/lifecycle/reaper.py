@@ -45,6 +45,7 @@ from omni_tasks.config import get_config
 from omni_tasks.coordination import admission, keys, ledger
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.counters import count_outcome
+from omni_tasks.errors import RequestValidationError
 from omni_tasks.tasks.definitions import PROMPT_STAGE_SUFFIX
 from workers.lifecycle.heartbeat import HEARTBEAT_INTERVAL_S
 
@@ -131,10 +132,16 @@ class Reaper:
                 ledger.forget([task_id])
                 continue
             task = self.app.tasks[entry["task"]]
-            with admission.unlimited():  # admitted when first accepted: never refused now
-                task.apply_async(
-                    entry["args"], entry["kwargs"], task_id=task_id, **entry["options"]
-                )
+            try:
+                with admission.unlimited():  # admitted when first accepted: never refused
+                    task.apply_async(
+                        entry["args"], entry["kwargs"], task_id=task_id, **entry["options"]
+                    )
+            except RequestValidationError as exc:  # sent by name and never valid:
+                self.app.backend.mark_as_failure(task_id, exc)  # it fails, as on a worker
+                ledger.forget([task_id])
+                log.warning("lost request %s is invalid: %s", task_id, exc)
+                continue
             ledger.touch(task_id)
             recovered += 1
             log.warning("published lost request %s again", task_id)
