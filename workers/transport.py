@@ -25,14 +25,15 @@ import re
 from queue import Empty
 from typing import Any
 
-from kombu import Connection
-from kombu.transport import TRANSPORT_ALIASES, get_transport_cls, redis
+from kombu.transport import TRANSPORT_ALIASES, redis
 from kombu.utils.encoding import bytes_to_str
 
 from omni_tasks.coordination import admission
 from omni_tasks.coordination.rejections import record_rejection
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.image_input import MAX_IMAGE_BYTES
+from omni_tasks.tasks.transport import OmniRedisChannel as KeptClientChannel
+from omni_tasks.tasks.transport import is_plain_redis
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class OmniRedisQoS(redis.QoS):
             self._delivered.clear()
 
 
-class OmniRedisChannel(redis.Channel):
+class OmniRedisChannel(KeptClientChannel):
     QoS = OmniRedisQoS
 
     def _brpop_read(self, **options: Any) -> bool:
@@ -121,8 +122,7 @@ TRANSPORT_ALIASES.setdefault(TRANSPORT_ALIAS, f"{__name__}:OmniRedisTransport")
 
 def consuming_transport(url: str) -> str | None:
     """The vetting transport's name where `url` selects kombu's plain Redis transport."""
-    name = Connection(url).transport_cls
-    return TRANSPORT_ALIAS if get_transport_cls(name) is redis.Transport else None
+    return TRANSPORT_ALIAS if is_plain_redis(url) else None
 
 
 def vet_entry(raw: bytes | str, queue: str) -> dict[str, Any] | None:

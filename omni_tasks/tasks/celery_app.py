@@ -23,6 +23,7 @@ from kombu import Exchange, Queue
 from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.coordination.client import with_tls_defaults
 from omni_tasks.coordination.keys import PRIORITY_SEP, PRIORITY_STEPS
+from omni_tasks.tasks import transport
 from omni_tasks.tasks.worker_settings import queues_from_argv, worker_settings
 
 TASK_MODULES = ["omni_tasks.tasks.definitions"]
@@ -60,6 +61,8 @@ def delivered_level(priority: int | None, broker_is_redis: bool) -> int | None:
 class OmniAMQP(AMQP):
     """Celery's message layer, with levels published as AMQP priorities to AMQP brokers."""
 
+    Connection = transport.OmniConnection
+
     def _create_task_sender(self) -> Callable[..., Any]:
         send = super()._create_task_sender()
 
@@ -83,8 +86,11 @@ def broker_settings(config: CoreModuleConfig) -> dict[str, Any]:
             # running them here, as another worker gets them.
             "worker_cancel_long_running_tasks_on_connection_loss": True,
         }
+    url = with_tls_defaults(config.broker)
     return {
-        "broker_url": with_tls_defaults(config.broker),
+        "broker_url": url,
+        # kombu's Redis transport, with a Redis client kept per channel (`transport`).
+        "broker_transport": transport.TRANSPORT_ALIAS if transport.is_plain_redis(url) else None,
         "broker_transport_options": {
             "priority_steps": list(PRIORITY_STEPS),
             "sep": PRIORITY_SEP,
