@@ -151,8 +151,8 @@ def main() -> None:
     write_result(
         "p4_dit_cache",
         {
-            # 8 steps (FLUX.1-schnell-like) and 28 (FLUX.1-dev's default): a hit costs the
-            # same VAE decode either way, a miss scales with the steps.
+            # 8 steps (FLUX.1-schnell-like) and 28 (FLUX.1-dev's default): a hit (the
+            # stored PNG, no decode) costs the same either way, a miss scales with the steps.
             "through_queue": [queue_latencies(args.rounds, steps) for steps in (STEPS, 28)],
             "step_cache": step_cache_modes(model, args.rounds),
             "compression": compression(model),

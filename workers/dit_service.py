@@ -30,6 +30,7 @@ from omni_tasks.coordination import cache_directory, single_flight
 from omni_tasks.coordination.cache_directory import DiTKeys, dit_keys
 from omni_tasks.requests import OmniRequest
 from workers.engines.base import ImageOutput, ImageParams
+from workers.images import encode_png
 from workers.runtime import runtime
 from workers.stepping.request import StepTicket
 
@@ -48,6 +49,8 @@ class Rendered:
     denoise_steps: int = 0
     preemptions: int = 0
     max_batch: int = 0
+    #: The image as PNG bytes, where it was encoded already (computed, cached, shared).
+    png: bytes | None = None
 
 
 def _count(kind: str, hit: bool) -> None:
@@ -98,10 +101,11 @@ def render(
         )
         if embeds is None and out.embeds is not None:
             cache.put(keys.embeddings, out.embeds)
+        png = encode_png(out.image)
         if out.latents is not None:  # lossless: an exact repeat gives the identical image
-            cache.put(keys.latents, _final(out), lossless=True)
+            cache.put(keys.latents, _final(out, png), lossless=True)
         info = {"latents": "miss", "embeddings": "hit" if embeds is not None else "miss"}
-        flight.publish(_outcome(out, info))
+        flight.publish(_outcome(out, info, png))
     except BaseException:
         flight.release()
         raise
@@ -113,33 +117,36 @@ def render(
         denoise_steps=out.denoise_steps,
         preemptions=out.preemptions,
         max_batch=out.max_batch,
+        png=png,
     )
 
 
-def _final(out: ImageOutput) -> dict[str, torch.Tensor]:
-    """What an exact repeat reuses: the final latents, and the decoded image beside them
-    (uint8 HxWx3), so the repeat skips the VAE decode too."""
-    import numpy as np
+def _final(out: ImageOutput, png: bytes) -> dict[str, torch.Tensor]:
+    """What an exact repeat reuses: the final latents, and the encoded image beside
+    them (PNG bytes as uint8), so the repeat skips the VAE decode and the encode."""
     import torch
 
     assert out.latents is not None
-    pixels = torch.from_numpy(np.asarray(out.image.convert("RGB"), dtype=np.uint8).copy())
-    return {"latents": out.latents, "image": pixels}
+    return {"latents": out.latents, "png": torch.frombuffer(bytearray(png), dtype=torch.uint8)}
 
 
 def _from_final(final: dict[str, torch.Tensor], started: float) -> Rendered:
-    image = Image.fromarray(final["image"].cpu().numpy())
+    png = final["png"].cpu().numpy().tobytes()
     total = round(time.perf_counter() - started, 6)
     timings = {"total_s": total, "encode_s": 0.0, "denoise_s": 0.0, "decode_s": 0.0}
-    return Rendered(image, 0, timings, {"latents": "hit", "embeddings": "skipped", "image": "hit"})
+    info = {"latents": "hit", "embeddings": "skipped", "image": "hit"}
+    return Rendered(_png_image(png), 0, timings, info, png=png)
 
 
-def _outcome(out: ImageOutput, info: dict[str, str]) -> str:
-    buf = io.BytesIO()
-    out.image.save(buf, format="PNG")
+def _png_image(png: bytes) -> Image.Image:
+    """The image of PNG bytes, opened lazily: its size is read, its pixels only if used."""
+    return Image.open(io.BytesIO(png))
+
+
+def _outcome(out: ImageOutput, info: dict[str, str], png: bytes) -> str:
     return json.dumps(
         {
-            "png": base64.b64encode(buf.getvalue()).decode("ascii"),
+            "png": base64.b64encode(png).decode("ascii"),
             "steps_run": out.steps_run,
             "timings": out.timings,
             "cache": info,
@@ -149,11 +156,11 @@ def _outcome(out: ImageOutput, info: dict[str, str]) -> str:
 
 def _from_outcome(raw: str) -> Rendered:
     data: dict[str, Any] = json.loads(raw)
-    with Image.open(io.BytesIO(base64.b64decode(data["png"]))) as img:
-        image = img.convert("RGB")
+    png = base64.b64decode(data["png"])
     return Rendered(
-        image,
+        _png_image(png),
         0,
         {},
         {"latents": "shared", "embeddings": "skipped", "shared_steps_run": str(data["steps_run"])},
+        png=png,
     )

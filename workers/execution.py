@@ -97,7 +97,7 @@ def run_image(request: OmniRequest, prompt: str | None = None) -> ImageResult:
     start = time.perf_counter()
     out = render(request, prompt or request.prompt, params, timeout_s, init_image, ticket)
     gen_s = time.perf_counter() - start
-    path = save_png(out.image, config.output_path(), request.request_id)
+    path = save_png(out.png or out.image, config.output_path(), request.request_id)
     timings = {k: round(v, 6) for k, v in out.timings.items()}
     timings["generate_s"] = round(gen_s, 6)
     return ImageResult(

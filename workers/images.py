@@ -76,14 +76,26 @@ def png_name(request_id: str) -> str:
     return f"{encoded}.png"
 
 
-def save_png(image: Image.Image, output_dir: Path, request_id: str) -> Path:
-    """Write atomically (temp file then rename): readers never see half a PNG."""
+def encode_png(image: Image.Image) -> bytes:
+    """The image as PNG bytes: encoded once per computed image, then written, cached
+    and shared as they are (an exact repeat encodes nothing)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png(image: Image.Image | bytes, output_dir: Path, request_id: str) -> Path:
+    """Write atomically (temp file then rename): readers never see half a PNG. `image`
+    may be PNG bytes already (`encode_png`)."""
     folder = Path(output_dir).expanduser() / time.strftime("%Y%m%d")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / png_name(request_id)
     tmp = folder / f".{os.getpid()}.{uuid.uuid4().hex}.tmp"
     try:
-        image.save(tmp, format="PNG")
+        if isinstance(image, bytes):
+            tmp.write_bytes(image)
+        else:
+            image.save(tmp, format="PNG")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
