@@ -5,10 +5,13 @@ All in one run, same tiny model, same prompts, same max_tokens, greedy:
   threads, 32 slots, one vLLM engine shared, continuous batching);
 - direct: the worker's engine class with the worker's settings, driven by N threads, no
   queue (p3_engine_direct.py, a process of its own);
+- bare: hand-rolled Celery + vLLM: `.delay()` x N of a bare Celery task (bare_app.py,
+  the same broker and worker settings) that runs the same engine class; it separates
+  Celery's own message path from what omni-tasks adds on top of it;
 - one_at_a_time: the same pool with `-c 1`;
 - offline: vLLM's `LLM.generate` on the same prompts (the engine's ceiling).
-Queue and direct both warm up with one untimed round, then their rounds alternate (the
-order flips every pair), so that whatever else runs on the machine hits both alike.
+Queue, bare and direct all warm up with one untimed round, then their rounds alternate
+(the order rotates every round), so that whatever else runs on the machine hits all alike.
 Targets: queue >= 0.90x direct and >= 4x one_at_a_time; the ratio to offline is reported.
 Each queue round also records where its time goes (sending, the last task's start,
 the tail after the last generation), and a second queue/direct run with longer
@@ -31,30 +34,43 @@ from common import RESULTS, clean_redis, setup_redis, write_result  # noqa: E402
 from p3_engine_direct import prompts  # noqa: E402
 
 DIRECT = str(Path(__file__).parent / "p3_engine_direct.py")
+#: The bare Celery worker: the omni-tasks AR pool's defaults (threads, 32 slots).
+BARE_WORKER_ARGS = ["-P", "threads", "-c", "32", "--prefetch-multiplier", "1"]
 
 
-def queue_round(n: int, max_tokens: int) -> dict:
+def queue_round(n: int, max_tokens: int, bare: bool = False) -> dict:
     from omni_tasks import generate_text
 
     start, sent_at = time.perf_counter(), time.time()
-    results = [
-        generate_text.delay(prompt=p, max_tokens=max_tokens, temperature=0) for p in prompts(n)
-    ]
+    if bare:
+        import bare_app
+
+        results = [
+            bare_app.generate.apply_async(
+                kwargs={"prompt": p, "max_tokens": max_tokens}, queue="bare"
+            )
+            for p in prompts(n)
+        ]
+    else:
+        results = [
+            generate_text.delay(prompt=p, max_tokens=max_tokens, temperature=0) for p in prompts(n)
+        ]
     sent_s = time.perf_counter() - start
     outs = [r.get(600) for r in results]
     elapsed = time.perf_counter() - start
-    tokens = sum(o["usage"]["completion_tokens"] for o in outs)
-    # Where a round's time goes: sending, the worker's intake (the last task started),
-    # and the tail after the last generation ended (result write, client read).
-    last_start = max(o["timings"]["started_at"] for o in outs) - sent_at
-    last_end = max(o["timings"]["started_at"] + o["timings"]["run_s"] for o in outs) - sent_at
+    if bare:
+        tokens = sum(o["completion_tokens"] for o in outs)
+        starts = [o["started_at"] for o in outs]
+    else:
+        tokens = sum(o["usage"]["completion_tokens"] for o in outs)
+        starts = [o["timings"]["started_at"] for o in outs]
+    # Where a round's time goes: sending, and the worker's intake (the last task started).
     return {
         "tokens": tokens,
         "seconds": elapsed,
         "tok_s": tokens / elapsed,
         "sent_s": round(sent_s, 4),
-        "last_started_s": round(last_start, 4),
-        "tail_s": round(elapsed - last_end, 4),
+        "last_started_s": round(max(starts) - sent_at, 4),
     }
 
 
@@ -90,21 +106,29 @@ class DirectRounds:
 
 
 def interleaved(model: str, n: int, max_tokens: int, repeats: int) -> dict[str, list[dict]]:
+    import bare_app
+    from common import start_celery, stop, wait_ping
+
     from omni_tasks.dev.launcher import start_worker
 
     worker = start_worker("ar", RESULTS / "logs", name="bench-ar")
+    bare = start_celery("bare_app", "bare", BARE_WORKER_ARGS, RESULTS / "logs" / "p3-bare.log")
     direct = None
     try:
         direct = DirectRounds(model, n, max_tokens)
         worker.wait_ready(600)
-        queue_round(n, max_tokens)  # warm-up, like the direct engine's
-        runs: dict[str, list[dict]] = {"queue": [], "direct": []}
+        wait_ping(bare_app.app)
         sides: dict[str, Callable[[], dict]] = {
             "queue": lambda: queue_round(n, max_tokens),
+            "bare": lambda: queue_round(n, max_tokens, bare=True),
             "direct": direct.run,
         }
+        sides["queue"]()  # warm-up, like the direct engine's
+        sides["bare"]()  # (builds the bare worker's engine)
+        runs: dict[str, list[dict]] = {side: [] for side in sides}
+        order = list(sides)
         for i in range(repeats):
-            for side in ("queue", "direct") if i % 2 == 0 else ("direct", "queue"):
+            for side in order[i % 3 :] + order[: i % 3]:
                 time.sleep(0.3)  # let the other side's stragglers (acks, events) settle
                 runs[side].append(sides[side]())
         return runs
@@ -112,6 +136,7 @@ def interleaved(model: str, n: int, max_tokens: int, repeats: int) -> dict[str, 
         if direct is not None:
             direct.close()
         worker.stop()
+        stop(bare)
 
 
 def one_at_a_time(n: int, max_tokens: int, repeats: int) -> list[dict]:
@@ -166,14 +191,22 @@ def main() -> None:
     long_pairs = interleaved(model, n, args.long_tokens, 3)
     modes = {
         "queue": summary(pairs["queue"]),
+        "bare": summary(pairs["bare"]),
         "direct": summary(pairs["direct"]),
         "one_at_a_time": summary(one_at_a_time(n, m, 3)),
         "offline": summary(offline(model, n, m, k)),
     }
+
+    def ratio(runs: dict[str, list[dict]], a: str, b: str) -> float:
+        return round(summary(runs[a])["median_tok_s"] / summary(runs[b])["median_tok_s"], 3)
+
+    def per_round(a: str, b: str) -> list[float]:
+        return [round(x["tok_s"] / y["tok_s"], 3) for x, y in zip(pairs[a], pairs[b], strict=True)]
+
+    def median_of(side: str, field: str) -> float:
+        return round(statistics.median(r[field] for r in pairs[side]), 4)
+
     q = modes["queue"]["median_tok_s"]
-    per_pair = [
-        a["tok_s"] / b["tok_s"] for a, b in zip(pairs["queue"], pairs["direct"], strict=True)
-    ]
     write_result(
         "p3_ar_throughput",
         {
@@ -181,17 +214,19 @@ def main() -> None:
             "max_tokens": m,
             "model": "tiny-llama (random weights)",
             "modes": modes,
-            "ratio_queue_vs_direct": round(q / modes["direct"]["median_tok_s"], 3),
-            "ratios_queue_vs_direct_per_pair": [round(r, 3) for r in per_pair],
-            "intake_s_median": round(
-                statistics.median(r["last_started_s"] for r in pairs["queue"]), 4
-            ),
+            "ratio_queue_vs_direct": ratio(pairs, "queue", "direct"),
+            "ratios_queue_vs_direct_per_round": per_round("queue", "direct"),
+            "ratio_bare_celery_vs_direct": ratio(pairs, "bare", "direct"),
+            "ratios_bare_celery_vs_direct_per_round": per_round("bare", "direct"),
+            "ratio_queue_vs_bare_celery": ratio(pairs, "queue", "bare"),
+            "sent_s_median": {side: median_of(side, "sent_s") for side in ("queue", "bare")},
+            "last_started_s_median": {
+                side: median_of(side, "last_started_s") for side in ("queue", "bare")
+            },
+            "direct_s_median": median_of("direct", "seconds"),
             "long_max_tokens": args.long_tokens,
-            "long_ratio_queue_vs_direct": round(
-                summary(long_pairs["queue"])["median_tok_s"]
-                / summary(long_pairs["direct"])["median_tok_s"],
-                3,
-            ),
+            "long_ratio_queue_vs_direct": ratio(long_pairs, "queue", "direct"),
+            "long_ratio_bare_celery_vs_direct": ratio(long_pairs, "bare", "direct"),
             "ratio_queue_vs_one_at_a_time": round(q / modes["one_at_a_time"]["median_tok_s"], 2),
             "ratio_queue_vs_offline": round(q / modes["offline"]["median_tok_s"], 3),
             "targets": "queue >= 0.90x direct, >= 4x one_at_a_time",
