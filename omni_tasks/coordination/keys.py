@@ -8,10 +8,15 @@ from __future__ import annotations
 
 from omni_tasks.config import get_config
 
-#: kombu's separator between a queue name and its priority level, and the levels a
-#: worker reads (0 is served first). Clients must use the same transport options.
-PRIORITY_SEP = ":"
+#: kombu's separator between a queue name and its priority level (its default, so a
+#: Celery client with default transport options writes lists the workers read), and
+#: the levels a worker reads, 0 served first: a superset of kombu's default steps
+#: (0, 3, 6, 9), which such a client's integer priorities are rounded down to.
+PRIORITY_SEP = "\x06\x16"
 PRIORITY_STEPS = tuple(range(10))
+#: The separator of omni-tasks releases before the wire contract: lists and exchange
+#: bindings written with it are converted when a worker starts (`coordination.legacy`).
+LEGACY_PRIORITY_SEP = ":"
 
 
 def _p() -> str:
@@ -67,6 +72,11 @@ def worker_queue(hostname: str) -> str:
     also uses to join the fields of a queue's exchange binding.
     """
     return f"{_p()}.w.{hostname}"
+
+
+def stranded() -> str:
+    """JSON of the last scan for lists of messages no worker reads (`stranded`)."""
+    return f"{_p()}:stranded"
 
 
 def cache_holders(cache_key: str) -> str:

@@ -38,6 +38,8 @@ from omni_tasks.coordination.monitoring import (
     total_queued,
     worker_resources,
 )
+from omni_tasks.coordination.stranded import health_issues as stranded_health
+from omni_tasks.coordination.stranded import stranded_lists
 from omni_tasks.errors import (
     ConfigError,
     CoreModuleError,
@@ -295,7 +297,15 @@ class OmniScheduler:
         snap = read_snapshot(self.core_config)
         window = recent_window(snap, self.core_config)
         issues, advice = health_of(snap, self.core_config, window)
-        return {"healthy": not issues, "issues": issues, "recommendations": advice}
+        stranded = stranded_lists(self.core_config, snap.workers)
+        more_issues, more_advice = stranded_health(stranded)
+        issues, advice = issues + more_issues, advice + more_advice
+        return {
+            "healthy": not issues,
+            "issues": issues,
+            "recommendations": advice,
+            "stranded": stranded,
+        }
 
     def _window(self) -> None:
         recent_window(read_snapshot(self.core_config), self.core_config)

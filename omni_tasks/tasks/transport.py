@@ -1,5 +1,5 @@
 """The Redis transport of every broker connection the app opens: kombu's, with one
-Redis client kept per channel.
+Redis client kept per channel, and exchange bindings read defensively.
 
 kombu's Redis channel builds a new `redis.Redis` for each command it sends outside the
 consuming connection (`conn_or_acquire`): every publish, every event, every ack. On
@@ -20,10 +20,37 @@ from typing import Any
 
 from kombu import Connection
 from kombu.transport import TRANSPORT_ALIASES, get_transport_cls, redis
+from kombu.utils.encoding import bytes_to_str
+
+from omni_tasks.config import get_config
+from omni_tasks.coordination import keys
+
+#: A kombu binding is routing key, pattern and queue joined by the separator.
+BINDING_FIELDS = 3
+
+
+#: Message property set on every message an omni-tasks process publishes to Redis:
+#: a message without it came from another client (`workers.lifecycle.reroute`).
+PUBLISHED_PROPERTY = "omni_published"
 
 
 class OmniRedisChannel(redis.Channel):
     _kept_client: Any = None
+
+    def prepare_message(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        message = super().prepare_message(*args, **kwargs)
+        message["properties"][PUBLISHED_PROPERTY] = True
+        return message
+
+    def get_table(self, exchange: str) -> list[tuple[str, ...]]:
+        """kombu's exchange bindings, without those another client wrote with another
+        separator: kombu would fail to unpack them on every publish to the exchange
+        (and a worker would answer no control command)."""
+        key = self.keyprefix_queue % exchange
+        with self.conn_or_acquire() as client:
+            values = client.smembers(key)
+        table = [tuple(bytes_to_str(value).split(self.sep)) for value in values]
+        return [binding for binding in table if len(binding) == BINDING_FIELDS]
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -34,6 +61,23 @@ class OmniRedisChannel(redis.Channel):
         if kept is None or kept.connection_pool is not self.pool:
             kept = self._kept_client = self._create_client()
         yield kept
+
+    def _purge(self, queue: str) -> int:
+        """kombu's purge of every level of `queue`; purging the diffusion pool's queue
+        also purges its workers' own queues (cache-affinity routing sends work there),
+        so `celery purge` leaves no message for a worker started later."""
+        purged = super()._purge(queue)
+        if queue != get_config().diffusion.queue:
+            return purged
+        with self.conn_or_acquire() as client:
+            own = list(client.scan_iter(match=keys.worker_queue("") + "*", count=500))
+            if own:
+                pipe = client.pipeline()
+                for key in own:
+                    pipe.llen(key)
+                pipe.delete(*own)
+                purged += sum(pipe.execute()[:-1])
+        return purged
 
 
 class OmniRedisTransport(redis.Transport):

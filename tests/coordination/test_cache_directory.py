@@ -140,7 +140,7 @@ def test_sweep_moves_a_dead_workers_messages_back_to_the_pool(redis_client) -> N
     for worker in ("dead-1", "live-1"):
         directory.record_insert(worker, POOL, "lat:a", 100)
     beat(redis_client, "live-1")
-    redis_client.lpush(POOL + ":3", "pool-old")
+    redis_client.lpush(keys.queue_key(POOL, 3), "pool-old")
     redis_client.lpush(own_queue("dead-1", 3), "d3-first", "d3-second")
     redis_client.lpush(own_queue("dead-1", 0), "d0")
     redis_client.lpush(own_queue("live-1", 3), "l3")
@@ -151,13 +151,13 @@ def test_sweep_moves_a_dead_workers_messages_back_to_the_pool(redis_client) -> N
     assert [h.worker for h in directory.holders("lat:a")] == ["live-1"]
     assert directory.held_by("dead-1") == set()
     # Same level, after what was already there, in the order they were sent.
-    assert [redis_client.rpop(POOL + ":3") for _ in range(3)] == [
+    assert [redis_client.rpop(keys.queue_key(POOL, 3)) for _ in range(3)] == [
         "pool-old",
         "d3-first",
         "d3-second",
     ]
     assert redis_client.lrange(POOL, 0, -1) == ["d0"]
-    assert redis_client.lrange(POOL + ":7", 0, -1) == ["d7"]
+    assert redis_client.lrange(keys.queue_key(POOL, 7), 0, -1) == ["d7"]
     assert not redis_client.exists(own_queue("dead-1", 3), own_queue("dead-1", 0))
     assert redis_client.lrange(own_queue("live-1", 3), 0, -1) == ["l3"]  # a live one keeps its
     assert directory.sweep_dead_workers(POOL) == []  # nothing left to sweep

@@ -61,8 +61,10 @@ def test_parse_queue_key_inverts_queue_key_for_every_level(queue: str) -> None:
 def test_queue_keys_are_kombus_lists() -> None:
     assert keys.PRIORITY_STEPS == tuple(range(10))
     assert keys.queue_key("ar", 0) == "ar"  # level 0 is the bare name
-    assert keys.queue_key("ar", 6) == "ar:6"
-    assert keys.queue_keys("diffusion") == ["diffusion"] + [f"diffusion:{i}" for i in range(1, 10)]
+    assert keys.queue_key("ar", 6) == "ar\x06\x166"  # kombu's default separator
+    assert keys.queue_keys("diffusion") == ["diffusion"] + [
+        f"diffusion\x06\x16{i}" for i in range(1, 10)
+    ]
 
 
 def test_parse_queue_key_leaves_other_names_whole() -> None:
@@ -70,11 +72,12 @@ def test_parse_queue_key_leaves_other_names_whole() -> None:
     assert keys.parse_queue_key("queue:ten") == ("queue:ten", 0)
     assert keys.parse_queue_key("queue:10") == ("queue:10", 0)  # not a level
     assert keys.parse_queue_key("queue:") == ("queue:", 0)
+    assert keys.parse_queue_key("ar:6") == ("ar:6", 0)  # the legacy separator: not a level
 
 
 @pytest.mark.parametrize("host", HOSTS)
 def test_a_worker_queue_contains_no_separator(host: str) -> None:
-    # kombu joins a binding's fields with the same ':' it puts before a priority level.
+    # kombu joins a binding's fields with the same separator it puts before a level.
     name = keys.worker_queue(host)
     assert keys.PRIORITY_SEP not in name
     assert host in name

@@ -47,8 +47,11 @@ def test_nothing_accepted_is_lost() -> None:
 
 
 def test_priority_lists_use_kombus_separator_and_ten_levels() -> None:
+    from kombu.transport.redis import Channel
+
     options = app.conf.broker_transport_options
-    assert options["sep"] == PRIORITY_SEP == ":"
+    assert options["sep"] == PRIORITY_SEP == Channel.sep  # a default client's lists
+    assert set(Channel.priority_steps) <= set(options["priority_steps"])
     assert options["priority_steps"] == list(range(10))
     assert options["queue_order_strategy"] == "priority"
     assert app.conf.task_default_priority is None  # the router sets every priority

@@ -6,7 +6,9 @@ Checking each message on arrival (content type, protocol-2 headers, body shape) 
 it at once, records it, marks its task failed (so a caller waiting on it learns why)
 and keeps the worker serving. Entries too broken for kombu to build a message from
 are caught one step earlier, by the transport this consumer reads with
-(`workers.transport`).
+(`workers.transport`). A well-formed message from a client that does not import
+omni_tasks is published again where `.delay()` would have put it
+(`workers.lifecycle.reroute`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from celery.worker.consumer import Consumer
 from kombu.serialization import prepare_accept_content, registry
 
 from omni_tasks.coordination.rejections import record_rejection
+from omni_tasks.errors import RequestValidationError
+from workers.lifecycle.reroute import reroute, reroute_reason
 from workers.transport import consuming_transport, fail_task
 
 log = logging.getLogger(__name__)
@@ -52,9 +56,24 @@ class OmniConsumer(Consumer):
             problem = body_problem(body)
             if problem is not None:
                 return self._refuse(message, *problem)
+            task = self.app.tasks.get(headers["task"])
+            reason = reroute_reason(task, message)
+            if reason is not None:
+                return self._reroute(task, message, body, reason)
             return handler(message)
 
         return on_task_received
+
+    def _reroute(self, task: Any, message: Any, body: Any, reason: str) -> None:
+        """Publish a foreign client's message again where `.delay()` would have
+        (`workers.lifecycle.reroute`); refuse it when no producer would have sent it."""
+        try:
+            reroute(task, message, body, reason)
+        except RequestValidationError as exc:
+            self._refuse(message, exc.field, str(exc))
+        except Exception:  # Redis unreachable: it stays queued, to be routed again
+            log.warning("could not re-route %s; requeued", _task_id(message), exc_info=True)
+            message.reject_log_error(log, self.connection_errors, requeue=True)
 
     def _refuse(self, message: Any, field: str, reason: str) -> None:
         _record(message, reason)

@@ -16,7 +16,7 @@ from typing import Any
 from celery import signals, states
 
 from omni_tasks.config import get_config
-from omni_tasks.coordination import admission, keys
+from omni_tasks.coordination import admission, keys, legacy
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.counters import count_outcome
 from omni_tasks.tasks.base import OmniTask
@@ -80,9 +80,19 @@ def _load_engines() -> None:
 
 @signals.worker_ready.connect
 def _on_worker_ready(**_: Any) -> None:
+    _convert_legacy_layout()
     _load_revocations()
     heartbeat.start()
     reaper.start()
+
+
+def _convert_legacy_layout() -> None:
+    if not get_config().broker_is_redis:
+        return
+    try:
+        legacy.convert(runtime.identity.queues)
+    except Exception:
+        log.warning("could not convert an older Redis layout", exc_info=True)
 
 
 def _load_revocations() -> None:

@@ -1,0 +1,45 @@
+"""What an omni-tasks release before the wire contract left in Redis, converted when a
+worker starts: priority lists named with the old separator (`ar:3`), whose messages no
+worker would read any more, and kombu exchange bindings joined with it, which kombu
+can no longer split (a control command would fail on every worker).
+
+Idempotent and cheap: an EXISTS per old list name and a scan of the binding sets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import get_redis, get_scripts
+
+log = logging.getLogger(__name__)
+
+#: kombu's Redis transport keeps each exchange's bindings in a set under this prefix.
+BINDING_PREFIX = "_kombu.binding."
+
+
+def convert(queues: Iterable[str]) -> dict[str, int]:
+    """Move the old lists of `queues` to the current ones (same level, same order) and
+    drop bindings in the old format (kombu declares them again as workers start and
+    producers publish). Returns how many messages moved and bindings were dropped."""
+    client = get_redis()
+    moved = 0
+    for queue in queues:
+        for level in keys.PRIORITY_STEPS[1:]:
+            old = f"{queue}{keys.LEGACY_PRIORITY_SEP}{level}"
+            if client.exists(old):
+                moved += int(get_scripts().move_all(keys=[old, keys.queue_key(queue, level)]))
+    dropped = 0
+    for key in client.scan_iter(match=BINDING_PREFIX + "*", count=500):
+        stale = [m for m in client.smembers(key) if keys.PRIORITY_SEP not in m]
+        if stale:
+            dropped += int(client.srem(key, *stale))
+    if moved or dropped:
+        log.warning(
+            "converted an older layout: %d queued message(s) moved, %d binding(s) dropped",
+            moved,
+            dropped,
+        )
+    return {"moved": moved, "bindings_dropped": dropped}
