@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from omni_tasks.config import get_config
+
 log = logging.getLogger(__name__)
 
 PROGRESS = "PROGRESS"
@@ -194,14 +196,17 @@ _current = _Current()
 
 @contextmanager
 def reporting(
-    task: Any,
-    interval_s: float = DEFAULT_INTERVAL_S,
-    first_after_s: float = DEFAULT_FIRST_AFTER_S,
+    task: Any, interval_s: float | None = None, first_after_s: float | None = None
 ) -> Iterator[Reporter]:
     """Make a reporter for `task` the current one of this (the task's) thread meanwhile;
-    close it when the run ends."""
+    close it when the run ends. Its pace is the config's unless given."""
+    config = get_config()
     outer = _current.reporter
-    reporter = Reporter(task, interval_s, first_after_s)
+    reporter = Reporter(
+        task,
+        config.progress_interval_s if interval_s is None else interval_s,
+        config.progress_first_after_s if first_after_s is None else first_after_s,
+    )
     _current.reporter = reporter
     try:
         yield reporter

@@ -198,6 +198,11 @@ class CoreModuleConfig:
     #: How long an accepted request may be nowhere (not queued, held or done) before it
     #: is published again.
     ledger_grace_s: float = 30.0
+    #: A running request's progress (Celery state PROGRESS): its first write after this
+    #: long (a shorter request writes none: its result follows), then at most one per
+    #: `progress_interval_s`.
+    progress_first_after_s: float = 1.0
+    progress_interval_s: float = 0.5
     ar: ARConfig = field(default_factory=ARConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
@@ -227,6 +232,8 @@ class CoreModuleConfig:
         _require(self.result_expires > 0, "result_expires", "must be positive")
         _require(self.reaper_interval_s > 0, "reaper_interval_s", "must be positive")
         _require(self.ledger_grace_s > 0, "ledger_grace_s", "must be positive")
+        _require(self.progress_first_after_s >= 0, "progress_first_after_s", "must be >= 0")
+        _require(self.progress_interval_s > 0, "progress_interval_s", "must be positive")
         self.ar.validate("ar")
         self.diffusion.validate("diffusion")
         _require(self.ar.queue != self.diffusion.queue, "diffusion.queue", "must differ from ar")

@@ -103,7 +103,9 @@ def test_an_unreachable_backend_never_reaches_the_engine() -> None:
 @pytest.fixture(scope="module")
 def ar_worker(tiny_models, run_dir: Path) -> Iterator[None]:
     clean_redis()
-    [worker] = start_ready_workers(["ar"], run_dir / "logs")
+    # Progress written early and often, so a run of a second or two shows several.
+    pace = {"OMNI_PROGRESS_FIRST_AFTER_S": "0.2", "OMNI_PROGRESS_INTERVAL_S": "0.1"}
+    [worker] = start_ready_workers(["ar"], run_dir / "logs", env=pace)
     yield
     worker.stop()
     clean_redis()
