@@ -82,6 +82,24 @@ def test_api_needs_credentials_and_lists_both_pools(flower: str, pools: dict) ->
         assert response.status == 200 and b"flower_events_total" in response.read()
 
 
+def test_broker_tab_lists_every_queue_the_workers_read(flower: str, pools: dict) -> None:
+    """The pools' queues and each diffusion worker's own queue (cache-affinity routing),
+    counted over every priority list of kombu's default separator."""
+    from omni_tasks.coordination import keys
+
+    own = keys.worker_queue(pools["diffusion"].hostname)
+    lengths = eventually(
+        lambda: {q["name"]: q["messages"] for q in _queue_lengths(flower)}, 60, 0.5
+    )
+    assert {"ar", "diffusion", own} <= set(lengths), lengths
+    assert all(isinstance(n, int) for n in lengths.values())
+
+
+def _queue_lengths(flower: str) -> list[dict[str, Any]]:
+    found = get(f"{flower}/api/queues/length").get("active_queues", [])
+    return found if len(found) >= 3 else []
+
+
 def test_tasks_show_kwargs_state_runtime_and_progress(flower: str) -> None:
     text = generate_text.delay(prompt="flower sees me", max_tokens=4)
     image = generate_image.delay(prompt="a slow fox", seed=3, **LONG_IMAGE)
