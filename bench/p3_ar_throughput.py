@@ -170,6 +170,37 @@ def summary(runs: list[dict]) -> dict:
     }
 
 
+def ratios(pairs: dict[str, list[dict]], long_pairs: dict[str, list[dict]], modes: dict) -> dict:
+    """Every ratio of one run: medians of each side, and round by round."""
+
+    def ratio(runs: dict[str, list[dict]], a: str, b: str) -> float:
+        return round(summary(runs[a])["median_tok_s"] / summary(runs[b])["median_tok_s"], 3)
+
+    def per_round(a: str, b: str) -> list[float]:
+        return [round(x["tok_s"] / y["tok_s"], 3) for x, y in zip(pairs[a], pairs[b], strict=True)]
+
+    def median_of(side: str, field: str) -> float:
+        return round(statistics.median(r[field] for r in pairs[side]), 4)
+
+    q = modes["queue"]["median_tok_s"]
+    return {
+        "ratio_queue_vs_direct": ratio(pairs, "queue", "direct"),
+        "ratios_queue_vs_direct_per_round": per_round("queue", "direct"),
+        "ratio_bare_celery_vs_direct": ratio(pairs, "bare", "direct"),
+        "ratios_bare_celery_vs_direct_per_round": per_round("bare", "direct"),
+        "ratio_queue_vs_bare_celery": ratio(pairs, "queue", "bare"),
+        "sent_s_median": {side: median_of(side, "sent_s") for side in ("queue", "bare")},
+        "last_started_s_median": {
+            side: median_of(side, "last_started_s") for side in ("queue", "bare")
+        },
+        "direct_s_median": median_of("direct", "seconds"),
+        "long_ratio_queue_vs_direct": ratio(long_pairs, "queue", "direct"),
+        "long_ratio_bare_celery_vs_direct": ratio(long_pairs, "bare", "direct"),
+        "ratio_queue_vs_one_at_a_time": round(q / modes["one_at_a_time"]["median_tok_s"], 2),
+        "ratio_queue_vs_offline": round(q / modes["offline"]["median_tok_s"], 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=32)
@@ -197,16 +228,6 @@ def main() -> None:
         "offline": summary(offline(model, n, m, k)),
     }
 
-    def ratio(runs: dict[str, list[dict]], a: str, b: str) -> float:
-        return round(summary(runs[a])["median_tok_s"] / summary(runs[b])["median_tok_s"], 3)
-
-    def per_round(a: str, b: str) -> list[float]:
-        return [round(x["tok_s"] / y["tok_s"], 3) for x, y in zip(pairs[a], pairs[b], strict=True)]
-
-    def median_of(side: str, field: str) -> float:
-        return round(statistics.median(r[field] for r in pairs[side]), 4)
-
-    q = modes["queue"]["median_tok_s"]
     write_result(
         "p3_ar_throughput",
         {
@@ -214,21 +235,8 @@ def main() -> None:
             "max_tokens": m,
             "model": "tiny-llama (random weights)",
             "modes": modes,
-            "ratio_queue_vs_direct": ratio(pairs, "queue", "direct"),
-            "ratios_queue_vs_direct_per_round": per_round("queue", "direct"),
-            "ratio_bare_celery_vs_direct": ratio(pairs, "bare", "direct"),
-            "ratios_bare_celery_vs_direct_per_round": per_round("bare", "direct"),
-            "ratio_queue_vs_bare_celery": ratio(pairs, "queue", "bare"),
-            "sent_s_median": {side: median_of(side, "sent_s") for side in ("queue", "bare")},
-            "last_started_s_median": {
-                side: median_of(side, "last_started_s") for side in ("queue", "bare")
-            },
-            "direct_s_median": median_of("direct", "seconds"),
+            **ratios(pairs, long_pairs, modes),
             "long_max_tokens": args.long_tokens,
-            "long_ratio_queue_vs_direct": ratio(long_pairs, "queue", "direct"),
-            "long_ratio_bare_celery_vs_direct": ratio(long_pairs, "bare", "direct"),
-            "ratio_queue_vs_one_at_a_time": round(q / modes["one_at_a_time"]["median_tok_s"], 2),
-            "ratio_queue_vs_offline": round(q / modes["offline"]["median_tok_s"], 3),
             "targets": "queue >= 0.90x direct, >= 4x one_at_a_time",
         },
     )
