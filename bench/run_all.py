@@ -15,6 +15,8 @@ BENCHMARKS = (
     "p4_batch.py",
     "p5_affinity.py",
     "p6_preemption.py",
+    "p8_lora.py",
+    "p7_api.py",
     "faults.py",
 )
 

@@ -2,6 +2,10 @@
 
 Every class says when it is raised. Producer-side validation errors name the field,
 and are raised before anything reaches Redis.
+
+Errors cross the wire as Celery stores them: type name, module and `args` (JSON). Every
+class here is rebuilt from its `args` alone (`cls(*args)`), so the caller of
+`AsyncResult.get()` gets the same type with the same fields (`docs/wire.md`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,28 @@ class SchedulerError(CoreModuleError):
 
 class QueueFullError(SchedulerError):
     """Raised when admitting a request would exceed `SchedulerConfig.max_queue_size`."""
+
+
+class RequestConflictError(SchedulerError):
+    """Raised when a request id is re-used for a different request (its fingerprint,
+    the request without its id and creation time, differs from the one accepted under
+    that id): refused before anything is enqueued. `field` is "request_id".
+
+    The same request under the same id is an idempotent repeat, not a conflict.
+    """
+
+    field = "request_id"
+
+    def __init__(self, request_id: str, message: str | None = None) -> None:
+        self.request_id = request_id
+        self.message = message or (
+            f"{request_id!r} was accepted before for a different request; "
+            "send the same request to get its result, or use a new id"
+        )
+        super().__init__(request_id, self.message)
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
 
 
 class CacheError(CoreModuleError):
@@ -58,17 +84,27 @@ class ConfigError(CoreModuleError, ValueError):
 
     def __init__(self, field: str, message: str) -> None:
         self.field = field
-        super().__init__(f"{field}: {message}")
+        self.message = message
+        super().__init__(field, message)  # args round-trip: ConfigError(*args)
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
 
 
 class RequestValidationError(CoreModuleError, ValueError):
     """Raised when a request field is invalid; `field` names the first bad field.
 
     Raised by the producer before enqueueing and by the worker, which rejects and
-    records the message instead of running it.
+    records the message instead of running it. Its `args` are `(field, message)`, plus
+    `errors` when more than one field is bad, so it crosses the wire intact.
     """
 
     def __init__(self, field: str, message: str, errors: list[dict] | None = None) -> None:
         self.field = field
+        self.message = message
         self.errors = errors or [{"field": field, "message": message}]
-        super().__init__(f"{field}: {message}")
+        more = (self.errors,) if len(self.errors) > 1 else ()
+        super().__init__(field, message, *more)
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 import time
 import typing
 import uuid
@@ -30,6 +29,7 @@ from pydantic import (
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.image_input import PATH_REFUSED, inline_image_b64
 from omni_tasks.image_input import encode_image_file as encode_image_file  # re-exported
+from omni_tasks.lora import MAX_ADAPTERS, AdapterSet, LoraRef, adapter_set, check_unique
 
 # Documented bounds (README "Requests").
 MAX_PROMPT_CHARS = 4000
@@ -38,6 +38,7 @@ MAX_STEPS = 100
 MAX_TOKENS = 4096
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1
+MAX_PARTIAL_IMAGES = 3
 #: In-process state of a request object, never taken from a caller or a message.
 INTERNAL_FIELDS = ("processing_stage", "errors", "stage")
 
@@ -105,6 +106,8 @@ class OmniRequest(BaseModel):
     model: Str | None = Field(default=None, max_length=512)
     created_at: Float = Field(default_factory=time.time, gt=0)
     timeout_s: Float | None = Field(default=None, gt=0, le=86400)
+    # LoRA adapters from the config's registry (`omni_tasks.lora`); every request type.
+    lora: list[LoraRef] = Field(default_factory=list, max_length=MAX_ADAPTERS)
     # In-process state (`processing_stage`, `errors`): private, so never from input.
     _processing_stage: ProcessingStage = PrivateAttr(default=ProcessingStage.WAITING)
     _errors: list[str] = PrivateAttr(default_factory=list)
@@ -124,6 +127,9 @@ class OmniRequest(BaseModel):
     strength: Float = Field(default=0.6, gt=0.0, le=1.0)
     step_cache: StepCacheMode | None = None  # None: the pool's `diffusion.step_cache`
     step_cache_params: dict[Str, Float] | None = Field(default=None, max_length=8)
+    # Previews decoded from intermediate latents, published while it runs (HTTP API
+    # `partial_images`); not part of the output, so not of the cache key.
+    partial_images: Int = Field(default=0, ge=0, le=MAX_PARTIAL_IMAGES)
 
     @model_validator(mode="before")
     @classmethod
@@ -150,6 +156,18 @@ class OmniRequest(BaseModel):
     def _prompt_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be blank")
+        return value
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _one_adapter(cls, value: Any) -> Any:
+        """One adapter may be given alone (a name or a {name, scale} object)."""
+        return [value] if isinstance(value, (str, dict)) else value
+
+    @field_validator("lora")
+    @classmethod
+    def _adapters_unique(cls, value: list[LoraRef]) -> list[LoraRef]:
+        check_unique(value)
         return value
 
     @field_validator("width", "height")
@@ -212,7 +230,21 @@ class OmniRequest(BaseModel):
         if self.request_type in IMAGE_TYPES:
             parts.update(step_cache=self.step_cache, step_cache_params=self.step_cache_params)
         parts["seed"] = self.seed
+        if self.lora:  # absent without adapters: base-model keys stay as they were
+            parts["lora"] = [list(pair) for pair in self.adapters]
         return parts
+
+    def fingerprint(self) -> str:
+        """A digest of the request without its id and creation time. The same id with
+        the same fingerprint is an idempotent repeat; with another one, a conflict
+        (`coordination.idempotency`)."""
+        data = self.model_dump(mode="json", exclude={"request_id", "created_at"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def adapters(self) -> AdapterSet:
+        """The canonical adapter set: (name, scale) pairs sorted by name."""
+        return adapter_set(self.lora)
 
     @property
     def processing_stage(self) -> ProcessingStage:
@@ -286,8 +318,16 @@ def _new_request(
     if request_id is not None:  # an empty id is refused, never silently replaced
         data["request_id"] = request_id
     if request_type in IMAGE_TYPES and data.get("seed") is None:
-        data["seed"] = secrets.randbelow(MAX_SEED + 1)  # fixed at the producer: reproducible
+        # Fixed at the producer (reproducible), from the request id: a new id gets a new
+        # seed, and the same request sent again under its id is the same request.
+        data["seed"] = seed_of(data.setdefault("request_id", uuid.uuid4().hex))
     return OmniRequest.from_message(data)
+
+
+def seed_of(request_id: Any) -> int:
+    """The seed of an image request sent without one: 0..MAX_SEED, from its id."""
+    digest = hashlib.sha256(str(request_id).encode()).digest()
+    return int.from_bytes(digest[:4], "big") % (MAX_SEED + 1)
 
 
 def create_text_request(prompt: str, request_id: str | None = None, **fields: Any) -> OmniRequest:

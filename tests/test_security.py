@@ -113,12 +113,15 @@ def test_a_worker_on_a_password_url_serves_and_never_shows_it(protected) -> None
 
 def test_status_output_never_shows_the_password(protected) -> None:
     server, worker = protected
-    out = omni_tasks_cli(worker_env(server.url), "status")
+    out = omni_tasks_cli(worker_env(server.url), "status", "--json")
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
     hosts = [w["hostname"] for w in report["status"]["resource_status"]["workers"]]
     assert worker.hostname in hosts
     assert PASSWORD not in out.stdout + out.stderr
+    tables = omni_tasks_cli(worker_env(server.url), "status")  # what people read
+    assert tables.returncode == 0 and "Health:" in tables.stdout
+    assert PASSWORD not in tables.stdout + tables.stderr
 
 
 def test_a_wrong_password_is_a_clear_error_that_hides_it(protected) -> None:

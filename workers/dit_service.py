@@ -31,6 +31,8 @@ from omni_tasks.coordination.cache_directory import DiTKeys, dit_keys
 from omni_tasks.requests import OmniRequest
 from workers.engines.base import ImageOutput, ImageParams
 from workers.images import encode_png
+from workers.lora.cache import AdapterUse
+from workers.lora.directory import count_uses
 from workers.runtime import runtime
 from workers.stepping.request import StepTicket
 
@@ -49,6 +51,7 @@ class Rendered:
     denoise_steps: int = 0
     preemptions: int = 0
     max_batch: int = 0
+    lora: list[dict[str, Any]] = field(default_factory=list)
     #: The image as PNG bytes, where it was encoded already (computed, cached, shared).
     png: bytes | None = None
 
@@ -83,12 +86,12 @@ def render(
     _count("latents", final is not None)
     if final is not None:
         _record_hit(keys.latents)
-        return _from_final(final, started)
+        return _unrun_adapters(_from_final(final, started), params)
 
     deadline = time.monotonic() + timeout_s
     flight, shared = single_flight.join(keys.latents, deadline)
     if shared is not None:
-        return _from_outcome(shared)
+        return _unrun_adapters(_from_outcome(shared), params)
     assert flight is not None
     try:
         embeds = cache.get(keys.embeddings)
@@ -105,6 +108,7 @@ def render(
         if out.latents is not None:  # lossless: an exact repeat gives the identical image
             cache.put(keys.latents, _final(out, png), lossless=True)
         info = {"latents": "miss", "embeddings": "hit" if embeds is not None else "miss"}
+        count_uses(get_config().diffusion.queue, out.lora)
         flight.publish(_outcome(out, info, png))
     except BaseException:
         flight.release()
@@ -117,8 +121,15 @@ def render(
         denoise_steps=out.denoise_steps,
         preemptions=out.preemptions,
         max_batch=out.max_batch,
+        lora=out.lora,
         png=png,
     )
+
+
+def _unrun_adapters(rendered: Rendered, params: ImageParams) -> Rendered:
+    """A reused image ran no adapter: its `lora` entries say so (`hit` null)."""
+    rendered.lora = [AdapterUse(name, scale, None).to_json() for name, scale in params.lora]
+    return rendered
 
 
 def _final(out: ImageOutput, png: bytes) -> dict[str, torch.Tensor]:

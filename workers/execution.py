@@ -13,7 +13,7 @@ from omni_tasks.requests import OmniRequest, RequestType
 from omni_tasks.results import ImageResult, MultimodalResult, PromptResult, TextResult, Usage
 from omni_tasks.scheduling.policies import create_policy
 from omni_tasks.tasks.base import request_deadline
-from workers import progress, task_context
+from workers import previews, progress, task_context
 from workers.dit_service import render
 from workers.engines.base import ImageParams, StepCacheSettings, TextParams
 from workers.images import decode_image, save_png
@@ -40,6 +40,8 @@ def _text_params(request: OmniRequest) -> TextParams:
         seed=request.seed,
         stop=tuple(request.stop),
         priority=get_config().scheduler.class_rank(request.priority),
+        # A MULTIMODAL request's adapters style its image: the DiT stage runs them.
+        lora=request.adapters if request.request_type is RequestType.TEXT else (),
     )
 
 
@@ -66,6 +68,7 @@ def run_text(request: OmniRequest) -> TextResult:
         finish_reason=out.finish_reason,
         engine=engine,
         timings={"generate_s": round(gen_s, 6)},
+        lora=out.lora,
     )
 
 
@@ -84,6 +87,7 @@ def run_image(request: OmniRequest, prompt: str | None = None) -> ImageResult:
         negative_prompt=request.negative_prompt,
         strength=request.strength,
         step_cache=StepCacheSettings(mode=mode, params=mode_params),
+        lora=request.adapters,
     )
     timeout_s = timeout_for(request)
     ticket = StepTicket(
@@ -95,7 +99,8 @@ def run_image(request: OmniRequest, prompt: str | None = None) -> ImageResult:
         on_progress=progress.callback(),
     )
     start = time.perf_counter()
-    out = render(request, prompt or request.prompt, params, timeout_s, init_image, ticket)
+    with previews.previewing(request):
+        out = render(request, prompt or request.prompt, params, timeout_s, init_image, ticket)
     gen_s = time.perf_counter() - start
     path = save_png(out.png or out.image, config.output_path(), request.request_id)
     timings = {k: round(v, 6) for k, v in out.timings.items()}
@@ -116,6 +121,7 @@ def run_image(request: OmniRequest, prompt: str | None = None) -> ImageResult:
         denoise_steps=out.denoise_steps,
         preemptions=out.preemptions,
         max_batch=out.max_batch,
+        lora=out.lora,
     )
 
 

@@ -2,9 +2,11 @@
 
 Every handler trusts nothing. For a message that came back it checks cancellation and
 caps redeliveries (a message that keeps killing workers); it validates the message
-again, rejecting and recording what does not parse; it runs the stage on this worker's
-engines; it hands the message back if the engine is shutting down; and it counts the
-outcome for monitoring.
+again (positional args, the request id against the task id, every field), rejecting
+and recording what does not parse; for a first delivery that no omni-tasks producer
+accepted (another client's), it checks the request id (`coordination.idempotency`); it
+runs the stage on this worker's engines; it hands the message back if the engine is
+shutting down; and it counts the outcome for monitoring.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 from celery import Celery, states
 from celery.exceptions import Ignore, Reject
 
 from omni_tasks.config import get_config
-from omni_tasks.coordination import keys
+from omni_tasks.coordination import idempotency, keys
 from omni_tasks.coordination.client import get_redis, get_scripts
 from omni_tasks.coordination.counters import count_outcome
 from omni_tasks.coordination.ledger import REPUBLISHED_HEADER
@@ -28,14 +30,16 @@ from omni_tasks.errors import (
     EngineStoppedError,
     ProcessingError,
     RequestCancelledError,
+    RequestConflictError,
     RequestTimeoutError,
     RequestValidationError,
     RequestYieldedError,
 )
 from omni_tasks.requests import OmniRequest
 from omni_tasks.results import ProbeResult
-from omni_tasks.tasks.base import OmniTask, TaskHandler
+from omni_tasks.tasks.base import POSITIONAL_REFUSED, OmniTask, TaskHandler
 from omni_tasks.tasks.celery_app import delivered_level
+from omni_tasks.tasks.definitions import multimodal_chain
 from workers import execution, progress, task_context
 from workers.runtime import runtime
 
@@ -48,30 +52,29 @@ Runner = Callable[[OmniRequest, "dict[str, Any] | None"], Any]
 
 
 def handler_for(runner: Runner) -> TaskHandler:
-    def handle(task: OmniTask, kwargs: dict[str, Any], previous: dict[str, Any] | None) -> Any:
-        return execute(task, kwargs, lambda request: runner(request, previous))
+    def handle(
+        task: OmniTask,
+        kwargs: dict[str, Any],
+        previous: dict[str, Any] | None,
+        args: tuple[Any, ...] = (),
+    ) -> Any:
+        return execute(task, kwargs, lambda request: runner(request, previous), args)
 
     return handle
 
 
 def execute(
-    task: OmniTask, kwargs: dict[str, Any], run: Callable[[OmniRequest], Any]
+    task: OmniTask,
+    kwargs: dict[str, Any],
+    run: Callable[[OmniRequest], Any],
+    args: tuple[Any, ...] = (),
 ) -> dict[str, Any]:
     """Run one message of `task` (see the module docstring); returns the result's JSON."""
     started = time.time()
     task_id = task.request.id or ""
     queue = task.stage_queue
     client = get_redis()
-    redelivered = bool((task.request.delivery_info or {}).get("redelivered")) or bool(
-        getattr(task.request, REPUBLISHED_HEADER, False)
-    )
-    if redelivered:
-        _admit_redelivery(task, task_id, kwargs, queue)
-    try:
-        request = task.build_request(kwargs)
-    except RequestValidationError as exc:
-        _record_failure(task, task_id, queue, str(exc), kwargs)
-        raise
+    request, redelivered = admitted_request(task, task_id, queue, kwargs, args)
     try:
         priority = delivered_level(
             (task.request.delivery_info or {}).get("priority"), get_config().broker_is_redis
@@ -105,6 +108,66 @@ def execute(
     if redelivered:
         client.delete(keys.deliveries(task_id))
     return result.to_json()
+
+
+def become_chain(
+    task: OmniTask,
+    kwargs: dict[str, Any],
+    previous: dict[str, Any] | None,
+    args: tuple[Any, ...] = (),
+) -> NoReturn:
+    """`generate_multimodal` sent by name: replaced by the two-stage chain, whose last
+    task has the message's id, so the caller's result is the chain's final one."""
+    task_id = task.request.id or ""
+    request, _ = admitted_request(task, task_id, task.stage_queue, kwargs, args)
+    raise task.replace(multimodal_chain(request))
+
+
+def admitted_request(
+    task: OmniTask, task_id: str, queue: str, kwargs: Any, args: tuple[Any, ...]
+) -> tuple[OmniRequest, bool]:
+    """The request of a message that may run, and whether it was delivered before.
+    Raises (after recording why) for one that must not: see the module docstring."""
+    redelivered = bool((task.request.delivery_info or {}).get("redelivered")) or bool(
+        getattr(task.request, REPUBLISHED_HEADER, False)
+    )
+    if redelivered:
+        _admit_redelivery(task, task_id, kwargs, queue)
+    try:
+        if args:
+            raise RequestValidationError("args", POSITIONAL_REFUSED)
+        request = task.build_request(kwargs, task_id)
+    except RequestValidationError as exc:
+        body = {"args": list(args), "kwargs": kwargs} if args else kwargs
+        _record_failure(task, task_id, queue, str(exc), body)
+        raise
+    if not redelivered:
+        _check_request_id(task, task_id, request, queue, kwargs)
+    return request, redelivered
+
+
+def _check_request_id(
+    task: OmniTask, task_id: str, request: OmniRequest, queue: str, kwargs: Any
+) -> None:
+    """A first delivery that no omni-tasks producer accepted (another client sent it):
+    claim its id's fingerprint. A repeat of a request that succeeded is not run again
+    (its result stands; Celery has just marked the id STARTED over any other state, so
+    a repeat of a failed request runs again); a conflict is refused and recorded (a
+    success stored under the id stands: Celery's backend never overwrites one)."""
+    accepted = getattr(task.request, idempotency.ACCEPTED_HEADER, False)
+    if accepted or task.takes_previous_result or not task_id:
+        return
+    found = idempotency.claim(request.request_id, request.fingerprint())
+    if found == "new":
+        return
+    if found == "repeat":
+        if task.backend.get_task_meta(task_id).get("status") == states.SUCCESS:
+            count_outcome(queue, "duplicates")
+            raise Ignore()
+        return
+    conflict = RequestConflictError(request.request_id)
+    _record_failure(task, task_id, queue, str(conflict), kwargs)
+    raise conflict
 
 
 def _admit_redelivery(task: OmniTask, task_id: str, kwargs: Any, queue: str) -> None:
@@ -152,9 +215,16 @@ RUNNERS: Mapping[str, Runner] = {
 }
 
 
+def handlers() -> dict[str, TaskHandler]:
+    """Task name -> its handler: every task body hands its message to one."""
+    found: dict[str, TaskHandler] = {name: handler_for(r) for name, r in RUNNERS.items()}
+    found["omni_tasks.generate_multimodal"] = become_chain
+    return found
+
+
 def register_handlers(app: Celery) -> None:
     """Give each task of `app` the handler that runs it in this worker process."""
-    for name, runner in RUNNERS.items():
+    for name, handler in handlers().items():
         task = app.tasks[name]
         assert isinstance(task, OmniTask), name
-        task.handler = handler_for(runner)
+        task.handler = handler

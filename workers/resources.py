@@ -185,6 +185,10 @@ class ResourceManager:
         self.device = torch.device(device)
         self.total_bytes, self.budget_bytes = device_budget(config, self.device)
         self.cache_reserved_bytes = int(config.cache.max_memory_gb * GB)
+        # LoRA adapters loaded into the model (`workers.lora`): a carve-out like the DiT
+        # cache's, `lora.memory_gb`, when the config registers adapters at all.
+        self.adapter_reserved_bytes = int(config.lora.memory_gb * GB) if config.loras else 0
+        self.adapter_usage: Callable[[], int] = lambda: 0
         self.resident_bytes = int(resident_bytes)
         self.cache_usage: Callable[[], int] = lambda: 0
         self.run_on: Runner[Any] = run_on or (lambda fn: fn())
@@ -197,8 +201,14 @@ class ResourceManager:
 
     @property
     def available_bytes(self) -> int:
-        """What running requests may use: the budget less the model and the cache."""
-        return self.budget_bytes - self.resident_bytes - self.cache_reserved_bytes
+        """What running requests may use: the budget less the model, the DiT cache and
+        the adapters."""
+        return (
+            self.budget_bytes
+            - self.resident_bytes
+            - self.cache_reserved_bytes
+            - self.adapter_reserved_bytes
+        )
 
     def cost(self, shape: Hashable) -> ShapeCost | None:
         with self._lock:
@@ -263,15 +273,18 @@ class ResourceManager:
             self._charges.pop(request.request_id, None)
 
     def get_resource_status(self) -> dict[str, Any]:
-        """The heartbeat's `resource_status`: used = model + running batch + DiT cache."""
+        """The heartbeat's `resource_status`: used = model + running batch + DiT cache +
+        loaded LoRA adapters."""
         cache = int(self.cache_usage())
+        adapters = int(self.adapter_usage())
         with self._lock:
             return {
                 "device": str(self.device),
                 "total_bytes": self.total_bytes,
                 "budget_bytes": self.budget_bytes,
-                "used_bytes": self.resident_bytes + self._used_locked() + cache,
+                "used_bytes": self.resident_bytes + self._used_locked() + cache + adapters,
                 "cache_bytes": cache,
+                "adapter_bytes": adapters,
                 "running": len(self._admitted),
                 "batch": len(self._charges),
             }
@@ -322,5 +335,10 @@ class ResourceManager:
         return (
             f"{_mib(max(self.available_bytes, 0))} left of a {_mib(self.budget_bytes)} budget "
             f"on {self.device} after {_mib(self.resident_bytes)} of model and "
-            f"{_mib(self.cache_reserved_bytes)} of DiT cache"
+            f"{_mib(self.cache_reserved_bytes)} of DiT cache{self._adapters_text()}"
         )
+
+    def _adapters_text(self) -> str:
+        if not self.adapter_reserved_bytes:
+            return ""
+        return f" and {_mib(self.adapter_reserved_bytes)} of LoRA adapters"

@@ -182,10 +182,15 @@ def build_text_engine(config: CoreModuleConfig) -> TextEngine:
     log.info("loading %s text engine for %s", ar.engine, model)
     if ar.engine == "transformers":
         from workers.engines.transformers_engine import TransformersTextEngine
+        from workers.lora.peft_text import PeftAdapters
 
         batch = min(ar.max_batch_size, config.scheduler.batch_size)
-        return TransformersTextEngine(model, dtype=ar.dtype, max_batch_size=batch)
+        adapters = PeftAdapters(config) if config.loras else None
+        return TransformersTextEngine(
+            model, dtype=ar.dtype, max_batch_size=batch, adapters=adapters
+        )
     from workers.engines.vllm_engine import VllmTextEngine
+    from workers.lora.text import VllmAdapters
 
     return VllmTextEngine(
         model,
@@ -195,11 +200,13 @@ def build_text_engine(config: CoreModuleConfig) -> TextEngine:
         gpu_memory_utilization=config.max_gpu_utilization,
         tensor_parallel_size=ar.tensor_parallel_size,
         kv_cache_gib=ar.kv_cache_gib,
+        adapters=VllmAdapters(config, model) if config.loras else None,
     )
 
 
 def build_diffusion_engine(config: CoreModuleConfig) -> DiffusionEngine:
     from workers.engines.diffusers_engine import FluxDiffusionEngine
+    from workers.lora.directory import AdapterDirectoryListener
 
     dit = config.diffusion
     model = resolve_model(dit.model, config)
@@ -211,6 +218,7 @@ def build_diffusion_engine(config: CoreModuleConfig) -> DiffusionEngine:
         max_batch_size=config.step_batch_limit,
         config=config,
         arrivals=lambda: highest_waiting_level([dit.queue, keys.worker_queue(runtime.hostname)]),
+        adapter_listener=AdapterDirectoryListener(runtime.hostname, dit.queue),
     )
 
 

@@ -11,6 +11,7 @@ from enum import Enum
 from pathlib import Path
 
 from omni_tasks.errors import ConfigError
+from omni_tasks.lora import valid_registry_name
 from omni_tasks.requests import STAGES, STEP_CACHE_MODES, Stage
 
 PRIORITY_CLASSES = ("high", "normal", "low")
@@ -138,6 +139,36 @@ class ARConfig(PoolConfig):
         _require(self.kv_cache_gib > 0, f"{name}.kv_cache_gib", "must be positive")
 
 
+#: vLLM's allowed values of `max_lora_rank`.
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass
+class LoraConfig:
+    """How workers keep the LoRA adapters of the `loras` registry (README "LoRA").
+
+    AR pool (vLLM's multi-LoRA): `max_loras` distinct adapters in one batch, ranks up to
+    `max_lora_rank` (several adapters or a scale other than 1 in one request make one
+    combined adapter, whose rank is the sum of theirs), `max_cpu_loras` kept loaded.
+    Diffusion pool: `memory_gb` of device memory, out of the worker's budget, for the
+    adapters loaded into the transformer (least recently used ones go first);
+    `mixed_batches`: requests with different adapter sets share a denoising step, each
+    row with its own LoRA deltas (off: a step batches one adapter set and scales).
+    """
+
+    max_loras: int = 4
+    max_lora_rank: int = 32
+    max_cpu_loras: int = 16
+    memory_gb: float = 0.5
+    mixed_batches: bool = False
+
+    def validate(self) -> None:
+        _require(self.max_loras > 0, "lora.max_loras", "must be positive")
+        _require(self.max_lora_rank in LORA_RANKS, "lora.max_lora_rank", f"one of {LORA_RANKS}")
+        _require(self.max_cpu_loras >= self.max_loras, "lora.max_cpu_loras", "must be >= max_loras")
+        _require(self.memory_gb > 0, "lora.memory_gb", "must be positive")
+
+
 @dataclass
 class DiffusionConfig(PoolConfig):
     """The diffusion pool: pipeline and model.
@@ -165,6 +196,41 @@ class DiffusionConfig(PoolConfig):
             self.step_cache in STEP_CACHE_MODES,
             f"{name}.step_cache",
             f"must be one of {STEP_CACHE_MODES}",
+        )
+
+
+@dataclass
+class APIConfig:
+    """The HTTP API (`omni-tasks api`): a stateless front end, any number per Redis."""
+
+    # Bearer token every request must carry; empty: no authentication (loopback use).
+    # The OMNI_API_TOKEN variable sets it too.
+    token: str | None = None
+    # Bodies above this are refused with 413 (an edit's image travels in the body).
+    max_body_mb: float = 32.0
+    # The HMAC-SHA256 key of webhook signatures; webhooks are refused without one.
+    webhook_secret: str | None = None
+    # Delivery attempts of one webhook before it is given up (backoff between them).
+    webhook_max_attempts: int = 8
+    webhook_timeout_s: float = 10.0
+    # How long the OpenAI endpoints wait for a result before 504 (and cancelling it).
+    wait_timeout_s: float = 300.0
+    # The Retry-After of a 429 (the pool's queue is full).
+    retry_after_s: int = 2
+    # Image URLs start with this (e.g. https://api.example.com); empty: the URL the
+    # request came to.
+    public_url: str | None = None
+
+    def validate(self) -> None:
+        _require(self.max_body_mb > 0, "api.max_body_mb", "must be positive")
+        _require(self.webhook_max_attempts > 0, "api.webhook_max_attempts", "must be positive")
+        _require(self.webhook_timeout_s > 0, "api.webhook_timeout_s", "must be positive")
+        _require(self.wait_timeout_s > 0, "api.wait_timeout_s", "must be positive")
+        _require(self.retry_after_s > 0, "api.retry_after_s", "must be positive")
+        _require(
+            not self.public_url or self.public_url.startswith(("http://", "https://")),
+            "api.public_url",
+            "must be an http:// or https:// URL",
         )
 
 
@@ -205,6 +271,11 @@ class CoreModuleConfig:
     progress_interval_s: float = 0.5
     ar: ARConfig = field(default_factory=ARConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    #: LoRA adapters requests may name: name -> a local folder in the PEFT / diffusers
+    #: format (relative paths are under `models_dir`). Messages carry names only.
+    loras: dict[str, str] = field(default_factory=dict)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    api: APIConfig = field(default_factory=APIConfig)
 
     def validate(self) -> None:
         self.scheduler.validate()
@@ -236,6 +307,11 @@ class CoreModuleConfig:
         _require(self.progress_interval_s > 0, "progress_interval_s", "must be positive")
         self.ar.validate("ar")
         self.diffusion.validate("diffusion")
+        self.lora.validate()
+        for name, path in self.loras.items():
+            _require(valid_registry_name(name), f"loras.{name}", "is not a valid adapter name")
+            _require(bool(str(path).strip()), f"loras.{name}", "needs a folder")
+        self.api.validate()
         _require(self.ar.queue != self.diffusion.queue, "diffusion.queue", "must differ from ar")
 
     @property

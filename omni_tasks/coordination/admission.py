@@ -8,6 +8,9 @@ producers never overshoot. The id is the request's final task id (a MULTIMODAL c
 last stage): a chain is counted once, in the pool of its first stage, and a message
 published again under the same id is not counted twice.
 
+The same step checks the request id against the request accepted under it before
+(`idempotency`): a repeat is not admitted again, a conflict is refused.
+
 Workers release an id when its request ends (completed, failed, cancelled, expired,
 refused); releasing is a ZREM, so doing it twice is harmless. The worker-side reaper
 reconciles what a lost worker or a lost release leaves behind (`workers.lifecycle.reaper`).
@@ -25,11 +28,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from omni_tasks.config import get_config
-from omni_tasks.coordination import keys, ledger
+from omni_tasks.coordination import idempotency, keys, ledger
 from omni_tasks.coordination.client import get_redis, get_scripts
-from omni_tasks.errors import QueueFullError
+from omni_tasks.errors import QueueFullError, RequestConflictError
 
 log = logging.getLogger(__name__)
+
+#: `scripts/admit.lua` statuses besides admitted (1) and not admitted again (0).
+FULL, REPEAT, CONFLICT = -1, 2, -2
 
 #: A limit other than the config's for this context (an `OmniScheduler`'s own config).
 _limit: ContextVar[int | None] = ContextVar("omni_admission_limit", default=None)
@@ -40,20 +46,27 @@ _admitted_here: ContextVar[bool] = ContextVar("omni_admission_done", default=Fal
 @dataclass(frozen=True)
 class Admission:
     """One accepted request: `added` is False when it was admitted before (a republish)
-    or not counted here (a chain's later stage); `recorded` is its ledger entry's id."""
+    or not counted here (a chain's later stage); `recorded` is its ledger entry's id;
+    `repeat` is True when the same request was accepted under its id before (nothing
+    was admitted or recorded: it must not be published again); `fingerprinted` when
+    its fingerprint was recorded here."""
 
     queue: str
     admission_id: str
     added: bool
     recorded: str | None = None
+    repeat: bool = False
+    fingerprinted: bool = False
 
     def undo(self) -> None:
         """Its publish failed: give the place back, unless an earlier publish holds it,
-        and close its ledger entry, so that nothing runs it later."""
+        close its ledger entry, so that nothing runs it later, and free its id."""
         if self.added:
             release([self.admission_id])
         if self.recorded:
             ledger.forget([self.recorded])
+        if self.fingerprinted:
+            idempotency.forget(self.admission_id)
 
 
 def admit(
@@ -63,6 +76,7 @@ def admit(
     enforce: bool = True,
     counted: bool = True,
     entry: ledger.Entry | None = None,
+    fingerprint: str | None = None,
 ) -> Admission:
     """Count `admission_id` in the pool of `queue`, or raise `QueueFullError`; with
     `entry`, record the request in the ledger in the same step (`scripts/admit.lua`).
@@ -70,22 +84,36 @@ def admit(
     `enforce=False` counts it without the limit: a stage published by a worker for a
     request already admitted, or a lost request published again. `counted=False`
     does not count it at all (a chain's later stage, counted with its first).
+    With `fingerprint`, the id is checked first (`idempotency`): the same fingerprint
+    under it is a repeat (`Admission.repeat`, nothing admitted or recorded), another one
+    raises `RequestConflictError`.
     """
     if not admission_id:
         raise ValueError("admission_id must not be empty")
     limit = (current_limit() if enforce else 0) if counted else -1
-    script_keys = [keys.admitted(queue)]
-    script_args: list[Any] = [admission_id, limit, time.time()]
+    script_keys = [keys.admitted(queue), keys.request_fingerprint(admission_id)]
+    script_args: list[Any] = [
+        admission_id,
+        limit,
+        time.time(),
+        fingerprint or "",
+        idempotency.ttl_s(),
+    ]
     if entry is not None:
         script_keys += entry.keys
         script_args += entry.script_args
-    status, count = get_scripts().admit(keys=script_keys, args=script_args)
-    if int(status) < 0:
+    status, count = (int(v) for v in get_scripts().admit(keys=script_keys, args=script_args))
+    if status == CONFLICT:
+        raise RequestConflictError(admission_id)
+    if status == FULL:
         raise QueueFullError(
             f"pool {pool_name(queue)!r} (queue {queue!r}) is full: {count} requests "
             f"admitted, max_queue_size={limit}; request {admission_id} not enqueued"
         )
-    return Admission(queue, admission_id, int(status) == 1, entry.task_id if entry else None)
+    if status == REPEAT:
+        return Admission(queue, admission_id, added=False, repeat=True)
+    recorded = entry.task_id if entry else None
+    return Admission(queue, admission_id, status == 1, recorded, fingerprinted=bool(fingerprint))
 
 
 def release(admission_ids: Iterable[str]) -> None:

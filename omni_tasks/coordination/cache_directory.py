@@ -30,10 +30,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from omni_tasks import lora
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis, get_scripts
-from omni_tasks.requests import OmniRequest
+from omni_tasks.requests import OmniRequest, RequestType
 
 ENCODER_SETTINGS = "flux-clip77-t5-512"  # what the pipeline's encoders are run with
 
@@ -85,6 +86,17 @@ def dit_keys(request: OmniRequest, config: CoreModuleConfig, prompt: str | None 
     for text_only in ("max_tokens", "temperature", "top_p", "stop"):
         parts.pop(text_only, None)
     return DiTKeys(embeddings=embeddings, latents=_digest("lat", parts))
+
+
+def affinity_keys(request: OmniRequest, config: CoreModuleConfig) -> list[str]:
+    """The directory keys whose holder a DiT request prefers, best first: its exact
+    repeat, then its LoRA adapters (a load saved), then its prompt's embeddings. A
+    MULTIMODAL request's prompt is written by its AR stage, so only its adapters count."""
+    adapters = lora.directory_keys(request.lora)
+    if request.request_type is RequestType.MULTIMODAL:
+        return adapters
+    found = dit_keys(request, config)
+    return [found.latents, *adapters, found.embeddings]
 
 
 @dataclass
@@ -203,3 +215,25 @@ def hit_rate(queue: str, kind: str | None = None) -> tuple[float, int, int]:
 
 def _kind(field: str, kind: str | None) -> bool:
     return kind is None or field.endswith(":" + kind)
+
+
+def count_adapter(queue: str, hit: bool, load_s: float = 0.0) -> None:
+    """One adapter use on a pool: already loaded (`hit`), or loaded in `load_s`."""
+    pipe = get_redis().pipeline(transaction=False)
+    pipe.hincrby(keys.lora_stats(queue), "hits" if hit else "misses", 1)
+    if load_s > 0:
+        pipe.hincrbyfloat(keys.lora_stats(queue), "load_s_sum", load_s)
+    pipe.execute()
+
+
+def adapter_stats(queue: str) -> dict[str, float]:
+    """A pool's adapter uses: hits, misses, hit_rate and load_s_sum."""
+    raw: dict[str, Any] = get_redis().hgetall(keys.lora_stats(queue))
+    hits, misses = int(raw.get("hits", 0)), int(raw.get("misses", 0))
+    total = hits + misses
+    return {
+        "hits": hits,
+        "misses": misses,
+        "hit_rate": hits / total if total else 0.0,
+        "load_s_sum": float(raw.get("load_s_sum", 0.0)),
+    }

@@ -60,6 +60,11 @@ def revoked(task_id: str) -> str:
     return f"{_p()}:revoked:{task_id}"
 
 
+def request_fingerprint(request_id: str) -> str:
+    """The fingerprint of the request accepted under an id (`coordination.idempotency`)."""
+    return f"{_p()}:fingerprint:{request_id}"
+
+
 def worker(hostname: str) -> str:
     """Heartbeat hash of a live worker (expires when it stops beating)."""
     return f"{_p()}:worker:{hostname}"
@@ -97,6 +102,12 @@ def cache_stats(queue: str) -> str:
 def cache_worker_stats(hostname: str) -> str:
     """Hash of one worker's DiT cache counters, as `cache_stats`."""
     return f"{_p()}:cache:wstats:{hostname}"
+
+
+def lora_stats(queue: str) -> str:
+    """Hash of a pool's LoRA adapter counters: `hits`, `misses` (loaded for a request),
+    `load_s_sum` (seconds spent loading)."""
+    return f"{_p()}:lora:stats:{queue}"
 
 
 def flight_lease(cache_key: str) -> str:
@@ -152,3 +163,36 @@ def admitted(queue: str) -> str:
     """Sorted set of a pool's admitted requests not yet final: id -> when admitted.
     Its size is what `scheduler.max_queue_size` bounds."""
     return f"{_p()}:admitted:{queue}"
+
+
+def previews(request_id: str) -> str:
+    """List of a running image request's previews (JSON: index, step, steps, PNG base64),
+    written by its diffusion worker for the HTTP API; also the channel that announces
+    each one. Expires shortly after the request."""
+    return f"{_p()}:preview:{request_id}"
+
+
+def api_job(job_id: str) -> str:
+    """Hash of a job the HTTP API accepted: its type, creation time, webhook URL."""
+    return f"{_p()}:api:job:{job_id}"
+
+
+def webhook_watch() -> str:
+    """Sorted set: ids of jobs with a webhook not yet final -> when to look at them next."""
+    return f"{_p()}:api:webhooks:watch"
+
+
+def webhook_due() -> str:
+    """Sorted set: pending webhook deliveries -> when their next attempt is due (a claimed
+    one is pushed a lease ahead, so a dead API process's delivery becomes due again)."""
+    return f"{_p()}:api:webhooks:due"
+
+
+def webhook_deliveries() -> str:
+    """Hash: delivery id -> JSON of a pending webhook delivery (URL, body, attempts)."""
+    return f"{_p()}:api:webhooks:deliveries"
+
+
+def webhook_failed() -> str:
+    """List (newest first, capped) of the webhook deliveries given up, with their last error."""
+    return f"{_p()}:api:webhooks:failed"

@@ -60,7 +60,7 @@ class Entry:
 
     @property
     def script_args(self) -> list[Any]:
-        """ARGV[4..9] of `scripts/admit.lua`."""
+        """ARGV[6..11] of `scripts/admit.lua`."""
         ttl = get_config().result_expires
         return [self.task_id, ttl, self.task, self.args, self.kwargs, self.options]
 

@@ -1,4 +1,5 @@
-"""`omni-tasks`: the demo, submitting requests, status, and the tiny offline models."""
+"""`omni-tasks`: the demo, submitting requests, status, the HTTP API, the metrics exporter,
+and the tiny offline models."""
 
 from __future__ import annotations
 
@@ -45,13 +46,24 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     print(f"submitted {result.id}", file=sys.stderr)
     if args.no_wait:
         return 0
-    print(json.dumps(wait_with_progress(result, args.timeout, sys.stderr), indent=2))
+    if sys.stderr.isatty() and _has_rich():
+        value = wait_with_bar(result, args.timeout)
+    else:
+        value = wait_with_progress(result, args.timeout, sys.stderr)
+    print(json.dumps(value, indent=2))
     return 0
 
 
-def render_progress(info: Any, width: int = BAR_WIDTH) -> str | None:
-    """`[########--------] step 4/8` or `... tokens 12/64` for a PROGRESS `info`; None
-    for anything else."""
+def _has_rich() -> bool:
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def progress_figures(info: Any) -> tuple[str, int, int] | None:
+    """(label, done, total) of a PROGRESS `info`: steps of an image, tokens of a text."""
     if not isinstance(info, Mapping):
         return None
     for done_key, total_key, label in (
@@ -60,9 +72,54 @@ def render_progress(info: Any, width: int = BAR_WIDTH) -> str | None:
     ):
         done, total = info.get(done_key), info.get(total_key)
         if isinstance(done, int) and isinstance(total, int) and total > 0:
-            filled = min(width, max(0, done * width // total))
-            return f"[{'#' * filled}{'-' * (width - filled)}] {label} {done}/{total}"
+            return label, done, total
     return None
+
+
+def wait_with_bar(result: Any, timeout_s: float, console: Any = None) -> Any:
+    """The result of `result`, with a live `rich` progress bar on the terminal
+    (steps of an image, tokens of a text; a MULTIMODAL request shows each stage)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    deadline = time.monotonic() + timeout_s
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("queued", total=None)
+        while time.monotonic() < deadline:
+            state, info = _state_of(result)
+            if state in result.backend.READY_STATES:
+                break
+            figures = progress_figures(info) if state == PROGRESS else None
+            if figures is not None:
+                label, done, total = figures
+                bar.update(task, description=label, completed=done, total=total)
+            elif state == "STARTED":
+                bar.update(task, description="running")
+            time.sleep(POLL_INTERVAL_S)
+    return result.get(timeout=max(deadline - time.monotonic(), 0.1))
+
+
+def _state_of(result: Any) -> tuple[str, Any]:
+    """The state and info of a request's running stage (a chain's first stage while
+    its last has not started)."""
+    meta = result.backend.get_task_meta(result.id)
+    parent = getattr(result, "parent", None)
+    if meta["status"] == "PENDING" and parent is not None:
+        first = parent.backend.get_task_meta(parent.id)
+        if first["status"] not in ("PENDING", "SUCCESS"):
+            return first["status"], first["result"]
+    return meta["status"], meta["result"]
+
+
+def render_progress(info: Any, width: int = BAR_WIDTH) -> str | None:
+    """`[########--------] step 4/8` or `... tokens 12/64` for a PROGRESS `info`; None
+    for anything else (the bar off a terminal: one line per new figure)."""
+    figures = progress_figures(info)
+    if figures is None:
+        return None
+    label, done, total = figures
+    filled = min(width, max(0, done * width // total))
+    return f"[{'#' * filled}{'-' * (width - filled)}] {label} {done}/{total}"
 
 
 def wait_with_progress(result: Any, timeout_s: float, stream: IO[str]) -> Any:
@@ -90,7 +147,27 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     scheduler = OmniScheduler()
     report = {"status": scheduler.get_status(), "health": scheduler.get_health_status()}
-    print(json.dumps(report, indent=2, default=str))
+    if args.json or not _has_rich():
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    from omni_tasks.dev.status_tables import print_report
+
+    print_report(report)
+    return 0
+
+
+def _cmd_api(args: argparse.Namespace) -> int:
+    """Serves until interrupted: OpenAI-compatible endpoints and the job API."""
+    try:
+        from omni_tasks.api import serve
+    except ImportError as exc:
+        print(
+            f"error: the API needs the api extra (pip install 'omni-tasks[api]'): {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"serving the HTTP API on http://{args.host}:{args.port}", file=sys.stderr)
+    serve(args.host, args.port, log_level=args.log_level)
     return 0
 
 
@@ -109,6 +186,25 @@ def _cmd_exporter(args: argparse.Namespace) -> int:
         thread.join()
     except KeyboardInterrupt:
         server.shutdown()
+    return 0
+
+
+def _cmd_schemas(args: argparse.Namespace) -> int:
+    """The wire contract's JSON Schemas: printed, checked against the files, or written."""
+    from omni_tasks.wire_schema import all_schemas, stale_files, write_schemas
+
+    directory = Path(args.dir) if args.dir else None
+    where = {"directory": directory} if directory else {}
+    if args.write:
+        for path in write_schemas(**where):
+            print(path)
+        return 0
+    if args.check:
+        stale = stale_files(**where)
+        for name in stale:
+            print(f"out of date: {name} (run: omni-tasks schemas --write)", file=sys.stderr)
+        return 1 if stale else 0
+    print(json.dumps(all_schemas(), indent=2))
     return 0
 
 
@@ -138,16 +234,34 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--seed", type=int)
     submit.add_argument("--image", help="input image (path) for an edit")
     submit.add_argument("--timeout", type=float, default=600.0)
-    submit.add_argument("--no-wait", action="store_true")
+    waiting = submit.add_mutually_exclusive_group()
+    waiting.add_argument(
+        "--wait", action="store_true", help="wait with a progress bar (the default)"
+    )
+    waiting.add_argument("--no-wait", action="store_true", help="print the id and return")
     submit.set_defaults(func=_cmd_submit)
 
     status = sub.add_parser("status", help="queues, pools, workers and health from Redis")
+    status.add_argument("--json", action="store_true", help="one JSON document, for scripts")
     status.set_defaults(func=_cmd_status)
+
+    api = sub.add_parser("api", help="serve the HTTP API (OpenAI-compatible, jobs)")
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    api.add_argument("--port", type=int, default=8000, help="default: 8000")
+    api.add_argument("--log-level", default="warning", help="uvicorn's (default: warning)")
+    api.set_defaults(func=_cmd_api)
 
     exporter = sub.add_parser("exporter", help="serve Prometheus metrics read from Redis")
     exporter.add_argument("--port", type=int, default=9808, help="default: 9808")
     exporter.add_argument("--addr", default="0.0.0.0", help="address to listen on")
     exporter.set_defaults(func=_cmd_exporter)
+
+    schemas = sub.add_parser("schemas", help="the wire contract's JSON Schemas (docs/wire.md)")
+    action = schemas.add_mutually_exclusive_group()
+    action.add_argument("--write", action="store_true", help="write them to --dir")
+    action.add_argument("--check", action="store_true", help="exit 1 if --dir is out of date")
+    schemas.add_argument("--dir", default=None, help="default: docs/schemas of the source tree")
+    schemas.set_defaults(func=_cmd_schemas)
     return parser
 
 

@@ -1,6 +1,6 @@
 """`omni-tasks demo`: Redis, an AR pool and a diffusion pool, a mixed workload with
-priorities through `.delay()`, progress, results, a status summary; then it stops
-everything it started."""
+priorities through `.delay()` (two LoRA image styles and a LoRA text adapter among it),
+progress, results, a status summary; then it stops everything it started."""
 
 from __future__ import annotations
 
@@ -11,6 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from omni_tasks.dev.redis_server import PrivateRedis, start_private_redis
+
+#: The demo's LoRA adapters: two image styles and a text adapter, tiny random adapters
+#: that the workers build on first use (`workers.models.tiny_lora`).
+DEMO_LORAS = {
+    "watercolor": "tiny-flux-lora-watercolor",
+    "ink": "tiny-flux-lora-ink",
+    "pirate": "tiny-llama-lora-pirate",
+}
 
 
 def _line(text: str = "") -> None:
@@ -27,6 +35,7 @@ def run_demo(out_dir: Path, timeout_s: float = 900.0) -> int:
     else:
         _line(f"using Redis at {os.environ['OMNI_REDIS_URL']}")
     os.environ["OMNI_OUTPUT_DIR"] = str(out_dir / "images")
+    _register_demo_loras()
     workers = []
     try:
         from omni_tasks.dev.launcher import start_worker
@@ -52,8 +61,36 @@ def run_demo(out_dir: Path, timeout_s: float = 900.0) -> int:
             _line("stopped the private Redis")
 
 
+def _register_demo_loras() -> None:
+    """The demo's adapters join the registry, of this process and of the pools it starts."""
+    from dataclasses import replace
+
+    from omni_tasks.config import get_config, set_config
+
+    config = get_config()
+    loras = {**DEMO_LORAS, **config.loras}
+    set_config(replace(config, loras=loras))
+    os.environ["OMNI_LORAS"] = json.dumps(loras)
+
+
+def _lora_jobs() -> list[tuple[str, Any, dict[str, Any]]]:
+    """One picture without a style and in each of two styles (same prompt and seed), and
+    a text with the text adapter."""
+    from omni_tasks import generate_image, generate_text
+
+    picture = {"prompt": "a harbour at dawn", "width": 64, "height": 64, "steps": 4, "seed": 21}
+    jobs: list[tuple[str, Any, dict[str, Any]]] = [
+        ("lora image", generate_image, {**picture, "lora": style, "priority": "normal"})
+        for style in ([], ["watercolor"], ["ink"])
+    ]
+    story = {"prompt": "Story 0: once upon a time", "max_tokens": 32, "seed": 0}
+    jobs.append(("lora text", generate_text, {**story, "lora": ["pirate"], "priority": "normal"}))
+    return jobs
+
+
 def _workload() -> list[tuple[str, Any, dict[str, Any]]]:
     from omni_tasks import generate_image, generate_multimodal, generate_text
+    from omni_tasks.config import get_config
 
     jobs: list[tuple[str, Any, dict[str, Any]]] = []
     for i, priority in enumerate(["low", "normal", "high", "low", "normal", "high"]):
@@ -99,6 +136,8 @@ def _workload() -> list[tuple[str, Any, dict[str, Any]]]:
             },
         )
     )
+    if all(name in get_config().loras for name in DEMO_LORAS):
+        jobs += _lora_jobs()
     return jobs
 
 
@@ -177,14 +216,28 @@ def _progress(job: dict[str, Any], n: int, total: int) -> None:
     what = value.get("image_path") or repr(value.get("text", ""))[:60]
     if value.get("cache"):
         what += "  cache " + ",".join(f"{k}={v}" for k, v in value["cache"].items())
+    if job["kind"].startswith("lora"):
+        what += "  lora " + (", ".join(_adapter_text(u) for u in value["lora"]) or "none")
     _line(
         f"[{n}/{total}] {job['kind']:<10} {job['priority']:<6} queued {t.get('queued_s', 0):6.2f}s"
         f" ran {t.get('run_s', 0):5.2f}s  {what}"
     )
 
 
+def _adapter_text(use: dict[str, Any]) -> str:
+    if use["hit"] is None:
+        how = "the image came from the DiT cache"
+    elif use["hit"]:
+        how = "loaded already"
+    else:
+        how = f"loaded in {use['load_s']:.2f}s"
+    return f"{use['name']} x{use['scale']:g} ({how})"
+
+
 def _summary(results: list[dict[str, Any]], out_dir: Path) -> None:
     from omni_tasks import OmniScheduler
+    from omni_tasks.config import get_config
+    from omni_tasks.coordination.cache_directory import adapter_stats
 
     ok = sum(r["state"] == "SUCCESS" for r in results)
     _line(f"\n{ok}/{len(results)} requests succeeded")
@@ -198,6 +251,7 @@ def _summary(results: list[dict[str, Any]], out_dir: Path) -> None:
         "dit_cache_gb": round(status["memory_usage"], 6),
         "pools": status["pools"],
         "workers": [w["hostname"] for w in status["resource_status"]["workers"]],
+        "lora_adapters": adapter_stats(get_config().diffusion.queue),
     }
     _line("status: " + json.dumps(summary, indent=2, default=str))
     report = out_dir / "results.json"

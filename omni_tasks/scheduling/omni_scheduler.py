@@ -120,7 +120,12 @@ class OmniScheduler:
                 return request
 
     async def process_request(self, request: OmniRequest, timeout: float | None = None) -> Any:
-        """Schedule `request` if needed and await its result (a JSON dict)."""
+        """Schedule `request` if needed and await its result (a JSON dict).
+
+        Only this request's result: its id re-used for a different request raises
+        `RequestConflictError` (nothing is enqueued); the same request sent again under
+        its id is an idempotent repeat, answered with the result it already has.
+        """
         if request.request_id not in self._pending:
             await self.schedule_request(request)
         _, result = self._pending[request.request_id]
@@ -128,6 +133,9 @@ class OmniScheduler:
         started = time.time()
         try:
             value = await self._await_result(result, limit)
+            answered = value.get("request_id") if isinstance(value, dict) else None
+            if answered not in (None, request.request_id):
+                raise ProcessingError(f"request {request.request_id} got {answered}'s result")
         except Exception as exc:
             request.add_error(str(exc))
             request.update_processing_stage(ProcessingStage.FAILED)

@@ -2,9 +2,15 @@
 
 `apply_async` (and so `.delay`) validates the kwargs into an `OmniRequest` before
 anything is sent and uses the request id as the task id; the router then picks the
-queue and priority. A task's name and message are the contract: its body runs the
-`handler` that the worker side registered for it (`workers.entry`, loaded only by
-worker processes), so this module never reaches into the worker side.
+queue and priority. A task's name and message are the contract (`docs/wire.md`): its
+body runs the `handler` that the worker side registered for it (`workers.entry`, loaded
+only by worker processes), so this module never reaches into the worker side.
+
+The request id is the task id on both sides: a message without `request_id` takes the
+task id, one with another id is refused (`RequestValidationError`, field `request_id`).
+A request id already accepted is checked by `omni_tasks.coordination.idempotency`: the
+same request again is a repeat (nothing is published; the caller gets the id's
+result), a different one raises `RequestConflictError`.
 """
 
 from __future__ import annotations
@@ -21,15 +27,21 @@ from celery._state import get_current_worker_task
 from kombu.utils.url import maybe_sanitize_url
 
 from omni_tasks.config import get_config
-from omni_tasks.coordination import admission, ledger
+from omni_tasks.coordination import admission, idempotency, ledger
 from omni_tasks.errors import ProcessingError, RequestValidationError, SchedulerError
 from omni_tasks.requests import OmniRequest, RequestType, Stage, request_from_task_kwargs
 
 #: Longest `kwargsrepr` (what Flower and the logs show of a message), as Celery's own.
 KWARGSREPR_MAX_CHARS = 1024
 
-#: Runs one message on a worker: (task, kwargs, previous stage's result) -> result JSON.
-TaskHandler = Callable[["OmniTask", dict[str, Any], "dict[str, Any] | None"], dict[str, Any]]
+#: Why positional args are refused (`RequestValidationError`, field "args").
+POSITIONAL_REFUSED = "positional args are refused: pass the fields as keyword arguments (kwargs)"
+
+#: Runs one message on a worker: (task, kwargs, previous stage's result, positional args
+#: other than that result) -> result JSON.
+TaskHandler = Callable[
+    ["OmniTask", dict[str, Any], "dict[str, Any] | None", tuple[Any, ...]], dict[str, Any]
+]
 
 
 class OmniTask(Task):
@@ -43,15 +55,21 @@ class OmniTask(Task):
     takes_previous_result = False
     #: Set on worker processes by `workers.entry`; None in an application process.
     handler: TaskHandler | None = None
+    #: What a task id adds to its request id (a MULTIMODAL chain's AR stage: ".prompt").
+    id_suffix = ""
 
     def request_type_for(self, kwargs: dict[str, Any]) -> RequestType:
         if self.request_type is None:
             raise NotImplementedError("tasks without a fixed request_type decide per message")
         return self.request_type
 
-    def build_request(self, kwargs: dict[str, Any]) -> OmniRequest:
+    def build_request(self, kwargs: dict[str, Any], task_id: str | None = None) -> OmniRequest:
+        """Validate a message's kwargs into its request. With `task_id` (the id it is
+        sent or delivered under) the request id is the task's (`with_request_id`)."""
         if not isinstance(kwargs, dict):
             raise RequestValidationError("kwargs", "request fields must be keyword arguments")
+        if task_id:
+            kwargs = with_request_id(kwargs, task_id.removesuffix(self.id_suffix))
         return request_from_task_kwargs(self.request_type_for(kwargs), kwargs)
 
     def apply_async(
@@ -62,20 +80,20 @@ class OmniTask(Task):
         **options: Any,
     ) -> Any:
         if args and not self.takes_previous_result:
-            raise RequestValidationError("args", "pass request fields as keyword arguments")
-        return self.send(self.build_request(kwargs or {}), args, task_id, options)
+            raise RequestValidationError("args", POSITIONAL_REFUSED)
+        return self.send(self.build_request(kwargs or {}, task_id), args, task_id, options)
 
     def send(self, request: OmniRequest, args: Any, task_id: str | None, options: dict) -> Any:
         """Enqueue a validated request as this task's message (its id is the task id):
-        accepted first (admitted, and recorded in the ledger, in one round trip:
-        `omni_tasks.coordination.admission`), then published."""
-        message = request.to_message()
-        options.setdefault("kwargsrepr", kwargs_repr(message))
-        deadline = request_deadline(request)
-        if deadline is not None:
-            options.setdefault("expires", datetime.fromtimestamp(deadline, timezone.utc))
+        accepted first (its id checked, admitted, and recorded in the ledger, in one
+        round trip: `omni_tasks.coordination.admission`), then published. A repeat of
+        a request accepted before is not published: its result is returned."""
+        message = publish_options(request, options)
         task_id = task_id or request.request_id
-        accepted = self.accept(args, message, task_id, options)
+        accepted = self.accept(args, message, task_id, options, request)
+        if accepted.repeat:
+            return self.AsyncResult(accepted.admission_id)
+        options["headers"] = {**(options.get("headers") or {}), idempotency.ACCEPTED_HEADER: True}
         try:
             with admission.admitted_here():
                 return super().apply_async(args, message, task_id=task_id, **options)
@@ -85,18 +103,27 @@ class OmniTask(Task):
             raise
 
     def accept(
-        self, args: Any, kwargs: dict[str, Any], task_id: str, options: dict
+        self,
+        args: Any,
+        kwargs: dict[str, Any],
+        task_id: str,
+        options: dict,
+        request: OmniRequest | None = None,
     ) -> admission.Admission:
-        """Count the request this message starts in its pool (`QueueFullError` when
-        full) and record it in the ledger (Redis broker only: RabbitMQ confirms the
-        publish). A chain's later stage is not counted: its first stage was.
+        """Check the request id (`RequestConflictError`, or a repeat), count the
+        request this message starts in its pool (`QueueFullError` when full) and
+        record it in the ledger (Redis broker only: RabbitMQ confirms the publish). A
+        chain's later stage is not counted: its first stage was.
 
         A message published by a running task (the next stage of a chain, a replaced
         task) or published again (`ledger.REPUBLISHED_HEADER`) belongs to a request
-        already admitted: it is counted without the limit, and never twice.
+        already admitted: its id is not checked, it is counted without the limit, and
+        never twice.
         """
         republished = bool((options.get("headers") or {}).get(ledger.REPUBLISHED_HEADER))
         enforce = not republished and get_current_worker_task() is None
+        checked = enforce and not self.takes_previous_result
+        fingerprint = request.fingerprint() if checked and request is not None else None
         entry = None
         if get_config().broker_is_redis:
             entry = ledger.prepare(self.name, task_id, args, kwargs, options)
@@ -107,6 +134,7 @@ class OmniTask(Task):
                 enforce=enforce,
                 counted=not self.takes_previous_result,
                 entry=entry,
+                fingerprint=fingerprint,
             )
         except redis.RedisError as exc:
             raise SchedulerError(_unreachable(exc)) from exc
@@ -120,15 +148,33 @@ class OmniTask(Task):
         return get_config().pool_for(self.stage).queue
 
     def run_on_worker(
-        self, kwargs: dict[str, Any], previous: dict[str, Any] | None = None
+        self,
+        kwargs: dict[str, Any],
+        previous: dict[str, Any] | None = None,
+        args: tuple[Any, ...] = (),
     ) -> dict[str, Any]:
-        """The task body: hand the message to the worker side's handler."""
+        """The task body: hand the message to the worker side's handler (`args`: the
+        positional args a client sent, which the handler refuses)."""
         if self.handler is None:
             raise ProcessingError(
                 f"{self.name} runs only in an omni-tasks worker "
                 "(celery -A omni_tasks worker), which registers its handler"
             )
-        return self.handler(self, kwargs, previous)
+        return self.handler(self, kwargs, previous, args)
+
+
+def with_request_id(kwargs: dict[str, Any], request_id: str) -> dict[str, Any]:
+    """`kwargs` with `request_id` set to the id the message is sent or delivered under:
+    a message without one takes it; one with another id is refused."""
+    given = kwargs.get("request_id")
+    if given is None:
+        return {**kwargs, "request_id": request_id}
+    if given != request_id:
+        shown = repr(given)[:140]
+        raise RequestValidationError(
+            "request_id", f"must be the task id {request_id!r} or left out, got {shown}"
+        )
+    return kwargs
 
 
 def _unreachable(exc: redis.RedisError) -> str:
@@ -145,6 +191,17 @@ def kwargs_repr(message: dict[str, Any]) -> str:
     if isinstance(shown.get("image"), str):
         shown["image"] = f"<{len(shown['image'])} chars of base64>"
     return json.dumps(shown)[:KWARGSREPR_MAX_CHARS]
+
+
+def publish_options(request: OmniRequest, options: dict[str, Any]) -> dict[str, Any]:
+    """Set what Flower shows of the message and when it expires in `options`; returns
+    the message (the task's kwargs)."""
+    message = request.to_message()
+    options.setdefault("kwargsrepr", kwargs_repr(message))
+    deadline = request_deadline(request)
+    if deadline is not None:
+        options.setdefault("expires", datetime.fromtimestamp(deadline, timezone.utc))
+    return message
 
 
 def request_deadline(request: OmniRequest) -> float | None:

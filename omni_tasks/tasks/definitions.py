@@ -5,10 +5,13 @@ handler the worker side registered (`OmniTask.run_on_worker`).
 - `generate_image` (pool `diffusion`): DIFFUSION, or IMAGE when `image=` is given.
 - `generate_multimodal`: a chain `multimodal_prompt` (pool `ar`: writes the image
   prompt) -> `multimodal_render` (pool `diffusion`: renders it), same priority class;
-  the returned result is the chain's last task, whose id is the request id.
+  the returned result is the chain's last task, whose id is the request id. Sent by
+  name, its message is run by an AR worker, which replaces it with that chain under
+  the message's id, so the caller's id gets the final result.
 
-A message sent by task name (`app.send_task`) is admitted too
-(`omni_tasks.coordination.admission`, through `OmniCelery.send_task`).
+A message sent by task name on `omni_tasks.app` (`app.send_task`) is accepted like
+`.delay()` (`send_admitted`, through `OmniCelery.send_task`). The bodies take `*args`
+only to refuse them on the worker with a clear error (`workers.handlers`).
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from typing import Any
 import redis
 from celery import chain
 
-from omni_tasks.coordination import admission
+from omni_tasks.coordination import admission, idempotency
+from omni_tasks.errors import RequestValidationError
 from omni_tasks.requests import OmniRequest, RequestType
 from omni_tasks.scheduling.policies import SchedulingPolicy
-from omni_tasks.tasks.base import OmniTask
+from omni_tasks.tasks.base import POSITIONAL_REFUSED, OmniTask, publish_options
 from omni_tasks.tasks.celery_app import app
 from omni_tasks.tasks.router import resolve_route
 
@@ -48,9 +52,14 @@ class MultimodalTask(OmniTask):
     abstract = True
 
     def send(self, request: OmniRequest, args: Any, task_id: str | None, options: dict) -> Any:
-        if task_id:
-            request.request_id = task_id
         return multimodal_chain(request).apply_async(**options)
+
+
+class PromptTask(OmniTask):
+    """The AR stage of a MULTIMODAL chain: its task id is the request id + ".prompt"."""
+
+    abstract = True
+    id_suffix = PROMPT_STAGE_SUFFIX
 
 
 class RenderTask(OmniTask):
@@ -59,13 +68,13 @@ class RenderTask(OmniTask):
 
 
 @app.task(bind=True, base=OmniTask, name="omni_tasks.generate_text", request_type=RequestType.TEXT)
-def generate_text(self: OmniTask, **request: Any) -> dict[str, Any]:
-    return self.run_on_worker(request)
+def generate_text(self: OmniTask, *args: Any, **request: Any) -> dict[str, Any]:
+    return self.run_on_worker(request, args=args)
 
 
 @app.task(bind=True, base=ImageTask, name="omni_tasks.generate_image", stage="dit")
-def generate_image(self: OmniTask, **request: Any) -> dict[str, Any]:
-    return self.run_on_worker(request)
+def generate_image(self: OmniTask, *args: Any, **request: Any) -> dict[str, Any]:
+    return self.run_on_worker(request, args=args)
 
 
 @app.task(
@@ -74,19 +83,19 @@ def generate_image(self: OmniTask, **request: Any) -> dict[str, Any]:
     name="omni_tasks.generate_multimodal",
     request_type=RequestType.MULTIMODAL,
 )
-def generate_multimodal(self: OmniTask, **request: Any) -> Any:
-    # Reached only through `send_task` by name: become the two-stage chain.
-    raise self.replace(multimodal_chain(self.build_request(request)))
+def generate_multimodal(self: OmniTask, *args: Any, **request: Any) -> Any:
+    # Reached only through `send_task` by name: its handler replaces it with the chain.
+    return self.run_on_worker(request, args=args)
 
 
 @app.task(
     bind=True,
-    base=OmniTask,
+    base=PromptTask,
     name="omni_tasks.multimodal_prompt",
     request_type=RequestType.MULTIMODAL,
 )
-def multimodal_prompt(self: OmniTask, **request: Any) -> dict[str, Any]:
-    return self.run_on_worker(request)
+def multimodal_prompt(self: OmniTask, *args: Any, **request: Any) -> dict[str, Any]:
+    return self.run_on_worker(request, args=args)
 
 
 @app.task(
@@ -96,15 +105,17 @@ def multimodal_prompt(self: OmniTask, **request: Any) -> dict[str, Any]:
     request_type=RequestType.MULTIMODAL,
     stage="dit",
 )
-def multimodal_render(self: OmniTask, prompt_result: dict[str, Any], **request: Any) -> Any:
-    return self.run_on_worker(request, prompt_result)
+def multimodal_render(
+    self: OmniTask, prompt_result: dict[str, Any] | None = None, *args: Any, **request: Any
+) -> Any:
+    return self.run_on_worker(request, prompt_result, args)
 
 
 @app.task(bind=True, base=OmniTask, name="omni_tasks.probe", request_type=RequestType.TEXT)
-def probe(self: OmniTask, **request: Any) -> dict[str, Any]:
+def probe(self: OmniTask, *args: Any, **request: Any) -> dict[str, Any]:
     """A TEXT request that runs no engine: measures the queue path itself (routing,
     validation on both sides, redelivery and revocation checks, counters)."""
-    return self.run_on_worker(request)
+    return self.run_on_worker(request, args=args)
 
 
 def multimodal_chain(request: OmniRequest, policy: SchedulingPolicy | None = None) -> Any:
@@ -145,17 +156,31 @@ TASK_FOR_TYPE = {
 
 
 def send_admitted(send_task: Callable[..., Any], name: str, *args: Any, **options: Any) -> Any:
-    """`send_task` of a message sent by name (`OmniCelery.send_task`), admitted first
-    unless `OmniTask.send` has admitted it already."""
+    """`send_task` of a message sent by name (`OmniCelery.send_task`), accepted like
+    `.delay()` unless `OmniTask.send` has accepted it already: positional args are
+    refused, the kwargs validated into the request the message then carries (its id the
+    task id, its creation time and seed fixed now), its id checked (a repeat publishes
+    nothing and returns the id's result) and admitted."""
     task = app.tasks.get(name)
     if admission.is_admitted_here() or not isinstance(task, OmniTask):
         return send_task(name, *args, **options)
-    options["task_id"] = options.get("task_id") or str(uuid.uuid4())
-    call_args = args[0] if args else options.get("args")
-    call_kwargs = args[1] if len(args) > 1 else options.get("kwargs")
-    accepted = task.accept(call_args, call_kwargs or {}, options["task_id"], options)
+    call_args = args[0] if args else options.pop("args", None)
+    call_kwargs = args[1] if len(args) > 1 else options.pop("kwargs", None)
+    task_id = options["task_id"] = options.get("task_id") or str(uuid.uuid4())
+    request = None
+    if task.takes_previous_result:  # a chain's later stage: the request was accepted
+        message = call_kwargs or {}
+    else:
+        if call_args:
+            raise RequestValidationError("args", POSITIONAL_REFUSED)
+        request = task.build_request(call_kwargs or {}, task_id)
+        message = publish_options(request, options)
+    accepted = task.accept(call_args, message, task_id, options, request)
+    if accepted.repeat:
+        return app.AsyncResult(accepted.admission_id)
+    options["headers"] = {**(options.get("headers") or {}), idempotency.ACCEPTED_HEADER: True}
     try:
-        return send_task(name, *args, **options)
+        return send_task(name, call_args, message, *args[2:], **options)
     except BaseException:
         with contextlib.suppress(redis.RedisError):
             accepted.undo()

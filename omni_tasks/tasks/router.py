@@ -13,7 +13,7 @@ from typing import Any
 
 from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.coordination import cache_directory, keys
-from omni_tasks.requests import OmniRequest, RequestType, Stage
+from omni_tasks.requests import OmniRequest, Stage
 from omni_tasks.scheduling.policies import Route, SchedulingPolicy, create_policy
 from omni_tasks.tasks.base import OmniTask
 from omni_tasks.tasks.celery_app import app
@@ -55,22 +55,22 @@ class OmniRouter:
 
 
 def resolve_route(request: OmniRequest, stage: Stage, policy: SchedulingPolicy) -> Route:
-    """The policy's route; a DiT request whose cache keys a live, not overloaded worker
-    holds goes to that worker's own queue instead, with the same priority.
-
-    Not for a MULTIMODAL DiT stage: its prompt is written by the AR stage, so its keys
-    are unknown when it is routed.
+    """The policy's route; a DiT request whose cache keys or LoRA adapters a live, not
+    overloaded worker holds goes to that worker's own queue instead, with the same
+    priority (`cache_directory.affinity_keys`: a MULTIMODAL DiT stage's prompt is
+    written by its AR stage, so only its adapters are known when it is routed).
     """
     route = policy.route(request, stage)
     config = policy.config
-    if stage != "dit" or request.request_type is RequestType.MULTIMODAL:
+    if stage != "dit":
         return route
     # A worker's own queue is a Redis list that live workers drain when it dies; a
     # RabbitMQ broker would keep a dead worker's queue full.
     if not config.diffusion.cache_affinity or not config.broker_is_redis:
         return route
     try:
-        holder = cache_directory.pick_holder(cache_directory.dit_keys(request, config).all())
+        wanted = cache_directory.affinity_keys(request, config)
+        holder = cache_directory.pick_holder(wanted) if wanted else None
     except Exception:  # the directory is an optimisation: route normally without it
         log.warning("cache directory lookup failed", exc_info=True)
         return route

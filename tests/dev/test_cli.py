@@ -31,13 +31,13 @@ def test_cli_help_runs() -> None:
         [sys.executable, "-m", "omni_tasks.dev.cli", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0
-    for command in ("demo", "models", "submit", "status"):
+    for command in ("demo", "models", "submit", "status", "api", "exporter"):
         assert command in out.stdout
 
 
 def test_status_prints_the_cluster_as_json(redis_client) -> None:
     generate_text.delay(prompt="waiting", priority="high")
-    out = omni_tasks_cli("status")
+    out = omni_tasks_cli("status", "--json")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     status, health = report["status"], report["health"]
@@ -47,6 +47,19 @@ def test_status_prints_the_cluster_as_json(redis_client) -> None:
     assert set(status["pools"]) == {"ar", "diffusion"}
     assert health["healthy"] is False  # no worker runs in this test
     assert any("'ar'" in issue for issue in health["issues"])  # work waits, no worker
+
+
+def test_status_prints_tables_for_people(redis_client) -> None:
+    generate_text.delay(prompt="waiting", priority="high")
+    generate_text.delay(prompt="waiting too", priority="low")
+    out = omni_tasks_cli("status")
+    assert out.returncode == 0, out.stderr
+    for title in ("Pools", "Queues", "Workers", "DiT cache", "Health: unhealthy"):
+        assert title in out.stdout, out.stdout
+    queues = out.stdout[out.stdout.index("Queues") :]
+    assert "level 0" in queues and "level 9" in queues  # only the levels in use
+    assert "level 5" not in queues
+    assert "no live worker consumes queue 'ar'" in out.stdout
 
 
 def test_submit_of_a_bad_field_exits_2_naming_it(redis_client) -> None:
@@ -129,3 +142,32 @@ def test_waiting_draws_each_new_figure_then_returns_the_result(redis_client) -> 
         render_progress(figures[0]),
         render_progress(figures[2]),
     ]
+
+
+def test_on_a_terminal_waiting_draws_a_rich_bar(redis_client) -> None:
+    from celery.result import AsyncResult
+    from rich.console import Console
+
+    from omni_tasks import app
+    from omni_tasks.dev.cli import wait_with_bar
+
+    task_id = uuid.uuid4().hex
+
+    def worker_side() -> None:
+        for step in (2, 6):
+            time.sleep(0.3)
+            app.backend.store_result(task_id, {"step": step, "steps": 8}, "PROGRESS")
+        time.sleep(0.3)
+        app.backend.store_result(task_id, {"image_path": "x.png"}, "SUCCESS")
+
+    writer = threading.Thread(target=worker_side)
+    writer.start()
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=100)
+    try:
+        result = wait_with_bar(AsyncResult(task_id, app=app), 30, console=console)
+    finally:
+        writer.join()
+    assert result == {"image_path": "x.png"}
+    drawn = screen.getvalue()
+    assert "step" in drawn and "6/8" in drawn

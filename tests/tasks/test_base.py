@@ -156,21 +156,26 @@ def test_a_task_body_without_a_registered_handler_raises(task: OmniTask) -> None
 def test_the_task_body_hands_its_message_to_the_registered_handler(monkeypatch) -> None:
     calls: list[tuple[Any, ...]] = []
 
-    def handler(task: OmniTask, kwargs: dict[str, Any], previous: Any) -> dict[str, Any]:
-        calls.append((task.name, kwargs, previous))
+    def handler(
+        task: OmniTask, kwargs: dict[str, Any], previous: Any, args: tuple[Any, ...]
+    ) -> dict[str, Any]:
+        calls.append((task.name, kwargs, previous, args))
         return {"request_id": kwargs["request_id"], "text": "ok"}
 
     monkeypatch.setattr(generate_text, "handler", handler)  # as workers.entry does
     monkeypatch.setattr(multimodal_render, "handler", handler)
     assert generate_text.run(request_id="r1", prompt="hi") == {"request_id": "r1", "text": "ok"}
     multimodal_render.run({"image_prompt": "p"}, request_id="r2", prompt="hi")
+    generate_text.run("stray", request_id="r3", prompt="hi")  # the handler refuses args
     assert calls == [
-        ("omni_tasks.generate_text", {"request_id": "r1", "prompt": "hi"}, None),
+        ("omni_tasks.generate_text", {"request_id": "r1", "prompt": "hi"}, None, ()),
         (
             "omni_tasks.multimodal_render",
             {"request_id": "r2", "prompt": "hi"},
             {"image_prompt": "p"},
+            (),
         ),
+        ("omni_tasks.generate_text", {"request_id": "r3", "prompt": "hi"}, None, ("stray",)),
     ]
 
 

@@ -32,18 +32,24 @@ from omni_tasks import (
 from omni_tasks.config import get_config, set_config
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis, get_scripts
+from omni_tasks.coordination.idempotency import ACCEPTED_HEADER
 from omni_tasks.coordination.rejections import list_rejections
-from omni_tasks.errors import ProcessingError, RequestValidationError
+from omni_tasks.errors import ProcessingError, RequestConflictError, RequestValidationError
 from omni_tasks.tasks.base import OmniTask
-from workers.handlers import DELIVERY_KEY_TTL_S, RUNNERS, execute, register_handlers
+from workers.handlers import (
+    DELIVERY_KEY_TTL_S,
+    become_chain,
+    execute,
+    handlers,
+    register_handlers,
+)
 from workers.runtime import WorkerRuntime
 
 TIMEOUT = 300
 
 
 def hands_its_message_to_a_handler(task: OmniTask) -> bool:
-    """True when the task's body is `run_on_worker` (generate_multimodal's body is not:
-    it becomes the two-stage chain)."""
+    """True when the task's body is `run_on_worker`."""
     return "run_on_worker" in type(task).__wrapped__.__code__.co_names
 
 
@@ -84,9 +90,11 @@ def worker_app() -> Celery:
 
 
 @contextmanager
-def delivered(task: OmniTask, task_id: str, redelivered: bool = False) -> Iterator[None]:
+def delivered(
+    task: OmniTask, task_id: str, redelivered: bool = False, **headers: Any
+) -> Iterator[None]:
     """The request context Celery gives a task body for one delivery of a message."""
-    task.push_request(id=task_id, delivery_info={"redelivered": redelivered})
+    task.push_request(id=task_id, delivery_info={"redelivered": redelivered}, **headers)
     try:
         yield
     finally:
@@ -120,8 +128,7 @@ def test_every_task_body_that_hands_over_has_a_runner() -> None:
         for name in omni_task_names()
         if hands_its_message_to_a_handler(omni_tasks.app.tasks[name])
     }
-    assert handing_over == set(RUNNERS)
-    assert set(omni_task_names()) - handing_over == {"omni_tasks.generate_multimodal"}
+    assert handing_over == set(handlers()) == set(omni_task_names())
 
 
 def test_the_fresh_app_declares_the_tasks_like_omni_tasks(worker_app: Celery) -> None:
@@ -135,9 +142,10 @@ def test_the_fresh_app_declares_the_tasks_like_omni_tasks(worker_app: Celery) ->
 def test_register_handlers_sets_a_handler_on_each_task_of_that_app_only(
     worker_app: Celery,
 ) -> None:
-    for name in RUNNERS:
+    for name in handlers():
         assert callable(worker_app.tasks[name].handler), name
-    assert worker_app.tasks["omni_tasks.generate_multimodal"].handler is None
+    # Sent by name, generate_multimodal becomes the two-stage chain.
+    assert worker_app.tasks["omni_tasks.generate_multimodal"].handler is become_chain
     # The process-wide app (an application process) keeps its tasks handler-free.
     assert all(omni_tasks.app.tasks[name].handler is None for name in omni_task_names())
     assert OmniTask.handler is None
@@ -202,6 +210,61 @@ def test_a_shutdown_hands_the_message_back_without_counting_a_return(
             value = task.run(**request.to_message())
     assert value["request_id"] == request.request_id
     assert not redis_client.exists(keys.deliveries(request.request_id))
+    assert eventually(lambda: stats("ar").get("processed") == "1")
+
+
+# ------------------------------------------------------------------ request ids
+
+
+def test_a_message_without_a_request_id_takes_the_task_id(worker_app: Celery, redis_client) -> None:
+    task = worker_app.tasks["omni_tasks.probe"]
+    with delivered(task, "from-elsewhere"):
+        assert task.run(prompt="no id")["request_id"] == "from-elsewhere"
+    assert eventually(lambda: stats("ar").get("processed") == "1")
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "field"),
+    [((), {"prompt": "x", "request_id": "another"}, "request_id"), (("hi",), {}, "args")],
+    ids=["other-id", "positional"],
+)
+def test_a_message_no_producer_would_send_is_refused_and_recorded(
+    worker_app: Celery, redis_client, args: tuple, kwargs: dict, field: str
+) -> None:
+    task = worker_app.tasks["omni_tasks.probe"]
+    with delivered(task, "odd"), pytest.raises(RequestValidationError) as info:
+        task.run(*args, **kwargs)
+    assert info.value.field == field
+    assert field in rejection_of("odd")["reason"]
+    assert stats("ar")["failed"] == "1"
+
+
+def test_another_clients_repeat_and_conflict_leave_the_first_result(
+    worker_app: Celery, redis_client
+) -> None:
+    task = worker_app.tasks["omni_tasks.probe"]
+    with delivered(task, "reused"):
+        first = task.run(prompt="first")
+    worker_app.backend.mark_as_done("reused", first)  # what Celery stores after the body
+    with delivered(task, "reused"), pytest.raises(Ignore):
+        task.run(prompt="first")  # the same request: not run again
+    assert stats("ar")["duplicates"] == "1"
+    with delivered(task, "reused"), pytest.raises(RequestConflictError) as info:
+        task.run(prompt="second")
+    assert info.value.field == "request_id"
+    assert "different request" in rejection_of("reused")["reason"]
+    worker_app.backend.mark_as_failure("reused", info.value)  # Celery keeps the success
+    assert worker_app.AsyncResult("reused").get(timeout=5) == first
+    assert eventually(lambda: stats("ar").get("processed") == "1")  # one run
+
+
+def test_a_message_a_producer_accepted_is_not_checked_again(
+    worker_app: Celery, redis_client
+) -> None:
+    task = worker_app.tasks["omni_tasks.probe"]
+    with delivered(task, "checked", **{ACCEPTED_HEADER: True}):
+        task.run(prompt="checked at the producer")
+    assert not redis_client.exists(keys.request_fingerprint("checked"))  # no round trip
     assert eventually(lambda: stats("ar").get("processed") == "1")
 
 

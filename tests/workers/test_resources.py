@@ -22,7 +22,7 @@ ROW = 256 * 64 * 4  # one row of inputs: 256 x 64 float32
 STEP_ROW = 2 * 256 * 1024 * 4  # per row, a step keeps x @ w and its relu alive at once
 WEIGHT = torch.randn(64, 1024)
 STATUS_KEYS = {"device", "total_bytes", "budget_bytes", "used_bytes", "cache_bytes"}
-STATUS_KEYS |= {"running", "batch"}
+STATUS_KEYS |= {"running", "batch", "adapter_bytes"}
 
 
 def probe(label: str = "256x64", calls: list[int] | None = None) -> ShapeProbe:

@@ -9,7 +9,7 @@ message back to the queue.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +31,8 @@ class TextParams:
     #: Rank of the request's class, 0 first (`SchedulerConfig.class_rank`): engines that
     #: schedule by priority serve lower values first.
     priority: int = 0
+    #: LoRA adapters from the registry: (name, scale) pairs (`omni_tasks.lora.AdapterSet`).
+    lora: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -39,6 +41,8 @@ class TextOutput:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" | "length" | "abort"
+    #: The adapters it ran with: {name, scale, hit, load_s} (`workers.lora.cache.AdapterUse`).
+    lora: list[dict[str, Any]] = field(default_factory=list)
 
 
 class TextEngine(Protocol):
@@ -92,6 +96,8 @@ class ImageParams:
     negative_prompt: str | None = None
     strength: float = 0.6  # img2img only
     step_cache: StepCacheSettings = StepCacheSettings()
+    #: LoRA adapters from the registry: (name, scale) pairs (`omni_tasks.lora.AdapterSet`).
+    lora: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -121,6 +127,7 @@ class ImageOutput:
     latents: torch.Tensor | None = None
     preemptions: int = 0
     max_batch: int = 0
+    lora: list[dict[str, Any]] = field(default_factory=list)  # as `TextOutput.lora`
 
 
 class DiffusionEngine(Protocol):

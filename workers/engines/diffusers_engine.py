@@ -25,11 +25,12 @@ that fill it (`hooks`), the phases (`phases`) and MagCache calibration (`magcach
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.errors import (
@@ -40,6 +41,7 @@ from omni_tasks.errors import (
     RequestTimeoutError,
     RequestValidationError,
     RequestYieldedError,
+    ResourceError,
 )
 from workers.engines import step_cache
 from workers.engines.base import ImageOutput, ImageParams
@@ -62,7 +64,10 @@ from workers.engines.flux.phases import (
     steps_taken,
     unpack,
 )
-from workers.resources import ResourceManager, ShapeProbe, resident_bytes
+from workers.engines.flux.probe import shape_probe
+from workers.lora.cache import AdapterListener, AdapterUse
+from workers.lora.flux import adapters_for
+from workers.resources import ResourceManager, resident_bytes
 from workers.stepping.arrivals import ArrivalWatch
 from workers.stepping.loop import StepLoop
 from workers.stepping.request import StepRequest, StepTicket
@@ -91,6 +96,7 @@ _PASSED_ON = (
     RequestValidationError,
     RequestCancelledError,
     RequestYieldedError,
+    ResourceError,
 )
 
 
@@ -117,6 +123,7 @@ class FluxDiffusionEngine:
         max_batch_size: int = 8,
         config: CoreModuleConfig | None = None,
         arrivals: Callable[[], int | None] | None = None,
+        adapter_listener: AdapterListener | None = None,
     ) -> None:
         """`true_cfg_scale` applies only to requests with a negative prompt (true CFG
         doubles the transformer calls); `max_sequence_length` is the T5 prompt length.
@@ -125,7 +132,8 @@ class FluxDiffusionEngine:
         by (steps, width, height), to skip calibrating them again. `max_batch_size`: the
         most requests one denoising step runs; `config`: whose `scheduler` section ranks
         them (default: the loaded config); `arrivals`: reads the best priority waiting in
-        the worker's queues (see `workers.stepping.arrivals`)."""
+        the worker's queues (see `workers.stepping.arrivals`); `adapter_listener`: told
+        of every LoRA adapter loaded and unloaded (`workers.lora`)."""
         self.model = str(model)
         self.device, self.dtype = _device_and_dtype(device, dtype)
         self.max_sequence_length = max_sequence_length
@@ -143,12 +151,15 @@ class FluxDiffusionEngine:
         modules = list(pipe.components.values())
         self.resources = ResourceManager(config, self.device, resident_bytes(modules, self.device))
         self.step_scheduler = StepScheduler(config, resources=self.resources)
+        self.adapters = adapters_for(pipe, config, self.resources, adapter_listener)
         self.loop = StepLoop(
             self.step_scheduler,
-            lambda calls: run_batch(transformer, calls),
+            lambda calls: run_batch(transformer, calls, self.adapters),
             max_batch_size,
         )
         self.resources.run_on = self.loop.run  # probes run where the steps run
+        self.adapters.run_on = functools.partial(self.loop.run, unshared=True)
+        self._probe_at = (max_sequence_length, {"device": self.device, "dtype": self.dtype})
         self._watch = ArrivalWatch(self.loop, arrivals) if arrivals is not None else None
         self._encoder = PromptEncoder(
             self.device, max_sequence_length, true_cfg_scale, run_on=self.loop.run
@@ -195,9 +206,11 @@ class FluxDiffusionEngine:
         self._hooks.check(request)
         held = None if latents is not None else self._step_request(ticket, params, init_image)
         if held is not None:  # ResourceError at once if it could never fit
-            self.resources.admit(held, self._shape_probe(base, params))
+            probe = shape_probe(base.transformer, params, self.size_multiple, *self._probe_at)
+            self.resources.admit(held, probe)
+        adapters = self.adapters.using(params.lora if held is not None else (), ticket.deadline)
         try:
-            with self._hooks.serving(request):
+            with self._hooks.serving(request), adapters as used:
                 with self.loop.holding(held):
                     final, used_embeds = self._final_latents(
                         base,
@@ -221,7 +234,7 @@ class FluxDiffusionEngine:
         finally:
             if held is not None:
                 self.resources.release(held)
-        return _output(image, request, held, used_embeds, final)
+        return _output(image, request, held, used_embeds, final, used)
 
     def encode_prompt(
         self, prompt: str, negative_prompt: str | None = None
@@ -296,7 +309,9 @@ class FluxDiffusionEngine:
         img2img = init_image is not None
         kwargs = self._encoder.denoise_kwargs(used_embeds, params, init_image, None)
         if params.step_cache.mode == "none":
-            packed = denoise_batched(base, self.loop, self._hooks, request, held, kwargs, img2img)
+            packed = denoise_batched(
+                base, self.loop, self._hooks, request, held, kwargs, img2img, params.lora
+            )
         else:
             packed = self._denoise_alone(base, request, held, kwargs, params, mode_params, img2img)
         return unpack(packed, params, base), used_embeds
@@ -320,6 +335,7 @@ class FluxDiffusionEngine:
         request.needs_cache_context = img2img and mode in step_cache.DIFFUSERS_MODES
         with self.loop.exclusive(held):
             self._hooks.check(request)
+            self.adapters.activate(params.lora)
             ratios = None
             if mode == "magcache":
                 full = self._mag_ratios.get_locked(
@@ -344,42 +360,15 @@ class FluxDiffusionEngine:
         self, ticket: StepTicket, params: ImageParams, init_image: Image.Image | None
     ) -> StepRequest:
         batched = params.step_cache.mode == "none"
-        key = batch_key(params.width, params.height, self.max_sequence_length)
+        size = (params.width, params.height, self.max_sequence_length)
+        key = batch_key(*size, None if self.adapters.mixed_batches else params.lora)
         return StepRequest(
             ticket,
             steps=steps_taken(params, init_image is not None),
             pixels=params.width * params.height,
             batch_key=key if batched else None,
-            shape=key,
+            shape=batch_key(*size, None),  # what memory is measured by: adapters aside
         )
-
-    def _shape_probe(self, base: FluxPipeline, params: ImageParams) -> ShapeProbe:
-        """One denoising step of `params`' size, on zeros, for the resource manager."""
-        import torch
-
-        transformer = base.transformer
-        cfg = transformer.config
-        tokens = (params.width // self.size_multiple) * (params.height // self.size_multiple)
-        seq = self.max_sequence_length
-        opts = {"device": self.device, "dtype": self.dtype}
-
-        def inputs(rows: int) -> dict[str, Any]:
-            guided = bool(cfg.guidance_embeds)
-            return {
-                "hidden_states": torch.zeros(rows, tokens, cfg.in_channels, **opts),
-                "encoder_hidden_states": torch.zeros(rows, seq, cfg.joint_attention_dim, **opts),
-                "pooled_projections": torch.zeros(rows, cfg.pooled_projection_dim, **opts),
-                "timestep": torch.ones(rows, **opts),
-                "guidance": torch.full((rows,), 3.5, **opts) if guided else None,
-                "txt_ids": torch.zeros(seq, 3, **opts),
-                "img_ids": torch.zeros(tokens, 3, **opts),
-            }
-
-        def forward(given: dict[str, Any]) -> Any:
-            with torch.no_grad():
-                return transformer(**given, joint_attention_kwargs=None, return_dict=False)[0]
-
-        return ShapeProbe(f"{params.width}x{params.height}", inputs, forward)
 
     def _live_base(self, request_id: str) -> FluxPipeline:
         base = self._base
@@ -401,6 +390,7 @@ def _output(
     held: StepRequest | None,
     embeds: dict[str, torch.Tensor] | None,
     final: torch.Tensor,
+    adapters: list[AdapterUse],
 ) -> ImageOutput:
     figures = timings(request)
     figures["paused_s"] = round(held.paused_s, 6) if held is not None else 0.0
@@ -415,6 +405,7 @@ def _output(
         latents=final,
         preemptions=held.preemptions if held is not None else 0,
         max_batch=held.max_batch if held is not None else 0,
+        lora=[use.to_json() for use in adapters],
     )
 
 

@@ -35,6 +35,8 @@ from typing import Any
 from omni_tasks.errors import EngineStoppedError, ProcessingError, RequestTimeoutError
 from workers.engines.background import BackgroundThreadEngine, notify_progress, settle
 from workers.engines.base import TextOutput, TextParams
+from workers.lora.peft_text import PeftAdapters
+from workers.lora.text import PreparedAdapter
 from workers.progress import ProgressCallback
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class _Request:
     deadline: float
     on_progress: ProgressCallback | None = None
     future: Future = field(default_factory=Future)
+    adapter: PreparedAdapter | None = None  # its LoRA adapters as one (workers.lora)
 
     @property
     def group(self) -> tuple:
@@ -117,7 +120,9 @@ class TransformersTextEngine(BackgroundThreadEngine):
         dtype: str = "auto",
         max_batch_size: int = 16,
         batch_wait_s: float = 0.005,
+        adapters: PeftAdapters | None = None,
     ) -> None:
+        """`adapters`: per-request LoRA adapters through PEFT; None: LoRA off."""
         import torch
 
         if device == "auto":
@@ -129,6 +134,7 @@ class TransformersTextEngine(BackgroundThreadEngine):
         self._queue: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._ids = itertools.count()
+        self._adapters = adapters
         # Loaded on the batching thread: see workers.engines.background.
         self._start_thread(self._run, "hf-batcher", build=lambda: self._load(model, dtype))
         log.info("transformers engine for %s on %s ready in %.1f s", model, device, self.init_s)
@@ -149,6 +155,8 @@ class TransformersTextEngine(BackgroundThreadEngine):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
         self.model.to(self.device).eval()
+        if self._adapters is not None:
+            self._adapters.base = self.model
         self.init_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ callers
@@ -169,7 +177,10 @@ class TransformersTextEngine(BackgroundThreadEngine):
         self._check_process()
         if params.max_tokens < 1:
             raise ProcessingError("max_tokens must be at least 1")
+        if params.lora and self._adapters is None:
+            raise ProcessingError("LoRA is off on this worker: its config registers no adapters")
         req = _Request(f"{request_id}#{next(self._ids)}", prompt, params, 0.0, on_progress)
+        req.adapter = self._adapters.prepare(params.lora) if self._adapters else None
         req.deadline = time.monotonic() + timeout_s
         with self._cond:
             self._raise_if_unavailable()
@@ -263,7 +274,8 @@ class TransformersTextEngine(BackgroundThreadEngine):
             batch, rest = [first], deque()
             while waiting:
                 req = waiting.popleft()
-                if len(batch) < self.max_batch_size and req.group == first.group:
+                fits = len(batch) < self.max_batch_size and self._adapters_fit(batch, req)
+                if fits and req.group == first.group:
                     batch.append(req)
                 else:
                     rest.append(req)
@@ -272,7 +284,26 @@ class TransformersTextEngine(BackgroundThreadEngine):
             self._running = batch
             return batch
 
+    def _adapters_fit(self, batch: list[_Request], req: _Request) -> bool:
+        """At most `lora.max_loras` adapters in one batch."""
+        if self._adapters is None or req.adapter is None:
+            return True
+        names = {r.adapter.name for r in batch if r.adapter is not None} | {req.adapter.name}
+        return len(names) <= self._adapters.config.lora.max_loras
+
     def _generate_batch(self, batch: list[_Request]) -> list[TextOutput | None]:
+        if self._adapters is None:
+            return self._generate_rows(batch, self.model, {}, [[] for _ in batch])
+        deadline = max(r.deadline for r in batch)
+        extra, uses, names = self._adapters.acquire([r.adapter for r in batch], deadline)
+        try:
+            return self._generate_rows(batch, self._adapters.model(), extra, uses)
+        finally:
+            self._adapters.cache.release(names)
+
+    def _generate_rows(
+        self, batch: list[_Request], model: Any, extra: dict[str, Any], uses: list[list[dict]]
+    ) -> list[TextOutput | None]:
         import torch
 
         tok = self.tokenizer
@@ -294,7 +325,7 @@ class TransformersTextEngine(BackgroundThreadEngine):
         with torch.inference_mode(), torch.random.fork_rng(devices=self._rng_devices()):
             if first.temperature != 0 and first.seed is not None:
                 torch.manual_seed(first.seed)
-            out = self.model.generate(**enc, **kwargs)
+            out = model.generate(**enc, **kwargs, **extra)
         prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
         eos = self._eos_ids()
         results: list[TextOutput | None] = []
@@ -314,7 +345,7 @@ class TransformersTextEngine(BackgroundThreadEngine):
             cut = min((k for k in (text.find(s) for s in req.params.stop) if k >= 0), default=-1)
             if cut >= 0:
                 text, reason = text[:cut], "stop"
-            results.append(TextOutput(text, int(prompt_tokens[i]), len(new), reason))
+            results.append(TextOutput(text, int(prompt_tokens[i]), len(new), reason, uses[i]))
         return results
 
     def _eos_ids(self) -> set[int]:

@@ -46,6 +46,7 @@ from workers.engines.background import (
     wait_for_burst,
 )
 from workers.engines.base import TextOutput, TextParams
+from workers.lora.text import PreparedAdapter, VllmAdapters
 from workers.progress import ProgressCallback
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,9 @@ class VllmTextEngine(BackgroundThreadEngine):
         kv_cache_gib: float = 1.0,
         enforce_eager: bool | None = None,
         cpu_threads: int | None = None,
+        adapters: VllmAdapters | None = None,
     ) -> None:
+        """`adapters`: per-request LoRA adapters (`workers.lora.text`); None: LoRA off."""
         global _live
         with _live_lock:
             if _live is not None:
@@ -99,6 +102,8 @@ class VllmTextEngine(BackgroundThreadEngine):
         self._watched: dict[str, tuple[str, ProgressCallback, int]] = {}
         self._next_progress = 0.0
         self._ids = itertools.count()
+        self._adapters = adapters
+        self._lora_uses: dict[str, list[dict[str, Any]]] = {}  # iid -> its adapters' uses
 
         build = functools.partial(  # run by the stepping thread: see engines.background
             self._build,
@@ -166,6 +171,7 @@ class VllmTextEngine(BackgroundThreadEngine):
             disable_log_stats=True,
             # The request's class orders vLLM's waiting queue (and its preemptions).
             scheduling_policy="priority",
+            **(self._adapters.engine_args(self.is_cpu) if self._adapters else {}),
             **(
                 {"kv_cache_memory_bytes": kv_bytes}
                 if self.is_cpu
@@ -190,6 +196,7 @@ class VllmTextEngine(BackgroundThreadEngine):
         """Queue the request, block until it finishes; see `TextEngine.generate`."""
         self._check_process()
         sampling = self._sampling_params(params)
+        prepared = self._prepare_adapters(params)
         # vLLM keys outputs by the id given to add_request; a counter keeps ids unique
         # when a redelivered task reuses its id while the first run still goes on.
         iid = f"{request_id}#{next(self._ids)}"
@@ -197,7 +204,8 @@ class VllmTextEngine(BackgroundThreadEngine):
         with self._cond:
             self._raise_if_unavailable()
             self._futures[iid] = fut
-            self._inbox.append(("add", iid, (prompt, sampling, params.priority, on_progress)))
+            payload = (prompt, sampling, params.priority, on_progress, prepared)
+            self._inbox.append(("add", iid, payload))
             self._cond.notify()
         try:
             return fut.result(timeout=max(timeout_s, 0.0))
@@ -228,6 +236,11 @@ class VllmTextEngine(BackgroundThreadEngine):
         for fut in futures:  # callers wake now, not after the current step
             settle(fut, exc=EngineStoppedError("vLLM engine shut down"))
         self._join_thread(timeout_s)
+
+    def _prepare_adapters(self, params: TextParams) -> PreparedAdapter | None:
+        if params.lora and self._adapters is None:
+            raise ProcessingError("LoRA is off on this worker: its config registers no adapters")
+        return self._adapters.prepare(params.lora) if self._adapters else None
 
     def _sampling_params(self, params: TextParams) -> Any:
         from vllm import SamplingParams
@@ -294,6 +307,7 @@ class VllmTextEngine(BackgroundThreadEngine):
     def _apply(self, op: str, iid: str, payload: Any) -> None:
         if op == "abort":
             self._watched.pop(iid, None)
+            self._lora_uses.pop(iid, None)
             if iid in self._active:
                 self._active.discard(iid)
                 try:
@@ -305,12 +319,18 @@ class VllmTextEngine(BackgroundThreadEngine):
             fut = self._futures.get(iid)
         if fut is None or fut.done():
             return  # timed out or shut down before it was added
-        prompt, sampling, priority, on_progress = payload
+        prompt, sampling, priority, on_progress, prepared = payload
         try:
-            internal = self._engine.add_request(iid, prompt, sampling, priority=priority)
+            lora, uses = (None, [])
+            if self._adapters is not None:  # loads the adapter if vLLM has not got it
+                lora, uses = self._adapters.request_for(self._engine, prepared)
+            internal = self._engine.add_request(
+                iid, prompt, sampling, priority=priority, lora_request=lora
+            )
         except Exception as exc:  # noqa: BLE001 - e.g. prompt longer than max_model_len
             self._pop_and_settle(iid, exc=ProcessingError(f"vLLM rejected the request: {exc}"))
             return
+        self._lora_uses[iid] = uses
         self._active.add(iid)
         if on_progress is not None:
             self._watched[iid] = (internal, on_progress, sampling.max_tokens)
@@ -346,10 +366,12 @@ class VllmTextEngine(BackgroundThreadEngine):
             prompt_tokens=len(out.prompt_token_ids or ()),
             completion_tokens=len(completion.token_ids),
             finish_reason=completion.finish_reason or "stop",
+            lora=self._lora_uses.get(out.request_id, []),
         )
         self._pop_and_settle(out.request_id, result=result)
 
     def _pop_and_settle(self, iid: str, result: Any = None, exc: BaseException | None = None):
+        self._lora_uses.pop(iid, None)
         with self._cond:
             fut = self._futures.pop(iid, None)
         if fut is not None:

@@ -20,7 +20,7 @@ from celery.worker.consumer import Consumer
 from kombu.serialization import prepare_accept_content, registry
 
 from omni_tasks.coordination.rejections import record_rejection
-from omni_tasks.errors import RequestValidationError
+from omni_tasks.errors import RequestConflictError, RequestValidationError
 from workers.lifecycle.reroute import reroute, reroute_reason
 from workers.transport import consuming_transport, fail_task
 
@@ -70,7 +70,10 @@ class OmniConsumer(Consumer):
         try:
             reroute(task, message, body, reason)
         except RequestValidationError as exc:
-            self._refuse(message, exc.field, str(exc))
+            self._refuse(message, exc.field, exc.message)
+        except RequestConflictError as exc:  # its id holds another request: that one's
+            _record(message, str(exc))  # result (or run) stands, so none is stored here
+            message.reject_log_error(log, self.connection_errors)
         except Exception:  # Redis unreachable: it stays queued, to be routed again
             log.warning("could not re-route %s; requeued", _task_id(message), exc_info=True)
             message.reject_log_error(log, self.connection_errors, requeue=True)

@@ -57,6 +57,8 @@ class Heartbeat:
             "hostname": identity.hostname,
             "queues": json.dumps(identity.queues),
             "stages": json.dumps(identity.stages),
+            # The model of each stage it runs: what the HTTP API lists (`GET /v1/models`).
+            "models": json.dumps({s: get_config().pool_for(s).model for s in identity.stages}),
             "pool_type": identity.pool_type,
             "concurrency": identity.concurrency,
             "pid": os.getpid(),

@@ -135,7 +135,11 @@ class Reaper:
             try:
                 with admission.unlimited():  # admitted when first accepted: never refused
                     task.apply_async(
-                        entry["args"], entry["kwargs"], task_id=task_id, **entry["options"]
+                        entry["args"],
+                        entry["kwargs"],
+                        task_id=task_id,
+                        headers={ledger.REPUBLISHED_HEADER: True},  # not a repeat
+                        **entry["options"],
                     )
             except RequestValidationError as exc:  # sent by name and never valid:
                 self.app.backend.mark_as_failure(task_id, exc)  # it fails, as on a worker

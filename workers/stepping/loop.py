@@ -79,6 +79,7 @@ class StepLoop:
         self._stopped = False
         self._granted: StepRequest | None = None
         self._jobs: list[ForwardCall] = []
+        self._unshared_jobs: list[ForwardCall] = []  # held while a request runs alone
         self._thread = threading.Thread(target=self._serve, name="step-loop", daemon=True)
         self._thread.start()
 
@@ -126,15 +127,17 @@ class StepLoop:
             self._cond.notify_all()
         return call.wait(ALIVE_POLL_S, self._check_alive)
 
-    def run(self, fn: Callable[[], T]) -> T:
-        """Run `fn` on the loop thread before the next step; its result (or exception)."""
+    def run(self, fn: Callable[[], T], *, unshared: bool = False) -> T:
+        """Run `fn` on the loop thread before the next step; its result (or exception).
+        `unshared`: only while no request holds the transformer alone (`exclusive`),
+        for work that changes the transformer (loading a LoRA adapter)."""
         if threading.current_thread() is self._thread:
             return fn()
         job = ForwardCall(fn, first_of_step=False)
         with self._cond:
             if self._stopped:
                 raise EngineStoppedError("diffusion engine shut down")
-            self._jobs.append(job)
+            (self._unshared_jobs if unshared else self._jobs).append(job)
             self._cond.notify_all()
         return job.wait(ALIVE_POLL_S, self._check_alive)
 
@@ -222,6 +225,8 @@ class StepLoop:
             while True:
                 self._drop_finished_calls()
                 jobs, self._jobs = self._jobs, []
+                if self._granted is None or self._stopped:
+                    jobs, self._unshared_jobs = jobs + self._unshared_jobs, []
                 if self._stopped:
                     for job in jobs:
                         job.fail(EngineStoppedError("diffusion engine shut down"))

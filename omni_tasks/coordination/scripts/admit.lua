@@ -1,25 +1,39 @@
--- Accept one request before its message is published: admit it into its pool (unless
--- the pool already holds max_queue_size) and, when KEYS[2] and KEYS[3] are given,
--- record it in the ledger of accepted requests. One step, one round trip per send.
+-- Accept one request before its message is published: check its id against the
+-- request accepted under it before (when ARGV[4] is given), admit it into its pool
+-- (unless the pool already holds max_queue_size) and, when KEYS[3] and KEYS[4] are
+-- given, record it in the ledger of accepted requests. One step, one round trip per send.
 -- KEYS[1]  the pool's admitted set: request id -> when admitted (ZSCORE, ZCARD, ZADD)
--- KEYS[2]  optional: the request's ledger entry (HSET, EXPIRE)
--- KEYS[3]  optional: the ledger's open set: task id -> when published (ZADD)
+-- KEYS[2]  the request id's fingerprint (GET, SET EX); untouched when ARGV[4] is ''
+-- KEYS[3]  optional: the request's ledger entry (HSET, EXPIRE)
+-- KEYS[4]  optional: the ledger's open set: task id -> when published (ZADD)
 -- ARGV[1]  admission id (the request's final task id)
 -- ARGV[2]  the pool's limit; 0 admits without a limit (a continuation or a republish);
 --          -1 does not admit (a chain's later stage, counted with its first)
 -- ARGV[3]  now, in seconds
--- ARGV[4]  with the ledger keys: the task id (the open set's member)
--- ARGV[5]  with the ledger keys: the entry's time to live, in seconds
--- ARGV[6]  with the ledger keys: the task's name
--- ARGV[7]  with the ledger keys: its args (JSON)
--- ARGV[8]  with the ledger keys: its kwargs (JSON)
--- ARGV[9]  with the ledger keys: its publish options (JSON)
+-- ARGV[4]  the request's fingerprint; '' skips the check (a chain's later stage, a
+--          message published again)
+-- ARGV[5]  the fingerprint's time to live, in seconds
+-- ARGV[6]  with the ledger keys: the task id (the open set's member)
+-- ARGV[7]  with the ledger keys: the entry's time to live, in seconds
+-- ARGV[8]  with the ledger keys: the task's name
+-- ARGV[9]  with the ledger keys: its args (JSON)
+-- ARGV[10] with the ledger keys: its kwargs (JSON)
+-- ARGV[11] with the ledger keys: its publish options (JSON)
 -- Returns {status, count}: status 1 admitted, 0 already admitted or not admitted
--- (ARGV[2] = -1), -1 refused (the pool is full: nothing is recorded); count is the
--- pool's size after the call.
+-- (ARGV[2] = -1), -1 refused (the pool is full), 2 a repeat (the same fingerprint is
+-- recorded under this id), -2 a conflict (another one is); nothing is recorded for -1,
+-- 2 and -2. count is the pool's size after the call.
 local limit = tonumber(ARGV[2])
 local status = 0
 local count = redis.call('ZCARD', KEYS[1])
+if ARGV[4] ~= '' then
+  local found = redis.call('GET', KEYS[2])
+  if found == ARGV[4] then
+    return {2, count}
+  elseif found then
+    return {-2, count}
+  end
+end
 if limit >= 0 and not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   if limit > 0 and count >= limit then
     return {-1, count}
@@ -28,10 +42,13 @@ if limit >= 0 and not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   status = 1
   count = count + 1
 end
-if #KEYS == 3 then
-  redis.call('HSET', KEYS[2], 'task', ARGV[6], 'args', ARGV[7], 'kwargs', ARGV[8],
-             'options', ARGV[9])
-  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
-  redis.call('ZADD', KEYS[3], tonumber(ARGV[3]), ARGV[4])
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[4], 'EX', tonumber(ARGV[5]))
+end
+if #KEYS == 4 then
+  redis.call('HSET', KEYS[3], 'task', ARGV[8], 'args', ARGV[9], 'kwargs', ARGV[10],
+             'options', ARGV[11])
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[7]))
+  redis.call('ZADD', KEYS[4], tonumber(ARGV[3]), ARGV[6])
 end
 return {status, count}

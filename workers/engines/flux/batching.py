@@ -4,8 +4,9 @@ A request's pipeline gets a `LoopTransformer` in place of the shared transformer
 pipeline runs its own denoising loop (its timesteps, guidance, scheduler, img2img start
 step, true CFG) and each of its transformer calls goes to the step loop, which stacks the
 calls of one step into one forward pass (`run_batch`). Requests that share a step must
-have the same image size (the same `img_ids`) and text length (`txt_ids`); everything
-else is per row. Each row's output is its own: the image does not depend on what it was
+have the same image size (the same `img_ids`) and text length (`txt_ids`), and the same
+LoRA adapter set unless per-row adapters are on (`workers.lora`); everything else is per
+row. Each row's output is its own: the image does not depend on what it was
 batched with beyond the float rounding of a larger matrix product.
 """
 
@@ -17,13 +18,17 @@ from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 from omni_tasks.errors import ProcessingError
+from omni_tasks.lora import AdapterSet
 from workers.engines.flux.hooks import Request, TransformerHooks
 from workers.engines.flux.phases import request_pipeline
+from workers.lora.flux import ADAPTERS_KEY
 from workers.stepping.loop import StepLoop
 from workers.stepping.request import ForwardCall, StepRequest
 
 if TYPE_CHECKING:
     import torch
+
+    from workers.lora.flux import FluxAdapters
 
 # Per-row inputs, stacked along the batch; the rest must be equal across the batch.
 _ROW_INPUTS = (
@@ -36,18 +41,25 @@ _ROW_INPUTS = (
 _SHARED_INPUTS = ("txt_ids", "img_ids")
 
 
-def batch_key(width: int, height: int, text_length: int) -> Hashable:
-    """Requests with equal keys may share a denoising step."""
-    return ("flux", width, height, text_length)
+def batch_key(
+    width: int, height: int, text_length: int, adapters: AdapterSet | None = ()
+) -> Hashable:
+    """Requests with equal keys may share a denoising step: the same LoRA adapter set and
+    scales too, unless `adapters` is None (rows with different sets may share a step)."""
+    key = ("flux", width, height, text_length)
+    return key if adapters is None else (*key, adapters)
 
 
 class LoopTransformer:
     """Stands in for the shared transformer in one request's pipeline object."""
 
-    def __init__(self, transformer: Any, loop: StepLoop, request: StepRequest) -> None:
+    def __init__(
+        self, transformer: Any, loop: StepLoop, request: StepRequest, adapters: AdapterSet = ()
+    ) -> None:
         self._transformer = transformer
         self._loop = loop
         self._request = request
+        self._adapters = adapters
         self._calls_in_step = 0
         self.first_call_at: float | None = None
 
@@ -65,14 +77,18 @@ class LoopTransformer:
         self._calls_in_step += 1
         if self.first_call_at is None:
             self.first_call_at = time.perf_counter()
+        kwargs[ADAPTERS_KEY] = self._adapters
         return self._loop.forward(self._request, kwargs, first_of_step=first)
 
     def step_ended(self) -> None:
         self._calls_in_step = 0
 
 
-def run_batch(transformer: Any, calls: list[ForwardCall]) -> None:
-    """One forward pass for `calls` (at most one per request); resolves each with its row."""
+def run_batch(
+    transformer: Any, calls: list[ForwardCall], adapters: FluxAdapters | None = None
+) -> None:
+    """One forward pass for `calls` (at most one per request); resolves each with its row.
+    `adapters` applies each row's LoRA adapter set for the pass."""
     import torch
 
     payloads = [call.payload for call in calls]
@@ -81,8 +97,10 @@ def run_batch(transformer: Any, calls: list[ForwardCall]) -> None:
     for name in _ROW_INPUTS:
         rows = [p[name] for p in payloads]
         inputs[name] = None if rows[0] is None else torch.cat(rows, dim=0)
+    sets = [p.get(ADAPTERS_KEY, ()) for p in payloads]
     try:
-        with torch.no_grad():
+        lora = adapters.batch_rows(sets) if adapters is not None else nullcontext()
+        with torch.no_grad(), lora:
             out = transformer(**inputs, joint_attention_kwargs=None, return_dict=False)[0]
     except Exception as exc:
         error = ProcessingError(f"a denoising step of {len(calls)} requests failed: {exc}")
@@ -101,10 +119,11 @@ def denoise_batched(
     held: StepRequest,
     kwargs: dict[str, Any],
     img2img: bool,
+    adapters: AdapterSet = (),
 ) -> torch.Tensor:
-    """A request's pipeline call whose transformer calls the step loop runs in batches;
-    returns the packed latents."""
-    proxy = LoopTransformer(base.transformer, loop, held)
+    """A request's pipeline call whose transformer calls the step loop runs in batches
+    (with its LoRA `adapters`); returns the packed latents."""
+    proxy = LoopTransformer(base.transformer, loop, held, adapters)
     pipe = request_pipeline(base, img2img=img2img, transformer=proxy)
 
     def on_step() -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from omni_tasks.errors import ConfigError, EngineStoppedError, RequestTimeoutError
+from workers import previews
 from workers.engines import step_cache
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ class TransformerHooks:
         self, request: Request, on_step: Callable[[], None] | None = None
     ) -> StepCallback:
         """The pipeline's `callback_on_step_end`: closes a step's counts, runs `on_step`
-        (progress, cancellation), then checks."""
+        (progress, cancellation), checks, then publishes a preview if one is due."""
 
         def on_step_end(
             pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]
@@ -107,6 +108,7 @@ class TransformerHooks:
             if on_step is not None:
                 on_step()
             self.check(request)
+            previews.step_ended(pipe, step, tensors)  # those the request asked for
             return tensors
 
         return on_step_end

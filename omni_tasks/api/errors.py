@@ -1,0 +1,180 @@
+"""Errors on the wire, in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+
+Every failure a client can meet maps here, so the official SDKs raise their own
+exception types: 400/422 name the field (`param`), 401 without the bearer token, 404,
+413 over the body limit, 429 with `Retry-After` when admission refuses, 503 when no
+live worker serves the pool, 504 on timeout, 500 for the rest. No handler ever sends a
+traceback: an unexpected error is logged (`middleware.CatchAll`) and answered with its type.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError as BodyValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from omni_tasks.config import get_config
+from omni_tasks.errors import (
+    ConfigError,
+    CoreModuleError,
+    QueueFullError,
+    RequestTimeoutError,
+    RequestValidationError,
+    ResourceError,
+    SchedulerError,
+)
+
+#: The `type` OpenAI gives each status.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
+
+
+class APIError(Exception):
+    """An error answered as `status` with OpenAI's body (and `headers`)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, param=self.param, code=self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def error_body(
+    status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def invalid(field: str, message: str, status: int = 422) -> APIError:
+    """A bad field of the request body."""
+    return APIError(status, f"{field}: {message}", param=field, code="invalid_value")
+
+
+def from_core_error(exc: CoreModuleError) -> APIError:
+    """The HTTP answer to an error raised while accepting a request."""
+    if isinstance(exc, RequestValidationError):
+        return APIError(422, str(exc), param=exc.field, code="invalid_value")
+    if isinstance(exc, QueueFullError):
+        retry = str(get_config().api.retry_after_s)
+        return APIError(429, str(exc), code="queue_full", headers={"Retry-After": retry})
+    if isinstance(exc, RequestTimeoutError):
+        return APIError(504, str(exc), code="timeout")
+    if isinstance(exc, ConfigError):
+        return APIError(422, str(exc), param=exc.field, code="invalid_value")
+    if isinstance(exc, ResourceError):
+        return APIError(422, str(exc), code="resource_exceeded")
+    if isinstance(exc, SchedulerError):
+        return APIError(503, str(exc), code="unavailable", headers={"Retry-After": "5"})
+    return APIError(500, str(exc), code="server_error")
+
+
+def waited_too_long(timeout_s: float, request_ids: list[str]) -> APIError:
+    """504: no result within `api.wait_timeout_s`; the requests were cancelled."""
+    ids = ", ".join(request_ids)
+    message = f"no result within {timeout_s:g}s (api.wait_timeout_s); cancelled request {ids}"
+    return APIError(504, message, code="timeout")
+
+
+#: Worker-side failures (the `exc_type` a FAILURE result names) -> (status, code).
+FAILURE_STATUS = {
+    "RequestValidationError": (422, "invalid_value"),
+    "ResourceError": (422, "resource_exceeded"),
+    "RequestTimeoutError": (504, "timeout"),
+    "TimeLimitExceeded": (504, "timeout"),
+    "SoftTimeLimitExceeded": (504, "timeout"),
+    "TaskRevokedError": (409, "cancelled"),
+}
+
+
+def from_failure(result: Any, task_id: str) -> APIError:
+    """The HTTP answer to a request a worker failed: its error's type and message, never
+    its traceback (which the result backend keeps apart)."""
+    exc_type, message = failure_of(result)
+    status, code = FAILURE_STATUS.get(exc_type, (500, "processing_error"))
+    if exc_type == "TaskRevokedError" and "expired" in message:  # its timeout_s passed
+        status, code = 504, "timeout"
+    return APIError(status, f"request {task_id} failed: {exc_type}: {message}", code=code)
+
+
+#: Errors stored with args [field, message, ...] (docs/wire.md): "field: message".
+FIELD_ERRORS = ("RequestValidationError", "ConfigError", "RequestConflictError")
+
+
+def failure_of(result: Any) -> tuple[str, str]:
+    """(exception type, message) of a FAILURE or REVOKED result as the backend keeps it."""
+    if isinstance(result, dict):
+        exc_type = str(result.get("exc_type") or "Error")
+        args = result.get("exc_message")
+        if isinstance(args, (list, tuple)) and exc_type in FIELD_ERRORS and len(args) >= 2:
+            message = f"{args[0]}: {args[1]}"
+        elif isinstance(args, (list, tuple)):
+            message = " ".join(str(a) for a in args)
+        else:
+            message = str(args or "")
+        return exc_type, message
+    return "Error", str(result or "")
+
+
+def install(app: FastAPI) -> None:
+    """Answer every error in OpenAI's shape."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(CoreModuleError)
+    async def _core_error(request: Request, exc: CoreModuleError) -> JSONResponse:
+        return from_core_error(exc).response()
+
+    @app.exception_handler(BodyValidationError)
+    async def _body_error(request: Request, exc: BodyValidationError) -> JSONResponse:
+        return body_error(exc.errors()).response()
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        code = getattr(exc, "code", None)
+        return APIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers).response()
+
+
+def body_error(errors: Any) -> APIError:
+    """FastAPI's own body validation: malformed JSON is a 400, a bad field a 422."""
+    first = dict(list(errors)[0]) if errors else {"loc": (), "msg": "invalid body"}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"the body is not valid JSON: {first.get('msg')}", code="bad_json")
+    field = ".".join(loc) or "body"
+    message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        message = "unknown field"
+    return invalid(field, message)

@@ -1,0 +1,200 @@
+"""The job API: any request type, submitted, polled, cancelled, streamed, with a webhook.
+
+- `POST /v1/jobs` `{"type": "text"|"diffusion"|"image"|"multimodal"|"probe", ...the
+  request's fields, "webhook_url"?}` -> `202` and the job. With `Prefer: wait=N` it
+  waits up to N seconds (at most `api.wait_timeout_s`) and answers `200` if the job
+  ended by then. `probe` runs no engine: the queue path alone, end to end.
+- `GET /v1/jobs/{id}` -> the job (`job_state.job_view`).
+- `DELETE /v1/jobs/{id}` -> cancels it, queued or running (409 once it has ended).
+- `GET /v1/jobs/{id}/events` -> Server-Sent Events (`sse.job_events`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from omni_tasks.api.errors import APIError, invalid
+from omni_tasks.api.files import base_url_of
+from omni_tasks.api.hub import FALLBACK_S, ResultHub, is_final, meta_key, next_message
+from omni_tasks.api.job_state import FINAL, JobRecord, job_view, load_record, status_of
+from omni_tasks.api.sse import job_events, streaming
+from omni_tasks.api.submission import PROBE, accept, priority_of, withdraw
+from omni_tasks.api.webhooks import SWEEP_S, check_url
+from omni_tasks.config import get_config
+from omni_tasks.coordination import keys
+from omni_tasks.requests import (
+    OmniRequest,
+    create_diffusion_request,
+    create_image_request,
+    create_multimodal_request,
+    create_text_request,
+)
+
+router = APIRouter()
+
+BUILDERS = {
+    "text": create_text_request,
+    "diffusion": create_diffusion_request,
+    "multimodal": create_multimodal_request,
+    PROBE: create_text_request,
+}
+JOB_TYPES = (*BUILDERS, "image")
+_PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*(\d+(?:\.\d+)?)", re.I)
+
+
+async def json_object(request: Request) -> dict[str, Any]:
+    """The body as a JSON object, or 400."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise APIError(400, "the body is not valid JSON", code="bad_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object", code="bad_json")
+    return body
+
+
+def build_request(kind: Any, fields: dict[str, Any]) -> OmniRequest:
+    """The validated request of a job (RequestValidationError names a bad field)."""
+    if kind not in JOB_TYPES:
+        raise invalid("type", f"must be one of {list(JOB_TYPES)}")
+    if "request_id" in fields or "request_type" in fields:
+        name = "request_id" if "request_id" in fields else "request_type"
+        raise invalid(name, "is set by the API (the job id is the request id)")
+    if "prompt" not in fields:
+        raise invalid("prompt", "field required")
+    prompt = fields.pop("prompt")
+    if kind == "image":
+        if "image" not in fields:
+            raise invalid("image", "an image job needs an input image (base64)")
+        return create_image_request(prompt, fields.pop("image"), **fields)
+    return BUILDERS[kind](prompt, **fields)
+
+
+def prefer_wait(header: str | None) -> float:
+    """Seconds of `Prefer: wait=N` (0 without it), capped by `api.wait_timeout_s`."""
+    found = _PREFER_WAIT.search(header or "")
+    return min(float(found.group(1)), get_config().api.wait_timeout_s) if found else 0.0
+
+
+@router.post("/v1/jobs", status_code=202)
+async def create_job(request: Request) -> JSONResponse:
+    hub: ResultHub = request.app.state.hub
+    body = await json_object(request)
+    kind = body.pop("type", None)
+    webhook_url = body.pop("webhook_url", None)
+    if webhook_url is not None:
+        check_url(webhook_url)
+    body["priority"] = priority_of(body.get("priority"), request.headers.get("x-priority"))
+    omni = build_request(kind, body)
+    record = JobRecord(
+        id=omni.request_id,
+        type=kind,
+        created_at=omni.created_at,
+        base_url=base_url_of(request),
+        webhook_url=webhook_url,
+        partial_images=omni.partial_images,
+    )
+    await _store(hub, record)
+    try:
+        await accept(request.app.state.workers, omni, model=omni.model, kind=kind)
+    except BaseException:
+        await _forget(hub, record)
+        raise
+    if webhook_url:
+        request.app.state.webhooks.follow(record)
+    return await _answer(hub, record, prefer_wait(request.headers.get("prefer")))
+
+
+async def _answer(hub: ResultHub, record: JobRecord, wait_s: float) -> JSONResponse:
+    """The job now, or once it ended within `wait_s`: 200 when it has ended, else 202."""
+    if wait_s > 0 and len(record.task_ids) == 1:
+        meta = await hub.wait(record.id, wait_s)
+        metas = [meta] if meta is not None else await hub.metas(record.task_ids)
+    elif wait_s > 0:
+        metas = await _wait_stages(hub, record, wait_s)
+    else:
+        metas = await hub.metas(record.task_ids)
+    view = job_view(record, metas)
+    return JSONResponse(view, status_code=200 if view["status"] in FINAL else 202)
+
+
+async def _wait_stages(
+    hub: ResultHub, record: JobRecord, wait_s: float
+) -> list[dict[str, Any] | None]:
+    """The states of a job of several stages once it ended (or after `wait_s`): the
+    last stage's result, or an earlier stage's failure."""
+    deadline = time.monotonic() + wait_s
+    async with hub.listen([meta_key(t) for t in record.task_ids]) as queue:
+        while True:
+            metas = await hub.metas(record.task_ids)
+            remaining = deadline - time.monotonic()
+            if status_of(metas)[0] in FINAL or remaining <= 0:
+                return metas
+            await next_message(queue, min(remaining, FALLBACK_S))
+
+
+async def _store(hub: ResultHub, record: JobRecord) -> None:
+    pipe = hub.redis.pipeline(transaction=True)
+    pipe.hset(keys.api_job(record.id), mapping=record.to_redis())
+    pipe.expire(keys.api_job(record.id), get_config().result_expires)
+    if record.webhook_url:
+        pipe.zadd(keys.webhook_watch(), {record.id: time.time() + SWEEP_S})
+    await pipe.execute()
+
+
+async def _forget(hub: ResultHub, record: JobRecord) -> None:
+    """The request was not accepted: no job, no webhook."""
+    await hub.redis.delete(keys.api_job(record.id))
+    if record.webhook_url:
+        await hub.redis.zrem(keys.webhook_watch(), record.id)
+
+
+async def _record(request: Request, job_id: str) -> JobRecord:
+    record = await load_record(request.app.state.hub, job_id)
+    if record is None:
+        raise APIError(404, f"no job {job_id!r}", param="id", code="job_not_found")
+    return record
+
+
+@router.get("/v1/jobs/{job_id}")
+async def get_job(job_id: str, request: Request) -> JSONResponse:
+    hub: ResultHub = request.app.state.hub
+    record = await _record(request, job_id)
+    return JSONResponse(job_view(record, await hub.metas(record.task_ids)))
+
+
+@router.delete("/v1/jobs/{job_id}")
+async def cancel_job(job_id: str, request: Request) -> JSONResponse:
+    """Cancel: a queued job is cancelled at once; a running one leaves at its next step
+    boundary (its status turns `cancelled` then)."""
+    hub: ResultHub = request.app.state.hub
+    record = await _record(request, job_id)
+    metas = await hub.metas(record.task_ids)
+    view = job_view(record, metas)
+    if view["status"] in FINAL:
+        raise APIError(409, f"job {job_id} has already {view['status']}", code="job_ended")
+    await withdraw(record.id, record.request_type)
+    if view["status"] == "queued":
+        await asyncio.to_thread(_mark_cancelled, record.task_ids, metas)
+    return JSONResponse(job_view(record, await hub.metas(record.task_ids)))
+
+
+def _mark_cancelled(task_ids: list[str], metas: list[dict[str, Any] | None]) -> None:
+    """Record a queued job's tasks as revoked now (the workers skip their messages)."""
+    from omni_tasks.tasks.celery_app import app
+
+    for task_id, meta in zip(task_ids, metas, strict=True):
+        if not is_final(meta):
+            app.backend.mark_as_revoked(task_id, "cancelled before it ran")
+
+
+@router.get("/v1/jobs/{job_id}/events")
+async def job_event_stream(job_id: str, request: Request) -> Response:
+    record = await _record(request, job_id)
+    return streaming(job_events(request.app.state.hub, record))

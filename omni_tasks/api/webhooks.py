@@ -1,0 +1,257 @@
+"""Webhooks: a signed POST when a job ends, delivered at least once by whichever API
+process is alive.
+
+Everything a delivery needs lives in Redis, never in one process:
+
+1. A job accepted with a `webhook_url` goes into a watch set (`keys.webhook_watch`).
+2. When it ends, the API process that accepted it hears so (pub/sub) and *claims* it:
+   one Lua step takes the id out of the watch set and, only if it was there, stores
+   the delivery (id, URL, the body to send) and makes it due. Two processes never
+   both claim a job. If that process died meanwhile, every API process sweeps the
+   watch set every `SWEEP_S` and claims the jobs that ended.
+3. Every API process takes due deliveries with a lease (another Lua step pushes their
+   due time `lease` ahead), POSTs them, and on a 2xx forgets them; on failure they are
+   due again after a backoff (1 s, 2 s, 4 s ... up to `BACKOFF_CAP_S`), until
+   `api.webhook_max_attempts`, when they are moved to `keys.webhook_failed`. A process
+   that dies mid-POST leaves its delivery to come due again when the lease ends.
+
+So a delivery may arrive twice (a lease that ran out, a receiver that answered too
+late), never zero times while Redis keeps its data. Each carries its id
+(`X-Omni-Delivery` and the body's `id`): receivers de-duplicate on it. The body is
+signed with HMAC-SHA256 under `api.webhook_secret`: `X-Omni-Signature: sha256=<hex>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import random
+import time
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from omni_tasks.api.errors import invalid
+from omni_tasks.api.hub import ResultHub, meta_key, next_message
+from omni_tasks.api.job_state import FINAL, JobRecord, load_record, read_view
+from omni_tasks.config import get_config
+from omni_tasks.coordination import keys
+
+log = logging.getLogger(__name__)
+
+SWEEP_S = 5.0
+#: How often a followed job is read again when no message came (a lost connection).
+FOLLOW_RECHECK_S = 10.0
+POLL_S = 0.25
+BATCH = 20
+BACKOFF_BASE_S = 1.0
+BACKOFF_CAP_S = 300.0
+FAILED_KEPT = 1000
+SIGNATURE_HEADER = "X-Omni-Signature"
+DELIVERY_HEADER = "X-Omni-Delivery"
+
+# KEYS: watch, due, deliveries. ARGV: job id, delivery id, delivery JSON, due time.
+_CLAIM = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[2])
+  return 1
+end
+return 0
+"""
+# KEYS: due. ARGV: now, lease end, how many.
+_TAKE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
+return ids
+"""
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The `X-Omni-Signature` value of `body`: `sha256=` and the hex HMAC-SHA256."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify(secret: str, body: bytes, signature: str) -> bool:
+    """What a receiver checks: `signature` is `sign(secret, body)` (constant time)."""
+    return hmac.compare_digest(sign(secret, body), signature)
+
+
+def check_url(url: Any) -> str:
+    """A webhook URL the API may POST to (http or https, with a host), or 422; 422 as
+    well when no `api.webhook_secret` is set to sign with."""
+    if not isinstance(url, str) or not url:
+        raise invalid("webhook_url", "must be an http:// or https:// URL")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise invalid("webhook_url", "must be an http:// or https:// URL")
+    if not get_config().api.webhook_secret:
+        raise invalid(
+            "webhook_url", "webhooks need api.webhook_secret (OMNI_API__WEBHOOK_SECRET) set"
+        )
+    return url
+
+
+def backoff(attempts: int) -> float:
+    """Seconds before attempt `attempts + 1`: doubling, capped, with 10% jitter."""
+    delay = min(BACKOFF_BASE_S * 2 ** max(attempts - 1, 0), BACKOFF_CAP_S)
+    return delay * random.uniform(0.9, 1.1)
+
+
+class WebhookDispatcher:
+    """This process's part: following the jobs it accepted, sweeping, delivering."""
+
+    def __init__(self, hub: ResultHub) -> None:
+        self.hub = hub
+        self._claim = hub.redis.register_script(_CLAIM)
+        self._take = hub.redis.register_script(_TAKE)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._wake = asyncio.Event()
+        self._http: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        config = get_config().api
+        self._http = httpx.AsyncClient(timeout=config.webhook_timeout_s, follow_redirects=False)
+        self._spawn(self._deliver_loop())
+        self._spawn(self._sweep_loop())
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._http is not None:
+            await self._http.aclose()
+
+    def follow(self, record: JobRecord) -> None:
+        """Claim `record`'s delivery as soon as its job ends (this process lives)."""
+        self._spawn(self._follow(record))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _follow(self, record: JobRecord) -> None:
+        channels = [meta_key(t) for t in record.task_ids]
+        try:
+            async with self.hub.listen(channels) as queue:
+                while await self.claim(record) is None:
+                    await next_message(queue, FOLLOW_RECHECK_S)
+        except Exception:  # the sweep claims it instead
+            log.warning("webhook of job %s: follow failed", record.id, exc_info=True)
+
+    async def claim(self, record: JobRecord) -> bool | None:
+        """Make the delivery of an ended job due: True; False if another process has
+        (or nothing is watched); None while the job has not ended."""
+        view = await read_view(self.hub, record)
+        if view["status"] not in FINAL:
+            return None
+        delivery_id = f"whd_{uuid.uuid4().hex}"
+        body = {"id": delivery_id, "type": "job.finished", "created": int(time.time())}
+        body["job"] = view
+        delivery = {"id": delivery_id, "job_id": record.id, "url": record.webhook_url}
+        delivery.update(body=json.dumps(body, separators=(",", ":")), attempts=0)
+        claimed = await self._claim(
+            keys=[keys.webhook_watch(), keys.webhook_due(), keys.webhook_deliveries()],
+            args=[record.id, delivery_id, json.dumps(delivery), time.time()],
+        )
+        if claimed:
+            self._wake.set()
+        return bool(claimed)
+
+    async def sweep(self) -> None:
+        """Claim the watched jobs that ended; look at the others again later."""
+        now = time.time()
+        ids = await self.hub.redis.zrangebyscore(keys.webhook_watch(), "-inf", now, 0, 100)
+        for job_id in ids:
+            record = await load_record(self.hub, job_id)
+            if record is None or not record.webhook_url:  # expired: nothing to send
+                await self.hub.redis.zrem(keys.webhook_watch(), job_id)
+            elif await self.claim(record) is None:
+                await self.hub.redis.zadd(keys.webhook_watch(), {job_id: now + SWEEP_S}, xx=True)
+
+    async def deliver_due(self) -> int:
+        """POST the deliveries due now (leased meanwhile); how many were taken."""
+        lease = get_config().api.webhook_timeout_s * 2 + 30
+        now = time.time()
+        ids = await self._take(keys=[keys.webhook_due()], args=[now, now + lease, BATCH])
+        if not ids:
+            return 0
+        raw = await self.hub.redis.hmget(keys.webhook_deliveries(), ids)
+        found = [json.loads(r) for r in raw if r]
+        lost = [i for i, r in zip(ids, raw, strict=True) if not r]
+        if lost:
+            await self.hub.redis.zrem(keys.webhook_due(), *lost)
+        await asyncio.gather(*(self._deliver(d) for d in found))
+        return len(ids)
+
+    async def _deliver(self, delivery: dict[str, Any]) -> None:
+        body = delivery["body"].encode()
+        delivery["attempts"] += 1
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "omni-tasks-webhooks",
+            DELIVERY_HEADER: delivery["id"],
+            SIGNATURE_HEADER: sign(get_config().api.webhook_secret or "", body),
+            "X-Omni-Attempt": str(delivery["attempts"]),
+        }
+        error = None
+        try:
+            assert self._http is not None
+            response = await self._http.post(delivery["url"], content=body, headers=headers)
+            if not 200 <= response.status_code < 300:
+                error = f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        await self._settle(delivery, error)
+
+    async def _settle(self, delivery: dict[str, Any], error: str | None) -> None:
+        client, delivery_id = self.hub.redis, delivery["id"]
+        job_key = keys.api_job(delivery["job_id"])
+        pipe = client.pipeline(transaction=True)
+        pipe.hset(job_key, "webhook_attempts", delivery["attempts"])
+        if error is None or delivery["attempts"] >= get_config().api.webhook_max_attempts:
+            pipe.zrem(keys.webhook_due(), delivery_id)
+            pipe.hdel(keys.webhook_deliveries(), delivery_id)
+            pipe.hset(job_key, "webhook_status", "delivered" if error is None else "failed")
+            if error is not None:
+                log.warning("webhook %s to %s given up: %s", delivery_id, delivery["url"], error)
+                record = {k: v for k, v in delivery.items() if k != "body"}
+                pipe.lpush(keys.webhook_failed(), json.dumps({**record, "error": error}))
+                pipe.ltrim(keys.webhook_failed(), 0, FAILED_KEPT - 1)
+        else:
+            pipe.hset(keys.webhook_deliveries(), delivery_id, json.dumps(delivery))
+            due = time.time() + backoff(delivery["attempts"])
+            pipe.zadd(keys.webhook_due(), {delivery_id: due})
+        await pipe.execute()
+
+    async def _deliver_loop(self) -> None:
+        while True:
+            try:
+                if await self.deliver_due():
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("webhook deliveries failed; retrying", exc_info=True)
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), POLL_S)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_S * random.uniform(0.5, 1.0))
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("webhook sweep failed; retrying", exc_info=True)

@@ -1,0 +1,103 @@
+"""Per-request LoRA adapters, producer side: the request field, its canonical form and
+the names the Redis directory and counters use.
+
+A request names adapters from the config's registry (`loras: {name: folder}`), never by
+path: `lora=["watercolor", {"name": "ink", "scale": 0.5}]`. A plain name means scale
+1.0. The registry is checked wherever a request is validated (the producer before
+anything is enqueued, the worker again), so an unknown name is refused naming the field
+(`lora.0.name`). No torch here: the workers load the adapters (`workers.lora`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+#: At most this many adapters in one request; a scale is within +-MAX_SCALE.
+MAX_ADAPTERS = 4
+MAX_SCALE = 8.0
+#: Registry names: they travel in messages and name Redis keys and vLLM adapters.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: The prefix of an adapter's entry in the Redis cache directory (beside DiT cache keys).
+DIRECTORY_PREFIX = "lora:"
+
+#: The canonical adapter set of a request: (name, scale) pairs sorted by name. LoRA deltas
+#: add up, so the order a request lists them in changes nothing.
+AdapterSet = tuple[tuple[str, float], ...]
+
+
+class LoraRef(BaseModel):
+    """One adapter a request uses: a registry name and the scale of its delta."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(strict=True, min_length=1, max_length=64)]
+    scale: Annotated[float, Field(strict=True, allow_inf_nan=False)] = 1.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_name(cls, data: Any) -> Any:
+        """A plain string is the name, at scale 1.0."""
+        return {"name": data} if isinstance(data, str) else data
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _int_scale(cls, value: Any) -> Any:
+        """JSON has one number type: 1 is as good a scale as 1.0 (a bool is not)."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_bounded(cls, value: float) -> float:
+        if abs(value) > MAX_SCALE:
+            raise ValueError(f"must be within -{MAX_SCALE:g} and {MAX_SCALE:g}")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError("letters, digits, '_', '.', '-' only (not first), at most 64")
+        from omni_tasks.config import get_config  # the config imports the request types
+
+        check_registered(value, get_config().loras)
+        return value
+
+
+def check_registered(name: str, registry: Mapping[str, str]) -> None:
+    """ValueError unless `name` is in the registry (the message lists what is)."""
+    if name not in registry:
+        known = ", ".join(sorted(registry)) or "none (the config's `loras` is empty)"
+        raise ValueError(f"unknown adapter {name!r}; registered: {known}")
+
+
+def check_unique(refs: Sequence[LoraRef]) -> None:
+    """ValueError when a request names an adapter twice (its scales would be ambiguous)."""
+    names = [r.name for r in refs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"names {twice[0]!r} more than once; give one scale per adapter")
+
+
+def adapter_set(refs: Iterable[LoraRef]) -> AdapterSet:
+    """The canonical (name, scale) set of `refs`, as cache keys and batch keys use it."""
+    return tuple(sorted((r.name, float(r.scale)) for r in refs))
+
+
+def directory_key(name: str) -> str:
+    """The adapter's key in the cache directory: which diffusion worker has it loaded."""
+    return DIRECTORY_PREFIX + name
+
+
+def directory_keys(refs: Iterable[LoraRef]) -> list[str]:
+    """Directory keys of a request's adapters, in the order it lists them."""
+    return [directory_key(r.name) for r in refs]
+
+
+def valid_registry_name(name: str) -> bool:
+    return bool(NAME_RE.match(name))

@@ -1,0 +1,36 @@
+"""What a diffusion worker tells Redis about its adapters: which ones it holds (in the
+cache directory, beside its DiT cache keys, so affinity routing finds it) and how each
+request's adapters were served (the pool's hit / load counters)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from omni_tasks import lora
+from omni_tasks.coordination import cache_directory
+
+log = logging.getLogger(__name__)
+
+
+class AdapterDirectoryListener:
+    """Mirrors every adapter load and unload of one worker into the cache directory."""
+
+    def __init__(self, worker: str, queue: str) -> None:
+        self.worker, self.queue = worker, queue
+
+    def on_insert(self, key: str, nbytes: int) -> None:
+        cache_directory.record_insert(self.worker, self.queue, lora.directory_key(key), nbytes)
+
+    def on_evict(self, key: str, reason: str) -> None:
+        cache_directory.record_remove(self.worker, lora.directory_key(key))
+
+
+def count_uses(queue: str, uses: Iterable[dict]) -> None:
+    """Count a request's adapter uses (those that ran: `hit` is not None) for its pool."""
+    try:
+        for use in uses:
+            if use.get("hit") is not None:
+                cache_directory.count_adapter(queue, bool(use["hit"]), float(use["load_s"]))
+    except Exception:  # noqa: BLE001 - counters are advisory
+        log.warning("could not count adapter uses", exc_info=True)
