@@ -29,7 +29,13 @@ SIZE = {"width": 128, "height": 128}
 @pytest.fixture(scope="module")
 def worker(tiny_models, run_dir: Path) -> Iterator:
     clean_redis()
-    env = {"OMNI_SCHEDULER__STARVATION_S": str(STARVATION_S)}
+    env = {
+        "OMNI_SCHEDULER__STARVATION_S": str(STARVATION_S),
+        # Progress written early and often: a long request shows several steps however
+        # fast the machine runs it.
+        "OMNI_PROGRESS_FIRST_AFTER_S": "0.2",
+        "OMNI_PROGRESS_INTERVAL_S": "0.1",
+    }
     [worker] = start_ready_workers(["diffusion"], run_dir / "logs", env=env)
     yield worker
     worker.stop()
@@ -75,7 +81,7 @@ def test_eight_compatible_requests_run_as_one_batch(worker) -> None:
 
 
 def test_progress_is_visible_through_async_result(worker) -> None:
-    # Long enough (a few seconds) for several throttled writes.
+    # Long enough (a second or more) for several throttled writes at the fixture's pace.
     result = generate_image.delay(prompt="progress please", steps=100, width=256, height=256)
     first = wait_progress(result, 1)
     later = wait_progress(result, first["step"] + 1)
