@@ -19,6 +19,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BENCH_DB = 14
+#: The AR pool's worker defaults (threads, 32 slots, prefetch 1), for a bare Celery
+#: baseline or a probe worker started with `start_celery`.
+POOL_WORKER_ARGS = ["-P", "threads", "-c", "32", "--prefetch-multiplier", "1"]
 
 
 def setup_redis() -> str:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from common import (
+    POOL_WORKER_ARGS,
     RESULTS,
     clean_redis,
     percentiles,
@@ -27,8 +28,6 @@ from common import (
     wait_ping,
     write_result,
 )
-
-WORKER_ARGS = ["-P", "threads", "-c", "32", "--prefetch-multiplier", "1"]
 
 
 def measure(send, rounds: int, burst: int, timeout_s: float = 300) -> dict[str, float]:
@@ -90,10 +89,10 @@ def main() -> None:
         for side in ("bare", "omni"):  # alternate, so drift hits both
             clean_redis()
             if side == "bare":
-                proc = start_celery("bare_app", "bare", WORKER_ARGS, logs / "p1-bare.log")
+                proc = start_celery("bare_app", "bare", POOL_WORKER_ARGS, logs / "p1-bare.log")
                 app, task, queue = bare_app.app, bare_app.noop, "bare"
             else:
-                proc = start_celery("omni_tasks", "probe", WORKER_ARGS, logs / "p1-omni.log")
+                proc = start_celery("omni_tasks", "probe", POOL_WORKER_ARGS, logs / "p1-omni.log")
                 app, task, queue = omni_tasks.app, omni_tasks.tasks.probe, "probe"
 
             send = functools.partial(task.apply_async, kwargs={"prompt": "x"}, queue=queue)
@@ -108,7 +107,7 @@ def main() -> None:
         "p1_queue_overhead",
         {
             "redis": url.split("@")[-1],
-            "worker_settings": " ".join(WORKER_ARGS),
+            "worker_settings": " ".join(POOL_WORKER_ARGS),
             "runs": runs,
             **paired_ratios(runs),
             "target": "throughput ratio >= 0.90",

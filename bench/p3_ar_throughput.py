@@ -34,8 +34,6 @@ from common import RESULTS, clean_redis, setup_redis, write_result  # noqa: E402
 from p3_engine_direct import prompts  # noqa: E402
 
 DIRECT = str(Path(__file__).parent / "p3_engine_direct.py")
-#: The bare Celery worker: the omni-tasks AR pool's defaults (threads, 32 slots).
-BARE_WORKER_ARGS = ["-P", "threads", "-c", "32", "--prefetch-multiplier", "1"]
 
 
 def queue_round(n: int, max_tokens: int, bare: bool = False) -> dict:
@@ -107,12 +105,12 @@ class DirectRounds:
 
 def interleaved(model: str, n: int, max_tokens: int, repeats: int) -> dict[str, list[dict]]:
     import bare_app
-    from common import start_celery, stop, wait_ping
+    from common import POOL_WORKER_ARGS, start_celery, stop, wait_ping
 
     from omni_tasks.dev.launcher import start_worker
 
     worker = start_worker("ar", RESULTS / "logs", name="bench-ar")
-    bare = start_celery("bare_app", "bare", BARE_WORKER_ARGS, RESULTS / "logs" / "p3-bare.log")
+    bare = start_celery("bare_app", "bare", POOL_WORKER_ARGS, RESULTS / "logs" / "p3-bare.log")
     direct = None
     try:
         direct = DirectRounds(model, n, max_tokens)

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from common import (
+    POOL_WORKER_ARGS,
     RESULTS,
     clean_redis,
     percentiles,
@@ -41,7 +42,6 @@ from common import (
     write_result,
 )
 
-WORKER_ARGS = ["-P", "threads", "-c", "32", "--prefetch-multiplier", "1"]
 BODY = json.dumps({"type": "probe", "prompt": "x"})
 HEADERS = {"Content-Type": "application/json", "Prefer": "wait=30"}
 TARGET_P50_MS = 5.0
@@ -144,7 +144,7 @@ def main() -> None:
 
     clean_redis()
     logs = RESULTS / "logs"
-    worker = start_celery("omni_tasks", "ar", WORKER_ARGS, logs / "p7-worker.log")
+    worker = start_celery("omni_tasks", "ar", POOL_WORKER_ARGS, logs / "p7-worker.log")
     port = free_port()
     api = start_api(port, logs / "p7-api.log")
     try:
@@ -160,7 +160,7 @@ def main() -> None:
         "p7_api",
         {
             "redis": url.split("@")[-1],
-            "worker_settings": " ".join(WORKER_ARGS),
+            "worker_settings": " ".join(POOL_WORKER_ARGS),
             "request": "omni_tasks.probe (no engine): .delay().get() vs POST /v1/jobs "
             "type=probe with Prefer: wait",
             **figures,
