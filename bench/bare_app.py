@@ -28,7 +28,7 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     broker_transport_options={
         "priority_steps": list(range(10)),
-        "sep": ":",
+        "sep": "\x06\x16",  # kombu's default, as omni-tasks uses
         "queue_order_strategy": "priority",
         "visibility_timeout": 900,
     },
