@@ -146,6 +146,14 @@ def admitted_request(
     return request, redelivered
 
 
+def _skip_if_succeeded(task: OmniTask, task_id: str, queue: str) -> None:
+    """A duplicate of a request that already succeeded is not run: the first result
+    stands (`Ignore`), and it counts as `duplicates`."""
+    if task.backend.get_task_meta(task_id).get("status") == states.SUCCESS:
+        count_outcome(queue, "duplicates")
+        raise Ignore()
+
+
 def _check_request_id(
     task: OmniTask, task_id: str, request: OmniRequest, queue: str, kwargs: Any
 ) -> None:
@@ -161,9 +169,7 @@ def _check_request_id(
     if found == "new":
         return
     if found == "repeat":
-        if task.backend.get_task_meta(task_id).get("status") == states.SUCCESS:
-            count_outcome(queue, "duplicates")
-            raise Ignore()
+        _skip_if_succeeded(task, task_id, queue)
         return
     conflict = RequestConflictError(request.request_id)
     _record_failure(task, task_id, queue, str(conflict), kwargs)
@@ -178,9 +184,7 @@ def _admit_redelivery(task: OmniTask, task_id: str, kwargs: Any, queue: str) -> 
     First deliveries skip these round trips: Celery's revoked list covers them (and
     workers load the Redis revocations when they start).
     """
-    if task.backend.get_task_meta(task_id).get("status") == states.SUCCESS:
-        count_outcome(queue, "duplicates")
-        raise Ignore()
+    _skip_if_succeeded(task, task_id, queue)
     revoked, returns = get_scripts().admit_redelivery(
         keys=[keys.revoked(task_id), keys.deliveries(task_id)], args=[DELIVERY_KEY_TTL_S]
     )

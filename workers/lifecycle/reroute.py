@@ -56,11 +56,8 @@ def reroute(task: OmniTask, message: Any, body: Any, reason: str) -> None:
     message no omni-tasks producer would have sent."""
     args, kwargs, embed = body
     headers = message.headers or {}
-    task_id = headers["id"]
-    if isinstance(kwargs, dict):
-        kwargs = {"request_id": task_id, **kwargs}  # the request id is the task id
     options: dict[str, Any] = {
-        "task_id": task_id,
+        "task_id": headers["id"],  # also its request id (`OmniTask.build_request`)
         "headers": {REROUTED_HEADER: reason},
         "expires": headers.get("expires"),
     }
@@ -74,7 +71,7 @@ def reroute(task: OmniTask, message: Any, body: Any, reason: str) -> None:
     with admission.unlimited():  # already in the broker: never refused now
         task.apply_async(args, kwargs, **options)
     message.ack()
-    log.info("re-routed %s (%s): %s", task_id, task.name, reason)
+    log.info("re-routed %s (%s): %s", headers["id"], task.name, reason)
 
 
 def _level(message: Any) -> int:
