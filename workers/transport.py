@@ -25,10 +25,11 @@ import re
 from queue import Empty
 from typing import Any
 
-from kombu.transport import TRANSPORT_ALIASES, redis
+from kombu.transport import TRANSPORT_ALIASES, redis, virtual
 from kombu.utils.encoding import bytes_to_str
 
 from omni_tasks.coordination import admission
+from omni_tasks.coordination.outage import CONNECTION_ERRORS, describe
 from omni_tasks.coordination.rejections import record_rejection
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.image_input import MAX_IMAGE_BYTES
@@ -54,21 +55,53 @@ _TAIL_ID = re.compile(rb'"correlation_id":\s*"([^"\\]{1,255})"')
 
 
 class OmniRedisQoS(redis.QoS):
+    """kombu's Redis QoS, for which a lost connection is never fatal.
+
+    A request keeps running when Celery loses its broker connection; by the time it
+    acks (or rejects) its message, the channel that delivered it may be closed and its
+    Redis gone or replaced (`ChannelDetachedError`), or Redis may still be away. Raised
+    from an ack, that reaches Celery's event loop and the worker exits. Here the message
+    is forgotten locally and stays in Redis's unacked hash: no live worker holds it any
+    more (`workers.lifecycle.heartbeat.held_task_ids`), so the reaper gives it back
+    within seconds (`workers.lifecycle.reaper`), and a worker skips it if its request
+    already succeeded (one result per id)."""
+
+    def ack(self, delivery_tag: str) -> None:
+        try:
+            super().ack(delivery_tag)
+        except self.channel.connection_errors as exc:
+            self._leave_to_reaper(delivery_tag, "ack", exc)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        try:
+            super().reject(delivery_tag, requeue=requeue)
+        except self.channel.connection_errors as exc:
+            self._leave_to_reaper(delivery_tag, "requeue" if requeue else "reject", exc)
+
     def restore_unacked(self, client: Any = None) -> None:
-        """kombu gives a closing channel's unacked messages back here. After a lost
-        connection (a Redis restart) its pool is already gone and this raises
-        AttributeError, which Celery treats as unrecoverable: the worker exits. The
-        messages stay in Redis's unacked hash instead; the reaper gives them back once
-        no live worker holds them (`workers.lifecycle.reaper`)."""
+        """kombu gives a closing channel's unacked messages back here; after a lost
+        connection it cannot, and they stay in Redis for the reaper."""
         try:
             super().restore_unacked(client)
-        except Exception:  # noqa: BLE001 - whatever the cause, the worker must live on
+        except Exception as exc:  # noqa: BLE001 - whatever the cause, the worker must live on
             log.warning(
-                "could not restore %d unacked message(s) on close; the reaper will",
+                "could not restore %d unacked message(s) on close (%s); the reaper will",
                 len(self._delivered),
-                exc_info=True,
+                describe(exc),
+                exc_info=not isinstance(exc, CONNECTION_ERRORS),
             )
             self._delivered.clear()
+
+    def _leave_to_reaper(self, delivery_tag: str, what: str, exc: BaseException) -> None:
+        """Forget `delivery_tag` here (kombu's bookkeeping of an ack) after its Redis
+        side failed: its message stays unacked in Redis, for the reaper."""
+        virtual.QoS.ack(self, delivery_tag)
+        log.warning(
+            "could not %s message %s (%s); it stays unacked for the reaper",
+            what,
+            delivery_tag,
+            describe(exc),
+        )
 
 
 class OmniRedisChannel(KeptClientChannel):

@@ -7,6 +7,13 @@ redis-py 6 that costs about 0.15 ms a time, a quarter of a `.delay()`. The clien
 thin handle on the channel's connection pool and is thread-safe, so one per channel
 serves; it is rebuilt when kombu replaces the pool (after a lost connection).
 
+A channel that its connection has let go of (closed after a lost connection, its
+transport detached) never builds a new pool: kombu would read the connection's
+parameters from the transport that is gone and raise `AttributeError`, which Celery
+treats as unrecoverable wherever it surfaces (an ack, a reject, a restore). Such a
+channel raises `ChannelDetachedError`, a Redis connection error, instead: every caller
+already handles that as the lost connection it is.
+
 The app selects this transport by name (`TRANSPORT_ALIAS`, through `broker_transport`)
 only where the broker URL selects kombu's plain Redis transport; the worker's consuming
 connection uses its vetting subclass (`workers.transport`).
@@ -14,16 +21,19 @@ connection uses its vetting subclass (`workers.transport`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import redis as redis_py
 from kombu import Connection
 from kombu.transport import TRANSPORT_ALIASES, get_transport_cls, redis
 from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps
 
 from omni_tasks.config import get_config
-from omni_tasks.coordination import keys
+from omni_tasks.coordination import acceptance, keys
 
 #: A kombu binding is routing key, pattern and queue joined by the separator.
 BINDING_FIELDS = 3
@@ -34,13 +44,50 @@ BINDING_FIELDS = 3
 PUBLISHED_PROPERTY = "omni_published"
 
 
+class ChannelDetachedError(redis_py.ConnectionError):
+    """A command on a channel whose broker connection is closed and gone."""
+
+
 class OmniRedisChannel(redis.Channel):
     _kept_client: Any = None
+
+    @property
+    def pool(self) -> Any:
+        """kombu's connection pool; rebuilt on demand only while the channel still has
+        its transport (a channel closing normally rebuilds it to give its unacked
+        messages back)."""
+        if self._pool is None:
+            self._require_attached()
+        return super().pool
+
+    @property
+    def async_pool(self) -> Any:
+        if self._async_pool is None:
+            self._require_attached()
+        return super().async_pool
+
+    def _require_attached(self) -> None:
+        transport = self.connection
+        if transport is None or getattr(transport, "client", None) is None:
+            raise ChannelDetachedError(
+                f"broker channel {self.channel_id} is closed: its connection was lost"
+            )
 
     def prepare_message(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         message = super().prepare_message(*args, **kwargs)
         message["properties"][PUBLISHED_PROPERTY] = True
         return message
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        """kombu's publish of a message to a queue's list; where a send is accepting the
+        message's request, the accepting script publishes it in the same step
+        (`omni_tasks.coordination.acceptance`)."""
+        pending = acceptance.awaiting_publish()
+        if pending is None or kwargs.get("_publish_batch") is not None:
+            super()._put(queue, message, **kwargs)
+            return
+        level = self._get_message_priority(message, reverse=False)
+        pending.accept((self._q_for_pri(queue, level), dumps(message)))
 
     def get_table(self, exchange: str) -> list[tuple[str, ...]]:
         """kombu's exchange bindings, without those another client wrote with another
@@ -104,6 +151,14 @@ class OmniConnection(Connection):
         return info
 
 
+def accepts_on_publish() -> bool:
+    """Whether a send's acceptance rides on its publish (`OmniRedisChannel._put`): the
+    broker is the coordination Redis, reached through this module's transport."""
+    config = get_config()
+    return config.broker == config.redis_url and is_plain_redis(config.broker)
+
+
+@functools.cache
 def is_plain_redis(url: str) -> bool:
     """Whether `url` selects kombu's plain Redis transport (redis://, rediss://)."""
     return get_transport_cls(Connection(url).transport_cls) is redis.Transport
