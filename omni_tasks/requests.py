@@ -41,6 +41,9 @@ MAX_SEED = 2**32 - 1
 MAX_PARTIAL_IMAGES = 3
 #: In-process state of a request object, never taken from a caller or a message.
 INTERNAL_FIELDS = ("processing_stage", "errors", "stage")
+#: Optional fields left out of digests while unset, so that requests which do not use
+#: them keep the cache keys and fingerprints they had before the fields existed.
+UNSET_UNDIGESTED = ("true_cfg_scale",)
 
 # Strict types: a string or a bool is never taken for a number, nor a number for a
 # string; floats must be finite (JSON has no NaN, and a worker must not see one).
@@ -122,6 +125,9 @@ class OmniRequest(BaseModel):
     height: Int = Field(default=64, ge=MIN_SIDE, le=MAX_SIDE)
     steps: Int = Field(default=4, ge=1, le=MAX_STEPS)
     guidance: Float = Field(default=3.5, ge=0.0, le=MAX_GUIDANCE)
+    # True classifier-free guidance: the transformer also runs on the negative prompt and
+    # the two predictions are mixed by this scale (1 turns it off). None: the pool's.
+    true_cfg_scale: Float | None = Field(default=None, ge=1.0, le=MAX_GUIDANCE)
     seed: Int | None = Field(default=None, ge=0, le=MAX_SEED)
     image: Str | None = None  # inline base64 PNG/JPEG/WebP; never a path (image_input)
     strength: Float = Field(default=0.6, gt=0.0, le=1.0)
@@ -198,6 +204,10 @@ class OmniRequest(BaseModel):
             raise ValueError("image: IMAGE requests need an input image (inline, base64)")
         if self.request_type is not RequestType.IMAGE and self.image is not None:
             raise ValueError("image: only IMAGE requests take an input image")
+        if self.true_cfg_scale is not None and not self.negative_prompt:
+            raise ValueError(
+                "true_cfg_scale: needs a negative_prompt (true CFG guides away from it)"
+            )
         return self
 
     # The request API schedulers and caches use.
@@ -224,6 +234,8 @@ class OmniRequest(BaseModel):
                 steps=self.steps,
                 guidance=self.guidance,
             )
+            if self.true_cfg_scale is not None:
+                parts["true_cfg_scale"] = self.true_cfg_scale
         if self.request_type is RequestType.IMAGE:
             parts["image"] = hashlib.sha256((self.image or "").encode()).hexdigest()
             parts["strength"] = self.strength
@@ -238,7 +250,8 @@ class OmniRequest(BaseModel):
         """A digest of the request without its id and creation time. The same id with
         the same fingerprint is an idempotent repeat; with another one, a conflict
         (`coordination.idempotency`)."""
-        data = self.model_dump(mode="json", exclude={"request_id", "created_at"})
+        unset = {name for name in UNSET_UNDIGESTED if getattr(self, name) is None}
+        data = self.model_dump(mode="json", exclude={"request_id", "created_at", *unset})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     @property

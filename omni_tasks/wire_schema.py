@@ -25,7 +25,7 @@ DEFAULT_DIR = Path(__file__).resolve().parents[1] / "docs" / "schemas"
 COMMON = ("request_id", "request_type", "prompt", "priority", "model", "created_at")
 COMMON_TAIL = ("timeout_s", "lora", "seed")
 TEXT = ("max_tokens", "temperature", "top_p", "stop")
-IMAGE = ("negative_prompt", "width", "height", "steps", "guidance")
+IMAGE = ("negative_prompt", "width", "height", "steps", "guidance", "true_cfg_scale")
 IMAGE_TAIL = ("step_cache", "step_cache_params", "partial_images")
 EDIT = ("image", "strength")
 FIELDS_OF_TYPE = {
@@ -72,6 +72,10 @@ NOTES: dict[str, dict[str, Any]] = {
     "image": {
         "description": "The input image of an edit, inline: base64 PNG/JPEG/WebP or a "
         "data: URL, at most 16 MiB and 16 MP. A file path is refused."
+    },
+    "true_cfg_scale": {
+        "description": "True classifier-free guidance against negative_prompt, which it "
+        "requires; 1 turns it off. Left out: the pool's default (4)."
     },
     "lora": {"description": "Adapter names from the workers' registry, or {name, scale}."},
     "timeout_s": {"description": "Seconds from created_at; capped by the config."},

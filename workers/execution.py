@@ -85,6 +85,7 @@ def run_image(request: OmniRequest, prompt: str | None = None) -> ImageResult:
         guidance=request.guidance,
         seed=int(request.seed or 0),
         negative_prompt=request.negative_prompt,
+        true_cfg_scale=request.true_cfg_scale,
         strength=request.strength,
         step_cache=StepCacheSettings(mode=mode, params=mode_params),
         lora=request.adapters,
@@ -152,14 +153,19 @@ def run_multimodal_prompt(request: OmniRequest) -> PromptResult:
 def run_multimodal_render(
     request: OmniRequest, prompt_result: dict[str, Any] | None
 ) -> MultimodalResult:
-    """DiT stage: render the written prompt; the result carries both stages' figures."""
+    """DiT stage: render the written prompt; the result carries both stages' figures.
+
+    The request started when its AR stage did: `timings.started_at` is that moment and
+    `timings.queued_s` is `started_at - created_at`, as for every request; `run_s` sums
+    the stages' runs, and the wait between them is `stages.dit.queued_s`."""
     started = time.time()
     if not prompt_result:
         raise ProcessingError(f"{request.request_id}: the DiT stage got no AR stage result")
     prompt = PromptResult.from_json(prompt_result)
     ar = prompt.timings
     ar_queued, ar_run = float(ar.get("queued_s", 0.0)), float(ar.get("run_s", 0.0))
-    dit_queued = max(0.0, started - request.created_at - ar_queued - ar_run)
+    ar_started = float(ar.get("started_at", request.created_at + ar_queued))
+    dit_queued = max(0.0, started - ar_started - ar_run)
     image = run_image(request, prompt=prompt.image_prompt or request.prompt)
     dit_run = time.time() - started
     result = MultimodalResult(
@@ -171,7 +177,9 @@ def run_multimodal_render(
         stages={"ar": ar, "dit": {"queued_s": round(dit_queued, 6), "run_s": round(dit_run, 6)}},
     )
     result.timings.update(
-        queued_s=round(ar_queued + dit_queued, 6), run_s=round(ar_run + dit_run, 6)
+        queued_s=round(max(0.0, ar_started - request.created_at), 6),
+        run_s=round(ar_run + dit_run, 6),
+        started_at=round(ar_started, 6),
     )
     return result
 

@@ -1,14 +1,16 @@
 """Errors on the wire, in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 
 Every failure a client can meet maps here, so the official SDKs raise their own
-exception types: 400/422 name the field (`param`), 401 without the bearer token, 404,
-413 over the body limit, 429 with `Retry-After` when admission refuses, 503 when no
-live worker serves the pool, 504 on timeout, 500 for the rest. No handler ever sends a
-traceback: an unexpected error is logged (`middleware.CatchAll`) and answered with its type.
+exception types: 400 for an invalid request, naming the parameter as the client spells
+it (`param`, and the message's start), 401 without the bearer token, 404, 409, 413 over
+the body limit, 429 with `Retry-After` when admission refuses, 503 when no live worker
+serves the pool, 504 on timeout, 500 for the rest. No handler ever sends a traceback:
+an unexpected error is logged (`middleware.CatchAll`) and answered with its type.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -35,7 +37,6 @@ ERROR_TYPES = {
     405: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
-    422: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable",
@@ -76,24 +77,36 @@ def error_body(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def invalid(field: str, message: str, status: int = 422) -> APIError:
+def invalid(field: str, message: str, status: int = 400) -> APIError:
     """A bad field of the request body."""
     return APIError(status, f"{field}: {message}", param=field, code="invalid_value")
+
+
+def request_error(exc: RequestValidationError, names: Mapping[str, str] | None = None) -> APIError:
+    """400 for a bad request field, named as the endpoint spells it: `names` maps the
+    request's fields to the endpoint's (`steps` -> `num_inference_steps`). A parameter
+    that carries several fields (`size`: width and height) says which one was wrong."""
+    names = names or {}
+    param = names.get(exc.field, exc.field)
+    message = exc.message
+    if param != exc.field and list(names.values()).count(param) > 1:
+        message = f"the {exc.field} {message.removeprefix('Input ')}"
+    return invalid(param, message)
 
 
 def from_core_error(exc: CoreModuleError) -> APIError:
     """The HTTP answer to an error raised while accepting a request."""
     if isinstance(exc, RequestValidationError):
-        return APIError(422, str(exc), param=exc.field, code="invalid_value")
+        return request_error(exc)
     if isinstance(exc, QueueFullError):
         retry = str(get_config().api.retry_after_s)
         return APIError(429, str(exc), code="queue_full", headers={"Retry-After": retry})
     if isinstance(exc, RequestTimeoutError):
         return APIError(504, str(exc), code="timeout")
     if isinstance(exc, ConfigError):
-        return APIError(422, str(exc), param=exc.field, code="invalid_value")
+        return APIError(400, str(exc), param=exc.field, code="invalid_value")
     if isinstance(exc, ResourceError):
-        return APIError(422, str(exc), code="resource_exceeded")
+        return APIError(400, str(exc), code="resource_exceeded")
     if isinstance(exc, SchedulerError):
         return APIError(503, str(exc), code="unavailable", headers={"Retry-After": "5"})
     return APIError(500, str(exc), code="server_error")
@@ -108,8 +121,8 @@ def waited_too_long(timeout_s: float, request_ids: list[str]) -> APIError:
 
 #: Worker-side failures (the `exc_type` a FAILURE result names) -> (status, code).
 FAILURE_STATUS = {
-    "RequestValidationError": (422, "invalid_value"),
-    "ResourceError": (422, "resource_exceeded"),
+    "RequestValidationError": (400, "invalid_value"),
+    "ResourceError": (400, "resource_exceeded"),
     "RequestTimeoutError": (504, "timeout"),
     "TimeLimitExceeded": (504, "timeout"),
     "SoftTimeLimitExceeded": (504, "timeout"),
@@ -168,13 +181,16 @@ def install(app: FastAPI) -> None:
 
 
 def body_error(errors: Any) -> APIError:
-    """FastAPI's own body validation: malformed JSON is a 400, a bad field a 422."""
+    """FastAPI's own body validation, as OpenAI answers it: 400, naming the field."""
     first = dict(list(errors)[0]) if errors else {"loc": (), "msg": "invalid body"}
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
     if first.get("type") == "json_invalid":
         return APIError(400, f"the body is not valid JSON: {first.get('msg')}", code="bad_json")
     field = ".".join(loc) or "body"
     message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    named, sep, rest = message.partition(": ")
+    if not loc and sep and named.isidentifier():  # a check across fields names its own
+        field, message = named, rest
     if first.get("type") == "extra_forbidden":
-        message = "unknown field"
+        message = "unknown parameter: this endpoint does not take it"
     return invalid(field, message)

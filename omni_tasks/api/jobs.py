@@ -5,7 +5,8 @@
   waits up to N seconds (at most `api.wait_timeout_s`) and answers `200` if the job
   ended by then. `probe` runs no engine: the queue path alone, end to end.
 - `GET /v1/jobs/{id}` -> the job (`job_state.job_view`).
-- `DELETE /v1/jobs/{id}` -> cancels it, queued or running (409 once it has ended).
+- `DELETE /v1/jobs/{id}` -> cancels it, queued or running (409 once it has ended,
+  a second DELETE included).
 - `GET /v1/jobs/{id}/events` -> Server-Sent Events (`sse.job_events`).
 """
 
@@ -178,7 +179,8 @@ async def cancel_job(job_id: str, request: Request) -> JSONResponse:
     metas = await hub.metas(record.task_ids)
     view = job_view(record, metas)
     if view["status"] in FINAL:
-        raise APIError(409, f"job {job_id} has already {view['status']}", code="job_ended")
+        message = f"job {job_id} has already ended ({view['status']}): nothing to cancel"
+        raise APIError(409, message, code="job_ended")
     await withdraw(record.id, record.request_type)
     if view["status"] == "queued":
         await asyncio.to_thread(_mark_cancelled, record.task_ids, metas)

@@ -4,11 +4,14 @@
 - `POST /v1/images/edits` (multipart: `image` + the same fields) -> IMAGE requests.
 
 Diffusion extras ride in the body (the SDKs' `extra_body`): `seed`,
-`num_inference_steps`, `guidance_scale`, `negative_prompt`, `priority`, `step_cache`,
-`strength` (edits). `stream: true` answers Server-Sent Events: `partial_images` (0-3)
-previews decoded from intermediate latents, then the final image (`sse.image_events`).
-OpenAI fields with no meaning here (`quality`, `style`, `background`, `moderation`)
-are accepted and echoed, never used.
+`num_inference_steps`, `guidance_scale`, `negative_prompt`, `true_cfg_scale` (with a
+negative prompt), `num_outputs_per_prompt` (vLLM-omni's name for `n`), `priority`,
+`step_cache`, `strength` (edits); any other field is refused, named. `stream: true`
+answers Server-Sent Events: `partial_images` (0-3) previews decoded from intermediate
+latents, then the final image (`sse.image_events`). OpenAI fields with no meaning here
+(`quality`, `style`, `background`, `moderation`) are accepted and echoed, never used.
+An edit without `size` (or with `auto`) keeps the input image's size, rounded to the
+models' multiple of 16 (`input_size`).
 """
 
 from __future__ import annotations
@@ -19,18 +22,28 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.datastructures import UploadFile
 
-from omni_tasks.api.errors import APIError, body_error, from_failure, invalid, waited_too_long
+from omni_tasks.api.errors import (
+    body_error,
+    from_failure,
+    invalid,
+    request_error,
+    waited_too_long,
+)
 from omni_tasks.api.files import base_url_of, file_url, image_b64, image_name
 from omni_tasks.api.hub import ResultHub
 from omni_tasks.api.sse import image_events, streaming
 from omni_tasks.api.submission import accept, priority_of, withdraw
 from omni_tasks.config import get_config
 from omni_tasks.errors import RequestValidationError
+from omni_tasks.image_input import image_size
 from omni_tasks.requests import (
     MAX_SEED,
+    MAX_SIDE,
+    MIN_SIDE,
+    SIDE_MULTIPLE,
     OmniRequest,
     StepCacheMode,
     create_diffusion_request,
@@ -46,6 +59,7 @@ PARAM_NAMES = {
     "steps": "num_inference_steps",
     "guidance": "guidance_scale",
 }
+MAX_IMAGES = 4
 
 
 class ImageOptions(BaseModel):
@@ -55,7 +69,8 @@ class ImageOptions(BaseModel):
 
     prompt: str
     model: str | None = None
-    n: int = Field(1, ge=1, le=4)
+    n: int = Field(1, ge=1, le=MAX_IMAGES)
+    num_outputs_per_prompt: int | None = Field(None, ge=1, le=MAX_IMAGES)
     size: str | None = None
     response_format: Literal["b64_json", "url"] | None = None
     output_format: Literal["png", "webp", "jpeg"] = "png"
@@ -67,6 +82,7 @@ class ImageOptions(BaseModel):
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     negative_prompt: str | None = None
+    true_cfg_scale: float | None = None
     priority: Literal["high", "normal", "low"] | None = None
     step_cache: StepCacheMode | None = None
     strength: float | None = None
@@ -75,6 +91,16 @@ class ImageOptions(BaseModel):
     style: str | None = None
     background: str | None = None
     moderation: str | None = None
+
+    @model_validator(mode="after")
+    def _one_count(self) -> ImageOptions:
+        """`num_outputs_per_prompt` is vLLM-omni's `n`: either, or both agreeing."""
+        extra = self.num_outputs_per_prompt
+        if extra is not None and "n" in self.model_fields_set and extra != self.n:
+            raise ValueError(f"num_outputs_per_prompt: {extra} differs from n ({self.n})")
+        if extra is not None:
+            self.n = extra
+        return self
 
     def dimensions(self) -> dict[str, int]:
         if self.size in (None, "auto"):
@@ -91,6 +117,7 @@ class ImageOptions(BaseModel):
             "steps": self.num_inference_steps,
             "guidance": self.guidance_scale,
             "negative_prompt": self.negative_prompt,
+            "true_cfg_scale": self.true_cfg_scale,
             "step_cache": self.step_cache,
             "strength": self.strength,
             "timeout_s": self.timeout_s,
@@ -123,11 +150,29 @@ def _requests(options: ImageOptions, priority: str, image: bytes | None) -> list
             if image is None:
                 made.append(create_diffusion_request(options.prompt, **fields))
             else:
+                fields = {**input_size(image), **fields}  # a given size wins
                 made.append(create_image_request(options.prompt, image, **fields))
     except RequestValidationError as exc:
-        param = PARAM_NAMES.get(exc.field, exc.field)
-        raise APIError(422, str(exc), param=param, code="invalid_value") from None
+        raise request_error(exc, PARAM_NAMES) from None
     return made
+
+
+def input_size(image: bytes) -> dict[str, int]:
+    """The size of an edit without `size`: the input's, scaled down to fit `MAX_SIDE`
+    and each side rounded to the nearest multiple of `SIDE_MULTIPLE` (16, what the
+    models take), at least `MIN_SIDE`. An image that cannot be read is left to the
+    request's own validation, which names `image`."""
+    try:
+        width, height = image_size(image)
+    except ValueError:
+        return {}
+    shrink = min(1.0, MAX_SIDE / max(width, height, 1))
+
+    def side(value: int) -> int:
+        rounded = round(value * shrink / SIDE_MULTIPLE) * SIDE_MULTIPLE
+        return min(max(rounded, MIN_SIDE), MAX_SIDE)
+
+    return {"width": side(width), "height": side(height)}
 
 
 async def _serve(request: Request, options: ImageOptions, image: bytes | None = None) -> Response:

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from omni_tasks.api.errors import APIError, from_failure, invalid, waited_too_long
+from omni_tasks.api.errors import from_failure, invalid, request_error, waited_too_long
 from omni_tasks.api.hub import ResultHub
 from omni_tasks.api.sse import KEEPALIVE, event, streaming
 from omni_tasks.api.submission import accept, priority_of, withdraw
@@ -63,7 +63,8 @@ class TextOptions(BaseModel):
 
     def request(self, prompt: str, priority: str) -> OmniRequest:
         fields: dict[str, Any] = {"priority": priority, "model": self.model}
-        limit = self.max_completion_tokens or self.max_tokens
+        newer = self.max_completion_tokens is not None  # OpenAI's newer name wins
+        limit = self.max_completion_tokens if newer else self.max_tokens
         named = {
             "max_tokens": limit,
             "temperature": self.temperature,
@@ -76,7 +77,8 @@ class TextOptions(BaseModel):
         try:
             return create_text_request(prompt, **fields)
         except RequestValidationError as exc:
-            raise APIError(422, str(exc), param=exc.field, code="invalid_value") from None
+            given = "max_completion_tokens" if newer else "max_tokens"
+            raise request_error(exc, {"max_tokens": given}) from None
 
 
 class Message(BaseModel):

@@ -106,7 +106,7 @@ def priority_of(body_priority: str | None, header: str | None) -> str:
     value = header.strip().lower()
     if value not in PRIORITIES:
         raise APIError(
-            422,
+            400,
             f"X-Priority: must be one of {PRIORITIES}",
             param="X-Priority",
             code="invalid_value",

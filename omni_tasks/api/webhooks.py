@@ -84,7 +84,7 @@ def verify(secret: str, body: bytes, signature: str) -> bool:
 
 
 def check_url(url: Any) -> str:
-    """A webhook URL the API may POST to (http or https, with a host), or 422; 422 as
+    """A webhook URL the API may POST to (http or https, with a host), or 400; 400 as
     well when no `api.webhook_secret` is set to sign with."""
     if not isinstance(url, str) or not url:
         raise invalid("webhook_url", "must be an http:// or https:// URL")

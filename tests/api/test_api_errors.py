@@ -1,5 +1,5 @@
 """Errors of the HTTP API that need no worker, from a real `omni-tasks api` process:
-the bearer token (401), the body limit (413), malformed bodies (400), bad fields (422
+the bearer token (401), the body limit (413), malformed bodies and bad fields (400,
 naming them), no live worker (503); all in OpenAI's shape, none with a traceback, and
 nothing enqueued for any of them."""
 
@@ -93,7 +93,7 @@ def test_malformed_bodies_are_400(client) -> None:
     assert_openai_error(client.post("/v1/jobs", json=[1, 2]), 400)
 
 
-def test_bad_fields_are_422_naming_them_before_anything_is_enqueued(client, lonely) -> None:
+def test_bad_fields_are_400_naming_them_before_anything_is_enqueued(client, lonely) -> None:
     cases = [
         (IMAGES, {"prompt": "x", "size": "72x64"}, "size"),
         (IMAGES, {"prompt": "x", "n": 9}, "n"),
@@ -115,13 +115,14 @@ def test_bad_fields_are_422_naming_them_before_anything_is_enqueued(client, lone
         ("/v1/jobs", {"type": "text", "prompt": "x", "webhook_url": "ftp://x"}, "webhook_url"),
     ]
     for path, body, param in cases:
-        error = assert_openai_error(client.post(path, json=body), 422, param)
+        error = assert_openai_error(client.post(path, json=body), 400, param)
         assert error["type"] == "invalid_request_error"
+        assert error["message"].startswith(f"{param}: "), error
     bad_priority = client.post(
         "/v1/jobs", json={"type": "text", "prompt": "x"}, headers={"X-Priority": "urgent"}
     )
-    assert_openai_error(bad_priority, 422, "X-Priority")
-    with pytest.raises(openai.UnprocessableEntityError) as caught:
+    assert_openai_error(bad_priority, 400, "X-Priority")
+    with pytest.raises(openai.BadRequestError) as caught:
         lonely.openai().images.generate(prompt="x", size="72x64")
     assert caught.value.body["param"] == "size"
     assert nothing_queued()

@@ -98,6 +98,14 @@ def test_prefer_wait_answers_the_ended_job(http: httpx.Client) -> None:
     job = both.json()
     assert job["status"] == "succeeded" and job["result"]["image_prompt"]
     assert job["image_url"].endswith(".png")
+    timings, stages = job["result"]["timings"], job["result"]["stages"]
+    # The request started with its AR stage: queued_s is started_at - created_at.
+    assert timings["started_at"] == pytest.approx(stages["ar"]["started_at"], abs=1e-5)
+    assert timings["queued_s"] == pytest.approx(stages["ar"]["queued_s"], abs=1e-5)
+    created_at = timings["started_at"] - timings["queued_s"]
+    assert job["created_at"] <= created_at <= job["created_at"] + 1
+    runs = stages["ar"]["run_s"] + stages["dit"]["run_s"]
+    assert timings["run_s"] == pytest.approx(runs, abs=1e-5)
 
 
 def test_events_bring_progress_and_previews_before_the_result(http: httpx.Client) -> None:
@@ -130,6 +138,8 @@ def test_a_running_job_is_cancelled_at_a_step_boundary(http: httpx.Client) -> No
     assert done["error"]["code"] == "cancelled"
     again = http.delete(f"/v1/jobs/{job['id']}")
     assert again.status_code == 409 and again.json()["error"]["code"] == "job_ended"
+    message = again.json()["error"]["message"]
+    assert message == f"job {job['id']} has already ended (cancelled): nothing to cancel"
 
 
 def test_queued_jobs_keep_their_priority_and_are_cancelled_at_once(

@@ -65,12 +65,12 @@ def test_failures_map_to_http_statuses_without_a_traceback() -> None:
     revoked = failure("TaskRevokedError", "expired", "REVOKED")["result"]
     assert from_failure(revoked, "r").status == 504
     invalid = from_failure(failure("RequestValidationError", "width: bad")["result"], "r")
-    assert invalid.status == 422
+    assert invalid.status == 400
     other = from_failure(failure("ValueError", "boom")["result"], "r")
     assert other.status == 500 and "Traceback" not in other.message
     assert body_error([{"type": "json_invalid", "loc": ("body", 3), "msg": "x"}]).status == 400
     extra = body_error([{"type": "extra_forbidden", "loc": ("body", "colour"), "msg": "x"}])
-    assert (extra.status, extra.param) == (422, "colour")
+    assert (extra.status, extra.param) == (400, "colour")
 
 
 def test_the_hub_hears_states_as_the_backend_writes_them() -> None:

@@ -94,6 +94,8 @@ class ImageParams:
     guidance: float = 3.5
     seed: int = 0
     negative_prompt: str | None = None
+    #: True CFG's scale with a negative prompt; None: the engine's default.
+    true_cfg_scale: float | None = None
     strength: float = 0.6  # img2img only
     step_cache: StepCacheSettings = StepCacheSettings()
     #: LoRA adapters from the registry: (name, scale) pairs (`omni_tasks.lora.AdapterSet`).

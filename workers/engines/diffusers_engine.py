@@ -299,11 +299,12 @@ class FluxDiffusionEngine:
             want = (1, self.latent_channels, params.height // scale, params.width // scale)
             return given_latents(latents, want, self.device), None
         start = time.perf_counter()
+        negative, cfg = params.negative_prompt, params.true_cfg_scale
         if embeds is None:
             urgent = self.loop.would_preempt(held)
-            used_embeds = self._encoder.encode(base, prompt, params.negative_prompt, urgent)
+            used_embeds = self._encoder.encode(base, prompt, negative, urgent, cfg)
         else:
-            used_embeds = self._encoder.given_embeds(base, embeds, params.negative_prompt)
+            used_embeds = self._encoder.given_embeds(base, embeds, negative, cfg)
         request.encode_s = time.perf_counter() - start
         held.encoded = True  # its first call follows within milliseconds
         img2img = init_image is not None

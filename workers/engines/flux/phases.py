@@ -132,8 +132,12 @@ class PromptEncoder:
         self._texts = Coalescer(lambda items: self._run_on(lambda: self._encode_texts(items)))
         self._lock = threading.Lock()  # urgent calls run beside the batches
 
-    def true_cfg(self, negative_prompt: str | None) -> bool:
-        return bool(negative_prompt) and self.true_cfg_scale > 1
+    def scale(self, true_cfg_scale: float | None) -> float:
+        """A request's true CFG scale: its own, else the engine's."""
+        return self.true_cfg_scale if true_cfg_scale is None else true_cfg_scale
+
+    def true_cfg(self, negative_prompt: str | None, true_cfg_scale: float | None = None) -> bool:
+        return bool(negative_prompt) and self.scale(true_cfg_scale) > 1
 
     def encode(
         self,
@@ -141,23 +145,28 @@ class PromptEncoder:
         prompt: str,
         negative_prompt: str | None,
         urgent: bool = False,
+        true_cfg_scale: float | None = None,
     ) -> dict[str, torch.Tensor]:
         """What `FluxPipeline.__call__` does for its prompts, with the same arguments.
         `urgent`: encode in the calling thread now, rather than with the next batch of
         prompts on the device's thread (which waits for the step in progress)."""
         embeds = dict(zip(EMBED_KEYS, self._encode_text(base, prompt, urgent), strict=True))
-        if self.true_cfg(negative_prompt):
+        if self.true_cfg(negative_prompt, true_cfg_scale):
             negative = self._encode_text(base, negative_prompt or "", urgent)
             embeds.update(zip(NEGATIVE_EMBED_KEYS, negative, strict=True))
         return embeds
 
     def given_embeds(
-        self, base: FluxPipeline, embeds: Mapping[str, torch.Tensor], negative_prompt: str | None
+        self,
+        base: FluxPipeline,
+        embeds: Mapping[str, torch.Tensor],
+        negative_prompt: str | None,
+        true_cfg_scale: float | None = None,
     ) -> dict[str, torch.Tensor]:
         """Checked and moved to the device; the negative ones encoded if missing."""
         import torch
 
-        true_cfg = self.true_cfg(negative_prompt)
+        true_cfg = self.true_cfg(negative_prompt, true_cfg_scale)
         have_negative = all(embeds.get(key) is not None for key in NEGATIVE_EMBED_KEYS)
         keys = EMBED_KEYS + NEGATIVE_EMBED_KEYS if true_cfg and have_negative else EMBED_KEYS
         used: dict[str, torch.Tensor] = {}
@@ -201,7 +210,7 @@ class PromptEncoder:
         if NEGATIVE_EMBED_KEYS[0] in embeds:
             kwargs["negative_prompt_embeds"] = embeds["negative_prompt_embeds"]
             kwargs["negative_pooled_prompt_embeds"] = embeds["negative_pooled_prompt_embeds"]
-            kwargs["true_cfg_scale"] = self.true_cfg_scale
+            kwargs["true_cfg_scale"] = self.scale(params.true_cfg_scale)
         if init_image is not None:
             kwargs["image"] = init_image.convert("RGB").resize((params.width, params.height))
             kwargs["strength"] = params.strength
