@@ -142,7 +142,8 @@ class ImageOptions(BaseModel):
 
 def _requests(options: ImageOptions, priority: str, image: bytes | None) -> list[OmniRequest]:
     if options.stream and options.n != 1:
-        raise invalid("n", "must be 1 when stream is true")
+        sent_as = "n" if options.num_outputs_per_prompt is None else "num_outputs_per_prompt"
+        raise invalid(sent_as, "must be 1 when stream is true")
     made = []
     try:
         for i in range(options.n):

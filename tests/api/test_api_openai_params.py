@@ -74,6 +74,12 @@ INVALID: list[tuple[str, Call, str, str]] = [
         "num_outputs_per_prompt",
         "differs from n",
     ),
+    (
+        "several streamed images",
+        gen(stream=True, extra_body={"num_outputs_per_prompt": 2}),
+        "num_outputs_per_prompt",
+        "must be 1 when stream is true",
+    ),
     ("unknown response format", gen(response_format="gif"), "response_format", "b64_json"),
     ("blank prompt", lambda c: c.images.generate(prompt=" "), "prompt", "blank"),
     (
