@@ -17,6 +17,7 @@ from omni_tasks.config import (
     set_config,
 )
 from omni_tasks.errors import (
+    BrokerUnavailableError,
     CacheError,
     ConfigError,
     CoreModuleError,
@@ -77,6 +78,7 @@ __all__ = [
     "FIFOScheduler",
     "HybridScheduler",
     "ImageResult",
+    "BrokerUnavailableError",
     "MultimodalResult",
     "MultimodalScheduler",
     "OmniRequest",

@@ -23,6 +23,27 @@ class QueueFullError(SchedulerError):
     """Raised when admitting a request would exceed `SchedulerConfig.max_queue_size`."""
 
 
+class BrokerUnavailableError(SchedulerError):
+    """Raised by a send (`.delay()`, `apply_async`, `send_task`, `submit`) when Redis or
+    the broker cannot be reached, whatever the client library raised.
+
+    `may_be_accepted` says what the caller may assume. False: nothing of the request
+    was recorded or queued, and nothing will run it. True: the connection broke while
+    the request was being accepted; it may run. Either way, sending the same request
+    again under the same `request_id` is safe: a repeat runs at most once, and its
+    result is the one result.
+    """
+
+    def __init__(self, request_id: str, message: str, may_be_accepted: bool = False) -> None:
+        self.request_id = request_id
+        self.message = message
+        self.may_be_accepted = may_be_accepted
+        super().__init__(request_id, message, may_be_accepted)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class RequestConflictError(SchedulerError):
     """Raised when a request id is re-used for a different request (its fingerprint,
     the request without its id and creation time, differs from the one accepted under

@@ -86,6 +86,7 @@ ERROR_ARGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "RequestValidationError": (("field", "message"), ("errors",)),
     "ConfigError": (("field", "message"), ()),
     "RequestConflictError": (("request_id", "message"), ()),
+    "BrokerUnavailableError": (("request_id", "message"), ("may_be_accepted",)),
 }
 ARG_SCHEMAS: dict[str, dict[str, Any]] = {
     "errors": {
@@ -95,6 +96,10 @@ ARG_SCHEMAS: dict[str, dict[str, Any]] = {
             "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
         },
         "description": "Every bad field, when there is more than one.",
+    },
+    "may_be_accepted": {
+        "type": "boolean",
+        "description": "Whether the request may have been accepted (and may run).",
     },
 }
 

@@ -122,6 +122,8 @@ def sample(cls: type[errors.CoreModuleError]) -> errors.CoreModuleError:
         return cls("ar.queue", "must not be empty")
     if cls is errors.RequestConflictError:
         return cls("req_001")
+    if cls is errors.BrokerUnavailableError:
+        return cls("req_001", "request req_001 not sent: cannot reach Redis", True)
     return cls(f"{cls.__name__} happened")
 
 

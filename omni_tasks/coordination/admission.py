@@ -39,8 +39,6 @@ FULL, REPEAT, CONFLICT = -1, 2, -2
 
 #: A limit other than the config's for this context (an `OmniScheduler`'s own config).
 _limit: ContextVar[int | None] = ContextVar("omni_admission_limit", default=None)
-#: Set while `OmniTask.send` publishes what it admitted: the `send_task` hook skips it.
-_admitted_here: ContextVar[bool] = ContextVar("omni_admission_done", default=False)
 
 
 @dataclass(frozen=True)
@@ -77,9 +75,12 @@ def admit(
     counted: bool = True,
     entry: ledger.Entry | None = None,
     fingerprint: str | None = None,
+    message: tuple[str, str] | None = None,
 ) -> Admission:
     """Count `admission_id` in the pool of `queue`, or raise `QueueFullError`; with
-    `entry`, record the request in the ledger in the same step (`scripts/admit.lua`).
+    `entry`, record the request in the ledger in the same step (`scripts/admit.lua`),
+    and with `message` (a queue's list and kombu's JSON envelope, beside `entry`)
+    publish it there too.
 
     `enforce=False` counts it without the limit: a stage published by a worker for a
     request already admitted, or a lost request published again. `counted=False`
@@ -102,6 +103,11 @@ def admit(
     if entry is not None:
         script_keys += entry.keys
         script_args += entry.script_args
+        if message is not None:
+            script_keys.append(message[0])
+            script_args.append(message[1])
+    elif message is not None:
+        raise ValueError("a message is published with its ledger entry")
     status, count = (int(v) for v in get_scripts().admit(keys=script_keys, args=script_args))
     if status == CONFLICT:
         raise RequestConflictError(admission_id)
@@ -172,20 +178,6 @@ def unlimited() -> AbstractContextManager[None]:
     """Admit without a limit within this context: a lost request published again was
     admitted when it was first accepted."""
     return max_queue_size(0)
-
-
-@contextmanager
-def admitted_here() -> Iterator[None]:
-    """What is published within was admitted already (by `OmniTask.send`)."""
-    token = _admitted_here.set(True)
-    try:
-        yield
-    finally:
-        _admitted_here.reset(token)
-
-
-def is_admitted_here() -> bool:
-    return _admitted_here.get()
 
 
 def final_task_id(task_id: str, options: dict[str, Any]) -> str:

@@ -15,21 +15,19 @@ result), a different one raises `RequestConflictError`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-import redis
 from celery import Task
 from celery._state import get_current_worker_task
-from kombu.utils.url import maybe_sanitize_url
 
 from omni_tasks.config import get_config
-from omni_tasks.coordination import admission, idempotency, ledger
-from omni_tasks.errors import ProcessingError, RequestValidationError, SchedulerError
+from omni_tasks.coordination import acceptance, admission, idempotency, ledger
+from omni_tasks.errors import ProcessingError, RequestValidationError
 from omni_tasks.requests import OmniRequest, RequestType, Stage, request_from_task_kwargs
+from omni_tasks.tasks.transport import accepts_on_publish
 
 #: Longest `kwargsrepr` (what Flower and the logs show of a message), as Celery's own.
 KWARGSREPR_MAX_CHARS = 1024
@@ -85,35 +83,41 @@ class OmniTask(Task):
 
     def send(self, request: OmniRequest, args: Any, task_id: str | None, options: dict) -> Any:
         """Enqueue a validated request as this task's message (its id is the task id):
-        accepted first (its id checked, admitted, and recorded in the ledger, in one
-        round trip: `omni_tasks.coordination.admission`), then published. A repeat of
-        a request accepted before is not published: its result is returned."""
+        its id checked, admitted, recorded in the ledger and published, all or nothing
+        (`omni_tasks.coordination.acceptance`). A repeat of a request accepted before is
+        not published: its result is returned."""
         message = publish_options(request, options)
         task_id = task_id or request.request_id
-        accepted = self.accept(args, message, task_id, options, request)
-        if accepted.repeat:
-            return self.AsyncResult(accepted.admission_id)
-        options["headers"] = {**(options.get("headers") or {}), idempotency.ACCEPTED_HEADER: True}
-        try:
-            with admission.admitted_here():
-                return super().apply_async(args, message, task_id=task_id, **options)
-        except BaseException:
-            with contextlib.suppress(redis.RedisError):
-                accepted.undo()  # nothing was enqueued: the place goes back
-            raise
+        accepting = self.acceptance_for(args, message, task_id, options, request)
+        return self.publish_accepted(
+            accepting,
+            options,
+            lambda: super(OmniTask, self).apply_async(args, message, task_id=task_id, **options),
+        )
 
-    def accept(
+    def publish_accepted(
+        self, accepting: acceptance.Acceptance, options: dict, publish: Callable[[], Any]
+    ) -> Any:
+        """Run `publish` (which sends the message with `options`) as `accepting`'s send;
+        the message carries the mark of a request an omni-tasks producer accepted."""
+        options["headers"] = {**(options.get("headers") or {}), idempotency.ACCEPTED_HEADER: True}
+        return acceptance.send(
+            accepting, publish, self.app.AsyncResult, on_publish=accepts_on_publish()
+        )
+
+    def acceptance_for(
         self,
         args: Any,
         kwargs: dict[str, Any],
         task_id: str,
         options: dict,
         request: OmniRequest | None = None,
-    ) -> admission.Admission:
-        """Check the request id (`RequestConflictError`, or a repeat), count the
-        request this message starts in its pool (`QueueFullError` when full) and
-        record it in the ledger (Redis broker only: RabbitMQ confirms the publish). A
-        chain's later stage is not counted: its first stage was.
+    ) -> acceptance.Acceptance:
+        """How a message is accepted: its request id checked (`RequestConflictError`, or
+        a repeat), the request this message starts counted in its pool
+        (`QueueFullError` when full), and recorded in the ledger (Redis broker only:
+        RabbitMQ confirms the publish). A chain's later stage is not counted: its first
+        stage was.
 
         A message published by a running task (the next stage of a chain, a replaced
         task) or published again (`ledger.REPUBLISHED_HEADER`) belongs to a request
@@ -123,21 +127,17 @@ class OmniTask(Task):
         republished = bool((options.get("headers") or {}).get(ledger.REPUBLISHED_HEADER))
         enforce = not republished and get_current_worker_task() is None
         checked = enforce and not self.takes_previous_result
-        fingerprint = request.fingerprint() if checked and request is not None else None
         entry = None
         if get_config().broker_is_redis:
             entry = ledger.prepare(self.name, task_id, args, kwargs, options)
-        try:
-            return admission.admit(
-                self.stage_queue,
-                admission.final_task_id(task_id, options),
-                enforce=enforce,
-                counted=not self.takes_previous_result,
-                entry=entry,
-                fingerprint=fingerprint,
-            )
-        except redis.RedisError as exc:
-            raise SchedulerError(_unreachable(exc)) from exc
+        return acceptance.Acceptance(
+            self.stage_queue,
+            admission.final_task_id(task_id, options),
+            enforce=enforce,
+            counted=not self.takes_previous_result,
+            entry=entry,
+            fingerprint=request.fingerprint() if checked and request is not None else None,
+        )
 
     @property
     def stage_queue(self) -> str:
@@ -175,11 +175,6 @@ def with_request_id(kwargs: dict[str, Any], request_id: str) -> dict[str, Any]:
             "request_id", f"must be the task id {request_id!r} or left out, got {shown}"
         )
     return kwargs
-
-
-def _unreachable(exc: redis.RedisError) -> str:
-    url = maybe_sanitize_url(get_config().redis_url)
-    return f"request not accepted: cannot reach Redis at {url}: {exc}"
 
 
 def kwargs_repr(message: dict[str, Any]) -> str:

@@ -16,15 +16,13 @@ only to refuse them on the worker with a clear error (`workers.handlers`).
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-import redis
 from celery import chain
 
-from omni_tasks.coordination import admission, idempotency
+from omni_tasks.coordination import acceptance
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.requests import OmniRequest, RequestType
 from omni_tasks.scheduling.policies import SchedulingPolicy
@@ -162,7 +160,7 @@ def send_admitted(send_task: Callable[..., Any], name: str, *args: Any, **option
     task id, its creation time and seed fixed now), its id checked (a repeat publishes
     nothing and returns the id's result) and admitted."""
     task = app.tasks.get(name)
-    if admission.is_admitted_here() or not isinstance(task, OmniTask):
+    if acceptance.in_send() or not isinstance(task, OmniTask):
         return send_task(name, *args, **options)
     call_args = args[0] if args else options.pop("args", None)
     call_kwargs = args[1] if len(args) > 1 else options.pop("kwargs", None)
@@ -175,13 +173,7 @@ def send_admitted(send_task: Callable[..., Any], name: str, *args: Any, **option
             raise RequestValidationError("args", POSITIONAL_REFUSED)
         request = task.build_request(call_kwargs or {}, task_id)
         message = publish_options(request, options)
-    accepted = task.accept(call_args, message, task_id, options, request)
-    if accepted.repeat:
-        return app.AsyncResult(accepted.admission_id)
-    options["headers"] = {**(options.get("headers") or {}), idempotency.ACCEPTED_HEADER: True}
-    try:
-        return send_task(name, call_args, message, *args[2:], **options)
-    except BaseException:
-        with contextlib.suppress(redis.RedisError):
-            accepted.undo()
-        raise
+    accepting = task.acceptance_for(call_args, message, task_id, options, request)
+    return task.publish_accepted(
+        accepting, options, lambda: send_task(name, call_args, message, *args[2:], **options)
+    )

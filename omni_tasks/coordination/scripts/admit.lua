@@ -1,7 +1,8 @@
--- Accept one request before its message is published: check its id against the
--- request accepted under it before (when ARGV[4] is given), admit it into its pool
--- (unless the pool already holds max_queue_size) and, when KEYS[3] and KEYS[4] are
--- given, record it in the ledger of accepted requests. One step, one round trip per send.
+-- Accept one request: check its id against the request accepted under it before (when
+-- ARGV[4] is given), admit it into its pool (unless the pool already holds
+-- max_queue_size), when KEYS[3] and KEYS[4] are given record it in the ledger of
+-- accepted requests, and when KEYS[5] is given publish its message there. One step, one
+-- round trip per send: a send that fails leaves all of it or none of it.
 -- KEYS[1]  the pool's admitted set: request id -> when admitted (ZSCORE, ZCARD, ZADD)
 -- KEYS[2]  the request id's fingerprint (GET, SET EX); untouched when ARGV[4] is ''
 -- KEYS[3]  optional: the request's ledger entry (HSET, EXPIRE)
@@ -19,10 +20,13 @@
 -- ARGV[9]  with the ledger keys: its args (JSON)
 -- ARGV[10] with the ledger keys: its kwargs (JSON)
 -- ARGV[11] with the ledger keys: its publish options (JSON)
+-- KEYS[5]  optional, with the ledger keys: the queue's list at the message's priority
+--          level (LPUSH), as kombu's Redis transport publishes
+-- ARGV[12] with KEYS[5]: the message (kombu's JSON envelope)
 -- Returns {status, count}: status 1 admitted, 0 already admitted or not admitted
 -- (ARGV[2] = -1), -1 refused (the pool is full), 2 a repeat (the same fingerprint is
 -- recorded under this id), -2 a conflict (another one is); nothing is recorded for -1,
--- 2 and -2. count is the pool's size after the call.
+-- 2 and -2 (and nothing is published). count is the pool's size after the call.
 local limit = tonumber(ARGV[2])
 local status = 0
 local count = redis.call('ZCARD', KEYS[1])
@@ -45,10 +49,13 @@ end
 if ARGV[4] ~= '' then
   redis.call('SET', KEYS[2], ARGV[4], 'EX', tonumber(ARGV[5]))
 end
-if #KEYS == 4 then
+if #KEYS >= 4 then
   redis.call('HSET', KEYS[3], 'task', ARGV[8], 'args', ARGV[9], 'kwargs', ARGV[10],
              'options', ARGV[11])
   redis.call('EXPIRE', KEYS[3], tonumber(ARGV[7]))
   redis.call('ZADD', KEYS[4], tonumber(ARGV[3]), ARGV[6])
+end
+if #KEYS == 5 then
+  redis.call('LPUSH', KEYS[5], ARGV[12])
 end
 return {status, count}
