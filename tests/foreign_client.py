@@ -6,7 +6,8 @@ a service in another codebase enqueues work. Run as a script by the wire tests.
                                                            (`wire_client.outcome`)
     python foreign_client.py REDIS_URL ping             -> prints the workers that answer
 
-SPEC_JSON is a list of {"task", "kwargs", "queue", "priority" (optional)}.
+SPEC_JSON is a list of {"task", "kwargs", "queue", "priority" and "task_id" (both
+optional)}.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ def send(app: Celery, spec: list[dict]) -> list[str]:
     ids = []
     for message in spec:
         options = {"queue": message["queue"]}
-        if "priority" in message:
-            options["priority"] = message["priority"]
+        for option in ("priority", "task_id"):
+            if option in message:
+                options[option] = message[option]
         ids.append(app.send_task(message["task"], kwargs=message["kwargs"], **options).id)
     return ids
 

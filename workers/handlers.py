@@ -5,13 +5,17 @@ caps redeliveries (a message that keeps killing workers); it validates the messa
 again (positional args, the request id against the task id, every field), rejecting
 and recording what does not parse; for a first delivery that no omni-tasks producer
 accepted (another client's), it checks the request id (`coordination.idempotency`); it
-runs the stage on this worker's engines; it hands the message back if the engine is
+claims the request's one run (`coordination.runs`: a duplicate of a request that
+succeeded or runs elsewhere is acknowledged without running); it runs the stage on this
+worker's engines, as STARTED; it hands the message back if the engine is
 shutting down; and it counts the outcome for monitoring.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
@@ -21,7 +25,7 @@ from celery import Celery, states
 from celery.exceptions import Ignore, Reject
 
 from omni_tasks.config import get_config
-from omni_tasks.coordination import idempotency, keys
+from omni_tasks.coordination import idempotency, keys, runs
 from omni_tasks.coordination.client import get_redis, get_scripts
 from omni_tasks.coordination.counters import count_outcome
 from omni_tasks.coordination.ledger import REPUBLISHED_HEADER
@@ -42,6 +46,8 @@ from omni_tasks.tasks.celery_app import delivered_level
 from omni_tasks.tasks.definitions import multimodal_chain
 from workers import execution, progress, task_context
 from workers.runtime import runtime
+
+log = logging.getLogger(__name__)
 
 DELIVERY_KEY_TTL_S = 7 * 86400
 #: What gives a running request's message back to the queue rather than failing it.
@@ -73,21 +79,47 @@ def execute(
     started = time.time()
     task_id = task.request.id or ""
     queue = task.stage_queue
-    client = get_redis()
     request, redelivered = admitted_request(task, task_id, queue, kwargs, args)
+    claim = claim_run(task, task_id, queue)
+    succeeded = False
+    try:
+        result = run_claimed(task, task_id, queue, request, run)
+        run_s = time.time() - started
+        timings = result.timings
+        timings.setdefault("queued_s", round(max(0.0, started - request.created_at), 6))
+        timings.setdefault("run_s", round(run_s, 6))
+        timings.setdefault("started_at", round(started, 6))
+        runtime.counters.add_success(queue, run_s, timings["queued_s"], request.request_type.value)
+        if redelivered:
+            get_redis().delete(keys.deliveries(task_id))
+        found = result.to_json()
+        succeeded = True
+        return found
+    finally:
+        if not succeeded:  # the message may come back, or be sent again: it may run
+            with contextlib.suppress(redis.RedisError):
+                runs.release(task_id, claim)
+
+
+def run_claimed(
+    task: OmniTask, task_id: str, queue: str, request: OmniRequest, run: Callable[..., Any]
+) -> Any:
+    """Run the request this delivery claimed, as STARTED; what ends it otherwise becomes
+    the task's outcome (handed back, expired, cancelled or failed)."""
+    mark_started(task, task_id)
     try:
         priority = delivered_level(
             (task.request.delivery_info or {}).get("priority"), get_config().broker_is_redis
         )
         with task_context.running(task_id, priority), progress.reporting(task):
-            result = run(request)
+            return run(request)
     except HANDED_BACK as exc:
         # A warm shutdown, an unstarted request handed back for higher-priority work, or
         # Redis gone mid-run (a restart): not the request's fault, so give the message
         # back; the credit cancels the count the redelivered message will add when it
         # starts again.
         with contextlib.suppress(redis.RedisError):
-            client.decr(keys.deliveries(task_id))
+            get_redis().decr(keys.deliveries(task_id))
         raise Reject(str(exc), requeue=True) from None
     except RequestTimeoutError:
         count_outcome(queue, "expired")
@@ -99,15 +131,28 @@ def execute(
     except Exception:
         count_outcome(queue, "failed")
         raise
-    run_s = time.time() - started
-    timings = result.timings
-    timings.setdefault("queued_s", round(max(0.0, started - request.created_at), 6))
-    timings.setdefault("run_s", round(run_s, 6))
-    timings.setdefault("started_at", round(started, 6))
-    runtime.counters.add_success(queue, run_s, timings["queued_s"], request.request_type.value)
-    if redelivered:
-        client.delete(keys.deliveries(task_id))
-    return result.to_json()
+
+
+def claim_run(task: OmniTask, task_id: str, queue: str) -> str:
+    """Claim the one run of `task_id` (`coordination.runs`); returns the claim. A
+    delivery whose request succeeded already, or whose twin a live worker runs, is a
+    duplicate: acknowledged without running (`Ignore`), counted as `duplicates`; its
+    sender gets the one result, under the same id."""
+    claim = runs.claim_value(runtime.hostname, runtime.instance)
+    found = runs.claim(task_id, claim, task.backend.get_key_for_task(task_id).decode())
+    if found != "claimed":
+        count_outcome(queue, "duplicates")
+        log.info("%s: a duplicate (%s), not run", task_id, found)
+        raise Ignore()
+    return claim
+
+
+def mark_started(task: OmniTask, task_id: str) -> None:
+    """Celery's STARTED state, written once this delivery holds the run (Celery's own
+    `track_started` would write it before: a duplicate's or a conflicting message's
+    STARTED over the state of the request that runs)."""
+    meta = {"pid": os.getpid(), "hostname": task.request.hostname}
+    task.backend.store_result(task_id, meta, states.STARTED, request=task.request)
 
 
 def become_chain(
@@ -158,22 +203,21 @@ def _check_request_id(
     task: OmniTask, task_id: str, request: OmniRequest, queue: str, kwargs: Any
 ) -> None:
     """A first delivery that no omni-tasks producer accepted (another client sent it):
-    claim its id's fingerprint. A repeat of a request that succeeded is not run again
-    (its result stands; Celery has just marked the id STARTED over any other state, so
-    a repeat of a failed request runs again); a conflict is refused and recorded (a
-    success stored under the id stands: Celery's backend never overwrites one)."""
+    claim its id's fingerprint. A repeat goes on to claim the run (`claim_run`: it runs
+    only if no twin ran it to success or runs it now); a conflict is refused and
+    recorded, and no state is stored: the request the id holds (running, or its
+    result) stands, and its sender sees only its own states."""
     accepted = getattr(task.request, idempotency.ACCEPTED_HEADER, False)
     if accepted or task.takes_previous_result or not task_id:
         return
     found = idempotency.claim(request.request_id, request.fingerprint())
     if found == "new":
         return
-    if found == "repeat":
-        _skip_if_succeeded(task, task_id, queue)
+    if found == "repeat":  # a duplicate unless its twin ended without success
         return
     conflict = RequestConflictError(request.request_id)
     _record_failure(task, task_id, queue, str(conflict), kwargs)
-    raise conflict
+    raise Ignore()  # the id's own request (running, or its result) stands
 
 
 def _admit_redelivery(task: OmniTask, task_id: str, kwargs: Any, queue: str) -> None:

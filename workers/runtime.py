@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ class WorkerRuntime:
 
     def __init__(self) -> None:
         self.identity = WorkerIdentity(hostname=f"{socket.gethostname()}-{os.getpid()}")
+        #: This run of the worker (a restarted worker keeps its hostname, not this).
+        self.instance = uuid.uuid4().hex[:12]
         self.counters = SuccessCounters()
         self._lock = threading.Lock()
         self._text: TextEngine | None = None

@@ -55,6 +55,11 @@ def deliveries(task_id: str) -> str:
     return f"{_p()}:deliveries:{task_id}"
 
 
+def run_claim(task_id: str) -> str:
+    """Which delivery of a request runs it now (`coordination.runs`; expires)."""
+    return f"{_p()}:run:{task_id}"
+
+
 def revoked(task_id: str) -> str:
     """Set while a request is cancelled, so even workers started later skip it."""
     return f"{_p()}:revoked:{task_id}"

@@ -53,7 +53,7 @@ class Flight:
 
     def release(self) -> None:
         self._stop.set()
-        get_scripts().flight_release(keys=[keys.flight_lease(self.cache_key)], args=[self.token])
+        get_scripts().release_held(keys=[keys.flight_lease(self.cache_key)], args=[self.token])
 
 
 def try_claim(cache_key: str, lease_s: float = LEASE_S) -> Flight | None:

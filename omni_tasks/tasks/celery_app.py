@@ -127,7 +127,9 @@ def celery_settings(config: CoreModuleConfig) -> dict[str, Any]:
         # Flower sees every task and worker.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "task_track_started": True,
+        # STARTED is written by the worker once a delivery holds its request's one run
+        # (`workers.handlers`), never by a duplicate or a conflicting message.
+        "task_track_started": False,
         "result_extended": True,
         "result_expires": config.result_expires,
         # A result write that meets a Redis restart waits for Redis (backoff up to 10 s,

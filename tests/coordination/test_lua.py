@@ -126,7 +126,7 @@ def test_flight_scripts(redis_client) -> None:
     assert s.flight_renew(keys=[lease], args=["theirs", 60000]) == 0
     assert s.flight_renew(keys=[lease], args=["mine", 60000]) == 1
     assert redis_client.pttl(lease) > 1000
-    assert s.flight_release(keys=[lease], args=["theirs"]) == 0
+    assert s.release_held(keys=[lease], args=["theirs"]) == 0
     assert redis_client.get(lease) == "mine"
     assert s.flight_publish(keys=[lease, done], args=["theirs", "out", 30]) == 1
     assert redis_client.get(done) == "out" and redis_client.get(lease) == "mine"
@@ -134,7 +134,7 @@ def test_flight_scripts(redis_client) -> None:
     assert redis_client.get(done) == "out2" and not redis_client.exists(lease)
     assert 0 < redis_client.ttl(done) <= 30
     redis_client.set(lease, "mine")
-    assert s.flight_release(keys=[lease], args=["mine"]) == 1
+    assert s.release_held(keys=[lease], args=["mine"]) == 1
     assert not redis_client.exists(lease)
 
 
@@ -156,3 +156,16 @@ def test_every_script_runs_in_a_test_here() -> None:
     text = Path(__file__).read_text()
     untested = [name for name in SOURCES if f".{name}" not in text.replace(" ", "")]
     assert untested == []
+
+
+def test_claim_run_answers_done_running_or_claimed(redis_client) -> None:
+    s = get_scripts()
+    claim, result, beats = "run:x", "celery-task-meta-x", "omni-test:worker:"
+    assert s.claim_run(keys=[claim, result], args=["w1 i1 t1", 60, beats]) == "claimed"
+    redis_client.hset(beats + "w1", "instance", "i1")  # w1 is alive
+    assert s.claim_run(keys=[claim, result], args=["w2 i2 t2", 60, beats]) == "running"
+    redis_client.hset(beats + "w1", "instance", "i9")  # w1 restarted: its claim is dead
+    assert s.claim_run(keys=[claim, result], args=["w2 i2 t2", 60, beats]) == "claimed"
+    redis_client.set(result, '{"status": "SUCCESS"}')
+    assert s.claim_run(keys=[claim, result], args=["w3 i3 t3", 60, beats]) == "done"
+    assert redis_client.get(claim) == "w2 i2 t2"

@@ -30,11 +30,11 @@ from omni_tasks import (
     submit,
 )
 from omni_tasks.config import get_config, set_config
-from omni_tasks.coordination import keys
+from omni_tasks.coordination import keys, runs
 from omni_tasks.coordination.client import get_redis, get_scripts
 from omni_tasks.coordination.idempotency import ACCEPTED_HEADER
 from omni_tasks.coordination.rejections import list_rejections
-from omni_tasks.errors import ProcessingError, RequestConflictError, RequestValidationError
+from omni_tasks.errors import ProcessingError, RequestValidationError
 from omni_tasks.tasks.base import OmniTask
 from workers.handlers import (
     DELIVERY_KEY_TTL_S,
@@ -249,12 +249,43 @@ def test_another_clients_repeat_and_conflict_leave_the_first_result(
     with delivered(task, "reused"), pytest.raises(Ignore):
         task.run(prompt="first")  # the same request: not run again
     assert stats("ar")["duplicates"] == "1"
-    with delivered(task, "reused"), pytest.raises(RequestConflictError) as info:
-        task.run(prompt="second")
-    assert info.value.field == "request_id"
+    with delivered(task, "reused"), pytest.raises(Ignore):
+        task.run(prompt="second")  # refused and recorded, no state stored
     assert "different request" in rejection_of("reused")["reason"]
-    worker_app.backend.mark_as_failure("reused", info.value)  # Celery keeps the success
     assert worker_app.AsyncResult("reused").get(timeout=5) == first
+    assert eventually(lambda: stats("ar").get("processed") == "1")  # one run
+
+
+def test_a_conflict_while_the_first_request_runs_stores_no_state(
+    worker_app: Celery, redis_client
+) -> None:
+    task = worker_app.tasks["omni_tasks.probe"]
+    worker_app.backend.store_result("busy", {"step": 3, "steps": 8}, "PROGRESS")
+    with delivered(task, "busy"):
+        task.run(prompt="first")  # claims the id's fingerprint
+    worker_app.backend.store_result("busy", {"step": 4, "steps": 8}, "PROGRESS")
+    with delivered(task, "busy"), pytest.raises(Ignore):
+        task.run(prompt="second")
+    meta = worker_app.backend.get_task_meta("busy")
+    assert meta["status"] == "PROGRESS" and meta["result"] == {"step": 4, "steps": 8}
+    assert "different request" in rejection_of("busy")["reason"]
+    assert eventually(lambda: stats("ar").get("processed") == "1")  # the first only
+
+
+def test_a_twin_of_a_request_a_live_worker_runs_is_not_run(
+    worker_app: Celery, redis_client
+) -> None:
+    task = worker_app.tasks["omni_tasks.probe"]
+    redis_client.hset(keys.worker("w9@host"), "instance", "i9")  # a live worker's beat
+    redis_client.set(keys.run_claim("twin"), runs.claim_value("w9@host", "i9"))
+    with delivered(task, "twin", **{ACCEPTED_HEADER: True}), pytest.raises(Ignore):
+        task.run(prompt="twin")
+    assert stats("ar")["duplicates"] == "1"
+    assert worker_app.backend.get_task_meta("twin")["status"] == "PENDING"  # no STARTED
+    redis_client.delete(keys.worker("w9@host"))  # that worker died: the twin runs
+    with delivered(task, "twin", **{ACCEPTED_HEADER: True}):
+        assert task.run(prompt="twin")["request_id"] == "twin"
+    assert worker_app.backend.get_task_meta("twin")["status"] == "STARTED"
     assert eventually(lambda: stats("ar").get("processed") == "1")  # one run
 
 

@@ -62,6 +62,8 @@ class Heartbeat:
             "pool_type": identity.pool_type,
             "concurrency": identity.concurrency,
             "pid": os.getpid(),
+            # Which run of this hostname beats: a run claim names it (`coordination.runs`).
+            "instance": self.runtime.instance,
             "started": time.time(),
         }
 

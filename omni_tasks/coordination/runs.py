@@ -1,0 +1,58 @@
+"""One id, one run: at most one delivery of a request runs at a time, and none runs once
+it has succeeded.
+
+Two messages may carry the same request id. A client that does not import omni_tasks
+sends the same request twice at a priority (no producer checked its id); a message
+restored from a dead worker meets the copy the ledger published again; a client sends
+a message again while the first one runs. Before a worker runs a delivery it claims
+the id's run (`scripts/claim_run.lua`), in one step with a look at the id's result:
+
+- a success is stored under the id: the delivery is a duplicate, and is not run;
+- a live worker holds the claim (its heartbeat carries the claim's instance): the twin
+  is running, and this delivery is a duplicate too. It is acknowledged without running;
+  its sender, waiting on the same id, gets the twin's result;
+- otherwise (no claim, or a dead worker's) the run is this delivery's.
+
+A run that ends without success gives its claim back (`release`), so that the message
+handed back or sent again can run. A success keeps it until it expires, beside the
+result that says the same.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Literal
+
+from omni_tasks.config import get_config
+from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import get_scripts
+
+Claim = Literal["claimed", "done", "running"]
+
+#: A claim outlives the longest run by this much (it is only there to be forgotten).
+CLAIM_MARGIN_S = 300
+
+
+def claim_value(hostname: str, instance: str) -> str:
+    """A new run's claim: the worker (hostname and instance, as its heartbeat has them)
+    and a token of its own, so twins in one worker tell each other apart."""
+    return f"{hostname} {instance} {uuid.uuid4().hex[:12]}"
+
+
+def claim(task_id: str, value: str, result_key: str) -> Claim:
+    """Claim the run of `task_id` for `value` (see the module docstring)."""
+    found = get_scripts().claim_run(
+        keys=[keys.run_claim(task_id), result_key],
+        args=[value, claim_ttl_s(), keys.worker("")],
+    )
+    return found  # type: ignore[no-any-return]
+
+
+def release(task_id: str, value: str) -> None:
+    """Give the claim of `task_id` back, if `value` still holds it."""
+    get_scripts().release_held(keys=[keys.run_claim(task_id)], args=[value])
+
+
+def claim_ttl_s() -> int:
+    """How long a claim lives: past the longest run any request may have."""
+    return 2 * get_config().longest_task_s + CLAIM_MARGIN_S
