@@ -5,15 +5,21 @@ process with kombu's default transport options) sends text, image and multimodal
 requests by name with `queue=`, bad ones, and re-uses an id. Then the same rules are
 checked through omni-tasks' own producers: the idempotent repeat, the conflicting
 re-use, the design doc's basic example run twice, multimodal by name, and typed errors.
+Last, one id, one run: the same request sent twice at once (a foreign client at every
+kind of priority, `send_task` with and without one) runs once, and a conflicting
+message sent while a request runs leaves that request's states alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +33,7 @@ from omni_tasks import (
     RequestConflictError,
     RequestValidationError,
     create_text_request,
+    generate_image,
     generate_text,
 )
 from omni_tasks.coordination import keys
@@ -38,6 +45,8 @@ pytestmark = pytest.mark.slow
 
 TIMEOUT = 300
 CLIENT = Path(__file__).with_name("wire_client.py")
+#: The foreign client that sends a list of messages by name (`send`) and waits (`wait`).
+SENDER = Path(__file__).with_name("foreign_client.py")
 
 
 def valid(name: str, value: Any) -> None:
@@ -215,3 +224,121 @@ def test_a_refusal_reaches_an_omni_caller_as_its_own_class(pools: dict) -> None:
     with pytest.raises(RequestValidationError) as info:
         omni_tasks.app.AsyncResult(task_id).get(TIMEOUT)
     assert (info.value.field, info.value.message) == ("width", "must be a multiple of 16")
+
+
+# ------------------------------------------------------------- one id, one run
+
+
+def send_foreign(*args: str) -> Any:
+    """Run the foreign sender (its own process, never importing omni_tasks)."""
+    out = subprocess.run(
+        [sys.executable, str(SENDER), os.environ["OMNI_REDIS_URL"], *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=SENDER.parent,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def runs_of(pools: dict, task: str, task_id: str) -> int:
+    """How many times the pools ran `task_id` to success (their logs)."""
+    logs = "".join(w.log_path.read_text(errors="replace") for w in pools.values())
+    return logs.count(f"{task}[{task_id}] succeeded")
+
+
+def twins(kind: str, priority: int | None) -> list[dict[str, Any]]:
+    """The same message twice: a text or an image request, at `priority` (None: sent
+    without one, which the worker re-routes by its class)."""
+    tag = "none" if priority is None else str(priority)
+    if kind == "text":
+        kwargs: dict[str, Any] = {"prompt": f"twin {tag}", "max_tokens": 24, "temperature": 0}
+        message = {"task": "omni_tasks.generate_text", "queue": "ar", "kwargs": kwargs}
+    else:
+        kwargs = {"prompt": f"twin {tag}", "width": 64, "height": 64, "steps": 8, "seed": 2}
+        message = {"task": "omni_tasks.generate_image", "queue": "diffusion", "kwargs": kwargs}
+    message["task_id"] = f"twin-{kind}-{tag}"
+    if priority is not None:
+        message["priority"] = priority
+    return [message, dict(message)]
+
+
+def test_a_foreign_request_sent_twice_at_once_runs_once(pools: dict) -> None:
+    before = {q: int(stats(q).get("duplicates", 0)) for q in ("ar", "diffusion")}
+    spec = [m for kind in ("text", "image") for p in (None, 0, 5, 9) for m in twins(kind, p)]
+    ids = sorted(set(send_foreign("send", json.dumps(spec))))
+    assert len(ids) == 8
+    results = send_foreign("wait", json.dumps(ids))
+    assert all(r.get("result", {}).get("request_id") == r["id"] for r in results), results
+    for task_id in ids:
+        task = "generate_text" if task_id.startswith("twin-text") else "generate_image"
+        ran = functools.partial(runs_of, pools, task, task_id)
+        assert eventually(lambda ran=ran: ran() >= 1, timeout_s=30)
+        assert ran() == 1, task_id
+    # Each twin was acknowledged without running, and counted: on arrival where it
+    # landed (a priority), or when it was re-routed (none, or 0: kombu's default).
+    for queue in ("ar", "diffusion"):
+        grown = functools.partial(lambda q: int(stats(q).get("duplicates", 0)) - before[q], queue)
+        assert eventually(lambda grown=grown: grown() == 4, timeout_s=30), (queue, grown())
+
+
+@pytest.mark.parametrize("priority", [None, 5], ids=["no-priority", "priority-5"])
+def test_send_task_twice_at_once_runs_once(pools: dict, priority: int | None) -> None:
+    task_id = f"by-name-{priority}"
+    options = {} if priority is None else {"priority": priority}
+    fields = {"prompt": "sent by name twice", "max_tokens": 4}
+    sent = [
+        omni_tasks.app.send_task(
+            "omni_tasks.generate_text", kwargs=fields, task_id=task_id, **options
+        )
+        for _ in range(2)
+    ]
+    value = sent[0].get(TIMEOUT)
+    assert sent[1].get(TIMEOUT) == value and value["request_id"] == task_id
+    assert eventually(lambda: runs_of(pools, "generate_text", task_id) >= 1, timeout_s=30)
+    assert runs_of(pools, "generate_text", task_id) == 1
+
+
+def watch_states(task_id: str, stop: threading.Event) -> list[str]:
+    """Every state the id's result passes through, as its first sender could see it."""
+    key = omni_tasks.app.backend.get_key_for_task(task_id).decode()
+    seen: list[str] = []
+
+    def poll() -> None:
+        client = get_redis()
+        while not stop.is_set():
+            raw = client.get(key)
+            status = json.loads(raw)["status"] if raw else "PENDING"
+            if not seen or seen[-1] != status:
+                seen.append(status)
+            time.sleep(0.005)
+
+    threading.Thread(target=poll, daemon=True).start()
+    return seen
+
+
+def test_a_conflicting_message_leaves_the_running_requests_states(pools: dict) -> None:
+    stop = threading.Event()
+    seen = watch_states("held-id", stop)
+    first = generate_image.delay(
+        prompt="the first request", width=128, height=128, steps=100, seed=5, request_id="held-id"
+    )
+    assert eventually(lambda: first.state in ("STARTED", "PROGRESS"), timeout_s=120)
+    other = {"prompt": "another request", "width": 64, "height": 64, "steps": 4}
+    message = {"task": "omni_tasks.generate_image", "queue": "diffusion", "kwargs": other}
+    send_foreign("send", json.dumps([{**message, "priority": 5, "task_id": "held-id"}]))
+    record = eventually(lambda: rejection("held-id"), timeout_s=60)
+    running_when_refused = first.state in ("STARTED", "PROGRESS")
+    value = first.get(TIMEOUT)
+    eventually(lambda: seen[-1] == "SUCCESS", timeout_s=10)
+    stop.set()
+    assert running_when_refused, "the conflicting message came after the request ended"
+    assert record is not None and "different request" in record["reason"]
+    assert (value["width"], value["seed"]) == (128, 5)
+    # Its sender saw only its own request: started once, progress, then its success.
+    assert "FAILURE" not in seen and seen[-1] == "SUCCESS", seen
+    assert seen.count("STARTED") == 1, seen
+    # The second sender, waiting on the same id, gets the one result (docs/wire.md).
+    (theirs,) = send_foreign("wait", json.dumps(["held-id"]))
+    assert theirs["result"] == value

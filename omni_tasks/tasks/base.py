@@ -102,8 +102,15 @@ class OmniTask(Task):
         the message carries the mark of a request an omni-tasks producer accepted."""
         options["headers"] = {**(options.get("headers") or {}), idempotency.ACCEPTED_HEADER: True}
         return acceptance.send(
-            accepting, publish, self.app.AsyncResult, on_publish=accepts_on_publish()
+            accepting, publish, self.repeat_result, on_publish=accepts_on_publish()
         )
+
+    def repeat_result(self, request_id: str) -> Any:
+        """The result of a send that repeated a request accepted before: nothing was
+        published; `repeat` says so (a re-routed message is then a duplicate)."""
+        result = self.app.AsyncResult(request_id)
+        result.repeat = True
+        return result
 
     def acceptance_for(
         self,

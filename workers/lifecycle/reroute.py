@@ -27,6 +27,7 @@ from typing import Any
 
 from omni_tasks.config import get_config
 from omni_tasks.coordination import admission, keys
+from omni_tasks.coordination.counters import count_outcome
 from omni_tasks.tasks.base import OmniTask
 from omni_tasks.tasks.transport import PUBLISHED_PROPERTY
 
@@ -69,8 +70,12 @@ def reroute(task: OmniTask, message: Any, body: Any, reason: str) -> None:
         if embed.get(field):
             options[option] = embed[field]
     with admission.unlimited():  # already in the broker: never refused now
-        task.apply_async(args, kwargs, **options)
+        sent = task.apply_async(args, kwargs, **options)
     message.ack()
+    if getattr(sent, "repeat", False):  # its twin was accepted before: not run twice
+        count_outcome(task.stage_queue, "duplicates")
+        log.info("%s: a duplicate (re-routed twin), not run", headers["id"])
+        return
     log.info("re-routed %s (%s): %s", headers["id"], task.name, reason)
 
 
