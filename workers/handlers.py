@@ -89,7 +89,8 @@ def execute(
         timings.setdefault("queued_s", round(max(0.0, started - request.created_at), 6))
         timings.setdefault("run_s", round(run_s, 6))
         timings.setdefault("started_at", round(started, 6))
-        runtime.counters.add_success(queue, run_s, timings["queued_s"], request.request_type.value)
+        own_queued, own_run = stage_times(result, task.stage)
+        runtime.counters.add_success(queue, own_run, own_queued, request.request_type.value)
         if redelivered:
             get_redis().delete(keys.deliveries(task_id))
         found = result.to_json()
@@ -99,6 +100,15 @@ def execute(
         if not succeeded:  # the message may come back, or be sent again: it may run
             with contextlib.suppress(redis.RedisError):
                 runs.release(task_id, claim)
+
+
+def stage_times(result: Any, stage: str) -> tuple[float, float]:
+    """(queued_s, run_s) of this pool's own stage, for its counters: a multimodal
+    result's `timings` span both stages, its `stages` hold each one's."""
+    own = (getattr(result, "stages", None) or {}).get(stage)
+    if own:
+        return float(own["queued_s"]), float(own["run_s"])
+    return float(result.timings["queued_s"]), float(result.timings["run_s"])
 
 
 def run_claimed(

@@ -142,11 +142,20 @@ def wait_with_progress(result: Any, timeout_s: float, stream: IO[str]) -> Any:
     return result.get(timeout=max(deadline - time.monotonic(), 0.1))
 
 
+#: The newest refused messages `omni-tasks status` lists (the rejected list keeps more).
+REJECTIONS_SHOWN = 10
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from omni_tasks import OmniScheduler
+    from omni_tasks.coordination.rejections import list_rejections
 
     scheduler = OmniScheduler()
-    report = {"status": scheduler.get_status(), "health": scheduler.get_health_status()}
+    report = {
+        "status": scheduler.get_status(),
+        "health": scheduler.get_health_status(),
+        "rejected": list_rejections(REJECTIONS_SHOWN),
+    }
     if args.json or not _has_rich():
         print(json.dumps(report, indent=2, default=str))
         return 0

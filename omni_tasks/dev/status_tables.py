@@ -1,6 +1,6 @@
 """`omni-tasks status` for people: the cluster report as `rich` tables (pools, queues
-per priority level, workers, DiT cache, health). `--json` prints the same report for
-scripts."""
+per priority level, workers, DiT cache, the newest refused messages, health). `--json`
+prints the same report for scripts."""
 
 from __future__ import annotations
 
@@ -17,16 +17,20 @@ COUNTERS = ("processed", "failed", "expired", "cancelled", "rejected", "duplicat
 
 
 def print_report(report: dict[str, Any], console: Console | None = None) -> None:
-    """Print `{"status": OmniScheduler.get_status(), "health": get_health_status()}`."""
+    """Print `{"status": OmniScheduler.get_status(), "health": get_health_status(),
+    "rejected": the newest records of the rejected list}`."""
     console = console or Console()
     status, health = report["status"], report["health"]
     workers = status["resource_status"]["workers"]
-    for table in (
+    tables = [
         pools_table(status, workers),
         queues_table(status["queues"]),
         workers_table(workers),
         cache_table(status, workers),
-    ):
+    ]
+    if report.get("rejected"):
+        tables.append(rejections_table(report["rejected"]))
+    for table in tables:
         console.print(table)
     verdict = "[green]healthy[/green]" if health["healthy"] else "[red]unhealthy[/red]"
     console.print(f"Health: {verdict}")
@@ -98,6 +102,24 @@ def cache_table(status: dict[str, Any], workers: list[dict[str, Any]]) -> Table:
         f"{float(status['memory_usage']):.3f} GiB",
         f"{capacity / GB:.3f} GiB",
     )
+    return table
+
+
+def rejections_table(records: list[dict[str, Any]]) -> Table:
+    """The newest refused messages: a malformed one, or one whose id holds another
+    request (its sender waits on that id and gets the other request's result)."""
+    table = Table(title="Refused messages (newest first)")
+    for name in ("when", "task id", "task", "queue", "reason"):
+        table.add_column(name)
+    now = time.time()
+    for record in records:
+        table.add_row(
+            f"{now - float(record.get('time') or now):.0f}s ago",
+            str(record.get("task_id") or "-"),
+            str(record.get("task") or "-"),
+            str(record.get("queue") or "-"),
+            str(record.get("reason") or ""),
+        )
     return table
 
 

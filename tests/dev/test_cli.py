@@ -62,6 +62,19 @@ def test_status_prints_tables_for_people(redis_client) -> None:
     assert "no live worker consumes queue 'ar'" in out.stdout
 
 
+def test_status_lists_the_newest_refused_messages(redis_client) -> None:
+    from omni_tasks.coordination.rejections import record_rejection
+
+    reason = "request_id: 'taken' was accepted before for a different request"
+    record_rejection(reason, task_id="taken", task_name="omni_tasks.generate_text", queue="ar")
+    out = omni_tasks_cli("status", "--json")
+    (record,) = json.loads(out.stdout)["rejected"]
+    assert (record["task_id"], record["reason"]) == ("taken", reason)
+    out = omni_tasks_cli("status")
+    table = out.stdout[out.stdout.index("Refused messages") :]
+    assert "taken" in table and "different request" in table
+
+
 def test_submit_of_a_bad_field_exits_2_naming_it(redis_client) -> None:
     out = omni_tasks_cli("submit", "image", "a fox", "--width", "72", "--no-wait")
     assert out.returncode == 2
