@@ -1,7 +1,12 @@
-"""Test helpers: raw messages that bypass the producer's checks, PNG inspection."""
+"""Test helpers: raw messages that bypass the producer's checks, PNG inspection, the
+foreign Celery client."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -40,6 +45,8 @@ IMAGE_KEYS = [
     "lora",
 ]
 MULTIMODAL_KEYS = [*IMAGE_KEYS, "text", "image_prompt", "usage", "finish_reason", "stages"]
+#: A Celery client that never imports omni_tasks (`foreign_client.py`).
+FOREIGN_CLIENT = Path(__file__).with_name("foreign_client.py")
 #: Image sizes whose DiT cost falls in the lowest and a high cost bucket.
 SMALL = {"width": 64, "height": 64, "steps": 4}
 LARGE = {"width": 512, "height": 512, "steps": 20}
@@ -120,3 +127,17 @@ def message_kwargs(message: dict[str, Any]) -> dict[str, Any]:
 
     _args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
     return kwargs
+
+
+def foreign(*args: str, timeout_s: float = 300) -> Any:
+    """Run the foreign client (its own process, never importing omni_tasks) against
+    the tests' Redis; its last line of output, as JSON."""
+    out = subprocess.run(
+        [sys.executable, str(FOREIGN_CLIENT), os.environ["OMNI_REDIS_URL"], *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=FOREIGN_CLIENT.parent,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

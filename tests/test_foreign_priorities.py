@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import foreign
 
 from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
@@ -19,22 +19,8 @@ from omni_tasks.requests import OmniRequest, RequestType
 from omni_tasks.scheduling.policies import create_policy
 
 pytestmark = pytest.mark.slow
-CLIENT = Path(__file__).with_name("foreign_client.py")
 #: kombu's default priority steps: a default client's integer priority is rounded down.
 KOMBU_STEPS = (0, 3, 6, 9)
-
-
-def foreign(*args: str, timeout_s: float = 300) -> object:
-    """Run the foreign client (its own process, never importing omni_tasks)."""
-    out = subprocess.run(
-        [sys.executable, str(CLIENT), get_config().redis_url, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        cwd=CLIENT.parent,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def class_level(priority: str) -> int:

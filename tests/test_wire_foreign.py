@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from helpers import assert_png, eventually, publish_raw
+from helpers import foreign as foreign_client
 from jsonschema import Draft202012Validator
 
 import omni_tasks
@@ -45,8 +46,6 @@ pytestmark = pytest.mark.slow
 
 TIMEOUT = 300
 CLIENT = Path(__file__).with_name("wire_client.py")
-#: The foreign client that sends a list of messages by name (`send`) and waits (`wait`).
-SENDER = Path(__file__).with_name("foreign_client.py")
 
 
 def valid(name: str, value: Any) -> None:
@@ -229,19 +228,6 @@ def test_a_refusal_reaches_an_omni_caller_as_its_own_class(pools: dict) -> None:
 # ------------------------------------------------------------- one id, one run
 
 
-def send_foreign(*args: str) -> Any:
-    """Run the foreign sender (its own process, never importing omni_tasks)."""
-    out = subprocess.run(
-        [sys.executable, str(SENDER), os.environ["OMNI_REDIS_URL"], *args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        cwd=SENDER.parent,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def runs_of(pools: dict, task: str, task_id: str) -> int:
     """How many times the pools ran `task_id` to success (their logs)."""
     logs = "".join(w.log_path.read_text(errors="replace") for w in pools.values())
@@ -267,9 +253,9 @@ def twins(kind: str, priority: int | None) -> list[dict[str, Any]]:
 def test_a_foreign_request_sent_twice_at_once_runs_once(pools: dict) -> None:
     before = {q: int(stats(q).get("duplicates", 0)) for q in ("ar", "diffusion")}
     spec = [m for kind in ("text", "image") for p in (None, 0, 5, 9) for m in twins(kind, p)]
-    ids = sorted(set(send_foreign("send", json.dumps(spec))))
+    ids = sorted(set(foreign_client("send", json.dumps(spec))))
     assert len(ids) == 8
-    results = send_foreign("wait", json.dumps(ids))
+    results = foreign_client("wait", json.dumps(ids))
     assert all(r.get("result", {}).get("request_id") == r["id"] for r in results), results
     for task_id in ids:
         task = "generate_text" if task_id.startswith("twin-text") else "generate_image"
@@ -327,7 +313,7 @@ def test_a_conflicting_message_leaves_the_running_requests_states(pools: dict) -
     assert eventually(lambda: first.state in ("STARTED", "PROGRESS"), timeout_s=120)
     other = {"prompt": "another request", "width": 64, "height": 64, "steps": 4}
     message = {"task": "omni_tasks.generate_image", "queue": "diffusion", "kwargs": other}
-    send_foreign("send", json.dumps([{**message, "priority": 5, "task_id": "held-id"}]))
+    foreign_client("send", json.dumps([{**message, "priority": 5, "task_id": "held-id"}]))
     record = eventually(lambda: rejection("held-id"), timeout_s=60)
     running_when_refused = first.state in ("STARTED", "PROGRESS")
     value = first.get(TIMEOUT)
@@ -340,5 +326,5 @@ def test_a_conflicting_message_leaves_the_running_requests_states(pools: dict) -
     assert "FAILURE" not in seen and seen[-1] == "SUCCESS", seen
     assert seen.count("STARTED") == 1, seen
     # The second sender, waiting on the same id, gets the one result (docs/wire.md).
-    (theirs,) = send_foreign("wait", json.dumps(["held-id"]))
+    (theirs,) = foreign_client("wait", json.dumps(["held-id"]))
     assert theirs["result"] == value
