@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 
 from omni_tasks.api import errors, files, jobs, openai_images, openai_text
 from omni_tasks.api.hub import ResultHub
+from omni_tasks.api.idempotency import caller_of
 from omni_tasks.api.middleware import BearerAuth, BodyLimit, CatchAll
 from omni_tasks.api.submission import LiveWorkers
 from omni_tasks.api.webhooks import WebhookDispatcher
@@ -57,6 +58,7 @@ def create_app(config: CoreModuleConfig | None = None) -> FastAPI:
         docs_url="/docs",
         redoc_url=None,
     )
+    app.state.caller = caller_of(api_token(config))  # scopes Idempotency-Keys
     errors.install(app)
     for module in (openai_images, openai_text, jobs, files):
         app.include_router(module.router)

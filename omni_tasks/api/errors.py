@@ -2,10 +2,12 @@
 
 Every failure a client can meet maps here, so the official SDKs raise their own
 exception types: 400 for an invalid request, naming the parameter as the client spells
-it (`param`, and the message's start), 401 without the bearer token, 404, 409, 413 over
-the body limit, 429 with `Retry-After` when admission refuses, 503 when no live worker
-serves the pool, 504 on timeout, 500 for the rest. No handler ever sends a traceback:
-an unexpected error is logged (`middleware.CatchAll`) and answered with its type.
+it (`param`, and the message's start), 401 without the bearer token, 404, 409 (an
+`Idempotency-Key` used for another body), 413 over the body limit, 429 with
+`Retry-After` when admission refuses, 503 when no live worker serves the pool or Redis
+cannot be reached (saying whether the request may have been accepted), 504 on timeout,
+500 for the rest. No handler ever sends a traceback: an unexpected error is logged
+(`middleware.CatchAll`) and answered with its type.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from starlette.exceptions import HTTPException
 
 from omni_tasks.config import get_config
 from omni_tasks.errors import (
+    BrokerUnavailableError,
     ConfigError,
     CoreModuleError,
     QueueFullError,
+    RequestConflictError,
     RequestTimeoutError,
     RequestValidationError,
     ResourceError,
@@ -94,8 +98,9 @@ def request_error(exc: RequestValidationError, names: Mapping[str, str] | None =
     return invalid(param, message)
 
 
-def from_core_error(exc: CoreModuleError) -> APIError:
-    """The HTTP answer to an error raised while accepting a request."""
+def from_core_error(exc: CoreModuleError, keyed: bool = False) -> APIError:
+    """The HTTP answer to an error raised while accepting a request (`keyed`: the call
+    came with an `Idempotency-Key`)."""
     if isinstance(exc, RequestValidationError):
         return request_error(exc)
     if isinstance(exc, QueueFullError):
@@ -107,16 +112,46 @@ def from_core_error(exc: CoreModuleError) -> APIError:
         return APIError(400, str(exc), param=exc.field, code="invalid_value")
     if isinstance(exc, ResourceError):
         return APIError(400, str(exc), code="resource_exceeded")
+    if isinstance(exc, BrokerUnavailableError):
+        return broker_unavailable(exc, keyed)
+    if isinstance(exc, RequestConflictError):
+        return APIError(409, str(exc), param="request_id", code="request_conflict")
     if isinstance(exc, SchedulerError):
         return APIError(503, str(exc), code="unavailable", headers={"Retry-After": "5"})
     return APIError(500, str(exc), code="server_error")
 
 
-def waited_too_long(timeout_s: float, request_ids: list[str]) -> APIError:
-    """504: no result within `api.wait_timeout_s`; the requests were cancelled."""
+def broker_unavailable(exc: BrokerUnavailableError, keyed: bool) -> APIError:
+    """503 for a send that could not reach Redis: whether the request may have been
+    accepted, and whether retrying is safe (always, with the same `Idempotency-Key`)."""
+    if not exc.may_be_accepted:
+        outcome = "nothing was accepted and nothing will run; retrying is safe"
+    elif keyed:
+        outcome = (
+            "it may have been accepted and may run; retrying with the same "
+            "Idempotency-Key is safe: it runs at most once and answers its one result"
+        )
+    else:
+        outcome = (
+            "it may have been accepted and may run; a retry may run it twice: send an "
+            "Idempotency-Key to retry safely"
+        )
+    message = f"request {exc.request_id} not sent: the queue's Redis cannot be reached; {outcome}"
+    return APIError(503, message, code="broker_unavailable", headers={"Retry-After": "5"})
+
+
+def waited_too_long(timeout_s: float, request_ids: list[str], kept: bool = False) -> APIError:
+    """504: no result within `api.wait_timeout_s`. The requests were cancelled, or, for
+    a call with an `Idempotency-Key` (`kept`), still run for its retry to answer."""
     ids = ", ".join(request_ids)
-    message = f"no result within {timeout_s:g}s (api.wait_timeout_s); cancelled request {ids}"
-    return APIError(504, message, code="timeout")
+    waited = f"no result within {timeout_s:g}s (api.wait_timeout_s)"
+    if kept:
+        message = (
+            f"{waited}; request {ids} still runs: send the call again with the same "
+            "Idempotency-Key to get its result"
+        )
+        return APIError(504, message, code="timeout")
+    return APIError(504, f"{waited}; cancelled request {ids}", code="timeout")
 
 
 #: Worker-side failures (the `exc_type` a FAILURE result names) -> (status, code).
@@ -168,7 +203,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(CoreModuleError)
     async def _core_error(request: Request, exc: CoreModuleError) -> JSONResponse:
-        return from_core_error(exc).response()
+        return from_core_error(exc, keyed="idempotency-key" in request.headers).response()
 
     @app.exception_handler(BodyValidationError)
     async def _body_error(request: Request, exc: BodyValidationError) -> JSONResponse:

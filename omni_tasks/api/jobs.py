@@ -3,7 +3,9 @@
 - `POST /v1/jobs` `{"type": "text"|"diffusion"|"image"|"multimodal"|"probe", ...the
   request's fields, "webhook_url"?}` -> `202` and the job. With `Prefer: wait=N` it
   waits up to N seconds (at most `api.wait_timeout_s`) and answers `200` if the job
-  ended by then. `probe` runs no engine: the queue path alone, end to end.
+  ended by then. `probe` runs no engine: the queue path alone, end to end. With an
+  `Idempotency-Key` the job id comes from the key (`idempotency`): the same key and
+  body again answer the same job, which runs once; another body under it is 409.
 - `GET /v1/jobs/{id}` -> the job (`job_state.job_view`).
 - `DELETE /v1/jobs/{id}` -> cancels it, queued or running (409 once it has ended,
   a second DELETE included).
@@ -23,6 +25,13 @@ from fastapi.responses import JSONResponse, Response
 from omni_tasks.api.errors import APIError, invalid
 from omni_tasks.api.files import base_url_of
 from omni_tasks.api.hub import FALLBACK_S, ResultHub, is_final, meta_key, next_message
+from omni_tasks.api.idempotency import (
+    CallKey,
+    KeyedCall,
+    call_fingerprint,
+    call_key,
+    surely_refused,
+)
 from omni_tasks.api.job_state import FINAL, JobRecord, job_view, load_record, status_of
 from omni_tasks.api.sse import job_events, streaming
 from omni_tasks.api.submission import PROBE, accept, priority_of, withdraw
@@ -60,8 +69,9 @@ async def json_object(request: Request) -> dict[str, Any]:
     return body
 
 
-def build_request(kind: Any, fields: dict[str, Any]) -> OmniRequest:
-    """The validated request of a job (RequestValidationError names a bad field)."""
+def build_request(kind: Any, fields: dict[str, Any], request_id: str | None = None) -> OmniRequest:
+    """The validated request of a job (RequestValidationError names a bad field); its
+    id is `request_id` (a keyed call's) or a new one."""
     if kind not in JOB_TYPES:
         raise invalid("type", f"must be one of {list(JOB_TYPES)}")
     if "request_id" in fields or "request_type" in fields:
@@ -73,8 +83,8 @@ def build_request(kind: Any, fields: dict[str, Any]) -> OmniRequest:
     if kind == "image":
         if "image" not in fields:
             raise invalid("image", "an image job needs an input image (base64)")
-        return create_image_request(prompt, fields.pop("image"), **fields)
-    return BUILDERS[kind](prompt, **fields)
+        return create_image_request(prompt, fields.pop("image"), request_id, **fields)
+    return BUILDERS[kind](prompt, request_id, **fields)
 
 
 def prefer_wait(header: str | None) -> float:
@@ -87,12 +97,13 @@ def prefer_wait(header: str | None) -> float:
 async def create_job(request: Request) -> JSONResponse:
     hub: ResultHub = request.app.state.hub
     body = await json_object(request)
+    key = call_key(request)
     kind = body.pop("type", None)
     webhook_url = body.pop("webhook_url", None)
     if webhook_url is not None:
         check_url(webhook_url)
     body["priority"] = priority_of(body.get("priority"), request.headers.get("x-priority"))
-    omni = build_request(kind, body)
+    omni = build_request(kind, body, key.request_id())
     record = JobRecord(
         id=omni.request_id,
         type=kind,
@@ -101,15 +112,35 @@ async def create_job(request: Request) -> JSONResponse:
         webhook_url=webhook_url,
         partial_images=omni.partial_images,
     )
-    await _store(hub, record)
-    try:
-        await accept(request.app.state.workers, omni, model=omni.model, kind=kind)
-    except BaseException:
-        await _forget(hub, record)
-        raise
-    if webhook_url:
+    record, created = await _accept_job(request, key, omni, record)
+    if webhook_url and created:
         request.app.state.webhooks.follow(record)
     return await _answer(hub, record, prefer_wait(request.headers.get("prefer")))
+
+
+async def _accept_job(
+    request: Request, key: CallKey, omni: OmniRequest, record: JobRecord
+) -> tuple[JobRecord, bool]:
+    """Store the job's record and enqueue its request: (the job's record, whether this
+    call created it). A keyed repeat leaves the first call's record as it is and
+    answers it; a failure forgets only a record this call created, and only when
+    nothing was accepted."""
+    hub: ResultHub = request.app.state.hub
+    options = {"type": record.type, "webhook_url": record.webhook_url}
+    fingerprint = call_fingerprint("jobs", [omni], options)
+    async with KeyedCall(hub.redis, key, fingerprint) as call:
+        created = await _store(hub, record)
+        try:
+            await accept(request.app.state.workers, omni, model=omni.model, kind=record.type)
+        except BaseException as exc:
+            if created and surely_refused(exc):
+                await _forget(hub, record)
+            raise
+        call.accepted = True
+    if created:
+        return record, True
+    created = await _store(hub, record)  # a repeat: stored again only if the first gave up
+    return (await load_record(hub, record.id) or record), created
 
 
 async def _answer(hub: ResultHub, record: JobRecord, wait_s: float) -> JSONResponse:
@@ -140,13 +171,33 @@ async def _wait_stages(
             await next_message(queue, min(remaining, FALLBACK_S))
 
 
-async def _store(hub: ResultHub, record: JobRecord) -> None:
-    pipe = hub.redis.pipeline(transaction=True)
-    pipe.hset(keys.api_job(record.id), mapping=record.to_redis())
-    pipe.expire(keys.api_job(record.id), get_config().result_expires)
-    if record.webhook_url:
-        pipe.zadd(keys.webhook_watch(), {record.id: time.time() + SWEEP_S})
-    await pipe.execute()
+#: Writes a job's record unless one is there (a keyed repeat never overwrites it).
+_STORE_NEW = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3]) end
+return 1
+"""
+
+
+async def _store(hub: ResultHub, record: JobRecord) -> bool:
+    """Write the job's record (and its webhook watch) unless the job has one; whether
+    this wrote it."""
+    watch = repr(time.time() + SWEEP_S) if record.webhook_url else ""
+    fields = [item for pair in record.to_redis().items() for item in pair]
+    ttl = int(get_config().result_expires)
+    stored = await hub.redis.eval(
+        _STORE_NEW,
+        2,
+        keys.api_job(record.id),
+        keys.webhook_watch(),
+        ttl,
+        watch,
+        record.id,
+        *fields,
+    )
+    return bool(stored)
 
 
 async def _forget(hub: ResultHub, record: JobRecord) -> None:

@@ -11,7 +11,10 @@ answers Server-Sent Events: `partial_images` (0-3) previews decoded from interme
 latents, then the final image (`sse.image_events`). OpenAI fields with no meaning here
 (`quality`, `style`, `background`, `moderation`) are accepted and echoed, never used.
 An edit without `size` (or with `auto`) keeps the input image's size, rounded to the
-models' multiple of 16 (`input_size`).
+models' multiple of 16 (`input_size`). With an `Idempotency-Key` the images' request
+ids come from the key (`idempotency`): a retry answers the same images, run once; a
+call that failed part way, or waited past `api.wait_timeout_s` (504), keeps what it
+accepted running, for its retry to complete.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from omni_tasks.api.errors import (
 )
 from omni_tasks.api.files import base_url_of, file_url, image_b64, image_name
 from omni_tasks.api.hub import ResultHub
+from omni_tasks.api.idempotency import CallKey, KeyedCall, call_fingerprint, call_key
 from omni_tasks.api.sse import image_events, streaming
 from omni_tasks.api.submission import accept, priority_of, withdraw
 from omni_tasks.config import get_config
@@ -140,14 +144,16 @@ class ImageOptions(BaseModel):
         }
 
 
-def _requests(options: ImageOptions, priority: str, image: bytes | None) -> list[OmniRequest]:
+def _requests(
+    options: ImageOptions, priority: str, image: bytes | None, key: CallKey
+) -> list[OmniRequest]:
     if options.stream and options.n != 1:
         sent_as = "n" if options.num_outputs_per_prompt is None else "num_outputs_per_prompt"
         raise invalid(sent_as, "must be 1 when stream is true")
     made = []
     try:
         for i in range(options.n):
-            fields = options.request_fields(priority, i)
+            fields = {**options.request_fields(priority, i), "request_id": key.request_id(i)}
             if image is None:
                 made.append(create_diffusion_request(options.prompt, **fields))
             else:
@@ -178,17 +184,10 @@ def input_size(image: bytes) -> dict[str, int]:
 
 async def _serve(request: Request, options: ImageOptions, image: bytes | None = None) -> Response:
     app = request.app.state
+    key = call_key(request)
     priority = priority_of(options.priority, request.headers.get("x-priority"))
-    made = _requests(options, priority, image)
-    accepted: list[OmniRequest] = []
-    try:
-        for omni in made:  # each is admitted on its own: a full queue stops the rest
-            await accept(app.workers, omni, model=options.model)
-            accepted.append(omni)
-    except BaseException:
-        for omni in accepted:  # all or nothing: the client gets an error, not images
-            await withdraw(omni.request_id, omni.request_type)
-        raise
+    made = _requests(options, priority, image, key)
+    await _accept_all(request, key, options, made)
     if options.stream:
         events = image_events(
             app.hub,
@@ -198,20 +197,46 @@ async def _serve(request: Request, options: ImageOptions, image: bytes | None = 
             options.output_compression,
         )
         return streaming(events)
-    metas = await _wait_all(app.hub, made)
+    metas = await _wait_all(app.hub, made, kept=key.base is not None)
     data = [await _image_data(request, options, meta) for meta in metas]
     body = {"created": int(time.time()), "data": data, **options.describe()}
     return JSONResponse(body)
 
 
-async def _wait_all(hub: ResultHub, made: list[OmniRequest]) -> list[dict[str, Any]]:
-    """Every request's result; 504 (and all cancelled) after `api.wait_timeout_s`."""
+async def _accept_all(
+    request: Request, key: CallKey, options: ImageOptions, made: list[OmniRequest]
+) -> None:
+    """Enqueue every image's request, each admitted on its own (a full queue stops the
+    rest). All or nothing without a key: a failure withdraws what was accepted. With
+    one, what was accepted stays, and the call's retry under the key completes it."""
+    app = request.app.state
+    fingerprint = call_fingerprint("images", made, options.model_dump(mode="json"))
+    accepted: list[OmniRequest] = []
+    async with KeyedCall(app.hub.redis, key, fingerprint) as call:
+        try:
+            for omni in made:
+                await accept(app.workers, omni, model=options.model)
+                accepted.append(omni)
+                call.accepted = True
+        except BaseException:
+            if key.base is None:
+                for omni in accepted:
+                    await withdraw(omni.request_id, omni.request_type)
+            raise
+
+
+async def _wait_all(
+    hub: ResultHub, made: list[OmniRequest], kept: bool = False
+) -> list[dict[str, Any]]:
+    """Every request's result; 504 after `api.wait_timeout_s`, with all of them
+    cancelled, or left to run for the retry of a keyed call (`kept`)."""
     timeout_s = get_config().api.wait_timeout_s
     metas = await asyncio.gather(*(hub.wait(r.request_id, timeout_s) for r in made))
     if any(meta is None for meta in metas):
-        for omni in made:
-            await withdraw(omni.request_id, omni.request_type)
-        raise waited_too_long(timeout_s, [r.request_id for r in made])
+        if not kept:
+            for omni in made:
+                await withdraw(omni.request_id, omni.request_type)
+        raise waited_too_long(timeout_s, [r.request_id for r in made], kept)
     for omni, meta in zip(made, metas, strict=True):
         if meta["status"] != "SUCCESS":  # type: ignore[index]
             raise from_failure(meta.get("result"), omni.request_id)  # type: ignore[union-attr]

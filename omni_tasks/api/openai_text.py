@@ -6,6 +6,10 @@
 - `POST /v1/completions`: the prompt as it is.
 - `GET /v1/models`: the models live workers serve, from their heartbeats.
 
+With an `Idempotency-Key` the request id comes from the key (`idempotency`): a retry
+answers the same completion (its `id` too), generated once; a keyed call's 504 leaves
+the request running for its retry.
+
 With `stream: true` both answer OpenAI's chunks: the role at once, the text when the
 request ends (AR workers report token counts while they run, not text), the finish
 reason, `usage` when `stream_options.include_usage`, then `[DONE]`.
@@ -23,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from omni_tasks.api.errors import from_failure, invalid, request_error, waited_too_long
 from omni_tasks.api.hub import ResultHub
+from omni_tasks.api.idempotency import KeyedCall, call_fingerprint, call_key
 from omni_tasks.api.sse import KEEPALIVE, event, streaming
 from omni_tasks.api.submission import accept, priority_of, withdraw
 from omni_tasks.config import get_config
@@ -61,7 +66,7 @@ class TextOptions(BaseModel):
     metadata: dict[str, str] | None = None
     store: bool | None = None
 
-    def request(self, prompt: str, priority: str) -> OmniRequest:
+    def request(self, prompt: str, priority: str, request_id: str | None = None) -> OmniRequest:
         fields: dict[str, Any] = {"priority": priority, "model": self.model}
         newer = self.max_completion_tokens is not None  # OpenAI's newer name wins
         limit = self.max_completion_tokens if newer else self.max_tokens
@@ -75,7 +80,7 @@ class TextOptions(BaseModel):
         }
         fields.update({k: v for k, v in named.items() if v is not None})
         try:
-            return create_text_request(prompt, **fields)
+            return create_text_request(prompt, request_id, **fields)
         except RequestValidationError as exc:
             given = "max_completion_tokens" if newer else "max_tokens"
             raise request_error(exc, {"max_tokens": given}) from None
@@ -109,13 +114,15 @@ def chat_prompt(messages: list[Message]) -> str:
     return "\n".join(lines) + "\nassistant:"
 
 
-async def _finished(hub: ResultHub, omni: OmniRequest) -> dict[str, Any]:
-    """The request's result JSON; 504 (and cancelled) after `api.wait_timeout_s`."""
+async def _finished(hub: ResultHub, omni: OmniRequest, kept: bool) -> dict[str, Any]:
+    """The request's result JSON; 504 after `api.wait_timeout_s`, with the request
+    cancelled, or left to run for the retry of a keyed call (`kept`)."""
     timeout_s = get_config().api.wait_timeout_s
     meta = await hub.wait(omni.request_id, timeout_s)
     if meta is None:
-        await withdraw(omni.request_id, omni.request_type)
-        raise waited_too_long(timeout_s, [omni.request_id])
+        if not kept:
+            await withdraw(omni.request_id, omni.request_type)
+        raise waited_too_long(timeout_s, [omni.request_id], kept)
     if meta["status"] != "SUCCESS":
         raise from_failure(meta.get("result"), omni.request_id)
     return dict(meta["result"])
@@ -124,15 +131,22 @@ async def _finished(hub: ResultHub, omni: OmniRequest) -> dict[str, Any]:
 async def _serve(request: Request, body: TextOptions, prompt: str, chat: bool) -> Response:
     state = request.app.state
     priority = priority_of(body.priority, request.headers.get("x-priority"))
-    omni = body.request(prompt, priority)
-    await accept(state.workers, omni, model=body.model)
+    key = call_key(request)
+    omni = body.request(prompt, priority, key.request_id())
+    fingerprint = call_fingerprint(
+        "chat" if chat else "completions", [omni], body.model_dump(mode="json")
+    )
+    async with KeyedCall(state.hub.redis, key, fingerprint) as call:
+        await accept(state.workers, omni, model=body.model)
+        call.accepted = True
     prefix, kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
     base = {"id": f"{prefix}-{omni.request_id}", "created": int(omni.created_at)}
     base["model"] = body.model
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return streaming(_chunks(state.hub, omni, base, chat, usage))
-    result = await _finished(state.hub, omni)
+        kept = key.base is not None
+        return streaming(_chunks(state.hub, omni, base, chat, usage, kept))
+    result = await _finished(state.hub, omni, key.base is not None)
     choice: dict[str, Any] = {"index": 0, "finish_reason": result["finish_reason"]}
     choice["logprobs"] = None
     if chat:
@@ -144,7 +158,12 @@ async def _serve(request: Request, body: TextOptions, prompt: str, chat: bool) -
 
 
 async def _chunks(
-    hub: ResultHub, omni: OmniRequest, base: dict[str, Any], chat: bool, usage: bool
+    hub: ResultHub,
+    omni: OmniRequest,
+    base: dict[str, Any],
+    chat: bool,
+    usage: bool,
+    kept: bool = False,
 ) -> AsyncIterator[bytes]:
     kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -168,8 +187,9 @@ async def _chunks(
         if meta is None:
             yield KEEPALIVE
     if meta is None:
-        await withdraw(omni.request_id, omni.request_type)
-        yield event(None, waited_too_long(timeout_s, [omni.request_id]).body())
+        if not kept:
+            await withdraw(omni.request_id, omni.request_type)
+        yield event(None, waited_too_long(timeout_s, [omni.request_id], kept).body())
     elif meta["status"] != "SUCCESS":
         yield event(None, from_failure(meta.get("result"), omni.request_id).body())
     else:
