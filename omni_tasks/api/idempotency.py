@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 
 from omni_tasks.api.errors import APIError
 from omni_tasks.config import get_config
+from omni_tasks.coordination import keys
 from omni_tasks.errors import BrokerUnavailableError, CoreModuleError, RequestConflictError
 from omni_tasks.requests import OmniRequest
 
@@ -142,7 +143,7 @@ class KeyedCall:
 
     @property
     def _redis_key(self) -> str:
-        return f"{get_config().key_prefix}:api:idempotency:{self.key.base}"
+        return keys.api_idempotency(self.key.base)
 
     async def __aenter__(self) -> KeyedCall:
         if self.key.base is None:

@@ -60,6 +60,12 @@ def run_claim(task_id: str) -> str:
     return f"{_p()}:run:{task_id}"
 
 
+def api_idempotency(request_id: str) -> str:
+    """The HTTP API's fingerprint of a whole call made under an `Idempotency-Key`
+    (`omni_tasks.api.idempotency`), by the request id the key gave it."""
+    return f"{_p()}:api:idempotency:{request_id}"
+
+
 def revoked(task_id: str) -> str:
     """Set while a request is cancelled, so even workers started later skip it."""
     return f"{_p()}:revoked:{task_id}"
