@@ -28,6 +28,7 @@ from PIL import Image
 from omni_tasks.config import get_config
 from omni_tasks.coordination import cache_directory, single_flight
 from omni_tasks.coordination.cache_directory import DiTKeys, dit_keys
+from omni_tasks.coordination.outage import Outage
 from omni_tasks.requests import OmniRequest
 from workers.engines.base import ImageOutput, ImageParams
 from workers.images import encode_png
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
+#: Lookup counts and hits are advisory: while Redis is away they are dropped, one line
+#: per backoff step.
+_outage = Outage("DiT cache counts", log)
 
 
 @dataclass
@@ -57,17 +61,12 @@ class Rendered:
 
 
 def _count(kind: str, hit: bool) -> None:
-    try:
-        cache_directory.count_lookup(get_config().diffusion.queue, runtime.hostname, kind, hit)
-    except Exception:
-        log.warning("could not count a cache lookup", exc_info=True)
+    queue = get_config().diffusion.queue
+    _outage.run(cache_directory.count_lookup, queue, runtime.hostname, kind, hit)
 
 
 def _record_hit(key: str) -> None:
-    try:
-        cache_directory.record_hit(runtime.hostname, key)
-    except Exception:
-        log.warning("could not record a cache hit", exc_info=True)
+    _outage.run(cache_directory.record_hit, runtime.hostname, key)
 
 
 def render(

@@ -29,9 +29,11 @@ from typing import Any
 
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis
+from omni_tasks.coordination.outage import Outage
 from omni_tasks.requests import MAX_PARTIAL_IMAGES, OmniRequest
 
 log = logging.getLogger(__name__)
+_outage = Outage("previews", log)
 #: How long a request's previews stay readable after the last one was written.
 PREVIEW_TTL_S = 600
 #: Runs a device call on the thread that drives the device; by default, here.
@@ -125,13 +127,12 @@ def step_ended(pipe: Any, index: int, tensors: dict[str, Any]) -> None:
     """The pipeline's step `index` (0-based) has ended with `tensors`: publish a preview
     if the request running in this thread wants one now. Never raises."""
     previewer = _current.previewer
-    if previewer is None:
-        return
-    try:
-        total = int(getattr(pipe, "num_timesteps", 0) or 0)
-        latents = tensors.get("latents")
-        if latents is None or not previewer.due(index + 1, total):
-            return
+    if previewer is not None:  # previews are advisory: never fail the request over one
+        _outage.run(_publish_if_due, previewer, pipe, index, tensors)
+
+
+def _publish_if_due(previewer: Previewer, pipe: Any, index: int, tensors: dict[str, Any]) -> None:
+    total = int(getattr(pipe, "num_timesteps", 0) or 0)
+    latents = tensors.get("latents")
+    if latents is not None and previewer.due(index + 1, total):
         previewer.publish(pipe, latents, index + 1, total)
-    except Exception:  # previews are advisory: never fail the request over one
-        log.warning("%s: could not publish a preview", previewer.request_id, exc_info=True)

@@ -26,8 +26,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from omni_tasks.config import get_config
+from omni_tasks.coordination.outage import Outage
 
 log = logging.getLogger(__name__)
+_outage = Outage("progress", log)
 
 PROGRESS = "PROGRESS"
 #: Seconds between two progress writes of one request.
@@ -106,17 +108,19 @@ def write_all(reporters: list[Reporter]) -> None:
         for reporter in reporters:
             reporter._write_lock.acquire()
             held.append(reporter)
-        due = [(r, meta) for r in held if (meta := r._claim()) is not None]
-        if due:
-            _store_states(due)
-            _send_events(due)
-            for reporter, _ in due:
-                reporter.writes += 1
-    except Exception:  # never fail a request over progress
-        log.warning("could not record the progress of %d requests", len(held), exc_info=True)
+        _outage.run(_write_due, held)  # never fail a request over progress
     finally:
         for reporter in held:
             reporter._write_lock.release()
+
+
+def _write_due(held: list[Reporter]) -> None:
+    due = [(r, meta) for r in held if (meta := r._claim()) is not None]
+    if due:
+        _store_states(due)
+        _send_events(due)
+        for reporter, _ in due:
+            reporter.writes += 1
 
 
 def _store_states(due: list[tuple[Reporter, dict[str, int]]]) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 from omni_tasks.config import get_config
 from omni_tasks.coordination import idempotency, keys, ledger
 from omni_tasks.coordination.client import get_redis, get_scripts
+from omni_tasks.coordination.outage import Outage
 from omni_tasks.errors import QueueFullError, RequestConflictError
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,7 @@ class ReleaseBatch:
         self._lock = threading.Lock()
         self._pending: set[str] = set()
         self._thread: threading.Thread | None = None
+        self._outage = Outage("admission releases", log)
 
     def add(self, admission_ids: Iterable[str]) -> None:
         with self._lock:
@@ -227,14 +229,11 @@ class ReleaseBatch:
             ids, self._pending = self._pending, set()
         if not ids:
             return
-        try:
-            release(ids)
-        except Exception:
-            log.warning("could not release %d admissions; keeping them", len(ids), exc_info=True)
+        if not self._outage.run(release, ids):  # kept for the next flush
             with self._lock:
                 self._pending |= ids
 
     def _loop(self) -> None:
         while True:
-            time.sleep(self.interval_s)
+            time.sleep(self._outage.pause(self.interval_s))
             self.flush()

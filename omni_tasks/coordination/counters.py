@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis
+from omni_tasks.coordination.outage import Outage
 
 log = logging.getLogger(__name__)
 FLUSH_INTERVAL_S = 0.25
@@ -91,6 +92,7 @@ class SuccessCounters:
         self._fields: _Increments = _increments()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
+        self._outage = Outage("pool counters", log)
 
     def add_success(
         self, queue: str, run_s: float, queued_s: float, request_type: str | None = None
@@ -123,28 +125,31 @@ class SuccessCounters:
             self._ensure_thread()
 
     def flush(self) -> None:
+        """Send what is pending in one transaction; kept for the next flush while Redis
+        is away."""
         with self._lock:
             pending, self._pending = self._pending, defaultdict(lambda: [0, 0.0, 0.0])
             fields, self._fields = self._fields, _increments()
         if not pending and not fields:
             return
-        try:
-            pipe = get_redis().pipeline(transaction=True)
-            for queue, (n, run_s, queued_s) in pending.items():
-                pipe.hincrby(keys.stats(queue), "processed", int(n))
-                pipe.hincrbyfloat(keys.stats(queue), "run_s_sum", run_s)
-                pipe.hincrbyfloat(keys.stats(queue), "queued_s_sum", queued_s)
-            for target, increments in fields.items():
-                key = _key_of(target)
-                for field, amount in increments.items():
-                    if field.endswith(":sum"):
-                        pipe.hincrbyfloat(key, field, amount)
-                    else:
-                        pipe.hincrby(key, field, int(amount))
-            pipe.execute()
-        except Exception:
-            log.warning("could not flush pool counters; keeping them", exc_info=True)
+        if not self._outage.run(self._write, pending, fields):
             self._restore(pending, fields)
+
+    @staticmethod
+    def _write(pending: dict[str, list[float]], fields: _Increments) -> None:
+        pipe = get_redis().pipeline(transaction=True)
+        for queue, (n, run_s, queued_s) in pending.items():
+            pipe.hincrby(keys.stats(queue), "processed", int(n))
+            pipe.hincrbyfloat(keys.stats(queue), "run_s_sum", run_s)
+            pipe.hincrbyfloat(keys.stats(queue), "queued_s_sum", queued_s)
+        for target, increments in fields.items():
+            key = _key_of(target)
+            for field, amount in increments.items():
+                if field.endswith(":sum"):
+                    pipe.hincrbyfloat(key, field, amount)
+                else:
+                    pipe.hincrby(key, field, int(amount))
+        pipe.execute()
 
     def _restore(self, pending: dict[str, list[float]], fields: _Increments) -> None:
         with self._lock:
@@ -164,7 +169,7 @@ class SuccessCounters:
 
     def _loop(self) -> None:
         while True:
-            self._wake.wait(FLUSH_INTERVAL_S)
+            self._wake.wait(self._outage.pause(FLUSH_INTERVAL_S))
             self.flush()
 
 

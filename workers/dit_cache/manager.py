@@ -45,6 +45,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from omni_tasks.config import GB, CacheConfig
+from omni_tasks.coordination.outage import Outage
 from omni_tasks.errors import CacheError
 from workers.dit_cache.compression import compress, decompress
 from workers.dit_cache.eviction import EvictionPolicy, create_policy
@@ -93,6 +94,8 @@ class DiTCacheManager:
         self.cache_stats = {"hits": 0, "misses": 0}
         self._counters = {"evictions": 0, "expired": 0, "refused": 0}
         self._listener = listener
+        #: The listener mirrors into Redis: while it is away, one line per backoff step.
+        self._listener_outage = Outage("DiT cache directory", log)
         self._clock = clock
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}
@@ -302,13 +305,14 @@ class DiTCacheManager:
                     kind, key, arg = self._events.popleft()
                 except IndexError:
                     return
-                try:
-                    if kind == "insert":
-                        self._listener.on_insert(key, arg)
-                    else:
-                        self._listener.on_evict(key, arg)
-                except Exception:
-                    log.exception("DiT cache listener failed on %s of %r", kind, key)
+                self._listener_outage.run(self._notify, kind, key, arg)
+
+    def _notify(self, kind: str, key: str, arg: Any) -> None:
+        assert self._listener is not None
+        if kind == "insert":
+            self._listener.on_insert(key, arg)
+        else:
+            self._listener.on_evict(key, arg)
 
     def _audit(self) -> int:
         """Recount the stored bytes and check the bookkeeping; for tests. Returns bytes."""

@@ -17,6 +17,7 @@ from typing import Any
 from omni_tasks.config import get_config
 from omni_tasks.coordination import cache_directory, keys
 from omni_tasks.coordination.client import get_redis
+from omni_tasks.coordination.outage import Outage
 from workers import task_context
 from workers.runtime import WorkerRuntime
 
@@ -68,39 +69,37 @@ class Heartbeat:
         }
 
     def _loop(self) -> None:
+        """Beat every `HEARTBEAT_INTERVAL_S`; while Redis is away, retry on the outage's
+        backoff, capped at the interval so the first beat follows Redis's return."""
         key = keys.worker(self.runtime.hostname)
         info = self.info()
         sweeps = "dit" in self.runtime.identity.stages
+        outage = Outage("heartbeat", log, max_s=HEARTBEAT_INTERVAL_S)
+        sweep = Outage("cache directory sweep", log)
         beats = 0
         while not self._stop.is_set():
             beats += 1
             if sweeps and beats % 2 == 1:
-                self._sweep()
-            try:
-                pipe = get_redis().pipeline(transaction=True)
-                figures: dict[str, Any] = dict(self.runtime.dit_cache_figures())
-                resources = self.runtime.resource_status()
-                if resources is not None:
-                    figures["resource_status"] = json.dumps(resources)
-                pipe.hset(key, mapping={**info, **figures, "beat": time.time()})
-                pipe.expire(key, HEARTBEAT_TTL_S)
-                held_key = keys.held(self.runtime.hostname)
-                pipe.delete(held_key)
-                held = held_task_ids()
-                if held:
-                    pipe.sadd(held_key, *held)
-                    pipe.expire(held_key, HEARTBEAT_TTL_S)
-                pipe.execute()
-            except Exception:
-                log.warning("heartbeat to Redis failed", exc_info=True)
-            self._stop.wait(HEARTBEAT_INTERVAL_S)
+                sweep.run(cache_directory.sweep_dead_workers, get_config().diffusion.queue)
+            outage.run(self._beat, key, info)
+            self._stop.wait(outage.pause(HEARTBEAT_INTERVAL_S))
 
-    @staticmethod
-    def _sweep() -> None:
-        try:
-            cache_directory.sweep_dead_workers(get_config().diffusion.queue)
-        except Exception:
-            log.warning("cache directory sweep failed", exc_info=True)
+    def _beat(self, key: str, info: dict[str, Any]) -> None:
+        """One beat: the hash, its expiry and the held set in one transaction."""
+        pipe = get_redis().pipeline(transaction=True)
+        figures: dict[str, Any] = dict(self.runtime.dit_cache_figures())
+        resources = self.runtime.resource_status()
+        if resources is not None:
+            figures["resource_status"] = json.dumps(resources)
+        pipe.hset(key, mapping={**info, **figures, "beat": time.time()})
+        pipe.expire(key, HEARTBEAT_TTL_S)
+        held_key = keys.held(self.runtime.hostname)
+        pipe.delete(held_key)
+        held = held_task_ids()
+        if held:
+            pipe.sadd(held_key, *held)
+            pipe.expire(held_key, HEARTBEAT_TTL_S)
+        pipe.execute()
 
 
 def held_task_ids() -> list[str]:

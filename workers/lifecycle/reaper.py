@@ -45,6 +45,7 @@ from omni_tasks.config import get_config
 from omni_tasks.coordination import admission, keys, ledger
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.counters import count_outcome
+from omni_tasks.coordination.outage import Outage
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.tasks.definitions import PROMPT_STAGE_SUFFIX
 from workers.lifecycle.heartbeat import HEARTBEAT_INTERVAL_S
@@ -73,11 +74,9 @@ class Reaper:
 
     def _loop(self) -> None:
         interval = get_config().reaper_interval_s
-        while not self._stop.wait(interval):
-            try:
-                self.run_once()
-            except Exception:
-                log.warning("reaper pass failed", exc_info=True)
+        outage = Outage("reaper", log)  # one line per backoff step while Redis is away
+        while not self._stop.wait(outage.pause(interval)):
+            if not outage.run(self.run_once):
                 self._close()
 
     def run_once(self) -> dict[str, int]:

@@ -24,9 +24,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from omni_tasks.coordination.outage import Outage
 from omni_tasks.errors import ProcessingError, RequestTimeoutError, ResourceError
 
 log = logging.getLogger(__name__)
+_outage = Outage("adapter directory", log)
 
 
 class AdapterLoader(Protocol):
@@ -202,12 +204,12 @@ class AdapterCache:
         self._cond.wait(min(left, 1.0))
 
     def _notify(self, kind: str, name: str, arg: Any) -> None:
-        if self.listener is None:
-            return
-        try:
-            if kind == "insert":
-                self.listener.on_insert(name, int(arg))
-            else:
-                self.listener.on_evict(name, str(arg))
-        except Exception:  # noqa: BLE001 - the directory is an optimisation
-            log.warning("adapter listener failed on %s of %r", kind, name, exc_info=True)
+        if self.listener is not None:  # the directory is an optimisation
+            _outage.run(self._tell, self.listener, kind, name, arg)
+
+    @staticmethod
+    def _tell(listener: Any, kind: str, name: str, arg: Any) -> None:
+        if kind == "insert":
+            listener.on_insert(name, int(arg))
+        else:
+            listener.on_evict(name, str(arg))

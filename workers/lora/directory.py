@@ -9,8 +9,10 @@ from collections.abc import Iterable
 
 from omni_tasks import lora
 from omni_tasks.coordination import cache_directory
+from omni_tasks.coordination.outage import Outage
 
 log = logging.getLogger(__name__)
+_outage = Outage("adapter counts", log)
 
 
 class AdapterDirectoryListener:
@@ -28,9 +30,10 @@ class AdapterDirectoryListener:
 
 def count_uses(queue: str, uses: Iterable[dict]) -> None:
     """Count a request's adapter uses (those that ran: `hit` is not None) for its pool."""
-    try:
-        for use in uses:
-            if use.get("hit") is not None:
-                cache_directory.count_adapter(queue, bool(use["hit"]), float(use["load_s"]))
-    except Exception:  # noqa: BLE001 - counters are advisory
-        log.warning("could not count adapter uses", exc_info=True)
+    _outage.run(_count, queue, uses)  # counters are advisory
+
+
+def _count(queue: str, uses: Iterable[dict]) -> None:
+    for use in uses:
+        if use.get("hit") is not None:
+            cache_directory.count_adapter(queue, bool(use["hit"]), float(use["load_s"]))

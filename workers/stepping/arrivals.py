@@ -15,6 +15,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from omni_tasks.coordination.outage import Outage
 from workers.stepping.loop import StepLoop
 
 log = logging.getLogger(__name__)
@@ -41,14 +42,13 @@ class ArrivalWatch:
         self._stopped.set()
 
     def _run(self) -> None:
-        while not self._stopped.wait(self._interval_s):
+        outage = Outage("queue watch", log)
+        while not self._stopped.wait(outage.pause(self._interval_s)):
             worst = self._loop.worst_unstarted_level()
-            if not worst:  # nothing held that a waiting message could outrank
-                continue
-            try:
-                level = self._waiting_level()
-            except Exception:
-                log.warning("could not read the queue's waiting priorities", exc_info=True)
-                continue
-            if level is not None and level < worst:
-                self._loop.yield_unstarted(level)
+            if worst:  # something held that a waiting message could outrank
+                outage.run(self._peek, worst)
+
+    def _peek(self, worst: int) -> None:
+        level = self._waiting_level()
+        if level is not None and level < worst:
+            self._loop.yield_unstarted(level)

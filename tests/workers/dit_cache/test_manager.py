@@ -261,10 +261,11 @@ def test_listener_failure_does_not_break_the_cache(caplog) -> None:
             raise RuntimeError("redis down")
 
     m = make(4 * KIB, listener=Broken())
-    with caplog.at_level(logging.ERROR, logger="workers.dit_cache.manager"):
+    with caplog.at_level(logging.WARNING, logger="workers.dit_cache.manager"):
         for i in range(5):
             assert m.put(f"k{i}", f32(2))
-    assert "listener failed" in caplog.text
+    # One line for the run of failures (an outage of the directory), not one per event.
+    assert caplog.text.count("DiT cache directory failed") == 1
     assert sorted(m.keys()) == ["k3", "k4"]
     m._audit()
 
