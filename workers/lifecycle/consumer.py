@@ -19,12 +19,15 @@ from typing import Any
 from celery.worker.consumer import Consumer
 from kombu.serialization import prepare_accept_content, registry
 
+from omni_tasks.coordination.outage import Outage
 from omni_tasks.coordination.rejections import record_rejection
 from omni_tasks.errors import RequestConflictError, RequestValidationError
 from workers.lifecycle.reroute import reroute, reroute_reason
 from workers.transport import consuming_transport, fail_task
 
 log = logging.getLogger(__name__)
+#: The longest wait between two tries to reach a lost broker again.
+RECONNECT_MAX_S = 2.0
 
 
 class OmniConsumer(Consumer):
@@ -35,6 +38,23 @@ class OmniConsumer(Consumer):
         return self.ensure_connected(
             self.app.connection_for_read(heartbeat=heartbeat, transport=transport)
         )
+
+    def ensure_connected(self, conn: Any) -> Any:
+        """Celery's wait for the broker, trying every `RECONNECT_MAX_S` at most and for
+        ever (Celery's own policy waits up to 30 s between tries and gives up after
+        100): a worker that lost Redis for any length of time serves again within
+        seconds of its return. The failed tries are logged as one outage."""
+        outage = Outage("broker connection", log)
+        ensure = conn.ensure_connection
+
+        def ensure_connection(errback: Any = None, max_retries: Any = None, **kwargs: Any) -> Any:
+            kwargs.update(interval_start=1.0, interval_step=1.0, interval_max=RECONNECT_MAX_S)
+            connected = ensure(lambda exc, _interval: outage.failed(exc), None, **kwargs)
+            outage.recovered()
+            return connected
+
+        conn.ensure_connection = ensure_connection
+        return super().ensure_connected(conn)
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handler = super().create_task_handler(*args, **kwargs)
