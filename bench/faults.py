@@ -10,11 +10,18 @@ time to recover (from the fault to the last result).
 - `kill9`: kill -9 of a worker 5 times during a 300-request run; a new one replaces it.
 - `redis_restart`: the Redis server stops and starts again mid-run.
 - `rabbitmq_restart` (RabbitMQ broker only): `rabbitmqctl stop_app`, then `start_app`.
+- `redis_restart_running` (Redis broker only), with 1 and with 2 diffusion workers: one
+  512x512, 100-step image; once it runs, Redis shuts down (SHUTDOWN) and starts again
+  3 s later. Counted: workers alive afterwards and serving (small images sent at Redis's
+  return, the time to the first result), runs of the image that succeeded (exactly 1),
+  the time until its message left Redis's unacked hash (acked, or restored by the reaper
+  and skipped as a duplicate), and the log lines each worker wrote during the outage.
 
 Each runs on both brokers: Redis, and RabbitMQ (127.0.0.1:5672, or
 `OMNI_TEST_AMQP_URL`) with Redis for results, when one answers.
 
 Usage: python bench/faults.py [--requests 300] [--scenario kill9 ...] [--broker redis]
+(figures of the scenarios not run stay as they are in bench/results/faults.json)
 """
 
 from __future__ import annotations
@@ -28,54 +35,23 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, write_result  # noqa: E402
 
+from omni_tasks.dev.restartable_redis import RestartableRedis  # noqa: E402
+
 LOGS = RESULTS / "logs" / "faults"
-SCENARIOS = ["kill9", "redis_restart", "rabbitmq_restart"]
+SCENARIOS = ["kill9", "redis_restart", "rabbitmq_restart", "redis_restart_running"]
 AMQP_URL = os.environ.get("OMNI_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 #: Quick to start; a reaper pass every 2 s.
 WORKER_ENV = {"OMNI_AR__ENGINE": "transformers", "OMNI_REAPER_INTERVAL_S": "2"}
 SUCCEEDED = re.compile(r"Task omni_tasks\.\w+\[([^\]]+)\] succeeded")
-
-
-class AofRedis:
-    """A `redis-server` with AOF on, on a fixed port and directory across restarts."""
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="omni-faults-redis-")
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        cmd = [shutil.which("redis-server") or "redis-server", "--port", str(self.port)]
-        cmd += ["--bind", "127.0.0.1", "--dir", self.dir, "--appendonly", "yes", "--save", ""]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                redis.Redis.from_url(self.url, socket_timeout=0.2).ping()
-                return
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()  # SIGTERM: Redis flushes its AOF, as on a restart
-            self.proc.wait(30)
-            self.proc = None
 
 
 def send_mixed(n: int) -> list:
@@ -178,6 +154,81 @@ def restart(n: int, stop: Callable[[], None], start: Callable[[], None]) -> dict
     return _figures(n, done, last - fault_at, {})
 
 
+def restart_while_running(n_workers: int, server: RestartableRedis) -> dict:
+    """One long image on `n_workers` diffusion workers; Redis restarts while it runs."""
+    from omni_tasks import generate_image
+    from omni_tasks.coordination.client import get_redis
+    from omni_tasks.dev.launcher import start_worker
+
+    shutil.rmtree(LOGS, ignore_errors=True)
+    workers = [start_worker("diffusion", LOGS, env=WORKER_ENV) for _ in range(n_workers)]
+    for w in workers:
+        w.wait_ready(600)
+    before = counters()
+    image = generate_image.delay(prompt="across a restart", width=512, height=512, steps=100)
+    key = image.backend.get_key_for_task(image.id).decode()
+    while (json.loads(get_redis().get(key) or "{}")).get("status") not in RUNNING:
+        time.sleep(0.05)
+    server.restart(3.0)
+    back = time.monotonic()
+    probes = [
+        generate_image.delay(prompt=f"back {i}", width=64, height=64, steps=4)
+        for i in range(2 * n_workers)
+    ]
+    served, _ = collect(probes, 300)
+    first_served = first_success(probes) - back
+    done, last = collect([image], 300)
+    while any(image.id in v for v in get_redis().hvals("unacked")):
+        time.sleep(0.2)
+    unacked_cleared = time.monotonic() - back
+    alive = sum(w.proc.poll() is None for w in workers)
+    for w in workers:
+        w.stop()
+    logs = [w.log_path.read_text(errors="replace") for w in workers]
+    runs = sum(log.count(f"generate_image[{image.id}] succeeded") for log in logs)
+    after = counters()
+    return {
+        "workers": n_workers,
+        "alive_after": alive,
+        "completed": done,
+        "succeeded_runs": runs,
+        "probes_served": f"{served}/{len(probes)}",
+        "first_probe_after_return_s": round(first_served, 2),
+        "unacked_cleared_after_return_s": round(unacked_cleared, 2),
+        "restored": after.get("restored", 0) - before.get("restored", 0),
+        "duplicates": after.get("duplicates", 0) - before.get("duplicates", 0),
+        "outage_log_lines_max": max(len(outage_lines(log)) for log in logs),
+        "unrecoverable_errors": sum(log.count("Unrecoverable error") for log in logs),
+    }
+
+
+RUNNING = ("STARTED", "PROGRESS")
+
+
+def first_success(results: list) -> float:
+    """When (monotonic) the first of `results` that succeeded had its result stored."""
+    from omni_tasks.coordination.client import get_redis
+
+    backend = results[0].backend
+    stamps = []
+    for r in results:
+        meta = json.loads(get_redis().get(backend.get_key_for_task(r.id).decode()) or "{}")
+        if meta.get("status") == "SUCCESS" and meta.get("date_done"):
+            stamps.append(meta["date_done"])
+    done = datetime.fromisoformat(min(stamps)).replace(tzinfo=UTC).timestamp()
+    return time.monotonic() - (time.time() - done)
+
+
+def outage_lines(log: str) -> list[str]:
+    """A worker's log lines from its lost broker connection to its new one."""
+    lines = log.splitlines()
+    start = next((i for i, x in enumerate(lines) if "Connection to broker lost" in x), None)
+    if start is None:
+        return []
+    end = next((i for i in range(start, len(lines)) if "Connected to redis" in lines[i]), None)
+    return lines[start : end if end is not None else len(lines)]
+
+
 def rabbitmqctl(command: str) -> None:
     subprocess.run(["rabbitmqctl", command], check=True, capture_output=True, timeout=120)
 
@@ -196,7 +247,7 @@ def _figures(n: int, done: int, recover_s: float, extra: dict) -> dict:
 
 def run_broker(broker: str, scenarios: list[str], n: int, kills: int) -> dict[str, dict]:
     """This process's scenarios on one broker (the Celery app reads its config once)."""
-    server = AofRedis()
+    server = RestartableRedis()
     server.start()
     os.environ["OMNI_REDIS_URL"] = server.url
     if broker == "amqp":
@@ -216,14 +267,16 @@ def run_broker(broker: str, scenarios: list[str], n: int, kills: int) -> dict[st
             if scenario == "kill9":
                 out[scenario] = kill9(n, kills)
             elif scenario == "redis_restart":
-                out[scenario] = restart(n, server.stop, server.start)
+                out[scenario] = restart(n, server.shutdown, server.start)
             elif scenario == "rabbitmq_restart" and broker == "amqp":
                 out[scenario] = restart(
                     n, lambda: rabbitmqctl("stop_app"), lambda: rabbitmqctl("start_app")
                 )
+            elif scenario == "redis_restart_running" and broker == "redis":
+                out[scenario] = {f"{n}_workers": restart_while_running(n, server) for n in (1, 2)}
             print(broker, scenario, out.get(scenario), file=sys.stderr, flush=True)
     finally:
-        server.stop()
+        server.close()
     return out
 
 
@@ -247,7 +300,24 @@ def main() -> None:
         line = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")][-1]
         for scenario, figures in json.loads(line[len("RESULT ") :]).items():
             results.setdefault(scenario, {})[broker] = figures
-    write_result("faults", {"requests": args.requests, "brokers": brokers, "scenarios": results})
+    kept, measured = earlier_scenarios()
+    for scenario, figures in results.items():
+        kept[scenario] = {**kept.get(scenario, {}), **figures}
+        measured[scenario] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    data = {"requests": args.requests, "brokers": brokers, "measured": measured}
+    write_result("faults", {**data, "scenarios": kept})
+
+
+def earlier_scenarios() -> tuple[dict[str, dict], dict[str, str]]:
+    """The figures bench/results/faults.json holds already, and when each scenario was
+    measured: a run of some scenarios leaves the others' as they were."""
+    try:
+        old = json.loads((RESULTS / "faults.json").read_text())
+        scenarios = dict(old["scenarios"])
+    except (OSError, ValueError, KeyError):
+        return {}, {}
+    measured = old.get("measured") or dict.fromkeys(scenarios, old.get("time", ""))
+    return scenarios, dict(measured)
 
 
 def amqp_answers() -> bool:
