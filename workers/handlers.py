@@ -45,11 +45,15 @@ from omni_tasks.tasks.base import POSITIONAL_REFUSED, OmniTask, TaskHandler
 from omni_tasks.tasks.celery_app import delivered_level
 from omni_tasks.tasks.definitions import multimodal_chain
 from workers import execution, progress, task_context
+from workers.lifecycle.heartbeat import HEARTBEAT_INTERVAL_S
 from workers.runtime import runtime
 
 log = logging.getLogger(__name__)
 
 DELIVERY_KEY_TTL_S = 7 * 86400
+#: How long a new run claim counts as live before its worker's held set lists it: two
+#: beats, under the age at which the reaper gives an unheld message back.
+CLAIM_GRACE_S = 2 * HEARTBEAT_INTERVAL_S
 #: What gives a running request's message back to the queue rather than failing it.
 HANDED_BACK = (EngineStoppedError, RequestYieldedError, redis.ConnectionError, redis.TimeoutError)
 #: Runs a task's stage: the validated request and the previous stage's result -> a
@@ -149,7 +153,8 @@ def claim_run(task: OmniTask, task_id: str, queue: str) -> str:
     duplicate: acknowledged without running (`Ignore`), counted as `duplicates`; its
     sender gets the one result, under the same id."""
     claim = runs.claim_value(runtime.hostname, runtime.instance)
-    found = runs.claim(task_id, claim, task.backend.get_key_for_task(task_id).decode())
+    result_key = task.backend.get_key_for_task(task_id).decode()
+    found = runs.claim(task_id, claim, result_key, CLAIM_GRACE_S)
     if found != "claimed":
         count_outcome(queue, "duplicates")
         log.info("%s: a duplicate (%s), not run", task_id, found)

@@ -8,9 +8,11 @@ a message again while the first one runs. Before a worker runs a delivery it cla
 the id's run (`scripts/claim_run.lua`), in one step with a look at the id's result:
 
 - a success is stored under the id: the delivery is a duplicate, and is not run;
-- a live worker holds the claim (its heartbeat carries the claim's instance): the twin
-  is running, and this delivery is a duplicate too. It is acknowledged without running;
-  its sender, waiting on the same id, gets the twin's result;
+- a live worker holds the claim: the twin is running, and this delivery is a duplicate
+  too. It is acknowledged without running; its sender, waiting on the same id, gets the
+  twin's result. A claim is live as the reaper sees a held message: its worker beats
+  (with the claim's instance) and lists the task in its held set, or the claim is
+  younger than `grace_s` (the held set lists a task from the worker's next beat);
 - otherwise (no claim, or a dead worker's) the run is this delivery's.
 
 A run that ends without success gives its claim back (`release`), so that the message
@@ -39,11 +41,11 @@ def claim_value(hostname: str, instance: str) -> str:
     return f"{hostname} {instance} {uuid.uuid4().hex[:12]}"
 
 
-def claim(task_id: str, value: str, result_key: str) -> Claim:
+def claim(task_id: str, value: str, result_key: str, grace_s: float) -> Claim:
     """Claim the run of `task_id` for `value` (see the module docstring)."""
     found = get_scripts().claim_run(
         keys=[keys.run_claim(task_id), result_key],
-        args=[value, claim_ttl_s(), keys.worker("")],
+        args=[value, claim_ttl_s(), keys.worker(""), keys.held(""), grace_s, task_id],
     )
     return found  # type: ignore[no-any-return]
 

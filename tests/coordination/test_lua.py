@@ -160,12 +160,20 @@ def test_every_script_runs_in_a_test_here() -> None:
 
 def test_claim_run_answers_done_running_or_claimed(redis_client) -> None:
     s = get_scripts()
-    claim, result, beats = "run:x", "celery-task-meta-x", "omni-test:worker:"
-    assert s.claim_run(keys=[claim, result], args=["w1 i1 t1", 60, beats]) == "claimed"
-    redis_client.hset(beats + "w1", "instance", "i1")  # w1 is alive
-    assert s.claim_run(keys=[claim, result], args=["w2 i2 t2", 60, beats]) == "running"
+    claim, result = "run:x", "celery-task-meta-x"
+    beats, held = "omni-test:worker:", "omni-test:held:"
+
+    def run(value: str) -> str:
+        return s.claim_run(keys=[claim, result], args=[value, 60, beats, held, 10, "x"])
+
+    assert run("w1 i1 t1") == "claimed"
+    redis_client.hset(beats + "w1", "instance", "i1")  # w1 is alive, the claim is new
+    assert run("w2 i2 t2") == "running"
+    redis_client.expire(claim, 30)  # 30 s old: live only if w1 lists it
+    redis_client.sadd(held + "w1", "x")
+    assert run("w2 i2 t2") == "running"
     redis_client.hset(beats + "w1", "instance", "i9")  # w1 restarted: its claim is dead
-    assert s.claim_run(keys=[claim, result], args=["w2 i2 t2", 60, beats]) == "claimed"
+    assert run("w2 i2 t2") == "claimed"
     redis_client.set(result, '{"status": "SUCCESS"}')
-    assert s.claim_run(keys=[claim, result], args=["w3 i3 t3", 60, beats]) == "done"
+    assert run("w3 i3 t3") == "done"
     assert redis_client.get(claim) == "w2 i2 t2"

@@ -8,16 +8,28 @@ import json
 from omni_tasks.coordination import keys, runs
 
 RESULT_KEY = "celery-task-meta-run-1"
+GRACE_S = 10
 
 
-def beat(client, hostname: str, instance: str) -> None:
-    """A live worker, as its heartbeat hash says."""
+def beat(client, hostname: str, instance: str, held: tuple[str, ...] = ()) -> None:
+    """A live worker, as its heartbeat says: its hash, and the task ids it holds."""
     client.hset(keys.worker(hostname), mapping={"instance": instance, "pid": 1})
+    if held:
+        client.sadd(keys.held(hostname), *held)
+
+
+def claim(value: str) -> str:
+    return runs.claim("run-1", value, RESULT_KEY, GRACE_S)
+
+
+def age_claim(client, seconds: int) -> None:
+    """Make the claim of run-1 look `seconds` old (its age is read from its TTL)."""
+    client.expire(keys.run_claim("run-1"), runs.claim_ttl_s() - seconds)
 
 
 def test_the_first_delivery_claims_the_run(redis_client) -> None:
     mine = runs.claim_value("w1@host", "i1")
-    assert runs.claim("run-1", mine, RESULT_KEY) == "claimed"
+    assert claim(mine) == "claimed"
     assert redis_client.get(keys.run_claim("run-1")) == mine
     assert 0 < redis_client.ttl(keys.run_claim("run-1")) <= runs.claim_ttl_s()
 
@@ -25,40 +37,57 @@ def test_the_first_delivery_claims_the_run(redis_client) -> None:
 def test_a_twin_of_a_run_a_live_worker_holds_is_a_duplicate(redis_client) -> None:
     beat(redis_client, "w1@host", "i1")
     first = runs.claim_value("w1@host", "i1")
-    assert runs.claim("run-1", first, RESULT_KEY) == "claimed"
+    assert claim(first) == "claimed"
     # Another worker, and a second thread of the same worker: both see it running.
-    assert runs.claim("run-1", runs.claim_value("w2@host", "i2"), RESULT_KEY) == "running"
-    assert runs.claim("run-1", runs.claim_value("w1@host", "i1"), RESULT_KEY) == "running"
+    assert claim(runs.claim_value("w2@host", "i2")) == "running"
+    assert claim(runs.claim_value("w1@host", "i1")) == "running"
     assert redis_client.get(keys.run_claim("run-1")) == first
 
 
+def test_a_claim_its_live_worker_does_not_hold_is_taken_over_after_the_grace(
+    redis_client,
+) -> None:
+    beat(redis_client, "w1@host", "i1")
+    assert claim(runs.claim_value("w1@host", "i1")) == "claimed"
+    age_claim(redis_client, GRACE_S - 2)  # young: w1's held set may not list it yet
+    assert claim(runs.claim_value("w2@host", "i2")) == "running"
+    beat(redis_client, "w1@host", "i1", held=("run-1",))
+    age_claim(redis_client, GRACE_S + 5)  # listed by w1: still running
+    assert claim(runs.claim_value("w2@host", "i2")) == "running"
+    # w1 beats without it (it died in its run, or never ran it): as the reaper sees it.
+    redis_client.delete(keys.held("w1@host"))
+    taker = runs.claim_value("w2@host", "i2")
+    assert claim(taker) == "claimed"
+    assert redis_client.get(keys.run_claim("run-1")) == taker
+
+
 def test_a_dead_or_restarted_holder_gives_the_run_up(redis_client) -> None:
-    assert runs.claim("run-1", runs.claim_value("w1@host", "i1"), RESULT_KEY) == "claimed"
+    assert claim(runs.claim_value("w1@host", "i1")) == "claimed"
     # w1 never beats (killed): a redelivery elsewhere takes the run over.
     taker = runs.claim_value("w2@host", "i2")
-    assert runs.claim("run-1", taker, RESULT_KEY) == "claimed"
+    assert claim(taker) == "claimed"
     # w2 restarts under the same hostname: a new instance, so the old claim is dead.
     beat(redis_client, "w2@host", "i3")
-    assert runs.claim("run-1", runs.claim_value("w2@host", "i3"), RESULT_KEY) == "claimed"
+    assert claim(runs.claim_value("w2@host", "i3")) == "claimed"
 
 
 def test_a_success_stored_under_the_id_leaves_nothing_to_run(redis_client) -> None:
     redis_client.set(RESULT_KEY, json.dumps({"status": "SUCCESS", "result": {}}))
-    assert runs.claim("run-1", runs.claim_value("w1@host", "i1"), RESULT_KEY) == "done"
+    assert claim(runs.claim_value("w1@host", "i1")) == "done"
     assert not redis_client.exists(keys.run_claim("run-1"))
     for status in ("FAILURE", "STARTED", "PROGRESS"):  # not a success: it may run
         redis_client.set(RESULT_KEY, json.dumps({"status": status}))
-        assert runs.claim("run-1", runs.claim_value("w1@host", "i1"), RESULT_KEY) == "claimed"
+        assert claim(runs.claim_value("w1@host", "i1")) == "claimed"
     redis_client.set(RESULT_KEY, "not json")
-    assert runs.claim("run-1", runs.claim_value("w1@host", "i1"), RESULT_KEY) == "claimed"
+    assert claim(runs.claim_value("w1@host", "i1")) == "claimed"
 
 
 def test_only_the_holder_releases_its_claim(redis_client) -> None:
     beat(redis_client, "w1@host", "i1")
     mine = runs.claim_value("w1@host", "i1")
-    runs.claim("run-1", mine, RESULT_KEY)
+    claim(mine)
     runs.release("run-1", runs.claim_value("w1@host", "i1"))  # another run's claim
     assert redis_client.get(keys.run_claim("run-1")) == mine
     runs.release("run-1", mine)
     assert not redis_client.exists(keys.run_claim("run-1"))
-    assert runs.claim("run-1", runs.claim_value("w2@host", "i2"), RESULT_KEY) == "claimed"
+    assert claim(runs.claim_value("w2@host", "i2")) == "claimed"

@@ -277,7 +277,8 @@ def test_a_twin_of_a_request_a_live_worker_runs_is_not_run(
 ) -> None:
     task = worker_app.tasks["omni_tasks.probe"]
     redis_client.hset(keys.worker("w9@host"), "instance", "i9")  # a live worker's beat
-    redis_client.set(keys.run_claim("twin"), runs.claim_value("w9@host", "i9"))
+    redis_client.sadd(keys.held("w9@host"), "twin")  # and holds the twin
+    redis_client.set(keys.run_claim("twin"), runs.claim_value("w9@host", "i9"), ex=3600)
     with delivered(task, "twin", **{ACCEPTED_HEADER: True}), pytest.raises(Ignore):
         task.run(prompt="twin")
     assert stats("ar")["duplicates"] == "1"

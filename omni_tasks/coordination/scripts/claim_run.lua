@@ -1,15 +1,20 @@
 -- Claim the one run of a task id before a delivery of it runs: at most one delivery of
 -- a request runs at a time, and none runs once it has succeeded.
 -- KEYS[1]  the task id's run claim: "<worker hostname> <worker instance> <run token>"
---          (GET, SET EX)
+--          (GET, TTL, SET EX)
 -- KEYS[2]  the task id's Celery result, JSON (GET)
 -- ARGV[1]  this run's claim
--- ARGV[2]  the claim's time to live, in seconds (longer than any run)
--- ARGV[3]  the prefix of the workers' heartbeat hashes: a claim's holder is live while
---          the hash of its hostname holds its instance (HGET)
+-- ARGV[2]  the claim's time to live, in seconds (longer than any run); what it has
+--          lived is this minus its TTL, in Redis's own clock
+-- ARGV[3]  the prefix of the workers' heartbeat hashes (HGET <prefix><hostname> instance)
+-- ARGV[4]  the prefix of the workers' held sets (SISMEMBER <prefix><hostname> task id)
+-- ARGV[5]  seconds a new claim counts as running before its worker's held set lists it
+-- ARGV[6]  the task id
+-- A claim is live while its worker beats with the claim's instance, and either the
+-- worker's held set lists the task or the claim is younger than ARGV[5]: the view the
+-- reaper takes of which messages a live worker holds.
 -- Returns 'claimed' (this run is the one), 'done' (a success is stored: nothing to
--- run) or 'running' (a live worker holds the claim); the claim is written only for
--- 'claimed'.
+-- run) or 'running' (a live claim is held); the claim is written only for 'claimed'.
 local meta = redis.call('GET', KEYS[2])
 if meta then
   local ok, decoded = pcall(cjson.decode, meta)
@@ -21,7 +26,10 @@ local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then
   local host, instance = string.match(holder, '^(.+) (%S+) %S+$')
   if host and redis.call('HGET', ARGV[3] .. host, 'instance') == instance then
-    return 'running'
+    local age = tonumber(ARGV[2]) - redis.call('TTL', KEYS[1])
+    if age < tonumber(ARGV[5]) or redis.call('SISMEMBER', ARGV[4] .. host, ARGV[6]) == 1 then
+      return 'running'
+    end
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))

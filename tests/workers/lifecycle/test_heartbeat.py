@@ -107,6 +107,7 @@ def test_info_describes_the_worker(heartbeat_of) -> None:
     before = time.time()
     info = child.call("info")
     assert info.pop("started") >= before - 1
+    assert len(info.pop("instance")) == 12  # this run of the worker (`coordination.runs`)
     assert info == {
         "hostname": "ar@test",
         "queues": '["ar"]',
@@ -132,6 +133,7 @@ def test_a_started_heartbeat_writes_its_hash_with_a_ttl(heartbeat_of, redis_clie
         "pool_type",
         "concurrency",
         "pid",
+        "instance",
         "started",
         "beat",
         "dit_cache_bytes",
