@@ -29,7 +29,7 @@ import redis
 from kombu.exceptions import KombuError
 
 from omni_tasks.config import get_config
-from omni_tasks.coordination import admission, ledger
+from omni_tasks.coordination import admission, client, ledger
 from omni_tasks.coordination.client import redacted
 from omni_tasks.errors import BrokerUnavailableError
 
@@ -67,7 +67,10 @@ class Acceptance:
                 message=message,
             )
         except UNREACHABLE as exc:
-            self.attempted = self.attempted or not refused_at_connect(exc)
+            if refused_at_connect(exc) and not self.attempted:
+                # Nothing reached Redis: refuse now, without the publish's retries.
+                raise unavailable(self, exc) from exc
+            self.attempted = True
             raise
         self.attempted = True
         return self.outcome
@@ -106,11 +109,13 @@ def send(
     for a repeat of a request accepted before (nothing is published). Raises
     `BrokerUnavailableError` when Redis or the broker cannot be reached.
     """
-    if not on_publish:
-        try:
+    try:
+        if on_publish:
+            client.check_reachable()
+        else:
             acceptance.accept()
-        except UNREACHABLE as exc:
-            raise unavailable(acceptance, exc) from exc
+    except UNREACHABLE as exc:
+        raise unavailable(acceptance, exc) from exc
     outcome = acceptance.outcome
     if outcome is not None and outcome.repeat:
         return repeated(outcome.admission_id)
@@ -159,7 +164,9 @@ def _undo(acceptance: Acceptance) -> bool:
 def unavailable(
     acceptance: Acceptance, exc: BaseException, undone: bool = False
 ) -> BrokerUnavailableError:
-    """The error of a send that could not reach Redis or the broker."""
+    """The error of a send that could not reach Redis or the broker (the next send
+    checks that Redis answers before it publishes: `client.check_reachable`)."""
+    client.failed()
     may_be_accepted = acceptance.attempted and not undone
     request_id = acceptance.admission_id
     config = get_config()

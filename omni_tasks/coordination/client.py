@@ -30,11 +30,23 @@ class _Connection:
 
 
 class _Connections:
-    """One client (and its registered scripts) per URL, shared by the process's threads."""
+    """One client (and its registered scripts) per URL, shared by the process's threads,
+    and which URLs have answered since their last failure (`check_reachable`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_url: dict[str, _Connection] = {}
+        self._answered: set[str] = set()
+
+    def check_reachable(self, url: str) -> None:
+        """PING `url` unless it answered since it last failed; raises RedisError."""
+        if url in self._answered:
+            return
+        self.get(url).client.ping()
+        self._answered.add(url)
+
+    def failed(self, url: str) -> None:
+        self._answered.discard(url)
 
     def get(self, url: str) -> _Connection:
         with self._lock:
@@ -89,6 +101,18 @@ def get_redis(url: str | None = None) -> redis.Redis:
 def get_scripts(url: str | None = None) -> Scripts:
     """The Lua scripts, registered on `get_redis(url)`."""
     return _connection(url).scripts
+
+
+def check_reachable(url: str | None = None) -> None:
+    """Make sure Redis answers before a step whose own retries would make an absent Redis
+    cost minutes (Celery's publish): a PING the first time, and again after `failed`;
+    raises RedisError within the connect timeout."""
+    _connections.check_reachable(to_redis_py_url(url or get_config().redis_url))
+
+
+def failed(url: str | None = None) -> None:
+    """Redis was found unreachable: the next `check_reachable` PINGs again."""
+    _connections.failed(to_redis_py_url(url or get_config().redis_url))
 
 
 def _connection(url: str | None) -> _Connection:

@@ -12,16 +12,19 @@ there. An application process never imports it.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
+from celery.app import backends
 from celery.app.amqp import AMQP
+from celery.backends.redis import RedisBackend
 from kombu import Exchange, Queue
 
 from omni_tasks.config import CoreModuleConfig, get_config
-from omni_tasks.coordination.client import with_tls_defaults
+from omni_tasks.coordination.client import CONNECT_TIMEOUT_S, with_tls_defaults
 from omni_tasks.coordination.keys import PRIORITY_SEP, PRIORITY_STEPS
 from omni_tasks.tasks import transport
 from omni_tasks.tasks.worker_settings import queues_from_argv, worker_settings
@@ -97,6 +100,8 @@ def broker_settings(config: CoreModuleConfig) -> dict[str, Any]:
             "queue_order_strategy": "priority",
             # Unacked messages come back after this; it must exceed the longest task.
             "visibility_timeout": 2 * config.longest_task_s + 300,
+            # A broker that does not answer fails a connection, never hangs it.
+            "socket_connect_timeout": CONNECT_TIMEOUT_S,
         },
     }
 
@@ -159,12 +164,38 @@ def settings_for_process(
 class OmniCelery(Celery):
     """Celery, with a message sent by task name admitted like `.delay()`: `send_task`
     bypasses `OmniTask.apply_async`, and the `before_task_publish` signal cannot refuse
-    a publish (Celery logs and swallows what its receivers raise)."""
+    a publish (Celery logs and swallows what its receivers raise). Its Redis result
+    backend subscribes to a result when a caller waits for it (`SubscribeOnWait`)."""
 
     def send_task(self, name: str, *args: Any, **options: Any) -> Any:
         from omni_tasks.tasks.definitions import send_admitted
 
         return send_admitted(super().send_task, name, *args, **options)
+
+    def _get_backend(self) -> Any:
+        backend, url = backends.by_url(self.backend_cls or self.conf.result_backend, self.loader)
+        if isinstance(backend, type) and issubclass(backend, RedisBackend):
+            backend = subscribing_on_wait(backend)
+        return backend(app=self, url=url)
+
+
+class SubscribeOnWait:
+    """Celery's Redis result backend, minus its subscription to each result as the task
+    is sent (`on_task_call`). A caller that waits subscribes then
+    (`add_pending_result`), and Celery reads the stored result right after
+    (`on_wait_for_pending`), so nothing is missed. A send's first Redis command is then
+    its accepting step, which fails at once when Redis is away (Celery's subscription
+    would retry for minutes first), and a producer that never waits holds no
+    subscriptions."""
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        return None
+
+
+@functools.cache
+def subscribing_on_wait(backend: type) -> type:
+    """`backend` (a Redis result backend class) with `SubscribeOnWait`."""
+    return type(f"SubscribeOnWait{backend.__name__}", (SubscribeOnWait, backend), {})
 
 
 app = OmniCelery("omni_tasks", include=TASK_MODULES, amqp=OmniAMQP)
