@@ -17,6 +17,7 @@ import pytest
 from celery import Celery
 from celery.result import AsyncResult
 from conftest import clean_redis, start_ready_workers
+from helpers import eventually
 
 import omni_tasks
 from omni_tasks import generate_text
@@ -52,7 +53,17 @@ def feed(reporter: Reporter, seconds: float, total: int = 1000) -> int:
     return n
 
 
+def warm_writer() -> None:
+    """One write first, so the writer thread's connections (result store, events) are
+    open: on a busy 2-core machine, opening them can take most of a second."""
+    with RunningTask() as running:
+        with progress.reporting(running.task, interval_s=0.01, first_after_s=0) as reporter:
+            reporter.report({"tokens": 1, "max_tokens": 2})
+            assert eventually(lambda: reporter.writes == 1, timeout_s=10)
+
+
 def test_reports_are_throttled_to_a_few_writes_and_stop_at_the_end(redis_client) -> None:
+    warm_writer()
     with RunningTask() as running:
         with progress.reporting(running.task, interval_s=0.2, first_after_s=0.3) as reporter:
             assert progress.callback() == reporter.report
