@@ -84,7 +84,7 @@ def execute(
     task_id = task.request.id or ""
     queue = task.stage_queue
     request, redelivered = admitted_request(task, task_id, queue, kwargs, args)
-    claim = claim_run(task, task_id, queue)
+    claim = claim_run(task, task_id, queue, taking_over=redelivered)
     succeeded = False
     try:
         result = run_claimed(task, task_id, queue, request, run)
@@ -147,14 +147,15 @@ def run_claimed(
         raise
 
 
-def claim_run(task: OmniTask, task_id: str, queue: str) -> str:
+def claim_run(task: OmniTask, task_id: str, queue: str, taking_over: bool) -> str:
     """Claim the one run of `task_id` (`coordination.runs`); returns the claim. A
-    delivery whose request succeeded already, or whose twin a live worker runs, is a
-    duplicate: acknowledged without running (`Ignore`), counted as `duplicates`; its
-    sender gets the one result, under the same id."""
+    delivery whose request succeeded already, or (unless it is a message given back,
+    `taking_over`) whose twin a live worker runs, is a duplicate: acknowledged without
+    running (`Ignore`), counted as `duplicates`; its sender gets the one result, under
+    the same id."""
     claim = runs.claim_value(runtime.hostname, runtime.instance)
     result_key = task.backend.get_key_for_task(task_id).decode()
-    found = runs.claim(task_id, claim, result_key, CLAIM_GRACE_S)
+    found = runs.claim(task_id, claim, result_key, CLAIM_GRACE_S, taking_over)
     if found != "claimed":
         count_outcome(queue, "duplicates")
         log.info("%s: a duplicate (%s), not run", task_id, found)

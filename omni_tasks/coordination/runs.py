@@ -13,7 +13,9 @@ the id's run (`scripts/claim_run.lua`), in one step with a look at the id's resu
   twin's result. A claim is live as the reaper sees a held message: its worker beats
   (with the claim's instance) and lists the task in its held set, or the claim is
   younger than `grace_s` (the held set lists a task from the worker's next beat);
-- otherwise (no claim, or a dead worker's) the run is this delivery's.
+- otherwise (no claim, or a dead worker's) the run is this delivery's. So is it for a
+  message given back (`taking_over`): the reaper restores or publishes again only what
+  no live worker holds, and a broker requeues only a lost connection's messages.
 
 A run that ends without success gives its claim back (`release`), so that the message
 handed back or sent again can run. A success keeps it until it expires, beside the
@@ -41,11 +43,13 @@ def claim_value(hostname: str, instance: str) -> str:
     return f"{hostname} {instance} {uuid.uuid4().hex[:12]}"
 
 
-def claim(task_id: str, value: str, result_key: str, grace_s: float) -> Claim:
+def claim(
+    task_id: str, value: str, result_key: str, grace_s: float, taking_over: bool = False
+) -> Claim:
     """Claim the run of `task_id` for `value` (see the module docstring)."""
+    args = [value, claim_ttl_s(), keys.worker(""), keys.held(""), grace_s, task_id]
     found = get_scripts().claim_run(
-        keys=[keys.run_claim(task_id), result_key],
-        args=[value, claim_ttl_s(), keys.worker(""), keys.held(""), grace_s, task_id],
+        keys=[keys.run_claim(task_id), result_key], args=[*args, int(taking_over)]
     )
     return found  # type: ignore[no-any-return]
 

@@ -61,6 +61,19 @@ def test_a_claim_its_live_worker_does_not_hold_is_taken_over_after_the_grace(
     assert redis_client.get(keys.run_claim("run-1")) == taker
 
 
+def test_a_message_given_back_takes_a_live_looking_claim_over(redis_client) -> None:
+    # The broker requeued it (its holder's connection is gone) or the reaper restored
+    # it: whoever claimed it no longer holds it, however recently it beat.
+    beat(redis_client, "w1@host", "i1", held=("run-1",))
+    assert claim(runs.claim_value("w1@host", "i1")) == "claimed"
+    back = runs.claim_value("w2@host", "i2")
+    assert runs.claim("run-1", back, RESULT_KEY, GRACE_S, taking_over=True) == "claimed"
+    assert redis_client.get(keys.run_claim("run-1")) == back
+    redis_client.set(RESULT_KEY, json.dumps({"status": "SUCCESS"}))  # but never after a success
+    again = runs.claim_value("w3@host", "i3")
+    assert runs.claim("run-1", again, RESULT_KEY, GRACE_S, taking_over=True) == "done"
+
+
 def test_a_dead_or_restarted_holder_gives_the_run_up(redis_client) -> None:
     assert claim(runs.claim_value("w1@host", "i1")) == "claimed"
     # w1 never beats (killed): a redelivery elsewhere takes the run over.

@@ -23,6 +23,10 @@ With any broker:
    is neither open in the ledger (itself or its chain's first stage) nor queued,
    unacked or held: no message of it is left to end it.
 
+No pass runs while Redis has been up for less than `UNACKED_MIN_AGE_S` (just started
+again): a held set lost with a restart would make a live worker's messages look
+orphaned before it beats again.
+
 1 and 2 are counted per pool (`restored`, `recovered`); a pass returns all three. A
 message restored or published twice runs once: workers skip a message whose result is
 already final.
@@ -51,7 +55,8 @@ from omni_tasks.tasks.definitions import PROMPT_STAGE_SUFFIX
 from workers.lifecycle.heartbeat import HEARTBEAT_INTERVAL_S
 
 log = logging.getLogger(__name__)
-#: A message unacked for less than this may not be in its worker's held set yet.
+#: A message unacked for less than this may not be in its worker's held set yet; a
+#: Redis up for less than this may not have heard every live worker's beat yet.
 UNACKED_MIN_AGE_S = 2 * HEARTBEAT_INTERVAL_S + 1
 
 
@@ -85,6 +90,10 @@ class Reaper:
         lock_ms = int(get_config().reaper_interval_s * 1000)
         client = get_redis()
         if not client.set(keys.reaper_lock(), token, nx=True, px=lock_ms):
+            return {}
+        if int(client.info("server")["uptime_in_seconds"]) < UNACKED_MIN_AGE_S:
+            # Redis started again moments ago: live workers have not all beaten since,
+            # and a held set lost with the restart would read as a dead worker's.
             return {}
         held = self._held_by_live_workers()
         # Where every request is (queues and unacked scanned once a pass, if at all).

@@ -10,6 +10,9 @@
 -- ARGV[4]  the prefix of the workers' held sets (SISMEMBER <prefix><hostname> task id)
 -- ARGV[5]  seconds a new claim counts as running before its worker's held set lists it
 -- ARGV[6]  the task id
+-- ARGV[7]  '1' for a message given back (a dead worker's, restored or published again
+--          by the reaper, or requeued by the broker): it takes any claim over, since
+--          its holder no longer holds it; '0' otherwise
 -- A claim is live while its worker beats with the claim's instance, and either the
 -- worker's held set lists the task or the claim is younger than ARGV[5]: the view the
 -- reaper takes of which messages a live worker holds.
@@ -23,7 +26,7 @@ if meta then
   end
 end
 local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then
+if holder and holder ~= ARGV[1] and ARGV[7] ~= '1' then
   local host, instance = string.match(holder, '^(.+) (%S+) %S+$')
   if host and redis.call('HGET', ARGV[3] .. host, 'instance') == instance then
     local age = tonumber(ARGV[2]) - redis.call('TTL', KEYS[1])
