@@ -93,10 +93,12 @@ def cases(server: RestartableRedis) -> dict[str, Any]:
     out["down_after_accept"] = send("down-after-accept")
     back.join()
     from omni_tasks.tasks import app
-    from workers.lifecycle.reaper import Reaper
+    from workers.lifecycle.reaper import UNACKED_MIN_AGE_S, Reaper
 
     out["ledger_grace_s"] = get_config().ledger_grace_s
-    time.sleep(2 * out["ledger_grace_s"])
+    # The reaper makes no pass while Redis has just started again: wait that out.
+    while int(get_redis().info("server")["uptime_in_seconds"]) < UNACKED_MIN_AGE_S:
+        time.sleep(0.2)
     out["reaper"] = Reaper(app).run_once()
     for case in ("down-before", "down-at-accept", "down-after-accept"):
         out[case] = what_redis_holds(case)

@@ -118,9 +118,8 @@ def stage_times(result: Any, stage: str) -> tuple[float, float]:
 def run_claimed(
     task: OmniTask, task_id: str, queue: str, request: OmniRequest, run: Callable[..., Any]
 ) -> Any:
-    """Run the request this delivery claimed, as STARTED; what ends it otherwise becomes
+    """Run the request this delivery claimed (STARTED); what ends it otherwise becomes
     the task's outcome (handed back, expired, cancelled or failed)."""
-    mark_started(task, task_id)
     try:
         priority = delivered_level(
             (task.request.delivery_info or {}).get("priority"), get_config().broker_is_redis
@@ -148,27 +147,24 @@ def run_claimed(
 
 
 def claim_run(task: OmniTask, task_id: str, queue: str, taking_over: bool) -> str:
-    """Claim the one run of `task_id` (`coordination.runs`); returns the claim. A
-    delivery whose request succeeded already, or (unless it is a message given back,
-    `taking_over`) whose twin a live worker runs, is a duplicate: acknowledged without
-    running (`Ignore`), counted as `duplicates`; its sender gets the one result, under
-    the same id."""
+    """Claim the one run of `task_id` (`coordination.runs`) and mark it STARTED, in one
+    step; returns the claim. A delivery whose request succeeded already, or (unless it
+    is a message given back, `taking_over`) whose twin a live worker runs, is a
+    duplicate: acknowledged without running (`Ignore`), counted as `duplicates`; its
+    sender gets the one result, under the same id. (Celery's own `track_started` would
+    store STARTED before: a duplicate's or a conflicting message's over the state of the
+    request that runs.)"""
     claim = runs.claim_value(runtime.hostname, runtime.instance)
-    result_key = task.backend.get_key_for_task(task_id).decode()
-    found = runs.claim(task_id, claim, result_key, CLAIM_GRACE_S, taking_over)
+    backend = task.backend
+    meta = {"pid": os.getpid(), "hostname": task.request.hostname}
+    started = progress.encoded_state(backend, task_id, meta, states.STARTED, task.request)
+    result = (backend.get_key_for_task(task_id).decode(), started, int(backend.expires))
+    found = runs.claim(task_id, claim, result, CLAIM_GRACE_S, taking_over)
     if found != "claimed":
         count_outcome(queue, "duplicates")
         log.info("%s: a duplicate (%s), not run", task_id, found)
         raise Ignore()
     return claim
-
-
-def mark_started(task: OmniTask, task_id: str) -> None:
-    """Celery's STARTED state, written once this delivery holds the run (Celery's own
-    `track_started` would write it before: a duplicate's or a conflicting message's
-    STARTED over the state of the request that runs)."""
-    meta = {"pid": os.getpid(), "hostname": task.request.hostname}
-    task.backend.store_result(task_id, meta, states.STARTED, request=task.request)
 
 
 def become_chain(

@@ -136,12 +136,19 @@ def _store_states(due: list[tuple[Reporter, dict[str, int]]]) -> None:
     expires = int(backend.expires) if backend.expires else None
     with backend.client.pipeline() as pipe:
         for reporter, meta in due:
-            state = backend._get_result_meta(meta, PROGRESS, None, reporter._request)
-            state["task_id"] = reporter._task_id
-            key, value = backend.get_key_for_task(reporter._task_id), backend.encode(state)
+            key = backend.get_key_for_task(reporter._task_id)
+            value = encoded_state(backend, reporter._task_id, meta, PROGRESS, reporter._request)
             pipe.set(key, value, ex=expires)
             pipe.publish(key, value)
         pipe.execute()
+
+
+def encoded_state(backend: Any, task_id: str, meta: Any, state: str, request: Any) -> Any:
+    """A task's state as Celery's Redis result backend stores it (the JSON of its meta),
+    for a write that skips `store_result`'s read first."""
+    found = backend._get_result_meta(meta, state, None, request)
+    found["task_id"] = task_id
+    return backend.encode(found)
 
 
 def _send_events(due: list[tuple[Reporter, dict[str, int]]]) -> None:

@@ -44,12 +44,20 @@ def claim_value(hostname: str, instance: str) -> str:
 
 
 def claim(
-    task_id: str, value: str, result_key: str, grace_s: float, taking_over: bool = False
+    task_id: str,
+    value: str,
+    result: tuple[str, str, int],
+    grace_s: float,
+    taking_over: bool = False,
 ) -> Claim:
-    """Claim the run of `task_id` for `value` (see the module docstring)."""
+    """Claim the run of `task_id` for `value` (see the module docstring). `result` is
+    the id's Celery result key, the STARTED state to store there once claimed (JSON, as
+    Celery encodes it) and its time to live."""
+    result_key, started, ttl_s = result
     args = [value, claim_ttl_s(), keys.worker(""), keys.held(""), grace_s, task_id]
     found = get_scripts().claim_run(
-        keys=[keys.run_claim(task_id), result_key], args=[*args, int(taking_over)]
+        keys=[keys.run_claim(task_id), result_key],
+        args=[*args, int(taking_over), started, ttl_s],
     )
     return found  # type: ignore[no-any-return]
 

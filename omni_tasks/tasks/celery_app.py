@@ -180,16 +180,18 @@ class OmniCelery(Celery):
 
 
 class SubscribeOnWait:
-    """Celery's Redis result backend, minus its subscription to each result as the task
-    is sent (`on_task_call`). A caller that waits subscribes then
-    (`add_pending_result`), and Celery reads the stored result right after
-    (`on_wait_for_pending`), so nothing is missed. A send's first Redis command is then
-    its accepting step, which fails at once when Redis is away (Celery's subscription
-    would retry for minutes first), and a producer that never waits holds no
-    subscriptions."""
+    """Celery's Redis result backend, whose first subscription waits for a caller that
+    waits. Celery subscribes to each result as its task is sent (`on_task_call`); the
+    first one opens the process's subscriber connection, retrying for minutes when
+    Redis is away, before the send's accepting step could refuse at once. Until a
+    caller has waited (`add_pending_result`, which subscribes, after which Celery reads
+    the stored result: nothing is missed), sends subscribe to nothing; once the
+    connection is open, they subscribe as Celery does, so a result that comes before
+    the caller waits is already on its way."""
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
-        return None
+        if getattr(self.result_consumer, "_pubsub", None) is not None:
+            super().on_task_call(producer, task_id)  # type: ignore[misc]
 
 
 @functools.cache

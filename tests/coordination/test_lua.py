@@ -164,7 +164,8 @@ def test_claim_run_answers_done_running_or_claimed(redis_client) -> None:
     beats, held = "omni-test:worker:", "omni-test:held:"
 
     def run(value: str) -> str:
-        return s.claim_run(keys=[claim, result], args=[value, 60, beats, held, 10, "x", 0])
+        args = [value, 60, beats, held, 10, "x", 0, '{"status": "STARTED"}', 60]
+        return s.claim_run(keys=[claim, result], args=args)
 
     assert run("w1 i1 t1") == "claimed"
     redis_client.hset(beats + "w1", "instance", "i1")  # w1 is alive, the claim is new
@@ -172,7 +173,7 @@ def test_claim_run_answers_done_running_or_claimed(redis_client) -> None:
     redis_client.expire(claim, 30)  # 30 s old: live only if w1 lists it
     redis_client.sadd(held + "w1", "x")
     assert run("w2 i2 t2") == "running"
-    given_back = [claim, result], ["w4 i4 t4", 60, beats, held, 10, "x", 1]
+    given_back = [claim, result], ["w4 i4 t4", 60, beats, held, 10, "x", 1, "{}", 60]
     assert s.claim_run(keys=given_back[0], args=given_back[1]) == "claimed"  # takes over
     redis_client.set(claim, "w1 i1 t1", ex=30)
     redis_client.hset(beats + "w1", "instance", "i9")  # w1 restarted: its claim is dead

@@ -8,6 +8,8 @@ import json
 from omni_tasks.coordination import keys, runs
 
 RESULT_KEY = "celery-task-meta-run-1"
+STARTED = json.dumps({"status": "STARTED", "result": {"pid": 1}, "task_id": "run-1"})
+RESULT = (RESULT_KEY, STARTED, 60)
 GRACE_S = 10
 
 
@@ -19,7 +21,7 @@ def beat(client, hostname: str, instance: str, held: tuple[str, ...] = ()) -> No
 
 
 def claim(value: str) -> str:
-    return runs.claim("run-1", value, RESULT_KEY, GRACE_S)
+    return runs.claim("run-1", value, RESULT, GRACE_S)
 
 
 def age_claim(client, seconds: int) -> None:
@@ -32,6 +34,8 @@ def test_the_first_delivery_claims_the_run(redis_client) -> None:
     assert claim(mine) == "claimed"
     assert redis_client.get(keys.run_claim("run-1")) == mine
     assert 0 < redis_client.ttl(keys.run_claim("run-1")) <= runs.claim_ttl_s()
+    # Marked STARTED in the same step, with the result's time to live.
+    assert redis_client.get(RESULT_KEY) == STARTED and 0 < redis_client.ttl(RESULT_KEY) <= 60
 
 
 def test_a_twin_of_a_run_a_live_worker_holds_is_a_duplicate(redis_client) -> None:
@@ -67,11 +71,11 @@ def test_a_message_given_back_takes_a_live_looking_claim_over(redis_client) -> N
     beat(redis_client, "w1@host", "i1", held=("run-1",))
     assert claim(runs.claim_value("w1@host", "i1")) == "claimed"
     back = runs.claim_value("w2@host", "i2")
-    assert runs.claim("run-1", back, RESULT_KEY, GRACE_S, taking_over=True) == "claimed"
+    assert runs.claim("run-1", back, RESULT, GRACE_S, taking_over=True) == "claimed"
     assert redis_client.get(keys.run_claim("run-1")) == back
     redis_client.set(RESULT_KEY, json.dumps({"status": "SUCCESS"}))  # but never after a success
     again = runs.claim_value("w3@host", "i3")
-    assert runs.claim("run-1", again, RESULT_KEY, GRACE_S, taking_over=True) == "done"
+    assert runs.claim("run-1", again, RESULT, GRACE_S, taking_over=True) == "done"
 
 
 def test_a_dead_or_restarted_holder_gives_the_run_up(redis_client) -> None:

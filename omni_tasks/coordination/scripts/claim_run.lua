@@ -1,8 +1,9 @@
 -- Claim the one run of a task id before a delivery of it runs: at most one delivery of
--- a request runs at a time, and none runs once it has succeeded.
+-- a request runs at a time, and none runs once it has succeeded. The claimed run's
+-- STARTED state is stored in the same step.
 -- KEYS[1]  the task id's run claim: "<worker hostname> <worker instance> <run token>"
 --          (GET, TTL, SET EX)
--- KEYS[2]  the task id's Celery result, JSON (GET)
+-- KEYS[2]  the task id's Celery result, JSON (GET; SET EX and PUBLISH when claimed)
 -- ARGV[1]  this run's claim
 -- ARGV[2]  the claim's time to live, in seconds (longer than any run); what it has
 --          lived is this minus its TTL, in Redis's own clock
@@ -13,11 +14,13 @@
 -- ARGV[7]  '1' for a message given back (a dead worker's, restored or published again
 --          by the reaper, or requeued by the broker): it takes any claim over, since
 --          its holder no longer holds it; '0' otherwise
+-- ARGV[8]  the result to store once claimed: the STARTED state, as Celery encodes it
+-- ARGV[9]  that result's time to live, in seconds
 -- A claim is live while its worker beats with the claim's instance, and either the
 -- worker's held set lists the task or the claim is younger than ARGV[5]: the view the
 -- reaper takes of which messages a live worker holds.
 -- Returns 'claimed' (this run is the one), 'done' (a success is stored: nothing to
--- run) or 'running' (a live claim is held); the claim is written only for 'claimed'.
+-- run) or 'running' (a live claim is held); nothing is written unless 'claimed'.
 local meta = redis.call('GET', KEYS[2])
 if meta then
   local ok, decoded = pcall(cjson.decode, meta)
@@ -36,4 +39,6 @@ if holder and holder ~= ARGV[1] and ARGV[7] ~= '1' then
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+redis.call('SET', KEYS[2], ARGV[8], 'EX', tonumber(ARGV[9]))
+redis.call('PUBLISH', KEYS[2], ARGV[8])
 return 'claimed'
