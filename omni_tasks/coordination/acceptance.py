@@ -130,9 +130,11 @@ def send(
         raise
     finally:
         _in_send.reset(token)
-    if acceptance.outcome is None:  # no step of the publish accepted it (nothing routed)
+    if acceptance.outcome is None:  # no queue was bound, or another transport published
         log.warning(
-            "request %s published without acceptance; accepting it", acceptance.admission_id
+            "request %s: its publish did not accept it; accepted now (the reaper "
+            "publishes it again if no queue took it)",
+            acceptance.admission_id,
         )
         acceptance.accept()
     if acceptance.outcome is not None and acceptance.outcome.repeat:
