@@ -89,6 +89,7 @@ def test_a_killed_workers_messages_come_back_within_heartbeat_expiry(
         killed_at = time.monotonic()
     finally:
         app.control.add_consumer("ar", destination=others, reply=True)
+        victim.stop()  # already killed, unless the test failed first: never left running
     values = [r.get(HEARTBEAT_TTL_S + 60) for r in results]
     assert time.monotonic() - killed_at < HEARTBEAT_TTL_S + 60
     assert [v["request_id"] for v in values] == [r.id for r in results]
