@@ -89,14 +89,21 @@ def adapter_set(refs: Iterable[LoraRef]) -> AdapterSet:
     return tuple(sorted((r.name, float(r.scale)) for r in refs))
 
 
-def directory_key(name: str) -> str:
-    """The adapter's key in the cache directory: which diffusion worker has it loaded."""
-    return DIRECTORY_PREFIX + name
+def directory_key(name: str, model: str | None = None) -> str:
+    """The adapter's key in the cache directory: which diffusion worker has it loaded
+    on `model` (default: this process's `diffusion.model`, the model a worker serves).
+    The key names the model, so a worker serving another model that holds the same
+    adapter attracts none of this model's requests."""
+    if model is None:
+        from omni_tasks.config import get_config
+
+        model = get_config().diffusion.model
+    return f"{DIRECTORY_PREFIX}{model}:{name}"
 
 
-def directory_keys(refs: Iterable[LoraRef]) -> list[str]:
-    """Directory keys of a request's adapters, in the order it lists them."""
-    return [directory_key(r.name) for r in refs]
+def directory_keys(refs: Iterable[LoraRef], model: str | None = None) -> list[str]:
+    """Directory keys of a request's adapters on `model`, in the order it lists them."""
+    return [directory_key(r.name, model) for r in refs]
 
 
 def valid_registry_name(name: str) -> bool:

@@ -74,13 +74,13 @@ class ClusterCollector(Collector):
     def _families(self, config: CoreModuleConfig) -> Iterator[Metric]:
         snapshot = read_snapshot(config)
         pools = list(snapshot.pools)
-        yield from _queue_families(snapshot)
+        yield from _queue_families(snapshot, config.diffusion.queue)
         yield from _timing_families(pools)
         yield from _step_families(pools, config.diffusion.queue)
         yield from _worker_families(snapshot)
 
 
-def _queue_families(snapshot: ClusterSnapshot) -> Iterator[Metric]:
+def _queue_families(snapshot: ClusterSnapshot, dit_pool: str) -> Iterator[Metric]:
     depth = GaugeMetricFamily(
         "omni_queue_depth",
         "Messages waiting per pool and priority level (0 is served first).",
@@ -88,7 +88,16 @@ def _queue_families(snapshot: ClusterSnapshot) -> Iterator[Metric]:
     )
     for pool, levels in snapshot.queues.items():
         for level, count in sorted(levels.items()):
-            depth.add_metric([pool, "unknown" if level == UNKNOWN_LEVEL else str(level)], count)
+            depth.add_metric([pool, _level_label(level)], count)
+    by_model = GaugeMetricFamily(
+        "omni_model_queue_depth",
+        "Messages waiting in each diffusion model's queue, per priority level (also "
+        "counted in its pool's omni_queue_depth).",
+        labels=["pool", "model", "level"],
+    )
+    for model, levels in snapshot.models.items():
+        for level, count in sorted(levels.items()):
+            by_model.add_metric([dit_pool, model, _level_label(level)], count)
     requests = CounterMetricFamily(
         "omni_requests", "Requests per pool and outcome.", labels=["pool", "outcome"]
     )
@@ -98,7 +107,11 @@ def _queue_families(snapshot: ClusterSnapshot) -> Iterator[Metric]:
     up = GaugeMetricFamily("omni_workers_up", "Live workers per pool.", labels=["pool"])
     for pool in snapshot.pools:
         up.add_metric([pool], len(snapshot.workers_of(pool)))
-    yield from (depth, requests, up)
+    yield from (depth, by_model, requests, up)
+
+
+def _level_label(level: int) -> str:
+    return "unknown" if level == UNKNOWN_LEVEL else str(level)
 
 
 def _timing_families(pools: list[str]) -> Iterator[Metric]:

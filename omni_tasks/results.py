@@ -64,6 +64,7 @@ class TextResult(_Result):
     usage: Usage
     finish_reason: str  # "length" | "stop"
     engine: str
+    model: str = ""  # the model that wrote it (the AR pool's `ar.model`)
     timings: dict[str, float] = field(default_factory=dict)
     lora: list[dict[str, Any]] = field(default_factory=list)  # see ImageResult
 
@@ -94,6 +95,8 @@ class ImageResult(_Result):
     adapters it ran with, each `{name, scale, hit, load_s}`: `hit` true when the adapter
     was loaded already, false when it was loaded for this request (in `load_s` seconds),
     null when no adapter ran (the image came from the DiT cache or another worker).
+    `model` is the registry name of the model that ran it (the request's `model`, or
+    the pool's default).
     """
 
     request_id: str
@@ -107,6 +110,7 @@ class ImageResult(_Result):
     step_cache: str
     cache: dict[str, str]
     engine: str
+    model: str = ""  # the diffusion model that ran it (its worker's `diffusion.model`)
     timings: dict[str, float] = field(default_factory=dict)
     denoise_steps: int = 0
     preemptions: int = 0

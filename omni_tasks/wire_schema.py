@@ -57,6 +57,13 @@ NOTES: dict[str, dict[str, Any]] = {
         "description": "The priority class. It orders a message sent without a broker "
         "priority; with an integer broker priority (1-9), that one applies."
     },
+    "model": {
+        "description": "Image and multimodal requests: the diffusion model, a name of the "
+        "workers' `models` registry or their default `diffusion.model` (left out: that "
+        "default). Only a worker serving it runs the request; an unregistered name is "
+        "refused (RequestValidationError, field model). Text requests: the AR pool's "
+        "model, not checked by workers."
+    },
     "created_at": {
         "description": "When the client sent the request, in Unix seconds: "
         "timings.queued_s is measured from it. Left out, the first omni-tasks process "

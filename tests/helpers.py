@@ -22,6 +22,7 @@ TEXT_KEYS = [
     "usage",
     "finish_reason",
     "engine",
+    "model",
     "timings",
     "lora",
 ]
@@ -38,6 +39,7 @@ IMAGE_KEYS = [
     "step_cache",
     "cache",
     "engine",
+    "model",
     "timings",
     "denoise_steps",
     "preemptions",
@@ -47,6 +49,8 @@ IMAGE_KEYS = [
 MULTIMODAL_KEYS = [*IMAGE_KEYS, "text", "image_prompt", "usage", "finish_reason", "stages"]
 #: A Celery client that never imports omni_tasks (`foreign_client.py`).
 FOREIGN_CLIENT = Path(__file__).with_name("foreign_client.py")
+#: The queue `.delay()` sends image requests to: the default diffusion model's.
+DIT_QUEUE = "diffusion.tiny-flux"
 #: Image sizes whose DiT cost falls in the lowest and a high cost bucket.
 SMALL = {"width": 64, "height": 64, "steps": 4}
 LARGE = {"width": 512, "height": 512, "steps": 20}
@@ -110,7 +114,7 @@ def queued_messages(client: Any, queue: str) -> list[tuple[int, dict[str, Any]]]
 
 
 def where(
-    client: Any, task_id: str, queues: tuple[str, ...] = ("ar", "diffusion")
+    client: Any, task_id: str, queues: tuple[str, ...] = ("ar", "diffusion", DIT_QUEUE)
 ) -> tuple[str, int]:
     """The (queue, priority) list in Redis that holds the message of `task_id`."""
     for queue in queues:

@@ -67,6 +67,7 @@ def run_text(request: OmniRequest) -> TextResult:
         usage=_usage(out),
         finish_reason=out.finish_reason,
         engine=engine,
+        model=get_config().ar.model,
         timings={"generate_s": round(gen_s, 6)},
         lora=out.lora,
     )
@@ -118,6 +119,7 @@ def run_image(request: OmniRequest, prompt: str | None = None) -> ImageResult:
         step_cache=mode,
         cache=out.cache,
         engine=runtime.diffusion_engine().name,
+        model=config.diffusion.model,  # the one model this worker serves
         timings=timings,
         denoise_steps=out.denoise_steps,
         preemptions=out.preemptions,

@@ -1,7 +1,10 @@
-"""Accepting a request over HTTP: a live worker must serve each pool it needs (else
-503), its model must be one they serve (else 404), its priority comes from the body or
-the `X-Priority` header; then the producer's own `submit` enqueues it (admission, the
-ledger, routing), so a request sent over HTTP is the same message `.delay()` sends.
+"""Accepting a request over HTTP: an image or multimodal request's diffusion model must
+be registered (else 400, param `model`), a live worker must serve each pool it needs
+(else 503), a text request's model must be one the AR workers serve (else 404), its
+priority comes from the body or the `X-Priority` header; then the producer's own
+`submit` enqueues it (admission, the ledger, routing), so a request sent over HTTP is
+the same message `.delay()` sends. A registered diffusion model no live worker serves
+is accepted: its request waits in the model's queue, as a queued request does.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from omni_tasks.api.errors import APIError
 from omni_tasks.api.hub import ResultHub
 from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
+from omni_tasks.model_registry import check_model
 from omni_tasks.requests import OmniRequest, RequestType, Stage, stages_of
 from omni_tasks.tasks.definitions import probe
 from omni_tasks.tasks.producer import cancel, submit
@@ -75,7 +79,8 @@ class LiveWorkers:
         return served
 
     async def require(self, stages: tuple[Stage, ...], model: str | None = None) -> None:
-        """503 unless a live worker serves every stage; 404 for a model none serves."""
+        """503 unless a live worker serves every stage; 404 for a text model none serves
+        (a diffusion model is checked against the registry instead: `accept`)."""
         workers = await self.all()
         for stage in stages:
             serving = [w for w in workers if stage in w.get("stages", [])]
@@ -88,7 +93,7 @@ class LiveWorkers:
                     headers={"Retry-After": "5"},
                 )
             served = {w["models"][stage] for w in serving if stage in (w.get("models") or {})}
-            if model is not None and len(stages) == 1 and served and model not in served:
+            if model is not None and stages == ("ar",) and served and model not in served:
                 raise APIError(
                     404,
                     f"model {model!r} is not served here; live workers serve {sorted(served)}",
@@ -119,7 +124,9 @@ async def accept(
 ) -> None:
     """Enqueue `request` once a live worker serves its pools (the producer's `submit`,
     in a thread: it talks to Redis synchronously). QueueFullError and the other
-    producer errors pass on to the app's handlers."""
+    producer errors pass on to the app's handlers; an unregistered diffusion model is
+    refused first (`RequestValidationError`, 400 naming `model`)."""
+    check_model(request, get_config())
     stages = stages_of(request.request_type)
     await workers.require(stages, model)
     if kind == PROBE:

@@ -4,6 +4,8 @@ Sources, later wins: the dataclass defaults, `config/default.yaml` (or the file 
 by `OMNI_CONFIG`), then `OMNI_*` environment variables. Nested fields use a double
 underscore: `OMNI_SCHEDULER__MAX_QUEUE_SIZE=50`, `OMNI_AR__ENGINE=transformers`.
 Values are coerced by the dataclass field types, so a new field needs no loader change.
+Mappings come from the environment as YAML flow mappings or JSON:
+`OMNI_LORAS='{"ink": "loras/ink"}'`, `OMNI_MODELS='{"flux-b": {"path": "/models/flux"}}'`.
 """
 
 from __future__ import annotations
@@ -129,7 +131,8 @@ def coerce(tp: Any, value: Any, path: str) -> Any:
             return None
         return coerce(args[0], value, path)
     if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value, path)
+        # An entry left empty (`models: {qwen: }` in YAML) takes every default.
+        return build_dataclass(tp, {} if value is None else value, path)
     if isinstance(tp, type) and issubclass(tp, Enum):
         if isinstance(value, tp):
             return value

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omni_tasks.errors import ConfigError
 from omni_tasks.lora import valid_registry_name
+from omni_tasks.model_registry import model_name_problem
 from omni_tasks.requests import STAGES, STEP_CACHE_MODES, Stage
 
 PRIORITY_CLASSES = ("high", "normal", "low")
@@ -200,6 +201,16 @@ class DiffusionConfig(PoolConfig):
 
 
 @dataclass
+class ModelEntry:
+    """One model of the `models` registry. Both fields are optional: without `path`
+    the worker looks for the name under `models_dir`, else takes it for a hub id;
+    without `family` the worker reads it from the checkpoint's `model_index.json`."""
+
+    path: str | None = None
+    family: str | None = None
+
+
+@dataclass
 class APIConfig:
     """The HTTP API (`omni-tasks api`): a stateless front end, any number per Redis."""
 
@@ -275,6 +286,10 @@ class CoreModuleConfig:
     #: format (relative paths are under `models_dir`). Messages carry names only.
     loras: dict[str, str] = field(default_factory=dict)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    #: The diffusion models requests may name (`model=`): name -> where it loads from.
+    #: Each diffusion worker serves one (`diffusion.model`, always registered); a
+    #: request goes to its model's queue (`keys.model_queue`).
+    models: dict[str, ModelEntry] = field(default_factory=dict)
     api: APIConfig = field(default_factory=APIConfig)
 
     def validate(self) -> None:
@@ -311,8 +326,29 @@ class CoreModuleConfig:
         for name, path in self.loras.items():
             _require(valid_registry_name(name), f"loras.{name}", "is not a valid adapter name")
             _require(bool(str(path).strip()), f"loras.{name}", "needs a folder")
+        self._validate_models()
         self.api.validate()
         _require(self.ar.queue != self.diffusion.queue, "diffusion.queue", "must differ from ar")
+
+    def _validate_models(self) -> None:
+        """Registry names travel in messages and name queues (`keys.model_queue`)."""
+        for name, entry in self.models.items():
+            problem = model_name_problem(name)
+            _require(problem is None, f"models.{name}", problem or "")
+            _require(isinstance(entry, ModelEntry), f"models.{name}", "must be a mapping")
+            for part in ("path", "family"):
+                value = getattr(entry, part)
+                _require(
+                    value is None or bool(str(value).strip()),
+                    f"models.{name}.{part}",
+                    "must not be blank (leave it out instead)",
+                )
+        model = self.diffusion.model
+        _require(
+            not any(c.isspace() or c == ":" for c in model),
+            "diffusion.model",
+            "must not contain whitespace or ':' (it names the model's queue)",
+        )
 
     @property
     def broker(self) -> str:
@@ -346,6 +382,24 @@ class CoreModuleConfig:
     def stages_for(self, queues: list[str]) -> list[Stage]:
         """The pipeline stages a worker consuming `queues` runs, in pipeline order."""
         return [stage for stage in STAGES if self.pool_for(stage).queue in queues]
+
+    def diffusion_models(self) -> dict[str, ModelEntry]:
+        """Every diffusion model a request may name: the registry, plus the diffusion
+        pool's default `diffusion.model` (its registry entry if listed, else a bare one)."""
+        found = dict(self.models)
+        found.setdefault(self.diffusion.model, ModelEntry())
+        return found
+
+    def model_path(self, name: str) -> str | None:
+        """The registry `path` of model `name` (None if it has none): `~` expanded; a
+        relative path is taken under `models_dir` when that exists there, else kept
+        as it is (a hub id such as `Qwen/Qwen-Image`)."""
+        entry = self.models.get(name)
+        if entry is None or not entry.path:
+            return None
+        path = Path(os.path.expanduser(entry.path))
+        under = self.models_path() / path
+        return str(under) if not path.is_absolute() and under.exists() else str(path)
 
     def models_path(self) -> Path:
         return Path(os.path.expanduser(self.models_dir))

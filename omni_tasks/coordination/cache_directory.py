@@ -90,9 +90,10 @@ def dit_keys(request: OmniRequest, config: CoreModuleConfig, prompt: str | None 
 
 def affinity_keys(request: OmniRequest, config: CoreModuleConfig) -> list[str]:
     """The directory keys whose holder a DiT request prefers, best first: its exact
-    repeat, then its LoRA adapters (a load saved), then its prompt's embeddings. A
-    MULTIMODAL request's prompt is written by its AR stage, so only its adapters count."""
-    adapters = lora.directory_keys(request.lora)
+    repeat, then its LoRA adapters (a load saved), then its prompt's embeddings. Every
+    key names the model, so only a worker serving it can hold one. A MULTIMODAL
+    request's prompt is written by its AR stage, so only its adapters count."""
+    adapters = lora.directory_keys(request.lora, request.model or config.diffusion.model)
     if request.request_type is RequestType.MULTIMODAL:
         return adapters
     found = dit_keys(request, config)

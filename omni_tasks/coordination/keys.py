@@ -90,6 +90,13 @@ def worker_queue(hostname: str) -> str:
     return f"{_p()}.w.{hostname}"
 
 
+def model_queue(pool_queue: str, model: str) -> str:
+    """The queue of one model of a pool (`diffusion.tiny-flux`): requests naming the
+    model go there, and only the workers serving it read it (besides the pool's queue).
+    A queue name, like `worker_queue`."""
+    return f"{pool_queue}.{model}"
+
+
 def stranded() -> str:
     """JSON of the last scan for lists of messages no worker reads (`stranded`)."""
     return f"{_p()}:stranded"

@@ -1,34 +1,32 @@
-"""Cluster figures read from Redis: queue depths, live workers, per-pool counters, health.
+"""Cluster figures read from Redis: queue depths (`depths`, re-exported here), live
+workers and the models they serve, per-pool counters, health.
 
 Every producer and worker writes to the same keys, so any process sees the whole
 system; nothing here depends on which process scheduled what. Pools are named by
 their queue.
-
-With a RabbitMQ broker the queues are not Redis lists: their depths come from
-RabbitMQ (a passive declare), as one count per queue under `UNKNOWN_LEVEL`, since it
-does not say at which priorities messages wait.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from kombu import Connection
-
 from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.coordination import keys
-from omni_tasks.coordination.cache_directory import hit_rate, own_queue_keys
-from omni_tasks.coordination.client import get_redis, redacted
+from omni_tasks.coordination.cache_directory import hit_rate
+from omni_tasks.coordination.client import get_redis
+from omni_tasks.coordination.depths import UNKNOWN_LEVEL as UNKNOWN_LEVEL  # re-exported
+from omni_tasks.coordination.depths import all_depths
+from omni_tasks.coordination.depths import highest_waiting_level as highest_waiting_level
+from omni_tasks.coordination.depths import model_depths as model_depths
+from omni_tasks.coordination.depths import queue_depths as queue_depths
+from omni_tasks.coordination.depths import total_queued as total_queued
 from omni_tasks.coordination.rejections import MAX_RECORDS
 
 log = logging.getLogger(__name__)
-#: The level under which a queue's count is reported when the broker gives no levels.
-UNKNOWN_LEVEL = -1
 #: Rates are judged over this many metrics intervals (60 s with the default 10 s).
 WINDOW_INTERVALS = 6
 #: Counter samples kept, whatever the window: the series stays small however many
@@ -42,114 +40,6 @@ FAILURE_RATIO = 0.1
 MIN_OUTCOMES = 10
 LOW_HIT_RATE = 0.2
 MIN_LOOKUPS = 10
-
-
-def queue_depths(config: CoreModuleConfig | None = None) -> dict[str, dict[int, int]]:
-    """Messages waiting per pool and priority level (0 highest). The diffusion pool's
-    figure includes its workers' own queues (cache-affinity routing puts work there)."""
-    config = config or get_config()
-    client = get_redis()
-    if not config.broker_is_redis:
-        return _broker_depths(config, client)
-    depths = _level_counts(client, [config.ar.queue, config.diffusion.queue])
-    own = depths[config.diffusion.queue]
-    for key, _, level in own_queue_keys(client):
-        own[level] += int(client.llen(key))
-    return depths
-
-
-def highest_waiting_level(queues: list[str]) -> int | None:
-    """The highest priority (lowest level, 0..9) with a message waiting in any of
-    `queues`, or None when they are all empty: one round trip. None as well with a
-    RabbitMQ broker, which tells how many messages wait but not at which priority."""
-    if not get_config().broker_is_redis:
-        return None
-    depths = _level_counts(get_redis(), queues)
-    waiting = [level for levels in depths.values() for level, n in levels.items() if n]
-    return min(waiting) if waiting else None
-
-
-def _level_counts(client: Any, queues: list[str]) -> dict[str, dict[int, int]]:
-    """Messages per priority level of each queue, read in one pipeline."""
-    pipe = client.pipeline(transaction=False)
-    for queue in queues:
-        for key in keys.queue_keys(queue):
-            pipe.llen(key)
-    counts = iter(pipe.execute())
-    return {q: {level: int(next(counts)) for level in keys.PRIORITY_STEPS} for q in queues}
-
-
-class _BrokerQueues:
-    """One connection to a non-Redis broker, shared by the process's threads, to count
-    the messages waiting in its queues."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._connection: Connection | None = None
-        self._url = ""
-
-    def counts(self, url: str, queues: list[str]) -> dict[str, int | None]:
-        """Messages per queue: 0 for a queue never declared, None when unreachable."""
-        with self._lock:
-            try:
-                if self._connection is None or self._url != url:
-                    self._close()
-                    self._connection, self._url = Connection(url, connect_timeout=3), url
-                connection = self._connection.ensure_connection(max_retries=1)
-                return {q: self._count(connection, q) for q in queues}
-            except Exception as exc:
-                log.warning("cannot count queued messages at %s: %s", redacted(url), exc)
-                self._close()
-                return dict.fromkeys(queues)
-
-    @staticmethod
-    def _count(connection: Connection, queue: str) -> int:
-        channel = connection.channel()
-        try:
-            return int(channel.queue_declare(queue, passive=True).message_count)
-        except connection.channel_errors:  # not declared: nothing was ever sent to it
-            return 0
-        finally:
-            try:
-                channel.close()
-            except Exception:  # the broker closes a channel whose passive declare failed
-                pass
-
-    def _close(self) -> None:
-        if self._connection is not None:
-            self._connection.release()
-            self._connection = None
-
-
-_broker_queues = _BrokerQueues()
-
-
-def _broker_depths(config: CoreModuleConfig, client: Any) -> dict[str, dict[int, int]]:
-    """Depths from a non-Redis broker, one count per pool under `UNKNOWN_LEVEL` (an
-    unreachable broker gives empty levels: unknown)."""
-    dit = config.diffusion.queue
-    own = [keys.worker_queue(w) for w in _live_workers_of(client, "dit")]
-    counts = _broker_queues.counts(config.broker, [config.ar.queue, dit, *own])
-    pools = {config.ar.queue: [config.ar.queue], dit: [dit, *own]}
-    depths: dict[str, dict[int, int]] = {}
-    for pool, queues in pools.items():
-        found = [counts[q] for q in queues if counts[q] is not None]
-        depths[pool] = {UNKNOWN_LEVEL: sum(found)} if found else {}  # type: ignore[misc]
-    return depths
-
-
-def _live_workers_of(client: Any, stage: str) -> list[str]:
-    """Hostnames of the live workers running `stage`, from their heartbeats."""
-    found = []
-    for key in client.scan_iter(match=keys.worker("") + "*", count=200):
-        if stage in json.loads(client.hget(key, "stages") or "[]"):
-            found.append(key[len(keys.worker("")) :])
-    return found
-
-
-def total_queued(config: CoreModuleConfig | None = None) -> int:
-    """Messages waiting in every queue, all levels."""
-    return sum(sum(levels.values()) for levels in queue_depths(config).values())
 
 
 @dataclass
@@ -171,6 +61,8 @@ class ClusterSnapshot:
     queues: dict[str, dict[int, int]]
     pools: dict[str, PoolStats]
     workers: list[dict[str, Any]] = field(default_factory=list)
+    #: Messages waiting per registered diffusion model (its queue), per level.
+    models: dict[str, dict[int, int]] = field(default_factory=dict)
 
     @property
     def queued(self) -> int:
@@ -221,9 +113,31 @@ def read_snapshot(config: CoreModuleConfig | None = None) -> ClusterSnapshot:
             continue
         for name in ("queues", "stages"):
             info[name] = json.loads(info.get(name) or "[]")
+        info["models"] = _json_object(info.get("models"))
         workers.append(info)
     workers.sort(key=lambda w: w.get("hostname", ""))
-    return ClusterSnapshot(queues=queue_depths(config), pools=pools, workers=workers)
+    queues, models = all_depths(config)
+    return ClusterSnapshot(queues=queues, pools=pools, workers=workers, models=models)
+
+
+def _json_object(raw: Any) -> dict[str, Any]:
+    """A heartbeat's JSON object field (`models`: stage -> model), {} when unreadable."""
+    try:
+        found = json.loads(raw or "{}")
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def model_servers(snapshot: ClusterSnapshot) -> dict[str, list[str]]:
+    """Registered diffusion model -> the live workers serving it (their heartbeats'
+    `models`), hostnames sorted; [] for a model none serves."""
+    served: dict[str, list[str]] = {model: [] for model in snapshot.models}
+    for worker in snapshot.workers:
+        model = (worker.get("models") or {}).get("dit")
+        if model is not None:
+            served.setdefault(model, []).append(str(worker.get("hostname", "?")))
+    return {model: sorted(hosts) for model, hosts in served.items()}
 
 
 def worker_resources(worker: dict[str, Any]) -> dict[str, Any] | None:
@@ -373,6 +287,7 @@ def _workers_health(
         if waiting and not live:
             issues.append(f"no live worker consumes queue {queue!r} ({waiting} waiting)")
             advice.append(f"start one: celery -A omni_tasks worker -Q {queue}")
+    _models_health(snapshot, config, issues, advice)
     for worker in snapshot.workers:
         res = worker_resources(worker) or {}
         used, budget = int(res.get("used_bytes", 0)), int(res.get("budget_bytes", 0))
@@ -380,6 +295,26 @@ def _workers_health(
             host = worker.get("hostname", "?")
             issues.append(f"worker {host} uses {used / budget:.0%} of its device memory budget")
             advice.append(f"add workers to {host}'s pool or lower its batch or cache size")
+
+
+def unserved_models(snapshot: ClusterSnapshot) -> list[str]:
+    """The registered diffusion models no live worker serves: their requests wait."""
+    return [model for model, hosts in model_servers(snapshot).items() if not hosts]
+
+
+def _models_health(
+    snapshot: ClusterSnapshot, config: CoreModuleConfig, issues: list[str], advice: list[str]
+) -> None:
+    """A registered model with requests waiting and no live worker serving it (one with
+    nothing waiting is only listed: `unserved_models`)."""
+    pool = config.diffusion.queue
+    for model in unserved_models(snapshot):
+        waiting = sum(snapshot.models.get(model, {}).values())
+        if waiting:
+            issues.append(f"no live worker serves model {model!r} ({waiting} waiting)")
+            advice.append(
+                f"start one: OMNI_DIFFUSION__MODEL={model} celery -A omni_tasks worker -Q {pool}"
+            )
 
 
 def _window_health(

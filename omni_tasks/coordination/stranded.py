@@ -5,8 +5,9 @@ They come from clients that sent without `queue=` (Celery's default queue, `cele
 to a misspelt queue, or with transport options that name lists differently (another
 priority separator). A list is counted when its oldest entry looks like a kombu
 message. It is stranded when no live worker consumes its queue, at any level. The
-pools' queues and the diffusion workers' own queues are never stranded: workers drain
-a dead worker's queue (`cache_directory.sweep_dead_workers`).
+pools' queues, the registered models' queues and the diffusion workers' own queues are
+never stranded: workers drain a dead worker's queue
+(`cache_directory.sweep_dead_workers`).
 
 Finding them scans the keyspace, so the result is kept in Redis for `CACHE_S`, shared
 by every process that asks.
@@ -21,6 +22,7 @@ from typing import Any
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis
+from omni_tasks.model_registry import model_queues
 
 #: How long one scan's result serves every process.
 CACHE_S = 30
@@ -37,7 +39,9 @@ def stranded_lists(config: CoreModuleConfig, workers: Iterable[dict[str, Any]]) 
     cached = client.get(keys.stranded())
     if cached is not None:
         return json.loads(cached)
-    consumed = {config.ar.queue, config.diffusion.queue}
+    # A registered model's queue is never stranded: its requests wait for a worker
+    # serving the model, and health names the models no live worker serves.
+    consumed = {config.ar.queue, config.diffusion.queue, *model_queues(config).values()}
     for worker in workers:
         consumed.update(worker.get("queues") or [])
     found = dict(_scan(client, consumed, config.key_prefix))

@@ -1,5 +1,6 @@
 """`omni-tasks status` for people: the cluster report as `rich` tables (pools, queues
-per priority level, workers, DiT cache, the newest refused messages, health). `--json`
+per priority level, diffusion models with their workers and queued requests, workers
+and the model each serves, DiT cache, the newest refused messages, health). `--json`
 prints the same report for scripts."""
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     tables = [
         pools_table(status, workers),
         queues_table(status["queues"]),
+        models_table(status.get("models") or {}),
         workers_table(workers),
         cache_table(status, workers),
     ]
@@ -64,6 +66,19 @@ def queues_table(queues: dict[str, dict[Any, int]]) -> Table:
         by_level = {int(lv): int(n) for lv, n in counts.items()}
         row = [str(by_level.get(level, 0)) for level in levels]
         table.add_row(queue, *row, str(sum(by_level.values())))
+    return table
+
+
+def models_table(models: dict[str, dict[str, Any]]) -> Table:
+    """Each diffusion model: the live workers serving it and what waits in its queue
+    (a model no worker serves keeps its requests waiting)."""
+    table = Table(title="Diffusion models (registered or served)")
+    for name in ("model", "workers", "queued"):
+        table.add_column(name, justify="right" if name == "queued" else "left")
+    for model, info in models.items():
+        hosts = info.get("workers") or []
+        queued = sum(int(n) for n in (info.get("queued") or {}).values())
+        table.add_row(model, ", ".join(hosts) or "[red]none[/red]", str(queued))
     return table
 
 

@@ -33,9 +33,11 @@ from omni_tasks.coordination.monitoring import (
     ClusterSnapshot,
     health_of,
     memory_figures,
+    model_servers,
     read_snapshot,
     recent_window,
     total_queued,
+    unserved_models,
     worker_resources,
 )
 from omni_tasks.coordination.stranded import health_issues as stranded_health
@@ -280,6 +282,7 @@ class OmniScheduler:
             "memory_usage": snap.dit_cache_bytes / GB,
             "resource_status": self._resource_status(snap),
             "pools": {q: vars(p) for q, p in snap.pools.items()},
+            "models": self._models(snap),
             "stats": self._stats.copy(),
         }
 
@@ -313,10 +316,22 @@ class OmniScheduler:
             "issues": issues,
             "recommendations": advice,
             "stranded": stranded,
+            # Registered diffusion models no live worker serves: their requests wait
+            # (an issue once some do).
+            "unserved_models": unserved_models(snap),
         }
 
     def _window(self) -> None:
         recent_window(read_snapshot(self.core_config), self.core_config)
+
+    @staticmethod
+    def _models(snap: ClusterSnapshot) -> dict[str, dict[str, Any]]:
+        """Each diffusion model registered or served: the live workers serving it and
+        what waits in its queue, per priority level."""
+        return {
+            model: {"workers": hosts, "queued": snap.models.get(model, {})}
+            for model, hosts in sorted(model_servers(snap).items())
+        }
 
     @staticmethod
     def _resource_status(snap: ClusterSnapshot) -> dict[str, Any]:

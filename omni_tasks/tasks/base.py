@@ -26,6 +26,7 @@ from celery._state import get_current_worker_task
 from omni_tasks.config import get_config
 from omni_tasks.coordination import acceptance, admission, idempotency, ledger
 from omni_tasks.errors import ProcessingError, RequestValidationError
+from omni_tasks.model_registry import check_model
 from omni_tasks.requests import OmniRequest, RequestType, Stage, request_from_task_kwargs
 from omni_tasks.tasks.transport import accepts_on_publish
 
@@ -62,13 +63,16 @@ class OmniTask(Task):
         return self.request_type
 
     def build_request(self, kwargs: dict[str, Any], task_id: str | None = None) -> OmniRequest:
-        """Validate a message's kwargs into its request. With `task_id` (the id it is
+        """Validate a message's kwargs into its request, its diffusion `model` against the
+        config's registry (`model_registry.check_model`). With `task_id` (the id it is
         sent or delivered under) the request id is the task's (`with_request_id`)."""
         if not isinstance(kwargs, dict):
             raise RequestValidationError("kwargs", "request fields must be keyword arguments")
         if task_id:
             kwargs = with_request_id(kwargs, task_id.removesuffix(self.id_suffix))
-        return request_from_task_kwargs(self.request_type_for(kwargs), kwargs)
+        request = request_from_task_kwargs(self.request_type_for(kwargs), kwargs)
+        check_model(request, get_config())
+        return request
 
     def apply_async(
         self,
@@ -127,12 +131,18 @@ class OmniTask(Task):
         stage was.
 
         A message published by a running task (the next stage of a chain, a replaced
-        task) or published again (`ledger.REPUBLISHED_HEADER`) belongs to a request
+        task), published again (`ledger.REPUBLISHED_HEADER`) or passed on with the mark
+        of its first acceptance (`idempotency.ACCEPTED_HEADER`) belongs to a request
         already admitted: its id is not checked, it is counted without the limit, and
         never twice.
         """
-        republished = bool((options.get("headers") or {}).get(ledger.REPUBLISHED_HEADER))
-        enforce = not republished and get_current_worker_task() is None
+        headers = options.get("headers") or {}
+        # A message that carries a producer's mark (a worker passes it on to its
+        # model's queue) was accepted already, as was one published again.
+        accepted = headers.get(ledger.REPUBLISHED_HEADER) or headers.get(
+            idempotency.ACCEPTED_HEADER
+        )
+        enforce = not accepted and get_current_worker_task() is None
         checked = enforce and not self.takes_previous_result
         entry = None
         if get_config().broker_is_redis:

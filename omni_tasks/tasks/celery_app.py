@@ -49,6 +49,17 @@ def pool_queue(name: str) -> Queue:
 TOP_LEVEL = max(PRIORITY_STEPS)
 
 
+def routed_queue(name: str) -> str:
+    """`name`, known to the app as a pool queue (`pool_queue`) from the first message
+    routed to it (a model's queue, a worker's own queue). Celery would declare a queue
+    it does not know without `x-max-priority`, which RabbitMQ refuses for a queue a
+    worker declared with it."""
+    queues = app.amqp.queues
+    if name not in queues:  # `in` never creates it (indexing would)
+        queues.add(pool_queue(name))
+    return name
+
+
 def amqp_priority(level: int | None) -> int:
     """The AMQP priority of a level (0 highest); no level is the top one, as on Redis."""
     return TOP_LEVEL - max(0, min(TOP_LEVEL, level or 0))

@@ -13,10 +13,11 @@ from typing import Any
 
 from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.coordination import cache_directory, keys
+from omni_tasks.model_registry import dit_model
 from omni_tasks.requests import OmniRequest, Stage
 from omni_tasks.scheduling.policies import Route, SchedulingPolicy, create_policy
 from omni_tasks.tasks.base import OmniTask
-from omni_tasks.tasks.celery_app import app
+from omni_tasks.tasks.celery_app import app, routed_queue
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +56,19 @@ class OmniRouter:
 
 
 def resolve_route(request: OmniRequest, stage: Stage, policy: SchedulingPolicy) -> Route:
-    """The policy's route; a DiT request whose cache keys or LoRA adapters a live, not
-    overloaded worker holds goes to that worker's own queue instead, with the same
-    priority (`cache_directory.affinity_keys`: a MULTIMODAL DiT stage's prompt is
-    written by its AR stage, so only its adapters are known when it is routed).
+    """The policy's route; a DiT stage goes to its model's queue (`keys.model_queue`),
+    which only the workers serving that model read. A DiT request whose cache keys or
+    LoRA adapters a live, not overloaded worker holds goes to that worker's own queue
+    instead, with the same priority (`cache_directory.affinity_keys`: the keys name the
+    model, so the holder serves it; a MULTIMODAL DiT stage's prompt is written by its
+    AR stage, so only its adapters are known when it is routed).
     """
     route = policy.route(request, stage)
     config = policy.config
     if stage != "dit":
         return route
+    queue = keys.model_queue(route.queue, dit_model(request, config))
+    route = Route(queue=routed_queue(queue), priority=route.priority)
     # A worker's own queue is a Redis list that live workers drain when it dies; a
     # RabbitMQ broker would keep a dead worker's queue full.
     if not config.diffusion.cache_affinity or not config.broker_is_redis:
@@ -76,4 +81,4 @@ def resolve_route(request: OmniRequest, stage: Stage, policy: SchedulingPolicy) 
         return route
     if holder is None:
         return route
-    return Route(queue=keys.worker_queue(holder), priority=route.priority)
+    return Route(queue=routed_queue(keys.worker_queue(holder)), priority=route.priority)

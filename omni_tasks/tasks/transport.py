@@ -34,6 +34,7 @@ from kombu.utils.json import dumps
 
 from omni_tasks.config import get_config
 from omni_tasks.coordination import acceptance, keys
+from omni_tasks.model_registry import model_queues
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +135,17 @@ class OmniRedisChannel(redis.Channel):
 
     def _purge(self, queue: str) -> int:
         """kombu's purge of every level of `queue`; purging the diffusion pool's queue
-        also purges its workers' own queues (cache-affinity routing sends work there),
-        so `celery purge` leaves no message for a worker started later."""
+        also purges its registered models' queues and its workers' own queues (routing
+        sends work there), so `celery purge` leaves no message for a worker started
+        later."""
         purged = super()._purge(queue)
-        if queue != get_config().diffusion.queue:
+        config = get_config()
+        if queue != config.diffusion.queue:
             return purged
         with self.conn_or_acquire() as client:
             own = list(client.scan_iter(match=keys.worker_queue("") + "*", count=500))
+            models = model_queues(config).values()
+            own += [k for name in models for k in keys.queue_keys(name) if client.exists(k)]
             if own:
                 pipe = client.pipeline()
                 for key in own:

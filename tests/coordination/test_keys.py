@@ -12,7 +12,7 @@ import pytest
 from omni_tasks import get_config
 from omni_tasks.coordination import keys
 
-QUEUE_FUNCTIONS = {"queue_key", "queue_keys", "parse_queue_key", "worker_queue"}
+QUEUE_FUNCTIONS = {"queue_key", "queue_keys", "parse_queue_key", "worker_queue", "model_queue"}
 HOSTS = ["diffusion-1a2b3c@node-7", "w1@host.example.com", "plain", "with-dash_and.dot"]
 
 
@@ -82,3 +82,13 @@ def test_a_worker_queue_contains_no_separator(host: str) -> None:
     assert keys.PRIORITY_SEP not in name
     assert host in name
     assert keys.worker_queue(host) != keys.worker_queue(host + "x")
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "flux-b", "Qwen/Qwen-Image", "sd3.5_large"])
+def test_a_model_queue_is_the_pool_queue_dot_the_model(model: str) -> None:
+    name = keys.model_queue("diffusion", model)
+    assert name == f"diffusion.{model}"
+    assert keys.PRIORITY_SEP not in name  # a queue name, as a worker's own queue
+    for level in keys.PRIORITY_STEPS:
+        assert keys.parse_queue_key(keys.queue_key(name, level)) == (name, level)
+    assert keys.model_queue("dit-pool", model) != name

@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from helpers import message_kwargs, queued_messages, where
+from helpers import DIT_QUEUE, message_kwargs, queued_messages, where
 from redis import Redis
 
 from omni_tasks import (
@@ -91,7 +91,7 @@ def test_a_later_chain_stage_takes_the_previous_result_positionally(redis_client
     previous = {"request_id": request.request_id, "image_prompt": "a lighthouse at dusk"}
     sent = multimodal_render.apply_async(args=(previous,), kwargs=request.to_message())
     assert sent.id == request.request_id
-    ((_level, message),) = queued_messages(redis_client, "diffusion")
+    ((_level, message),) = queued_messages(redis_client, DIT_QUEUE)
     assert message["headers"]["id"] == request.request_id
     assert message["headers"]["task"] == "omni_tasks.multimodal_render"
     assert message_kwargs(message)["request_id"] == request.request_id
@@ -105,12 +105,12 @@ def test_the_request_id_is_the_task_id(redis_client) -> None:
     assert kwargs["request_type"] == "text" and kwargs["prompt"] == "hello"
     named = generate_image.delay(prompt="fox", request_id="my-image-7")
     assert named.id == "my-image-7"
-    assert where(redis_client, "my-image-7")[0] == "diffusion"
+    assert where(redis_client, "my-image-7")[0] == DIT_QUEUE
 
 
 def test_the_message_is_the_validated_request(redis_client) -> None:
     generate_image.delay(prompt="fox", width=128, steps=6, priority="low", seed=3)
-    ((_level, message),) = queued_messages(redis_client, "diffusion")
+    ((_level, message),) = queued_messages(redis_client, DIT_QUEUE)
     kwargs = message_kwargs(message)
     # Defaults are left out; what the request set is there, with its type and time.
     assert {k: kwargs[k] for k in ("prompt", "width", "steps", "priority", "seed")} == {
@@ -130,7 +130,7 @@ def test_kwargsrepr_is_json_and_shows_an_input_image_by_size(redis_client, tmp_p
     path = tmp_path / "in.png"
     Image.new("RGB", (64, 64), (200, 10, 10)).save(path)
     generate_image.delay(prompt="fox", image=path.read_bytes(), seed=3)
-    ((_level, message),) = queued_messages(redis_client, "diffusion")
+    ((_level, message),) = queued_messages(redis_client, DIT_QUEUE)
     shown = json.loads(message["headers"]["kwargsrepr"])
     kwargs = message_kwargs(message)
     assert shown["image"] == f"<{len(kwargs['image'])} chars of base64>"

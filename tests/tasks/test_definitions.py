@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from helpers import message_kwargs, queued_messages, where
+from helpers import DIT_QUEUE, message_kwargs, queued_messages, where
 
 from omni_tasks import (
     RequestType,
@@ -66,7 +66,7 @@ def test_generate_image_is_an_edit_when_given_an_image(redis_client) -> None:
     plain = generate_image.delay(prompt="a fox")
     kinds = {
         m["headers"]["id"]: message_kwargs(m)["request_type"]
-        for _, m in queued_messages(redis_client, "diffusion")
+        for _, m in queued_messages(redis_client, DIT_QUEUE)
     }
     assert kinds == {edit.id: "image", plain.id: "diffusion"}
 
@@ -82,7 +82,7 @@ def test_probe_is_a_text_request_on_the_ar_pool(redis_client) -> None:
 def test_multimodal_delay_sends_the_ar_stage_with_the_dit_stage_chained(redis_client) -> None:
     sent = generate_multimodal.delay(prompt="a lighthouse", priority="high", max_tokens=8)
     assert sent.parent.id == sent.id + ".prompt"
-    assert queued_messages(redis_client, "diffusion") == []  # the AR worker sends it later
+    assert queued_messages(redis_client, DIT_QUEUE) == []  # the AR worker sends it later
     ((_, message),) = queued_messages(redis_client, "ar")
     assert message["headers"]["task"] == "omni_tasks.multimodal_prompt"
     assert message["headers"]["id"] == sent.id + ".prompt"
@@ -111,7 +111,7 @@ def test_multimodal_chain_with_a_policy_routes_both_stages_by_it(redis_client) -
     assert where(redis_client, request.request_id + ".prompt") == ("ar", 0)
     ((_, message),) = queued_messages(redis_client, "ar")
     (render,) = embedded_chain(message)
-    assert (render["options"]["queue"], render["options"]["priority"]) == ("diffusion", 0)
+    assert (render["options"]["queue"], render["options"]["priority"]) == (DIT_QUEUE, 0)
 
 
 @pytest.mark.parametrize(

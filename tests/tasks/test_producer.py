@@ -5,7 +5,7 @@ flags in Redis that outlive the live workers' revoke lists."""
 from __future__ import annotations
 
 import pytest
-from helpers import message_kwargs, queued_messages, where
+from helpers import DIT_QUEUE, message_kwargs, queued_messages, where
 
 from omni_tasks import (
     RequestType,
@@ -19,8 +19,9 @@ from omni_tasks import (
     submit,
 )
 from omni_tasks.coordination import keys
-from omni_tasks.scheduling.policies import create_policy
+from omni_tasks.scheduling.policies import create_policy, first_stage
 from omni_tasks.tasks.producer import REVOKE_TTL_S
+from omni_tasks.tasks.router import resolve_route
 
 PNG_1PX = (  # a 1x1 PNG, base64
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmM"
@@ -45,15 +46,9 @@ def test_submit_puts_each_type_on_its_pool(redis_client) -> None:
     ]
     for request in requests:
         submit(request)
-        assert where(redis_client, request.request_id) == (
-            policy.route(request).queue,
-            policy.route(request).priority,
-        )
-    assert [where(redis_client, r.request_id)[0] for r in requests] == [
-        "ar",
-        "diffusion",
-        "diffusion",
-    ]
+        route = resolve_route(request, first_stage(request), policy)
+        assert where(redis_client, request.request_id) == (route.queue, route.priority)
+    assert [where(redis_client, r.request_id)[0] for r in requests] == ["ar", DIT_QUEUE, DIT_QUEUE]
 
 
 def test_submit_with_a_policy_uses_its_route(redis_client) -> None:
@@ -64,7 +59,7 @@ def test_submit_with_a_policy_uses_its_route(redis_client) -> None:
     assert where(redis_client, low.request_id) == ("ar", 0)
     image = create_diffusion_request("d", priority="low")
     submit(image, policy=fifo)
-    assert where(redis_client, image.request_id) == ("diffusion", 0)
+    assert where(redis_client, image.request_id) == (DIT_QUEUE, 0)
     multi = create_multimodal_request("m", priority="low")
     submit(multi, policy=fifo)
     assert where(redis_client, multi.request_id + ".prompt") == ("ar", 0)
@@ -85,7 +80,7 @@ def test_submit_sends_the_request_message_to_the_task_of_its_type(redis_client) 
     assert message_kwargs(message) == request.to_message()
     edit = create_image_request("i", image=PNG_1PX, request_id="e-1")
     submit(edit)
-    ((_, message),) = queued_messages(redis_client, "diffusion")
+    ((_, message),) = queued_messages(redis_client, DIT_QUEUE)
     assert message["headers"]["task"] == "omni_tasks.generate_image"
     assert message_kwargs(message) == edit.to_message()
 

@@ -8,7 +8,7 @@ import logging
 from dataclasses import replace
 
 import pytest
-from helpers import LARGE, SMALL, queued_messages, where
+from helpers import DIT_QUEUE, LARGE, SMALL, queued_messages, where
 from redis import Redis
 
 from omni_tasks import (
@@ -35,8 +35,8 @@ EXPECTED = {
         ("ar", 0),
         ("ar", 0),
         ("ar", 0),
-        ("diffusion", 0),
-        ("diffusion", 0),
+        (DIT_QUEUE, 0),
+        (DIT_QUEUE, 0),
         ("ar", 0),
     ],
     SchedulerType.PRIORITY: [
@@ -44,8 +44,8 @@ EXPECTED = {
         ("ar", 6),
         ("ar", 9),
         ("ar", 6),
-        ("diffusion", 9),
-        ("diffusion", 9),
+        (DIT_QUEUE, 9),
+        (DIT_QUEUE, 9),
         ("ar", 6),
     ],
     SchedulerType.MULTIMODAL: [
@@ -53,8 +53,8 @@ EXPECTED = {
         ("ar", 5),
         ("ar", 7),
         ("ar", 5),
-        ("diffusion", 7),
-        ("diffusion", 7),
+        (DIT_QUEUE, 7),
+        (DIT_QUEUE, 7),
         ("ar", 5),
     ],
     SchedulerType.DIFFUSION: [
@@ -62,8 +62,8 @@ EXPECTED = {
         ("ar", 4),
         ("ar", 6),
         ("ar", 4),
-        ("diffusion", 6),
-        ("diffusion", 8),
+        (DIT_QUEUE, 6),
+        (DIT_QUEUE, 8),
         ("ar", 4),
     ],
     SchedulerType.HYBRID: [
@@ -71,8 +71,8 @@ EXPECTED = {
         ("ar", 4),
         ("ar", 6),
         ("ar", 6),
-        ("diffusion", 6),
-        ("diffusion", 8),
+        (DIT_QUEUE, 6),
+        (DIT_QUEUE, 8),
         ("ar", 4),
     ],
 }
@@ -98,7 +98,7 @@ def test_send_task_by_name_is_routed_too(redis_client, scheduler_type: Scheduler
     sent = app.send_task("omni_tasks.generate_text", kwargs={"prompt": "x", "priority": "low"})
     assert where(redis_client, sent.id) == ("ar", 9)
     image = app.send_task("omni_tasks.generate_image", kwargs={"prompt": "y", "priority": "high"})
-    assert where(redis_client, image.id) == ("diffusion", 0)
+    assert where(redis_client, image.id) == (DIT_QUEUE, 0)
     before = queued_messages(redis_client, "ar")
     with pytest.raises(RequestValidationError) as info:
         app.send_task("omni_tasks.generate_text", kwargs={"prompt": "x", "max_tokens": 0})
@@ -110,10 +110,10 @@ def test_send_task_by_name_is_routed_too(redis_client, scheduler_type: Scheduler
 def test_router_answers_queue_and_priority(scheduler_type: SchedulerType) -> None:
     router = OmniRouter()
     route = router("omni_tasks.generate_image", (), {"prompt": "x", "priority": "high"}, {})
-    assert route == {"queue": "diffusion", "priority": 0}
+    assert route == {"queue": DIT_QUEUE, "priority": 0}
     task = app.tasks["omni_tasks.multimodal_render"]  # a chain's later stage: its own stage
     later = router(task.name, (), {"prompt": "x", "request_type": "multimodal"}, {}, task=task)
-    assert later == {"queue": "diffusion", "priority": 6}
+    assert later == {"queue": DIT_QUEUE, "priority": 6}
 
 
 def test_router_leaves_other_tasks_to_celery() -> None:
@@ -158,7 +158,7 @@ def test_a_repeat_goes_to_the_live_worker_holding_its_keys(redis_client) -> None
     own = keys.worker_queue(WORKER)
     assert where(redis_client, sent.id, queues=(own,)) == (own, pool_priority)
     other_seed = generate_image.delay(**{**fields, "seed": 6})  # same prompt: embeddings only
-    assert where(redis_client, other_seed.id) == ("diffusion", pool_priority)
+    assert where(redis_client, other_seed.id) == (DIT_QUEUE, pool_priority)
 
 
 def test_the_embeddings_holder_gets_a_new_seed_of_a_known_prompt(redis_client) -> None:
@@ -178,21 +178,21 @@ def test_no_affinity_for_a_dead_holder_a_disabled_pool_or_other_stages(
     request = create_diffusion_request(**fields)
     hold(WORKER, request)
     policy = create_policy(get_config())
-    pool = policy.route(request, "dit")
+    pool = Route(DIT_QUEUE, policy.route(request, "dit").priority)  # the model's queue
     assert resolve_route(request, "dit", policy) == pool  # no heartbeat: dead
     beat(redis_client, WORKER)
     assert resolve_route(request, "dit", policy) == Route(keys.worker_queue(WORKER), pool.priority)
     # The DiT stage of a MULTIMODAL request renders a prompt the AR stage has not written yet.
     multi = create_multimodal_request(**fields)
     hold(WORKER, multi)
-    assert resolve_route(multi, "dit", policy) == policy.route(multi, "dit")
+    assert resolve_route(multi, "dit", policy) == Route(DIT_QUEUE, pool.priority)
     assert resolve_route(multi, "ar", policy) == policy.route(multi, "ar")
     config = get_config()
     off = replace(config, diffusion=replace(config.diffusion, cache_affinity=False))
     use_config(off)
     assert resolve_route(request, "dit", create_policy(off)) == pool
     sent = generate_image.delay(**fields)
-    assert where(redis_client, sent.id) == ("diffusion", pool.priority)
+    assert where(redis_client, sent.id) == (DIT_QUEUE, pool.priority)
 
 
 def test_a_directory_failure_routes_to_the_pool(use_config, caplog) -> None:
@@ -202,5 +202,6 @@ def test_a_directory_failure_routes_to_the_pool(use_config, caplog) -> None:
     use_config(unreachable)
     policy = create_policy(unreachable)
     with caplog.at_level(logging.WARNING, logger="omni_tasks.tasks.router"):
-        assert resolve_route(request, "dit", policy) == policy.route(request, "dit")
+        found = resolve_route(request, "dit", policy)
+    assert found == Route(DIT_QUEUE, policy.route(request, "dit").priority)
     assert "cache directory lookup failed" in caplog.text

@@ -7,7 +7,8 @@ it at once, records it, marks its task failed (so a caller waiting on it learns 
 and keeps the worker serving. Entries too broken for kombu to build a message from
 are caught one step earlier, by the transport this consumer reads with
 (`workers.transport`). A well-formed message from a client that does not import
-omni_tasks is published again where `.delay()` would have put it
+omni_tasks is published again where `.delay()` would have put it, and a message for a
+model this worker does not serve is passed on to that model's queue
 (`workers.lifecycle.reroute`).
 """
 
@@ -77,7 +78,7 @@ class OmniConsumer(Consumer):
             if problem is not None:
                 return self._refuse(message, *problem)
             task = self.app.tasks.get(headers["task"])
-            reason = reroute_reason(task, message)
+            reason = reroute_reason(task, message, body)
             if reason is not None:
                 return self._reroute(task, message, body, reason)
             return handler(message)

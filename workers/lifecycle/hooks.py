@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 from celery import signals, states
@@ -54,10 +55,26 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
 @signals.celeryd_after_setup.connect
 def _on_after_setup(sender: Any = None, instance: Any = None, **_: Any) -> None:
-    """A diffusion worker also consumes its own queue (cache-affinity routing)."""
-    if "dit" in runtime.identity.stages:
-        own = pool_queue(keys.worker_queue(runtime.hostname))
-        instance.app.amqp.queues.select_add(own)
+    """A diffusion worker also consumes its model's queue and its own queue
+    (cache-affinity routing); see `consumed_queues`."""
+    queues = instance.app.amqp.queues
+    for queue in consumed_queues(queues):
+        queues.select_add(queue)
+    identity = runtime.identity
+    runtime.attach(replace(identity, queues=sorted(queues.consume_from)))
+
+
+def consumed_queues(queues: Any) -> list[Any]:
+    """The queues a worker reads beside its `-Q` ones: for a diffusion worker, its
+    model's queue (`keys.model_queue`: requests naming the model it serves) and its own
+    queue. The selection is fixed first: a worker started without `-Q` reads every
+    queue the app knows, and routing adds queues (other models') it must never read."""
+    queues.select(list(queues.consume_from))
+    if "dit" not in runtime.identity.stages:
+        return []
+    dit = get_config().diffusion
+    names = (keys.model_queue(dit.queue, dit.model), keys.worker_queue(runtime.hostname))
+    return [pool_queue(name) for name in names]
 
 
 @signals.worker_process_init.connect

@@ -51,6 +51,7 @@ from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.counters import count_outcome
 from omni_tasks.coordination.outage import Outage
 from omni_tasks.errors import RequestValidationError
+from omni_tasks.model_registry import model_queues
 from omni_tasks.tasks.definitions import PROMPT_STAGE_SUFFIX
 from workers.lifecycle.heartbeat import HEARTBEAT_INTERVAL_S
 
@@ -217,7 +218,8 @@ class Reaper:
     def _queued_ids(self) -> set[str]:
         client = get_redis()
         config = get_config()
-        lists = [k for q in (config.ar.queue, config.diffusion.queue) for k in keys.queue_keys(q)]
+        queues = [config.ar.queue, config.diffusion.queue, *model_queues(config).values()]
+        lists = [k for q in queues for k in keys.queue_keys(q)]
         lists += list(client.scan_iter(match=keys.worker_queue("") + "*", count=200))
         found: set[str] = set()
         for name in lists:

@@ -1,0 +1,71 @@
+"""The diffusion model registry, producer side: which model a request runs on, whether
+the config knows it, and the queue its DiT stage goes to.
+
+Each diffusion worker serves one model (`diffusion.model`); workers of several models
+share the pool's queue (`diffusion`) and each also reads its model's own queue
+(`keys.model_queue`: `diffusion.<model>`). A request names its model (`model=`, default
+the pool's `diffusion.model`). The names it may use are the config's
+`diffusion_models()`: the `models` registry plus that default. An unknown name is
+refused (`RequestValidationError`, field `model`) before anything is enqueued, and by
+the worker for a message no producer checked. A TEXT request's `model` is not checked
+here: the AR pool serves one model, and the HTTP API answers for it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from omni_tasks.errors import RequestValidationError
+from omni_tasks.requests import IMAGE_TYPES, OmniRequest
+
+if TYPE_CHECKING:
+    from omni_tasks.config import CoreModuleConfig
+
+#: Registry names: they travel in messages and name queues, so hub ids (`org/name`)
+#: fit, and nothing kombu or RabbitMQ would read otherwise does.
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9._/-]+$")
+MAX_MODEL_NAME_CHARS = 128
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a registry name, or None when it can."""
+    if not name:
+        return "a model name must not be empty"
+    if len(name) > MAX_MODEL_NAME_CHARS:
+        return f"a model name has at most {MAX_MODEL_NAME_CHARS} characters"
+    if not MODEL_NAME_RE.match(name):
+        return "a model name may use letters, digits and '.', '_', '/', '-' only"
+    return None
+
+
+def runs_dit_model(request: OmniRequest) -> bool:
+    """Whether `model` names the diffusion model: DIFFUSION, IMAGE and MULTIMODAL (whose
+    DiT stage renders what its AR stage wrote)."""
+    return request.request_type in IMAGE_TYPES
+
+
+def dit_model(request: OmniRequest, config: CoreModuleConfig) -> str:
+    """The diffusion model a request's DiT stage runs on: its own, else the pool's."""
+    return request.model or config.diffusion.model
+
+
+def check_model(request: OmniRequest, config: CoreModuleConfig) -> None:
+    """Refuse a request whose DiT stage names a model the config does not register."""
+    if request.model is None or not runs_dit_model(request):
+        return
+    known = config.diffusion_models()
+    if request.model not in known:
+        raise RequestValidationError(
+            "model",
+            f"unknown diffusion model {request.model!r}; registered: {', '.join(sorted(known))} "
+            "(the config's `models` and `diffusion.model`)",
+        )
+
+
+def model_queues(config: CoreModuleConfig) -> dict[str, str]:
+    """Registered model -> its queue in the diffusion pool (`keys.model_queue`)."""
+    from omni_tasks.coordination import keys  # keys reads the config, which imports this
+
+    pool = config.diffusion.queue
+    return {name: keys.model_queue(pool, name) for name in config.diffusion_models()}
