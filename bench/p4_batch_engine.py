@@ -1,7 +1,7 @@
 """P4-batch inside one engine: the step loop with batches of 8 vs 1, no queue around it.
 
 Eight compatible requests (distinct prompts and seeds) run at once on one
-`FluxDiffusionEngine`, as a worker's task threads run them; rounds alternate the loop's
+`DiffusersEngine`, as a worker's task threads run them; rounds alternate the loop's
 batch limit between 8 and 1 on the same warm engine. Also reported: how far a batched
 request's image is from the same request run alone (mean absolute pixel difference,
 in 1/255 units). For a GPU, where this is the figure to look at: `--size 512`.
@@ -49,7 +49,7 @@ def pixel_diff(a, b) -> float:
 def main() -> None:
     import torch
 
-    from workers.engines.diffusers_engine import FluxDiffusionEngine
+    from workers.engines.diffusers_engine import DiffusersEngine
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, help="a tiny-flux folder")
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    engine = FluxDiffusionEngine(args.model, max_batch_size=8)
+    engine = DiffusersEngine(args.model, max_batch_size=8)
     times: dict[int, list[float]] = {8: [], 1: []}
     batched: list = []
     for r in range(args.rounds + 1):

@@ -68,10 +68,10 @@ def step_cache_modes(model: str, rounds: int) -> dict:
     import numpy as np
 
     from workers.engines.base import ImageParams, StepCacheSettings
-    from workers.engines.diffusers_engine import FluxDiffusionEngine
+    from workers.engines.diffusers_engine import DiffusersEngine
     from workers.engines.step_cache import STEP_CACHE_MODES, cache_dit_available
 
-    engine = FluxDiffusionEngine(model)
+    engine = DiffusersEngine(model)
     prompt = "a lighthouse on a cliff at dusk"
 
     def run(mode: str) -> tuple[float, np.ndarray, int]:
@@ -108,9 +108,9 @@ def compression(model: str) -> dict:
     from workers.dit_cache import DiTCacheManager
     from workers.dit_cache.compression import relative_errors
     from workers.engines.base import ImageParams
-    from workers.engines.diffusers_engine import FluxDiffusionEngine
+    from workers.engines.diffusers_engine import DiffusersEngine
 
-    engine = FluxDiffusionEngine(model)
+    engine = DiffusersEngine(model)
     out = engine.generate("c", "a red fox", ImageParams(width=SIZE, height=SIZE, steps=STEPS), 300)
     engine.shutdown()
     values = {"embeddings": out.embeds, "latents": {"latents": out.latents}}

@@ -149,12 +149,12 @@ def routing(order: list[int], loras: dict[str, str], args: Any) -> dict:
 
 def engine_for(loras: dict[str, str], **lora_settings: Any) -> Any:
     from omni_tasks.config import get_config
-    from workers.engines.diffusers_engine import FluxDiffusionEngine
+    from workers.engines.diffusers_engine import DiffusersEngine
     from workers.runtime import resolve_model
 
     base = replace(get_config(), loras=loras)
     config = replace(base, lora=replace(base.lora, **lora_settings))
-    return FluxDiffusionEngine(resolve_model("tiny-flux", base), config=config)
+    return DiffusersEngine(resolve_model("tiny-flux", base), config=config)
 
 
 def load_vs_step(loras: dict[str, str], args: Any) -> dict:

@@ -86,7 +86,10 @@ def tiny_flux_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_models(tiny_llama_dir: Path, tiny_flux_dir: Path) -> dict[str, Path]:
-    return {"tiny-llama": tiny_llama_dir, "tiny-flux": tiny_flux_dir}
+    """Every tiny model, built once under the test models cache."""
+    from workers.models import TINY_MODELS, build_tiny_model
+
+    return {name: build_tiny_model(name, MODELS_CACHE / name) for name in TINY_MODELS}
 
 
 def start_ready_workers(queues: list[str], log_dir: Path, **kwargs) -> list:

@@ -99,10 +99,10 @@ def run_image(request: OmniRequest, prompt: str | None = None) -> ImageResult:
         level=_broker_priority(request),
         cancelled=task_context.revoked_check(),
         on_progress=progress.callback(),
+        preview=previews.previewer_for(request),
     )
     start = time.perf_counter()
-    with previews.previewing(request):
-        out = render(request, prompt or request.prompt, params, timeout_s, init_image, ticket)
+    out = render(request, prompt or request.prompt, params, timeout_s, init_image, ticket)
     gen_s = time.perf_counter() - start
     path = save_png(out.png or out.image, config.output_path(), request.request_id)
     timings = {k: round(v, 6) for k, v in out.timings.items()}

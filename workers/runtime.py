@@ -207,21 +207,40 @@ def build_text_engine(config: CoreModuleConfig) -> TextEngine:
     )
 
 
+class PoolStepCounters:
+    """The step loop's counts, into this worker's counters for its pool's queue."""
+
+    def __init__(self, counters: SuccessCounters, queue: str) -> None:
+        self._counters, self._queue = counters, queue
+
+    def add_batch(self, size: int) -> None:
+        self._counters.add_batch(self._queue, size)
+
+    def add_preemptions(self, count: int) -> None:
+        self._counters.add_preemptions(self._queue, count)
+
+
 def build_diffusion_engine(config: CoreModuleConfig) -> DiffusionEngine:
-    from workers.engines.diffusers_engine import FluxDiffusionEngine
+    """The engine of the one model this worker serves (`diffusion.model`), its family
+    from the registry entry or the checkpoint."""
+    from workers.engines.diffusers_engine import DiffusersEngine
     from workers.lora.directory import AdapterDirectoryListener
 
     dit = config.diffusion
-    model = resolve_model(dit.model, config)
-    log.info("loading diffusion engine for %s", model)
-    return FluxDiffusionEngine(
+    entry = config.diffusion_models()[dit.model]
+    model = resolve_model(config.model_path(dit.model) or dit.model, config)
+    log.info("loading diffusion engine for %s (%s)", dit.model, model)
+    watched = [dit.queue, keys.model_queue(dit.queue, dit.model)]
+    return DiffusersEngine(
         model,
+        family=entry.family,
         device=dit.device,
         dtype=dit.dtype,
         max_batch_size=config.step_batch_limit,
         config=config,
-        arrivals=lambda: highest_waiting_level([dit.queue, keys.worker_queue(runtime.hostname)]),
+        arrivals=lambda: highest_waiting_level([*watched, keys.worker_queue(runtime.hostname)]),
         adapter_listener=AdapterDirectoryListener(runtime.hostname, dit.queue),
+        counters=PoolStepCounters(runtime.counters, dit.queue),
     )
 
 

@@ -1,36 +1,40 @@
-"""A Flux text-to-image / img2img engine on diffusers, shared by the threads of one worker.
+"""A diffusion engine on diffusers, for every model family, shared by the threads of one
+worker.
 
-A request runs in three phases, each of which a caller may skip with what an earlier
+The checkpoint's family (`workers.engines.families`: Flux, SD3, Qwen-Image, ...) says
+how its pipeline encodes, denoises and decodes; everything else is the same for all of
+them. A request runs in three phases, each of which a caller may skip with what an earlier
 request returned (`ImageOutput.embeds`, `ImageOutput.latents`):
 
-1. encode: the CLIP and T5 text encoders (`encode_prompt`); skipped with `embeds=`;
-2. denoise: the pipeline with `prompt_embeds=...` and `output_type="latent"`; skipped
-   (with 1) with `latents=`;
-3. decode: unpack, scaling/shift factor, `vae.decode`, image processor, exactly as the
-   pipeline does it, so a decode of returned latents gives the same pixels.
+1. encode: the family's text encoders, prompts of requests arriving together in one call;
+   skipped with `embeds=`;
+2. denoise: the family's pipeline with those embeddings and `output_type="latent"`, its
+   transformer calls batched with other requests' by the step loop; skipped (with 1)
+   with `latents=`;
+3. decode: the VAE and image processor exactly as the pipeline does it, so a decode of
+   returned latents gives the same pixels.
 
 One shared pipeline object cannot serve two threads at once (its scheduler keeps the step
-index), so every request gets its own light pipeline object built around the shared, loaded
-modules with a fresh scheduler. Step caches (`ImageParams.step_cache`, see
-`workers.engines.step_cache`) put stateful hooks on the one transformer all threads share, so
-the denoise phase runs under one lock (on a CPU, as fast as parallel pipelines) and the hooks
-are enabled for one request's pipeline call and removed right after it, whatever happens.
-Encoding and decoding run outside that lock. A request without step caching gives the same
-pixels as before, concurrently or not.
+index), so every request gets its own light pipeline object built around the shared,
+loaded modules with a fresh scheduler. Step caches (`ImageParams.step_cache`, see
+`workers.engines.step_cache`) put stateful hooks on the one transformer all threads share,
+so such a request holds the transformer alone (`StepLoop.exclusive`) and the hooks are
+removed right after its call, whatever happens.
 
-The parts live in `workers.engines.flux`: the per-request state and the transformer hooks
-that fill it (`hooks`), the phases (`phases`) and MagCache calibration (`magcache`).
+What the engine reports goes to what the worker gives it: `counters` (batches and
+preemptions) and each request's `StepTicket` (progress, cancellation, previews).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.errors import (
@@ -45,48 +49,34 @@ from omni_tasks.errors import (
 )
 from workers.engines import step_cache
 from workers.engines.base import ImageOutput, ImageParams
-from workers.engines.flux.batching import batch_key, denoise_batched, run_batch
-from workers.engines.flux.hooks import Request, TransformerHooks, timings
-from workers.engines.flux.magcache import (
-    MAGCACHE_CALIBRATION_GUIDANCE,
-    MAGCACHE_CALIBRATION_PROMPT,
-    MAGCACHE_CALIBRATION_SEED,
-    MagCacheRatios,
-)
-from workers.engines.flux.phases import (
-    EMBED_KEYS,
-    NEGATIVE_EMBED_KEYS,
+from workers.engines.diffusion.batching import denoise_batched, run_batch
+from workers.engines.diffusion.hooks import LatentsObserver, Request, TransformerHooks, timings
+from workers.engines.diffusion.magcache import MagCacheRatios
+from workers.engines.diffusion.phases import (
     PromptEncoder,
-    decode,
     given_latents,
     load_pipeline,
     request_pipeline,
-    steps_taken,
-    unpack,
+    split_embeds,
 )
-from workers.engines.flux.probe import shape_probe
+from workers.engines.diffusion.previews import previewer
+from workers.engines.diffusion.probe import shape_probe
+from workers.engines.families import GenericFamily, ModelFamily, check_rows, detect
 from workers.lora.cache import AdapterListener, AdapterUse
 from workers.lora.flux import adapters_for
 from workers.resources import ResourceManager, resident_bytes
 from workers.stepping.arrivals import ArrivalWatch
-from workers.stepping.loop import StepLoop
+from workers.stepping.loop import StepCounters, StepLoop
 from workers.stepping.request import StepRequest, StepTicket
 from workers.stepping.scheduler import StepScheduler
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import FluxPipeline
     from PIL import Image
 
-__all__ = [
-    "EMBED_KEYS",
-    "MAGCACHE_CALIBRATION_GUIDANCE",
-    "MAGCACHE_CALIBRATION_PROMPT",
-    "MAGCACHE_CALIBRATION_SEED",
-    "NEGATIVE_EMBED_KEYS",
-    "FluxDiffusionEngine",
-]
+__all__ = ["DiffusersEngine"]
 
+log = logging.getLogger(__name__)
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 _DTYPES.update(fp32="float32", bf16="bfloat16", fp16="float16")
 # Errors `generate` raises as they are (any other becomes a ProcessingError).
@@ -97,16 +87,17 @@ _PASSED_ON = (
     RequestCancelledError,
     RequestYieldedError,
     ResourceError,
+    ConfigError,
 )
 
 
-class FluxDiffusionEngine:
-    """Loads a Flux checkpoint once; `generate` may be called from many threads at once.
+class DiffusersEngine:
+    """Loads a checkpoint of any family once; `generate` may be called from many threads.
 
     The transformer belongs to a step loop (`workers.stepping`): requests without a step
     cache share its denoising steps, up to `max_batch_size` at a time, in the order of
-    `scheduler` (the config's step scheduler by default); a request with a step cache runs
-    alone, its hooks on the transformer.
+    the config's step scheduler; a request with a step cache runs alone, its hooks on the
+    transformer.
     """
 
     name = "diffusers"
@@ -115,6 +106,7 @@ class FluxDiffusionEngine:
         self,
         model: str | os.PathLike[str],
         *,
+        family: str | None = None,
         device: str = "auto",
         dtype: str = "auto",
         max_sequence_length: int = 512,
@@ -124,47 +116,49 @@ class FluxDiffusionEngine:
         config: CoreModuleConfig | None = None,
         arrivals: Callable[[], int | None] | None = None,
         adapter_listener: AdapterListener | None = None,
+        counters: StepCounters | None = None,
     ) -> None:
-        """`true_cfg_scale` applies only to requests with a negative prompt (true CFG
-        doubles the transformer calls); `max_sequence_length` is the T5 prompt length.
-        `mag_ratios`: MagCache ratios from an earlier `calibrate_magcache` of this same
-        checkpoint (or published ones, stretched to the step count as diffusers does), keyed
-        by (steps, width, height), to skip calibrating them again. `max_batch_size`: the
-        most requests one denoising step runs; `config`: whose `scheduler` section ranks
-        them (default: the loaded config); `arrivals`: reads the best priority waiting in
-        the worker's queues (see `workers.stepping.arrivals`); `adapter_listener`: told
-        of every LoRA adapter loaded and unloaded (`workers.lora`)."""
+        """`family`: the model family (default: read from the checkpoint's model_index.json);
+        `true_cfg_scale`: the default scale of requests with a negative prompt where the
+        family runs true CFG (it doubles the transformer calls); `max_sequence_length`:
+        the text encoders' prompt length where the family has one. `mag_ratios`: MagCache
+        ratios from an earlier `calibrate_magcache` of this same checkpoint, keyed by
+        (steps, width, height). `max_batch_size`: the most requests one denoising step
+        runs; `config`: whose `scheduler` section ranks them (default: the loaded config);
+        `arrivals`: reads the best priority waiting in the worker's queues (see
+        `workers.stepping.arrivals`); `adapter_listener`: told of every LoRA adapter
+        loaded and unloaded (`workers.lora`); `counters`: told of batches and preemptions."""
         self.model = str(model)
         self.device, self.dtype = _device_and_dtype(device, dtype)
-        self.max_sequence_length = max_sequence_length
         self.true_cfg_scale = true_cfg_scale
         self._stopped = threading.Event()
         self._hooks = TransformerHooks(self._stopped)
-        pipe = load_pipeline(self.model, self.dtype, self.device)
+        family_cls = detect(self.model, family)
+        pipe = load_pipeline(family_cls.pipeline_class(), self.model, self.dtype, self.device)
+        self.family: ModelFamily = family_cls(pipe, self.device, max_sequence_length)
+        if isinstance(self.family, GenericFamily):
+            check_rows(self.family)
         self._hooks.install(pipe.transformer)
-        self._base: FluxPipeline | None = pipe
-        # Latent 2x2 packing after the VAE's downsampling: sizes must be multiples of this.
-        self.size_multiple: int = pipe.vae_scale_factor * 2
-        self.latent_channels: int = pipe.transformer.config.in_channels // 4
-        transformer = pipe.transformer
+        self.size_multiple: int = self.family.size_multiple
         config = config or get_config()
         modules = list(pipe.components.values())
         self.resources = ResourceManager(config, self.device, resident_bytes(modules, self.device))
         self.step_scheduler = StepScheduler(config, resources=self.resources)
         self.adapters = adapters_for(pipe, config, self.resources, adapter_listener)
+        transformer, family_ = pipe.transformer, self.family
         self.loop = StepLoop(
             self.step_scheduler,
-            lambda calls: run_batch(transformer, calls, self.adapters),
+            lambda calls: run_batch(family_, transformer, calls, self.adapters),
             max_batch_size,
+            counters,
         )
         self.resources.run_on = self.loop.run  # probes run where the steps run
         self.adapters.run_on = functools.partial(self.loop.run, unshared=True)
-        self._probe_at = (max_sequence_length, {"device": self.device, "dtype": self.dtype})
+        self._probe_opts = {"device": self.device, "dtype": self.dtype}
         self._watch = ArrivalWatch(self.loop, arrivals) if arrivals is not None else None
-        self._encoder = PromptEncoder(
-            self.device, max_sequence_length, true_cfg_scale, run_on=self.loop.run
-        )
+        self._encoder = PromptEncoder(self.family, true_cfg_scale, run_on=self.loop.run)
         self._mag_ratios = MagCacheRatios(self._encoder, self._hooks, mag_ratios)
+        log.info("%s: the %s family, on %s", self.model, self.family.name, self.device)
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -180,23 +174,25 @@ class FluxDiffusionEngine:
         latents: torch.Tensor | None = None,
         ticket: StepTicket | None = None,
     ) -> ImageOutput:
-        """Text-to-image, or img2img from `init_image` (resized to width x height).
+        """Text-to-image, or from `init_image` (img2img, resized to width x height; or the
+        image an edit family edits).
 
         `embeds`: prompt embeddings from an earlier `ImageOutput.embeds` (or `encode_prompt`)
-        of the same prompt and negative prompt: the text encoders are skipped and the pixels
-        are the same as with encoding. If the request has a negative prompt (true CFG) but
-        `embeds` lacks the negative ones, those are encoded; negative ones are ignored when
-        it has none. `latents`: from an earlier `ImageOutput.latents` of the same request
-        settings: only the VAE decode runs (`steps_run` 0), same pixels as that request.
-        `ticket`: how the step scheduler ranks, cancels and reports the request.
+        of the same prompt, negative prompt (and image, for an edit family): the text
+        encoders are skipped and the pixels are the same as with encoding; missing negative
+        ones are encoded when the request needs them. `latents`: from an earlier
+        `ImageOutput.latents` of the same request settings: only the VAE decode runs
+        (`steps_run` 0), same pixels as that request. `ticket`: how the step scheduler
+        ranks, cancels and reports the request (progress, previews).
 
         Raises RequestTimeoutError once `timeout_s` has passed, RequestCancelledError once
         `ticket.cancelled()` and EngineStoppedError after `shutdown()`, all checked while
-        the request waits for a step and after every step; ConfigError for bad
-        `params.step_cache`; RequestValidationError for bad sizes, `embeds` or `latents`.
+        the request waits for a step and after every step; ConfigError for a step cache
+        the family cannot run; RequestValidationError for bad sizes, `embeds`, `latents`,
+        an image the family cannot take or LoRA adapters it cannot load.
         """
-        base = self._live_base(request_id)
-        self._check_size(params)
+        self._live(request_id)
+        self._check(params, init_image)
         mode_params = step_cache.resolve(params.step_cache)
         request = Request(request_id, deadline=time.perf_counter() + timeout_s)
         ticket = ticket or StepTicket(request_id)
@@ -206,26 +202,17 @@ class FluxDiffusionEngine:
         self._hooks.check(request)
         held = None if latents is not None else self._step_request(ticket, params, init_image)
         if held is not None:  # ResourceError at once if it could never fit
-            probe = shape_probe(base.transformer, params, self.size_multiple, *self._probe_at)
-            self.resources.admit(held, probe)
+            self.resources.admit(held, shape_probe(self.family, params, self._probe_opts))
         adapters = self.adapters.using(params.lora if held is not None else (), ticket.deadline)
         try:
             with self._hooks.serving(request), adapters as used:
                 with self.loop.holding(held):
                     final, used_embeds = self._final_latents(
-                        base,
-                        request,
-                        held,
-                        prompt,
-                        params,
-                        init_image,
-                        embeds,
-                        latents,
-                        mode_params,
+                        request, held, prompt, params, init_image, embeds, latents, mode_params
                     )
                 self._hooks.check(request)
                 start = time.perf_counter()
-                image = self.loop.run(lambda: decode(base, final))
+                image = self.loop.run(lambda: self.family.decode(final))
                 request.decode_s = time.perf_counter() - start
         except _PASSED_ON:
             raise
@@ -237,14 +224,21 @@ class FluxDiffusionEngine:
         return _output(image, request, held, used_embeds, final, used)
 
     def encode_prompt(
-        self, prompt: str, negative_prompt: str | None = None
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        image: Image.Image | None = None,
+        true_cfg_scale: float | None = None,
     ) -> dict[str, torch.Tensor]:
         """The prompt embeddings `generate(..., embeds=)` takes, on the engine's device.
 
-        They depend on the checkpoint, the prompt, the negative prompt (encoded only when
-        true CFG applies: non-empty and `true_cfg_scale` > 1) and `max_sequence_length`.
+        They depend on the checkpoint, the prompt, the negative prompt (encoded only where
+        the family runs CFG with it), the family's text length and, for an edit family,
+        the image.
         """
-        return self._encoder.encode(self._live_base("encode"), prompt, negative_prompt)
+        self._live("encode")
+        params = ImageParams(negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale)
+        return self._encoder.encode(prompt, params, image)
 
     def calibrate_magcache(
         self, steps: int, width: int, height: int, timeout_s: float = 3600.0
@@ -256,12 +250,12 @@ class FluxDiffusionEngine:
         and seed) off the first request, and persist `mag_ratios` to pass them to the next
         engine of the same checkpoint.
         """
-        base = self._live_base("calibrate")
+        self._live("calibrate")
         request = Request("calibrate", deadline=time.perf_counter() + timeout_s)
         ticket = StepTicket("calibrate", deadline=time.monotonic() + timeout_s)
         held = StepRequest(ticket, steps=steps, pixels=width * height, batch_key=None)
         with self.loop.holding(held), self.loop.exclusive(held):
-            return list(self._mag_ratios.get_locked(base, request, steps, width, height))
+            return list(self._mag_ratios.get_locked(request, steps, width, height))
 
     @property
     def mag_ratios(self) -> dict[tuple[int, int, int], list[float]]:
@@ -277,13 +271,11 @@ class FluxDiffusionEngine:
         if self._watch is not None:
             self._watch.stop()
         self.loop.stop()
-        self._base = None
 
     # --- phases -------------------------------------------------------------------------------
 
     def _final_latents(
         self,
-        base: FluxPipeline,
         request: Request,
         held: StepRequest | None,
         prompt: str,
@@ -295,44 +287,58 @@ class FluxDiffusionEngine:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """The latents to decode and the embeddings they came from (None when given)."""
         if held is None:
-            scale = self.size_multiple // 2  # the VAE's downsampling
-            want = (1, self.latent_channels, params.height // scale, params.width // scale)
+            want = self.family.latent_shape(params)
             return given_latents(latents, want, self.device), None
         start = time.perf_counter()
-        negative, cfg = params.negative_prompt, params.true_cfg_scale
         if embeds is None:
             urgent = self.loop.would_preempt(held)
-            used_embeds = self._encoder.encode(base, prompt, negative, urgent, cfg)
+            used_embeds = self._encoder.encode(prompt, params, init_image, urgent)
         else:
-            used_embeds = self._encoder.given_embeds(base, embeds, negative, cfg)
+            used_embeds = self._encoder.given_embeds(embeds, params, init_image)
         request.encode_s = time.perf_counter() - start
+        if held.batch_key is not None:  # the text length is known now
+            held.batch_key = self._batch_key(params, used_embeds)
         held.encoded = True  # its first call follows within milliseconds
-        img2img = init_image is not None
-        kwargs = self._encoder.denoise_kwargs(used_embeds, params, init_image, None)
+        kwargs = self._encoder.denoise_kwargs(used_embeds, params, init_image, None, prompt)
+        with_image = init_image is not None
+        on_latents = previewer(self.family, self.loop, held.ticket, params)
         if params.step_cache.mode == "none":
-            packed = denoise_batched(
-                base, self.loop, self._hooks, request, held, kwargs, img2img, params.lora
+            out = denoise_batched(
+                self.family,
+                self.loop,
+                self._hooks,
+                request,
+                held,
+                kwargs,
+                with_image,
+                params.lora,
+                on_latents,
             )
         else:
-            packed = self._denoise_alone(base, request, held, kwargs, params, mode_params, img2img)
-        return unpack(packed, params, base), used_embeds
+            out = self._denoise_alone(
+                request, held, kwargs, params, mode_params, with_image, on_latents
+            )
+        return self.family.unpack(out, params), used_embeds
 
     def _denoise_alone(
         self,
-        base: FluxPipeline,
         request: Request,
         held: StepRequest,
         kwargs: dict[str, object],
         params: ImageParams,
         mode_params: dict[str, float | int],
-        img2img: bool,
+        with_image: bool,
+        on_latents: LatentsObserver | None,
     ) -> torch.Tensor:
         """The pipeline call with a step cache's hooks on the transformer, which this
         request holds alone meanwhile."""
-        pipe = request_pipeline(base, img2img=img2img)
-        kwargs["callback_on_step_end"] = self._hooks.step_callback(request, held.step_ended)
-        num_steps = steps_taken(params, img2img)
+        pipe = request_pipeline(self.family.pipe, self.family.pipeline_class(with_image))
+        kwargs["callback_on_step_end"] = self._hooks.step_callback(
+            request, held.step_ended, on_latents
+        )
+        num_steps = self.family.steps_taken(params, with_image)
         mode = params.step_cache.mode
+        img2img = with_image and not self.family.edit
         request.needs_cache_context = img2img and mode in step_cache.DIFFUSERS_MODES
         with self.loop.exclusive(held):
             self._hooks.check(request)
@@ -340,7 +346,7 @@ class FluxDiffusionEngine:
             ratios = None
             if mode == "magcache":
                 full = self._mag_ratios.get_locked(
-                    base, request, params.steps, params.width, params.height
+                    request, params.steps, params.width, params.height
                 )
                 ratios = step_cache.magcache_ratios_for(full, params.steps, num_steps)
             request.pipe_start = time.perf_counter()
@@ -349,7 +355,7 @@ class FluxDiffusionEngine:
                 mode,
                 mode_params,
                 num_steps=num_steps,
-                true_cfg=NEGATIVE_EMBED_KEYS[0] in kwargs,
+                true_cfg="negative_prompt_embeds" in kwargs,
                 mag_ratios=ratios,
                 current_timestep=(lambda: request.timestep) if img2img else None,
             ):
@@ -357,32 +363,48 @@ class FluxDiffusionEngine:
 
     # --- plumbing -----------------------------------------------------------------------------
 
+    def _batch_key(self, params: ImageParams, embeds: Mapping[str, Any]) -> Any:
+        """The family's key, plus the LoRA adapter set unless rows may mix sets."""
+        positive, _ = split_embeds(embeds)
+        key = self.family.batch_key(params, positive)
+        lora = None if self.adapters.mixed_batches else params.lora
+        return key if key is None or lora is None else (*key, lora)
+
     def _step_request(
         self, ticket: StepTicket, params: ImageParams, init_image: Image.Image | None
     ) -> StepRequest:
         batched = params.step_cache.mode == "none"
-        size = (params.width, params.height, self.max_sequence_length)
-        key = batch_key(*size, None if self.adapters.mixed_batches else params.lora)
+        # Before encoding, the key assumes the family's nominal text length; it is set
+        # from the embeddings once they are known.
+        nominal = {"prompt_embeds": None}
+        shape = self.family.batch_key(params, nominal)  # what memory is measured by
         return StepRequest(
             ticket,
-            steps=steps_taken(params, init_image is not None),
+            steps=self.family.steps_taken(params, init_image is not None),
             pixels=params.width * params.height,
-            batch_key=key if batched else None,
-            shape=batch_key(*size, None),  # what memory is measured by: adapters aside
+            batch_key=self._batch_key(params, nominal) if batched else None,
+            shape=shape,
         )
 
-    def _live_base(self, request_id: str) -> FluxPipeline:
-        base = self._base
-        if base is None or self._stopped.is_set():
+    def _live(self, request_id: str) -> None:
+        if self._stopped.is_set():
             raise EngineStoppedError(f"{request_id}: diffusion engine is shut down")
-        return base
 
-    def _check_size(self, params: ImageParams) -> None:
+    def _check(self, params: ImageParams, init_image: Image.Image | None) -> None:
         for name in ("width", "height"):
             if getattr(params, name) % self.size_multiple:
                 raise RequestValidationError(
                     name, f"must be a multiple of {self.size_multiple} for this model"
                 )
+        if init_image is not None and self.family.image_pipeline is None:
+            raise RequestValidationError("image", f"the {self.family.name} family takes no image")
+        if params.step_cache.mode not in self.family.step_caches:
+            allowed = ", ".join(sorted(self.family.step_caches))
+            raise ConfigError(
+                "step_cache",
+                f"{params.step_cache.mode!r} does not run on the {self.family.name} family"
+                f" (it runs: {allowed})",
+            )
 
 
 def _output(

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from omni_tasks.config import CoreModuleConfig
-from omni_tasks.errors import ProcessingError
+from omni_tasks.errors import ProcessingError, RequestValidationError
 from omni_tasks.lora import AdapterSet
 from workers.lora.cache import AdapterCache, AdapterListener, AdapterUse
 from workers.lora.registry import adapter_path
@@ -142,10 +142,35 @@ class FluxAdapters:
         return adapter_bytes(self._pipe.transformer, name)
 
 
+class NoAdapters:
+    """A pipeline without diffusers' LoRA loader: requests naming adapters are refused."""
+
+    mixed_batches = False
+
+    def __init__(self, pipe: Any) -> None:
+        self._kind = type(pipe).__name__
+        self.run_on: Runner = lambda fn: fn()
+
+    @contextmanager
+    def using(self, adapters: AdapterSet, deadline: float) -> Iterator[list[AdapterUse]]:
+        if adapters:
+            raise RequestValidationError("lora", f"{self._kind} has no LoRA support")
+        yield []
+
+    def batch_rows(self, rows: list[AdapterSet]) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def activate(self, adapters: AdapterSet) -> None:
+        pass
+
+
 def adapters_for(
     pipe: Any, config: CoreModuleConfig, resources: Any, listener: AdapterListener | None
-) -> FluxAdapters:
-    """An engine's adapters, in `resources`' adapter carve-out and counted in its status."""
+) -> FluxAdapters | NoAdapters:
+    """An engine's adapters, in `resources`' adapter carve-out and counted in its status
+    (none where the pipeline has no LoRA loader)."""
+    if not hasattr(pipe, "load_lora_weights"):
+        return NoAdapters(pipe)
     adapters = FluxAdapters(pipe, config, resources.adapter_reserved_bytes, listener)
     resources.adapter_usage = adapters.cache.used
     return adapters

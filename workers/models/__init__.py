@@ -2,26 +2,33 @@
 
 Workers load them with the same `from_pretrained(path)` code that loads production
 models, so every line of the real loading path runs on machines without a model hub.
+A missing tiny model is built on first use (`workers.runtime.resolve_model`).
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
-TINY_MODELS = ("tiny-llama", "tiny-flux")
+#: Tiny model name -> (module, builder) under `workers.models`.
+_BUILDERS = {
+    "tiny-llama": ("tiny_llama", "build_tiny_llama"),
+    "tiny-flux": ("tiny_flux", "build_tiny_flux"),
+    "tiny-sd3": ("tiny_sd3", "build_tiny_sd3"),
+    "tiny-qwen-image": ("tiny_qwen_image", "build_tiny_qwen_image"),
+    "tiny-qwen-image-edit": ("tiny_qwen_image", "build_tiny_qwen_image_edit"),
+    "tiny-sana": ("tiny_sana", "build_tiny_sana"),
+}
+TINY_MODELS = tuple(_BUILDERS)
 
 
 def build_tiny_model(name: str, path: Path) -> Path:
     """Write tiny model `name` to `path` (atomically: concurrent builders are safe)."""
-    if name == "tiny-llama":
-        from workers.models.tiny_llama import build_tiny_llama
-
-        return build_tiny_llama(path)
-    if name == "tiny-flux":
-        from workers.models.tiny_flux import build_tiny_flux
-
-        return build_tiny_flux(path)
-    raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY_MODELS)}")
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY_MODELS)}")
+    module, builder = _BUILDERS[name]
+    build = getattr(importlib.import_module(f"workers.models.{module}"), builder)
+    return Path(build(Path(path)))
 
 
 def build_tiny_models(root: Path) -> dict[str, Path]:

@@ -27,16 +27,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from omni_tasks.config import get_config
 from omni_tasks.errors import (
     EngineStoppedError,
     RequestCancelledError,
     RequestTimeoutError,
     RequestYieldedError,
 )
-from workers.runtime import runtime
 from workers.stepping.request import ForwardCall, StepRequest, StepStatus
 from workers.stepping.scheduler import StepScheduler
 
@@ -45,6 +43,24 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: Runs one batch: resolves (or fails) every call it is given.
 BatchRunner = Callable[[list[ForwardCall]], None]
+
+
+class StepCounters(Protocol):
+    """Where the loop counts its work (the worker's pool counters)."""
+
+    def add_batch(self, size: int) -> None: ...
+
+    def add_preemptions(self, count: int) -> None: ...
+
+
+class _Uncounted:
+    def add_batch(self, size: int) -> None:
+        pass
+
+    def add_preemptions(self, count: int) -> None:
+        pass
+
+
 # How a request's end maps to its final status.
 _ENDINGS: tuple[tuple[type[BaseException], StepStatus], ...] = (
     (RequestTimeoutError, StepStatus.FINISHED_EXPIRED),
@@ -71,8 +87,10 @@ class StepLoop:
         scheduler: StepScheduler,
         run_batch: BatchRunner,
         limit: int,
+        counters: StepCounters | None = None,
     ) -> None:
         self.scheduler = scheduler
+        self.counters: StepCounters = counters or _Uncounted()
         self.limit = limit
         self._run_batch = run_batch
         self._cond = threading.Condition()
@@ -98,7 +116,7 @@ class StepLoop:
             if self._granted is request:
                 self._granted = None
             self._cond.notify_all()
-        runtime.counters.add_preemptions(get_config().diffusion.queue, request.preemptions)
+        self.counters.add_preemptions(request.preemptions)
 
     @contextmanager
     def holding(self, request: StepRequest | None) -> Iterator[None]:
@@ -209,7 +227,7 @@ class StepLoop:
             if batch[0].exclusive:
                 self._grant(batch[0], calls[0])
                 continue
-            runtime.counters.add_batch(get_config().diffusion.queue, len(batch))
+            self.counters.add_batch(len(batch))
             try:
                 self._run_batch([c for c in calls if c is not None])
             except BaseException as exc:  # the runner fails its calls; never kill the loop

@@ -14,10 +14,20 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from omni_tasks.errors import RequestCancelledError
 from workers.progress import ProgressCallback
+
+
+class PreviewSink(Protocol):
+    """Where a request's previews go: `due` says which ended steps (1-based, of `total`)
+    it wants; `publish` gets each of those steps' decoded image. Both run in the request's
+    thread and must not raise."""
+
+    def due(self, step: int, total: int) -> bool: ...
+
+    def publish(self, image: Any, step: int, total: int) -> None: ...
 
 
 class StepStatus(enum.IntEnum):
@@ -55,6 +65,7 @@ class StepTicket:
     level: int = 0  # its message's broker priority (0 highest): what it yields to
     cancelled: Callable[[], bool] = _never_cancelled
     on_progress: ProgressCallback | None = None
+    preview: PreviewSink | None = None
 
 
 class ForwardCall:

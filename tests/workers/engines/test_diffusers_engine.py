@@ -1,4 +1,4 @@
-"""FluxDiffusionEngine on the tiny random-weight Flux model: real pipeline, no mocks."""
+"""DiffusersEngine on the tiny random-weight Flux model: real pipeline, no mocks."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from PIL import Image
 
 from omni_tasks.errors import EngineStoppedError, RequestTimeoutError, RequestValidationError
 from workers.engines.base import ImageOutput, ImageParams
-from workers.engines.diffusers_engine import FluxDiffusionEngine
+from workers.engines.diffusers_engine import DiffusersEngine
 
 PROMPT = "a photo of an astronaut riding a horse"
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_flux_dir: Path) -> Iterator[FluxDiffusionEngine]:
-    eng = FluxDiffusionEngine(tiny_flux_dir)
+def engine(tiny_flux_dir: Path) -> Iterator[DiffusersEngine]:
+    eng = DiffusersEngine(tiny_flux_dir)
     yield eng
     eng.shutdown()
 
@@ -31,7 +31,7 @@ def pixels(out: ImageOutput) -> np.ndarray:
     return np.asarray(out.image)
 
 
-def test_engine_defaults_on_cpu(engine: FluxDiffusionEngine) -> None:
+def test_engine_defaults_on_cpu(engine: DiffusersEngine) -> None:
     assert engine.name == "diffusers"
     assert str(engine.device) == "cpu"
     assert str(engine.dtype) == "torch.float32"
@@ -40,7 +40,7 @@ def test_engine_defaults_on_cpu(engine: FluxDiffusionEngine) -> None:
 
 @pytest.mark.parametrize(("width", "height", "steps"), [(64, 64, 4), (32, 64, 3), (64, 16, 2)])
 def test_text_to_image_size_and_steps(
-    engine: FluxDiffusionEngine, width: int, height: int, steps: int
+    engine: DiffusersEngine, width: int, height: int, steps: int
 ) -> None:
     out = engine.generate("t2i", PROMPT, ImageParams(width, height, steps), timeout_s=60)
     assert isinstance(out.image, Image.Image)
@@ -60,7 +60,7 @@ def test_text_to_image_size_and_steps(
     assert pixels(out).std() > 0  # not a blank image
 
 
-def test_same_seed_same_pixels_other_seed_differs(engine: FluxDiffusionEngine) -> None:
+def test_same_seed_same_pixels_other_seed_differs(engine: DiffusersEngine) -> None:
     a = engine.generate("a", PROMPT, ImageParams(seed=7), timeout_s=60)
     b = engine.generate("b", PROMPT, ImageParams(seed=7), timeout_s=60)
     c = engine.generate("c", PROMPT, ImageParams(seed=8), timeout_s=60)
@@ -68,20 +68,20 @@ def test_same_seed_same_pixels_other_seed_differs(engine: FluxDiffusionEngine) -
     assert not np.array_equal(pixels(a), pixels(c))
 
 
-def test_prompt_changes_image(engine: FluxDiffusionEngine) -> None:
+def test_prompt_changes_image(engine: DiffusersEngine) -> None:
     a = engine.generate("a", "a red cat", ImageParams(), timeout_s=60)
     b = engine.generate("b", "a blue castle at night", ImageParams(), timeout_s=60)
     assert not np.array_equal(pixels(a), pixels(b))
 
 
-def test_negative_prompt_uses_true_cfg(engine: FluxDiffusionEngine) -> None:
+def test_negative_prompt_uses_true_cfg(engine: DiffusersEngine) -> None:
     plain = engine.generate("p", PROMPT, ImageParams(), timeout_s=60)
     neg = engine.generate("n", PROMPT, ImageParams(negative_prompt="blurry"), timeout_s=60)
     assert neg.steps_run == 4  # steps, not transformer calls (true CFG makes two per step)
     assert not np.array_equal(pixels(plain), pixels(neg))
 
 
-def test_img2img_resizes_and_is_deterministic(engine: FluxDiffusionEngine) -> None:
+def test_img2img_resizes_and_is_deterministic(engine: DiffusersEngine) -> None:
     gradient = np.linspace(0, 255, 50 * 40 * 3).reshape(40, 50, 3).astype(np.uint8)
     init = Image.fromarray(gradient).convert("RGBA")  # odd size and mode on purpose
     params = ImageParams(width=64, height=32, steps=4, strength=0.5, seed=3)
@@ -94,7 +94,7 @@ def test_img2img_resizes_and_is_deterministic(engine: FluxDiffusionEngine) -> No
     assert not np.array_equal(pixels(a), pixels(t2i))
 
 
-def test_concurrent_threads_match_sequential(engine: FluxDiffusionEngine) -> None:
+def test_concurrent_threads_match_sequential(engine: DiffusersEngine) -> None:
     jobs = [
         ("c0", "a red cat", ImageParams(seed=1)),
         ("c1", "a blue castle", ImageParams(width=32, height=48, steps=5, seed=2)),
@@ -108,7 +108,7 @@ def test_concurrent_threads_match_sequential(engine: FluxDiffusionEngine) -> Non
                 assert np.array_equal(pixels(fut.result(timeout=60)), want)
 
 
-def test_tiny_timeout_raises(engine: FluxDiffusionEngine) -> None:
+def test_tiny_timeout_raises(engine: DiffusersEngine) -> None:
     with pytest.raises(RequestTimeoutError):
         engine.generate("late", PROMPT, ImageParams(steps=50), timeout_s=1e-4)
     # The engine still serves requests afterwards.
@@ -120,7 +120,7 @@ def gradient_image() -> Image.Image:
 
 
 @pytest.mark.parametrize("negative", [None, "blurry"])
-def test_embeds_reuse_is_bit_identical(engine: FluxDiffusionEngine, negative: str | None) -> None:
+def test_embeds_reuse_is_bit_identical(engine: DiffusersEngine, negative: str | None) -> None:
     params = ImageParams(width=48, height=32, steps=4, seed=11, negative_prompt=negative)
     full = engine.generate("full", PROMPT, params, timeout_s=60)
     assert full.embeds is not None
@@ -145,7 +145,7 @@ def test_embeds_reuse_is_bit_identical(engine: FluxDiffusionEngine, negative: st
     assert not np.array_equal(pixels(a), pixels(full))
 
 
-def test_embeds_without_negative_encode_it(engine: FluxDiffusionEngine) -> None:
+def test_embeds_without_negative_encode_it(engine: DiffusersEngine) -> None:
     params = ImageParams(steps=3, seed=4, negative_prompt="dark")
     positive = engine.encode_prompt(PROMPT)
     assert set(positive) == {"prompt_embeds", "pooled_prompt_embeds"}
@@ -161,7 +161,7 @@ def test_embeds_without_negative_encode_it(engine: FluxDiffusionEngine) -> None:
 
 @pytest.mark.parametrize("img2img", [False, True])
 def test_latents_reuse_decodes_only_and_is_bit_identical(
-    engine: FluxDiffusionEngine, img2img: bool
+    engine: DiffusersEngine, img2img: bool
 ) -> None:
     params = ImageParams(width=64, height=48, steps=4, seed=9, strength=0.5)
     init = gradient_image() if img2img else None
@@ -171,7 +171,7 @@ def test_latents_reuse_decodes_only_and_is_bit_identical(
     assert full.latents.device == engine.device
 
     calls = [0]
-    handle = engine._base.transformer.register_forward_hook(  # type: ignore[union-attr]
+    handle = engine.family.pipe.transformer.register_forward_hook(  # type: ignore[union-attr]
         lambda *_: calls.__setitem__(0, calls[0] + 1)
     )
     try:
@@ -187,7 +187,7 @@ def test_latents_reuse_decodes_only_and_is_bit_identical(
     assert decoded.timings["decode_s"] > 0
 
 
-def test_bad_embeds_or_latents_are_rejected(engine: FluxDiffusionEngine) -> None:
+def test_bad_embeds_or_latents_are_rejected(engine: DiffusersEngine) -> None:
     params = ImageParams(width=64, height=64, steps=2)
     good = engine.encode_prompt(PROMPT)
     with pytest.raises(RequestValidationError) as info:
@@ -198,17 +198,17 @@ def test_bad_embeds_or_latents_are_rejected(engine: FluxDiffusionEngine) -> None
     assert info.value.field == "latents"
 
 
-def test_size_not_multiple_of_16_is_rejected(engine: FluxDiffusionEngine) -> None:
+def test_size_not_multiple_of_16_is_rejected(engine: DiffusersEngine) -> None:
     with pytest.raises(RequestValidationError) as info:
         engine.generate("bad", PROMPT, ImageParams(width=40), timeout_s=60)
     assert info.value.field == "width"
 
 
 def test_shutdown_stops_inflight_and_later_calls(tiny_flux_dir: Path) -> None:
-    eng = FluxDiffusionEngine(tiny_flux_dir)
-    assert eng._base is not None
+    eng = DiffusersEngine(tiny_flux_dir)
+    assert eng.family.pipe is not None
     started = threading.Event()
-    eng._base.transformer.register_forward_hook(lambda *args: started.set())
+    eng.family.pipe.transformer.register_forward_hook(lambda *args: started.set())
     outcome: list[BaseException | ImageOutput] = []
 
     def run() -> None:
@@ -232,4 +232,4 @@ def test_shutdown_stops_inflight_and_later_calls(tiny_flux_dir: Path) -> None:
 
 def test_bad_dtype_is_a_config_error(tiny_flux_dir: Path) -> None:
     with pytest.raises(ValueError, match="dtype"):
-        FluxDiffusionEngine(tiny_flux_dir, dtype="float8")
+        DiffusersEngine(tiny_flux_dir, dtype="float8")

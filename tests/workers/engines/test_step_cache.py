@@ -20,7 +20,7 @@ from PIL import Image
 from omni_tasks.errors import ConfigError, ProcessingError, RequestTimeoutError
 from workers.engines import step_cache
 from workers.engines.base import ImageOutput, ImageParams, StepCacheSettings
-from workers.engines.diffusers_engine import FluxDiffusionEngine
+from workers.engines.diffusers_engine import DiffusersEngine
 
 PROMPT = "a photo of an astronaut riding a horse"
 STEPS = 8
@@ -43,14 +43,14 @@ MODES = [
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_flux_dir: Path) -> Iterator[FluxDiffusionEngine]:
-    eng = FluxDiffusionEngine(tiny_flux_dir)
+def engine(tiny_flux_dir: Path) -> Iterator[DiffusersEngine]:
+    eng = DiffusersEngine(tiny_flux_dir)
     yield eng
     eng.shutdown()
 
 
 @pytest.fixture(scope="module")
-def reference(engine: FluxDiffusionEngine) -> np.ndarray:
+def reference(engine: DiffusersEngine) -> np.ndarray:
     return pixels(engine.generate("ref", PROMPT, params("none"), 60))
 
 
@@ -77,9 +77,9 @@ def count_calls(module: object) -> tuple[list[int], object]:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_mode_skips_work_within_bound(
-    engine: FluxDiffusionEngine, reference: np.ndarray, mode: str
+    engine: DiffusersEngine, reference: np.ndarray, mode: str
 ) -> None:
-    transformer = engine._base.transformer  # type: ignore[union-attr]
+    transformer = engine.family.pipe.transformer  # type: ignore[union-attr]
     attn_calls, handle = count_calls(transformer.transformer_blocks[0].attn.to_q)
     try:
         out = engine.generate(mode, PROMPT, params(mode), 60)
@@ -99,14 +99,14 @@ def test_mode_skips_work_within_bound(
     assert not transformer.is_cache_enabled  # hooks gone after the request
 
 
-def test_mode_none_counts_every_step(engine: FluxDiffusionEngine, reference: np.ndarray) -> None:
+def test_mode_none_counts_every_step(engine: DiffusersEngine, reference: np.ndarray) -> None:
     out = engine.generate("none", PROMPT, params("none"), 60)
     assert out.steps_run == out.denoise_steps == STEPS
     assert np.array_equal(pixels(out), reference)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_no_state_leaks_between_requests(engine: FluxDiffusionEngine, mode: str) -> None:
+def test_no_state_leaks_between_requests(engine: DiffusersEngine, mode: str) -> None:
     a = engine.generate("a", PROMPT, params(mode), 60)
     other = engine.generate("b", "a blue castle at night", params(mode, seed=5), 60)
     c = engine.generate("c", PROMPT, params(mode), 60)
@@ -116,7 +116,7 @@ def test_no_state_leaks_between_requests(engine: FluxDiffusionEngine, mode: str)
 
 
 def test_mode_none_after_cached_matches_fresh_engine(
-    engine: FluxDiffusionEngine, tiny_flux_dir: Path
+    engine: DiffusersEngine, tiny_flux_dir: Path
 ) -> None:
     for mode in step_cache.STEP_CACHE_MODES:
         if mode == "cache_dit" and not step_cache.cache_dit_available():
@@ -124,7 +124,7 @@ def test_mode_none_after_cached_matches_fresh_engine(
         engine.generate(mode, PROMPT, params(mode, negative_prompt="blurry"), 60)
         engine.generate(mode, PROMPT, params(mode), 60)
     after = engine.generate("after", PROMPT, params("none"), 60)
-    fresh_engine = FluxDiffusionEngine(tiny_flux_dir)
+    fresh_engine = DiffusersEngine(tiny_flux_dir)
     try:
         fresh = fresh_engine.generate("fresh", PROMPT, params("none"), 60)
     finally:
@@ -135,9 +135,9 @@ def test_mode_none_after_cached_matches_fresh_engine(
 
 @pytest.mark.parametrize("mode", MODES)
 def test_state_cleared_after_exception_and_timeout(
-    engine: FluxDiffusionEngine, reference: np.ndarray, mode: str
+    engine: DiffusersEngine, reference: np.ndarray, mode: str
 ) -> None:
-    transformer = engine._base.transformer  # type: ignore[union-attr]
+    transformer = engine.family.pipe.transformer  # type: ignore[union-attr]
     want = pixels(engine.generate("want", PROMPT, params(mode), 60))
     calls = [0]
 
@@ -167,7 +167,7 @@ def test_state_cleared_after_exception_and_timeout(
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_true_cfg_and_img2img_with_cache(engine: FluxDiffusionEngine, mode: str) -> None:
+def test_true_cfg_and_img2img_with_cache(engine: DiffusersEngine, mode: str) -> None:
     neg = params(mode, negative_prompt="blurry")
     a = engine.generate("neg-a", PROMPT, neg, 60)
     b = engine.generate("neg-b", PROMPT, neg, 60)
@@ -183,7 +183,7 @@ def test_true_cfg_and_img2img_with_cache(engine: FluxDiffusionEngine, mode: str)
     assert c.denoise_steps == 6 and c.steps_run <= 6
 
 
-def test_concurrent_threads_with_different_modes(engine: FluxDiffusionEngine) -> None:
+def test_concurrent_threads_with_different_modes(engine: DiffusersEngine) -> None:
     modes = [m for m in step_cache.STEP_CACHE_MODES if m != "cache_dit"]
     if step_cache.cache_dit_available():
         modes.append("cache_dit")
@@ -230,7 +230,7 @@ def test_concurrent_threads_with_different_modes(engine: FluxDiffusionEngine) ->
     ],
 )
 def test_bad_settings_raise_config_error(
-    engine: FluxDiffusionEngine, settings: StepCacheSettings, field: str
+    engine: DiffusersEngine, settings: StepCacheSettings, field: str
 ) -> None:
     if settings.mode == "cache_dit" and not step_cache.cache_dit_available():
         field = "step_cache"
@@ -243,7 +243,7 @@ def test_bad_settings_raise_config_error(
 
 
 def test_cache_dit_missing_is_a_clear_config_error(
-    engine: FluxDiffusionEngine, monkeypatch: pytest.MonkeyPatch
+    engine: DiffusersEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(step_cache, "cache_dit_available", lambda: False)
     with pytest.raises(ConfigError, match="cache-dit") as info:
@@ -275,7 +275,7 @@ def test_magcache_ratios_for_img2img_and_other_lengths() -> None:
 
 
 def test_magcache_calibrates_once_per_setting(
-    engine: FluxDiffusionEngine, tiny_flux_dir: Path
+    engine: DiffusersEngine, tiny_flux_dir: Path
 ) -> None:
     cal = params("magcache", size=64, steps=6, seed=1)
     first = engine.generate("m1", PROMPT, cal, 60)
@@ -287,7 +287,7 @@ def test_magcache_calibrates_once_per_setting(
     assert engine.calibrate_magcache(6, 64, 64) == ratios  # kept, not recalibrated
 
     # Ratios handed to another engine: no calibration there, same pixels.
-    other = FluxDiffusionEngine(tiny_flux_dir, mag_ratios=engine.mag_ratios)
+    other = DiffusersEngine(tiny_flux_dir, mag_ratios=engine.mag_ratios)
     try:
         third = other.generate("m3", PROMPT, cal, 60)
         assert "calibrate_s" not in third.timings
@@ -296,8 +296,8 @@ def test_magcache_calibrates_once_per_setting(
         other.shutdown()
 
 
-def test_waiting_for_the_transformer_honours_timeout(engine: FluxDiffusionEngine) -> None:
-    transformer = engine._base.transformer  # type: ignore[union-attr]
+def test_waiting_for_the_transformer_honours_timeout(engine: DiffusersEngine) -> None:
+    transformer = engine.family.pipe.transformer  # type: ignore[union-attr]
     started = threading.Event()
 
     def slow_step(*_: object) -> None:

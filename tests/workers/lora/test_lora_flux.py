@@ -18,7 +18,7 @@ from omni_tasks.coordination import cache_directory
 from omni_tasks.errors import ProcessingError, ResourceError
 from omni_tasks.lora import directory_key
 from workers.engines.base import ImageOutput, ImageParams, StepCacheSettings
-from workers.engines.diffusers_engine import FluxDiffusionEngine
+from workers.engines.diffusers_engine import DiffusersEngine
 from workers.lora.directory import AdapterDirectoryListener
 from workers.lora.flux import FluxAdapters, adapter_bytes
 from workers.lora.registry import adapter_path
@@ -65,14 +65,14 @@ def tensor_bytes(config: CoreModuleConfig) -> int:
 
 
 @pytest.fixture(scope="module")
-def engine(config: CoreModuleConfig, tiny_flux_dir: Path) -> Iterator[FluxDiffusionEngine]:
+def engine(config: CoreModuleConfig, tiny_flux_dir: Path) -> Iterator[DiffusersEngine]:
     listener = AdapterDirectoryListener(WORKER, "diffusion")
-    eng = FluxDiffusionEngine(tiny_flux_dir, config=config, adapter_listener=listener)
+    eng = DiffusersEngine(tiny_flux_dir, config=config, adapter_listener=listener)
     yield eng
     eng.shutdown()
 
 
-def generate(engine: FluxDiffusionEngine, lora=(), seed: int = 1, **extra) -> ImageOutput:
+def generate(engine: DiffusersEngine, lora=(), seed: int = 1, **extra) -> ImageOutput:
     params = ImageParams(seed=seed, lora=tuple(lora), **extra)
     return engine.generate(f"r{seed}-{lora}", PROMPT, params, 60)
 
@@ -129,7 +129,7 @@ def test_adapters_are_evicted_least_recently_used_under_a_small_budget(
         assert generate(engine, ((style, 1.0),)).lora[0]["hit"] is False or style == "ink"
     adapters = engine.adapters
     assert adapters.cache.loaded() == ["ink", "charcoal"]  # pastel went first
-    transformer = engine._base.transformer
+    transformer = engine.family.pipe.transformer
     assert adapter_bytes(transformer, "pastel") == 0 < adapter_bytes(transformer, "charcoal")
     status = engine.resources.get_resource_status()
     assert 0 < status["adapter_bytes"] <= engine.resources.adapter_reserved_bytes
@@ -158,7 +158,7 @@ def test_a_step_cache_request_runs_with_its_adapter(engine) -> None:
 def test_text_encoder_weights_and_oversized_adapters_are_refused(engine, config) -> None:
     with pytest.raises(ProcessingError, match="text_encoder: only transformer adapters"):
         generate(engine, (("with-text", 1.0),))
-    tiny_budget = FluxAdapters(engine._base, config, budget_bytes=1000)
+    tiny_budget = FluxAdapters(engine.family.pipe, config, budget_bytes=1000)
     with pytest.raises(ResourceError, match="'watercolor' needs"):
         with tiny_budget.using(WC, time.monotonic() + 5):
             pass

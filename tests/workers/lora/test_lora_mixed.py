@@ -13,7 +13,7 @@ import pytest
 
 from omni_tasks.config import get_config
 from workers.engines.base import ImageOutput, ImageParams
-from workers.engines.diffusers_engine import FluxDiffusionEngine
+from workers.engines.diffusers_engine import DiffusersEngine
 
 STYLES = ("watercolor", "ink")
 SETS = [
@@ -27,19 +27,19 @@ SETS = [
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_flux_dir: Path) -> Iterator[FluxDiffusionEngine]:
+def engine(tiny_flux_dir: Path) -> Iterator[DiffusersEngine]:
     base = get_config()
     config = replace(
         base,
         loras={style: f"tiny-flux-lora-{style}" for style in STYLES},
         lora=replace(base.lora, mixed_batches=True),
     )
-    eng = FluxDiffusionEngine(tiny_flux_dir, config=config)
+    eng = DiffusersEngine(tiny_flux_dir, config=config)
     yield eng
     eng.shutdown()
 
 
-def generate(engine: FluxDiffusionEngine, lora: tuple, seed: int) -> ImageOutput:
+def generate(engine: DiffusersEngine, lora: tuple, seed: int) -> ImageOutput:
     return engine.generate(f"m{seed}", "a quiet harbour", ImageParams(seed=seed, lora=lora), 60)
 
 

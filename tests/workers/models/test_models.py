@@ -41,7 +41,14 @@ def test_the_command_lists_every_tiny_model_and_skips_complete_ones(
     assert time.monotonic() - started < 60  # nothing was rebuilt
     lines = done.stdout.splitlines()
     assert lines == [f"{name}: {root / name}" for name in TINY_MODELS]
-    assert set(TINY_MODELS) == {"tiny-llama", "tiny-flux"}
+    assert set(TINY_MODELS) == {
+        "tiny-llama",
+        "tiny-flux",
+        "tiny-sd3",
+        "tiny-qwen-image",
+        "tiny-qwen-image-edit",
+        "tiny-sana",
+    }
     assert {name: (root / name / MARKER).stat().st_mtime_ns for name in TINY_MODELS} == markers
 
 

@@ -22,10 +22,10 @@ SIZE = {"width": 128, "height": 128}
 
 @pytest.fixture(scope="module")
 def engine(tiny_flux_dir: Path) -> Iterator:
-    from workers.engines.diffusers_engine import FluxDiffusionEngine
+    from workers.engines.diffusers_engine import DiffusersEngine
 
     config = CoreModuleConfig(scheduler=SchedulerConfig(scheduler_type=SchedulerType.PRIORITY))
-    engine = FluxDiffusionEngine(tiny_flux_dir, max_batch_size=8, config=config)
+    engine = DiffusersEngine(tiny_flux_dir, max_batch_size=8, config=config)
     yield engine
     engine.shutdown()
 

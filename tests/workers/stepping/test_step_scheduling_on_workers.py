@@ -93,7 +93,7 @@ def test_a_high_class_arrival_preempts_and_the_paused_image_is_unchanged(
     worker, tiny_flux_dir: Path
 ) -> None:
     from workers.engines.base import ImageParams
-    from workers.engines.diffusers_engine import FluxDiffusionEngine
+    from workers.engines.diffusers_engine import DiffusersEngine
 
     lows = [send(f"low {i}", steps=60, priority="low", seed=i) for i in range(8)]
     wait_running(lows[-1])  # all eight hold the batch
@@ -105,7 +105,7 @@ def test_a_high_class_arrival_preempts_and_the_paused_image_is_unchanged(
     # The paused request's pixels are those of the same request run on its own (here, by
     # an engine of the same checkpoint: a repeat on the worker would be a cache hit).
     i = outs.index(paused[0])
-    engine = FluxDiffusionEngine(tiny_flux_dir, max_batch_size=1)
+    engine = DiffusersEngine(tiny_flux_dir, max_batch_size=1)
     try:
         alone = engine.generate("alone", f"low {i}", ImageParams(**SIZE, steps=60, seed=i), 60)
     finally:

@@ -28,7 +28,7 @@ no step is skipped and the tail block records mean(|residual_t| / |residual_t-1|
 and hand the ratios back instead of printing them. The engine calibrates once per
 (num_inference_steps, width, height) with a fixed prompt and seed and reuses the ratios for
 every later request with those settings (img2img uses the tail of the full schedule's
-ratios); see `FluxDiffusionEngine.calibrate_magcache`.
+ratios); see `DiffusersEngine.calibrate_magcache`.
 
 Hooks are stateful and sit on the transformer that all threads share: `applied` enables a
 mode for one pipeline call and always disables it afterwards (exception and timeout

@@ -7,7 +7,7 @@ mean(|residual_t| / |residual_t-1|) per step) and hand the ratios back instead o
 them. The engine calibrates once per (num_inference_steps, width, height) with a fixed prompt
 and seed and reuses the ratios for every later request with those settings (img2img uses
 the tail of the full schedule's ratios, `magcache_ratios_for`); see
-`FluxDiffusionEngine.calibrate_magcache`. For FLUX.1 diffusers also ships `FLUX_MAG_RATIOS`.
+`DiffusersEngine.calibrate_magcache`. For FLUX.1 diffusers also ships `FLUX_MAG_RATIOS`.
 """
 
 from __future__ import annotations

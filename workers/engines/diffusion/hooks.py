@@ -15,14 +15,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from omni_tasks.errors import ConfigError, EngineStoppedError, RequestTimeoutError
-from workers import previews
+from omni_tasks.errors import EngineStoppedError, RequestTimeoutError
 from workers.engines import step_cache
 
 if TYPE_CHECKING:
     import torch
 
 StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
+#: Told of each step's latents once the step has ended: (step, steps, latents); 1-based.
+LatentsObserver = Callable[[int, int, Any], None]
+#: Submodules that run on every run of a transformer block, by family (Flux, SD3, Sana:
+#: `ff` / `proj_out`; Qwen-Image: `img_mlp`).
+_BLOCK_MARKERS = ("proj_out", "ff", "img_mlp", "mlp", "ffn")
 
 
 @dataclass
@@ -66,10 +70,12 @@ class TransformerHooks:
         # A submodule of each block runs only when the block's own forward does (a cache hook
         # that skips a block replaces its forward, and torch hooks on the block itself would
         # still fire).
-        markers = [_block_marker(b) for b in step_cache.block_stack(transformer)]
-        for marker in markers:
-            marker.register_forward_hook(self._block_ran)
-        self._num_blocks = len(markers)
+        # A family whose blocks have none of the known markers counts whole calls only.
+        markers = [_block_marker(b) for b in _blocks(transformer)]
+        if markers and all(marker is not None for marker in markers):
+            for marker in markers:
+                marker.register_forward_hook(self._block_ran)
+        self._num_blocks = len(markers) if markers and None not in markers else 0
 
     @contextmanager
     def serving(self, request: Request | None) -> Iterator[None]:
@@ -91,10 +97,14 @@ class TransformerHooks:
             )
 
     def step_callback(
-        self, request: Request, on_step: Callable[[], None] | None = None
+        self,
+        request: Request,
+        on_step: Callable[[], None] | None = None,
+        on_latents: LatentsObserver | None = None,
     ) -> StepCallback:
         """The pipeline's `callback_on_step_end`: closes a step's counts, runs `on_step`
-        (progress, cancellation), checks, then publishes a preview if one is due."""
+        (progress, cancellation), checks, then shows `on_latents` the step's latents
+        (previews)."""
 
         def on_step_end(
             pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]
@@ -108,7 +118,9 @@ class TransformerHooks:
             if on_step is not None:
                 on_step()
             self.check(request)
-            previews.step_ended(pipe, step, tensors)  # those the request asked for
+            latents = tensors.get("latents")
+            if on_latents is not None and latents is not None:
+                on_latents(step + 1, int(getattr(pipe, "num_timesteps", 0) or 0), latents)
             return tensors
 
         return on_step_end
@@ -174,10 +186,17 @@ def timings(request: Request) -> dict[str, float]:
     return {k: round(v, 6) for k, v in result.items()}
 
 
+def _blocks(transformer: Any) -> list[Any]:
+    try:
+        return step_cache.block_stack(transformer)
+    except RuntimeError:  # no known block list: whole calls are counted
+        return []
+
+
 def _block_marker(block: Any) -> Any:
-    """A submodule that runs on every run of `block` (Flux: `proj_out` / `ff`)."""
-    for name in ("proj_out", "ff"):
+    """A submodule that runs on every run of `block`, or None where none is known."""
+    for name in _BLOCK_MARKERS:
         marker = getattr(block, name, None)
         if marker is not None:
             return marker
-    raise ConfigError("model", f"unsupported transformer block {type(block).__name__}")
+    return None

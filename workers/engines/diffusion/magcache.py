@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from workers.engines import step_cache
-from workers.engines.flux.hooks import Request, TransformerHooks
-from workers.engines.flux.phases import PromptEncoder, request_pipeline
-
-if TYPE_CHECKING:
-    from diffusers import FluxPipeline
+from workers.engines.base import ImageParams
+from workers.engines.diffusion.hooks import Request, TransformerHooks
+from workers.engines.diffusion.phases import PromptEncoder, request_pipeline
 
 MAGCACHE_CALIBRATION_PROMPT = "a detailed photo of a city street at sunset"
 MAGCACHE_CALIBRATION_SEED = 0
@@ -45,31 +43,35 @@ class MagCacheRatios:
     def copy(self) -> dict[RatioKey, list[float]]:
         return {key: list(ratios) for key, ratios in self._ratios.items()}
 
-    def get_locked(
-        self, base: FluxPipeline, request: Request, steps: int, width: int, height: int
-    ) -> list[float]:
+    def get_locked(self, request: Request, steps: int, width: int, height: int) -> list[float]:
         """The ratios for this key; calibrates now if needed (transformer lock held)."""
         key = (steps, width, height)
         ratios = self._ratios.get(key)
         if ratios is None:
             start = time.perf_counter()
-            ratios = self._calibrate_locked(base, request, steps, width, height)
+            ratios = self._calibrate_locked(request, steps, width, height)
             request.calibrate_s = time.perf_counter() - start
             self._ratios[key] = ratios
         return ratios
 
     def _calibrate_locked(
-        self, base: FluxPipeline, request: Request, steps: int, width: int, height: int
+        self, request: Request, steps: int, width: int, height: int
     ) -> list[float]:
         """diffusers' MagCache calibration: one uncached run with fixed inputs.
 
         `request` (the one that needs the ratios) only bounds the run's time: the hooks
         must not count these steps for it.
         """
-        import torch
-
-        pipe = request_pipeline(base, img2img=False)
-        embeds = self._encoder.encode(base, MAGCACHE_CALIBRATION_PROMPT, None)
+        family = self._encoder.family
+        pipe = request_pipeline(family.pipe, family.pipeline_class())
+        params = ImageParams(
+            width=width,
+            height=height,
+            steps=steps,
+            guidance=MAGCACHE_CALIBRATION_GUIDANCE,
+            seed=MAGCACHE_CALIBRATION_SEED,
+        )
+        embeds = self._encoder.encode(MAGCACHE_CALIBRATION_PROMPT, params)
 
         def check(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> Any:
             self._hooks.check(request)
@@ -82,20 +84,7 @@ class MagCacheRatios:
             )
             try:
                 ratios = step_cache.record_magcache_ratios(transformer)
-                pipe(
-                    prompt_embeds=embeds["prompt_embeds"],
-                    pooled_prompt_embeds=embeds["pooled_prompt_embeds"],
-                    width=width,
-                    height=height,
-                    num_inference_steps=steps,
-                    guidance_scale=MAGCACHE_CALIBRATION_GUIDANCE,
-                    generator=torch.Generator(device=self._encoder.device).manual_seed(
-                        MAGCACHE_CALIBRATION_SEED
-                    ),
-                    max_sequence_length=self._encoder.max_sequence_length,
-                    callback_on_step_end=check,
-                    output_type="latent",
-                )
+                pipe(**self._encoder.denoise_kwargs(embeds, params, None, check))
             finally:
                 step_cache.disable_diffusers_cache(transformer)
         if len(ratios) != steps:

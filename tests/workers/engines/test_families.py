@@ -1,0 +1,102 @@
+"""The model families in one process (`DiffusersEngine` on each tiny checkpoint): the
+family is read from the checkpoint, returned embeddings and latents reproduce the
+pixels, requests sent together share steps with their own pixels, and the generic
+fallback runs a pipeline class with no family module."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import MODELS_CACHE
+
+from omni_tasks.errors import ConfigError, RequestValidationError
+from workers.engines.base import ImageParams, StepCacheSettings
+
+FAMILIES = {"tiny-sd3": "sd3", "tiny-qwen-image": "qwen-image", "tiny-sana": "sana"}
+PROMPT = "a red fox in the snow"
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def engine(request: pytest.FixtureRequest, tiny_models) -> Iterator:
+    from workers.engines.diffusers_engine import DiffusersEngine
+
+    eng = DiffusersEngine(MODELS_CACHE / request.param, max_batch_size=8)
+    yield eng
+    eng.shutdown()
+
+
+def array(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int64)
+
+
+def together(engine, params: list[ImageParams]) -> list:
+    outs: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        outs[i] = engine.generate(f"r{i}", PROMPT, params[i], 120)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(params))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [outs[i] for i in range(len(params))]
+
+
+def test_the_family_comes_from_the_checkpoint(engine) -> None:
+    name = Path(engine.model).name
+    assert engine.family.name == FAMILIES[name]
+
+
+def test_returned_embeddings_and_latents_give_the_same_pixels(engine) -> None:
+    params = ImageParams(width=64, height=64, steps=4, seed=1, negative_prompt="blurry")
+    first = engine.generate("a", PROMPT, params, 120)
+    assert first.latents is not None and first.embeds
+    decoded = engine.generate("b", "ignored", params, 120, latents=first.latents)
+    assert decoded.steps_run == 0
+    reused = engine.generate("c", "ignored", params, 120, embeds=first.embeds)
+    assert np.array_equal(array(first.image), array(decoded.image))
+    assert np.array_equal(array(first.image), array(reused.image))
+
+
+def test_requests_sent_together_share_steps_with_their_own_pixels(engine) -> None:
+    params = [ImageParams(width=64, height=64, steps=10, seed=20 + i) for i in range(4)]
+    outs = together(engine, params)
+    assert max(out.max_batch for out in outs) >= 2
+    for p, out in zip(params, outs, strict=True):
+        alone = engine.generate("alone", PROMPT, p, 120)
+        assert np.abs(array(out.image) - array(alone.image)).max() <= 2
+
+
+def test_what_the_family_cannot_run_is_refused(engine) -> None:
+    params = ImageParams(width=64, height=64, steps=2, step_cache=StepCacheSettings("pab"))
+    with pytest.raises(ConfigError, match="step_cache"):
+        engine.generate("s", PROMPT, params, 60)
+    with pytest.raises(RequestValidationError, match="multiple"):
+        engine.generate("w", PROMPT, ImageParams(width=72, height=64, steps=2), 60)
+
+
+def test_a_pipeline_without_a_family_module_runs_generic_and_batches(
+    tiny_models, caplog: pytest.LogCaptureFixture
+) -> None:
+    from workers.engines.diffusers_engine import DiffusersEngine
+
+    with caplog.at_level(logging.INFO):
+        eng = DiffusersEngine(
+            MODELS_CACHE / "tiny-sd3", family="generic:StableDiffusion3Pipeline"
+        )
+    try:
+        assert eng.family.name == "generic" and eng.family.batched
+        assert "shares denoising steps (generic family)" in caplog.text
+        params = [ImageParams(width=64, height=64, steps=20, seed=i) for i in range(3)]
+        outs = together(eng, params)
+        assert max(out.max_batch for out in outs) >= 2
+        repeat = eng.generate("again", PROMPT, params[0], 120, latents=outs[0].latents)
+        assert np.array_equal(array(repeat.image), array(outs[0].image))
+    finally:
+        eng.shutdown()

@@ -1,0 +1,191 @@
+"""What the diffusion engine needs to know about one family of diffusers pipelines.
+
+The engine (`workers.engines.diffusers_engine`) runs every family the same way: encode the
+prompts (batched, cached by the DiT cache), run the family's own pipeline call with those
+embeddings and `output_type="latent"`, its transformer replaced by the step loop's stand-in
+(so the transformer calls of many requests run as one batch), then decode. A family says
+only what differs between pipelines:
+
+- `load`: the pipeline classes;
+- `encode`: which embedding tensors one prompt gives (`embed_keys`), computed for several
+  prompts in one call with each prompt's rows as they would be alone;
+- `pipeline_kwargs`: the pipeline call's arguments that carry them;
+- `row_inputs` / `list_rows`: which transformer arguments have a row per request, so the
+  step loop stacks them (everything else is shared by a batch and in its `batch_key`);
+- `unpack` / `decode`: the final latents as the DiT cache keeps them, and their pixels
+  exactly as the pipeline would give them;
+- `probe_inputs`: zeros of one step's shape, which the resource manager measures;
+- what applies: `lora`, `step_caches`, `edit` (the request's image conditions the prompt).
+
+A family object is built per engine around its loaded pipeline (`create_family`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from omni_tasks.errors import RequestValidationError
+from workers.engines.base import ImageParams
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+Embeds = dict[str, "torch.Tensor"]
+#: Every step-cache mode (`workers.engines.step_cache.STEP_CACHE_MODES`).
+ALL_STEP_CACHES = frozenset({"none", "taylorseer", "magcache", "first_block", "pab", "cache_dit"})
+
+
+class ModelFamily:
+    """One family's pipeline facts, around a loaded pipeline (see the module docstring)."""
+
+    #: The family's name in config (`models.<name>.family`) and in results.
+    name: ClassVar[str] = ""
+    #: diffusers class names: text-to-image, and the class that takes the request's image
+    #: (img2img with `strength`, or an edit pipeline when `edit`); None: no image input.
+    pipeline: ClassVar[str] = ""
+    image_pipeline: ClassVar[str | None] = None
+    edit: ClassVar[bool] = False
+    #: The embedding tensors of one prompt, in `encode`'s output and `pipeline_kwargs`.
+    embed_keys: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
+    #: Transformer arguments with one row per request (stacked); `list_rows`: per-row
+    #: Python lists (concatenated). All others are shared by a batch.
+    row_inputs: ClassVar[tuple[str, ...]] = ("hidden_states", "encoder_hidden_states", "timestep")
+    list_rows: ClassVar[tuple[str, ...]] = ()
+    lora: ClassVar[bool] = True
+    step_caches: ClassVar[frozenset[str]] = frozenset({"none"})
+    #: The pipeline call's output: "latent" (decoded by `decode`) or "pil" (generic).
+    output_type: ClassVar[str] = "latent"
+    #: Whether a step's latents can be decoded into a preview.
+    previews: ClassVar[bool] = True
+    #: Text tokens the resource manager's probe assumes.
+    probe_text_tokens: ClassVar[int] = 64
+
+    def __init__(self, pipe: Any, device: torch.device, max_sequence_length: int) -> None:
+        self.pipe = pipe
+        self.device = device
+        self.max_sequence_length = max_sequence_length
+
+    # --- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def pipeline_class(cls, with_image: bool = False) -> Any:
+        import diffusers
+
+        name = cls.image_pipeline if with_image else cls.pipeline
+        if name is None:
+            raise RequestValidationError("image", f"the {cls.name} family takes no input image")
+        return getattr(diffusers, name)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (the VAE's downsampling x the patch)."""
+        return int(self.pipe.vae_scale_factor) * 2
+
+    # --- encode ----------------------------------------------------------------------------
+
+    def encode(
+        self, prompts: Sequence[str], images: Sequence[Any] | None = None, negative: bool = False
+    ) -> list[Embeds]:
+        """The embeddings of each prompt (one call for all), each as it would be alone.
+        `images`: an edit family's input images, one per prompt; `negative`: the prompts
+        are negative prompts (which some families encode differently)."""
+        raise NotImplementedError
+
+    def negative_text(self, params: ImageParams, true_cfg_scale: float) -> str | None:
+        """The negative prompt to encode, or None when the request runs without CFG.
+        Default (true CFG, as Flux and Qwen-Image): a non-empty negative prompt and a
+        scale above 1."""
+        if params.negative_prompt and true_cfg_scale > 1:
+            return params.negative_prompt
+        return None
+
+    def check_embeds(self, embeds: Mapping[str, Any], name: str = "embeds") -> Embeds:
+        """Embeddings a caller passed: one prompt's tensors, on the engine's device."""
+        import torch
+
+        used: Embeds = {}
+        for key in self.embed_keys:
+            value = embeds.get(key)
+            if not isinstance(value, torch.Tensor):
+                raise RequestValidationError(name, f"needs a tensor {key!r}")
+            if value.dim() < 2 or value.shape[0] != 1:
+                raise RequestValidationError(
+                    name, f"{key!r} has shape {tuple(value.shape)}, not one prompt's"
+                )
+            used[key] = value.to(self.device)
+        return used
+
+    # --- denoise ---------------------------------------------------------------------------
+
+    def pipeline_kwargs(
+        self,
+        embeds: Embeds,
+        negative: Embeds | None,
+        params: ImageParams,
+        true_cfg_scale: float,
+        image: Image.Image | None,
+    ) -> dict[str, Any]:
+        """The family's pipeline arguments (the engine adds size, steps, generator, callback
+        and output type): the embeddings, guidance, and the image input if any."""
+        raise NotImplementedError
+
+    def text_kwargs(self, prompt: str) -> dict[str, Any]:
+        """Pipeline arguments that carry the prompt text itself (none: its embeddings do)."""
+        return {}
+
+    def steps_taken(self, params: ImageParams, with_image: bool) -> int:
+        """Denoising steps the pipeline runs: img2img starts late (`get_timesteps`)."""
+        if not with_image or self.edit:
+            return params.steps
+        init_timestep = min(params.steps * params.strength, params.steps)
+        return params.steps - int(max(params.steps - init_timestep, 0))
+
+    def batch_key(self, params: ImageParams, embeds: Embeds) -> Hashable:
+        """Requests with equal keys may share a step: same size, same text length."""
+        return (self.name, params.width, params.height, text_tokens(embeds))
+
+    # --- decode ----------------------------------------------------------------------------
+
+    def latent_shape(self, params: ImageParams) -> tuple[int, ...]:
+        """The shape of `unpack`'s latents for a request of `params`' size."""
+        raise NotImplementedError
+
+    def unpack(self, latents: torch.Tensor, params: ImageParams) -> torch.Tensor:
+        """The pipeline's `output_type="latent"` output as the DiT cache keeps it."""
+        return latents
+
+    def decode(self, latents: torch.Tensor) -> Image.Image:
+        """`unpack`'s latents to the image the pipeline itself would return."""
+        raise NotImplementedError
+
+    def preview(self, latents: torch.Tensor, params: ImageParams) -> Image.Image:
+        """The image of a step's latents, as the denoising loop holds them."""
+        return self.decode(self.unpack(latents, params))
+
+    # --- resources -------------------------------------------------------------------------
+
+    def probe_inputs(
+        self, rows: int, params: ImageParams, opts: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Transformer arguments of one step for `rows` requests of `params`' size, on
+        zeros (`opts`: device and dtype); None: this family is not measured."""
+        return None
+
+
+def text_tokens(embeds: Mapping[str, Any]) -> int:
+    """The text length of a prompt's embeddings (their sequence axis)."""
+    value = embeds.get("prompt_embeds")
+    return int(value.shape[1]) if value is not None and value.dim() >= 3 else 0
+
+
+def pipeline_class_name(path: str | Path) -> str | None:
+    """`_class_name` of a checkpoint's model_index.json, or None where there is none."""
+    index = Path(path) / "model_index.json"
+    try:
+        return str(json.loads(index.read_text())["_class_name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,112 @@
+"""Stable Diffusion 3 / 3.5 (`StableDiffusion3Pipeline`, img2img with
+`StableDiffusion3Img2ImgPipeline`).
+
+Prompts: two CLIP encoders (pooled and sequence) and T5, all padded to fixed lengths, so
+every prompt has the same text length and a batch of prompts encodes each as alone. CFG
+runs whenever `guidance` > 1, with the negative prompt or "": the pipeline stacks the
+negative and positive rows into one transformer call of two rows per request, which the
+step loop stacks with other requests' calls. Latents are (channels, height / 8,
+width / 8) images; the transformer patches them itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from workers.engines.base import ImageParams
+from workers.engines.families.base import Embeds, ModelFamily
+from workers.engines.families.flux import decode_scaled
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+
+class SD3Family(ModelFamily):
+    name = "sd3"
+    pipeline = "StableDiffusion3Pipeline"
+    image_pipeline = "StableDiffusion3Img2ImgPipeline"
+    embed_keys = ("prompt_embeds", "pooled_prompt_embeds")
+    row_inputs = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
+
+    @property
+    def probe_text_tokens(self) -> int:  # type: ignore[override]
+        return 77 + self.max_sequence_length  # CLIP's 77, then T5's padded length
+
+    def encode(
+        self, prompts: Sequence[str], images: Sequence[Any] | None = None, negative: bool = False
+    ) -> list[Embeds]:
+        """`encode_prompt` of all prompts at once, without CFG: a negative prompt is
+        encoded by the same encoders as a prompt."""
+        import torch
+
+        with torch.no_grad():
+            sequence, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=list(prompts),
+                prompt_2=None,
+                prompt_3=None,
+                device=self.device,
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length,
+            )
+        return [
+            {
+                "prompt_embeds": sequence[i : i + 1].clone(),
+                "pooled_prompt_embeds": pooled[i : i + 1].clone(),
+            }
+            for i in range(len(prompts))
+        ]
+
+    def negative_text(self, params: ImageParams, true_cfg_scale: float) -> str | None:
+        """CFG whenever guidance > 1, with the negative prompt or ""."""
+        return (params.negative_prompt or "") if params.guidance > 1 else None
+
+    def pipeline_kwargs(
+        self,
+        embeds: Embeds,
+        negative: Embeds | None,
+        params: ImageParams,
+        true_cfg_scale: float,
+        image: Image.Image | None,
+    ) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            **embeds,
+            "guidance_scale": params.guidance,
+            "max_sequence_length": self.max_sequence_length,
+        }
+        if negative is not None:
+            kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
+            kwargs["negative_pooled_prompt_embeds"] = negative["pooled_prompt_embeds"]
+        if image is not None:
+            kwargs["image"] = image.convert("RGB").resize((params.width, params.height))
+            kwargs["strength"] = params.strength
+        return kwargs
+
+    def batch_key(self, params: ImageParams, embeds: Embeds) -> tuple[Any, ...]:
+        # The text length is fixed; CFG changes a call's row count, not what it shares.
+        return (self.name, params.width, params.height, self.probe_text_tokens)
+
+    def latent_shape(self, params: ImageParams) -> tuple[int, ...]:
+        scale = self.pipe.vae_scale_factor
+        channels = self.pipe.transformer.config.in_channels
+        return (1, channels, params.height // scale, params.width // scale)
+
+    def decode(self, latents: torch.Tensor) -> Image.Image:
+        return decode_scaled(self.pipe, latents)
+
+    def probe_inputs(
+        self, rows: int, params: ImageParams, opts: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        import torch
+
+        cfg = self.pipe.transformer.config
+        _, channels, height, width = self.latent_shape(params)
+        rows *= 2  # CFG: two rows per request
+        seq = self.probe_text_tokens
+        return {
+            "hidden_states": torch.zeros(rows, channels, height, width, **opts),
+            "encoder_hidden_states": torch.zeros(rows, seq, cfg.joint_attention_dim, **opts),
+            "pooled_projections": torch.zeros(rows, cfg.pooled_projection_dim, **opts),
+            "timestep": torch.ones(rows, **opts),
+        }
