@@ -85,3 +85,21 @@ def test_a_task_body_outside_a_worker_says_where_it_runs() -> None:
         assert "celery -A omni_tasks worker" in str(exc)
     else:  # pragma: no cover - the assertion below explains
         raise AssertionError("a task body ran without a worker-side handler")
+
+
+def test_engines_and_the_step_loop_get_what_they_report_to_from_the_worker() -> None:
+    """Counters, progress and previews reach engines through their arguments: no engine,
+    family or step-loop module imports the worker runtime, previews or handlers."""
+    workers_root = PRODUCER_ROOT.parent / "workers"
+    sources = sorted(
+        [*(workers_root / "engines").rglob("*.py"), *(workers_root / "stepping").rglob("*.py")]
+    )
+    assert len(sources) > 20
+    forbidden = ("workers.runtime", "workers.previews", "workers.handlers")
+    offenders = [
+        f"{path.relative_to(workers_root.parent)}:{line} imports {module}"
+        for path in sources
+        for line, module in _imported_modules(path)
+        if module in forbidden
+    ]
+    assert offenders == []

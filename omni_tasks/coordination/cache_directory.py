@@ -67,15 +67,15 @@ def dit_keys(request: OmniRequest, config: CoreModuleConfig, prompt: str | None 
     """Keys for `request`; `prompt` overrides the prompt (a multimodal DiT stage)."""
     model = request.model or config.diffusion.model
     text = request.prompt if prompt is None else prompt
-    embeddings = _digest(
-        "emb",
-        {
-            "model": model,
-            "prompt": text,
-            "negative_prompt": request.negative_prompt,
-            "encoders": ENCODER_SETTINGS,
-        },
-    )
+    encoded: dict[str, Any] = {
+        "model": model,
+        "prompt": text,
+        "negative_prompt": request.negative_prompt,
+        "encoders": ENCODER_SETTINGS,
+    }
+    if request.image is not None:  # an edit model encodes the image with the prompt
+        encoded["image"] = hashlib.sha256(str(request.image).encode()).hexdigest()
+    embeddings = _digest("emb", encoded)
     mode, params = step_cache_of(request, config)
     parts = request.cache_key_parts()
     parts.update(

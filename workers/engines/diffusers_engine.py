@@ -297,7 +297,7 @@ class DiffusersEngine:
             used_embeds = self._encoder.given_embeds(embeds, params, init_image)
         request.encode_s = time.perf_counter() - start
         if held.batch_key is not None:  # the text length is known now
-            held.batch_key = self._batch_key(params, used_embeds)
+            held.batch_key = self._batch_key(params, used_embeds, init_image)
         held.encoded = True  # its first call follows within milliseconds
         kwargs = self._encoder.denoise_kwargs(used_embeds, params, init_image, None, prompt)
         with_image = init_image is not None
@@ -363,10 +363,12 @@ class DiffusersEngine:
 
     # --- plumbing -----------------------------------------------------------------------------
 
-    def _batch_key(self, params: ImageParams, embeds: Mapping[str, Any]) -> Any:
+    def _batch_key(
+        self, params: ImageParams, embeds: Mapping[str, Any], image: Image.Image | None
+    ) -> Any:
         """The family's key, plus the LoRA adapter set unless rows may mix sets."""
         positive, _ = split_embeds(embeds)
-        key = self.family.batch_key(params, positive)
+        key = self.family.batch_key(params, positive, image)
         lora = None if self.adapters.mixed_batches else params.lora
         return key if key is None or lora is None else (*key, lora)
 
@@ -377,12 +379,12 @@ class DiffusersEngine:
         # Before encoding, the key assumes the family's nominal text length; it is set
         # from the embeddings once they are known.
         nominal = {"prompt_embeds": None}
-        shape = self.family.batch_key(params, nominal)  # what memory is measured by
+        shape = self.family.batch_key(params, nominal, init_image)  # what memory is measured by
         return StepRequest(
             ticket,
             steps=self.family.steps_taken(params, init_image is not None),
             pixels=params.width * params.height,
-            batch_key=self._batch_key(params, nominal) if batched else None,
+            batch_key=self._batch_key(params, nominal, init_image) if batched else None,
             shape=shape,
         )
 
@@ -398,6 +400,8 @@ class DiffusersEngine:
                 )
         if init_image is not None and self.family.image_pipeline is None:
             raise RequestValidationError("image", f"the {self.family.name} family takes no image")
+        if init_image is None and self.family.needs_image:
+            raise RequestValidationError("image", f"the {self.family.name} family edits an image")
         if params.step_cache.mode not in self.family.step_caches:
             allowed = ", ".join(sorted(self.family.step_caches))
             raise ConfigError(

@@ -87,9 +87,7 @@ def test_a_pipeline_without_a_family_module_runs_generic_and_batches(
     from workers.engines.diffusers_engine import DiffusersEngine
 
     with caplog.at_level(logging.INFO):
-        eng = DiffusersEngine(
-            MODELS_CACHE / "tiny-sd3", family="generic:StableDiffusion3Pipeline"
-        )
+        eng = DiffusersEngine(MODELS_CACHE / "tiny-sd3", family="generic:StableDiffusion3Pipeline")
     try:
         assert eng.family.name == "generic" and eng.family.batched
         assert "shares denoising steps (generic family)" in caplog.text
@@ -100,3 +98,29 @@ def test_a_pipeline_without_a_family_module_runs_generic_and_batches(
         assert np.array_equal(array(repeat.image), array(outs[0].image))
     finally:
         eng.shutdown()
+
+
+class Sink:
+    """A preview sink that keeps what it gets (the worker's publishes to Redis)."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps = steps
+        self.images: list = []
+
+    def due(self, step: int, total: int) -> bool:
+        return step in self.steps
+
+    def publish(self, image, step: int, total: int) -> None:
+        self.images.append((step, total, image))
+
+
+def test_previews_decode_the_family_latents_of_the_steps_asked(engine) -> None:
+    from workers.stepping.request import StepTicket
+
+    sink = Sink({2, 4})
+    ticket = StepTicket("p", preview=sink)
+    params = ImageParams(width=64, height=64, steps=6, seed=2)
+    out = engine.generate("p", PROMPT, params, 120, ticket=ticket)
+    assert [(step, total) for step, total, _ in sink.images] == [(2, 6), (4, 6)]
+    assert all(image.size == out.image.size for _, _, image in sink.images)
+    assert not np.array_equal(array(sink.images[0][2]), array(out.image))

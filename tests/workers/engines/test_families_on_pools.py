@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from conftest import MODELS_CACHE, clean_redis, start_ready_workers
 from helpers import eventually
 from PIL import Image
 
-from omni_tasks import generate_image
+from omni_tasks import generate_image, get_config, set_config
+from omni_tasks.config import ModelEntry
 
 TIMEOUT = 180
 # Each family at a size its VAE takes (Sana: multiples of 32).
@@ -29,12 +31,17 @@ SIZE = {"width": 64, "height": 64}
 def pool(request: pytest.FixtureRequest, tiny_models, run_dir: Path) -> Iterator[str]:
     """One worker serving the family's tiny model, with room for 4 requests per step."""
     model = request.param
+    original = get_config()
+    set_config(replace(original, models={**original.models, model: ModelEntry()}))
     clean_redis()
     env = {"OMNI_DIFFUSION__MODEL": model, "OMNI_DIFFUSION__MAX_BATCH_SIZE": "4"}
-    [worker] = start_ready_workers(["diffusion"], run_dir / f"logs-{model}", env=env)
-    yield model
-    worker.stop()
-    clean_redis()
+    try:
+        [worker] = start_ready_workers(["diffusion"], run_dir / f"logs-{model}", env=env)
+        yield model
+        worker.stop()
+    finally:
+        set_config(original)
+        clean_redis()
 
 
 @pytest.fixture(scope="module")

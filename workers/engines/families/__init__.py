@@ -14,11 +14,19 @@ from workers.engines.families.base import ModelFamily, pipeline_class_name
 from workers.engines.families.flux import FluxFamily
 from workers.engines.families.generic import GenericFamily, check_rows
 from workers.engines.families.qwen_image import QwenImageFamily
+from workers.engines.families.qwen_image_edit import QwenImageEditFamily
 from workers.engines.families.sana import SanaFamily
 from workers.engines.families.sd3 import SD3Family
 
 FAMILIES: dict[str, type[ModelFamily]] = {
-    family.name: family for family in (FluxFamily, SD3Family, QwenImageFamily, SanaFamily)
+    family.name: family
+    for family in (
+        FluxFamily,
+        SD3Family,
+        QwenImageFamily,
+        QwenImageEditFamily,
+        SanaFamily,
+    )
 }
 
 

@@ -49,6 +49,8 @@ class ModelFamily:
     pipeline: ClassVar[str] = ""
     image_pipeline: ClassVar[str | None] = None
     edit: ClassVar[bool] = False
+    #: Every request needs an input image (an edit model has no text-to-image call).
+    needs_image: ClassVar[bool] = False
     #: The embedding tensors of one prompt, in `encode`'s output and `pipeline_kwargs`.
     embed_keys: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
     #: Transformer arguments with one row per request (stacked); `list_rows`: per-row
@@ -144,8 +146,11 @@ class ModelFamily:
         init_timestep = min(params.steps * params.strength, params.steps)
         return params.steps - int(max(params.steps - init_timestep, 0))
 
-    def batch_key(self, params: ImageParams, embeds: Embeds) -> Hashable:
-        """Requests with equal keys may share a step: same size, same text length."""
+    def batch_key(
+        self, params: ImageParams, embeds: Embeds, image: Image.Image | None = None
+    ) -> Hashable:
+        """Requests with equal keys may share a step: same size, same text length
+        (`image`: the request's input image, which some families append to the step)."""
         return (self.name, params.width, params.height, text_tokens(embeds))
 
     # --- decode ----------------------------------------------------------------------------

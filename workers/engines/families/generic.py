@@ -79,7 +79,9 @@ class GenericFamily(ModelFamily):
     def text_kwargs(self, prompt: str) -> dict[str, Any]:
         return {"prompt": prompt}
 
-    def batch_key(self, params: ImageParams, embeds: Embeds) -> Any:
+    def batch_key(
+        self, params: ImageParams, embeds: Embeds, image: Image.Image | None = None
+    ) -> Any:
         return (self.name, params.width, params.height) if self.batched else None
 
     def latent_shape(self, params: ImageParams) -> tuple[int, ...]:

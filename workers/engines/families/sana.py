@@ -96,7 +96,9 @@ class SanaFamily(ModelFamily):
             kwargs["negative_prompt_attention_mask"] = negative["prompt_attention_mask"]
         return kwargs
 
-    def batch_key(self, params: ImageParams, embeds: Embeds) -> tuple[Any, ...]:
+    def batch_key(
+        self, params: ImageParams, embeds: Embeds, image: Image.Image | None = None
+    ) -> tuple[Any, ...]:
         return (self.name, params.width, params.height, self.max_sequence_length)
 
     def latent_shape(self, params: ImageParams) -> tuple[int, ...]:

@@ -83,7 +83,9 @@ class SD3Family(ModelFamily):
             kwargs["strength"] = params.strength
         return kwargs
 
-    def batch_key(self, params: ImageParams, embeds: Embeds) -> tuple[Any, ...]:
+    def batch_key(
+        self, params: ImageParams, embeds: Embeds, image: Image.Image | None = None
+    ) -> tuple[Any, ...]:
         # The text length is fixed; CFG changes a call's row count, not what it shares.
         return (self.name, params.width, params.height, self.probe_text_tokens)
 
