@@ -274,9 +274,7 @@ def test_magcache_ratios_for_img2img_and_other_lengths() -> None:
     assert len(stretched) == 11 and stretched[0] == 1.0 and stretched[-1] == 1.5
 
 
-def test_magcache_calibrates_once_per_setting(
-    engine: DiffusersEngine, tiny_flux_dir: Path
-) -> None:
+def test_magcache_calibrates_once_per_setting(engine: DiffusersEngine, tiny_flux_dir: Path) -> None:
     cal = params("magcache", size=64, steps=6, seed=1)
     first = engine.generate("m1", PROMPT, cal, 60)
     second = engine.generate("m2", PROMPT, cal, 60)
