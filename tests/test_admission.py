@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import clean_redis, start_ready_workers
-from helpers import eventually, publish_raw
+from helpers import DIT_QUEUE, eventually, publish_raw
 
 from omni_tasks.coordination import admission, keys
 from omni_tasks.coordination.client import get_redis
@@ -187,7 +187,7 @@ def test_send_task_is_admitted_and_refused_when_full(redis_client, use_config) -
     assert admission.count("diffusion") == 1
     with pytest.raises(QueueFullError, match="pool 'diffusion'"):
         app.send_task("omni_tasks.generate_image", kwargs={"prompt": "y"})
-    assert _queued("diffusion") == 1
+    assert _queued(DIT_QUEUE) == 1
     assert redis_client.zscore(keys.admitted("diffusion"), sent.id) is not None
     # A send the router refuses (invalid kwargs) gives its place back.
     with pytest.raises(RequestValidationError, match="prompt"):
@@ -274,7 +274,7 @@ def test_a_chain_keeps_its_one_place_while_its_later_stage_waits(ar_worker) -> N
     ar_worker()  # runs the AR stage; no diffusion worker takes the DiT stage
     result = generate_multimodal.delay(prompt="a cat", max_tokens=4)
     app.AsyncResult(result.id + ".prompt").get(60)
-    assert eventually(lambda: _queued("diffusion") == 1, timeout_s=10)
+    assert eventually(lambda: _queued(DIT_QUEUE) == 1, timeout_s=10)
     assert (admission.count("ar"), admission.count("diffusion")) == (1, 0)
     cancel(result.id)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from helpers import SMALL, where
+from helpers import DIT_QUEUE, SMALL, where
 
 from omni_tasks import (
     ConfigError,
@@ -21,7 +21,7 @@ from omni_tasks.config import config_from_dict, load_config
 from omni_tasks.coordination import cache_directory, keys
 from omni_tasks.lora import directory_key
 from omni_tasks.requests import OmniRequest
-from omni_tasks.scheduling.policies import create_policy
+from omni_tasks.scheduling.policies import Route, create_policy
 from omni_tasks.tasks.router import resolve_route
 
 LORAS = {"watercolor": "tiny-flux-lora-watercolor", "ink": "/srv/loras/ink", "pirate": "p"}
@@ -78,7 +78,9 @@ def test_an_unknown_adapter_sends_nothing(redis_client) -> None:
     with pytest.raises(RequestValidationError) as err:
         generate_image.delay(prompt="a fox", lora=["sepia"], **SMALL)
     assert err.value.field == "lora.0.name"
-    assert not any(redis_client.llen(k) for k in keys.queue_keys("diffusion"))
+    assert not any(
+        redis_client.llen(k) for q in ("diffusion", DIT_QUEUE) for k in keys.queue_keys(q)
+    )
     assert not redis_client.zcard(keys.ledger_open())
 
 
@@ -139,7 +141,7 @@ def test_a_request_goes_to_the_live_worker_holding_its_adapter(redis_client) -> 
         cache_directory.dit_keys(request, config).embeddings,
     ]
     policy = create_policy(config)
-    pool = policy.route(request, "dit")
+    pool = Route(DIT_QUEUE, policy.route(request, "dit").priority)  # the model's queue
     cache_directory.record_insert(WORKER, "diffusion", directory_key("ink"), 4096)
     assert resolve_route(request, "dit", policy) == pool  # no heartbeat: not live
     beat(redis_client, WORKER)

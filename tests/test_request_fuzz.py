@@ -11,7 +11,7 @@ import uuid
 from typing import Any
 
 import pytest
-from helpers import message_kwargs, queued_messages
+from helpers import DIT_QUEUE, message_kwargs, queued_messages
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -26,7 +26,7 @@ from omni_tasks import (
 from omni_tasks.coordination.keys import queue_key
 from omni_tasks.requests import MAX_SEED, STEP_CACHE_MODES
 
-QUEUES = ("ar", "diffusion")
+QUEUES = ("ar", "diffusion", DIT_QUEUE)
 FUZZ = settings(
     max_examples=100,
     deadline=None,

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 import pytest
-from helpers import message_kwargs, queued_messages
+from helpers import DIT_QUEUE, message_kwargs, queued_messages
 from redis import Redis
 
 from omni_tasks import (
@@ -32,7 +32,7 @@ from omni_tasks.tasks import app
 
 def messages(client: Redis) -> list[dict[str, Any]]:
     """Every message waiting in the two pools' queues."""
-    return [m for q in ("ar", "diffusion") for _, m in queued_messages(client, q)]
+    return [m for q in ("ar", "diffusion", DIT_QUEUE) for _, m in queued_messages(client, q)]
 
 
 def ids(client: Redis) -> list[str]:

@@ -10,7 +10,7 @@ import time
 from dataclasses import replace
 
 import pytest
-from helpers import where
+from helpers import DIT_QUEUE, where
 
 from omni_tasks import (
     CacheConfig,
@@ -74,7 +74,7 @@ def test_schedule_enqueues_once_and_counts_from_redis(redis_client) -> None:
 
     asyncio.run(run())
     assert where(redis_client, text.request_id) == ("ar", 0)
-    assert where(redis_client, image.request_id) == ("diffusion", 6)
+    assert where(redis_client, image.request_id) == (DIT_QUEUE, 6)
     # A MULTIMODAL request waits as its AR stage; the DiT stage is sent by the AR worker.
     assert where(redis_client, multi.request_id + ".prompt") == ("ar", 9)
     assert scheduler.get_queue_size() == 3

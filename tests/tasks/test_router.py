@@ -21,7 +21,9 @@ from omni_tasks import (
     generate_multimodal,
     generate_text,
     get_config,
+    lora,
 )
+from omni_tasks.config import ModelEntry
 from omni_tasks.coordination import cache_directory, keys
 from omni_tasks.requests import OmniRequest
 from omni_tasks.scheduling.policies import Route, create_policy
@@ -205,3 +207,78 @@ def test_a_directory_failure_routes_to_the_pool(use_config, caplog) -> None:
         found = resolve_route(request, "dit", policy)
     assert found == Route(DIT_QUEUE, policy.route(request, "dit").priority)
     assert "cache directory lookup failed" in caplog.text
+
+
+@pytest.fixture()
+def two_models(use_config) -> None:
+    """The process config with `flux-b` registered beside the default `tiny-flux`, and
+    one LoRA adapter (`ink`)."""
+    config = get_config()
+    use_config(replace(config, models={"flux-b": ModelEntry()}, loras={"ink": "loras/ink"}))
+
+
+@pytest.mark.parametrize("scheduler_type", [SchedulerType.PRIORITY], indirect=True)
+def test_each_model_has_its_queue(redis_client, scheduler_type, two_models) -> None:
+    b = generate_image.delay(prompt="b", model="flux-b", priority="high", **SMALL)
+    default = generate_image.delay(prompt="d", priority="low", **SMALL)
+    named = generate_image.delay(prompt="n", model="tiny-flux", priority="low", **SMALL)
+    queues = ("diffusion", DIT_QUEUE, "diffusion.flux-b")
+    assert where(redis_client, b.id, queues) == ("diffusion.flux-b", 0)
+    assert where(redis_client, default.id, queues) == (DIT_QUEUE, 9)
+    assert where(redis_client, named.id, queues) == (DIT_QUEUE, 9)
+    text = generate_text.delay(prompt="t", model="any text model")  # not checked here
+    assert where(redis_client, text.id) == ("ar", 6)
+
+
+def test_a_model_queue_is_declared_as_a_pool_queue(two_models) -> None:
+    """With x-max-priority, as workers declare it (RabbitMQ refuses a queue declared
+    again with other arguments), on its own direct exchange."""
+    router = OmniRouter()
+    route = router("omni_tasks.generate_image", (), {"prompt": "x", "model": "flux-b"}, {})
+    assert route is not None and route["queue"] == "diffusion.flux-b"
+    queue = app.amqp.queues["diffusion.flux-b"]
+    assert queue.queue_arguments == {"x-max-priority": 10}
+    assert (queue.exchange.name, queue.exchange.type) == ("diffusion.flux-b", "direct")
+
+
+@pytest.mark.parametrize("scheduler_type", [SchedulerType.PRIORITY], indirect=True)
+def test_a_multimodal_dit_stage_goes_to_its_models_queue(scheduler_type, two_models) -> None:
+    router = OmniRouter()
+    task = app.tasks["omni_tasks.multimodal_render"]  # routed when the AR worker sends it
+    kwargs = {"prompt": "x", "request_type": "multimodal", "model": "flux-b"}
+    assert router(task.name, (), kwargs, {}, task=task) == {
+        "queue": "diffusion.flux-b",
+        "priority": 6,
+    }
+    request = create_multimodal_request("x", model="flux-b")
+    policy = create_policy(get_config())
+    assert resolve_route(request, "ar", policy).queue == "ar"
+    assert resolve_route(request, "dit", policy).queue == "diffusion.flux-b"
+
+
+def test_affinity_stays_within_a_model(redis_client, two_models) -> None:
+    """A holder's keys name its model: the same request asked of another model, or the
+    same adapter on another model, goes to that model's queue."""
+    fields = {"prompt": "a red fox", "seed": 5, **SMALL}
+    beat(redis_client, WORKER)  # serves flux-b
+    hold(WORKER, create_diffusion_request(**fields, model="flux-b"))
+    policy = create_policy(get_config())
+    own = keys.worker_queue(WORKER)
+    assert (
+        resolve_route(create_diffusion_request(**fields, model="flux-b"), "dit", policy).queue
+        == own
+    )
+    for other in (
+        create_diffusion_request(**fields),
+        create_diffusion_request(**fields, model="tiny-flux"),
+    ):
+        assert resolve_route(other, "dit", policy).queue == DIT_QUEUE
+    adapter = lora.directory_key("ink", "flux-b")
+    cache_directory.record_insert(WORKER, "diffusion", adapter, 4096)
+    styled = {"prompt": "a new prompt", "lora": ["ink"], **SMALL}
+    on_b = create_diffusion_request(**styled, model="flux-b")
+    assert cache_directory.affinity_keys(on_b, get_config())[1] == adapter
+    assert resolve_route(on_b, "dit", policy).queue == own
+    assert resolve_route(create_diffusion_request(**styled), "dit", policy).queue == DIT_QUEUE
+    multi = create_multimodal_request("x", lora=["ink"], model="flux-b")  # adapters only
+    assert resolve_route(multi, "dit", policy).queue == own
