@@ -54,6 +54,7 @@ from workers.engines.diffusion.hooks import LatentsObserver, Request, Transforme
 from workers.engines.diffusion.magcache import MagCacheRatios
 from workers.engines.diffusion.phases import (
     PromptEncoder,
+    device_and_dtype,
     given_latents,
     load_pipeline,
     request_pipeline,
@@ -77,8 +78,6 @@ if TYPE_CHECKING:
 __all__ = ["DiffusersEngine"]
 
 log = logging.getLogger(__name__)
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-_DTYPES.update(fp32="float32", bf16="bfloat16", fp16="float16")
 # Errors `generate` raises as they are (any other becomes a ProcessingError).
 _PASSED_ON = (
     RequestTimeoutError,
@@ -129,12 +128,15 @@ class DiffusersEngine:
         `workers.stepping.arrivals`); `adapter_listener`: told of every LoRA adapter
         loaded and unloaded (`workers.lora`); `counters`: told of batches and preemptions."""
         self.model = str(model)
-        self.device, self.dtype = _device_and_dtype(device, dtype)
+        self.device, self.dtype = device_and_dtype(device, dtype)
         self.true_cfg_scale = true_cfg_scale
         self._stopped = threading.Event()
         self._hooks = TransformerHooks(self._stopped)
         family_cls = detect(self.model, family)
-        pipe = load_pipeline(family_cls.pipeline_class(), self.model, self.dtype, self.device)
+        extra = family_cls.load_kwargs(self.model)
+        pipe = load_pipeline(
+            family_cls.pipeline_class(), self.model, self.dtype, self.device, extra
+        )
         self.family: ModelFamily = family_cls(pipe, self.device, max_sequence_length)
         if isinstance(self.family, GenericFamily):
             check_rows(self.family)
@@ -192,7 +194,7 @@ class DiffusersEngine:
         an image the family cannot take or LoRA adapters it cannot load.
         """
         self._live(request_id)
-        self._check(params, init_image)
+        self.family.check_request(params, init_image)
         mode_params = step_cache.resolve(params.step_cache)
         request = Request(request_id, deadline=time.perf_counter() + timeout_s)
         ticket = ticket or StepTicket(request_id)
@@ -392,24 +394,6 @@ class DiffusersEngine:
         if self._stopped.is_set():
             raise EngineStoppedError(f"{request_id}: diffusion engine is shut down")
 
-    def _check(self, params: ImageParams, init_image: Image.Image | None) -> None:
-        for name in ("width", "height"):
-            if getattr(params, name) % self.size_multiple:
-                raise RequestValidationError(
-                    name, f"must be a multiple of {self.size_multiple} for this model"
-                )
-        if init_image is not None and self.family.image_pipeline is None:
-            raise RequestValidationError("image", f"the {self.family.name} family takes no image")
-        if init_image is None and self.family.needs_image:
-            raise RequestValidationError("image", f"the {self.family.name} family edits an image")
-        if params.step_cache.mode not in self.family.step_caches:
-            allowed = ", ".join(sorted(self.family.step_caches))
-            raise ConfigError(
-                "step_cache",
-                f"{params.step_cache.mode!r} does not run on the {self.family.name} family"
-                f" (it runs: {allowed})",
-            )
-
 
 def _output(
     image: Image.Image,
@@ -434,17 +418,3 @@ def _output(
         max_batch=held.max_batch if held is not None else 0,
         lora=[use.to_json() for use in adapters],
     )
-
-
-def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    """Resolve "auto": CUDA when available; bfloat16 there, float32 on CPUs."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        # No native bf16 on CPUs: it is slower there than fp32.
-        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
-    if dtype not in _DTYPES:
-        raise ConfigError("dtype", f"{dtype!r} is not one of auto, {', '.join(_DTYPES)}")
-    return torch.device(device), getattr(torch, _DTYPES[dtype])

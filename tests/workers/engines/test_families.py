@@ -73,10 +73,20 @@ def test_requests_sent_together_share_steps_with_their_own_pixels(engine) -> Non
         assert np.abs(array(out.image) - array(alone.image)).max() <= 2
 
 
-def test_what_the_family_cannot_run_is_refused(engine) -> None:
-    params = ImageParams(width=64, height=64, steps=2, step_cache=StepCacheSettings("pab"))
-    with pytest.raises(ConfigError, match="step_cache"):
-        engine.generate("s", PROMPT, params, 60)
+def test_every_step_cache_the_family_lists_runs_and_the_others_are_refused(engine) -> None:
+    from workers.engines.step_cache import STEP_CACHE_MODES
+
+    for mode in sorted(STEP_CACHE_MODES):
+        params = ImageParams(width=64, height=64, steps=8, step_cache=StepCacheSettings(mode))
+        if mode in engine.family.step_caches:
+            out = engine.generate(mode, PROMPT, params, 120)
+            assert out.denoise_steps == 8 and 1 <= out.steps_run <= 8, mode
+        else:
+            with pytest.raises(ConfigError, match="step_cache"):
+                engine.generate(mode, PROMPT, params, 60)
+
+
+def test_a_size_the_family_cannot_take_is_refused(engine) -> None:
     with pytest.raises(RequestValidationError, match="multiple"):
         engine.generate("w", PROMPT, ImageParams(width=72, height=64, steps=2), 60)
 
@@ -124,3 +134,36 @@ def test_previews_decode_the_family_latents_of_the_steps_asked(engine) -> None:
     assert [(step, total) for step, total, _ in sink.images] == [(2, 6), (4, 6)]
     assert all(image.size == out.image.size for _, _, image in sink.images)
     assert not np.array_equal(array(sink.images[0][2]), array(out.image))
+
+
+def test_qwen_image_shares_steps_across_prompt_lengths(engine) -> None:
+    if engine.family.name != "qwen-image":
+        pytest.skip("prompts of other families have one text length")
+    prompts = ["a fox", "a red fox in the deep winter snow at dusk", "an old castle on a hill"]
+    params = ImageParams(width=64, height=64, steps=8, seed=4)
+    outs: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        outs[i] = engine.generate(f"q{i}", prompts[i], params, 120)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert max(out.max_batch for out in outs.values()) >= 2
+    lengths = set()
+    for i, prompt in enumerate(prompts):
+        alone = engine.generate("alone", prompt, params, 120)
+        lengths.add(alone.embeds["prompt_embeds"].shape[1])
+        assert np.abs(array(outs[i].image) - array(alone.image)).max() <= 2
+    assert len(lengths) == 3
+
+
+def test_the_resource_manager_measures_each_size_of_the_family(engine) -> None:
+    params = ImageParams(width=64, height=64, steps=2, seed=1)
+    engine.generate("m", PROMPT, params, 120)
+    shape = engine.family.batch_key(params, {"prompt_embeds": None})
+    cost = engine.resources.cost(shape)
+    assert cost is not None and cost.row_bytes > 0 and cost.step_bytes > 0
+    assert cost.bytes_for(4) > cost.bytes_for(1)

@@ -1,11 +1,13 @@
 """Every model family on a real diffusion worker (`OMNI_DIFFUSION__MODEL=<tiny model>
 celery -A omni_tasks worker -Q diffusion`): it generates, batches same-shape requests
 into one step, resumes a preempted request to the same pixels and serves an exact
-repeat from its DiT cache. Flux is covered by the step-scheduling tests; the pixels a
-request should have come from the same checkpoint run alone in this process."""
+repeat from its DiT cache, and runs a LoRA adapter of its own. Flux is covered by the
+step-scheduling and LoRA tests; the pixels a request should have come from the same
+checkpoint run alone in this process."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -18,7 +20,13 @@ from conftest import MODELS_CACHE, clean_redis, start_ready_workers
 from helpers import eventually
 from PIL import Image
 
-from omni_tasks import generate_image, get_config, set_config
+from omni_tasks import (
+    RequestValidationError,
+    encode_image_file,
+    generate_image,
+    get_config,
+    set_config,
+)
 from omni_tasks.config import ModelEntry
 
 TIMEOUT = 180
@@ -32,9 +40,15 @@ def pool(request: pytest.FixtureRequest, tiny_models, run_dir: Path) -> Iterator
     """One worker serving the family's tiny model, with room for 4 requests per step."""
     model = request.param
     original = get_config()
-    set_config(replace(original, models={**original.models, model: ModelEntry()}))
+    loras = {"ink": f"{model}-lora-ink"}  # a tiny adapter, built on first use
+    models = {**original.models, model: ModelEntry()}
+    set_config(replace(original, models=models, loras=loras))
     clean_redis()
-    env = {"OMNI_DIFFUSION__MODEL": model, "OMNI_DIFFUSION__MAX_BATCH_SIZE": "4"}
+    env = {
+        "OMNI_DIFFUSION__MODEL": model,
+        "OMNI_DIFFUSION__MAX_BATCH_SIZE": "4",
+        "OMNI_LORAS": json.dumps(loras),
+    }
     try:
         [worker] = start_ready_workers(["diffusion"], run_dir / f"logs-{model}", env=env)
         yield model
@@ -105,3 +119,49 @@ def test_an_exact_repeat_is_a_cache_hit(pool: str) -> None:
     again = send(pool, "a quiet harbour", steps=4, seed=7).get(TIMEOUT)
     assert first["cache"]["latents"] == "miss" and again["cache"]["latents"] == "hit"
     assert np.array_equal(pixels(first), pixels(again))
+
+
+def test_a_lora_adapter_changes_the_image_and_the_base_model_stays(pool: str) -> None:
+    fields = {"steps": 4, "seed": 5}
+    base = send(pool, "a stone bridge", **fields).get(TIMEOUT)
+    styled = send(pool, "a stone bridge", **fields, lora=["ink"]).get(TIMEOUT)
+    again = send(pool, "a stone bridge", steps=4, seed=6).get(TIMEOUT)
+    assert styled["lora"][0]["name"] == "ink"
+    assert np.abs(pixels(base) - pixels(styled)).max() > 2
+    assert again["lora"] == [] and again["cache"]["latents"] == "miss"
+
+
+@pytest.fixture(scope="module")
+def edit_pool(tiny_models, run_dir: Path) -> Iterator[str]:
+    """A worker serving the tiny Qwen-Image-Edit model (every request sends an image)."""
+    model = "tiny-qwen-image-edit"
+    original = get_config()
+    set_config(replace(original, models={**original.models, model: ModelEntry()}))
+    clean_redis()
+    env = {"OMNI_DIFFUSION__MODEL": model, "OMNI_DIFFUSION__MAX_BATCH_SIZE": "4"}
+    try:
+        [worker] = start_ready_workers(["diffusion"], run_dir / "logs-edit", env=env)
+        yield model
+        worker.stop()
+    finally:
+        set_config(original)
+        clean_redis()
+
+
+def test_the_edit_family_edits_batches_and_repeats_from_the_cache(
+    edit_pool: str, run_dir: Path
+) -> None:
+    source = run_dir / "edit-source.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(
+        source
+    )
+    image = encode_image_file(str(source))
+    results = [send(edit_pool, "make it red", image=image, steps=4, seed=i) for i in range(3)]
+    outs = [r.get(TIMEOUT) for r in results]
+    assert all(out["model"] == edit_pool and out["request_type"] == "image" for out in outs)
+    assert max(out["max_batch"] for out in outs) >= 2
+    again = send(edit_pool, "make it red", image=image, steps=4, seed=0).get(TIMEOUT)
+    assert again["cache"]["latents"] == "hit"
+    assert np.array_equal(pixels(again), pixels(outs[0]))
+    with pytest.raises(RequestValidationError, match="image"):
+        send(edit_pool, "no image to edit", steps=4).get(TIMEOUT)

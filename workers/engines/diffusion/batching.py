@@ -77,6 +77,7 @@ def stacked_inputs(family: ModelFamily, payloads: list[dict[str, Any]]) -> dict[
     """One transformer call's arguments for several calls: rows stacked, the rest shared."""
     import torch
 
+    payloads = family.align_rows(payloads)
     inputs: dict[str, Any] = {}
     for name, value in payloads[0].items():
         if name == ADAPTERS_KEY:

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from omni_tasks.errors import RequestValidationError
+from omni_tasks.errors import ConfigError, RequestValidationError
 from workers.engines.base import ImageParams
 from workers.engines.coalescer import Coalescer
 from workers.engines.diffusion.hooks import StepCallback
@@ -28,10 +28,33 @@ if TYPE_CHECKING:
 
 #: The prefix of a negative prompt's embeddings in `ImageOutput.embeds`.
 NEGATIVE = "negative_"
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+_DTYPES.update(fp32="float32", bf16="bfloat16", fp16="float16")
 
 
-def load_pipeline(pipeline_class: Any, model: str, dtype: torch.dtype, device: torch.device) -> Any:
-    """The shared pipeline, on `device`, in eval mode, without progress bars."""
+def device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """Resolve "auto": CUDA when available; bfloat16 there, float32 on CPUs."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        # No native bf16 on CPUs: it is slower there than fp32.
+        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    if dtype not in _DTYPES:
+        raise ConfigError("dtype", f"{dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+    return torch.device(device), getattr(torch, _DTYPES[dtype])
+
+
+def load_pipeline(
+    pipeline_class: Any,
+    model: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    extra: dict[str, Any] | None = None,
+) -> Any:
+    """The shared pipeline, on `device`, in eval mode, without progress bars; `extra`:
+    more `from_pretrained` arguments (components the family loads itself)."""
     import torch
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -41,7 +64,7 @@ def load_pipeline(pipeline_class: Any, model: str, dtype: torch.dtype, device: t
     transformers_logging.disable_progress_bar()
     with warnings.catch_warnings():  # diffusers 0.42 renames torch_dtype to dtype
         warnings.simplefilter("ignore", FutureWarning)
-        pipe = pipeline_class.from_pretrained(model, torch_dtype=dtype)
+        pipe = pipeline_class.from_pretrained(model, torch_dtype=dtype, **(extra or {}))
     pipe.to(device)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):

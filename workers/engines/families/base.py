@@ -15,7 +15,8 @@ only what differs between pipelines:
 - `unpack` / `decode`: the final latents as the DiT cache keeps them, and their pixels
   exactly as the pipeline would give them;
 - `probe_inputs`: zeros of one step's shape, which the resource manager measures;
-- what applies: `lora`, `step_caches`, `edit` (the request's image conditions the prompt).
+- what applies: `step_caches`, `edit` (the request's image conditions the prompt); LoRA
+  applies wherever the pipeline has diffusers' LoRA loader.
 
 A family object is built per engine around its loaded pipeline (`create_family`).
 """
@@ -27,7 +28,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from omni_tasks.errors import RequestValidationError
+from omni_tasks.errors import ConfigError, RequestValidationError
 from workers.engines.base import ImageParams
 
 if TYPE_CHECKING:
@@ -57,7 +58,6 @@ class ModelFamily:
     #: Python lists (concatenated). All others are shared by a batch.
     row_inputs: ClassVar[tuple[str, ...]] = ("hidden_states", "encoder_hidden_states", "timestep")
     list_rows: ClassVar[tuple[str, ...]] = ()
-    lora: ClassVar[bool] = True
     step_caches: ClassVar[frozenset[str]] = frozenset({"none"})
     #: The pipeline call's output: "latent" (decoded by `decode`) or "pil" (generic).
     output_type: ClassVar[str] = "latent"
@@ -82,10 +82,36 @@ class ModelFamily:
             raise RequestValidationError("image", f"the {cls.name} family takes no input image")
         return getattr(diffusers, name)
 
+    @classmethod
+    def load_kwargs(cls, path: str) -> dict[str, Any]:
+        """Extra `from_pretrained` arguments for the checkpoint at `path` (none)."""
+        return {}
+
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this (the VAE's downsampling x the patch)."""
         return int(self.pipe.vae_scale_factor) * 2
+
+    def check_request(self, params: ImageParams, image: Image.Image | None) -> None:
+        """Refuse what this family cannot run, before the request is held: a size its
+        VAE cannot take, an image where it takes none (or none where it needs one), a
+        step cache it does not run."""
+        for name in ("width", "height"):
+            if getattr(params, name) % self.size_multiple:
+                raise RequestValidationError(
+                    name, f"must be a multiple of {self.size_multiple} for this model"
+                )
+        if image is not None and self.image_pipeline is None:
+            raise RequestValidationError("image", f"the {self.name} family takes no image")
+        if image is None and self.needs_image:
+            raise RequestValidationError("image", f"the {self.name} family edits an image")
+        if params.step_cache.mode not in self.step_caches:
+            allowed = ", ".join(sorted(self.step_caches))
+            raise ConfigError(
+                "step_cache",
+                f"{params.step_cache.mode!r} does not run on the {self.name} family"
+                f" (it runs: {allowed})",
+            )
 
     # --- encode ----------------------------------------------------------------------------
 
@@ -145,6 +171,11 @@ class ModelFamily:
             return params.steps
         init_timestep = min(params.steps * params.strength, params.steps)
         return params.steps - int(max(params.steps - init_timestep, 0))
+
+    def align_rows(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The transformer calls of one step, made stackable (as they are: the batch key
+        made their shared arguments equal)."""
+        return payloads
 
     def batch_key(
         self, params: ImageParams, embeds: Embeds, image: Image.Image | None = None

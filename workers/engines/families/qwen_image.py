@@ -5,8 +5,9 @@ This module is the worked example of a family: everything a new family writes.
 - **Prompts** go through the Qwen2.5-VL text encoder inside a chat template; the pipeline
   drops the template's tokens and keeps each prompt's own, so prompts have different
   lengths. `encode` cuts each prompt's rows out of a padded batch at its own length, with
-  an all-ones mask: what the prompt gives alone. The text length is part of the batch
-  key, so requests that share a step have equal lengths.
+  an all-ones mask: what the prompt gives alone. Prompts of different lengths still
+  share a step: `align_rows` pads each call's text to the longest with a zero mask,
+  which the transformer's attention honours (rows as alone, to float rounding).
 - **Denoising**: latents are packed 2x2 into tokens. A transformer call's rows are the
   hidden states, timestep, text embeddings and their mask, plus `img_shapes`, a Python
   list with one entry per row; `guidance` is None unless the checkpoint is
@@ -18,11 +19,11 @@ This module is the worked example of a family: everything a new family writes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from workers.engines.base import ImageParams
-from workers.engines.families.base import Embeds, ModelFamily
+from workers.engines.families.base import ALL_STEP_CACHES, Embeds, ModelFamily
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +43,7 @@ class QwenImageFamily(ModelFamily):
         "encoder_hidden_states_mask",
     )
     list_rows = ("img_shapes",)
+    step_caches = ALL_STEP_CACHES  # its transformer has diffusers' cache hooks
     probe_text_tokens = 32
 
     def encode(
@@ -80,6 +82,33 @@ class QwenImageFamily(ModelFamily):
             kwargs["image"] = image.convert("RGB").resize((params.width, params.height))
             kwargs["strength"] = params.strength
         return kwargs
+
+    def batch_key(
+        self, params: ImageParams, embeds: Embeds, image: Image.Image | None = None
+    ) -> Hashable:
+        return (self.name, params.width, params.height)  # any text lengths: `align_rows`
+
+    def align_rows(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each call's text padded to the batch's longest, its mask zero on the padding."""
+        import torch
+
+        longest = max(int(p["encoder_hidden_states"].shape[1]) for p in payloads)
+        aligned = []
+        for payload in payloads:
+            text = payload["encoder_hidden_states"]
+            rows, length = int(text.shape[0]), int(text.shape[1])
+            mask = payload.get("encoder_hidden_states_mask")
+            if mask is None:
+                mask = torch.ones(rows, length, dtype=torch.long, device=text.device)
+            pad = longest - length
+            aligned.append(
+                {
+                    **payload,
+                    "encoder_hidden_states": torch.nn.functional.pad(text, (0, 0, 0, pad)),
+                    "encoder_hidden_states_mask": torch.nn.functional.pad(mask, (0, pad)),
+                }
+            )
+        return aligned
 
     def latent_shape(self, params: ImageParams) -> tuple[int, ...]:
         scale = self.pipe.vae_scale_factor

@@ -5,7 +5,8 @@ The input image enters twice, as the pipeline does it: resized to about a megapi
 prompt's embeddings depend on its image, and the DiT cache keys them by both), and its
 VAE latents are packed and appended to each step's hidden states, the transformer's
 output for them dropped. Everything else is Qwen-Image's. Requests that share a step
-need the same output size, text length (vision tokens included) and input-image size.
+need the same output size and input-image size (text lengths may differ, as for
+Qwen-Image).
 Every request needs an image: the family has no text-to-image pipeline.
 """
 
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from omni_tasks.errors import RequestValidationError
 from workers.engines.base import ImageParams
-from workers.engines.families.base import Embeds, text_tokens
+from workers.engines.families.base import Embeds
 from workers.engines.families.qwen_image import QwenImageFamily, _own_rows
 
 if TYPE_CHECKING:
@@ -31,8 +32,20 @@ class QwenImageEditFamily(QwenImageFamily):
     pipeline = "QwenImageEditPipeline"
     image_pipeline = "QwenImageEditPipeline"
     edit = True
+    step_caches = frozenset({"none"})  # not yet measured with the appended image tokens
     #: An edit needs its image: `DiffusersEngine` refuses a request without one.
     needs_image = True
+
+    @classmethod
+    def load_kwargs(cls, path: str) -> dict[str, Any]:
+        """The checkpoint's Qwen2-VL processor, built without a video processor where
+        torchvision is missing (transformers cannot load one then; edits send no video)."""
+        from pathlib import Path
+
+        from workers.models.tiny_qwen_image import load_qwen_vl_processor
+
+        folder = Path(path) / "processor"
+        return {"processor": load_qwen_vl_processor(folder)} if folder.is_dir() else {}
 
     def encode(
         self, prompts: Sequence[str], images: Sequence[Any] | None = None, negative: bool = False
@@ -83,7 +96,7 @@ class QwenImageEditFamily(QwenImageFamily):
         self, params: ImageParams, embeds: Embeds, image: Image.Image | None = None
     ) -> Hashable:
         condition = self.condition_size(image) if image is not None else None
-        return (self.name, params.width, params.height, text_tokens(embeds), condition)
+        return (self.name, params.width, params.height, condition)  # any text lengths
 
     def probe_inputs(
         self, rows: int, params: ImageParams, opts: dict[str, Any]

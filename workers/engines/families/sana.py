@@ -28,6 +28,8 @@ class SanaFamily(ModelFamily):
     image_pipeline = None
     embed_keys = ("prompt_embeds", "prompt_attention_mask")
     row_inputs = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask")
+    # No diffusers cache hooks on this transformer; cache-dit wraps any block stack.
+    step_caches = frozenset({"none", "cache_dit"})
 
     @property
     def size_multiple(self) -> int:

@@ -29,6 +29,8 @@ class SD3Family(ModelFamily):
     image_pipeline = "StableDiffusion3Img2ImgPipeline"
     embed_keys = ("prompt_embeds", "pooled_prompt_embeds")
     row_inputs = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
+    # No diffusers cache hooks on this transformer; cache-dit wraps any block stack.
+    step_caches = frozenset({"none", "cache_dit"})
 
     @property
     def probe_text_tokens(self) -> int:  # type: ignore[override]
