@@ -2,7 +2,8 @@
 the standard formats so that workers load them with the real loading code.
 
 A name says what to build: `<tiny model>-lora-<style>` (`tiny-flux-lora-ink`,
-`tiny-sd3-lora-ink`, `tiny-qwen-image-lora-ink`, `tiny-sana-lora-ink`,
+`tiny-sd3-lora-ink`, `tiny-qwen-image-lora-ink`, `tiny-qwen-image-edit-lora-ink`,
+`tiny-sana-lora-ink`,
 `tiny-llama-lora-pirate`); the style seeds the weights, so every host builds the same
 adapter for the same name.
 
@@ -34,6 +35,7 @@ DIFFUSION_BASES = {
     "tiny-flux": ("FluxPipeline", "FluxTransformer2DModel", FLUX_TARGETS),
     "tiny-sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel", FLUX_TARGETS),
     "tiny-qwen-image": ("QwenImagePipeline", "QwenImageTransformer2DModel", FLUX_TARGETS),
+    "tiny-qwen-image-edit": ("QwenImageEditPipeline", "QwenImageTransformer2DModel", FLUX_TARGETS),
     "tiny-sana": ("SanaPipeline", "SanaTransformer2DModel", ("to_q", "to_k", "to_v")),
 }
 #: Adapter-name prefix -> the tiny base model it adapts.

@@ -136,9 +136,15 @@ def edit_pool(tiny_models, run_dir: Path) -> Iterator[str]:
     """A worker serving the tiny Qwen-Image-Edit model (every request sends an image)."""
     model = "tiny-qwen-image-edit"
     original = get_config()
-    set_config(replace(original, models={**original.models, model: ModelEntry()}))
+    loras = {"ink": f"{model}-lora-ink"}
+    models = {**original.models, model: ModelEntry()}
+    set_config(replace(original, models=models, loras=loras))
     clean_redis()
-    env = {"OMNI_DIFFUSION__MODEL": model, "OMNI_DIFFUSION__MAX_BATCH_SIZE": "4"}
+    env = {
+        "OMNI_DIFFUSION__MODEL": model,
+        "OMNI_DIFFUSION__MAX_BATCH_SIZE": "4",
+        "OMNI_LORAS": json.dumps(loras),
+    }
     try:
         [worker] = start_ready_workers(["diffusion"], run_dir / "logs-edit", env=env)
         yield model
@@ -148,7 +154,7 @@ def edit_pool(tiny_models, run_dir: Path) -> Iterator[str]:
         clean_redis()
 
 
-def test_the_edit_family_edits_batches_and_repeats_from_the_cache(
+def test_the_edit_family_edits_batches_repeats_and_takes_lora(
     edit_pool: str, run_dir: Path
 ) -> None:
     source = run_dir / "edit-source.png"
@@ -163,5 +169,7 @@ def test_the_edit_family_edits_batches_and_repeats_from_the_cache(
     again = send(edit_pool, "make it red", image=image, steps=4, seed=0).get(TIMEOUT)
     assert again["cache"]["latents"] == "hit"
     assert np.array_equal(pixels(again), pixels(outs[0]))
+    styled = send(edit_pool, "make it red", image=image, steps=4, seed=0, lora=["ink"])
+    assert np.abs(pixels(styled.get(TIMEOUT)) - pixels(outs[0])).max() > 2
     with pytest.raises(RequestValidationError, match="image"):
         send(edit_pool, "no image to edit", steps=4).get(TIMEOUT)
