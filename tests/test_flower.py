@@ -76,22 +76,23 @@ def test_api_needs_credentials_and_lists_both_pools(flower: str, pools: dict) ->
     )
     assert known, get(f"{flower}/api/workers?refresh=1")
     queues = {q["name"] for host in hosts for q in known[host]["active_queues"]}
-    assert {"ar", "diffusion"} <= queues
+    assert {"ar", "diffusion", "diffusion.tiny-flux"} <= queues  # and the worker's model's
     # Flower's own /metrics answers without credentials (hence loopback, see below).
     with urllib.request.urlopen(f"{flower}/metrics", timeout=10) as response:
         assert response.status == 200 and b"flower_events_total" in response.read()
 
 
 def test_broker_tab_lists_every_queue_the_workers_read(flower: str, pools: dict) -> None:
-    """The pools' queues and each diffusion worker's own queue (cache-affinity routing),
-    counted over every priority list of kombu's default separator."""
+    """The pools' queues, each diffusion worker's model's queue and its own queue
+    (cache-affinity routing), counted over every priority list of kombu's default
+    separator."""
     from omni_tasks.coordination import keys
 
     own = keys.worker_queue(pools["diffusion"].hostname)
     lengths = eventually(
         lambda: {q["name"]: q["messages"] for q in _queue_lengths(flower)}, 60, 0.5
     )
-    assert {"ar", "diffusion", own} <= set(lengths), lengths
+    assert {"ar", "diffusion", "diffusion.tiny-flux", own} <= set(lengths), lengths
     assert all(isinstance(n, int) for n in lengths.values())
 
 

@@ -29,19 +29,32 @@ from helpers import assert_png
 from kombu import Connection
 
 from omni_tasks.config import CoreModuleConfig, load_config
+from omni_tasks.coordination import keys
 from omni_tasks.coordination.monitoring import (
     UNKNOWN_LEVEL,
     highest_waiting_level,
+    model_depths,
     queue_depths,
     total_queued,
 )
 from omni_tasks.dev.launcher import WorkerProcess
+from omni_tasks.tasks.celery_app import pool_queue
 
 pytestmark = pytest.mark.slow
 AMQP_URL = os.environ.get("OMNI_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 180
 #: Sends `busy`, waits until a worker runs it, then sends `then` in order; prints ids.
+#: Sends one request per (model, queue) of argv[1]; prints their ids.
+MODEL_PRODUCER = """
+import json, sys
+from omni_tasks import generate_image
+ids = [
+    generate_image.apply_async(kwargs=fields, **({"queue": queue} if queue else {})).id
+    for fields, queue in json.loads(sys.argv[1])
+]
+print(json.dumps(ids))
+"""
 PRODUCER = """
 import json, sys, time
 from omni_tasks import generate_image
@@ -70,7 +83,11 @@ class Rabbit:
     config: CoreModuleConfig
 
     def queues(self) -> list[str]:
-        return [self.config.ar.queue, self.config.diffusion.queue]
+        """The pools' queues and their models' (each model's queue, declared when a
+        message is first routed there)."""
+        dit = self.config.diffusion.queue
+        models = [keys.model_queue(dit, m) for m in self.config.diffusion_models()]
+        return [self.config.ar.queue, dit, *models]
 
     def clear(self, delete: bool = False) -> None:
         """Purge (or delete) this module's queues and exchanges."""
@@ -104,6 +121,8 @@ def rabbit(tiny_flux_dir: Path) -> Iterator[Rabbit]:
         "OMNI_DIFFUSION__CONCURRENCY": "1",
         # No worker-own queues: affinity routing is covered on Redis.
         "OMNI_DIFFUSION__CACHE_AFFINITY": "false",
+        # flux-b: registered, served by no worker here (its requests wait in its queue).
+        "OMNI_MODELS": '{"flux-b": {}}',
     }
     found = Rabbit(env=env, config=load_config(env={**os.environ, **env}))
     assert found.config.broker == AMQP_URL and not found.config.broker_is_redis
@@ -171,6 +190,49 @@ def test_native_priorities_serve_the_high_request_next(
     low_starts = [started_at(v) for v in low_values]
     assert low_starts == sorted(low_starts)  # FIFO within a priority
     assert total_queued(amqp_config) == 0
+
+
+def test_model_queues_and_a_message_passed_on(
+    rabbit: Rabbit, amqp_config: CoreModuleConfig, run_dir: Path
+) -> None:
+    """A worker serving tiny-flux reads its model's queue; a flux-b request sent to it
+    is passed on to flux-b's queue, declared with x-max-priority as workers declare
+    it, where it waits (no worker serves flux-b here)."""
+    dit = rabbit.config.diffusion.queue
+    own, other = keys.model_queue(dit, "tiny-flux"), keys.model_queue(dit, "flux-b")
+    logs = run_dir / "rmq-logs"
+    (worker,) = start_ready_workers([dit], logs, env=rabbit.env, extra_args=["-c", "1"])
+    try:
+        spec = [
+            (image("routed to tiny-flux's queue", "normal"), None),
+            ({**image("for flux-b", "high"), "model": "flux-b"}, own),
+        ]
+        out = subprocess.run(
+            [sys.executable, "-c", MODEL_PRODUCER, json.dumps(spec)],
+            env={**os.environ, **rabbit.env},
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            cwd=ROOT,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        served, passed = json.loads(out.stdout.strip().splitlines()[-1])
+        value = AsyncResult(served).get(TIMEOUT)
+        deadline = time.monotonic() + 60
+        while model_depths(amqp_config)["flux-b"] != {UNKNOWN_LEVEL: 1}:
+            assert time.monotonic() < deadline, model_depths(amqp_config)
+            time.sleep(0.2)
+    finally:
+        worker.stop()
+    assert value["model"] == "tiny-flux"
+    assert AsyncResult(passed).state == "PENDING"
+    assert sum(queue_depths(amqp_config)[dit].values()) == 1  # the pool counts it
+    with Connection(AMQP_URL, connect_timeout=5) as connection:
+        channel = connection.channel()
+        try:  # declared as a pool queue: the same declaration is accepted again
+            pool_queue(other)(channel).declare()
+        finally:
+            channel.close()
 
 
 def runner_of(task_id: str, workers: list[WorkerProcess], timeout_s: float = 60) -> WorkerProcess:

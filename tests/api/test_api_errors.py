@@ -44,7 +44,8 @@ def assert_openai_error(response, status: int, param: str | None = None) -> dict
 
 def nothing_queued() -> bool:
     client = get_redis()
-    return all(client.llen(k) == 0 for q in ("ar", "diffusion") for k in queue_keys(q))
+    queues = ("ar", "diffusion", "diffusion.tiny-flux")
+    return all(client.llen(k) == 0 for q in queues for k in queue_keys(q))
 
 
 def test_without_the_bearer_token_every_endpoint_answers_401(lonely: ApiServer) -> None:
@@ -113,6 +114,9 @@ def test_bad_fields_are_400_naming_them_before_anything_is_enqueued(client, lone
         ("/v1/jobs", {"type": "text", "prompt": ""}, "prompt"),
         ("/v1/jobs", {"type": "text", "prompt": "x", "request_id": "mine"}, "request_id"),
         ("/v1/jobs", {"type": "text", "prompt": "x", "webhook_url": "ftp://x"}, "webhook_url"),
+        # An unregistered diffusion model: 400 before the pool's 503.
+        (IMAGES, {"prompt": "x", "model": "dall-e-3"}, "model"),
+        ("/v1/jobs", {"type": "multimodal", "prompt": "x", "model": "nope"}, "model"),
     ]
     for path, body, param in cases:
         error = assert_openai_error(client.post(path, json=body), 400, param)

@@ -22,7 +22,7 @@ from api_support import (  # noqa: F401
     api_factory,
     receiver,
 )
-from helpers import eventually, where
+from helpers import DIT_QUEUE, eventually, where
 from PIL import Image
 
 from omni_tasks import app
@@ -148,7 +148,8 @@ def test_queued_jobs_keep_their_priority_and_are_cancelled_at_once(
     """With the diffusion worker not consuming, jobs stay queued: the header sets the
     priority unless the body does, and a cancelled one is `cancelled` right away."""
     hostname = pools["diffusion"].hostname
-    app.control.cancel_consumer("diffusion", destination=[hostname], reply=True)
+    for queue in ("diffusion", DIT_QUEUE):  # the pool's queue and its model's
+        app.control.cancel_consumer(queue, destination=[hostname], reply=True)
     try:
         by_header = http.post(
             "/v1/jobs",
@@ -167,7 +168,8 @@ def test_queued_jobs_keep_their_priority_and_are_cancelled_at_once(
             answer = http.delete(f"/v1/jobs/{job['id']}")
             assert answer.status_code == 200 and answer.json()["status"] == "cancelled"
     finally:
-        app.control.add_consumer("diffusion", destination=[hostname], reply=True)
+        for queue in ("diffusion", DIT_QUEUE):
+            app.control.add_consumer(queue, destination=[hostname], reply=True)
     for job in (by_header, by_body):  # the worker skips them: never run
         assert app.AsyncResult(job["id"]).state == "REVOKED"
 

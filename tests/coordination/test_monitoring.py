@@ -1,5 +1,6 @@
-"""Cluster figures read back from Redis: queue depths per level (workers' own queues
-count for the diffusion pool), pool counters, live workers' heartbeats, and health."""
+"""Cluster figures read back from Redis: queue depths per level (workers' own queues and
+the models' queues count for the diffusion pool; each model's on its own too), pool
+counters, live workers' heartbeats and the models they serve, and health."""
 
 from __future__ import annotations
 
@@ -10,20 +11,24 @@ from dataclasses import replace
 from redis import Redis
 
 from omni_tasks import get_config
-from omni_tasks.config import SchedulerConfig
+from omni_tasks.config import ModelEntry, SchedulerConfig
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.monitoring import (
     ClusterSnapshot,
     Counters,
     PoolStats,
     Window,
+    all_depths,
     health_of,
     memory_figures,
+    model_depths,
+    model_servers,
     queue_depths,
     read_snapshot,
     recent_window,
     record_sample,
     total_queued,
+    unserved_models,
     worker_resources,
 )
 from omni_tasks.coordination.rejections import record_rejection
@@ -241,3 +246,35 @@ def test_recent_window_compares_with_the_oldest_sample_in_the_window(redis_clien
     redis_client.delete(keys.metrics_samples())
     fresh = recent_window(read_snapshot(config), config)
     assert fresh.seconds == 0 and fresh.processed == 0 and fresh.throughput == 0.0
+
+
+def test_model_queues_count_for_their_pool_and_on_their_own(redis_client, use_config) -> None:
+    config = get_config()
+    use_config(replace(config, models={"flux-b": ModelEntry(), "flux-c": ModelEntry()}))
+    redis_client.lpush(keys.queue_key("diffusion.tiny-flux", 6), "m1", "m2")
+    redis_client.lpush(keys.queue_key("diffusion.flux-b", 0), "m3")
+    redis_client.lpush(keys.queue_key("diffusion.unregistered", 0), "not counted")
+    pools, models = all_depths()
+    assert pools["diffusion"][6] == 2 and pools["diffusion"][0] == 1
+    assert set(models) == {"tiny-flux", "flux-b", "flux-c"}
+    assert (sum(models["tiny-flux"].values()), models["flux-b"][0]) == (2, 1)
+    assert sum(models["flux-c"].values()) == 0
+    assert model_depths() == models and total_queued() == 3
+
+
+def test_models_no_live_worker_serves_are_named(redis_client, use_config) -> None:
+    config = get_config()
+    use_config(replace(config, models={"flux-b": ModelEntry(), "flux-c": ModelEntry()}))
+    beat(redis_client, "a@h", ["diffusion"], models=json.dumps({"dit": "tiny-flux"}))
+    beat(redis_client, "b@h", ["diffusion"], models=json.dumps({"dit": "flux-b"}))
+    beat(redis_client, "t@h", ["ar"], models=json.dumps({"ar": "tiny-llama"}))
+    snap = read_snapshot()
+    assert model_servers(snap) == {"tiny-flux": ["a@h"], "flux-b": ["b@h"], "flux-c": []}
+    assert unserved_models(snap) == ["flux-c"]
+    assert health_of(snap, get_config()) == ([], [])  # nothing waits for flux-c
+    redis_client.lpush(keys.queue_key("diffusion.flux-c", 3), "m1", "m2")
+    issues, advice = health_of(read_snapshot(), get_config())
+    assert issues == ["no live worker serves model 'flux-c' (2 waiting)"]
+    assert advice == [
+        "start one: OMNI_DIFFUSION__MODEL=flux-c celery -A omni_tasks worker -Q diffusion"
+    ]

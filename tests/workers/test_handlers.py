@@ -375,7 +375,7 @@ def test_redelivery_cap_gives_up_on_a_poison_message(clean, run_dir) -> None:
     client = get_redis()
     # Mark the message redelivered exactly as kombu does when it restores one, and
     # record that it already came back `max_redeliveries` times.
-    for key in keys.queue_keys("diffusion"):
+    for key in keys.queue_keys(keys.model_queue("diffusion", get_config().diffusion.model)):
         for i, raw in enumerate(client.lrange(key, 0, -1)):
             message = json.loads(raw)
             if message["headers"]["id"] == poison.id:

@@ -221,6 +221,10 @@ class Reaper:
         queues = [config.ar.queue, config.diffusion.queue, *model_queues(config).values()]
         lists = [k for q in queues for k in keys.queue_keys(q)]
         lists += list(client.scan_iter(match=keys.worker_queue("") + "*", count=200))
+        # Models' queues this process's registry may not list (a worker's own model).
+        pattern = _glob_escape(keys.model_queue(config.diffusion.queue, "")) + "*"
+        known = set(lists)
+        lists += [k for k in client.scan_iter(match=pattern, count=200) if k not in known]
         found: set[str] = set()
         for name in lists:
             if client.type(name) != "list":
@@ -265,6 +269,11 @@ def _id_and_queue(raw: str | bytes, payload_only: bool = False) -> tuple[str, st
         return str(headers.get("id") or ""), str(routing_key)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         return "", ""
+
+
+def _glob_escape(text: str) -> str:
+    """`text` matched literally in a Redis SCAN pattern."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
 
 
 def _with_first_stages(ids: set[str]) -> set[str]:
