@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-from helpers import message_kwargs, queued_messages, where
+from helpers import DIT_QUEUE, message_kwargs, queued_messages, where
 
 from omni_tasks.dev.demo import _follow_ups, _workload
 
@@ -40,10 +40,10 @@ def test_follow_ups_go_to_the_diffusion_pool(redis_client, tmp_path: Path) -> No
     sent = _follow_ups(kwargs, str(picture))
     assert sorted(job["kind"] for job in sent.values()) == ["image edit", "new seed", "repeat"]
     for task_id in sent:
-        assert where(redis_client, task_id)[0] == "diffusion"
+        assert where(redis_client, task_id)[0] == DIT_QUEUE
     types = {
         m["headers"]["id"]: message_kwargs(m)["request_type"]
-        for _, m in queued_messages(redis_client, "diffusion")
+        for _, m in queued_messages(redis_client, DIT_QUEUE)
     }
     assert {sent[i]["kind"]: t for i, t in types.items()} == {
         "image edit": "image",
