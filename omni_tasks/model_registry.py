@@ -14,9 +14,10 @@ here: the AR pool serves one model, and the HTTP API answers for it.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from omni_tasks.errors import RequestValidationError
+from omni_tasks.errors import ConfigError, RequestValidationError
 from omni_tasks.requests import IMAGE_TYPES, OmniRequest
 
 if TYPE_CHECKING:
@@ -26,6 +27,35 @@ if TYPE_CHECKING:
 #: fit, and nothing kombu or RabbitMQ would read otherwise does.
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9._/-]+$")
 MAX_MODEL_NAME_CHARS = 128
+
+
+@dataclass
+class ModelEntry:
+    """One model of the config's `models` registry. Both fields are optional: without
+    `path` the worker looks for the name under `models_dir`, else takes it for a hub id;
+    without `family` the worker reads it from the checkpoint's `model_index.json`."""
+
+    path: str | None = None
+    family: str | None = None
+
+
+def validate_registry(models: dict[str, ModelEntry], default: str) -> None:
+    """`ConfigError` naming `models.<name>` (or `diffusion.model`, the pool's default)
+    for a name that cannot name a queue or an entry with a blank field."""
+    for name, entry in models.items():
+        problem = model_name_problem(name)
+        if problem is not None:
+            raise ConfigError(f"models.{name}", problem)
+        if not isinstance(entry, ModelEntry):
+            raise ConfigError(f"models.{name}", "must be a mapping")
+        for part in ("path", "family"):
+            value = getattr(entry, part)
+            if value is not None and not str(value).strip():
+                raise ConfigError(f"models.{name}.{part}", "must not be blank (leave it out)")
+    if any(c.isspace() or c == ":" for c in default):
+        raise ConfigError(
+            "diffusion.model", "must not contain whitespace or ':' (it names the model's queue)"
+        )
 
 
 def model_name_problem(name: str) -> str | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omni_tasks.errors import ConfigError
 from omni_tasks.lora import valid_registry_name
-from omni_tasks.model_registry import model_name_problem
+from omni_tasks.model_registry import ModelEntry, validate_registry
 from omni_tasks.requests import STAGES, STEP_CACHE_MODES, Stage
 
 PRIORITY_CLASSES = ("high", "normal", "low")
@@ -201,16 +201,6 @@ class DiffusionConfig(PoolConfig):
 
 
 @dataclass
-class ModelEntry:
-    """One model of the `models` registry. Both fields are optional: without `path`
-    the worker looks for the name under `models_dir`, else takes it for a hub id;
-    without `family` the worker reads it from the checkpoint's `model_index.json`."""
-
-    path: str | None = None
-    family: str | None = None
-
-
-@dataclass
 class APIConfig:
     """The HTTP API (`omni-tasks api`): a stateless front end, any number per Redis."""
 
@@ -326,29 +316,9 @@ class CoreModuleConfig:
         for name, path in self.loras.items():
             _require(valid_registry_name(name), f"loras.{name}", "is not a valid adapter name")
             _require(bool(str(path).strip()), f"loras.{name}", "needs a folder")
-        self._validate_models()
+        validate_registry(self.models, self.diffusion.model)
         self.api.validate()
         _require(self.ar.queue != self.diffusion.queue, "diffusion.queue", "must differ from ar")
-
-    def _validate_models(self) -> None:
-        """Registry names travel in messages and name queues (`keys.model_queue`)."""
-        for name, entry in self.models.items():
-            problem = model_name_problem(name)
-            _require(problem is None, f"models.{name}", problem or "")
-            _require(isinstance(entry, ModelEntry), f"models.{name}", "must be a mapping")
-            for part in ("path", "family"):
-                value = getattr(entry, part)
-                _require(
-                    value is None or bool(str(value).strip()),
-                    f"models.{name}.{part}",
-                    "must not be blank (leave it out instead)",
-                )
-        model = self.diffusion.model
-        _require(
-            not any(c.isspace() or c == ":" for c in model),
-            "diffusion.model",
-            "must not contain whitespace or ':' (it names the model's queue)",
-        )
 
     @property
     def broker(self) -> str:
