@@ -65,7 +65,9 @@ def test_default_client_priorities_are_honoured(redis_client, tiny_models, run_d
     assert log.count(rerouted) == 3, "exactly the three sent without a priority move"
 
 
-def test_a_list_no_worker_reads_is_reported_and_purge_covers_own_queues(redis_client) -> None:
+def test_a_list_no_worker_reads_is_reported_and_purge_covers_own_and_model_queues(
+    redis_client,
+) -> None:
     from omni_tasks import OmniScheduler
 
     # Sent without queue=: Celery's default queue, which no omni-tasks worker reads.
@@ -83,6 +85,11 @@ def test_a_list_no_worker_reads_is_reported_and_purge_covers_own_queues(redis_cl
     redis_client.lpush(own, json.dumps({"body": "", "headers": {}, "properties": {}}))
     diffusion = keys.queue_key(get_config().diffusion.queue, 3)
     redis_client.lpush(diffusion, json.dumps({"body": "", "headers": {}, "properties": {}}))
+    # And one in the default model's queue: never stranded (its workers read it).
+    model = keys.queue_key(keys.model_queue("diffusion", get_config().diffusion.model), 0)
+    redis_client.lpush(model, json.dumps({"body": "", "headers": {}, "properties": {}}))
+    redis_client.delete(keys.stranded())  # the scan above is cached
+    assert OmniScheduler().get_health_status()["stranded"] == {"celery": 1}
     out = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "omni_tasks", "purge", "-f"],
         capture_output=True,
@@ -90,8 +97,8 @@ def test_a_list_no_worker_reads_is_reported_and_purge_covers_own_queues(redis_cl
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert "Purged 2 messages" in out.stdout, out.stdout
-    assert not redis_client.exists(own) and not redis_client.exists(diffusion)
+    assert "Purged 3 messages" in out.stdout, out.stdout
+    assert not any(redis_client.exists(k) for k in (own, diffusion, model))
     assert redis_client.llen("celery") == 1  # not an omni-tasks queue: left alone
     redis_client.delete("celery")
 
