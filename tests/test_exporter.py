@@ -280,7 +280,7 @@ def test_the_step_loop_records_batches_and_preemptions() -> None:
 
     from omni_tasks.config import CoreModuleConfig, SchedulerConfig, SchedulerType
     from omni_tasks.metrics import registry
-    from workers.runtime import runtime
+    from workers.runtime import PoolStepCounters, runtime
     from workers.stepping import StepLoop, StepRequest, StepScheduler, StepTicket
 
     def served() -> Samples:
@@ -299,7 +299,8 @@ def test_the_step_loop_records_batches_and_preemptions() -> None:
             call.resolve(None)
 
     config = CoreModuleConfig(scheduler=SchedulerConfig(scheduler_type=SchedulerType.PRIORITY))
-    loop = StepLoop(StepScheduler(config), run_batch, limit=1)
+    counters = PoolStepCounters(runtime.counters, config.diffusion.queue)
+    loop = StepLoop(StepScheduler(config), run_batch, limit=1, counters=counters)
     low = StepRequest(StepTicket("low", priority_class="low"), steps=3, pixels=1, batch_key="k")
     high = StepRequest(StepTicket("high", priority_class="high"), steps=2, pixels=1, batch_key="k")
 
