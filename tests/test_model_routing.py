@@ -1,7 +1,6 @@
 """Models per pool on a real cluster: two diffusion workers, both started with
-`-Q diffusion`, worker A serving `tiny-flux` and worker B serving `flux-b` (the same
-tiny checkpoint registered under another name: routing only), and `flux-c` registered
-but served by no one.
+`-Q diffusion`, worker A serving `tiny-flux` and worker B serving `tiny-qwen-image`
+(another model family), and `flux-c` registered but served by no one.
 
 Requests naming each model run only on a worker serving it, and their results say which
 model ran them; a foreign Celery client (never importing omni_tasks) sending to the
@@ -50,15 +49,16 @@ pytestmark = pytest.mark.slow
 TIMEOUT = 240
 IMAGE = {"width": 32, "height": 32, "steps": 2}
 UNSERVED = "flux-c"
+QWEN = "tiny-qwen-image"
 
 
 def registry(tiny_flux_dir: Path) -> dict[str, Any]:
-    return {"flux-b": {"path": str(tiny_flux_dir)}, UNSERVED: {}}
+    return {QWEN: {}, UNSERVED: {"path": str(tiny_flux_dir)}}
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_flux_dir: Path, run_dir: Path) -> Iterator[dict[str, WorkerProcess]]:
-    """Workers A (tiny-flux) and B (flux-b), and this process's config with the same
+def cluster(tiny_models, tiny_flux_dir: Path, run_dir: Path) -> Iterator[dict[str, WorkerProcess]]:
+    """Workers A (tiny-flux) and B (tiny-qwen-image), and this process's config with the same
     registry (producers and workers share it)."""
     models = registry(tiny_flux_dir)
     original = get_config()
@@ -69,8 +69,11 @@ def cluster(tiny_flux_dir: Path, run_dir: Path) -> Iterator[dict[str, WorkerProc
     logs = run_dir / "model-logs"
     workers = {
         "tiny-flux": start_worker("diffusion", logs, env=shared, name="model-a"),
-        "flux-b": start_worker(
-            "diffusion", logs, env={**shared, "OMNI_DIFFUSION__MODEL": "flux-b"}, name="model-b"
+        QWEN: start_worker(
+            "diffusion",
+            logs,
+            env={**shared, "OMNI_DIFFUSION__MODEL": QWEN},
+            name="model-b",
         ),
     }
     try:
@@ -91,7 +94,16 @@ def ran_on(task_id: str) -> str:
 
 def test_requests_run_only_on_a_worker_serving_their_model(cluster) -> None:
     hosts = {model: worker.hostname for model, worker in cluster.items()}
-    asked = [None, "flux-b", "tiny-flux", "flux-b", None, "flux-b", "tiny-flux", "flux-b"]
+    asked = [
+        None,
+        QWEN,
+        "tiny-flux",
+        QWEN,
+        None,
+        QWEN,
+        "tiny-flux",
+        QWEN,
+    ]
     sent = []
     for i, model in enumerate(asked):
         fields = {"prompt": f"interleaved {i}", "seed": i, **IMAGE}
@@ -108,33 +120,35 @@ def test_requests_run_only_on_a_worker_serving_their_model(cluster) -> None:
 
 def test_a_message_in_another_models_queue_is_passed_on(cluster) -> None:
     """Sent (by an omni-tasks producer, with an explicit queue) to worker A's model
-    queue, a flux-b request is passed on to flux-b's queue and runs on B, once."""
+    queue, a tiny-qwen-image request is passed on to tiny-qwen-image's queue and runs on B, once."""
     a_queue = keys.model_queue("diffusion", "tiny-flux")
     sent = generate_image.apply_async(
-        kwargs={"prompt": "passed on", "model": "flux-b", **IMAGE}, queue=a_queue, priority=3
+        kwargs={"prompt": "passed on", "model": QWEN, **IMAGE},
+        queue=a_queue,
+        priority=3,
     )
     value = sent.get(TIMEOUT)
-    assert value["model"] == "flux-b" and ran_on(sent.id) == cluster["flux-b"].hostname
+    assert value["model"] == QWEN and ran_on(sent.id) == cluster[QWEN].hostname
     # Its ledger entry (what the reaper would publish again) follows it, same priority.
     options = ledger.entry(sent.id)["options"]
-    assert (options["queue"], options["priority"]) == ("diffusion.flux-b", 3)
+    assert (options["queue"], options["priority"]) == ("diffusion.tiny-qwen-image", 3)
 
 
 def test_a_foreign_client_names_the_model(cluster) -> None:
-    b = cluster["flux-b"].hostname
+    b = cluster[QWEN].hostname
     a = cluster["tiny-flux"].hostname
     image = {"prompt": "from elsewhere", **IMAGE}
     spec = [
         # The shared queue, with and without a broker priority: B only.
-        {"task": "omni_tasks.generate_image", "kwargs": {**image, "model": "flux-b"},
+        {"task": "omni_tasks.generate_image", "kwargs": {**image, "model": QWEN},
          "queue": "diffusion", "priority": 5},
-        {"task": "omni_tasks.generate_image", "kwargs": {**image, "model": "flux-b", "seed": 2},
+        {"task": "omni_tasks.generate_image", "kwargs": {**image, "model": QWEN, "seed": 2},
          "queue": "diffusion"},
         # Straight to B's model queue.
-        {"task": "omni_tasks.generate_image", "kwargs": {**image, "model": "flux-b", "seed": 3},
-         "queue": "diffusion.flux-b", "priority": 5},
+        {"task": "omni_tasks.generate_image", "kwargs": {**image, "model": QWEN, "seed": 3},
+         "queue": "diffusion.tiny-qwen-image", "priority": 5},
         # To A's model queue while naming B's model: A passes it on.
-        {"task": "omni_tasks.generate_image", "kwargs": {**image, "model": "flux-b", "seed": 4},
+        {"task": "omni_tasks.generate_image", "kwargs": {**image, "model": QWEN, "seed": 4},
          "queue": "diffusion.tiny-flux", "priority": 5},
         # No model on the shared queue: whichever worker takes it runs it.
         {"task": "omni_tasks.generate_image", "kwargs": {**image, "seed": 5},
@@ -147,13 +161,13 @@ def test_a_foreign_client_names_the_model(cluster) -> None:
     outcomes = foreign("wait", json.dumps(ids))
     *served, anyone, refused = outcomes
     for outcome in served:
-        assert outcome["result"]["model"] == "flux-b", outcome
+        assert outcome["result"]["model"] == QWEN, outcome
         assert ran_on(outcome["id"]) == b
     host = ran_on(anyone["id"])
-    assert anyone["result"]["model"] == ("flux-b" if host == b else "tiny-flux")
+    assert anyone["result"]["model"] == (QWEN if host == b else "tiny-flux")
     assert host in (a, b)
     assert refused["error"] == "RequestValidationError" and refused["args"][0] == "model"
-    assert "flux-b" in refused["args"][1] and UNSERVED in refused["args"][1]
+    assert QWEN in refused["args"][1] and UNSERVED in refused["args"][1]
     record = next(r for r in list_rejections(1000) if r["task_id"] == refused["id"])
     assert "unknown diffusion model 'nope'" in record["reason"]
 
@@ -170,7 +184,7 @@ def test_an_unregistered_model_is_refused_before_anything_is_enqueued(cluster) -
         with pytest.raises(RequestValidationError) as info:
             send()
         assert info.value.field == "model"
-        assert "registered: flux-b, flux-c, tiny-flux" in info.value.message
+        assert "registered: flux-c, tiny-flux, tiny-qwen-image" in info.value.message
     scheduler = OmniScheduler()
     with pytest.raises(RequestValidationError):
         asyncio.run(scheduler.schedule_request(create_diffusion_request("x", model="nope")))
@@ -192,7 +206,7 @@ def test_a_model_no_worker_serves_waits_and_is_named(cluster) -> None:
         assert any(UNSERVED in issue for issue in health["issues"])
         models = scheduler.get_status()["models"]
         assert models["tiny-flux"]["workers"] == [cluster["tiny-flux"].hostname]
-        assert models["flux-b"]["workers"] == [cluster["flux-b"].hostname]
+        assert models[QWEN]["workers"] == [cluster[QWEN].hostname]
         assert models[UNSERVED]["workers"] == [] and sum(models[UNSERVED]["queued"].values()) == 1
         depth = {
             (s.labels["model"], s.labels["level"]): s.value
@@ -214,9 +228,9 @@ def test_one_models_cache_never_serves_another(cluster) -> None:
     computed by each (a repeat to the same model is a latents hit, on its worker)."""
     fields = {"prompt": "same picture", "seed": uuid.uuid4().int % 1000, **IMAGE}
     a = generate_image.delay(**fields).get(TIMEOUT)
-    b = generate_image.delay(**fields, model="flux-b").get(TIMEOUT)
-    again = generate_image.delay(**fields, model="flux-b")
-    assert (a["model"], b["model"]) == ("tiny-flux", "flux-b")
+    b = generate_image.delay(**fields, model=QWEN).get(TIMEOUT)
+    again = generate_image.delay(**fields, model=QWEN)
+    assert (a["model"], b["model"]) == ("tiny-flux", QWEN)
     assert a["cache"]["latents"] == b["cache"]["latents"] == "miss"
     assert again.get(TIMEOUT)["cache"]["latents"] == "hit"
-    assert ran_on(again.id) == cluster["flux-b"].hostname
+    assert ran_on(again.id) == cluster[QWEN].hostname
