@@ -17,6 +17,7 @@ BENCHMARKS = (
     "p6_preemption.py",
     "p8_lora.py",
     "p7_api.py",
+    "p9_mixed_cluster.py",
     "faults.py",
 )
 
