@@ -239,9 +239,11 @@ def test_a_multimodal_dit_stage_shares_keys_with_the_same_picture() -> None:
     multi = create_multimodal_request("a lighthouse", seed=1, steps=4, max_tokens=40)
     stage = directory.dit_keys(multi, config, prompt="a red fox")
     assert stage == directory.dit_keys(fox(), config)  # text-only fields play no part
+    # An image request's embeddings are keyed by its image too (an edit model encodes the
+    # image with the prompt), and so are its latents.
     edit = create_image_request("a red fox", image=PNG_1PX, seed=1, steps=4)
     assert (
-        directory.dit_keys(edit, config).embeddings == directory.dit_keys(fox(), config).embeddings
+        directory.dit_keys(edit, config).embeddings != directory.dit_keys(fox(), config).embeddings
     )
     assert directory.dit_keys(edit, config).latents != directory.dit_keys(fox(), config).latents
 

@@ -90,7 +90,8 @@ def test_affinity_routes_a_repeat_to_the_holder(two_workers) -> None:
     config = get_config()
     off = replace(config, diffusion=replace(config.diffusion, cache_affinity=False))
 
-    assert resolve_route(repeat, "dit", create_policy(off)).queue == config.diffusion.queue
+    pool_queue = keys.model_queue(config.diffusion.queue, config.diffusion.model)
+    assert resolve_route(repeat, "dit", create_policy(off)).queue == pool_queue
 
 
 def test_single_flight_computes_identical_requests_once(two_workers) -> None:

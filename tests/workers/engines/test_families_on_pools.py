@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,12 +36,12 @@ FAMILIES = {"tiny-sd3": "sd3", "tiny-qwen-image": "qwen-image", "tiny-sana": "sa
 SIZE = {"width": 64, "height": 64}
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def pool(request: pytest.FixtureRequest, tiny_models, run_dir: Path) -> Iterator[str]:
-    """One worker serving the family's tiny model, with room for 4 requests per step."""
-    model = request.param
+@contextmanager
+def serving(model: str, run_dir: Path) -> Iterator[str]:
+    """One worker serving `model`, with room for 4 requests per step and a tiny LoRA
+    adapter "ink" of its own; this process's config registers both."""
     original = get_config()
-    loras = {"ink": f"{model}-lora-ink"}  # a tiny adapter, built on first use
+    loras = {"ink": f"{model}-lora-ink"}  # built on first use
     models = {**original.models, model: ModelEntry()}
     set_config(replace(original, models=models, loras=loras))
     clean_redis()
@@ -56,6 +57,12 @@ def pool(request: pytest.FixtureRequest, tiny_models, run_dir: Path) -> Iterator
     finally:
         set_config(original)
         clean_redis()
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def pool(request: pytest.FixtureRequest, tiny_models, run_dir: Path) -> Iterator[str]:
+    with serving(request.param, run_dir) as model:
+        yield model
 
 
 @pytest.fixture(scope="module")
@@ -134,24 +141,8 @@ def test_a_lora_adapter_changes_the_image_and_the_base_model_stays(pool: str) ->
 @pytest.fixture(scope="module")
 def edit_pool(tiny_models, run_dir: Path) -> Iterator[str]:
     """A worker serving the tiny Qwen-Image-Edit model (every request sends an image)."""
-    model = "tiny-qwen-image-edit"
-    original = get_config()
-    loras = {"ink": f"{model}-lora-ink"}
-    models = {**original.models, model: ModelEntry()}
-    set_config(replace(original, models=models, loras=loras))
-    clean_redis()
-    env = {
-        "OMNI_DIFFUSION__MODEL": model,
-        "OMNI_DIFFUSION__MAX_BATCH_SIZE": "4",
-        "OMNI_LORAS": json.dumps(loras),
-    }
-    try:
-        [worker] = start_ready_workers(["diffusion"], run_dir / "logs-edit", env=env)
+    with serving("tiny-qwen-image-edit", run_dir) as model:
         yield model
-        worker.stop()
-    finally:
-        set_config(original)
-        clean_redis()
 
 
 def test_the_edit_family_edits_batches_repeats_and_takes_lora(

@@ -212,6 +212,23 @@ class ModelFamily:
         return None
 
 
+def prompt_rows(**tensors: torch.Tensor) -> list[Embeds]:
+    """One prompt's embeddings per row of a batched encoder call, each its own copy (a
+    cached row must not keep the whole batch's storage alive)."""
+    count = len(next(iter(tensors.values())))
+    return [{key: t[i : i + 1].clone() for key, t in tensors.items()} for i in range(count)]
+
+
+def image_kwargs(params: ImageParams, image: Image.Image | None) -> dict[str, Any]:
+    """An img2img pipeline's arguments: the image at the request's size, its strength."""
+    if image is None:
+        return {}
+    return {
+        "image": image.convert("RGB").resize((params.width, params.height)),
+        "strength": params.strength,
+    }
+
+
 def text_tokens(embeds: Mapping[str, Any]) -> int:
     """The text length of a prompt's embeddings (their sequence axis)."""
     value = embeds.get("prompt_embeds")

@@ -14,7 +14,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from workers.engines.base import ImageParams
-from workers.engines.families.base import ALL_STEP_CACHES, Embeds, ModelFamily
+from workers.engines.families.base import (
+    ALL_STEP_CACHES,
+    Embeds,
+    ModelFamily,
+    image_kwargs,
+    prompt_rows,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -42,8 +48,7 @@ class FluxFamily(ModelFamily):
     def encode(
         self, prompts: Sequence[str], images: Sequence[Any] | None = None, negative: bool = False
     ) -> list[Embeds]:
-        """`FluxPipeline.encode_prompt` of all prompts at once; own copies of each row
-        (a cached row must not keep the whole batch's storage alive)."""
+        """`FluxPipeline.encode_prompt` of all prompts at once."""
         import torch
 
         with torch.no_grad():
@@ -54,13 +59,7 @@ class FluxFamily(ModelFamily):
                 num_images_per_prompt=1,
                 max_sequence_length=self.max_sequence_length,
             )
-        return [
-            {
-                "prompt_embeds": sequence[i : i + 1].clone(),
-                "pooled_prompt_embeds": pooled[i : i + 1].clone(),
-            }
-            for i in range(len(prompts))
-        ]
+        return prompt_rows(prompt_embeds=sequence, pooled_prompt_embeds=pooled)
 
     def pipeline_kwargs(
         self,
@@ -79,9 +78,7 @@ class FluxFamily(ModelFamily):
             kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
             kwargs["negative_pooled_prompt_embeds"] = negative["pooled_prompt_embeds"]
             kwargs["true_cfg_scale"] = true_cfg_scale
-        if image is not None:
-            kwargs["image"] = image.convert("RGB").resize((params.width, params.height))
-            kwargs["strength"] = params.strength
+        kwargs.update(image_kwargs(params, image))
         return kwargs
 
     def batch_key(

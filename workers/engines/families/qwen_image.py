@@ -23,7 +23,7 @@ from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from workers.engines.base import ImageParams
-from workers.engines.families.base import ALL_STEP_CACHES, Embeds, ModelFamily
+from workers.engines.families.base import ALL_STEP_CACHES, Embeds, ModelFamily, image_kwargs
 
 if TYPE_CHECKING:
     import torch
@@ -78,9 +78,7 @@ class QwenImageFamily(ModelFamily):
             kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
             kwargs["negative_prompt_embeds_mask"] = negative["prompt_embeds_mask"]
             kwargs["true_cfg_scale"] = true_cfg_scale
-        if image is not None:
-            kwargs["image"] = image.convert("RGB").resize((params.width, params.height))
-            kwargs["strength"] = params.strength
+        kwargs.update(image_kwargs(params, image))
         return kwargs
 
     def batch_key(

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from workers.engines.base import ImageParams
-from workers.engines.families.base import Embeds, ModelFamily
+from workers.engines.families.base import Embeds, ModelFamily, prompt_rows
 
 if TYPE_CHECKING:
     import torch
@@ -67,13 +67,7 @@ class SanaFamily(ModelFamily):
                     max_sequence_length=self.max_sequence_length,
                     complex_human_instruction=call["complex_human_instruction"].default,
                 )
-        return [
-            {
-                "prompt_embeds": sequence[i : i + 1].clone(),
-                "prompt_attention_mask": mask[i : i + 1].clone(),
-            }
-            for i in range(len(prompts))
-        ]
+        return prompt_rows(prompt_embeds=sequence, prompt_attention_mask=mask)
 
     def negative_text(self, params: ImageParams, true_cfg_scale: float) -> str | None:
         return (params.negative_prompt or "") if params.guidance > 1 else None

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from workers.engines.base import ImageParams
-from workers.engines.families.base import Embeds, ModelFamily
+from workers.engines.families.base import Embeds, ModelFamily, image_kwargs, prompt_rows
 from workers.engines.families.flux import decode_scaled
 
 if TYPE_CHECKING:
@@ -52,13 +52,7 @@ class SD3Family(ModelFamily):
                 do_classifier_free_guidance=False,
                 max_sequence_length=self.max_sequence_length,
             )
-        return [
-            {
-                "prompt_embeds": sequence[i : i + 1].clone(),
-                "pooled_prompt_embeds": pooled[i : i + 1].clone(),
-            }
-            for i in range(len(prompts))
-        ]
+        return prompt_rows(prompt_embeds=sequence, pooled_prompt_embeds=pooled)
 
     def negative_text(self, params: ImageParams, true_cfg_scale: float) -> str | None:
         """CFG whenever guidance > 1, with the negative prompt or ""."""
@@ -80,9 +74,7 @@ class SD3Family(ModelFamily):
         if negative is not None:
             kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
             kwargs["negative_pooled_prompt_embeds"] = negative["pooled_prompt_embeds"]
-        if image is not None:
-            kwargs["image"] = image.convert("RGB").resize((params.width, params.height))
-            kwargs["strength"] = params.strength
+        kwargs.update(image_kwargs(params, image))
         return kwargs
 
     def batch_key(
