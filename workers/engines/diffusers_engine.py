@@ -64,7 +64,7 @@ from workers.engines.diffusion.previews import previewer
 from workers.engines.diffusion.probe import shape_probe
 from workers.engines.families import GenericFamily, ModelFamily, check_rows, detect
 from workers.lora.cache import AdapterListener, AdapterUse
-from workers.lora.flux import adapters_for
+from workers.lora.diffusion import adapters_for
 from workers.resources import ResourceManager, resident_bytes
 from workers.stepping.arrivals import ArrivalWatch
 from workers.stepping.loop import StepCounters, StepLoop

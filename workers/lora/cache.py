@@ -4,12 +4,12 @@ never one that a running request uses.
 A request pins its adapters for as long as it runs (`acquire` ... `release`); a missing
 adapter is read (on the caller's thread: file I/O), then room is made by unloading
 unpinned adapters, least recently used first, and it is loaded, in one call to the
-loader (which decides where: the Flux engine does both on its step loop's thread,
+loader (which decides where: the diffusion engine does both on its step loop's thread,
 between two steps). When pinned adapters
 fill the budget the request waits for one to be released, up to its deadline. An
 adapter larger than the whole budget is refused at once (`ResourceError`).
 
-Costs are whatever the loader counts: device bytes for Flux, or 1 per adapter for a
+Costs are whatever the loader counts: device bytes for a diffusion model, or 1 per adapter for a
 budget in adapters. Every load and unload is reported to the `listener` (the Redis
 directory), outside the lock.
 """

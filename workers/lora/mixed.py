@@ -9,7 +9,7 @@ rsLoRA), as `set_adapters` would have set it. Rows without an adapter get nothin
 so each row is what it would be in a batch of its own adapter set, up to the float
 rounding of a larger matrix product. Only the rows that use an adapter pay for its delta.
 
-The hooks assume what Flux's transformer guarantees: every LoRA layer sees the batch's
+The hooks assume what the DiTs of every family guarantee: every LoRA layer sees the batch's
 rows along the first dimension.
 """
 

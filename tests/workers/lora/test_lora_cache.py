@@ -2,7 +2,7 @@
 waiting for room up to a deadline, refusing what can never fit, loading once.
 
 The loader here keeps its "model" in a dict; what it records is what the cache asked of
-it (the Flux engine's real loader is tested in test_lora_flux.py)."""
+it (the Flux engine's real loader is tested in test_lora_diffusion.py)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from omni_tasks.errors import ProcessingError
 from omni_tasks.lora import AdapterSet
 from workers.engines.diffusion.hooks import LatentsObserver, Request, TransformerHooks
 from workers.engines.diffusion.phases import request_pipeline
-from workers.lora.flux import ADAPTERS_KEY
+from workers.lora.diffusion import ADAPTERS_KEY
 from workers.stepping.loop import StepLoop
 from workers.stepping.request import ForwardCall, StepRequest
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import torch
 
     from workers.engines.families.base import ModelFamily
-    from workers.lora.flux import FluxAdapters
+    from workers.lora.diffusion import PipelineAdapters
 
 
 class LoopTransformer:
@@ -96,7 +96,7 @@ def run_batch(
     family: ModelFamily,
     transformer: Any,
     calls: list[ForwardCall],
-    adapters: FluxAdapters | None = None,
+    adapters: PipelineAdapters | None = None,
 ) -> None:
     """One forward pass for `calls` (at most one per request); resolves each with its
     rows. `adapters` applies each row's LoRA adapter set for the pass."""

@@ -19,8 +19,8 @@ from omni_tasks.errors import ProcessingError, ResourceError
 from omni_tasks.lora import directory_key
 from workers.engines.base import ImageOutput, ImageParams, StepCacheSettings
 from workers.engines.diffusers_engine import DiffusersEngine
+from workers.lora.diffusion import PipelineAdapters, adapter_bytes
 from workers.lora.directory import AdapterDirectoryListener
-from workers.lora.flux import FluxAdapters, adapter_bytes
 from workers.lora.registry import adapter_path
 
 STYLES = ("watercolor", "ink", "charcoal", "pastel")
@@ -158,7 +158,7 @@ def test_a_step_cache_request_runs_with_its_adapter(engine) -> None:
 def test_text_encoder_weights_and_oversized_adapters_are_refused(engine, config) -> None:
     with pytest.raises(ProcessingError, match="text_encoder: only transformer adapters"):
         generate(engine, (("with-text", 1.0),))
-    tiny_budget = FluxAdapters(engine.family.pipe, config, budget_bytes=1000)
+    tiny_budget = PipelineAdapters(engine.family.pipe, config, budget_bytes=1000)
     with pytest.raises(ResourceError, match="'watercolor' needs"):
         with tiny_budget.using(WC, time.monotonic() + 5):
             pass

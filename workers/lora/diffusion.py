@@ -1,4 +1,5 @@
-"""LoRA adapters on the Flux transformer of one diffusion engine.
+"""LoRA adapters on the transformer of one diffusion engine, for every model family whose
+pipeline has diffusers' LoRA loader (`NoAdapters` for the others).
 
 Loading: diffusers' `load_lora_weights(folder, adapter_name=<registry name>)` on the
 pipeline (PEFT backend), which injects the adapter's layers into the transformer. An
@@ -41,8 +42,8 @@ ADAPTERS_KEY = "_lora_adapters"
 Runner = Callable[[Callable[[], Any]], Any]
 
 
-class FluxAdapters:
-    """The adapters of one Flux pipeline (see the module docstring)."""
+class PipelineAdapters:
+    """The adapters of one pipeline (see the module docstring)."""
 
     def __init__(
         self,
@@ -166,12 +167,12 @@ class NoAdapters:
 
 def adapters_for(
     pipe: Any, config: CoreModuleConfig, resources: Any, listener: AdapterListener | None
-) -> FluxAdapters | NoAdapters:
+) -> PipelineAdapters | NoAdapters:
     """An engine's adapters, in `resources`' adapter carve-out and counted in its status
     (none where the pipeline has no LoRA loader)."""
     if not hasattr(pipe, "load_lora_weights"):
         return NoAdapters(pipe)
-    adapters = FluxAdapters(pipe, config, resources.adapter_reserved_bytes, listener)
+    adapters = PipelineAdapters(pipe, config, resources.adapter_reserved_bytes, listener)
     resources.adapter_usage = adapters.cache.used
     return adapters
 
