@@ -167,3 +167,19 @@ def test_the_resource_manager_measures_each_size_of_the_family(engine) -> None:
     cost = engine.resources.cost(shape)
     assert cost is not None and cost.row_bytes > 0 and cost.step_bytes > 0
     assert cost.bytes_for(4) > cost.bytes_for(1)
+
+
+def test_a_family_comes_from_config_or_the_checkpoint(tiny_models, tmp_path: Path) -> None:
+    from workers.engines.families import FAMILIES, detect, family_class
+
+    assert detect(MODELS_CACHE / "tiny-sd3").name == "sd3"
+    assert detect(MODELS_CACHE / "tiny-qwen-image-edit").name == "qwen-image-edit"
+    assert detect(MODELS_CACHE / "tiny-sd3", "sana") is FAMILIES["sana"]  # config wins
+    assert family_class("generic:SanaPipeline").pipeline == "SanaPipeline"
+    with pytest.raises(ConfigError, match="family"):
+        family_class("nope")
+    (tmp_path / "model_index.json").write_text('{"_class_name": "NoSuchPipeline"}')
+    with pytest.raises(ConfigError, match="not a diffusers pipeline"):
+        detect(tmp_path)
+    (tmp_path / "model_index.json").write_text('{"_class_name": "AuraFlowPipeline"}')
+    assert detect(tmp_path).name == "generic"  # no family module: the fallback
