@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 
@@ -19,6 +20,25 @@ def seeded_torch(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def save_pipeline(pipe: Any, out: Path) -> None:
+    """`pipe.save_pretrained(out)` in safetensors, without transformers' progress bars
+    ("Writing model shards" per component) or diffusers' warnings (a component left out
+    on purpose, such as an edit pipeline's processor, saved apart)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        pipe.save_pretrained(out, safe_serialization=True)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def token_ids(tokenizer: Any) -> dict[str, int | None]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workers.models.atomic import build_atomically
-from workers.models.building import seeded_torch, token_ids
+from workers.models.building import save_pipeline, seeded_torch, token_ids
 
 if TYPE_CHECKING:
     from diffusers import (
@@ -276,16 +276,8 @@ def _scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 
 def _save(pipe: FluxPipeline, out: Path, clip_dir: Path) -> None:
-    """`save_pretrained` without progress bars, plus CLIP's files for transformers 4.x."""
-    from transformers.utils import logging as transformers_logging
-
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # "Writing model shards" per component
-    try:
-        pipe.save_pretrained(out, safe_serialization=True)
-    finally:
-        if bars:
-            transformers_logging.enable_progress_bar()
+    """`save_pipeline`, plus CLIP's files for transformers 4.x."""
+    save_pipeline(pipe, out)
     # save_pretrained writes tokenizer.json only; keep vocab.json + merges.txt for 4.x.
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(clip_dir / name, out / "tokenizer" / name)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workers.models.atomic import build_atomically
-from workers.models.building import seeded_torch, token_ids
+from workers.models.building import save_pipeline, seeded_torch, token_ids
 from workers.models.tiny_flux import _corpus
 
 if TYPE_CHECKING:
@@ -380,21 +380,9 @@ def _scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 
 def _save(pipe: Any, out: Path, tok_dir: Path) -> None:
-    """`save_pretrained` without progress bars or warnings (about the edit pipeline's missing
-    processor), plus the tokenizer's files for transformers 4.x."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # "Writing model shards" per component
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        pipe.save_pretrained(out, safe_serialization=True)
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-        if bars:
-            transformers_logging.enable_progress_bar()
+    """`save_pipeline` (quiet about the edit pipeline's processor, saved apart), plus the
+    tokenizer's files for transformers 4.x."""
+    save_pipeline(pipe, out)
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(tok_dir / name, out / "tokenizer" / name)
 

@@ -24,14 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workers.models.atomic import build_atomically
-from workers.models.building import seeded_torch, token_ids
+from workers.models.building import save_pipeline, seeded_torch, token_ids
 from workers.models.tiny_flux import _corpus
 
 if TYPE_CHECKING:
     from diffusers import (
         AutoencoderDC,
         DPMSolverMultistepScheduler,
-        SanaPipeline,
         SanaTransformer2DModel,
     )
     from transformers import Gemma2Model, GemmaTokenizer
@@ -129,7 +128,7 @@ def _build_pipeline(out: Path) -> None:
     for module in components.values():
         module.eval()
     pipe = SanaPipeline(scheduler=_scheduler(), tokenizer=tokenizer, **components)
-    _save(pipe, out)
+    save_pipeline(pipe, out)
     shutil.rmtree(tok_dir)
 
 
@@ -206,19 +205,6 @@ def _scheduler() -> DPMSolverMultistepScheduler:
         flow_shift=3.0,
         solver_order=2,
     )
-
-
-def _save(pipe: SanaPipeline, out: Path) -> None:
-    """`save_pretrained` without progress bars."""
-    from transformers.utils import logging as transformers_logging
-
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # "Writing model shards" per component
-    try:
-        pipe.save_pretrained(out, safe_serialization=True)
-    finally:
-        if bars:
-            transformers_logging.enable_progress_bar()
 
 
 def build_tiny_sana(path: Path) -> Path:

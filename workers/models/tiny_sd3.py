@@ -13,13 +13,12 @@ be multiples of 16, as with the real model.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workers.models.atomic import build_atomically
-from workers.models.building import seeded_torch, token_ids
-from workers.models.tiny_flux import _corpus, _save_clip_tokenizer, _save_t5_tokenizer
+from workers.models.building import save_pipeline, seeded_torch, token_ids
+from workers.models.tiny_flux import _Tokenizers, _tokenizers
 
 if TYPE_CHECKING:
     from diffusers import (
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTokenizer, T5TokenizerFast
 
 SEED = 0
 # Weights come from torch's global RNG: two builds in one process must not interleave.
@@ -64,29 +62,6 @@ def _build_pipeline(out: Path) -> None:
     )
     _save(pipe, out, tok_dir / "clip")
     shutil.rmtree(tok_dir)
-
-
-@dataclass(frozen=True)
-class _Tokenizers:
-    clip: CLIPTokenizer  # both CLIP encoders share one vocabulary, as in SD3
-    t5: T5TokenizerFast
-    clip_vocab: int
-    t5_vocab: int
-
-
-def _tokenizers(tok_dir: Path) -> _Tokenizers:
-    """Train both tokenizers on tiny_flux's corpus, save them under `tok_dir`, load back."""
-    from transformers import CLIPTokenizer, T5TokenizerFast
-
-    corpus = _corpus()
-    clip_vocab = _save_clip_tokenizer(corpus, tok_dir / "clip")
-    t5_vocab = _save_t5_tokenizer(corpus, tok_dir / "t5")
-    return _Tokenizers(
-        clip=CLIPTokenizer.from_pretrained(tok_dir / "clip"),
-        t5=T5TokenizerFast.from_pretrained(tok_dir / "t5"),
-        clip_vocab=clip_vocab,
-        t5_vocab=t5_vocab,
-    )
 
 
 def _text_encoders(tokenizers: _Tokenizers) -> dict[str, Any]:
@@ -179,16 +154,8 @@ def _scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 
 def _save(pipe: StableDiffusion3Pipeline, out: Path, clip_dir: Path) -> None:
-    """`save_pretrained` without progress bars, plus CLIP's files for transformers 4.x."""
-    from transformers.utils import logging as transformers_logging
-
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # "Writing model shards" per component
-    try:
-        pipe.save_pretrained(out, safe_serialization=True)
-    finally:
-        if bars:
-            transformers_logging.enable_progress_bar()
+    """`save_pipeline`, plus CLIP's files for transformers 4.x."""
+    save_pipeline(pipe, out)
     # save_pretrained writes tokenizer.json only; keep vocab.json + merges.txt for 4.x.
     for folder in ("tokenizer", "tokenizer_2"):
         for name in ("vocab.json", "merges.txt"):
