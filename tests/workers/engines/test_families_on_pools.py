@@ -8,7 +8,6 @@ checkpoint run alone in this process."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -34,6 +33,8 @@ TIMEOUT = 180
 # Each family at a size its VAE takes (Sana: multiples of 32).
 FAMILIES = {"tiny-sd3": "sd3", "tiny-qwen-image": "qwen-image", "tiny-sana": "sana"}
 SIZE = {"width": 64, "height": 64}
+#: The requests a high-class arrival preempts: the most steps a request may ask.
+LONG = {"steps": 100, **SIZE}
 
 
 @contextmanager
@@ -49,6 +50,9 @@ def serving(model: str, run_dir: Path) -> Iterator[str]:
         "OMNI_DIFFUSION__MODEL": model,
         "OMNI_DIFFUSION__MAX_BATCH_SIZE": "4",
         "OMNI_LORAS": json.dumps(loras),
+        # Progress written early: the preemption test waits until its requests step.
+        "OMNI_PROGRESS_FIRST_AFTER_S": "0.05",
+        "OMNI_PROGRESS_INTERVAL_S": "0.05",
     }
     try:
         [worker] = start_ready_workers(["diffusion"], run_dir / f"logs-{model}", env=env)
@@ -84,10 +88,12 @@ def pixels(result: dict) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.int64)
 
 
-def alone_pixels(engine, prompt: str, steps: int, seed: int) -> np.ndarray:
+def alone_pixels(
+    engine, prompt: str, steps: int, seed: int, size: dict[str, int] = SIZE
+) -> np.ndarray:
     from workers.engines.base import ImageParams
 
-    out = engine.generate("alone", prompt, ImageParams(**SIZE, steps=steps, seed=seed), 120)
+    out = engine.generate("alone", prompt, ImageParams(**size, steps=steps, seed=seed), 120)
     return np.asarray(out.image.convert("RGB"), dtype=np.int64)
 
 
@@ -110,15 +116,18 @@ def test_four_same_shape_requests_share_steps_with_their_own_pixels(pool: str, a
 
 
 def test_a_preempted_request_resumes_to_the_same_pixels(pool: str, alone) -> None:
-    lows = [send(pool, f"low {i}", steps=60, seed=i, priority="low") for i in range(4)]
-    assert eventually(lambda: lows[-1].state in ("STARTED", "PROGRESS"), 60, 0.01)
-    time.sleep(0.3)
+    # Long enough that all four still hold the batch when the high request arrives, on
+    # a fast family too (a tiny Qwen-Image step takes milliseconds).
+    lows = [send(pool, f"low {i}", **LONG, seed=i, priority="low") for i in range(4)]
+    assert eventually(lambda: all(r.state == "PROGRESS" for r in lows), 60, 0.005)
     high = send(pool, "urgent", steps=4, priority="high").get(TIMEOUT)
     outs = [r.get(TIMEOUT) for r in lows]
     paused = [(i, out) for i, out in enumerate(outs) if out["preemptions"]]
     assert paused and high["preemptions"] == 0
     i, out = paused[0]
-    assert np.abs(pixels(out) - alone_pixels(alone, f"low {i}", 60, i)).max() <= 2
+    size = {"width": LONG["width"], "height": LONG["height"]}
+    reference = alone_pixels(alone, f"low {i}", LONG["steps"], i, size)
+    assert np.abs(pixels(out) - reference).max() <= 2
 
 
 def test_an_exact_repeat_is_a_cache_hit(pool: str) -> None:
