@@ -219,6 +219,11 @@ def prompt_rows(**tensors: torch.Tensor) -> list[Embeds]:
     return [{key: t[i : i + 1].clone() for key, t in tensors.items()} for i in range(count)]
 
 
+def negative_kwargs(negative: Embeds | None) -> dict[str, Any]:
+    """A negative prompt's embeddings as the pipelines name them: `negative_<key>`."""
+    return {f"negative_{key}": value for key, value in (negative or {}).items()}
+
+
 def image_kwargs(params: ImageParams, image: Image.Image | None) -> dict[str, Any]:
     """An img2img pipeline's arguments: the image at the request's size, its strength."""
     if image is None:

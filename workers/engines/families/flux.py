@@ -19,6 +19,7 @@ from workers.engines.families.base import (
     Embeds,
     ModelFamily,
     image_kwargs,
+    negative_kwargs,
     prompt_rows,
 )
 
@@ -75,9 +76,7 @@ class FluxFamily(ModelFamily):
             "max_sequence_length": self.max_sequence_length,
         }
         if negative is not None:
-            kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
-            kwargs["negative_pooled_prompt_embeds"] = negative["pooled_prompt_embeds"]
-            kwargs["true_cfg_scale"] = true_cfg_scale
+            kwargs.update(negative_kwargs(negative), true_cfg_scale=true_cfg_scale)
         kwargs.update(image_kwargs(params, image))
         return kwargs
 

@@ -23,7 +23,13 @@ from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from workers.engines.base import ImageParams
-from workers.engines.families.base import ALL_STEP_CACHES, Embeds, ModelFamily, image_kwargs
+from workers.engines.families.base import (
+    ALL_STEP_CACHES,
+    Embeds,
+    ModelFamily,
+    image_kwargs,
+    negative_kwargs,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -75,9 +81,7 @@ class QwenImageFamily(ModelFamily):
             "true_cfg_scale": 1.0,  # no negative: no true CFG (and no warning about it)
         }
         if negative is not None:
-            kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
-            kwargs["negative_prompt_embeds_mask"] = negative["prompt_embeds_mask"]
-            kwargs["true_cfg_scale"] = true_cfg_scale
+            kwargs.update(negative_kwargs(negative), true_cfg_scale=true_cfg_scale)
         kwargs.update(image_kwargs(params, image))
         return kwargs
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from workers.engines.base import ImageParams
-from workers.engines.families.base import Embeds, ModelFamily, prompt_rows
+from workers.engines.families.base import Embeds, ModelFamily, negative_kwargs, prompt_rows
 
 if TYPE_CHECKING:
     import torch
@@ -87,9 +87,7 @@ class SanaFamily(ModelFamily):
             "use_resolution_binning": False,
             "negative_prompt": None,  # its default "" would clash with the embeddings
         }
-        if negative is not None:
-            kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
-            kwargs["negative_prompt_attention_mask"] = negative["prompt_attention_mask"]
+        kwargs.update(negative_kwargs(negative))
         return kwargs
 
     def batch_key(

@@ -15,7 +15,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from workers.engines.base import ImageParams
-from workers.engines.families.base import Embeds, ModelFamily, image_kwargs, prompt_rows
+from workers.engines.families.base import (
+    Embeds,
+    ModelFamily,
+    image_kwargs,
+    negative_kwargs,
+    prompt_rows,
+)
 from workers.engines.families.flux import decode_scaled
 
 if TYPE_CHECKING:
@@ -71,9 +77,7 @@ class SD3Family(ModelFamily):
             "guidance_scale": params.guidance,
             "max_sequence_length": self.max_sequence_length,
         }
-        if negative is not None:
-            kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
-            kwargs["negative_pooled_prompt_embeds"] = negative["pooled_prompt_embeds"]
+        kwargs.update(negative_kwargs(negative))
         kwargs.update(image_kwargs(params, image))
         return kwargs
 
