@@ -71,7 +71,12 @@ COMMON: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
             lambda s: f"{s}-{uuid.uuid4().hex[:8]}"  # unique: a repeat id is its own case
         ),
         st.one_of(
-            st.sampled_from(["", "   ", "a\nb", "tab\there", "x" * 129]), st.integers(), JUNK
+            st.sampled_from(["", "   ", "a\nb", "tab\there", "x" * 129]),
+            st.integers(),
+            JUNK.filter(lambda v: not isinstance(v, str)),
+            # junk text may be a valid id by chance: unique too, as a repeat is its own case
+            st.text(max_size=12).map(lambda s: f"{s}\n{uuid.uuid4().hex[:8]}"),
+            st.text(max_size=12).map(lambda s: f"{s}{uuid.uuid4().hex[:8]}"),
         ),
     ),
 }

@@ -95,9 +95,22 @@ class Message(BaseModel):
 class ChatBody(TextOptions):
     messages: list[Message] = Field(min_length=1)
 
+    def to_request(self, priority: str, request_id: str | None = None) -> OmniRequest:
+        """The request this body asks for (400 naming a bad field)."""
+        return self.request(chat_prompt(self.messages), priority, request_id)
+
 
 class CompletionBody(TextOptions):
     prompt: str | list[str]
+
+    def to_request(self, priority: str, request_id: str | None = None) -> OmniRequest:
+        """The request this body asks for (400 naming a bad field)."""
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise invalid("prompt", "one prompt per request")
+            prompt = prompt[0]
+        return self.request(prompt, priority, request_id)
 
 
 def chat_prompt(messages: list[Message]) -> str:
@@ -128,18 +141,18 @@ async def _finished(hub: ResultHub, omni: OmniRequest, kept: bool) -> dict[str, 
     return dict(meta["result"])
 
 
-async def _serve(request: Request, body: TextOptions, prompt: str, chat: bool) -> Response:
+async def _serve(request: Request, body: ChatBody | CompletionBody, chat: bool) -> Response:
     state = request.app.state
     priority = priority_of(body.priority, request.headers.get("x-priority"))
     key = call_key(request)
-    omni = body.request(prompt, priority, key.request_id())
+    omni = body.to_request(priority, key.request_id())
     fingerprint = call_fingerprint(
         "chat" if chat else "completions", [omni], body.model_dump(mode="json")
     )
     async with KeyedCall(state.hub.redis, key, fingerprint) as call:
         await accept(state.workers, omni, model=body.model)
         call.accepted = True
-    prefix, kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
+    prefix = "chatcmpl" if chat else "cmpl"
     base = {"id": f"{prefix}-{omni.request_id}", "created": int(omni.created_at)}
     base["model"] = body.model
     if body.stream:
@@ -147,14 +160,20 @@ async def _serve(request: Request, body: TextOptions, prompt: str, chat: bool) -
         kept = key.base is not None
         return streaming(_chunks(state.hub, omni, base, chat, usage, kept))
     result = await _finished(state.hub, omni, key.base is not None)
+    return JSONResponse(completion_answer(base, result, chat))
+
+
+def completion_answer(base: dict[str, Any], result: dict[str, Any], chat: bool) -> dict[str, Any]:
+    """OpenAI's (chat) completion object for a text result; `base` holds its `id`,
+    `created` and `model`."""
+    kind = "chat.completion" if chat else "text_completion"
     choice: dict[str, Any] = {"index": 0, "finish_reason": result["finish_reason"]}
     choice["logprobs"] = None
     if chat:
         choice["message"] = {"role": "assistant", "content": result["text"]}
     else:
         choice["text"] = result["text"]
-    answer = {**base, "object": kind, "choices": [choice], "usage": result["usage"]}
-    return JSONResponse(answer)
+    return {**base, "object": kind, "choices": [choice], "usage": result["usage"]}
 
 
 async def _chunks(
@@ -203,17 +222,12 @@ async def _chunks(
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatBody, request: Request) -> Response:
-    return await _serve(request, body, chat_prompt(body.messages), chat=True)
+    return await _serve(request, body, chat=True)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionBody, request: Request) -> Response:
-    prompt = body.prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise invalid("prompt", "one prompt per request")
-        prompt = prompt[0]
-    return await _serve(request, body, prompt, chat=False)
+    return await _serve(request, body, chat=False)
 
 
 @router.get("/v1/models")
