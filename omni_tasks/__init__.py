@@ -60,6 +60,7 @@ from omni_tasks.scheduling import (
     create_scheduler,
 )
 from omni_tasks.tasks import app, generate_image, generate_multimodal, generate_text
+from omni_tasks.tasks.batch_submit import submit_many
 from omni_tasks.tasks.producer import cancel, submit
 
 celery = app
@@ -115,4 +116,5 @@ __all__ = [
     "load_config",
     "set_config",
     "submit",
+    "submit_many",
 ]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +84,18 @@ def in_send() -> bool:
     """Whether a send in this context holds its request's acceptance (the `send_task`
     hook then accepts nothing a second time)."""
     return _in_send.get() is not None
+
+
+@contextlib.contextmanager
+def holding(acceptance: Acceptance) -> Iterator[None]:
+    """Hold `acceptance` as this context's send while its message is published: the
+    `send_task` hook accepts nothing a second time, and a transport that accepts on
+    publish hands the message to `acceptance.accept` (`awaiting_publish`)."""
+    token = _in_send.set(acceptance)
+    try:
+        yield
+    finally:
+        _in_send.reset(token)
 
 
 def awaiting_publish() -> Acceptance | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -121,6 +121,105 @@ def admit(
         return Admission(queue, admission_id, added=False, repeat=True)
     recorded = entry.task_id if entry else None
     return Admission(queue, admission_id, status == 1, recorded, fingerprinted=bool(fingerprint))
+
+
+@dataclass(frozen=True)
+class Asked:
+    """One request of a batch to accept (`admit_many`): what `admit` takes for it."""
+
+    queue: str
+    admission_id: str
+    enforce: bool = True
+    counted: bool = True
+    entry: ledger.Entry | None = None
+    fingerprint: str | None = None
+    message: tuple[str, str] | None = None
+
+
+def admit_many(batch: Sequence[Asked]) -> list[Admission]:
+    """`admit` for every request of `batch` in one step (`scripts/admit_many.lua`): all
+    of them are admitted, recorded and published (with their entries and messages), or
+    none is. A repeat is an `Admission` with `repeat` set (nothing done for it); a
+    conflict raises `RequestConflictError`, a pool that cannot take all of its
+    requests `QueueFullError`, and nothing of the batch is written. Every request has
+    an entry, or none has; every request with an entry has a message, or none has."""
+    if not batch:
+        return []
+    per = 2 + (batch[0].entry is not None) + (batch[0].message is not None)
+    if any(2 + (a.entry is not None) + (a.message is not None) != per for a in batch):
+        raise ValueError("a batch records (and publishes) every request, or none")
+    if per == 3 and batch[0].message is not None:
+        raise ValueError("a message is published with its ledger entry")
+    script_keys = [keys.ledger_open()]
+    ttl = get_config().result_expires
+    script_args: list[Any] = [time.time(), idempotency.ttl_s(), ttl, per]
+    for asked in batch:
+        if not asked.admission_id:
+            raise ValueError("admission_id must not be empty")
+        limit = (current_limit() if asked.enforce else 0) if asked.counted else -1
+        script_keys += [keys.admitted(asked.queue), keys.request_fingerprint(asked.admission_id)]
+        entry, message = asked.entry, asked.message
+        if entry is not None:
+            script_keys.append(keys.ledger(entry.task_id))
+        if message is not None:
+            script_keys.append(message[0])
+        script_args += [asked.admission_id, limit, asked.fingerprint or ""]
+        script_args += _entry_args(entry) + [message[1] if message else ""]
+    reply = [int(v) for v in get_scripts().admit_many(keys=script_keys, args=script_args)]
+    return _admitted_batch(batch, reply)
+
+
+def _entry_args(entry: ledger.Entry | None) -> list[Any]:
+    """ARGV j=4..8 of a request in `scripts/admit_many.lua`."""
+    if entry is None:
+        return ["", "", "", "", ""]
+    return [entry.task_id, entry.task, entry.args, entry.kwargs, entry.options]
+
+
+def _admitted_batch(batch: Sequence[Asked], reply: list[int]) -> list[Admission]:
+    """The admissions of an accepted batch, or the error of a refused one."""
+    if reply[0] == CONFLICT:
+        raise RequestConflictError(batch[reply[1] - 1].admission_id)
+    if reply[0] == FULL:
+        index, size, adding = reply[1:4]
+        queue = batch[index - 1].queue
+        raise QueueFullError(
+            f"pool {pool_name(queue)!r} (queue {queue!r}) is full: {size} requests "
+            f"admitted, max_queue_size={current_limit()}, and the batch adds {adding}; "
+            f"none of its {len(batch)} requests enqueued"
+        )
+    found = []
+    for asked, status in zip(batch, reply[1:], strict=True):
+        if status == REPEAT:
+            found.append(Admission(asked.queue, asked.admission_id, added=False, repeat=True))
+            continue
+        recorded = asked.entry.task_id if asked.entry else None
+        fingerprinted = bool(asked.fingerprint)
+        found.append(
+            Admission(
+                asked.queue, asked.admission_id, status == 1, recorded, fingerprinted=fingerprinted
+            )
+        )
+    return found
+
+
+def undo_many(admissions: Iterable[Admission]) -> None:
+    """A batch whose publish failed: give back what each admission took
+    (`Admission.undo`), in one round trip."""
+    done = [a for a in admissions if not a.repeat]
+    added = [a.admission_id for a in done if a.added]
+    recorded = [a.recorded for a in done if a.recorded]
+    fingerprinted = [keys.request_fingerprint(a.admission_id) for a in done if a.fingerprinted]
+    pipe = get_redis().pipeline(transaction=False)
+    if added:
+        for name in pool_sets():
+            pipe.zrem(name, *added)
+    if recorded:
+        pipe.zrem(keys.ledger_open(), *recorded)
+        pipe.delete(*(keys.ledger(i) for i in recorded))
+    if fingerprinted:
+        pipe.delete(*fingerprinted)
+    pipe.execute()
 
 
 def release(admission_ids: Iterable[str]) -> None:

@@ -150,6 +150,27 @@ def test_move_all_keeps_the_order_messages_are_served_in(redis_client) -> None:
     assert get_scripts().move_all(keys=["src", "dst"]) == 0
 
 
+def test_admit_many_accepts_a_batch_whole_or_refuses_it_whole(redis_client) -> None:
+    pool, open_set = keys.admitted("ar"), keys.ledger_open()
+
+    def run(ids: list[str], fingerprint: str = "f", limit: int = 3) -> list[int]:
+        script_keys, args = [open_set], [100.0, 60, 60, 4]
+        for i in ids:
+            script_keys += [pool, keys.request_fingerprint(i), keys.ledger(i), "q"]
+            args += [i, limit, fingerprint, i, "task", "[]", "{}", "{}", f"message {i}"]
+        return get_scripts().admit_many(keys=script_keys, args=args)
+
+    assert run(["a", "b"]) == [1, 1, 1]
+    assert redis_client.lrange("q", 0, -1) == ["message b", "message a"]
+    assert redis_client.hget(keys.ledger("a"), "task") == "task"
+    assert run(["c", "d", "a"]) == [-1, 1, 2, 2]  # 2 admitted + 2 new > 3: none of it
+    assert run(["c", "a"], fingerprint="other") == [-2, 2]  # a holds another fingerprint
+    assert redis_client.zcard(pool) == 2 and redis_client.llen("q") == 2
+    assert not redis_client.exists(keys.request_fingerprint("c"), keys.ledger("c"))
+    assert run(["a", "c"]) == [1, 2, 1]  # a repeat is left out, c is admitted
+    assert redis_client.llen("q") == 3 and redis_client.zcard(open_set) == 3
+
+
 def test_every_script_runs_in_a_test_here() -> None:
     from pathlib import Path
 

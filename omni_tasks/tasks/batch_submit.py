@@ -1,0 +1,297 @@
+"""Batch submission: N validated requests accepted in one step, all or nothing.
+
+`submit_many` sends each request as its task's message, exactly as `.delay()` would
+(Celery builds it, the router routes it, the transport envelopes it: the same headers,
+`kwargsrepr`, deadline and ledger entry), but accepts the whole batch at once. With the
+default broker (the coordination Redis) the envelopes are taken from the transport
+instead of being sent, and one script (`scripts/admit_many.lua`) checks every id,
+admits all of them, records them in the ledger and publishes them, in one round trip;
+the `task-sent` events Flower shows follow in one pipeline. With another broker the
+batch is accepted in one round trip first, then published on one producer (one
+pipeline on Redis), and a failed publish gives the whole acceptance back.
+
+A batch is refused as a whole: a request id accepted before for another request, or
+given twice in the batch for two different requests (`RequestConflictError`), or a pool
+that cannot take all of its requests (`QueueFullError`) enqueue nothing. A repeat (an
+id accepted before for the same request) is not published again: its result is
+returned, with `repeat` set, as from `.delay()`.
+
+MULTIMODAL requests are two-stage chains and are refused (`RequestValidationError`,
+field `request_type`): send them with `submit`, one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import redis
+from celery import Task
+from celery.result import AsyncResult, GroupResult
+
+from omni_tasks.config import get_config
+from omni_tasks.coordination import acceptance, admission, client, idempotency
+from omni_tasks.coordination.client import redacted
+from omni_tasks.errors import BrokerUnavailableError, RequestConflictError, RequestValidationError
+from omni_tasks.requests import OmniRequest
+from omni_tasks.tasks.base import OmniTask, publish_options
+from omni_tasks.tasks.celery_app import app
+from omni_tasks.tasks.definitions import TASK_FOR_TYPE
+from omni_tasks.tasks.transport import accepts_on_publish
+
+log = logging.getLogger(__name__)
+
+#: The most requests one batch takes: its accepting script holds Redis while it runs.
+MAX_BATCH = 10_000
+
+
+@dataclass
+class Item:
+    """One request of a batch: its task, message (kwargs), publish options and
+    acceptance; `envelope` is the (list, JSON) the transport built for it."""
+
+    task: OmniTask
+    request: OmniRequest
+    kwargs: dict[str, Any]
+    options: dict[str, Any]
+    accepting: acceptance.Acceptance
+    envelope: tuple[str, str] | None = None
+    result: AsyncResult | None = None
+
+
+@dataclass
+class Collected(acceptance.Acceptance):
+    """An acceptance that keeps the message its publish hands over, instead of running
+    the accepting step: the batch accepts all of them at once."""
+
+    envelope: tuple[str, str] | None = None
+
+    def accept(self, message: tuple[str, str] | None = None) -> admission.Admission:
+        if message is None or self.envelope is not None:
+            raise RuntimeError(f"request {self.admission_id}: one message per request")
+        self.envelope = message
+        return admission.Admission(self.queue, self.admission_id, added=False)
+
+
+@dataclass
+class SentEvents:
+    """Stands in for Celery's event dispatcher while the messages are built: keeps each
+    `task-sent` event, published once the batch is accepted."""
+
+    events: list[tuple[str, dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+
+    def publish(self, type: str, fields: dict[str, Any], producer: Any, **kwargs: Any) -> None:
+        self.events.append((type, dict(fields), kwargs))
+
+
+def submit_many(
+    requests: Sequence[OmniRequest], *, task: OmniTask | str | None = None, **options: Any
+) -> GroupResult:
+    """Enqueue validated requests in one accepting step, all or nothing.
+
+    Each request keeps its id (the result's id), its route (queue and priority level, as
+    the router resolves them), its deadline (`expires`) and its idempotency. `options`
+    are Celery publish options for every message. `task` sends every request as that
+    task (its request type must match: `omni_tasks.probe` for TEXT requests measures the
+    queue path); by default each goes to its type's task (`TASK_FOR_TYPE`). Returns a
+    `GroupResult` (not saved in the backend) whose `results` follow `requests`.
+    """
+    items, results = prepare(requests, task, options)
+    if app.conf.task_always_eager:
+        for item in items:
+            item.result = item.task.send(item.request, None, item.request.request_id, {})
+    elif items and accepts_on_publish():
+        accept_and_publish(items)
+    elif items:
+        accept_then_publish(items)
+    found = {item.request.request_id: item.result for item in items}
+    return GroupResult(str(uuid.uuid4()), [found[i] for i in results], app=app)
+
+
+def prepare(
+    requests: Sequence[OmniRequest], task: OmniTask | str | None, options: dict[str, Any]
+) -> tuple[list[Item], list[str]]:
+    """Each distinct request's `Item`, and the request ids in order (a request given
+    twice under one id is sent once)."""
+    if len(requests) > MAX_BATCH:
+        raise RequestValidationError(
+            "requests", f"at most {MAX_BATCH} requests per batch, got {len(requests)}"
+        )
+    items: dict[str, Item] = {}
+    order = []
+    for index, request in enumerate(requests):
+        if not isinstance(request, OmniRequest):
+            raise RequestValidationError(
+                f"requests.{index}", f"must be an OmniRequest, got {type(request).__name__}"
+            )
+        known = items.get(request.request_id)
+        if known is None:
+            items[request.request_id] = item_for(request, task_for(request, task), options)
+        elif known.request.fingerprint() != request.fingerprint():
+            raise RequestConflictError(
+                request.request_id, "given twice in the batch, for two different requests"
+            )
+        order.append(request.request_id)
+    return list(items.values()), order
+
+
+def task_for(request: OmniRequest, task: OmniTask | str | None) -> OmniTask:
+    """The task that sends `request`: `task`, else its type's."""
+    chosen = TASK_FOR_TYPE[request.request_type] if task is None else task
+    # The task itself, not the proxy a task decorator returns.
+    chosen = app.tasks.get(chosen if isinstance(chosen, str) else chosen.name)
+    if not isinstance(chosen, OmniTask):
+        raise RequestValidationError("task", f"{chosen!r} is not an omni-tasks task")
+    if type(chosen).send is not OmniTask.send or chosen.takes_previous_result:
+        raise RequestValidationError(
+            "request_type",
+            f"{request.request_type.value} requests ({chosen.name}) are sent as more than "
+            "one message: send them one at a time with omni_tasks.submit",
+        )
+    return chosen
+
+
+def item_for(request: OmniRequest, task: OmniTask, options: dict[str, Any]) -> Item:
+    """What `OmniTask.send` prepares for one request: the message validated again as
+    the task's (as `submit` does), its publish options and its acceptance."""
+    task_id = request.request_id
+    built = task.build_request(request.to_message(), task_id)
+    if built.request_type is not request.request_type:
+        raise RequestValidationError(
+            "request_type", f"{task.name} does not take {request.request_type.value} requests"
+        )
+    opts = dict(options)
+    kwargs = publish_options(built, opts)
+    accepting = task.acceptance_for(None, kwargs, task_id, opts, built)
+    opts["headers"] = {**(opts.get("headers") or {}), idempotency.ACCEPTED_HEADER: True}
+    return Item(task, built, kwargs, opts, accepting)
+
+
+def accept_and_publish(items: list[Item]) -> None:
+    """The default broker: take each message from the transport, then accept and
+    publish them all in one step; the `task-sent` events follow."""
+    events = SentEvents()
+    try:
+        client.check_reachable()
+        with app.producer_or_acquire() as producer:
+            for item in items:
+                collected = Collected(**vars(item.accepting))
+                with acceptance.holding(collected):
+                    item.result = publish(item, producer, event_dispatcher=events)
+                if collected.envelope is None:
+                    raise RuntimeError(f"request {item.accepting.admission_id}: no message")
+                item.envelope = collected.envelope
+    except acceptance.UNREACHABLE as exc:
+        raise unavailable(items, exc, attempted=False) from exc
+    admitted = accept(items, with_messages=True)
+    settle(items, admitted)
+    send_events(events)
+
+
+def accept_then_publish(items: list[Item]) -> None:
+    """Another broker: accept all (one round trip), then publish all on one producer
+    (one pipeline on a Redis broker); a failed publish gives the acceptance back."""
+    admitted = accept(items, with_messages=False)
+    settle(items, admitted)
+    try:
+        with app.producer_or_acquire() as producer, batched(producer):
+            for item, done in zip(items, admitted, strict=True):
+                if not done.repeat:
+                    with acceptance.holding(replace(item.accepting, outcome=done)):
+                        item.result = publish(item, producer)
+    except BaseException as exc:
+        undone = undo(admitted)
+        if isinstance(exc, acceptance.UNREACHABLE):
+            raise unavailable(items, exc, attempted=not undone) from exc
+        raise
+
+
+def publish(item: Item, producer: Any, **extra: Any) -> AsyncResult:
+    """Celery's publish of one message (what `OmniTask.send` calls), on `producer`."""
+    task_id = item.request.request_id
+    options = {**item.options, **extra}
+    return Task.apply_async(item.task, None, item.kwargs, task_id, producer, **options)
+
+
+def accept(items: list[Item], *, with_messages: bool) -> list[admission.Admission]:
+    """The batch's accepting step (`admission.admit_many`)."""
+    batch = [
+        admission.Asked(
+            a.queue,
+            a.admission_id,
+            a.enforce,
+            a.counted,
+            a.entry,
+            a.fingerprint,
+            item.envelope if with_messages else None,
+        )
+        for item in items
+        for a in (item.accepting,)
+    ]
+    try:
+        return admission.admit_many(batch)
+    except acceptance.UNREACHABLE as exc:
+        raise unavailable(items, exc, attempted=not acceptance.refused_at_connect(exc)) from exc
+
+
+def settle(items: list[Item], admitted: list[admission.Admission]) -> None:
+    """Each request's acceptance holds its outcome; a repeat's result is the id's."""
+    for item, done in zip(items, admitted, strict=True):
+        item.accepting.attempted = True
+        item.accepting.outcome = done
+        if done.repeat:
+            item.result = item.task.repeat_result(done.admission_id)
+
+
+def send_events(events: SentEvents) -> None:
+    """The `task-sent` events of the accepted messages, in one pipeline; a failure is
+    logged (the requests are accepted and queued)."""
+    dispatcher = app.events.Dispatcher(enabled=False)
+    try:
+        with app.producer_or_acquire() as producer, batched(producer):
+            for kind, fields, kwargs in events.events:
+                dispatcher.publish(kind, fields, producer, **kwargs)
+    except acceptance.UNREACHABLE:
+        log.warning("task-sent events of %d requests not sent", len(events.events), exc_info=True)
+
+
+@contextmanager
+def batched(producer: Any) -> Iterator[None]:
+    """kombu's publish batch (one pipeline on Redis) where the producer has one."""
+    if not hasattr(producer, "batch"):
+        yield
+        return
+    with producer.batch():
+        yield
+
+
+def undo(admitted: list[admission.Admission]) -> bool:
+    """Give back what the batch's acceptance took; whether that worked."""
+    try:
+        admission.undo_many(admitted)
+    except acceptance.UNREACHABLE:
+        return False
+    return True
+
+
+def unavailable(items: list[Item], exc: BaseException, *, attempted: bool) -> Exception:
+    """The error of a batch that could not reach Redis or the broker."""
+    client.failed()
+    first = items[0].request.request_id
+    config = get_config()
+    url = redacted(config.redis_url if isinstance(exc, redis.RedisError) else config.broker)
+    if attempted:
+        outcome = (
+            "it may have been accepted: send the same batch again, which runs each at most once"
+        )
+    else:
+        outcome = "nothing was accepted and nothing will run"
+    message = (
+        f"batch of {len(items)} requests ({first}, ...) not sent: cannot reach {url} "
+        f"({exc}); {outcome}"
+    )
+    return BrokerUnavailableError(first, message, attempted)
