@@ -32,6 +32,7 @@ from typing import Any
 import redis
 from celery import Task
 from celery.result import AsyncResult, GroupResult
+from vine import barrier
 
 from omni_tasks.config import get_config
 from omni_tasks.coordination import acceptance, admission, client, idempotency
@@ -88,6 +89,30 @@ class SentEvents:
         self.events.append((type, dict(fields), kwargs))
 
 
+class BatchResult(GroupResult):
+    """Celery's `GroupResult`, which subscribes to its results when it is first waited
+    on, as a sent request does (`celery_app.SubscribeOnWait`), not when it is made:
+    a caller that never waits here (a batch API answering with ids) subscribes to none."""
+
+    def __init__(self, id: str, results: list[AsyncResult], **kwargs: Any) -> None:
+        super().__init__(id, [], **kwargs)
+        self.results = results
+        self._armed = False
+
+    def _arm(self) -> None:
+        if not self._armed:
+            self._armed = True
+            self._set_ready_barrier(barrier(self.results))
+
+    def iter_native(self, *args: Any, **kwargs: Any) -> Any:
+        self._arm()
+        return super().iter_native(*args, **kwargs)
+
+    def then(self, *args: Any, **kwargs: Any) -> Any:
+        self._arm()
+        return super().then(*args, **kwargs)
+
+
 def submit_many(
     requests: Sequence[OmniRequest], *, task: OmniTask | str | None = None, **options: Any
 ) -> GroupResult:
@@ -109,7 +134,7 @@ def submit_many(
     elif items:
         accept_then_publish(items)
     found = {item.request.request_id: item.result for item in items}
-    return GroupResult(str(uuid.uuid4()), [found[i] for i in results], app=app)
+    return BatchResult(str(uuid.uuid4()), [found[i] for i in results], app=app)
 
 
 def prepare(
