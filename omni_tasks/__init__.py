@@ -35,6 +35,7 @@ from omni_tasks.requests import (
     OmniRequest,
     ProcessingStage,
     RequestType,
+    create_chat_request,
     create_diffusion_request,
     create_image_request,
     create_multimodal_request,
@@ -59,7 +60,14 @@ from omni_tasks.scheduling import (
     PriorityScheduler,
     create_scheduler,
 )
-from omni_tasks.tasks import app, generate_image, generate_multimodal, generate_text
+from omni_tasks.streaming import TextDelta, stream_text
+from omni_tasks.tasks import (
+    app,
+    generate_chat,
+    generate_image,
+    generate_multimodal,
+    generate_text,
+)
 from omni_tasks.tasks.batch_submit import submit_many
 from omni_tasks.tasks.producer import cancel, submit
 
@@ -98,23 +106,27 @@ __all__ = [
     "SchedulerConfig",
     "SchedulerError",
     "SchedulerType",
+    "TextDelta",
     "TextResult",
     "Usage",
     "app",
     "cancel",
     "celery",
+    "create_chat_request",
     "create_diffusion_request",
     "create_image_request",
     "create_multimodal_request",
     "create_scheduler",
     "create_text_request",
     "encode_image_file",
+    "generate_chat",
     "generate_image",
     "generate_multimodal",
     "generate_text",
     "get_config",
     "load_config",
     "set_config",
+    "stream_text",
     "submit",
     "submit_many",
 ]

@@ -80,8 +80,25 @@ def dit_model(request: OmniRequest, config: CoreModuleConfig) -> str:
     return request.model or config.diffusion.model
 
 
+#: Sampling fields the transformers text engine has no equivalent for, and the value
+#: that means "not used".
+TRANSFORMERS_REFUSES = {
+    "n": 1,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "logprobs": False,
+}
+
+
 def check_model(request: OmniRequest, config: CoreModuleConfig) -> None:
-    """Refuse a request whose DiT stage names a model the config does not register."""
+    """Refuse a request whose DiT stage names a model the config does not register, or
+    that asks the AR pool's engine for what it cannot do (named, never ignored)."""
+    if config.ar.engine == "transformers":
+        for name, unused in TRANSFORMERS_REFUSES.items():
+            if getattr(request, name) != unused:
+                raise RequestValidationError(
+                    name, "the AR pool's transformers engine cannot honour it; use vLLM"
+                )
     if request.model is None or not runs_dit_model(request):
         return
     known = config.diffusion_models()

@@ -39,17 +39,34 @@ MAX_TOKENS = 4096
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1
 MAX_PARTIAL_IMAGES = 3
+MAX_MESSAGES = 256
+#: Characters of all the messages of a chat request together.
+MAX_CHAT_CHARS = 32000
+MAX_CHOICES = 8
+MAX_TOP_LOGPROBS = 20
 #: In-process state of a request object, never taken from a caller or a message.
 INTERNAL_FIELDS = ("processing_stage", "errors", "stage")
-#: Optional fields left out of digests while unset, so that requests which do not use
-#: them keep the cache keys and fingerprints they had before the fields existed.
-UNSET_UNDIGESTED = ("true_cfg_scale",)
+#: Optional fields left out of a request's fingerprint while at their default (given):
+#: a request that does not use them has one digest whichever fields exist.
+UNSET_UNDIGESTED: dict[str, Any] = {
+    "prompt": None,
+    "messages": None,
+    "true_cfg_scale": None,
+    "n": 1,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "logprobs": False,
+    "top_logprobs": 0,
+}
+#: Fields that change how a result is delivered, not what it is: never digested.
+DELIVERY_FIELDS = ("stream",)
 
 # Strict types: a string or a bool is never taken for a number, nor a number for a
 # string; floats must be finite (JSON has no NaN, and a worker must not see one).
 Int = Annotated[int, Field(strict=True)]
 Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Str = Annotated[str, Field(strict=True)]
+Bool = Annotated[bool, Field(strict=True)]
 
 Priority = Literal["high", "normal", "low"]
 #: A pipeline stage: "ar" runs on the AR pool, "dit" on the diffusion pool.
@@ -62,6 +79,7 @@ STEP_CACHE_MODES: tuple[str, ...] = typing.get_args(StepCacheMode)
 
 class RequestType(Enum):
     TEXT = "text"
+    CHAT = "chat"  # a `messages` list, rendered with the model's chat template
     IMAGE = "image"  # an input image: edit / img2img
     MULTIMODAL = "multimodal"  # AR stage writes the image prompt, DiT stage renders it
     DIFFUSION = "diffusion"  # text-to-image
@@ -86,15 +104,39 @@ class ProcessingStage(IntEnum):
 
 
 IMAGE_TYPES = (RequestType.DIFFUSION, RequestType.IMAGE, RequestType.MULTIMODAL)
+#: The types an AR engine generates text for (a MULTIMODAL request: its image prompt).
+AR_TYPES = (RequestType.TEXT, RequestType.CHAT, RequestType.MULTIMODAL)
+#: The types whose result is the text itself: the sampling extras (`n`, penalties,
+#: `logprobs`) and streaming apply to them alone.
+COMPLETION_TYPES = (RequestType.TEXT, RequestType.CHAT)
+#: Text-only fields and the value that means "not used".
+COMPLETION_FIELDS: dict[str, Any] = {
+    "n": 1,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "logprobs": False,
+    "top_logprobs": 0,
+    "stream": False,
+}
 
 
 def stages_of(request_type: RequestType) -> tuple[Stage, ...]:
     """The pipeline stages a request of this type passes through, in order."""
-    if request_type is RequestType.TEXT:
+    if request_type in COMPLETION_TYPES:
         return ("ar",)
     if request_type is RequestType.MULTIMODAL:
         return ("ar", "dit")
     return ("dit",)
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat request, as OpenAI's chat API takes it (text content)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Str = Field(max_length=MAX_CHAT_CHARS)
+    name: Str | None = Field(default=None, min_length=1, max_length=64)
 
 
 class OmniRequest(BaseModel):
@@ -104,7 +146,9 @@ class OmniRequest(BaseModel):
 
     request_id: Str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
     request_type: RequestType
-    prompt: Str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    # Every type but CHAT takes a prompt; CHAT takes `messages` instead.
+    prompt: Str | None = Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES)
     priority: Priority = "normal"
     model: Str | None = Field(default=None, max_length=512)
     created_at: Float = Field(default_factory=time.time, gt=0)
@@ -119,6 +163,14 @@ class OmniRequest(BaseModel):
     temperature: Float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: Float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[Str] = Field(default_factory=list, max_length=8)
+    # TEXT and CHAT only (`COMPLETION_FIELDS`), as vLLM's sampling takes them.
+    n: Int = Field(default=1, ge=1, le=MAX_CHOICES)
+    presence_penalty: Float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: Float = Field(default=0.0, ge=-2.0, le=2.0)
+    logprobs: Bool = False
+    top_logprobs: Int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
+    # Publish the text while it is generated (`omni_tasks.stream_text`, SSE).
+    stream: Bool = False
     # Image (DIFFUSION, IMAGE, and the DiT stage of MULTIMODAL).
     negative_prompt: Str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     width: Int = Field(default=64, ge=MIN_SIDE, le=MAX_SIDE)
@@ -159,9 +211,16 @@ class OmniRequest(BaseModel):
 
     @field_validator("prompt")
     @classmethod
-    def _prompt_not_blank(cls, value: str) -> str:
-        if not value.strip():
+    def _prompt_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
             raise ValueError("must not be blank")
+        return value
+
+    @field_validator("messages")
+    @classmethod
+    def _messages_bounded(cls, value: list[ChatMessage] | None) -> list[ChatMessage] | None:
+        if value is not None and sum(len(m.content) for m in value) > MAX_CHAT_CHARS:
+            raise ValueError(f"must hold at most {MAX_CHAT_CHARS} characters in all")
         return value
 
     @field_validator("lora", mode="before")
@@ -199,6 +258,27 @@ class OmniRequest(BaseModel):
         return None if value is None else inline_image_b64(value)
 
     @model_validator(mode="after")
+    def _input_fits_type(self) -> OmniRequest:
+        """CHAT takes `messages` and no prompt; every other type a prompt; the text
+        extras only the types whose result is the text."""
+        chat = self.request_type is RequestType.CHAT
+        if chat and self.messages is None:
+            raise ValueError("messages: field required (a chat request's input)")
+        if chat and self.prompt is not None:
+            raise ValueError("prompt: a chat request takes messages, not a prompt")
+        if not chat and self.prompt is None:
+            raise ValueError("prompt: field required")
+        if not chat and self.messages is not None:
+            raise ValueError("messages: only chat requests take messages")
+        if self.request_type not in COMPLETION_TYPES:
+            for name, unused in COMPLETION_FIELDS.items():
+                if getattr(self, name) != unused:
+                    raise ValueError(f"{name}: only text and chat requests take it")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
+        return self
+
+    @model_validator(mode="after")
     def _fields_fit_type(self) -> OmniRequest:
         if self.request_type is RequestType.IMAGE and self.image is None:
             raise ValueError("image: IMAGE requests need an input image (inline, base64)")
@@ -219,13 +299,18 @@ class OmniRequest(BaseModel):
     def cache_key_parts(self) -> dict[str, Any]:
         parts: dict[str, Any] = {"type": self.request_type.value, "model": self.model}
         parts["prompt"] = self.prompt
-        if self.request_type in (RequestType.TEXT, RequestType.MULTIMODAL):
+        if self.messages is not None:
+            parts["messages"] = [m.model_dump(exclude_none=True) for m in self.messages]
+        if self.request_type in AR_TYPES:
             parts.update(
                 max_tokens=self.max_tokens,
                 temperature=self.temperature,
                 top_p=self.top_p,
                 stop=self.stop,
             )
+            for name, unused in COMPLETION_FIELDS.items():
+                if name not in DELIVERY_FIELDS and getattr(self, name) != unused:
+                    parts[name] = getattr(self, name)
         if self.request_type in IMAGE_TYPES:
             parts.update(
                 negative_prompt=self.negative_prompt,
@@ -250,8 +335,9 @@ class OmniRequest(BaseModel):
         """A digest of the request without its id and creation time. The same id with
         the same fingerprint is an idempotent repeat; with another one, a conflict
         (`coordination.idempotency`)."""
-        unset = {name for name in UNSET_UNDIGESTED if getattr(self, name) is None}
-        data = self.model_dump(mode="json", exclude={"request_id", "created_at", *unset})
+        unset = {name for name, dflt in UNSET_UNDIGESTED.items() if getattr(self, name) == dflt}
+        left_out = {"request_id", "created_at", *DELIVERY_FIELDS, *unset}
+        data = self.model_dump(mode="json", exclude=left_out)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     @property
@@ -276,7 +362,7 @@ class OmniRequest(BaseModel):
     def estimated_cost(self) -> float:
         """Relative work of the whole request: its AR cost plus its DiT cost."""
         cost = 0.0
-        if self.request_type in (RequestType.TEXT, RequestType.MULTIMODAL):
+        if self.request_type in AR_TYPES:
             cost += self.ar_cost()
         if self.request_type in IMAGE_TYPES:
             cost += self.dit_cost()
@@ -325,9 +411,11 @@ def _to_request_error(exc: ValidationError) -> RequestValidationError:
 
 
 def _new_request(
-    request_type: RequestType, prompt: str, request_id: str | None = None, **fields: Any
+    request_type: RequestType, prompt: str | None, request_id: str | None = None, **fields: Any
 ) -> OmniRequest:
-    data = {"request_type": request_type, "prompt": prompt, **fields}
+    data = {"request_type": request_type, **fields}
+    if prompt is not None:
+        data["prompt"] = prompt
     if request_id is not None:  # an empty id is refused, never silently replaced
         data["request_id"] = request_id
     if request_type in IMAGE_TYPES and data.get("seed") is None:
@@ -350,6 +438,17 @@ def create_text_request(prompt: str, request_id: str | None = None, **fields: An
     if sampling is not None:
         fields = {**_sampling_fields(sampling), **fields}
     return _new_request(RequestType.TEXT, prompt, request_id, **fields)
+
+
+def create_chat_request(
+    messages: list[dict[str, Any]], request_id: str | None = None, **fields: Any
+) -> OmniRequest:
+    """A CHAT request: `messages` as OpenAI's chat API takes them ({role, content}),
+    rendered with the model's chat template on the worker."""
+    sampling = fields.pop("sampling_params", None)
+    if sampling is not None:
+        fields = {**_sampling_fields(sampling), **fields}
+    return _new_request(RequestType.CHAT, None, request_id, messages=messages, **fields)
 
 
 def create_diffusion_request(
@@ -378,13 +477,23 @@ def request_from_task_kwargs(request_type: RequestType, kwargs: dict[str, Any]) 
     if kind != request_type.value and kind != request_type:
         raise RequestValidationError("request_type", f"this task takes {request_type.value}")
     fields = {k: v for k, v in kwargs.items() if k != "request_type"}
-    if "prompt" not in fields:
-        raise RequestValidationError("prompt", "field required")
-    return _new_request(request_type, fields.pop("prompt"), **fields)
+    needed = "messages" if request_type is RequestType.CHAT else "prompt"
+    if needed not in fields:
+        raise RequestValidationError(needed, "field required")
+    return _new_request(request_type, fields.pop("prompt", None), **fields)
 
 
 def _sampling_fields(sampling: Any) -> dict[str, Any]:
-    names = ("max_tokens", "temperature", "top_p", "seed", "stop")
+    names = (
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "stop",
+        "n",
+        "presence_penalty",
+        "frequency_penalty",
+    )
     if isinstance(sampling, dict):
         return {k: sampling[k] for k in names if k in sampling}
     found = {k: getattr(sampling, k, None) for k in names}

@@ -67,6 +67,9 @@ class TextResult(_Result):
     model: str = ""  # the model that wrote it (the AR pool's `ar.model`)
     timings: dict[str, float] = field(default_factory=dict)
     lora: list[dict[str, Any]] = field(default_factory=list)  # see ImageResult
+    #: Every completion ({index, text, finish_reason, completion_tokens, logprobs}) when
+    #: the request asked for `n` > 1 or for logprobs; empty otherwise (`text` is all).
+    choices: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

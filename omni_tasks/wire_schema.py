@@ -25,11 +25,17 @@ DEFAULT_DIR = Path(__file__).resolve().parents[1] / "docs" / "schemas"
 COMMON = ("request_id", "request_type", "prompt", "priority", "model", "created_at")
 COMMON_TAIL = ("timeout_s", "lora", "seed")
 TEXT = ("max_tokens", "temperature", "top_p", "stop")
+COMPLETION = ("n", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "stream")
 IMAGE = ("negative_prompt", "width", "height", "steps", "guidance", "true_cfg_scale")
 IMAGE_TAIL = ("step_cache", "step_cache_params", "partial_images")
 EDIT = ("image", "strength")
 FIELDS_OF_TYPE = {
-    "text": COMMON + TEXT + COMMON_TAIL,
+    "text": COMMON + TEXT + COMPLETION + COMMON_TAIL,
+    "chat": tuple(n for n in COMMON if n != "prompt")
+    + ("messages",)
+    + TEXT
+    + COMPLETION
+    + COMMON_TAIL,
     "diffusion": COMMON + IMAGE + IMAGE_TAIL + COMMON_TAIL,
     "image": COMMON + IMAGE + EDIT + IMAGE_TAIL + COMMON_TAIL,
     "multimodal": COMMON + TEXT + IMAGE + IMAGE_TAIL + COMMON_TAIL,
@@ -38,6 +44,7 @@ FIELDS_OF_TYPE = {
 #: The public tasks: name -> (request types it takes, result class).
 TASKS: dict[str, tuple[tuple[str, ...], type]] = {
     "omni_tasks.generate_text": (("text",), results.TextResult),
+    "omni_tasks.generate_chat": (("chat",), results.TextResult),
     "omni_tasks.generate_image": (("diffusion", "image"), results.ImageResult),
     "omni_tasks.generate_multimodal": (("multimodal",), results.MultimodalResult),
     "omni_tasks.probe": (("text",), results.ProbeResult),
@@ -53,6 +60,20 @@ NOTES: dict[str, dict[str, Any]] = {
     },
     "request_type": {"description": "Optional: the task decides it (see the enum)."},
     "prompt": {"description": "Not blank."},
+    "messages": {
+        "description": "Chat requests: OpenAI's messages ({role, content}), rendered with "
+        "the model's chat template on the worker (or `ar.chat_template`); a model without "
+        "one refuses them (RequestValidationError, field messages)."
+    },
+    "n": {"description": "Completions of the one prompt, in `choices`; vLLM engine only."},
+    "logprobs": {
+        "description": "Log-probabilities of the sampled tokens, in `choices[].logprobs`, "
+        "with `top_logprobs` alternatives each; vLLM engine only."
+    },
+    "stream": {
+        "description": "Write the text while it is generated, for `omni_tasks.stream_text` "
+        "and the HTTP API's streams. Changes nothing in the result."
+    },
     "priority": {
         "description": "The priority class. It orders a message sent without a broker "
         "priority; with an integer broker priority (1-9), that one applies."
@@ -111,6 +132,15 @@ ARG_SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 
+def _not_null(field: dict[str, Any]) -> dict[str, Any]:
+    """A field optional in the model that this task requires: its non-null variant."""
+    variants = [v for v in field.get("anyOf", []) if v.get("type") != "null"]
+    if len(variants) != 1:
+        return field
+    rest = {k: v for k, v in field.items() if k not in ("anyOf", "default")}
+    return {**variants[0], **rest}
+
+
 def request_schema(task: str) -> dict[str, Any]:
     """The JSON Schema of `task`'s kwargs (only the fields its request types use)."""
     types, _ = TASKS[task]
@@ -118,13 +148,15 @@ def request_schema(task: str) -> dict[str, Any]:
     names = [n for t in types for n in FIELDS_OF_TYPE[t]]
     properties = {n: {**model["properties"][n], **NOTES.get(n, {})} for n in dict.fromkeys(names)}
     properties["request_type"] = {"enum": list(types), **NOTES["request_type"]}
+    needed = "messages" if types == ("chat",) else "prompt"
+    properties[needed] = _not_null(properties[needed])
     schema: dict[str, Any] = {
         "$schema": SCHEMA_DIALECT,
         "title": f"{task} kwargs",
         "description": f"The keyword arguments (kwargs) of a {task} message, as JSON.",
         "type": "object",
         "properties": properties,
-        "required": ["prompt"],
+        "required": [needed],
         "additionalProperties": False,
     }
     used = {ref for p in properties.values() for ref in _refs(p)}

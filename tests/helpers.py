@@ -25,6 +25,7 @@ TEXT_KEYS = [
     "model",
     "timings",
     "lora",
+    "choices",
 ]
 PROMPT_KEYS = ["request_id", "text", "image_prompt", "usage", "finish_reason", "engine", "timings"]
 IMAGE_KEYS = [

@@ -9,16 +9,17 @@ from typing import Any
 from omni_tasks.config import get_config
 from omni_tasks.coordination.cache_directory import step_cache_of
 from omni_tasks.errors import ProcessingError
-from omni_tasks.requests import OmniRequest, RequestType
+from omni_tasks.requests import COMPLETION_TYPES, OmniRequest, RequestType
 from omni_tasks.results import ImageResult, MultimodalResult, PromptResult, TextResult, Usage
 from omni_tasks.scheduling.policies import create_policy
 from omni_tasks.tasks.base import request_deadline
 from workers import previews, progress, task_context
 from workers.dit_service import render
-from workers.engines.base import ImageParams, StepCacheSettings, TextParams
+from workers.engines.base import ImageParams, StepCacheSettings, TextParams, TextPrompt
 from workers.images import decode_image, save_png
 from workers.runtime import runtime
 from workers.stepping.request import StepTicket
+from workers.text_stream import streaming
 
 IMAGE_PROMPT_TEMPLATE = "Write a short, vivid prompt for an image of: {prompt}\nImage prompt:"
 
@@ -41,25 +42,40 @@ def _text_params(request: OmniRequest) -> TextParams:
         stop=tuple(request.stop),
         priority=get_config().scheduler.class_rank(request.priority),
         # A MULTIMODAL request's adapters style its image: the DiT stage runs them.
-        lora=request.adapters if request.request_type is RequestType.TEXT else (),
+        lora=request.adapters if request.request_type in COMPLETION_TYPES else (),
+        n=request.n,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        logprobs=request.top_logprobs if request.logprobs else None,
     )
 
 
-def _generate_text(request: OmniRequest, prompt: str) -> tuple[Any, str, float]:
+def _generate_text(request: OmniRequest, prompt: TextPrompt) -> tuple[Any, str, float]:
     engine = runtime.text_engine()
     start = time.perf_counter()
-    out = engine.generate(
-        request.request_id,
-        prompt,
-        _text_params(request),
-        timeout_for(request),
-        on_progress=progress.callback(),
-    )
+    with streaming(request, runtime.deltas) as on_delta:
+        out = engine.generate(
+            request.request_id,
+            prompt,
+            _text_params(request),
+            timeout_for(request),
+            on_progress=progress.callback(),
+            on_delta=on_delta,
+        )
     return out, engine.name, time.perf_counter() - start
 
 
+def _text_input(request: OmniRequest) -> TextPrompt:
+    """A chat request's messages ({role, content}, with `name` when given), else its
+    prompt."""
+    if request.messages is None:
+        return str(request.prompt)
+    return [m.model_dump(exclude_none=True) for m in request.messages]
+
+
 def run_text(request: OmniRequest) -> TextResult:
-    out, engine, gen_s = _generate_text(request, request.prompt)
+    """A TEXT or CHAT request."""
+    out, engine, gen_s = _generate_text(request, _text_input(request))
     return TextResult(
         request_id=request.request_id,
         request_type=request.request_type.value,
@@ -70,6 +86,7 @@ def run_text(request: OmniRequest) -> TextResult:
         model=get_config().ar.model,
         timings={"generate_s": round(gen_s, 6)},
         lora=out.lora,
+        choices=[vars(c) for c in out.choices],
     )
 
 

@@ -25,7 +25,9 @@ from omni_tasks.coordination.monitoring import highest_waiting_level
 from omni_tasks.errors import EngineStoppedError
 from omni_tasks.requests import Stage
 from workers.engines.base import DiffusionEngine, TextEngine
+from workers.engines.chat import load_chat_template
 from workers.models import TINY_MODELS, build_tiny_model
+from workers.text_stream import DeltaWriter
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ class WorkerRuntime:
         #: This run of the worker (a restarted worker keeps its hostname, not this).
         self.instance = uuid.uuid4().hex[:12]
         self.counters = SuccessCounters()
+        #: Writes the streamed text of this process's text requests (`text_stream`).
+        self.deltas = DeltaWriter()
         self._lock = threading.Lock()
         self._text: TextEngine | None = None
         self._diffusion: DiffusionEngine | None = None
@@ -190,7 +194,11 @@ def build_text_engine(config: CoreModuleConfig) -> TextEngine:
         batch = min(ar.max_batch_size, config.scheduler.batch_size)
         adapters = PeftAdapters(config) if config.loras else None
         return TransformersTextEngine(
-            model, dtype=ar.dtype, max_batch_size=batch, adapters=adapters
+            model,
+            dtype=ar.dtype,
+            max_batch_size=batch,
+            adapters=adapters,
+            chat_template=load_chat_template(ar.chat_template),
         )
     from workers.engines.vllm_engine import VllmTextEngine
     from workers.lora.text import VllmAdapters
@@ -204,6 +212,7 @@ def build_text_engine(config: CoreModuleConfig) -> TextEngine:
         tensor_parallel_size=ar.tensor_parallel_size,
         kv_cache_gib=ar.kv_cache_gib,
         adapters=VllmAdapters(config, model) if config.loras else None,
+        chat_template=load_chat_template(ar.chat_template),
     )
 
 

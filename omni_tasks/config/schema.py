@@ -127,6 +127,9 @@ class ARConfig(PoolConfig):
     tensor_parallel_size: int = 1
     kv_cache_gib: float = 1.0  # CPU only: vLLM's KV cache size
     max_batch_size: int = 16  # transformers engine only
+    #: The chat template for chat requests when the model's tokenizer has none (or to
+    #: replace its own): Jinja text, or the path of a file that holds it.
+    chat_template: str | None = None
 
     def validate(self, name: str = "ar") -> None:
         super().validate(name)

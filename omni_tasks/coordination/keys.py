@@ -190,6 +190,14 @@ def previews(request_id: str) -> str:
     return f"{_p()}:preview:{request_id}"
 
 
+def text_deltas(request_id: str) -> str:
+    """List of a streamed text request's pieces of text in order (JSON: choice index
+    `i`, text `t`), written by its AR worker while it generates; also the channel that
+    announces each write. Readers (`omni_tasks.streaming`, the HTTP API) follow it by
+    position. Expires an hour after the last write."""
+    return f"{_p()}:deltas:{request_id}"
+
+
 def api_job(job_id: str) -> str:
     """Hash of a job the HTTP API accepted: its type, creation time, webhook URL."""
     return f"{_p()}:api:job:{job_id}"
@@ -214,3 +222,63 @@ def webhook_deliveries() -> str:
 def webhook_failed() -> str:
     """List (newest first, capped) of the webhook deliveries given up, with their last error."""
     return f"{_p()}:api:webhooks:failed"
+
+
+def api_file(file_id: str) -> str:
+    """Hash of a file uploaded to (or written by) the Batch API: its OpenAI file object
+    fields (`omni_tasks.api.batch_state`); expires with the file."""
+    return f"{_p()}:api:file:{file_id}"
+
+
+def api_file_content(file_id: str) -> str:
+    """The bytes of a Batch API file (UTF-8 JSONL); expires with the file."""
+    return f"{_p()}:api:file:content:{file_id}"
+
+
+def api_files() -> str:
+    """Sorted set: Batch API file ids -> when created (ids of expired files are pruned
+    as they are met)."""
+    return f"{_p()}:api:files"
+
+
+def api_batch(batch_id: str) -> str:
+    """Hash of a batch the HTTP API accepted: the batch object's fields, its status and
+    timestamps, its counts once final."""
+    return f"{_p()}:api:batch:{batch_id}"
+
+
+def api_batches() -> str:
+    """Sorted set: batch ids -> when created, for `GET /v1/batches`."""
+    return f"{_p()}:api:batches"
+
+
+def api_batches_active() -> str:
+    """Sorted set: ids of batches not final yet -> when an API process looks next."""
+    return f"{_p()}:api:batches:active"
+
+
+def api_batch_lines(batch_id: str) -> str:
+    """Hash: a batch's line index -> JSON of what its outcome needs (custom_id,
+    endpoint, request ids, answer options)."""
+    return f"{_p()}:api:batch:lines:{batch_id}"
+
+
+def api_batch_pending(batch_id: str) -> str:
+    """Set of a batch's line indices whose requests are not all final yet."""
+    return f"{_p()}:api:batch:pending:{batch_id}"
+
+
+def api_batch_output(batch_id: str) -> str:
+    """Hash: line index -> the output-file line of a request that succeeded."""
+    return f"{_p()}:api:batch:output:{batch_id}"
+
+
+def api_batch_errors(batch_id: str) -> str:
+    """Hash: line index -> the error-file line of a request that failed or never ran."""
+    return f"{_p()}:api:batch:errors:{batch_id}"
+
+
+def api_batch_lock(batch_id: str, role: str) -> str:
+    """A batch's lease for one `role` (`launch`, `refresh`, `finalize`): held by the one
+    API process doing it (expires)."""
+    return f"{_p()}:api:batch:lock:{role}:{batch_id}"

@@ -4,6 +4,7 @@ priority), the task class and the public tasks, and submit/cancel."""
 from omni_tasks.tasks.celery_app import app
 from omni_tasks.tasks.definitions import (
     TASK_FOR_TYPE,
+    generate_chat,
     generate_image,
     generate_multimodal,
     generate_text,
@@ -17,6 +18,7 @@ from omni_tasks.tasks.definitions import (
 __all__ = [
     "TASK_FOR_TYPE",
     "app",
+    "generate_chat",
     "generate_image",
     "generate_multimodal",
     "generate_text",

@@ -2,6 +2,8 @@
 handler the worker side registered (`OmniTask.run_on_worker`).
 
 - `generate_text` (pool `ar`): TEXT.
+- `generate_chat` (pool `ar`): CHAT, a `messages` list rendered with the model's chat
+  template on the worker.
 - `generate_image` (pool `diffusion`): DIFFUSION, or IMAGE when `image=` is given.
 - `generate_multimodal`: a chain `multimodal_prompt` (pool `ar`: writes the image
   prompt) -> `multimodal_render` (pool `diffusion`: renders it), same priority class;
@@ -67,6 +69,11 @@ class RenderTask(OmniTask):
 
 @app.task(bind=True, base=OmniTask, name="omni_tasks.generate_text", request_type=RequestType.TEXT)
 def generate_text(self: OmniTask, *args: Any, **request: Any) -> dict[str, Any]:
+    return self.run_on_worker(request, args=args)
+
+
+@app.task(bind=True, base=OmniTask, name="omni_tasks.generate_chat", request_type=RequestType.CHAT)
+def generate_chat(self: OmniTask, *args: Any, **request: Any) -> dict[str, Any]:
     return self.run_on_worker(request, args=args)
 
 
@@ -147,6 +154,7 @@ def task_ids_of(request_id: str, request_type: RequestType | None = None) -> lis
 
 TASK_FOR_TYPE = {
     RequestType.TEXT: generate_text,
+    RequestType.CHAT: generate_chat,
     RequestType.DIFFUSION: generate_image,
     RequestType.IMAGE: generate_image,
     RequestType.MULTIMODAL: generate_multimodal,

@@ -20,6 +20,7 @@ from omni_tasks.tasks.celery_app import (
 
 TASK_NAMES = {
     "omni_tasks.generate_text",
+    "omni_tasks.generate_chat",
     "omni_tasks.generate_image",
     "omni_tasks.generate_multimodal",
     "omni_tasks.multimodal_prompt",

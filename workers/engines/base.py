@@ -8,6 +8,7 @@ message back to the queue.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -33,16 +34,63 @@ class TextParams:
     priority: int = 0
     #: LoRA adapters from the registry: (name, scale) pairs (`omni_tasks.lora.AdapterSet`).
     lora: tuple[tuple[str, float], ...] = ()
+    #: Completions to sample from the one prompt.
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    #: Log-probabilities of the sampled tokens with this many top alternatives each;
+    #: None: none.
+    logprobs: int | None = None
+
+    def unsupported(self) -> str | None:
+        """The first field an engine without `n`, penalties or logprobs would have to
+        ignore (it refuses it instead), else None."""
+        unused = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "logprobs": None}
+        return next((k for k, v in unused.items() if getattr(self, k) != v), None)
+
+
+#: A text request's input: a prompt, or chat messages ({role, content}) that the engine
+#: renders with its model's chat template (`workers.engines.chat`).
+TextPrompt = str | Sequence[Mapping[str, str]]
+#: What an engine calls with each piece of new text of a streamed request, from its own
+#: thread: (choice index, text). It must not block (`workers.text_stream`).
+DeltaCallback = Callable[[int, str], None]
+
+
+@dataclass
+class Choice:
+    """One completion of a request (a request with `n` > 1 has several)."""
+
+    index: int
+    text: str
+    finish_reason: str  # "stop" | "length" | "abort"
+    completion_tokens: int
+    #: Per sampled token: {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}
+    #: (OpenAI's chat shape); None unless asked for.
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass
 class TextOutput:
+    """A request's generation: the first choice's text and reason; `choices` holds
+    every choice when the request asked for more than one, or for logprobs."""
+
     text: str
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # over all choices
     finish_reason: str  # "stop" | "length" | "abort"
     #: The adapters it ran with: {name, scale, hit, load_s} (`workers.lora.cache.AdapterUse`).
     lora: list[dict[str, Any]] = field(default_factory=list)
+    choices: list[Choice] = field(default_factory=list)
+
+    @classmethod
+    def of(
+        cls, choices: list[Choice], prompt_tokens: int, lora: list[dict[str, Any]]
+    ) -> TextOutput:
+        first = choices[0]
+        total = sum(c.completion_tokens for c in choices)
+        shown = choices if len(choices) > 1 or first.logprobs is not None else []
+        return cls(first.text, prompt_tokens, total, first.finish_reason, lora, shown)
 
 
 class TextEngine(Protocol):
@@ -53,17 +101,19 @@ class TextEngine(Protocol):
     def generate(
         self,
         request_id: str,
-        prompt: str,
+        prompt: TextPrompt,
         params: TextParams,
         timeout_s: float,
         *,
         on_progress: ProgressCallback | None = None,
+        on_delta: DeltaCallback | None = None,
     ) -> TextOutput:
         """Blocks until done; raises RequestTimeoutError / EngineStoppedError.
 
         `on_progress` gets `{"tokens": n, "max_tokens": N}` now and then while the request
         generates, from the engine's own thread: it must be cheap and not block (its
-        exceptions are logged, never raised into the engine).
+        exceptions are logged, never raised into the engine). `on_delta` gets the new
+        text of each step as it is made; the pieces of a choice join to its final text.
         """
         ...
 

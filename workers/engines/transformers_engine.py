@@ -9,7 +9,12 @@ runs waits for the next one (vLLM's continuous batching does better under load).
 A per-row `StoppingCriteria` ends each row at its own `max_tokens` or stop string,
 and ends rows early whose caller gave up (timeout) or when the engine shuts down, so
 no compute is spent on answers nobody waits for. It also hands each row's token count to
-the caller's `on_progress`, every `progress_interval_s`.
+the caller's `on_progress`, every `progress_interval_s`, and a streamed row's new text
+to its `on_delta` after every step (`_RowText`).
+
+Chat messages are rendered with the tokenizer's chat template to token ids on the
+caller's thread (`workers.engines.chat`). `n` > 1, penalties and logprobs are refused
+(`RequestValidationError` naming the field): `generate` has no equivalent of vLLM's.
 
 Sampling settings are per batch in `generate`, so requests are grouped:
 - greedy (`temperature == 0`) requests batch together, whatever their other settings;
@@ -32,9 +37,15 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
-from omni_tasks.errors import EngineStoppedError, ProcessingError, RequestTimeoutError
+from omni_tasks.errors import (
+    EngineStoppedError,
+    ProcessingError,
+    RequestTimeoutError,
+    RequestValidationError,
+)
 from workers.engines.background import BackgroundThreadEngine, notify_progress, settle
-from workers.engines.base import TextOutput, TextParams
+from workers.engines.base import Choice, DeltaCallback, TextOutput, TextParams, TextPrompt
+from workers.engines.chat import render_chat
 from workers.lora.peft_text import PeftAdapters
 from workers.lora.text import PreparedAdapter
 from workers.progress import ProgressCallback
@@ -45,12 +56,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Request:
     rid: str
-    prompt: str
+    prompt: str | list[int]  # a prompt, or rendered chat token ids
     params: TextParams
     deadline: float
     on_progress: ProgressCallback | None = None
     future: Future = field(default_factory=Future)
     adapter: PreparedAdapter | None = None  # its LoRA adapters as one (workers.lora)
+    on_delta: DeltaCallback | None = None
+    sent: str = ""  # the text handed to `on_delta` so far
 
     @property
     def group(self) -> tuple:
@@ -84,12 +97,25 @@ class _RowStop:
         done = []
         for i, req in enumerate(self.batch):
             if self.ends[i] is None:
+                if req.on_delta is not None:
+                    self._stream(req, input_ids[i])
                 if n_new >= req.params.max_tokens or self._hit_stop(req, input_ids[i]):
                     self.ends[i] = n_new
                 elif stopping or req.future.done() or now > req.deadline:
                     self.ends[i] = -1  # abandoned: nobody reads this row
             done.append(self.ends[i] is not None)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def _stream(self, req: _Request, row: Any) -> None:
+        """Hand on the row's new text, less what may still change: a character whose
+        bytes are not all out yet, and the length of a stop string that may be forming
+        (the final text is cut before it)."""
+        text = self.engine.tokenizer.decode(row[self.prompt_len :], skip_special_tokens=True)
+        safe = len(text.rstrip("\ufffd")) - max((len(s) - 1 for s in req.params.stop), default=0)
+        cuts = [k for k in (text.find(s) for s in req.params.stop) if k >= 0]
+        safe = min([safe, *cuts])
+        if safe > len(req.sent) and text.startswith(req.sent):
+            send_delta(req, text[:safe])
 
     def _report(self, n_new: int) -> None:
         for req, end in zip(self.batch, self.ends, strict=True):
@@ -104,6 +130,29 @@ class _RowStop:
             return False
         text = self.engine.tokenizer.decode(row[self.prompt_len :], skip_special_tokens=True)
         return any(s in text for s in req.params.stop)
+
+
+#: Why `n` > 1, penalties and logprobs are refused here.
+UNSUPPORTED = "the transformers engine cannot honour it: leave it out, or use ar.engine: vllm"
+
+
+def send_delta(req: _Request, text: str) -> None:
+    """Hand `req` the part of `text` it has not had; a failing callback is logged."""
+    piece, req.sent = text[len(req.sent) :], text
+    if req.on_delta is not None and piece:
+        try:
+            req.on_delta(0, piece)
+        except Exception:  # noqa: BLE001 - a reader's trouble never stops the engine
+            log.warning("text stream callback failed", exc_info=True)
+
+
+def finish_stream(req: _Request, text: str) -> None:
+    """The rest of the final text; it extends what was streamed, which held back what
+    could still change."""
+    if text.startswith(req.sent):
+        send_delta(req, text)
+    else:
+        log.warning("%s: streamed text is not a prefix of the final text", req.rid)
 
 
 class TransformersTextEngine(BackgroundThreadEngine):
@@ -121,8 +170,10 @@ class TransformersTextEngine(BackgroundThreadEngine):
         max_batch_size: int = 16,
         batch_wait_s: float = 0.005,
         adapters: PeftAdapters | None = None,
+        chat_template: str | None = None,
     ) -> None:
-        """`adapters`: per-request LoRA adapters through PEFT; None: LoRA off."""
+        """`adapters`: per-request LoRA adapters through PEFT; None: LoRA off.
+        `chat_template`: replaces the tokenizer's own for chat requests."""
         import torch
 
         if device == "auto":
@@ -135,6 +186,7 @@ class TransformersTextEngine(BackgroundThreadEngine):
         self._running: list[_Request] = []
         self._ids = itertools.count()
         self._adapters = adapters
+        self.chat_template = chat_template
         # Loaded on the batching thread: see workers.engines.background.
         self._start_thread(self._run, "hf-batcher", build=lambda: self._load(model, dtype))
         log.info("transformers engine for %s on %s ready in %.1f s", model, device, self.init_s)
@@ -167,11 +219,12 @@ class TransformersTextEngine(BackgroundThreadEngine):
     def generate(
         self,
         request_id: str,
-        prompt: str,
+        prompt: TextPrompt,
         params: TextParams,
         timeout_s: float,
         *,
         on_progress: ProgressCallback | None = None,
+        on_delta: DeltaCallback | None = None,
     ) -> TextOutput:
         """Queue the request, block until it finishes; see `TextEngine.generate`."""
         self._check_process()
@@ -179,7 +232,13 @@ class TransformersTextEngine(BackgroundThreadEngine):
             raise ProcessingError("max_tokens must be at least 1")
         if params.lora and self._adapters is None:
             raise ProcessingError("LoRA is off on this worker: its config registers no adapters")
+        unsupported = params.unsupported()
+        if unsupported:
+            raise RequestValidationError(unsupported, UNSUPPORTED)
+        if not isinstance(prompt, str):
+            prompt = render_chat(self.tokenizer, prompt, self.chat_template)
         req = _Request(f"{request_id}#{next(self._ids)}", prompt, params, 0.0, on_progress)
+        req.on_delta = on_delta
         req.adapter = self._adapters.prepare(params.lora) if self._adapters else None
         req.deadline = time.monotonic() + timeout_s
         with self._cond:
@@ -307,8 +366,10 @@ class TransformersTextEngine(BackgroundThreadEngine):
         import torch
 
         tok = self.tokenizer
-        enc = tok([r.prompt for r in batch], return_tensors="pt", padding=True)
-        enc = enc.to(self.device)
+        rows = [
+            r.prompt if isinstance(r.prompt, list) else tok(r.prompt)["input_ids"] for r in batch
+        ]
+        enc = tok.pad({"input_ids": rows}, return_tensors="pt").to(self.device)
         prompt_len = enc["input_ids"].shape[1]
         stop = _RowStop(self, batch, prompt_len)
         first = batch[0].params
@@ -345,7 +406,10 @@ class TransformersTextEngine(BackgroundThreadEngine):
             cut = min((k for k in (text.find(s) for s in req.params.stop) if k >= 0), default=-1)
             if cut >= 0:
                 text, reason = text[:cut], "stop"
-            results.append(TextOutput(text, int(prompt_tokens[i]), len(new), reason, uses[i]))
+            if req.on_delta is not None:
+                finish_stream(req, text)
+            choice = Choice(0, text, reason, len(new))
+            results.append(TextOutput.of([choice], int(prompt_tokens[i]), uses[i]))
         return results
 
     def _eos_ids(self) -> set[int]:

@@ -17,8 +17,13 @@ batch): a Celery worker hands a burst over at ~2-4 ms a message, and stepping at
 ~30 small-batch steps at 7.7 ms each (2.4 ms unhindered), GIL-bound against that intake
 and slowing it. P3 (32 x 128 tokens through the queue): 6.4-6.6k tok/s without, 6.7-7.0k with.
 
-Outputs come only when a request finishes (FINAL_ONLY); `on_progress` callers get token
-counts read between steps. On a CPU the model gets all CPUs but one (`cpu_threads`).
+Outputs come only when a request finishes (FINAL_ONLY), except for a streamed request
+(`on_delta`), whose new text vLLM hands over after each step (DELTA); the pieces are
+collected into its final output, so the streamed text and the result are the same
+text. `on_progress` callers get token counts read between steps. Chat messages are
+rendered with the tokenizer's chat template (`workers.engines.chat`) on the caller's
+thread and go to vLLM as token ids. On a CPU the model gets all CPUs but one
+(`cpu_threads`).
 
 One engine per process: vLLM keeps its parallel groups in process globals, and closing
 one engine breaks any other in the same process, so a second live engine is refused.
@@ -45,7 +50,9 @@ from workers.engines.background import (
     settle,
     wait_for_burst,
 )
-from workers.engines.base import TextOutput, TextParams
+from workers.engines.base import DeltaCallback, TextOutput, TextParams, TextPrompt
+from workers.engines.chat import render_chat
+from workers.engines.vllm_outputs import Collected, final_output
 from workers.lora.text import PreparedAdapter, VllmAdapters
 from workers.progress import ProgressCallback
 
@@ -83,8 +90,10 @@ class VllmTextEngine(BackgroundThreadEngine):
         enforce_eager: bool | None = None,
         cpu_threads: int | None = None,
         adapters: VllmAdapters | None = None,
+        chat_template: str | None = None,
     ) -> None:
-        """`adapters`: per-request LoRA adapters (`workers.lora.text`); None: LoRA off."""
+        """`adapters`: per-request LoRA adapters (`workers.lora.text`); None: LoRA off.
+        `chat_template`: replaces the tokenizer's own for chat requests."""
         global _live
         with _live_lock:
             if _live is not None:
@@ -104,6 +113,9 @@ class VllmTextEngine(BackgroundThreadEngine):
         self._ids = itertools.count()
         self._adapters = adapters
         self._lora_uses: dict[str, list[dict[str, Any]]] = {}  # iid -> its adapters' uses
+        self._streamed: dict[str, Collected] = {}  # iid -> its pieces so far (stepper's)
+        self._top_logprobs: dict[str, int] = {}  # iid -> alternatives asked for per token
+        self.chat_template = chat_template
 
         build = functools.partial(  # run by the stepping thread: see engines.background
             self._build,
@@ -187,16 +199,20 @@ class VllmTextEngine(BackgroundThreadEngine):
     def generate(
         self,
         request_id: str,
-        prompt: str,
+        prompt: TextPrompt,
         params: TextParams,
         timeout_s: float,
         *,
         on_progress: ProgressCallback | None = None,
+        on_delta: DeltaCallback | None = None,
     ) -> TextOutput:
         """Queue the request, block until it finishes; see `TextEngine.generate`."""
         self._check_process()
-        sampling = self._sampling_params(params)
+        sampling = self._sampling_params(params, streamed=on_delta is not None)
         prepared = self._prepare_adapters(params)
+        if not isinstance(prompt, str):  # chat messages: token ids, as vLLM's chat path
+            ids = render_chat(self._engine.get_tokenizer(), prompt, self.chat_template)
+            prompt = {"prompt_token_ids": ids}  # type: ignore[assignment]
         # vLLM keys outputs by the id given to add_request; a counter keeps ids unique
         # when a redelivered task reuses its id while the first run still goes on.
         iid = f"{request_id}#{next(self._ids)}"
@@ -204,7 +220,7 @@ class VllmTextEngine(BackgroundThreadEngine):
         with self._cond:
             self._raise_if_unavailable()
             self._futures[iid] = fut
-            payload = (prompt, sampling, params.priority, on_progress, prepared)
+            payload = (prompt, sampling, params.priority, on_progress, on_delta, prepared)
             self._inbox.append(("add", iid, payload))
             self._cond.notify()
         try:
@@ -242,18 +258,24 @@ class VllmTextEngine(BackgroundThreadEngine):
             raise ProcessingError("LoRA is off on this worker: its config registers no adapters")
         return self._adapters.prepare(params.lora) if self._adapters else None
 
-    def _sampling_params(self, params: TextParams) -> Any:
+    def _sampling_params(self, params: TextParams, streamed: bool) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        # Per-step outputs only for a streamed request: each costs detokenizing work.
+        kind = RequestOutputKind.DELTA if streamed else RequestOutputKind.FINAL_ONLY
         try:
             return SamplingParams(
+                n=params.n,
                 max_tokens=params.max_tokens,
                 temperature=params.temperature,
                 top_p=params.top_p,
                 seed=params.seed,
                 stop=list(params.stop) or None,
-                output_kind=RequestOutputKind.FINAL_ONLY,  # no per-step partial outputs
+                presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty,
+                logprobs=params.logprobs,
+                output_kind=kind,
             )
         except Exception as exc:  # ValueError or vLLM's own VLLMValidationError
             raise ProcessingError(f"invalid sampling parameters: {exc}") from exc
@@ -290,6 +312,9 @@ class VllmTextEngine(BackgroundThreadEngine):
                     continue
                 failures = 0
                 for out in outputs:
+                    collected = self._streamed.get(out.request_id)
+                    if collected is not None:
+                        collected.add(out)
                     if out.finished:
                         self._finish(out)
                 if self._watched:
@@ -308,6 +333,8 @@ class VllmTextEngine(BackgroundThreadEngine):
         if op == "abort":
             self._watched.pop(iid, None)
             self._lora_uses.pop(iid, None)
+            self._streamed.pop(iid, None)
+            self._top_logprobs.pop(iid, None)
             if iid in self._active:
                 self._active.discard(iid)
                 try:
@@ -319,7 +346,7 @@ class VllmTextEngine(BackgroundThreadEngine):
             fut = self._futures.get(iid)
         if fut is None or fut.done():
             return  # timed out or shut down before it was added
-        prompt, sampling, priority, on_progress, prepared = payload
+        prompt, sampling, priority, on_progress, on_delta, prepared = payload
         try:
             lora, uses = (None, [])
             if self._adapters is not None:  # loads the adapter if vLLM has not got it
@@ -332,6 +359,10 @@ class VllmTextEngine(BackgroundThreadEngine):
             return
         self._lora_uses[iid] = uses
         self._active.add(iid)
+        if sampling.logprobs is not None:
+            self._top_logprobs[iid] = sampling.logprobs
+        if on_delta is not None:
+            self._streamed[iid] = Collected(on_delta, sampling.logprobs)
         if on_progress is not None:
             self._watched[iid] = (internal, on_progress, sampling.max_tokens)
 
@@ -358,17 +389,13 @@ class VllmTextEngine(BackgroundThreadEngine):
             self._watched.clear()
 
     def _finish(self, out: Any) -> None:
-        self._active.discard(out.request_id)
-        self._watched.pop(out.request_id, None)
-        completion = out.outputs[0]
-        result = TextOutput(
-            text=completion.text,
-            prompt_tokens=len(out.prompt_token_ids or ()),
-            completion_tokens=len(completion.token_ids),
-            finish_reason=completion.finish_reason or "stop",
-            lora=self._lora_uses.get(out.request_id, []),
-        )
-        self._pop_and_settle(out.request_id, result=result)
+        iid = out.request_id
+        self._active.discard(iid)
+        self._watched.pop(iid, None)
+        top = self._top_logprobs.pop(iid, None)
+        collected, lora = self._streamed.pop(iid, None), self._lora_uses.get(iid, [])
+        result = final_output(out, collected, lora, top)
+        self._pop_and_settle(iid, result=result)
 
     def _pop_and_settle(self, iid: str, result: Any = None, exc: BaseException | None = None):
         self._lora_uses.pop(iid, None)
@@ -381,6 +408,8 @@ class VllmTextEngine(BackgroundThreadEngine):
         """Hand a step failure to every running request and drop them from vLLM."""
         ids, self._active = list(self._active), set()
         self._watched.clear()
+        self._streamed.clear()
+        self._top_logprobs.clear()
         for iid in ids:
             err = ProcessingError(f"vLLM engine step failed: {cause!r}")
             err.__cause__ = cause

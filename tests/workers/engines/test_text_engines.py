@@ -185,6 +185,76 @@ def test_progress_reports_the_token_count_and_a_failing_listener_is_harmless(
     assert engine.generate("quiet", PROMPTS[2], GREEDY, 30).completion_tokens == 24
 
 
+def collect(pieces: dict[int, list[str]]) -> Any:
+    """An `on_delta` that keeps each choice's pieces."""
+
+    def on_delta(index: int, text: str) -> None:
+        pieces.setdefault(index, []).append(text)
+
+    return on_delta
+
+
+@pytest.mark.parametrize("stop", [(), ("e",)])
+def test_streamed_pieces_join_to_the_final_text(engine: Any, stop: tuple[str, ...]) -> None:
+    """Many pieces, one per step or so, and joined they are the result's text exactly
+    (with a stop string too: what could still be cut is held back)."""
+    pieces: dict[int, list[str]] = {}
+    params = TextParams(max_tokens=64, temperature=0, stop=stop)
+    out = engine.generate("st", PROMPTS[4], params, 60, on_delta=collect(pieces))
+    plain = engine.generate("st-plain", PROMPTS[4], params, 60)
+    assert "".join(pieces[0]) == out.text == plain.text
+    assert list(pieces) == [0]
+    if not stop:
+        assert out.completion_tokens == 64 and len(pieces[0]) >= 64 / 4
+
+
+def test_a_failing_stream_reader_never_fails_the_request(engine: Any) -> None:
+    def broken(index: int, text: str) -> None:
+        raise RuntimeError("a reader's bug")
+
+    out = engine.generate("sb", PROMPTS[5], GREEDY, 30, on_delta=broken)
+    assert out.completion_tokens == 24 and engine.healthy
+
+
+def test_chat_messages_are_rendered_with_the_chat_template(
+    engine: Any, tiny_llama_dir: Path
+) -> None:
+    """The prompt is the template's rendering: its token count is the rendering's (one
+    BOS, from the template), and the text is what the rendered ids give as a prompt."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "kati rone suma"},
+    ]
+    rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tok(rendered, add_special_tokens=False).input_ids
+    assert rendered.startswith("<s><|system|>") and rendered.endswith("<|assistant|>\n")
+    out = engine.generate("chat", messages, GREEDY, 30)
+    assert out.prompt_tokens == len(ids)
+    as_prompt = engine.generate("chat-text", rendered[len("<s>") :], GREEDY, 30)
+    assert (as_prompt.prompt_tokens, as_prompt.text) == (len(ids), out.text)
+
+
+def test_a_model_without_a_chat_template_refuses_chat_unless_configured(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from omni_tasks.errors import RequestValidationError
+
+    tokenizer = engine._engine.get_tokenizer() if engine.name == "vllm" else engine.tokenizer
+    monkeypatch.setattr(tokenizer, "chat_template", None)
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(RequestValidationError) as refused:
+        engine.generate("no-template", messages, GREEDY, 30)
+    assert refused.value.field == "messages" and "chat_template" in str(refused.value)
+    monkeypatch.setattr(
+        engine, "chat_template", "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    plain = tokenizer("hi", add_special_tokens=False).input_ids  # no BOS: not in it
+    assert engine.generate("own-template", messages, GREEDY, 30).prompt_tokens == len(plain)
+
+
 def test_shutdown_stops_inflight_requests(engine: Any, tiny_llama_dir: Path) -> None:
     name = engine.name
     engine.shutdown()  # the shared engine goes first: one live vLLM engine per process

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from omni_tasks.errors import RequestValidationError
+from workers.engines.base import TextParams
 from workers.engines.transformers_engine import TransformersTextEngine
 
 
@@ -32,3 +34,20 @@ def test_a_model_that_fails_to_load_fails_the_constructor(tmp_path: Path) -> Non
     # The model loads on the engine's own thread; its error reaches the caller.
     with pytest.raises(OSError):
         TransformersTextEngine(str(tmp_path / "no-such-model"))
+
+
+@pytest.mark.parametrize(
+    ("field", "params"),
+    [
+        ("n", TextParams(n=2)),
+        ("presence_penalty", TextParams(presence_penalty=0.5)),
+        ("frequency_penalty", TextParams(frequency_penalty=-0.5)),
+        ("logprobs", TextParams(logprobs=0)),
+    ],
+)
+def test_what_generate_cannot_do_is_refused_by_name(
+    engine: TransformersTextEngine, field: str, params: TextParams
+) -> None:
+    with pytest.raises(RequestValidationError) as refused:
+        engine.generate("no", "Hello", params, 30)
+    assert refused.value.field == field

@@ -18,6 +18,7 @@ import pytest
 from test_text_engines import GREEDY, PROMPTS
 
 from omni_tasks.errors import EngineStoppedError, ProcessingError
+from workers.engines.base import TextParams
 
 pytest.importorskip("vllm")
 
@@ -82,6 +83,57 @@ def test_a_burst_at_an_idle_engine_shares_its_first_step_on_the_reserved_threads
 def test_second_live_engine_is_refused(engine: VllmTextEngine, tiny_llama_dir: Path) -> None:
     with pytest.raises(ProcessingError, match="already"):
         VllmTextEngine(str(tiny_llama_dir))
+
+
+def test_n_choices_each_with_their_own_text_and_tokens(engine: VllmTextEngine) -> None:
+    params = TextParams(max_tokens=12, temperature=1.0, seed=7, n=3)
+    out = engine.generate("n3", PROMPTS[6], params, 30)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert out.text == out.choices[0].text
+    assert out.completion_tokens == 36 == sum(c.completion_tokens for c in out.choices)
+    assert len({c.text for c in out.choices}) > 1  # sampled apart
+    again = engine.generate("n3-again", PROMPTS[6], params, 30)
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]  # the seed
+
+
+def test_streamed_choices_join_to_their_final_texts(engine: VllmTextEngine) -> None:
+    pieces: dict[int, list[str]] = {}
+
+    def on_delta(index: int, text: str) -> None:
+        pieces.setdefault(index, []).append(text)
+
+    params = TextParams(max_tokens=16, temperature=1.0, seed=3, n=2)
+    out = engine.generate("n2s", PROMPTS[7], params, 30, on_delta=on_delta)
+    assert {i: "".join(p) for i, p in pieces.items()} == {c.index: c.text for c in out.choices}
+    plain = engine.generate("n2", PROMPTS[7], params, 30)
+    assert [c.text for c in plain.choices] == [c.text for c in out.choices]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_logprobs_of_each_sampled_token_with_its_top_alternatives(
+    engine: VllmTextEngine, streamed: bool
+) -> None:
+    """Greedy: each sampled token is the likeliest, so it heads its own top list."""
+    params = TextParams(max_tokens=10, temperature=0, logprobs=2)
+    on_delta = (lambda index, text: None) if streamed else None
+    out = engine.generate("lp", PROMPTS[8], params, 30, on_delta=on_delta)
+    (choice,) = out.choices
+    assert choice.logprobs is not None and len(choice.logprobs) == 10
+    assert "".join(e["token"] for e in choice.logprobs) == choice.text
+    for entry in choice.logprobs:
+        top = entry["top_logprobs"]
+        assert len(top) == 2 and top[0]["token"] == entry["token"]
+        assert top[0]["logprob"] == pytest.approx(entry["logprob"]) and entry["logprob"] <= 0
+        assert top[0]["logprob"] >= top[1]["logprob"]
+        assert entry["bytes"] == list(entry["token"].encode())
+
+
+def test_penalties_change_what_is_sampled(engine: VllmTextEngine) -> None:
+    base = TextParams(max_tokens=40, temperature=0)
+    plain = engine.generate("pen0", PROMPTS[9], base, 30)
+    params = TextParams(max_tokens=40, temperature=0, presence_penalty=2.0, frequency_penalty=2.0)
+    penalised = engine.generate("pen1", PROMPTS[9], params, 30)
+    assert penalised.text != plain.text and penalised.completion_tokens == 40
 
 
 def test_repeated_step_failures_mark_engine_broken(

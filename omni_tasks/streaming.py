@@ -1,0 +1,111 @@
+"""Following a text request's output while it is generated, from any process.
+
+An AR worker writes the pieces of a streamed request (`stream=True`) to a Redis list
+(`keys.text_deltas`) and announces each write on the channel of the same name
+(`workers.text_stream`). `stream_text` reads the list by position and waits on the
+channel and on the result's own channel between reads, so it wakes on each write, never
+on a timer, and it may start late: it reads from the first piece. It ends when the
+result is final, with every piece read (the worker writes the last ones before it
+stores the result), and raises the request's error if it failed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from celery import states
+from celery.result import AsyncResult
+
+from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import get_redis
+from omni_tasks.errors import ProcessingError, RequestTimeoutError
+from omni_tasks.requests import OmniRequest
+from omni_tasks.tasks.celery_app import app
+from omni_tasks.tasks.producer import submit
+
+#: The longest wait between two looks at the result, should a wake-up be missed.
+WAKE_S = 1.0
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of new text of choice `index` (0 unless the request asked for `n` > 1)."""
+
+    text: str
+    index: int = 0
+
+
+def stream_text(
+    request: OmniRequest | AsyncResult | str, timeout_s: float | None = None
+) -> Iterator[TextDelta]:
+    """Yield the pieces of a text or chat request's output as they are generated.
+
+    `request`: the result of `generate_text.delay(..., stream=True)` (or
+    `generate_chat`), its id, or an `OmniRequest`, which is submitted with `stream` on
+    (sent before under its id, it is a repeat and is not run twice). A request sent
+    without `stream` yields its whole text once it ends. Raises the request's error if it
+    failed, `RequestTimeoutError` after `timeout_s`.
+    """
+    if isinstance(request, OmniRequest):
+        request = submit(request.model_copy(update={"stream": True}))
+    request_id = request if isinstance(request, str) else str(request.id)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    yield from _follow(request_id, deadline)
+
+
+def _follow(request_id: str, deadline: float | None) -> Iterator[TextDelta]:
+    client = get_redis()
+    key = keys.text_deltas(request_id)
+    result = app.AsyncResult(request_id)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(key, app.backend.get_key_for_task(request_id))
+    read = 0
+    try:
+        while True:
+            final = result.state in states.READY_STATES  # read before the pieces: all in
+            for piece in _pieces(client, key, read):
+                read += 1
+                yield piece
+            if final:
+                yield from _outcome(result, read)
+                return
+            wait = WAKE_S if deadline is None else min(WAKE_S, deadline - time.monotonic())
+            if wait <= 0:
+                raise RequestTimeoutError(f"request {request_id}: no result in time")
+            pubsub.get_message(timeout=wait)
+            while pubsub.get_message(timeout=0) is not None:
+                pass
+    finally:
+        pubsub.close()
+
+
+def _pieces(client: Any, key: str, start: int) -> list[TextDelta]:
+    if start and client.llen(key) < start:
+        raise ProcessingError(
+            f"{key}: the request started again (its worker was lost), so its text did "
+            "too; read its result"
+        )
+    return [_delta(raw) for raw in client.lrange(key, start, -1)]
+
+
+def _delta(raw: str | bytes) -> TextDelta:
+    data = json.loads(raw)
+    return TextDelta(data["t"], int(data.get("i", 0)))
+
+
+def _outcome(result: AsyncResult, read: int) -> Iterator[TextDelta]:
+    """The end of the stream: the request's error, or (when nothing was streamed) its
+    whole text."""
+    result.maybe_throw()
+    if result.state != states.SUCCESS:
+        raise ProcessingError(f"request {result.id} ended {result.state}")
+    value = result.result
+    if read == 0 and isinstance(value, dict):
+        choices = value.get("choices") or [{"index": 0, "text": value.get("text", "")}]
+        for choice in choices:
+            if choice.get("text"):
+                yield TextDelta(choice["text"], int(choice.get("index", 0)))
