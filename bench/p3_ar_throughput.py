@@ -3,6 +3,8 @@
 All in one run, same tiny model, same prompts, same max_tokens, greedy:
 - queue: `.delay()` x N into a `celery -A omni_tasks worker -Q ar` pool (defaults:
   threads, 32 slots, one vLLM engine shared, continuous batching);
+- batch: the same N requests through `submit_many` (the batch path: one accepting
+  step for all of them), into the same pool;
 - direct: the worker's engine class with the worker's settings, driven by N threads, no
   queue (p3_engine_direct.py, a process of its own);
 - bare: hand-rolled Celery + vLLM: `.delay()` x N of a bare Celery task (bare_app.py,
@@ -10,8 +12,9 @@ All in one run, same tiny model, same prompts, same max_tokens, greedy:
   Celery's own message path from what omni-tasks adds on top of it;
 - one_at_a_time: the same pool with `-c 1`;
 - offline: vLLM's `LLM.generate` on the same prompts (the engine's ceiling).
-Queue, bare and direct all warm up with one untimed round, then their rounds alternate
-(the order rotates every round), so that whatever else runs on the machine hits all alike.
+Queue, batch, bare and direct all warm up with one untimed round, then their rounds
+alternate (the order rotates every round), so that whatever else runs on the machine hits
+all alike.
 Targets: queue >= 0.90x direct and >= 4x one_at_a_time; the ratio to offline is reported.
 Each queue round also records where its time goes (sending, the last task's start,
 the tail after the last generation), and a second queue/direct run with longer
@@ -34,13 +37,20 @@ from common import RESULTS, clean_redis, setup_redis, write_result  # noqa: E402
 from p3_engine_direct import prompts  # noqa: E402
 
 DIRECT = str(Path(__file__).parent / "p3_engine_direct.py")
+#: The sides that send through a queue (their sending and intake times are reported).
+QUEUED = ("queue", "batch", "bare")
 
 
-def queue_round(n: int, max_tokens: int, bare: bool = False) -> dict:
-    from omni_tasks import generate_text
+def queue_round(n: int, max_tokens: int, bare: bool = False, batch: bool = False) -> dict:
+    from omni_tasks import create_text_request, generate_text, submit_many
 
     start, sent_at = time.perf_counter(), time.time()
-    if bare:
+    if batch:
+        requests = [
+            create_text_request(p, max_tokens=max_tokens, temperature=0) for p in prompts(n)
+        ]
+        results = submit_many(requests).results
+    elif bare:
         import bare_app
 
         results = [
@@ -118,15 +128,17 @@ def interleaved(model: str, n: int, max_tokens: int, repeats: int) -> dict[str, 
         wait_ping(bare_app.app)
         sides: dict[str, Callable[[], dict]] = {
             "queue": lambda: queue_round(n, max_tokens),
+            "batch": lambda: queue_round(n, max_tokens, batch=True),
             "bare": lambda: queue_round(n, max_tokens, bare=True),
             "direct": direct.run,
         }
         sides["queue"]()  # warm-up, like the direct engine's
+        sides["batch"]()
         sides["bare"]()  # (builds the bare worker's engine)
         runs: dict[str, list[dict]] = {side: [] for side in sides}
         order = list(sides)
         for i in range(repeats):
-            for side in order[i % 3 :] + order[: i % 3]:
+            for side in order[i % len(order) :] + order[: i % len(order)]:
                 time.sleep(0.3)  # let the other side's stragglers (acks, events) settle
                 runs[side].append(sides[side]())
         return runs
@@ -187,12 +199,14 @@ def ratios(pairs: dict[str, list[dict]], long_pairs: dict[str, list[dict]], mode
         "ratio_bare_celery_vs_direct": ratio(pairs, "bare", "direct"),
         "ratios_bare_celery_vs_direct_per_round": per_round("bare", "direct"),
         "ratio_queue_vs_bare_celery": ratio(pairs, "queue", "bare"),
-        "sent_s_median": {side: median_of(side, "sent_s") for side in ("queue", "bare")},
-        "last_started_s_median": {
-            side: median_of(side, "last_started_s") for side in ("queue", "bare")
-        },
+        "ratio_batch_vs_direct": ratio(pairs, "batch", "direct"),
+        "ratios_batch_vs_direct_per_round": per_round("batch", "direct"),
+        "ratio_batch_vs_queue": ratio(pairs, "batch", "queue"),
+        "sent_s_median": {side: median_of(side, "sent_s") for side in QUEUED},
+        "last_started_s_median": {side: median_of(side, "last_started_s") for side in QUEUED},
         "direct_s_median": median_of("direct", "seconds"),
         "long_ratio_queue_vs_direct": ratio(long_pairs, "queue", "direct"),
+        "long_ratio_batch_vs_direct": ratio(long_pairs, "batch", "direct"),
         "long_ratio_bare_celery_vs_direct": ratio(long_pairs, "bare", "direct"),
         "ratio_queue_vs_one_at_a_time": round(q / modes["one_at_a_time"]["median_tok_s"], 2),
         "ratio_queue_vs_offline": round(q / modes["offline"]["median_tok_s"], 3),
@@ -220,6 +234,7 @@ def main() -> None:
     long_pairs = interleaved(model, n, args.long_tokens, 3)
     modes = {
         "queue": summary(pairs["queue"]),
+        "batch": summary(pairs["batch"]),
         "bare": summary(pairs["bare"]),
         "direct": summary(pairs["direct"]),
         "one_at_a_time": summary(one_at_a_time(n, m, 3)),

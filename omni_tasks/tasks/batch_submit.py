@@ -128,7 +128,7 @@ def submit_many(
     items, results = prepare(requests, task, options)
     if app.conf.task_always_eager:
         for item in items:
-            item.result = item.task.send(item.request, None, item.request.request_id, {})
+            item.result = item.task.send(item.request, None, item.request.request_id, dict(options))
     elif items and accepts_on_publish():
         accept_and_publish(items)
     elif items:
@@ -166,11 +166,11 @@ def prepare(
 
 def task_for(request: OmniRequest, task: OmniTask | str | None) -> OmniTask:
     """The task that sends `request`: `task`, else its type's."""
-    chosen = TASK_FOR_TYPE[request.request_type] if task is None else task
+    named = TASK_FOR_TYPE[request.request_type] if task is None else task
     # The task itself, not the proxy a task decorator returns.
-    chosen = app.tasks.get(chosen if isinstance(chosen, str) else chosen.name)
+    chosen = app.tasks.get(named if isinstance(named, str) else getattr(named, "name", ""))
     if not isinstance(chosen, OmniTask):
-        raise RequestValidationError("task", f"{chosen!r} is not an omni-tasks task")
+        raise RequestValidationError("task", f"{named!r} is not an omni-tasks task")
     if type(chosen).send is not OmniTask.send or chosen.takes_previous_result:
         raise RequestValidationError(
             "request_type",
