@@ -189,6 +189,10 @@ def test_multimodal_and_foreign_objects_are_refused(redis_client) -> None:
     with pytest.raises(RequestValidationError) as info:
         submit_many([create_diffusion_request("x")], task="omni_tasks.probe")
     assert info.value.field == "request_type"
+    too_many = [create_text_request("x")] * (batch_submit.MAX_BATCH + 1)
+    with pytest.raises(RequestValidationError) as info:
+        submit_many(too_many)
+    assert info.value.field == "requests"
     assert accepted_state(redis_client) == before
     assert submit_many([]).results == []
 
