@@ -109,8 +109,7 @@ class TextStream:
         writer.start_run(self.key)
 
     def __call__(self, index: int, text: str) -> None:
-        if text:
-            self._writer.add(self.key, index, text)
+        self._writer.add(self.key, index, text)
 
     def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         if not self._writer.flush(self.key, timeout_s):

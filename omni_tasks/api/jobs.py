@@ -1,7 +1,8 @@
 """The job API: any request type, submitted, polled, cancelled, streamed, with a webhook.
 
-- `POST /v1/jobs` `{"type": "text"|"diffusion"|"image"|"multimodal"|"probe", ...the
-  request's fields, "webhook_url"?}` -> `202` and the job. With `Prefer: wait=N` it
+- `POST /v1/jobs` `{"type": "text"|"chat"|"diffusion"|"image"|"multimodal"|"probe",
+  ...the request's fields, "webhook_url"?}` -> `202` and the job. A text or chat job
+  streams its text (`delta` events) unless it sends `"stream": false`. With `Prefer: wait=N` it
   waits up to N seconds (at most `api.wait_timeout_s`) and answers `200` if the job
   ended by then. `probe` runs no engine: the queue path alone, end to end. With an
   `Idempotency-Key` the job id comes from the key (`idempotency`): the same key and
@@ -40,6 +41,7 @@ from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
 from omni_tasks.requests import (
     OmniRequest,
+    create_chat_request,
     create_diffusion_request,
     create_image_request,
     create_multimodal_request,
@@ -50,11 +52,14 @@ router = APIRouter()
 
 BUILDERS = {
     "text": create_text_request,
+    "chat": create_chat_request,
     "diffusion": create_diffusion_request,
     "multimodal": create_multimodal_request,
     PROBE: create_text_request,
 }
 JOB_TYPES = (*BUILDERS, "image")
+#: The job types whose text is streamed to `/v1/jobs/{id}/events` by default.
+STREAMED = ("text", "chat")
 _PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*(\d+(?:\.\d+)?)", re.I)
 
 
@@ -77,9 +82,12 @@ def build_request(kind: Any, fields: dict[str, Any], request_id: str | None = No
     if "request_id" in fields or "request_type" in fields:
         name = "request_id" if "request_id" in fields else "request_type"
         raise invalid(name, "is set by the API (the job id is the request id)")
-    if "prompt" not in fields:
-        raise invalid("prompt", "field required")
-    prompt = fields.pop("prompt")
+    needed = "messages" if kind == "chat" else "prompt"
+    if needed not in fields:
+        raise invalid(needed, "field required")
+    if kind in STREAMED:
+        fields.setdefault("stream", True)
+    prompt = fields.pop(needed)
     if kind == "image":
         if "image" not in fields:
             raise invalid("image", "an image job needs an input image (base64)")

@@ -1,41 +1,50 @@
 """OpenAI's text endpoints on the AR pool, and the model list.
 
-- `POST /v1/chat/completions`: the messages become one prompt ("role: content" lines,
-  then "assistant:"; the AR pool takes a prompt, and its model's chat template is not
-  applied), one TEXT request.
-- `POST /v1/completions`: the prompt as it is.
+- `POST /v1/chat/completions`: one CHAT request; the worker renders the messages with
+  its model's chat template (text content parts only).
+- `POST /v1/completions`: one TEXT request, the prompt as it is.
 - `GET /v1/models`: the models live workers serve, from their heartbeats.
+
+`n`, `seed`, `stop`, `presence_penalty`, `frequency_penalty` and `logprobs` (with
+`top_logprobs`; an integer on `/v1/completions`) go to the engine as vLLM takes them;
+an AR pool on the transformers engine refuses the ones it cannot honour (400 naming
+the field). Logprobs are in the answer, not in streamed chunks: asking for both is 400.
 
 With an `Idempotency-Key` the request id comes from the key (`idempotency`): a retry
 answers the same completion (its `id` too), generated once; a keyed call's 504 leaves
 the request running for its retry.
 
-With `stream: true` both answer OpenAI's chunks: the role at once, the text when the
-request ends (AR workers report token counts while they run, not text), the finish
-reason, `usage` when `stream_options.include_usage`, then `[DONE]`.
+With `stream: true` both answer OpenAI's chunks: the role at once, then the text as the
+worker generates it (`text_chunks`), the finish reason, `usage` when
+`stream_options.include_usage`, then `[DONE]`.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from omni_tasks.api.errors import from_failure, invalid, request_error, waited_too_long
-from omni_tasks.api.hub import ResultHub
+from omni_tasks.api.errors import invalid, request_error
 from omni_tasks.api.idempotency import KeyedCall, call_fingerprint, call_key
-from omni_tasks.api.sse import KEEPALIVE, event, streaming
-from omni_tasks.api.submission import accept, priority_of, withdraw
+from omni_tasks.api.sse import streaming
+from omni_tasks.api.submission import accept, priority_of
+from omni_tasks.api.text_chunks import completion_answer, finished_result, text_chunks
 from omni_tasks.config import get_config
 from omni_tasks.errors import RequestValidationError
-from omni_tasks.requests import MAX_SEED, OmniRequest, create_text_request
+from omni_tasks.requests import (
+    MAX_CHOICES,
+    MAX_SEED,
+    MAX_TOP_LOGPROBS,
+    OmniRequest,
+    create_chat_request,
+    create_text_request,
+)
 
 router = APIRouter()
-STREAM_WAIT_S = 15.0
+__all__ = ["ChatBody", "CompletionBody", "completion_answer", "router"]
 
 
 class StreamOptions(BaseModel):
@@ -54,36 +63,54 @@ class TextOptions(BaseModel):
     top_p: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     priority: Literal["high", "normal", "low"] | None = None
     timeout_s: float | None = None
     # Accepted as OpenAI clients send them; they change nothing here.
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
 
-    def request(self, prompt: str, priority: str, request_id: str | None = None) -> OmniRequest:
+    def fields(self, priority: str) -> dict[str, Any]:
+        """The request fields this body sets (its sampling, priority and streaming)."""
         fields: dict[str, Any] = {"priority": priority, "model": self.model}
         newer = self.max_completion_tokens is not None  # OpenAI's newer name wins
-        limit = self.max_completion_tokens if newer else self.max_tokens
         named = {
-            "max_tokens": limit,
+            "max_tokens": self.max_completion_tokens if newer else self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "seed": self.seed,
             "timeout_s": self.timeout_s,
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "n": self.n if self.n != 1 else None,
+            "stream": self.stream or None,
         }
         fields.update({k: v for k, v in named.items() if v is not None})
+        top = self.top_logprobs_asked()
+        if top is not None:
+            if self.stream:
+                raise invalid("logprobs", "logprobs are not streamed: ask without stream")
+            fields.update(logprobs=True, top_logprobs=top)
+        return fields
+
+    def top_logprobs_asked(self) -> int | None:
+        """Alternatives per token when logprobs are asked for, else None."""
+        return None
+
+    def build(self, make: Any, given: Any, priority: str, request_id: str | None) -> OmniRequest:
+        """`make(given, request_id, **fields)`, its errors named as the body names them."""
         try:
-            return create_text_request(prompt, request_id, **fields)
+            return make(given, request_id, **self.fields(priority))
         except RequestValidationError as exc:
-            given = "max_completion_tokens" if newer else "max_tokens"
-            raise request_error(exc, {"max_tokens": given}) from None
+            newer = self.max_completion_tokens is not None
+            given_name = "max_completion_tokens" if newer else "max_tokens"
+            raise request_error(exc, {"max_tokens": given_name}) from None
 
 
 class Message(BaseModel):
@@ -94,14 +121,26 @@ class Message(BaseModel):
 
 class ChatBody(TextOptions):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def top_logprobs_asked(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise invalid("top_logprobs", "needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def to_request(self, priority: str, request_id: str | None = None) -> OmniRequest:
         """The request this body asks for (400 naming a bad field)."""
-        return self.request(chat_prompt(self.messages), priority, request_id)
+        messages = chat_messages(self.messages)
+        return self.build(create_chat_request, messages, priority, request_id)
 
 
 class CompletionBody(TextOptions):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=5)  # the legacy API's top count
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
     def to_request(self, priority: str, request_id: str | None = None) -> OmniRequest:
         """The request this body asks for (400 naming a bad field)."""
@@ -110,12 +149,12 @@ class CompletionBody(TextOptions):
             if len(prompt) != 1:
                 raise invalid("prompt", "one prompt per request")
             prompt = prompt[0]
-        return self.request(prompt, priority, request_id)
+        return self.build(create_text_request, prompt, priority, request_id)
 
 
-def chat_prompt(messages: list[Message]) -> str:
-    """The transcript the AR pool completes: one "role: content" line per message."""
-    lines = []
+def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """The messages as a chat request takes them: text content (parts joined)."""
+    found = []
     for i, message in enumerate(messages):
         content = message.content
         if isinstance(content, list):
@@ -123,22 +162,11 @@ def chat_prompt(messages: list[Message]) -> str:
             if len(texts) != len(content):
                 raise invalid(f"messages.{i}.content", "only text parts are supported")
             content = "\n".join(str(t) for t in texts)
-        lines.append(f"{message.role}: {content or ''}")
-    return "\n".join(lines) + "\nassistant:"
-
-
-async def _finished(hub: ResultHub, omni: OmniRequest, kept: bool) -> dict[str, Any]:
-    """The request's result JSON; 504 after `api.wait_timeout_s`, with the request
-    cancelled, or left to run for the retry of a keyed call (`kept`)."""
-    timeout_s = get_config().api.wait_timeout_s
-    meta = await hub.wait(omni.request_id, timeout_s)
-    if meta is None:
-        if not kept:
-            await withdraw(omni.request_id, omni.request_type)
-        raise waited_too_long(timeout_s, [omni.request_id], kept)
-    if meta["status"] != "SUCCESS":
-        raise from_failure(meta.get("result"), omni.request_id)
-    return dict(meta["result"])
+        entry = {"role": message.role, "content": content or ""}
+        if message.name:
+            entry["name"] = message.name
+        found.append(entry)
+    return found
 
 
 async def _serve(request: Request, body: ChatBody | CompletionBody, chat: bool) -> Response:
@@ -155,69 +183,12 @@ async def _serve(request: Request, body: ChatBody | CompletionBody, chat: bool) 
     prefix = "chatcmpl" if chat else "cmpl"
     base = {"id": f"{prefix}-{omni.request_id}", "created": int(omni.created_at)}
     base["model"] = body.model
+    kept = key.base is not None
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        kept = key.base is not None
-        return streaming(_chunks(state.hub, omni, base, chat, usage, kept))
-    result = await _finished(state.hub, omni, key.base is not None)
+        return streaming(text_chunks(state.hub, omni, base, chat, usage, kept))
+    result = await finished_result(state.hub, omni, kept)
     return JSONResponse(completion_answer(base, result, chat))
-
-
-def completion_answer(base: dict[str, Any], result: dict[str, Any], chat: bool) -> dict[str, Any]:
-    """OpenAI's (chat) completion object for a text result; `base` holds its `id`,
-    `created` and `model`."""
-    kind = "chat.completion" if chat else "text_completion"
-    choice: dict[str, Any] = {"index": 0, "finish_reason": result["finish_reason"]}
-    choice["logprobs"] = None
-    if chat:
-        choice["message"] = {"role": "assistant", "content": result["text"]}
-    else:
-        choice["text"] = result["text"]
-    return {**base, "object": kind, "choices": [choice], "usage": result["usage"]}
-
-
-async def _chunks(
-    hub: ResultHub,
-    omni: OmniRequest,
-    base: dict[str, Any],
-    chat: bool,
-    usage: bool,
-    kept: bool = False,
-) -> AsyncIterator[bytes]:
-    kind = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(delta: str | None, finish: str | None, role: bool = False) -> bytes:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-        if chat:
-            choice["delta"] = {"role": "assistant", "content": ""} if role else {}
-            if delta is not None:
-                choice["delta"]["content"] = delta
-        else:
-            choice["text"] = delta or ""
-        return event(None, {**base, "object": kind, "choices": [choice]})
-
-    if chat:
-        yield chunk(None, None, role=True)
-    timeout_s = get_config().api.wait_timeout_s
-    deadline = time.monotonic() + timeout_s
-    meta = None
-    while meta is None and time.monotonic() < deadline:
-        meta = await hub.wait(omni.request_id, min(STREAM_WAIT_S, deadline - time.monotonic()))
-        if meta is None:
-            yield KEEPALIVE
-    if meta is None:
-        if not kept:
-            await withdraw(omni.request_id, omni.request_type)
-        yield event(None, waited_too_long(timeout_s, [omni.request_id], kept).body())
-    elif meta["status"] != "SUCCESS":
-        yield event(None, from_failure(meta.get("result"), omni.request_id).body())
-    else:
-        result = meta["result"]
-        yield chunk(result["text"], None)
-        yield chunk(None if chat else "", result["finish_reason"])
-        if usage:
-            yield event(None, {**base, "object": kind, "choices": [], "usage": result["usage"]})
-    yield event(None, "[DONE]")
 
 
 @router.post("/v1/chat/completions")

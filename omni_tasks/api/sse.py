@@ -1,8 +1,9 @@
 """Server-Sent Events: the encoding, and the two streams the API serves.
 
 - `job_events` (`GET /v1/jobs/{id}/events`): `status` on each change, `progress` with
-  each new figure, `partial_image` for each preview the job asked for, then `result`
-  (the final job object) and the end of the stream.
+  each new figure, `partial_image` for each preview the job asked for, `delta` for each
+  piece of a streamed text job's text ({id, index, text}), then `result` (the final job
+  object) and the end of the stream.
 - `image_events` (`stream: true` on the image endpoints): OpenAI's
   `image_generation.partial_image` events, then `image_generation.completed`, or an
   `error` event, which the OpenAI SDKs raise.
@@ -54,10 +55,17 @@ async def job_events(hub: ResultHub, record: JobRecord) -> AsyncIterator[bytes]:
     channels = [meta_key(t) for t in record.task_ids]
     if record.partial_images:
         channels.append(keys.previews(record.id))
+    texts = record.type in ("text", "chat")
+    if texts:
+        channels.append(keys.text_deltas(record.id))
     async with hub.listen(channels) as queue:
-        status, progress, previews = None, None, 0
+        status, progress, previews, pieces = None, None, 0, 0
         while True:
             view = job_view(record, await hub.metas(record.task_ids))
+            if texts:  # after the state: once it is final, every piece is in
+                for piece in await _pieces(hub, record.id, pieces):
+                    pieces += 1
+                    yield event("delta", {"id": record.id, "index": piece["i"], "text": piece["t"]})
             if view["status"] != status:
                 status = view["status"]
                 yield event("status", {"id": record.id, "status": status})
@@ -73,6 +81,11 @@ async def job_events(hub: ResultHub, record: JobRecord) -> AsyncIterator[bytes]:
                 return
             if await next_message(queue, KEEPALIVE_S) is None:
                 yield KEEPALIVE
+
+
+async def _pieces(hub: ResultHub, request_id: str, start: int) -> list[dict[str, Any]]:
+    raw = await hub.redis.lrange(keys.text_deltas(request_id), start, -1)
+    return [json.loads(r) for r in raw]
 
 
 def _job_preview(job_id: str, preview: dict[str, Any]) -> dict[str, Any]:

@@ -38,11 +38,10 @@ class Collected:
                 self.logprobs[index] += logprob_entries(completion, self.top_logprobs)
             if completion.finish_reason:
                 self.finish[index] = completion.finish_reason
-            if completion.text:
-                try:
-                    self.on_delta(index, completion.text)
-                except Exception:  # noqa: BLE001 - a reader's trouble never stops the engine
-                    log.warning("text stream callback failed", exc_info=True)
+            try:  # every step, even one whose text is held back: a piece per token
+                self.on_delta(index, completion.text)
+            except Exception:  # noqa: BLE001 - a reader's trouble never stops the engine
+                log.warning("text stream callback failed", exc_info=True)
 
     def choices(self) -> list[Choice]:
         with_logprobs = self.top_logprobs is not None
