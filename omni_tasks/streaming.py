@@ -84,12 +84,13 @@ def _follow(request_id: str, deadline: float | None) -> Iterator[TextDelta]:
 
 
 def _pieces(client: Any, key: str, start: int) -> list[TextDelta]:
-    if start and client.llen(key) < start:
+    found = client.lrange(key, start, -1)
+    if not found and start and client.llen(key) < start:
         raise ProcessingError(
             f"{key}: the request started again (its worker was lost), so its text did "
             "too; read its result"
         )
-    return [_delta(raw) for raw in client.lrange(key, start, -1)]
+    return [_delta(raw) for raw in found]
 
 
 def _delta(raw: str | bytes) -> TextDelta:
