@@ -106,3 +106,37 @@ def test_model_path_resolves_a_registry_path(tmp_path: Path) -> None:
     assert config.model_path("hub") == "Qwen/Qwen-Image"
     assert config.model_path("bare") is None
     assert config.model_path("unregistered") is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("n", 2), ("presence_penalty", 0.5), ("frequency_penalty", -1.0), ("logprobs", True)],
+)
+def test_a_transformers_ar_pool_refuses_what_its_engine_cannot_honour(
+    field: str, value: object
+) -> None:
+    """Named before anything is enqueued, never ignored; vLLM pools take them."""
+    from omni_tasks.errors import RequestValidationError
+    from omni_tasks.model_registry import check_model
+    from omni_tasks.requests import create_chat_request
+
+    vllm = load_config(DEFAULT_CONFIG_FILE, env={})
+    hf = replace(vllm, ar=replace(vllm.ar, engine="transformers"))
+    request = create_chat_request([{"role": "user", "content": "hi"}], **{field: value})
+    check_model(request, vllm)
+    with pytest.raises(RequestValidationError) as refused:
+        check_model(request, hf)
+    assert refused.value.field == field
+
+
+def test_ar_chat_template_is_text_or_a_file(tmp_path: Path) -> None:
+    from workers.engines.chat import load_chat_template
+
+    text = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    path = tmp_path / "template.jinja"
+    path.write_text(text)
+    assert load_chat_template(str(path)) == text
+    assert load_chat_template(text) == text
+    assert load_chat_template(None) is None
+    config = load_config(DEFAULT_CONFIG_FILE, env={"OMNI_AR__CHAT_TEMPLATE": str(path)})
+    assert config.ar.chat_template == str(path)
