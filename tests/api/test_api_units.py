@@ -18,7 +18,7 @@ from omni_tasks.api.files import file_url, resolve
 from omni_tasks.api.hub import ResultHub, meta_key
 from omni_tasks.api.job_state import JobRecord, job_view, status_of
 from omni_tasks.api.jobs import prefer_wait
-from omni_tasks.api.openai_text import Message, chat_prompt
+from omni_tasks.api.openai_text import Message, chat_messages
 from omni_tasks.api.webhooks import BACKOFF_CAP_S, backoff, sign, verify
 from omni_tasks.config import get_config
 from workers.previews import preview_steps
@@ -138,7 +138,7 @@ def test_file_names_resolve_only_inside_output_dir(tmp_path) -> None:
     assert url == "http://api:8000/v1/files/day/a%252Fb.jpeg"
 
 
-def test_prefer_wait_and_the_chat_prompt() -> None:
+def test_prefer_wait_and_the_chat_messages() -> None:
     assert prefer_wait(None) == 0 and prefer_wait("respond-async") == 0
     assert prefer_wait("wait=5") == 5 and prefer_wait("respond-async, wait=2.5") == 2.5
     assert prefer_wait("wait=100000") == get_config().api.wait_timeout_s
@@ -146,9 +146,12 @@ def test_prefer_wait_and_the_chat_prompt() -> None:
         Message(role="system", content="Be brief."),
         Message(role="user", content=[{"type": "text", "text": "Hi"}]),
     ]
-    assert chat_prompt(messages) == "system: Be brief.\nuser: Hi\nassistant:"
+    assert chat_messages(messages) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+    ]
     with pytest.raises(APIError) as caught:
-        chat_prompt([Message(role="user", content=[{"type": "image_url", "image_url": {}}])])
+        chat_messages([Message(role="user", content=[{"type": "image_url", "image_url": {}}])])
     assert caught.value.param == "messages.0.content"
 
 
