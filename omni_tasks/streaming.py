@@ -60,18 +60,18 @@ def stream_text(
 def _follow(request_id: str, deadline: float | None) -> Iterator[TextDelta]:
     client = get_redis()
     key = keys.text_deltas(request_id)
-    result = app.AsyncResult(request_id)
+    meta_key = app.backend.get_key_for_task(request_id)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(key, app.backend.get_key_for_task(request_id))
+    pubsub.subscribe(key, meta_key)
     read = 0
     try:
         while True:
-            final = result.state in states.READY_STATES  # read before the pieces: all in
-            for piece in _pieces(client, key, read):
+            final, found = _look(client, meta_key, key, read)
+            for piece in found:
                 read += 1
                 yield piece
             if final:
-                yield from _outcome(result, read)
+                yield from _outcome(app.AsyncResult(request_id), read)
                 return
             wait = WAKE_S if deadline is None else min(WAKE_S, deadline - time.monotonic())
             if wait <= 0:
@@ -83,14 +83,21 @@ def _follow(request_id: str, deadline: float | None) -> Iterator[TextDelta]:
         pubsub.close()
 
 
-def _pieces(client: Any, key: str, start: int) -> list[TextDelta]:
-    found = client.lrange(key, start, -1)
-    if not found and start and client.llen(key) < start:
+def _look(client: Any, meta_key: Any, key: str, start: int) -> tuple[bool, list[TextDelta]]:
+    """Whether the result is final, and the pieces from `start` on, in one round trip:
+    the state is read first, so once it is final every piece is in."""
+    pipe = client.pipeline(transaction=False)
+    pipe.get(meta_key)
+    pipe.lrange(key, start, -1)
+    pipe.llen(key)
+    meta, found, length = pipe.execute()
+    if length < start:
         raise ProcessingError(
             f"{key}: the request started again (its worker was lost), so its text did "
             "too; read its result"
         )
-    return [_delta(raw) for raw in found]
+    status = json.loads(meta).get("status") if meta else None
+    return status in states.READY_STATES, [_delta(raw) for raw in found]
 
 
 def _delta(raw: str | bytes) -> TextDelta:

@@ -82,20 +82,28 @@ def openai_logprobs(entries: list[dict[str, Any]] | None, chat: bool) -> dict[st
     }
 
 
-async def text_pieces(hub: ResultHub, request_id: str, start: int) -> list[dict[str, Any]]:
-    """The pieces ({i, t}) written for `request_id` from position `start` on. A list
+async def state_and_pieces(
+    hub: ResultHub, request_id: str, start: int
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The result's state and the pieces ({i, t}) written from position `start` on, in
+    one round trip, the state read first (once final, every piece is in). A list
     shorter than `start` was started again (its worker was lost, and the request runs
     anew): 409, since the text sent already cannot be taken back."""
     key = keys.text_deltas(request_id)
-    raw = await hub.redis.lrange(key, start, -1)
-    if not raw and start and await hub.redis.llen(key) < start:
+    pipe = hub.redis.pipeline(transaction=False)
+    pipe.get(meta_key(request_id))
+    pipe.lrange(key, start, -1)
+    pipe.llen(key)
+    raw_meta, raw, length = await pipe.execute()
+    if length < start:
         raise APIError(
             409,
             f"request {request_id} started again after its worker was lost; its text "
             "restarted too: read its result",
             code="stream_restarted",
         )
-    return [json.loads(r) for r in raw]
+    meta = json.loads(raw_meta) if raw_meta else None
+    return meta, [json.loads(r) for r in raw]
 
 
 class _Chunks:
@@ -175,8 +183,8 @@ async def _follow(
     read = 0
     async with hub.listen(channels) as queue:
         while True:
-            meta = await hub.meta(request_id)  # first: once final, every piece is in
-            for piece in await text_pieces(hub, request_id, read):
+            meta, pieces = await state_and_pieces(hub, request_id, read)
+            for piece in pieces:
                 read += 1
                 yield "piece", piece
             left = deadline - time.monotonic()
