@@ -20,14 +20,13 @@ import contextlib
 import hashlib
 import json
 import logging
-import random
 import time
 from typing import Any
 
 from omni_tasks.api.batch_launch import CHUNK, BatchLauncher
 from omni_tasks.api.batch_outcomes import outcome
 from omni_tasks.api.batch_state import FILE_TTL_S, FINAL_STATUSES, BatchStore, line_keys
-from omni_tasks.api.hub import ResultHub
+from omni_tasks.api.hub import ResultHub, sweep_forever
 from omni_tasks.api.submission import LiveWorkers
 from omni_tasks.coordination import keys
 from omni_tasks.requests import RequestType
@@ -61,7 +60,7 @@ class BatchRunner:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
-        self._spawn(self._sweep_loop())
+        self._spawn(sweep_forever(self.sweep, SWEEP_S, "batch", log))
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -224,16 +223,6 @@ class BatchRunner:
                 self.launch_soon(batch_id)
             if raw["status"] != "validating":
                 await self.refresh(batch_id)
-
-    async def _sweep_loop(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP_S * random.uniform(0.5, 1.0))
-            try:
-                await self.sweep()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("batch sweep failed; retrying", exc_info=True)
 
 
 def _cancel_all(records: list[dict[str, Any]]) -> None:

@@ -16,8 +16,9 @@ import contextlib
 import functools
 import json
 import logging
+import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -174,6 +175,21 @@ class ResultHub:
         elif kind == "message":
             for queue in list(self._listeners.get(channel, ())):  # type: ignore[arg-type]
                 queue.put_nowait((channel, message.get("data")))  # type: ignore[arg-type]
+
+
+async def sweep_forever(
+    sweep: Callable[[], Awaitable[Any]], period_s: float, what: str, logger: logging.Logger
+) -> None:
+    """Run `sweep` every `period_s` (jittered, so that API processes spread out) until
+    cancelled; a failed sweep is logged and tried again next time."""
+    while True:
+        await asyncio.sleep(period_s * random.uniform(0.5, 1.0))
+        try:
+            await sweep()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.warning("%s sweep failed; retrying", what, exc_info=True)
 
 
 async def next_message(

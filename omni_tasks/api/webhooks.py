@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from omni_tasks.api.errors import invalid
-from omni_tasks.api.hub import ResultHub, meta_key, next_message
+from omni_tasks.api.hub import ResultHub, meta_key, next_message, sweep_forever
 from omni_tasks.api.job_state import FINAL, JobRecord, load_record, read_view
 from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
@@ -119,7 +119,7 @@ class WebhookDispatcher:
         config = get_config().api
         self._http = httpx.AsyncClient(timeout=config.webhook_timeout_s, follow_redirects=False)
         self._spawn(self._deliver_loop())
-        self._spawn(self._sweep_loop())
+        self._spawn(sweep_forever(self.sweep, SWEEP_S, "webhook", log))
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -245,13 +245,3 @@ class WebhookDispatcher:
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_S)
-
-    async def _sweep_loop(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP_S * random.uniform(0.5, 1.0))
-            try:
-                await self.sweep()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("webhook sweep failed; retrying", exc_info=True)
