@@ -93,7 +93,16 @@ class SentEvents:
 class BatchResult(GroupResult):
     """Celery's `GroupResult`, which subscribes to its results when it is first waited
     on, as a sent request does (`celery_app.SubscribeOnWait`), not when it is made:
-    a caller that never waits here (a batch API answering with ids) subscribes to none."""
+    a caller that never waits here (a batch API answering with ids) subscribes to none.
+
+    Its ready barrier counts results that are ready as it is made: once this process's
+    subscriber is open, each request is subscribed to as it is sent, and a result that
+    comes before anybody waits here is read off the subscriber (by a wait on another
+    result) and kept by Celery, so the barrier finds it ready at once. vine's
+    `barrier(results)` never fires when every result is: each one counts while the
+    barrier is not yet finalized, and the barrier marks itself finalized without
+    checking its count, so `finalize()` is then a no-op and a wait runs to its timeout.
+    """
 
     def __init__(self, id: str, results: list[AsyncResult], **kwargs: Any) -> None:
         super().__init__(id, [], **kwargs)
@@ -103,7 +112,11 @@ class BatchResult(GroupResult):
     def _arm(self) -> None:
         if not self._armed:
             self._armed = True
-            self._set_ready_barrier(barrier(self.results))
+            ready = barrier()
+            for result in self.results:
+                ready.add(result)  # subscribes to it, or counts it when ready
+            self._set_ready_barrier(ready)
+            ready.finalize()  # fires now when every result is ready
 
     def iter_native(self, *args: Any, **kwargs: Any) -> Any:
         self._arm()

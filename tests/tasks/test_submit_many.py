@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery import states
 from conftest import start_ready_workers
 from helpers import DIT_QUEUE, TEXT_KEYS, queued_messages, where
 
@@ -35,6 +36,7 @@ from omni_tasks.coordination.idempotency import ACCEPTED_HEADER
 from omni_tasks.requests import OmniRequest
 from omni_tasks.tasks import batch_submit
 from omni_tasks.tasks.base import request_deadline
+from omni_tasks.tasks.celery_app import app
 
 ROOT = Path(__file__).resolve().parents[2]
 QUEUES = ("ar", "diffusion", DIT_QUEUE)
@@ -132,8 +134,12 @@ def test_the_batch_is_accepted_in_one_round_trip(redis_client) -> None:
         submit_many(requests)
     evalsha = [c for c in seen if c.startswith("EVALSHA")]
     assert len(evalsha) == 1, seen
-    # The rest is the task-sent events Flower shows (one pipeline, after the script).
-    assert [c.split()[0] for c in seen if c not in evalsha] == ["PUBLISH"] * len(requests)
+    # The rest is the task-sent events Flower shows (one pipeline, after the script),
+    # and, once this process waits on results, the result backend's SUBSCRIBEs and
+    # UNSUBSCRIBEs (sent on its subscriber connection, no reply awaited).
+    subscriber = ("SUBSCRIBE", "UNSUBSCRIBE")
+    rest = [c.split()[0] for c in seen if c not in evalsha]
+    assert [c for c in rest if c not in subscriber] == ["PUBLISH"] * len(requests)
     assert len(all_messages(redis_client)) == len(requests) + 2
 
 
@@ -221,6 +227,30 @@ def test_with_another_broker_a_failed_publish_gives_the_acceptance_back(
         submit_many(mixed(3, "lost"))
     assert "not sent" in str(info.value) and info.value.may_be_accepted is False
     assert accepted_state(redis_client) == before
+
+
+def test_waiting_on_a_batch_whose_results_came_first_returns_them_at_once(redis_client) -> None:
+    """Once this process's result subscriber is open (it waited on a result before), a
+    batch's requests are subscribed to as they are sent: results stored before anybody
+    waits on the batch are read off the subscriber while the caller waits on something
+    else, and kept by Celery until asked for. Waiting on the batch then finds all of
+    them there, and returns them at once (its ready barrier, made from results that
+    were all ready, used to never fire: the wait ran to its timeout)."""
+    backend = app.backend
+    opener, later = (f"{name}-{time.monotonic_ns()}" for name in ("opener", "later"))
+    backend.store_result(opener, {"request_id": opener}, states.SUCCESS)
+    app.AsyncResult(opener).get(timeout=10)  # opens the subscriber, if no test did
+    batch = submit_many(mixed(4, "stored"), task="omni_tasks.probe")
+    for result in batch.results:
+        backend.store_result(result.id, {"request_id": result.id}, states.SUCCESS)
+    # Another wait, which reads the batch's results off the subscriber first.
+    store_later = threading.Timer(0.2, backend.store_result, (later, {}, states.SUCCESS))
+    store_later.start()
+    app.AsyncResult(later).get(timeout=10)
+    started = time.monotonic()
+    values = batch.get(timeout=5)
+    assert time.monotonic() - started < 1
+    assert [v["request_id"] for v in values] == [f"stored-{i}" for i in range(4)]
 
 
 @pytest.mark.slow
