@@ -18,6 +18,7 @@ BENCHMARKS = (
     "p8_lora.py",
     "p7_api.py",
     "p9_mixed_cluster.py",
+    "p11_ttft.py",
     "faults.py",
 )
 
