@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from omni_tasks.errors import ConfigError, RequestValidationError
-from omni_tasks.requests import IMAGE_TYPES, OmniRequest
+from omni_tasks.requests import COMPLETION_FIELDS, IMAGE_TYPES, OmniRequest
 
 if TYPE_CHECKING:
     from omni_tasks.config import CoreModuleConfig
@@ -80,22 +80,16 @@ def dit_model(request: OmniRequest, config: CoreModuleConfig) -> str:
     return request.model or config.diffusion.model
 
 
-#: Sampling fields the transformers text engine has no equivalent for, and the value
-#: that means "not used".
-TRANSFORMERS_REFUSES = {
-    "n": 1,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "logprobs": False,
-}
+#: Sampling fields the transformers text engine has no equivalent for.
+TRANSFORMERS_REFUSES = ("n", "presence_penalty", "frequency_penalty", "logprobs")
 
 
 def check_model(request: OmniRequest, config: CoreModuleConfig) -> None:
     """Refuse a request whose DiT stage names a model the config does not register, or
     that asks the AR pool's engine for what it cannot do (named, never ignored)."""
     if config.ar.engine == "transformers":
-        for name, unused in TRANSFORMERS_REFUSES.items():
-            if getattr(request, name) != unused:
+        for name in TRANSFORMERS_REFUSES:
+            if getattr(request, name) != COMPLETION_FIELDS[name]:
                 raise RequestValidationError(
                     name, "the AR pool's transformers engine cannot honour it; use vLLM"
                 )

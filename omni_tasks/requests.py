@@ -46,21 +46,6 @@ MAX_CHOICES = 8
 MAX_TOP_LOGPROBS = 20
 #: In-process state of a request object, never taken from a caller or a message.
 INTERNAL_FIELDS = ("processing_stage", "errors", "stage")
-#: Optional fields left out of a request's fingerprint while at their default (given):
-#: a request that does not use them has one digest whichever fields exist.
-UNSET_UNDIGESTED: dict[str, Any] = {
-    "prompt": None,
-    "messages": None,
-    "true_cfg_scale": None,
-    "n": 1,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "logprobs": False,
-    "top_logprobs": 0,
-}
-#: Fields that change how a result is delivered, not what it is: never digested.
-DELIVERY_FIELDS = ("stream",)
-
 # Strict types: a string or a bool is never taken for a number, nor a number for a
 # string; floats must be finite (JSON has no NaN, and a worker must not see one).
 Int = Annotated[int, Field(strict=True)]
@@ -117,6 +102,16 @@ COMPLETION_FIELDS: dict[str, Any] = {
     "logprobs": False,
     "top_logprobs": 0,
     "stream": False,
+}
+#: Fields that change how a result is delivered, not what it is: never digested.
+DELIVERY_FIELDS = ("stream",)
+#: Optional fields left out of a request's fingerprint while at their default (given):
+#: a request that does not use them has one digest whichever fields exist.
+UNSET_UNDIGESTED: dict[str, Any] = {
+    "prompt": None,
+    "messages": None,
+    "true_cfg_scale": None,
+    **{k: v for k, v in COMPLETION_FIELDS.items() if k not in DELIVERY_FIELDS},
 }
 
 
