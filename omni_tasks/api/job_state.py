@@ -20,6 +20,8 @@ from omni_tasks.requests import RequestType
 from omni_tasks.tasks.definitions import task_ids_of
 
 FINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
+#: The job types whose text is streamed to `/v1/jobs/{id}/events` (by default).
+STREAMED = ("text", "chat")
 #: What the timeouts of a request raise, on the worker or as Celery's own limits.
 TIMEOUT_ERRORS = frozenset({"RequestTimeoutError", "TimeLimitExceeded", "SoftTimeLimitExceeded"})
 RUNNING_STATES = frozenset({"STARTED", "PROGRESS", "RETRY"})

@@ -33,7 +33,7 @@ from omni_tasks.api.idempotency import (
     call_key,
     surely_refused,
 )
-from omni_tasks.api.job_state import FINAL, JobRecord, job_view, load_record, status_of
+from omni_tasks.api.job_state import FINAL, STREAMED, JobRecord, job_view, load_record, status_of
 from omni_tasks.api.sse import job_events, streaming
 from omni_tasks.api.submission import PROBE, accept, priority_of, withdraw
 from omni_tasks.api.webhooks import SWEEP_S, check_url
@@ -58,8 +58,6 @@ BUILDERS = {
     PROBE: create_text_request,
 }
 JOB_TYPES = (*BUILDERS, "image")
-#: The job types whose text is streamed to `/v1/jobs/{id}/events` by default.
-STREAMED = ("text", "chat")
 _PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*(\d+(?:\.\d+)?)", re.I)
 
 

@@ -26,7 +26,7 @@ from fastapi.responses import StreamingResponse
 from omni_tasks.api.errors import from_failure
 from omni_tasks.api.files import encode, image_b64
 from omni_tasks.api.hub import ResultHub, is_final, meta_key, next_message
-from omni_tasks.api.job_state import FINAL, JobRecord, job_view
+from omni_tasks.api.job_state import FINAL, STREAMED, JobRecord, job_view
 from omni_tasks.coordination import keys
 
 KEEPALIVE_S = 15.0
@@ -55,7 +55,7 @@ async def job_events(hub: ResultHub, record: JobRecord) -> AsyncIterator[bytes]:
     channels = [meta_key(t) for t in record.task_ids]
     if record.partial_images:
         channels.append(keys.previews(record.id))
-    texts = record.type in ("text", "chat")
+    texts = record.type in STREAMED
     if texts:
         channels.append(keys.text_deltas(record.id))
     async with hub.listen(channels) as queue:
