@@ -103,6 +103,7 @@ class VllmTextEngine(BackgroundThreadEngine):
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self._engine: Any = None
+        self._tokenizer: Any = None
         self._cond = threading.Condition()
         self._inbox: deque[tuple[str, str, Any]] = deque()  # (op, internal id, payload)
         self._futures: dict[str, Future] = {}  # internal id -> caller's future
@@ -192,6 +193,7 @@ class VllmTextEngine(BackgroundThreadEngine):
         )
         t0 = time.perf_counter()
         self._engine = LLMEngine.from_engine_args(args)
+        self._tokenizer = self._engine.get_tokenizer()  # for chat, on callers' threads
         self.init_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ callers
@@ -211,7 +213,7 @@ class VllmTextEngine(BackgroundThreadEngine):
         sampling = self._sampling_params(params, streamed=on_delta is not None)
         prepared = self._prepare_adapters(params)
         if not isinstance(prompt, str):  # chat messages: token ids, as vLLM's chat path
-            ids = render_chat(self._engine.get_tokenizer(), prompt, self.chat_template)
+            ids = render_chat(self._tokenizer, prompt, self.chat_template)
             prompt = {"prompt_token_ids": ids}  # type: ignore[assignment]
         # vLLM keys outputs by the id given to add_request; a counter keeps ids unique
         # when a redelivered task reuses its id while the first run still goes on.

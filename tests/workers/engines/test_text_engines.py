@@ -242,7 +242,7 @@ def test_a_model_without_a_chat_template_refuses_chat_unless_configured(
 ) -> None:
     from omni_tasks.errors import RequestValidationError
 
-    tokenizer = engine._engine.get_tokenizer() if engine.name == "vllm" else engine.tokenizer
+    tokenizer = engine._tokenizer if engine.name == "vllm" else engine.tokenizer
     monkeypatch.setattr(tokenizer, "chat_template", None)
     messages = [{"role": "user", "content": "hi"}]
     with pytest.raises(RequestValidationError) as refused:
