@@ -328,3 +328,22 @@ def test_a_conflicting_message_leaves_the_running_requests_states(pools: dict) -
     # The second sender, waiting on the same id, gets the one result (docs/wire.md).
     (theirs,) = foreign_client("wait", json.dumps(["held-id"]))
     assert theirs["result"] == value
+
+
+def test_a_foreign_chat_request_by_name_is_rendered_and_served(pools: dict) -> None:
+    """`omni_tasks.generate_chat` from a client that never imports omni_tasks: the
+    messages are rendered with the model's chat template, and the result fits the
+    checked-in schema; a chat message without `messages` is refused naming it."""
+    messages = [{"role": "user", "content": "a foreign chat"}]
+    spec = [
+        {"task": "omni_tasks.generate_chat", "queue": "ar", "task_id": "foreign-chat",
+         "kwargs": {"messages": messages, "max_tokens": 6, "temperature": 0}},
+        {"task": "omni_tasks.generate_chat", "queue": "ar", "task_id": "foreign-chat-bad",
+         "kwargs": {"prompt": "no messages"}},
+    ]  # fmt: skip
+    foreign_client("send", json.dumps(spec))
+    good, bad = foreign_client("wait", json.dumps(["foreign-chat", "foreign-chat-bad"]))
+    valid("generate_chat.result.json", good["result"])
+    assert good["result"]["request_type"] == "chat"
+    assert good["result"]["usage"]["completion_tokens"] == 6
+    assert "messages" in json.dumps(bad), bad
