@@ -119,3 +119,38 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
     path.write_text(json.dumps(data, indent=2) + "\n")
     print(json.dumps(data, indent=2))
     return path
+
+
+class RoundServer:
+    """A benchmark side in a process of its own (the engine driven directly: one engine
+    per process), so that its rounds can alternate with the queue's: it prints `READY`
+    once warm, then runs one round per `run` line on stdin and prints `RESULT <json>`."""
+
+    def __init__(self, cmd: list[str], log_name: str) -> None:
+        self.log_name = log_name
+        log = open(RESULTS / "logs" / log_name, "w")  # noqa: SIM115 - the child's stderr
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
+        )
+        self._read("READY")
+
+    def _read(self, prefix: str) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+        raise RuntimeError(
+            f"{self.proc.args} exited ({self.proc.wait()}); see logs/{self.log_name}"
+        )
+
+    def run(self) -> Any:
+        """One round's result (its JSON)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return json.loads(self._read("RESULT "))
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(120)

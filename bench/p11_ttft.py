@@ -16,13 +16,19 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, clean_redis, percentiles, setup_redis, write_result  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    RoundServer,
+    clean_redis,
+    percentiles,
+    setup_redis,
+    write_result,
+)
 
 PROMPT = "Request 1: tell me a long story about the number 1"
 MAX_TOKENS = 16
@@ -56,34 +62,6 @@ def serve_direct(model: str) -> None:
         engine.shutdown()
 
 
-class Direct:
-    def __init__(self, model: str) -> None:
-        cmd = [sys.executable, __file__, "--direct", model]
-        log = open(RESULTS / "logs" / "p11-direct.log", "w")  # noqa: SIM115 - child's stderr
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
-        )
-        self._read("READY")
-
-    def _read(self, prefix: str) -> str:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith(prefix):
-                return line[len(prefix) :].strip()
-        raise RuntimeError("direct engine exited; see logs/p11-direct.log")
-
-    def run(self) -> float:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("run\n")
-        self.proc.stdin.flush()
-        return float(self._read("RESULT "))
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        self.proc.wait(60)
-
-
 def queue_ttft() -> float:
     from omni_tasks import generate_text, stream_text
 
@@ -110,7 +88,7 @@ def api_ttft(client: object) -> float:
     return first
 
 
-def measure(direct: Direct, client: object, rounds: int) -> dict[str, list[float]]:
+def measure(direct: RoundServer, client: object, rounds: int) -> dict[str, list[float]]:
     sides = {"direct": direct.run, "queue": queue_ttft, "api": lambda: api_ttft(client)}
     for side in sides.values():  # warm: connections, subscriptions, the engine's caches
         side()
@@ -146,7 +124,7 @@ def main() -> None:
     port = free_port()
     os.environ.pop("OMNI_API_TOKEN", None)
     api = start_api(port, logs / "p11-api.log")
-    direct = Direct(model)
+    direct = RoundServer([sys.executable, __file__, "--direct", model], "p11-direct.log")
     try:
         worker.wait_ready(600)
         wait_api(port)

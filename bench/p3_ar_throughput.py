@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, clean_redis, setup_redis, write_result  # noqa: E402
+from common import RESULTS, RoundServer, clean_redis, setup_redis, write_result  # noqa: E402
 from p3_engine_direct import prompts  # noqa: E402
 
 DIRECT = str(Path(__file__).parent / "p3_engine_direct.py")
@@ -83,37 +83,6 @@ def queue_round(n: int, max_tokens: int, bare: bool = False, batch: bool = False
     }
 
 
-class DirectRounds:
-    """The direct engine's process: one round per `run()` (see p3_engine_direct.py)."""
-
-    def __init__(self, model: str, n: int, max_tokens: int) -> None:
-        cmd = [sys.executable, DIRECT, "direct", "--model", model, "-n", str(n)]
-        cmd += ["--max-tokens", str(max_tokens)]
-        log = open(RESULTS / "logs" / "p3-direct.log", "w")  # noqa: SIM115 - child's stderr
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
-        )
-        self._read("READY")
-
-    def _read(self, prefix: str) -> str:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith(prefix):
-                return line[len(prefix) :].strip()
-        raise RuntimeError(f"direct engine exited ({self.proc.wait()}); see logs/p3-direct.log")
-
-    def run(self) -> dict:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("run\n")
-        self.proc.stdin.flush()
-        return json.loads(self._read("RESULT "))
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        self.proc.wait(120)
-
-
 def interleaved(model: str, n: int, max_tokens: int, repeats: int) -> dict[str, list[dict]]:
     import bare_app
     from common import POOL_WORKER_ARGS, start_celery, stop, wait_ping
@@ -124,7 +93,8 @@ def interleaved(model: str, n: int, max_tokens: int, repeats: int) -> dict[str, 
     bare = start_celery("bare_app", "bare", POOL_WORKER_ARGS, RESULTS / "logs" / "p3-bare.log")
     direct = None
     try:
-        direct = DirectRounds(model, n, max_tokens)
+        cmd = [sys.executable, DIRECT, "direct", "--model", model, "-n", str(n)]
+        direct = RoundServer([*cmd, "--max-tokens", str(max_tokens)], "p3-direct.log")
         worker.wait_ready(600)
         wait_ping(bare_app.app)
         sides: dict[str, Callable[[], dict]] = {
