@@ -16,7 +16,6 @@ active batches every `SWEEP_S`, and a `GET` follows the batch it reads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -26,7 +25,7 @@ from typing import Any
 from omni_tasks.api.batch_launch import CHUNK, BatchLauncher
 from omni_tasks.api.batch_outcomes import outcome
 from omni_tasks.api.batch_state import FILE_TTL_S, FINAL_STATUSES, BatchStore, line_keys
-from omni_tasks.api.hub import ResultHub, sweep_forever
+from omni_tasks.api.hub import ResultHub, TaskSet, sweep_forever
 from omni_tasks.api.submission import LiveWorkers
 from omni_tasks.coordination import keys
 from omni_tasks.requests import RequestType
@@ -57,26 +56,17 @@ class BatchRunner:
         self.hub = hub
         self.store = BatchStore(hub.redis)
         self.launcher = BatchLauncher(hub, self.store, workers)
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet()
 
     async def start(self) -> None:
-        self._spawn(sweep_forever(self.sweep, SWEEP_S, "batch", log))
+        self._tasks.spawn(sweep_forever(self.sweep, SWEEP_S, "batch", log))
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._tasks.cancel_all()
 
     def launch_soon(self, batch_id: str) -> None:
         """Launch the batch in the background (nothing if another process does)."""
-        self._spawn(self.launcher.launch(batch_id))
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self.launcher.launch(batch_id))
 
     async def refresh(self, batch_id: str) -> None:
         """Record the outcomes of the lines that ended; finalize once none is pending.
@@ -185,7 +175,7 @@ class BatchRunner:
             return False
         if not await self.store.transition(batch_id, ("validating", "in_progress"), **fields):
             return False
-        self._spawn(self._withdraw_pending(batch_id))  # one revoke per request: can be long
+        self._tasks.spawn(self._withdraw_pending(batch_id))  # one revoke per request: can be long
         return True
 
     async def _withdraw_pending(self, batch_id: str) -> None:

@@ -177,6 +177,26 @@ class ResultHub:
                 queue.put_nowait((channel, message.get("data")))  # type: ignore[arg-type]
 
 
+class TaskSet:
+    """The background tasks one API object runs: referenced while they run (the event
+    loop holds only weak references), cancelled and awaited when it stops."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def cancel_all(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
 async def sweep_forever(
     sweep: Callable[[], Awaitable[Any]], period_s: float, what: str, logger: logging.Logger
 ) -> None:

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from omni_tasks.api.errors import invalid
-from omni_tasks.api.hub import ResultHub, meta_key, next_message, sweep_forever
+from omni_tasks.api.hub import ResultHub, TaskSet, meta_key, next_message, sweep_forever
 from omni_tasks.api.job_state import FINAL, JobRecord, load_record, read_view
 from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
@@ -111,33 +111,24 @@ class WebhookDispatcher:
         self.hub = hub
         self._claim = hub.redis.register_script(_CLAIM)
         self._take = hub.redis.register_script(_TAKE)
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet()
         self._wake = asyncio.Event()
         self._http: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
         config = get_config().api
         self._http = httpx.AsyncClient(timeout=config.webhook_timeout_s, follow_redirects=False)
-        self._spawn(self._deliver_loop())
-        self._spawn(sweep_forever(self.sweep, SWEEP_S, "webhook", log))
+        self._tasks.spawn(self._deliver_loop())
+        self._tasks.spawn(sweep_forever(self.sweep, SWEEP_S, "webhook", log))
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._tasks.cancel_all()
         if self._http is not None:
             await self._http.aclose()
 
     def follow(self, record: JobRecord) -> None:
         """Claim `record`'s delivery as soon as its job ends (this process lives)."""
-        self._spawn(self._follow(record))
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._follow(record))
 
     async def _follow(self, record: JobRecord) -> None:
         channels = [meta_key(t) for t in record.task_ids]
