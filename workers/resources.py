@@ -66,7 +66,8 @@ class Allocatable(Protocol):
 @dataclass(frozen=True)
 class ShapeProbe:
     """How to measure one shape: `inputs(rows)` builds a step's inputs on the device,
-    `forward(inputs)` runs the step; `label` names the size in errors ("1024x1024")."""
+    `forward(inputs)` runs the step; `label` names the shape in errors ("1024x1024
+    image", "17 frames of 64x64")."""
 
     label: str
     inputs: Callable[[int], dict[str, Any]]
@@ -321,13 +322,13 @@ class ResourceManager:
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             raise ResourceError(
-                f"a {probe.label} image runs this device out of memory; {self._budget_text()}"
+                f"a {probe.label} runs this device out of memory; {self._budget_text()}"
             ) from None
 
     def _check_fits(self, label: str, needed: int) -> None:
         if needed > self.available_bytes:
             raise ResourceError(
-                f"a {label} image needs {_mib(needed)} of device memory, more than this "
+                f"a {label} needs {_mib(needed)} of device memory, more than this "
                 f"worker can give a request: {self._budget_text()}"
             )
 

@@ -25,7 +25,7 @@ STATUS_KEYS = {"device", "total_bytes", "budget_bytes", "used_bytes", "cache_byt
 STATUS_KEYS |= {"running", "batch", "adapter_bytes"}
 
 
-def probe(label: str = "256x64", calls: list[int] | None = None) -> ShapeProbe:
+def probe(label: str = "256x64 image", calls: list[int] | None = None) -> ShapeProbe:
     """A step of a tiny MLP on rows of 256 x 64: its peak is exactly 2 x rows x 1 MiB."""
 
     def forward(inputs: dict[str, Any]) -> torch.Tensor:

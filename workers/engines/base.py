@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from PIL import Image
 
@@ -150,6 +151,8 @@ class ImageParams:
     step_cache: StepCacheSettings = StepCacheSettings()
     #: LoRA adapters from the registry: (name, scale) pairs (`omni_tasks.lora.AdapterSet`).
     lora: tuple[tuple[str, float], ...] = ()
+    #: A video's frame count; None: an image.
+    num_frames: int | None = None
 
 
 @dataclass
@@ -180,6 +183,8 @@ class ImageOutput:
     preemptions: int = 0
     max_batch: int = 0
     lora: list[dict[str, Any]] = field(default_factory=list)  # as `TextOutput.lora`
+    #: A video's frames, (frames, height, width, 3) uint8; `image` is then its first.
+    frames: np.ndarray | None = None
 
 
 class DiffusionEngine(Protocol):

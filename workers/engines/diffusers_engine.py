@@ -214,7 +214,7 @@ class DiffusersEngine:
                     )
                 self._hooks.check(request)
                 start = time.perf_counter()
-                image = self.loop.run(lambda: self.family.decode(final))
+                decoded = self.loop.run(lambda: self.family.decode(final))
                 request.decode_s = time.perf_counter() - start
         except _PASSED_ON:
             raise
@@ -223,7 +223,7 @@ class DiffusersEngine:
         finally:
             if held is not None:
                 self.resources.release(held)
-        return _output(image, request, held, used_embeds, final, used)
+        return _output(decoded, request, held, used_embeds, final, used)
 
     def encode_prompt(
         self,
@@ -361,7 +361,7 @@ class DiffusersEngine:
                 mag_ratios=ratios,
                 current_timestep=(lambda: request.timestep) if img2img else None,
             ):
-                return pipe(**kwargs).images
+                return getattr(pipe(**kwargs), self.family.output_field)
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -385,7 +385,7 @@ class DiffusersEngine:
         return StepRequest(
             ticket,
             steps=self.family.steps_taken(params, init_image is not None),
-            pixels=params.width * params.height,
+            pixels=params.width * params.height * (params.num_frames or 1),
             batch_key=self._batch_key(params, nominal, init_image) if batched else None,
             shape=shape,
         )
@@ -396,7 +396,7 @@ class DiffusersEngine:
 
 
 def _output(
-    image: Image.Image,
+    decoded: Any,
     request: Request,
     held: StepRequest | None,
     embeds: dict[str, torch.Tensor] | None,
@@ -407,8 +407,15 @@ def _output(
     figures["paused_s"] = round(held.paused_s, 6) if held is not None else 0.0
     if held is not None and held.first_step_at is not None:
         figures["first_step_at"] = round(held.first_step_at, 6)
+    frames = None
+    image = decoded
+    if not hasattr(decoded, "convert"):  # a video's frames: its image is the first
+        from PIL import Image
+
+        frames, image = decoded, Image.fromarray(decoded[0])
     return ImageOutput(
         image=image,
+        frames=frames,
         steps_run=request.steps_run,
         timings=figures,
         denoise_steps=request.denoise_steps,

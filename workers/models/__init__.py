@@ -18,6 +18,8 @@ _BUILDERS = {
     "tiny-qwen-image": ("tiny_qwen_image", "build_tiny_qwen_image"),
     "tiny-qwen-image-edit": ("tiny_qwen_image", "build_tiny_qwen_image_edit"),
     "tiny-sana": ("tiny_sana", "build_tiny_sana"),
+    "tiny-wan": ("tiny_wan", "build_tiny_wan"),
+    "tiny-wan-i2v": ("tiny_wan", "build_tiny_wan_i2v"),
 }
 TINY_MODELS = tuple(_BUILDERS)
 

@@ -51,7 +51,7 @@ class LoopTransformer:
     def __getattr__(self, name: str) -> Any:  # config, dtype, device, encoder_hid_proj...
         return getattr(self._transformer, name)
 
-    def cache_context(self, name: str) -> Any:
+    def cache_context(self, name: str, **_: Any) -> Any:
         """No step cache runs on a batched request (those run alone, on the real one)."""
         return nullcontext()
 
@@ -158,7 +158,7 @@ def denoise_batched(
 
     kwargs["callback_on_step_end"] = hooks.step_callback(request, on_step, on_latents)
     request.pipe_start = time.perf_counter()
-    latents = pipe(**kwargs).images
+    latents = getattr(pipe(**kwargs), family.output_field)
     # Denoising counts from its first step: the wait for a slot is not part of it.
     request.denoise_start = held.first_step_perf or proxy.first_call_at
     if held.first_step_perf is not None and proxy.first_call_at is not None:

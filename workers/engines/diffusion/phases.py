@@ -77,7 +77,8 @@ def request_pipeline(base: Any, pipeline_class: Any, transformer: Any = None) ->
     """A per-request pipeline object of `pipeline_class` sharing `base`'s modules, with its
     own scheduler (a shared one keeps the step index of whichever request ran last).
 
-    Built with the constructor, not `from_pipe`: `from_pipe` without `torch_dtype` casts
+    Built with the constructor (with the checkpoint's registered plain settings), not
+    `from_pipe`: `from_pipe` without `torch_dtype` casts
     the shared modules to float32 (it calls `.to(dtype)` on them). `transformer`: what
     the pipeline calls instead of the shared transformer (the step loop's stand-in); set
     past the pipeline's config bookkeeping, which only records real modules.
@@ -86,6 +87,12 @@ def request_pipeline(base: Any, pipeline_class: Any, transformer: Any = None) ->
 
     accepted = inspect.signature(pipeline_class.__init__).parameters
     components = {k: v for k, v in base.components.items() if k in accepted}
+    # Plain settings the checkpoint registered (Wan 2.2's `expand_timesteps`), kept.
+    components.update(
+        (k, v)
+        for k, v in base.config.items()
+        if k in accepted and k not in components and not isinstance(v, (list, tuple))
+    )
     components["scheduler"] = base.scheduler.from_config(base.scheduler.config)
     pipe = pipeline_class(**components)
     pipe.set_progress_bar_config(disable=True)

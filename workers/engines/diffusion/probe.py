@@ -29,4 +29,4 @@ def shape_probe(
         with torch.no_grad():
             return transformer(**{**given, "return_dict": False})[0]
 
-    return ShapeProbe(f"{params.width}x{params.height}", inputs, forward)
+    return ShapeProbe(family.shape_label(params), inputs, forward)

@@ -17,6 +17,7 @@ from workers.engines.families.qwen_image import QwenImageFamily
 from workers.engines.families.qwen_image_edit import QwenImageEditFamily
 from workers.engines.families.sana import SanaFamily
 from workers.engines.families.sd3 import SD3Family
+from workers.engines.families.wan import WanFamily, WanImageToVideoFamily
 
 FAMILIES: dict[str, type[ModelFamily]] = {
     family.name: family
@@ -26,6 +27,8 @@ FAMILIES: dict[str, type[ModelFamily]] = {
         QwenImageFamily,
         QwenImageEditFamily,
         SanaFamily,
+        WanFamily,
+        WanImageToVideoFamily,
     )
 }
 

@@ -63,6 +63,11 @@ class ModelFamily:
     output_type: ClassVar[str] = "latent"
     #: Whether a step's latents can be decoded into a preview.
     previews: ClassVar[bool] = True
+    #: What a request gets: "image", or "video" (`decode` gives (frames, height, width,
+    #: 3) uint8 frames; requests carry `ImageParams.num_frames`).
+    media: ClassVar[str] = "image"
+    #: The pipeline output's field that holds its `output_type="latent"` latents.
+    output_field: ClassVar[str] = "images"
     #: Text tokens the resource manager's probe assumes.
     probe_text_tokens: ClassVar[int] = 64
 
@@ -95,7 +100,12 @@ class ModelFamily:
     def check_request(self, params: ImageParams, image: Image.Image | None) -> None:
         """Refuse what this family cannot run, before the request is held: a size its
         VAE cannot take, an image where it takes none (or none where it needs one), a
-        step cache it does not run."""
+        step cache it does not run, a video for an image model or the reverse."""
+        if (params.num_frames is not None) != (self.media == "video"):
+            task = "generate_video" if self.media == "video" else "generate_image"
+            raise RequestValidationError(
+                "model", f"the {self.name} family makes {self.media}s: send it with {task}"
+            )
         for name in ("width", "height"):
             if getattr(params, name) % self.size_multiple:
                 raise RequestValidationError(
@@ -197,6 +207,12 @@ class ModelFamily:
     def decode(self, latents: torch.Tensor) -> Image.Image:
         """`unpack`'s latents to the image the pipeline itself would return."""
         raise NotImplementedError
+
+    def shape_label(self, params: ImageParams) -> str:
+        """How errors name a request's shape ("64x64 image", "17 frames of 64x64")."""
+        if params.num_frames is None:
+            return f"{params.width}x{params.height} image"
+        return f"{params.num_frames} frames of {params.width}x{params.height}"
 
     def preview(self, latents: torch.Tensor, params: ImageParams) -> Image.Image:
         """The image of a step's latents, as the denoising loop holds them."""
