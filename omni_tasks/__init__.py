@@ -40,6 +40,7 @@ from omni_tasks.requests import (
     create_image_request,
     create_multimodal_request,
     create_text_request,
+    create_video_request,
     encode_image_file,
 )
 from omni_tasks.results import (
@@ -48,6 +49,7 @@ from omni_tasks.results import (
     PromptResult,
     TextResult,
     Usage,
+    VideoResult,
 )
 from omni_tasks.scheduling import (
     BaseScheduler,
@@ -67,6 +69,7 @@ from omni_tasks.tasks import (
     generate_image,
     generate_multimodal,
     generate_text,
+    generate_video,
 )
 from omni_tasks.tasks.batch_submit import submit_many
 from omni_tasks.tasks.producer import cancel, submit
@@ -109,6 +112,7 @@ __all__ = [
     "TextDelta",
     "TextResult",
     "Usage",
+    "VideoResult",
     "app",
     "cancel",
     "celery",
@@ -118,11 +122,13 @@ __all__ = [
     "create_multimodal_request",
     "create_scheduler",
     "create_text_request",
+    "create_video_request",
     "encode_image_file",
     "generate_chat",
     "generate_image",
     "generate_multimodal",
     "generate_text",
+    "generate_video",
     "get_config",
     "load_config",
     "set_config",

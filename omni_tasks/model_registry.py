@@ -9,6 +9,11 @@ the pool's `diffusion.model`). The names it may use are the config's
 refused (`RequestValidationError`, field `model`) before anything is enqueued, and by
 the worker for a message no producer checked. A TEXT request's `model` is not checked
 here: the AR pool serves one model, and the HTTP API answers for it.
+
+A VIDEO request that names no model runs on `diffusion.video_model` (or
+`video_image_model` with an input image). A video model makes images too (one frame); a
+VIDEO request for a registry entry whose `family` is an image family is refused here
+(field `model`); without a family the worker refuses it, from the checkpoint's.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from omni_tasks.errors import ConfigError, RequestValidationError
-from omni_tasks.requests import COMPLETION_FIELDS, IMAGE_TYPES, OmniRequest
+from omni_tasks.requests import COMPLETION_FIELDS, DIT_TYPES, OmniRequest, RequestType
 
 if TYPE_CHECKING:
     from omni_tasks.config import CoreModuleConfig
@@ -27,6 +32,8 @@ if TYPE_CHECKING:
 #: fit, and nothing kombu or RabbitMQ would read otherwise does.
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9._/-]+$")
 MAX_MODEL_NAME_CHARS = 128
+#: The families whose models make videos (`workers.engines.families`); the rest, images.
+VIDEO_FAMILIES = frozenset({"wan", "wan-i2v"})
 
 
 @dataclass
@@ -39,8 +46,8 @@ class ModelEntry:
     family: str | None = None
 
 
-def validate_registry(models: dict[str, ModelEntry], default: str) -> None:
-    """`ConfigError` naming `models.<name>` (or `diffusion.model`, the pool's default)
+def validate_registry(models: dict[str, ModelEntry], *defaults: str) -> None:
+    """`ConfigError` naming `models.<name>` (or `diffusion.model`, a pool's default)
     for a name that cannot name a queue or an entry with a blank field."""
     for name, entry in models.items():
         problem = model_name_problem(name)
@@ -52,10 +59,12 @@ def validate_registry(models: dict[str, ModelEntry], default: str) -> None:
             value = getattr(entry, part)
             if value is not None and not str(value).strip():
                 raise ConfigError(f"models.{name}.{part}", "must not be blank (leave it out)")
-    if any(c.isspace() or c == ":" for c in default):
-        raise ConfigError(
-            "diffusion.model", "must not contain whitespace or ':' (it names the model's queue)"
-        )
+    for default in defaults:
+        if any(c.isspace() or c == ":" for c in default):
+            raise ConfigError(
+                "diffusion.model",
+                f"{default!r} must not contain whitespace or ':' (it names the model's queue)",
+            )
 
 
 def model_name_problem(name: str) -> str | None:
@@ -70,14 +79,25 @@ def model_name_problem(name: str) -> str | None:
 
 
 def runs_dit_model(request: OmniRequest) -> bool:
-    """Whether `model` names the diffusion model: DIFFUSION, IMAGE and MULTIMODAL (whose
-    DiT stage renders what its AR stage wrote)."""
-    return request.request_type in IMAGE_TYPES
+    """Whether `model` names the diffusion model: DIFFUSION, IMAGE, VIDEO and MULTIMODAL
+    (whose DiT stage renders what its AR stage wrote)."""
+    return request.request_type in DIT_TYPES
 
 
 def dit_model(request: OmniRequest, config: CoreModuleConfig) -> str:
-    """The diffusion model a request's DiT stage runs on: its own, else the pool's."""
-    return request.model or config.diffusion.model
+    """The diffusion model a request's DiT stage runs on: its own, else the pool's
+    default for its kind."""
+    return request.model or default_model(
+        request.request_type.value, request.image is not None, config
+    )
+
+
+def default_model(request_type: str, with_image: bool, config: CoreModuleConfig) -> str:
+    """The model a request of `request_type` (a value) runs on when it names none."""
+    dit = config.diffusion
+    if request_type == RequestType.VIDEO.value:
+        return dit.video_image_model if with_image else dit.video_model
+    return dit.model
 
 
 #: Sampling fields the transformers text engine has no equivalent for.
@@ -93,14 +113,22 @@ def check_model(request: OmniRequest, config: CoreModuleConfig) -> None:
                 raise RequestValidationError(
                     name, "the AR pool's transformers engine cannot honour it; use vLLM"
                 )
-    if request.model is None or not runs_dit_model(request):
+    if not runs_dit_model(request):
         return
     known = config.diffusion_models()
-    if request.model not in known:
+    if request.model is not None and request.model not in known:
         raise RequestValidationError(
             "model",
             f"unknown diffusion model {request.model!r}; registered: {', '.join(sorted(known))} "
             "(the config's `models` and `diffusion.model`)",
+        )
+    name = dit_model(request, config)
+    family = known[name].family
+    if family is None:
+        return
+    if request.request_type is RequestType.VIDEO and family not in VIDEO_FAMILIES:
+        raise RequestValidationError(
+            "model", f"{name!r} ({family}) makes images, not videos: send generate_image"
         )
 
 

@@ -30,6 +30,7 @@ from omni_tasks.errors import RequestValidationError
 from omni_tasks.image_input import PATH_REFUSED, inline_image_b64
 from omni_tasks.image_input import encode_image_file as encode_image_file  # re-exported
 from omni_tasks.lora import MAX_ADAPTERS, AdapterSet, LoraRef, adapter_set, check_unique
+from omni_tasks.video_fields import DEFAULT_FPS, MAX_FPS, MAX_FRAMES, frames_problem, video_aliases
 
 # Documented bounds (README "Requests").
 MAX_PROMPT_CHARS = 4000
@@ -68,6 +69,7 @@ class RequestType(Enum):
     IMAGE = "image"  # an input image: edit / img2img
     MULTIMODAL = "multimodal"  # AR stage writes the image prompt, DiT stage renders it
     DIFFUSION = "diffusion"  # text-to-image
+    VIDEO = "video"  # frames from a prompt, or from a prompt and a first image
 
 
 class ProcessingStage(IntEnum):
@@ -89,6 +91,10 @@ class ProcessingStage(IntEnum):
 
 
 IMAGE_TYPES = (RequestType.DIFFUSION, RequestType.IMAGE, RequestType.MULTIMODAL)
+#: The types a diffusion model renders (their DiT stage): images and videos.
+DIT_TYPES = (*IMAGE_TYPES, RequestType.VIDEO)
+#: The types that take an input image: an edit / img2img, or a video's first frame.
+INPUT_IMAGE_TYPES = (RequestType.IMAGE, RequestType.VIDEO)
 #: The types an AR engine generates text for (a MULTIMODAL request: its image prompt).
 AR_TYPES = (RequestType.TEXT, RequestType.CHAT, RequestType.MULTIMODAL)
 #: The types whose result is the text itself: the sampling extras (`n`, penalties,
@@ -111,6 +117,8 @@ UNSET_UNDIGESTED: dict[str, Any] = {
     "prompt": None,
     "messages": None,
     "true_cfg_scale": None,
+    "num_frames": None,
+    "fps": DEFAULT_FPS,
     **{k: v for k, v in COMPLETION_FIELDS.items() if k not in DELIVERY_FIELDS},
 }
 
@@ -183,6 +191,9 @@ class OmniRequest(BaseModel):
     # Previews decoded from intermediate latents, published while it runs (HTTP API
     # `partial_images`); not part of the output, so not of the cache key.
     partial_images: Int = Field(default=0, ge=0, le=MAX_PARTIAL_IMAGES)
+    # Video (VIDEO only; `video_fields`: `seconds` becomes `num_frames`, 4k+1 frames).
+    num_frames: Int | None = Field(default=None, ge=1, le=MAX_FRAMES)
+    fps: Int = Field(default=DEFAULT_FPS, ge=1, le=MAX_FPS)
 
     @model_validator(mode="before")
     @classmethod
@@ -193,6 +204,7 @@ class OmniRequest(BaseModel):
             for name in INTERNAL_FIELDS:
                 if name in data:
                     raise ValueError(f"{name}: is internal and cannot be set")
+            return video_aliases(data)
         return data
 
     @field_validator("request_id")
@@ -277,8 +289,14 @@ class OmniRequest(BaseModel):
     def _fields_fit_type(self) -> OmniRequest:
         if self.request_type is RequestType.IMAGE and self.image is None:
             raise ValueError("image: IMAGE requests need an input image (inline, base64)")
-        if self.request_type is not RequestType.IMAGE and self.image is not None:
-            raise ValueError("image: only IMAGE requests take an input image")
+        if self.request_type not in INPUT_IMAGE_TYPES and self.image is not None:
+            raise ValueError("image: only image and video requests take an input image")
+        video = self.request_type is RequestType.VIDEO
+        if not video and (self.num_frames is not None or self.fps != DEFAULT_FPS):
+            name = "num_frames" if self.num_frames is not None else "fps"
+            raise ValueError(f"{name}: only video requests take it")
+        if video and self.num_frames is not None and frames_problem(self.num_frames):
+            raise ValueError(f"num_frames: {frames_problem(self.num_frames)}")
         if self.true_cfg_scale is not None and not self.negative_prompt:
             raise ValueError(
                 "true_cfg_scale: needs a negative_prompt (true CFG guides away from it)"
@@ -306,7 +324,7 @@ class OmniRequest(BaseModel):
             for name, unused in COMPLETION_FIELDS.items():
                 if name not in DELIVERY_FIELDS and getattr(self, name) != unused:
                     parts[name] = getattr(self, name)
-        if self.request_type in IMAGE_TYPES:
+        if self.request_type in DIT_TYPES:
             parts.update(
                 negative_prompt=self.negative_prompt,
                 width=self.width,
@@ -319,7 +337,11 @@ class OmniRequest(BaseModel):
         if self.request_type is RequestType.IMAGE:
             parts["image"] = hashlib.sha256((self.image or "").encode()).hexdigest()
             parts["strength"] = self.strength
-        if self.request_type in IMAGE_TYPES:
+        if self.request_type is RequestType.VIDEO:
+            parts.update(num_frames=self.num_frames, fps=self.fps)
+            if self.image is not None:
+                parts["image"] = hashlib.sha256(self.image.encode()).hexdigest()
+        if self.request_type in DIT_TYPES:
             parts.update(step_cache=self.step_cache, step_cache_params=self.step_cache_params)
         parts["seed"] = self.seed
         if self.lora:  # absent without adapters: base-model keys stay as they were
@@ -359,7 +381,7 @@ class OmniRequest(BaseModel):
         cost = 0.0
         if self.request_type in AR_TYPES:
             cost += self.ar_cost()
-        if self.request_type in IMAGE_TYPES:
+        if self.request_type in DIT_TYPES:
             cost += self.dit_cost()
         return cost
 
@@ -368,8 +390,8 @@ class OmniRequest(BaseModel):
         return self.max_tokens / 1000
 
     def dit_cost(self) -> float:
-        """Work of the DiT stage, in megapixel-steps."""
-        return self.steps * self.width * self.height / 1e6
+        """Work of the DiT stage, in megapixel-steps (a video's pixels: all its frames')."""
+        return self.steps * self.width * self.height * (self.num_frames or 1) / 1e6
 
     # Wire format.
     def to_message(self) -> dict[str, Any]:
@@ -413,7 +435,7 @@ def _new_request(
         data["prompt"] = prompt
     if request_id is not None:  # an empty id is refused, never silently replaced
         data["request_id"] = request_id
-    if request_type in IMAGE_TYPES and data.get("seed") is None:
+    if request_type in DIT_TYPES and data.get("seed") is None:
         # Fixed at the producer (reproducible), from the request id: a new id gets a new
         # seed, and the same request sent again under its id is the same request.
         data["seed"] = seed_of(data.setdefault("request_id", uuid.uuid4().hex))
@@ -458,6 +480,12 @@ def create_image_request(
     """An IMAGE request (img2img / edit) from inline image data: raw bytes, base64 or a
     data: URL. To send a local file, pass `encode_image_file(path)`."""
     return _new_request(RequestType.IMAGE, prompt, request_id, image=image, **fields)
+
+
+def create_video_request(prompt: str, request_id: str | None = None, **fields: Any) -> OmniRequest:
+    """A VIDEO request: `num_frames` (4k+1) or `seconds` at `fps`, the size, steps, and
+    an inline `image` for image-to-video (see `omni_tasks.video_fields`)."""
+    return _new_request(RequestType.VIDEO, prompt, request_id, **fields)
 
 
 def create_multimodal_request(

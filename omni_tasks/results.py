@@ -122,6 +122,40 @@ class ImageResult(_Result):
 
 
 @dataclass
+class VideoResult(_Result):
+    """A VIDEO request's video: an MP4 (H.264, yuv420p) under the workers' `output_dir`,
+    with its first frame as a PNG thumbnail and a JPEG spritesheet of frames spread
+    over it.
+
+    `num_frames` at `fps` last `duration_s`. `cache`, `steps_run`, `denoise_steps`,
+    `preemptions`, `max_batch`, `lora` and `model` mean what they mean for an image
+    (`ImageResult`): an exact repeat returns the stored MP4 (`cache.latents` "hit").
+    """
+
+    request_id: str
+    request_type: str
+    video_path: str
+    thumbnail_path: str
+    spritesheet_path: str
+    num_frames: int
+    fps: int
+    duration_s: float
+    width: int
+    height: int
+    seed: int
+    steps: int
+    steps_run: int
+    cache: dict[str, str]
+    engine: str
+    model: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    denoise_steps: int = 0
+    preemptions: int = 0
+    max_batch: int = 0
+    lora: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
 class MultimodalResult(ImageResult):
     """A MULTIMODAL request: the picture, the prompt the AR stage wrote, and per-stage
     timings (`stages`: `ar` and `dit`, each with `queued_s` and `run_s`)."""

@@ -29,6 +29,7 @@ COMPLETION = ("n", "presence_penalty", "frequency_penalty", "logprobs", "top_log
 IMAGE = ("negative_prompt", "width", "height", "steps", "guidance", "true_cfg_scale")
 IMAGE_TAIL = ("step_cache", "step_cache_params", "partial_images")
 EDIT = ("image", "strength")
+VIDEO = ("num_frames", "fps", "image")
 FIELDS_OF_TYPE = {
     "text": COMMON + TEXT + COMPLETION + COMMON_TAIL,
     "chat": tuple(n for n in COMMON if n != "prompt")
@@ -39,6 +40,7 @@ FIELDS_OF_TYPE = {
     "diffusion": COMMON + IMAGE + IMAGE_TAIL + COMMON_TAIL,
     "image": COMMON + IMAGE + EDIT + IMAGE_TAIL + COMMON_TAIL,
     "multimodal": COMMON + TEXT + IMAGE + IMAGE_TAIL + COMMON_TAIL,
+    "video": COMMON + IMAGE + VIDEO + IMAGE_TAIL + COMMON_TAIL,
 }
 
 #: The public tasks: name -> (request types it takes, result class).
@@ -47,6 +49,7 @@ TASKS: dict[str, tuple[tuple[str, ...], type]] = {
     "omni_tasks.generate_chat": (("chat",), results.TextResult),
     "omni_tasks.generate_image": (("diffusion", "image"), results.ImageResult),
     "omni_tasks.generate_multimodal": (("multimodal",), results.MultimodalResult),
+    "omni_tasks.generate_video": (("video",), results.VideoResult),
     "omni_tasks.probe": (("text",), results.ProbeResult),
 }
 
@@ -98,13 +101,20 @@ NOTES: dict[str, dict[str, Any]] = {
         "a new seed; the same id, the same image)."
     },
     "image": {
-        "description": "The input image of an edit, inline: base64 PNG/JPEG/WebP or a "
+        "description": "The input image of an edit, or the first frame of an "
+        "image-to-video request, inline: base64 PNG/JPEG/WebP or a "
         "data: URL, at most 16 MiB and 16 MP. A file path is refused."
     },
     "true_cfg_scale": {
         "description": "True classifier-free guidance against negative_prompt, which it "
         "requires; 1 turns it off. Left out: the pool's default (4)."
     },
+    "num_frames": {
+        "description": "Video requests: frames, 4k+1 (5, 9, ..., 81: the video VAE's); "
+        "others are refused (RequestValidationError, field num_frames). Left out: 17. "
+        "Python callers may give `seconds` instead, rounded to the nearest 4k+1 frames."
+    },
+    "fps": {"description": "Video requests: frames per second of the MP4."},
     "lora": {"description": "Adapter names from the workers' registry, or {name, scale}."},
     "timeout_s": {"description": "Seconds from created_at; capped by the config."},
 }

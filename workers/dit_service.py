@@ -1,7 +1,8 @@
 """How the diffusion pool serves one request with reuse.
 
-1. an exact repeat: the final latents and the decoded image are in this worker's DiT
-   cache, stored together; the image is returned as it is (no denoising, no decode);
+1. an exact repeat: the final latents and the encoded files (an image's PNG; a video's
+   MP4, thumbnail and spritesheet) are in this worker's DiT cache, stored together; the
+   files are returned as they are (no denoising, no decode, no encode);
 2. otherwise join the request's single flight: if an identical request is being
    computed on any worker, wait for it and reuse its image;
 3. otherwise compute, reusing cached prompt embeddings when the prompt is known
@@ -36,6 +37,7 @@ from workers.lora.cache import AdapterUse
 from workers.lora.directory import count_uses
 from workers.runtime import runtime
 from workers.stepping.request import StepTicket
+from workers.videos import video_files
 
 if TYPE_CHECKING:
     import torch
@@ -56,8 +58,13 @@ class Rendered:
     preemptions: int = 0
     max_batch: int = 0
     lora: list[dict[str, Any]] = field(default_factory=list)
-    #: The image as PNG bytes, where it was encoded already (computed, cached, shared).
-    png: bytes | None = None
+    #: The encoded files by suffix: "png" (the image, or a video's first frame), and a
+    #: video's "mp4" and "jpg" (spritesheet).
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def png(self) -> bytes | None:
+        return self.files.get("png")
 
 
 def _count(kind: str, hit: bool) -> None:
@@ -103,12 +110,12 @@ def render(
         )
         if embeds is None and out.embeds is not None:
             cache.put(keys.embeddings, out.embeds)
-        png = encode_png(out.image)
-        if out.latents is not None:  # lossless: an exact repeat gives the identical image
-            cache.put(keys.latents, _final(out, png), lossless=True)
+        files = encoded_files(out, request.fps)
+        if out.latents is not None:  # lossless: an exact repeat gives the identical files
+            cache.put(keys.latents, _final(out, files), lossless=True)
         info = {"latents": "miss", "embeddings": "hit" if embeds is not None else "miss"}
         count_uses(get_config().diffusion.queue, out.lora)
-        flight.publish(_outcome(out, info, png))
+        flight.publish(_outcome(out, info, files))
     except BaseException:
         flight.release()
         raise
@@ -121,8 +128,15 @@ def render(
         preemptions=out.preemptions,
         max_batch=out.max_batch,
         lora=out.lora,
-        png=png,
+        files=files,
     )
+
+
+def encoded_files(out: ImageOutput, fps: int) -> dict[str, bytes]:
+    """The files of a computed output: a PNG, or a video's (`workers.videos`)."""
+    if out.frames is not None:
+        return video_files(out.frames, fps)
+    return {"png": encode_png(out.image)}
 
 
 def _unrun_adapters(rendered: Rendered, params: ImageParams) -> Rendered:
@@ -131,21 +145,31 @@ def _unrun_adapters(rendered: Rendered, params: ImageParams) -> Rendered:
     return rendered
 
 
-def _final(out: ImageOutput, png: bytes) -> dict[str, torch.Tensor]:
-    """What an exact repeat reuses: the final latents, and the encoded image beside
-    them (PNG bytes as uint8), so the repeat skips the VAE decode and the encode."""
+_FILE = "file:"
+
+
+def _final(out: ImageOutput, files: dict[str, bytes]) -> dict[str, torch.Tensor]:
+    """What an exact repeat reuses: the final latents, and the encoded files beside
+    them (bytes as uint8), so the repeat skips the VAE decode and the encode."""
     import torch
 
     assert out.latents is not None
-    return {"latents": out.latents, "png": torch.frombuffer(bytearray(png), dtype=torch.uint8)}
+    found = {"latents": out.latents}
+    for suffix, data in files.items():
+        found[_FILE + suffix] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return found
 
 
 def _from_final(final: dict[str, torch.Tensor], started: float) -> Rendered:
-    png = final["png"].cpu().numpy().tobytes()
+    files = {
+        key[len(_FILE) :]: value.cpu().numpy().tobytes()
+        for key, value in final.items()
+        if key.startswith(_FILE)
+    }
     total = round(time.perf_counter() - started, 6)
     timings = {"total_s": total, "encode_s": 0.0, "denoise_s": 0.0, "decode_s": 0.0}
     info = {"latents": "hit", "embeddings": "skipped", "image": "hit"}
-    return Rendered(_png_image(png), 0, timings, info, png=png)
+    return Rendered(_png_image(files["png"]), 0, timings, info, files=files)
 
 
 def _png_image(png: bytes) -> Image.Image:
@@ -153,10 +177,10 @@ def _png_image(png: bytes) -> Image.Image:
     return Image.open(io.BytesIO(png))
 
 
-def _outcome(out: ImageOutput, info: dict[str, str], png: bytes) -> str:
+def _outcome(out: ImageOutput, info: dict[str, str], files: dict[str, bytes]) -> str:
     return json.dumps(
         {
-            "png": base64.b64encode(png).decode("ascii"),
+            "files": {k: base64.b64encode(v).decode("ascii") for k, v in files.items()},
             "steps_run": out.steps_run,
             "timings": out.timings,
             "cache": info,
@@ -166,11 +190,11 @@ def _outcome(out: ImageOutput, info: dict[str, str], png: bytes) -> str:
 
 def _from_outcome(raw: str) -> Rendered:
     data: dict[str, Any] = json.loads(raw)
-    png = base64.b64decode(data["png"])
+    files = {k: base64.b64decode(v) for k, v in data["files"].items()}
     return Rendered(
-        _png_image(png),
+        _png_image(files["png"]),
         0,
         {},
         {"latents": "shared", "embeddings": "skipped", "shared_steps_run": str(data["steps_run"])},
-        png=png,
+        files=files,
     )

@@ -9,17 +9,25 @@ from typing import Any
 from omni_tasks.config import get_config
 from omni_tasks.coordination.cache_directory import step_cache_of
 from omni_tasks.errors import ProcessingError
-from omni_tasks.requests import COMPLETION_TYPES, OmniRequest, RequestType
-from omni_tasks.results import ImageResult, MultimodalResult, PromptResult, TextResult, Usage
+from omni_tasks.requests import COMPLETION_TYPES, INPUT_IMAGE_TYPES, OmniRequest, RequestType
+from omni_tasks.results import (
+    ImageResult,
+    MultimodalResult,
+    PromptResult,
+    TextResult,
+    Usage,
+    VideoResult,
+)
 from omni_tasks.scheduling.policies import create_policy
 from omni_tasks.tasks.base import request_deadline
 from workers import previews, progress, task_context
-from workers.dit_service import render
+from workers.dit_service import Rendered, render
 from workers.engines.base import ImageParams, StepCacheSettings, TextParams, TextPrompt
-from workers.images import decode_image, save_png
+from workers.images import decode_image, save_output, save_png
 from workers.runtime import runtime
 from workers.stepping.request import StepTicket
 from workers.text_stream import streaming
+from workers.videos import SPRITESHEET, THUMBNAIL, VIDEO
 
 IMAGE_PROMPT_TEMPLATE = "Write a short, vivid prompt for an image of: {prompt}\nImage prompt:"
 
@@ -90,12 +98,17 @@ def run_text(request: OmniRequest) -> TextResult:
     )
 
 
-def run_image(request: OmniRequest, prompt: str | None = None) -> ImageResult:
+def _render(
+    request: OmniRequest, prompt: str | None = None
+) -> tuple[Rendered, ImageParams, str, dict[str, float]]:
+    """Run a DiT request (image or video) through the DiT service: what it rendered, its
+    settings, its step-cache mode and its timings."""
     init_image = None
-    if request.request_type is RequestType.IMAGE and request.image:
+    if request.image and request.request_type in INPUT_IMAGE_TYPES:
         init_image = decode_image(request.image)
     config = get_config()
     mode, mode_params = step_cache_of(request, config)
+    video = request.request_type is RequestType.VIDEO
     params = ImageParams(
         width=request.width,
         height=request.height,
@@ -107,6 +120,7 @@ def run_image(request: OmniRequest, prompt: str | None = None) -> ImageResult:
         strength=request.strength,
         step_cache=StepCacheSettings(mode=mode, params=mode_params),
         lora=request.adapters,
+        num_frames=request.num_frames if video else None,
     )
     timeout_s = timeout_for(request)
     ticket = StepTicket(
@@ -120,10 +134,15 @@ def run_image(request: OmniRequest, prompt: str | None = None) -> ImageResult:
     )
     start = time.perf_counter()
     out = render(request, prompt or request.prompt, params, timeout_s, init_image, ticket)
-    gen_s = time.perf_counter() - start
-    path = save_png(out.png or out.image, config.output_path(), request.request_id)
     timings = {k: round(v, 6) for k, v in out.timings.items()}
-    timings["generate_s"] = round(gen_s, 6)
+    timings["generate_s"] = round(time.perf_counter() - start, 6)
+    return out, params, mode, timings
+
+
+def run_image(request: OmniRequest, prompt: str | None = None) -> ImageResult:
+    out, params, mode, timings = _render(request, prompt)
+    config = get_config()
+    path = save_png(out.png or out.image, config.output_path(), request.request_id)
     return ImageResult(
         request_id=request.request_id,
         request_type=request.request_type.value,
@@ -137,6 +156,41 @@ def run_image(request: OmniRequest, prompt: str | None = None) -> ImageResult:
         cache=out.cache,
         engine=runtime.diffusion_engine().name,
         model=config.diffusion.model,  # the one model this worker serves
+        timings=timings,
+        denoise_steps=out.denoise_steps,
+        preemptions=out.preemptions,
+        max_batch=out.max_batch,
+        lora=out.lora,
+    )
+
+
+def run_video(request: OmniRequest) -> VideoResult:
+    """A VIDEO request: its MP4, thumbnail and spritesheet under `output_dir`."""
+    out, params, _, timings = _render(request)
+    config = get_config()
+    folder = config.output_path()
+    paths = {
+        suffix: str(save_output(data, folder, request.request_id, suffix))
+        for suffix, data in out.files.items()
+    }
+    frames = int(request.num_frames or 1)
+    return VideoResult(
+        request_id=request.request_id,
+        request_type=request.request_type.value,
+        video_path=paths[VIDEO],
+        thumbnail_path=paths[THUMBNAIL],
+        spritesheet_path=paths[SPRITESHEET],
+        num_frames=frames,
+        fps=request.fps,
+        duration_s=round(frames / request.fps, 6),
+        width=out.image.width,
+        height=out.image.height,
+        seed=params.seed,
+        steps=request.steps,
+        steps_run=out.steps_run,
+        cache=out.cache,
+        engine=runtime.diffusion_engine().name,
+        model=config.diffusion.model,
         timings=timings,
         denoise_steps=out.denoise_steps,
         preemptions=out.preemptions,

@@ -270,6 +270,7 @@ RUNNERS: Mapping[str, Runner] = {
     "omni_tasks.generate_text": lambda request, _: execution.run_text(request),
     "omni_tasks.generate_chat": lambda request, _: execution.run_text(request),
     "omni_tasks.generate_image": lambda request, _: execution.run_image(request),
+    "omni_tasks.generate_video": lambda request, _: execution.run_video(request),
     "omni_tasks.multimodal_prompt": lambda request, _: execution.run_multimodal_prompt(request),
     "omni_tasks.multimodal_render": execution.run_multimodal_render,
     "omni_tasks.probe": _probe,

@@ -1,7 +1,8 @@
-"""Images in and out of the diffusion pool: inline base64 in, PNG files out.
+"""Images in and out of the diffusion pool: inline base64 in, PNG files out (and the
+files of a video: `workers.videos`).
 
-Output files are named by `png_name`: the request id percent-encoded, so an ordinary id
-keeps its own name and two different ids never share a file (`rel/collide` is
+Output files are named by `output_name`: the request id percent-encoded, so an ordinary
+id keeps its own name and two different ids never share a file (`rel/collide` is
 `rel%2Fcollide.png`, `rel_collide` is `rel_collide.png`): one request's image is never
 overwritten by another's.
 """
@@ -57,7 +58,12 @@ def decode_image(data_b64: str) -> Image.Image:
 
 
 def png_name(request_id: str) -> str:
-    """The file name of a request's image: injective in the request id.
+    """The file name of a request's image (`output_name`)."""
+    return output_name(request_id, "png")
+
+
+def output_name(request_id: str, suffix: str) -> str:
+    """The name of a request's output file with `suffix`: injective in the request id.
 
     Bytes outside [A-Za-z0-9-_.] (and a leading dot) become %XX, so percent-decoding
     gives the id back and no two ids share a name. A name too long for the filesystem
@@ -73,7 +79,7 @@ def png_name(request_id: str) -> str:
         head = encoded[:64]
         escape = head.rfind("%", len(head) - 2)  # do not cut an escape in two
         encoded = f"{head[:escape] if escape >= 0 else head}%~{digest}"
-    return f"{encoded}.png"
+    return f"{encoded}.{suffix}"
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -85,17 +91,20 @@ def encode_png(image: Image.Image) -> bytes:
 
 
 def save_png(image: Image.Image | bytes, output_dir: Path, request_id: str) -> Path:
-    """Write atomically (temp file then rename): readers never see half a PNG. `image`
-    may be PNG bytes already (`encode_png`)."""
+    """Write the image (or PNG bytes already encoded: `encode_png`) as `save_output`."""
+    data = image if isinstance(image, bytes) else encode_png(image)
+    return save_output(data, output_dir, request_id, "png")
+
+
+def save_output(data: bytes, output_dir: Path, request_id: str, suffix: str) -> Path:
+    """Write a request's output file under a dated folder of `output_dir`, atomically
+    (temp file then rename): readers never see half a file."""
     folder = Path(output_dir).expanduser() / time.strftime("%Y%m%d")
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / png_name(request_id)
+    path = folder / output_name(request_id, suffix)
     tmp = folder / f".{os.getpid()}.{uuid.uuid4().hex}.tmp"
     try:
-        if isinstance(image, bytes):
-            tmp.write_bytes(image)
-        else:
-            image.save(tmp, format="PNG")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -186,6 +186,10 @@ class DiffusionConfig(PoolConfig):
     concurrency: int = 10
     max_batch_size: int = 8
     model: str = "tiny-flux"
+    # The models a video request that names none runs on: text-to-video, and with an
+    # input image (image-to-video). Both count as registered, like `model`.
+    video_model: str = "tiny-wan"
+    video_image_model: str = "tiny-wan-i2v"
     device: str = "auto"
     dtype: str = "auto"
     step_cache: str = "none"  # one of STEP_CACHE_MODES; requests may override
@@ -194,7 +198,8 @@ class DiffusionConfig(PoolConfig):
 
     def validate(self, name: str = "diffusion") -> None:
         super().validate(name)
-        _require(bool(self.model), f"{name}.model", "must not be empty")
+        for part in ("model", "video_model", "video_image_model"):
+            _require(bool(getattr(self, part)), f"{name}.{part}", "must not be empty")
         _require(self.max_batch_size > 0, f"{name}.max_batch_size", "must be positive")
         _require(
             self.step_cache in STEP_CACHE_MODES,
@@ -319,7 +324,8 @@ class CoreModuleConfig:
         for name, path in self.loras.items():
             _require(valid_registry_name(name), f"loras.{name}", "is not a valid adapter name")
             _require(bool(str(path).strip()), f"loras.{name}", "needs a folder")
-        validate_registry(self.models, self.diffusion.model)
+        dit = self.diffusion
+        validate_registry(self.models, dit.model, dit.video_model, dit.video_image_model)
         self.api.validate()
         _require(self.ar.queue != self.diffusion.queue, "diffusion.queue", "must differ from ar")
 
@@ -358,9 +364,12 @@ class CoreModuleConfig:
 
     def diffusion_models(self) -> dict[str, ModelEntry]:
         """Every diffusion model a request may name: the registry, plus the diffusion
-        pool's default `diffusion.model` (its registry entry if listed, else a bare one)."""
+        pool's defaults `diffusion.model`, `video_model` and `video_image_model` (each its
+        registry entry if listed, else a bare one)."""
         found = dict(self.models)
-        found.setdefault(self.diffusion.model, ModelEntry())
+        dit = self.diffusion
+        for name in (dit.model, dit.video_model, dit.video_image_model):
+            found.setdefault(name, ModelEntry())
         return found
 
     def model_path(self, name: str) -> str | None:

@@ -34,6 +34,7 @@ from omni_tasks import lora
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis, get_scripts
+from omni_tasks.model_registry import dit_model
 from omni_tasks.requests import OmniRequest, RequestType
 
 ENCODER_SETTINGS = "flux-clip77-t5-512"  # what the pipeline's encoders are run with
@@ -65,7 +66,7 @@ def step_cache_of(request: OmniRequest, config: CoreModuleConfig) -> tuple[str, 
 
 def dit_keys(request: OmniRequest, config: CoreModuleConfig, prompt: str | None = None) -> DiTKeys:
     """Keys for `request`; `prompt` overrides the prompt (a multimodal DiT stage)."""
-    model = request.model or config.diffusion.model
+    model = dit_model(request, config)
     text = request.prompt if prompt is None else prompt
     encoded: dict[str, Any] = {
         "model": model,
@@ -93,7 +94,7 @@ def affinity_keys(request: OmniRequest, config: CoreModuleConfig) -> list[str]:
     repeat, then its LoRA adapters (a load saved), then its prompt's embeddings. Every
     key names the model, so only a worker serving it can hold one. A MULTIMODAL
     request's prompt is written by its AR stage, so only its adapters count."""
-    adapters = lora.directory_keys(request.lora, request.model or config.diffusion.model)
+    adapters = lora.directory_keys(request.lora, dit_model(request, config))
     if request.request_type is RequestType.MULTIMODAL:
         return adapters
     found = dit_keys(request, config)

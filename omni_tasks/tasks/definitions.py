@@ -5,6 +5,8 @@ handler the worker side registered (`OmniTask.run_on_worker`).
 - `generate_chat` (pool `ar`): CHAT, a `messages` list rendered with the model's chat
   template on the worker.
 - `generate_image` (pool `diffusion`): DIFFUSION, or IMAGE when `image=` is given.
+- `generate_video` (pool `diffusion`): VIDEO, an MP4 (from a prompt, or a prompt and a
+  first image).
 - `generate_multimodal`: a chain `multimodal_prompt` (pool `ar`: writes the image
   prompt) -> `multimodal_render` (pool `diffusion`: renders it), same priority class;
   the returned result is the chain's last task, whose id is the request id. Sent by
@@ -84,6 +86,17 @@ def generate_image(self: OmniTask, *args: Any, **request: Any) -> dict[str, Any]
 
 @app.task(
     bind=True,
+    base=OmniTask,
+    name="omni_tasks.generate_video",
+    request_type=RequestType.VIDEO,
+    stage="dit",
+)
+def generate_video(self: OmniTask, *args: Any, **request: Any) -> dict[str, Any]:
+    return self.run_on_worker(request, args=args)
+
+
+@app.task(
+    bind=True,
     base=MultimodalTask,
     name="omni_tasks.generate_multimodal",
     request_type=RequestType.MULTIMODAL,
@@ -158,6 +171,7 @@ TASK_FOR_TYPE = {
     RequestType.DIFFUSION: generate_image,
     RequestType.IMAGE: generate_image,
     RequestType.MULTIMODAL: generate_multimodal,
+    RequestType.VIDEO: generate_video,
 }
 
 

@@ -223,7 +223,7 @@ class DiffusersEngine:
         finally:
             if held is not None:
                 self.resources.release(held)
-        return _output(decoded, request, held, used_embeds, final, used)
+        return _output(decoded, request, held, used_embeds, final, used, params)
 
     def encode_prompt(
         self,
@@ -402,6 +402,7 @@ def _output(
     embeds: dict[str, torch.Tensor] | None,
     final: torch.Tensor,
     adapters: list[AdapterUse],
+    params: ImageParams,
 ) -> ImageOutput:
     figures = timings(request)
     figures["paused_s"] = round(held.paused_s, 6) if held is not None else 0.0
@@ -409,10 +410,11 @@ def _output(
         figures["first_step_at"] = round(held.first_step_at, 6)
     frames = None
     image = decoded
-    if not hasattr(decoded, "convert"):  # a video's frames: its image is the first
+    if not hasattr(decoded, "convert"):  # a video family's frames: its image is the first
         from PIL import Image
 
-        frames, image = decoded, Image.fromarray(decoded[0])
+        image = Image.fromarray(decoded[0])
+        frames = decoded if params.num_frames is not None else None
     return ImageOutput(
         image=image,
         frames=frames,

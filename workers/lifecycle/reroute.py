@@ -28,7 +28,9 @@ model, whatever its origin and broker, is passed on to that model's queue
 producer keeps its acceptance (it is not checked or counted again). It never goes back
 to the queue it came from: one that came from its own model's queue to a worker serving
 another model (a worker reading a queue that is not its own) is refused and recorded.
-A message without `model` runs on the worker that takes it.
+A message without `model` is for the default model of its kind (`diffusion.model`,
+or for a video `diffusion.video_model` / `video_image_model`): it runs on the worker
+that takes it if that worker serves it, and is passed on otherwise.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from omni_tasks.config import get_config
 from omni_tasks.coordination import admission, idempotency, keys
 from omni_tasks.coordination.counters import count_outcome
 from omni_tasks.errors import RequestValidationError
+from omni_tasks.model_registry import default_model, dit_model
 from omni_tasks.scheduling.policies import create_policy
 from omni_tasks.tasks.base import OmniTask
 from omni_tasks.tasks.celery_app import delivered_level
@@ -76,8 +79,13 @@ def other_model(task: OmniTask, body: Any) -> str | None:
     if task.stage != "dit" or not isinstance(body, (list, tuple)) or len(body) != 3:
         return None
     kwargs = body[1]
-    model = kwargs.get("model") if isinstance(kwargs, dict) else None
-    if not isinstance(model, str) or not model or model == get_config().diffusion.model:
+    if not isinstance(kwargs, dict):
+        return None
+    model = kwargs.get("model")
+    config = get_config()
+    if model is None and task.request_type is not None:  # the default of its kind
+        model = default_model(task.request_type.value, bool(kwargs.get("image")), config)
+    if not isinstance(model, str) or not model or model == config.diffusion.model:
         return None
     return model
 
@@ -121,7 +129,7 @@ def pass_on_options(task: OmniTask, message: Any, kwargs: dict[str, Any]) -> dic
     came_from = (message.delivery_info or {}).get("routing_key")
     queue = route.queue
     if queue == came_from:
-        queue = keys.model_queue(task.stage_queue, str(request.model))
+        queue = keys.model_queue(task.stage_queue, dit_model(request, get_config()))
     if queue == came_from:
         raise RequestValidationError(
             "model",

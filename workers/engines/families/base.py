@@ -63,8 +63,9 @@ class ModelFamily:
     output_type: ClassVar[str] = "latent"
     #: Whether a step's latents can be decoded into a preview.
     previews: ClassVar[bool] = True
-    #: What a request gets: "image", or "video" (`decode` gives (frames, height, width,
-    #: 3) uint8 frames; requests carry `ImageParams.num_frames`).
+    #: What the family makes: "image", or "video" (`decode` gives (frames, height, width,
+    #: 3) uint8 frames; video requests carry `ImageParams.num_frames`, and an image
+    #: request is a one-frame video).
     media: ClassVar[str] = "image"
     #: The pipeline output's field that holds its `output_type="latent"` latents.
     output_field: ClassVar[str] = "images"
@@ -101,10 +102,9 @@ class ModelFamily:
         """Refuse what this family cannot run, before the request is held: a size its
         VAE cannot take, an image where it takes none (or none where it needs one), a
         step cache it does not run, a video for an image model or the reverse."""
-        if (params.num_frames is not None) != (self.media == "video"):
-            task = "generate_video" if self.media == "video" else "generate_image"
+        if params.num_frames is not None and self.media != "video":
             raise RequestValidationError(
-                "model", f"the {self.name} family makes {self.media}s: send it with {task}"
+                "model", f"the {self.name} family makes images, not videos: send generate_image"
             )
         for name in ("width", "height"):
             if getattr(params, name) % self.size_multiple:

@@ -7,7 +7,9 @@ pipeline's fixed length, so a batch of prompts encodes each as alone. CFG runs w
 the negative embeddings, as the pipeline makes it. Latents are (channels, frames,
 height / 8, width / 8) for 4k+1 frames (the causal VAE keeps the first frame and
 compresses the rest 4x in time); the transformer patches them 1x2x2. Requests that share
-a step have the same frame count and size.
+a step have the same frame count and size. An image request is a one-frame video (as
+Wan makes text-to-image), so images and videos share one worker, its step scheduler
+ranking both (a high image preempts a low video at a step).
 
 Decode is the pipeline's (the VAE's latent mean and std undone, `vae.decode`, the video
 processor's postprocessing) as uint8 frames. The causal VAE decodes latent frame by
