@@ -5,15 +5,16 @@ and compresses the rest 4x in time, so a frame count is 4k+1 (5, 9, ..., 81). A 
 gives either:
 
 - `num_frames`: refused unless it is 4k+1 (the error names the two nearest counts);
-- `seconds` (with `fps`): rounded to the nearest 4k+1 frame count, at least 1; the
-  request then carries `num_frames` and not `seconds`, so the same video asked both
-  ways is the same request.
+- `seconds` (with `fps`): rounded to the nearest 4k+1 frame count (halfway: up), at
+  least 1; the request then carries `num_frames` and not `seconds`, so the same video
+  asked both ways is the same request.
 
 Neither: `DEFAULT_FRAMES`. `guidance_scale` (diffusers' name) is taken for `guidance`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 #: Frame counts are FRAME_STEP * k + 1 (the temporal compression of Wan's VAE).
@@ -26,8 +27,8 @@ VIDEO = "video"
 
 
 def nearest_frames(frames: float) -> int:
-    """The 4k+1 frame count nearest `frames` (at least 1)."""
-    k = max(round((frames - 1) / FRAME_STEP), 0)
+    """The 4k+1 frame count nearest `frames` (at least 1; halfway: the longer)."""
+    k = max(math.floor((frames - 1) / FRAME_STEP + 0.5), 0)
     return FRAME_STEP * k + 1
 
 

@@ -67,7 +67,7 @@ class Allocatable(Protocol):
 class ShapeProbe:
     """How to measure one shape: `inputs(rows)` builds a step's inputs on the device,
     `forward(inputs)` runs the step; `label` names the shape in errors ("1024x1024
-    image", "17 frames of 64x64")."""
+    image", "17-frame 64x64 video")."""
 
     label: str
     inputs: Callable[[int], dict[str, Any]]

@@ -17,7 +17,11 @@ from omni_tasks.errors import ConfigError
 def test_the_default_registry_is_the_pools_default_model() -> None:
     config = load_config(DEFAULT_CONFIG_FILE, env={})
     assert config.models == {}
-    assert config.diffusion_models() == {"tiny-flux": ModelEntry()}
+    assert config.diffusion_models() == {
+        "tiny-flux": ModelEntry(),
+        "tiny-wan": ModelEntry(),  # diffusion.video_model
+        "tiny-wan-i2v": ModelEntry(),  # diffusion.video_image_model
+    }
 
 
 def test_omni_models_as_json_as_the_brief_writes_it() -> None:
@@ -30,7 +34,13 @@ def test_omni_models_as_json_as_the_brief_writes_it() -> None:
         "tiny-qwen-image": ModelEntry(),
         "qwen": ModelEntry(path="Qwen/Qwen-Image", family="qwen-image"),
     }
-    assert set(config.diffusion_models()) == {"tiny-qwen-image", "qwen", "tiny-flux"}
+    assert set(config.diffusion_models()) == {
+        "tiny-qwen-image",
+        "qwen",
+        "tiny-flux",
+        "tiny-wan",
+        "tiny-wan-i2v",
+    }
 
 
 def test_the_default_model_keeps_its_registry_entry() -> None:
@@ -40,7 +50,8 @@ def test_the_default_model_keeps_its_registry_entry() -> None:
     }
     config = load_config(DEFAULT_CONFIG_FILE, env=env)
     entry = ModelEntry(path="/models/tiny-flux", family="flux")
-    assert config.diffusion_models() == {"flux-b": entry}
+    assert config.diffusion_models()["flux-b"] == entry
+    assert set(config.diffusion_models()) == {"flux-b", "tiny-wan", "tiny-wan-i2v"}
 
 
 def test_models_from_yaml_an_empty_entry_takes_the_defaults(tmp_path: Path) -> None:

@@ -209,10 +209,10 @@ class ModelFamily:
         raise NotImplementedError
 
     def shape_label(self, params: ImageParams) -> str:
-        """How errors name a request's shape ("64x64 image", "17 frames of 64x64")."""
+        """How errors name a request's shape ("64x64 image", "17-frame 64x64 video")."""
         if params.num_frames is None:
             return f"{params.width}x{params.height} image"
-        return f"{params.num_frames} frames of {params.width}x{params.height}"
+        return f"{params.num_frames}-frame {params.width}x{params.height} video"
 
     def preview(self, latents: torch.Tensor, params: ImageParams) -> Image.Image:
         """The image of a step's latents, as the denoising loop holds them."""
