@@ -15,7 +15,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from omni_tasks.api import batch_files, batches, errors, files, jobs, openai_images, openai_text
+from omni_tasks.api import (
+    batch_files,
+    batches,
+    errors,
+    files,
+    jobs,
+    openai_images,
+    openai_text,
+    videos,
+)
 from omni_tasks.api.hub import ResultHub
 from omni_tasks.api.idempotency import caller_of
 from omni_tasks.api.middleware import BearerAuth, BodyLimit, CatchAll
@@ -60,7 +69,7 @@ def create_app(config: CoreModuleConfig | None = None) -> FastAPI:
     )
     app.state.caller = caller_of(api_token(config))  # scopes Idempotency-Keys
     errors.install(app)
-    for module in (openai_images, openai_text, jobs, batch_files, batches, files):
+    for module in (openai_images, openai_text, jobs, videos, batch_files, batches, files):
         app.include_router(module.router)
 
     @app.get("/healthz", include_in_schema=False)

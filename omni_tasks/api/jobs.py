@@ -1,12 +1,14 @@
 """The job API: any request type, submitted, polled, cancelled, streamed, with a webhook.
 
-- `POST /v1/jobs` `{"type": "text"|"chat"|"diffusion"|"image"|"multimodal"|"probe",
+- `POST /v1/jobs` `{"type": "text"|"chat"|"diffusion"|"image"|"multimodal"|"video"|"probe",
   ...the request's fields, "webhook_url"?}` -> `202` and the job. A text or chat job
   streams its text (`delta` events) unless it sends `"stream": false`. With `Prefer: wait=N` it
   waits up to N seconds (at most `api.wait_timeout_s`) and answers `200` if the job
   ended by then. `probe` runs no engine: the queue path alone, end to end. With an
   `Idempotency-Key` the job id comes from the key (`idempotency`): the same key and
   body again answer the same job, which runs once; another body under it is 409.
+  A `video` job is a video of `/v1/videos` as well (listed there); its view links
+  its files (`video_url`, `thumbnail_url`, `spritesheet_url`) instead of their paths.
 - `GET /v1/jobs/{id}` -> the job (`job_state.job_view`).
 - `DELETE /v1/jobs/{id}` -> cancels it, queued or running (409 once it has ended,
   a second DELETE included).
@@ -36,6 +38,7 @@ from omni_tasks.api.idempotency import (
 from omni_tasks.api.job_state import FINAL, STREAMED, JobRecord, job_view, load_record, status_of
 from omni_tasks.api.sse import job_events, streaming
 from omni_tasks.api.submission import PROBE, accept, priority_of, withdraw
+from omni_tasks.api.video_objects import VIDEO, index_video, video_record, with_links
 from omni_tasks.api.webhooks import SWEEP_S, check_url
 from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
@@ -46,6 +49,7 @@ from omni_tasks.requests import (
     create_image_request,
     create_multimodal_request,
     create_text_request,
+    create_video_request,
 )
 
 router = APIRouter()
@@ -55,6 +59,7 @@ BUILDERS = {
     "chat": create_chat_request,
     "diffusion": create_diffusion_request,
     "multimodal": create_multimodal_request,
+    VIDEO: create_video_request,
     PROBE: create_text_request,
 }
 JOB_TYPES = (*BUILDERS, "image")
@@ -118,13 +123,17 @@ async def create_job(request: Request) -> JSONResponse:
         webhook_url=webhook_url,
         partial_images=omni.partial_images,
     )
-    record, created = await _accept_job(request, key, omni, record)
+    if kind == VIDEO:
+        record = video_record(omni, base_url=record.base_url, webhook_url=webhook_url)
+    record, created = await accept_job(request, key, omni, record)
+    if kind == VIDEO:
+        await index_video(hub.redis, record)
     if webhook_url and created:
         request.app.state.webhooks.follow(record)
     return await _answer(hub, record, prefer_wait(request.headers.get("prefer")))
 
 
-async def _accept_job(
+async def accept_job(
     request: Request, key: CallKey, omni: OmniRequest, record: JobRecord
 ) -> tuple[JobRecord, bool]:
     """Store the job's record and enqueue its request: (the job's record, whether this
@@ -158,8 +167,14 @@ async def _answer(hub: ResultHub, record: JobRecord, wait_s: float) -> JSONRespo
         metas = await _wait_stages(hub, record, wait_s)
     else:
         metas = await hub.metas(record.task_ids)
-    view = job_view(record, metas)
+    view = public_view(record, metas)
     return JSONResponse(view, status_code=200 if view["status"] in FINAL else 202)
+
+
+def public_view(record: JobRecord, metas: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """The job as this API answers it: a video job links its files, never their paths."""
+    view = job_view(record, metas)
+    return with_links(view, record.base_url) if record.type == VIDEO else view
 
 
 async def _wait_stages(
@@ -224,7 +239,7 @@ async def _record(request: Request, job_id: str) -> JobRecord:
 async def get_job(job_id: str, request: Request) -> JSONResponse:
     hub: ResultHub = request.app.state.hub
     record = await _record(request, job_id)
-    return JSONResponse(job_view(record, await hub.metas(record.task_ids)))
+    return JSONResponse(public_view(record, await hub.metas(record.task_ids)))
 
 
 @router.delete("/v1/jobs/{job_id}")
@@ -238,10 +253,16 @@ async def cancel_job(job_id: str, request: Request) -> JSONResponse:
     if view["status"] in FINAL:
         message = f"job {job_id} has already ended ({view['status']}): nothing to cancel"
         raise APIError(409, message, code="job_ended")
+    await cancel_record(record, metas)
+    return JSONResponse(public_view(record, await hub.metas(record.task_ids)))
+
+
+async def cancel_record(record: JobRecord, metas: list[dict[str, Any] | None]) -> None:
+    """Cancel a job that has not ended: withdrawn from its workers, and a queued one's
+    tasks recorded as revoked now."""
     await withdraw(record.id, record.request_type)
-    if view["status"] == "queued":
+    if status_of(metas)[0] == "queued":
         await asyncio.to_thread(_mark_cancelled, record.task_ids, metas)
-    return JSONResponse(job_view(record, await hub.metas(record.task_ids)))
 
 
 def _mark_cancelled(task_ids: list[str], metas: list[dict[str, Any] | None]) -> None:

@@ -282,3 +282,9 @@ def api_batch_lock(batch_id: str, role: str) -> str:
     """A batch's lease for one `role` (`launch`, `refresh`, `finalize`): held by the one
     API process doing it (expires)."""
     return f"{_p()}:api:batch:lock:{role}:{batch_id}"
+
+
+def api_videos() -> str:
+    """Sorted set: ids of the videos `/v1/videos` accepted -> when created, for
+    `GET /v1/videos` (entries past `result_expires` are pruned as lists are read)."""
+    return f"{_p()}:api:videos"
