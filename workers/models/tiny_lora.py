@@ -3,9 +3,8 @@ the standard formats so that workers load them with the real loading code.
 
 A name says what to build: `<tiny model>-lora-<style>` (`tiny-flux-lora-ink`,
 `tiny-sd3-lora-ink`, `tiny-qwen-image-lora-ink`, `tiny-qwen-image-edit-lora-ink`,
-`tiny-sana-lora-ink`,
-`tiny-llama-lora-pirate`); the style seeds the weights, so every host builds the same
-adapter for the same name.
+`tiny-sana-lora-ink`, `tiny-wan-lora-ink`, `tiny-llama-lora-pirate`); the style seeds
+the weights, so every host builds the same adapter for the same name.
 
 - Diffusion models: PEFT `LoraConfig` on the transformer's attention projections, saved
   with the pipeline class's `save_lora_weights` (`pytorch_lora_weights.safetensors`,
@@ -37,6 +36,7 @@ DIFFUSION_BASES = {
     "tiny-qwen-image": ("QwenImagePipeline", "QwenImageTransformer2DModel", FLUX_TARGETS),
     "tiny-qwen-image-edit": ("QwenImageEditPipeline", "QwenImageTransformer2DModel", FLUX_TARGETS),
     "tiny-sana": ("SanaPipeline", "SanaTransformer2DModel", ("to_q", "to_k", "to_v")),
+    "tiny-wan": ("WanPipeline", "WanTransformer3DModel", ("to_q", "to_k", "to_v", "to_out.0")),
 }
 #: Adapter-name prefix -> the tiny base model it adapts.
 PREFIXES = {f"{base}-lora-": base for base in (*DIFFUSION_BASES, "tiny-llama")}
