@@ -20,6 +20,7 @@ import base64
 import json
 import time
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -38,28 +39,29 @@ from omni_tasks.video_fields import DEFAULT_FRAMES
 
 VIDEO = "video"
 #: The job's status -> the video object's.
-STATUSES = {
-    "queued": "queued",
-    "running": "in_progress",
-    "succeeded": "completed",
-    "failed": "failed",
-    "cancelled": "failed",
-    "expired": "failed",
-}
+STATUSES = MappingProxyType(
+    {
+        "queued": "queued",
+        "running": "in_progress",
+        "succeeded": "completed",
+        "failed": "failed",
+        "cancelled": "failed",
+        "expired": "failed",
+    }
+)
 ENDED = ("completed", "failed")
 #: The request's fields -> the names `/v1/videos` takes them by.
-PARAM_NAMES = {
-    "width": "size",
-    "height": "size",
-    "guidance": "guidance_scale",
-    "image": "input_reference",
-}
+PARAM_NAMES = MappingProxyType(
+    {"width": "size", "height": "size", "guidance": "guidance_scale", "image": "input_reference"}
+)
 #: A video's downloadable files: variant -> (the result's field, media type, suffix).
-VARIANTS = {
-    "video": ("video_path", "video/mp4", "mp4"),
-    "thumbnail": ("thumbnail_path", "image/png", "png"),
-    "spritesheet": ("spritesheet_path", "image/jpeg", "jpg"),
-}
+VARIANTS = MappingProxyType(
+    {
+        "video": ("video_path", "video/mp4", "mp4"),
+        "thumbnail": ("thumbnail_path", "image/png", "png"),
+        "spritesheet": ("spritesheet_path", "image/jpeg", "jpg"),
+    }
+)
 #: Request fields a remix does not inherit: the new request has its own.
 NOT_SETTINGS = ("request_id", "request_type", "created_at", "prompt")
 

@@ -86,8 +86,11 @@ def client(api: ApiServer) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def done(client: openai.OpenAI) -> Any:
     """One completed 9-frame 64x64 text-to-video video."""
-    video = client.videos.create(prompt="a fox runs", **_merged(SMALL, seed=5))
-    return until_ended(client, video.id)
+    video = client.videos.create_and_poll(
+        prompt="a fox runs", poll_interval_ms=50, **_merged(SMALL, seed=5)
+    )
+    assert video.status == "completed", video
+    return video
 
 
 def _merged(base: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -246,9 +249,13 @@ def test_image_to_video_from_an_uploaded_file(client: openai.OpenAI) -> None:
     assert decoded(client.videos.download_content(video.id).content) == (5, 48, 32)
 
 
-def test_image_to_video_from_a_data_url_in_json(api: ApiServer, client: openai.OpenAI) -> None:
+@pytest.mark.parametrize("wrapped", [False, True], ids=["string", "image_url"])
+def test_image_to_video_from_a_data_url_in_json(
+    api: ApiServer, client: openai.OpenAI, wrapped: bool
+) -> None:
     url = "data:image/png;base64," + base64.b64encode(png_bytes(32, 32)).decode()
-    body = {"prompt": "a still", "input_reference": url, "size": "32x32", "num_frames": 5}
+    reference = {"image_url": url} if wrapped else url
+    body = {"prompt": "a still", "input_reference": reference, "size": "32x32", "num_frames": 5}
     with api.client() as http:
         answer = http.post("/v1/videos", json={**body, "steps": 2})
         assert answer.status_code == 200, answer.text
