@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 from celery.result import AsyncResult
-from PIL import Image
 from conftest import MODELS_CACHE, clean_redis, start_ready_workers
 from helpers import eventually, foreign
+from PIL import Image
 
 from omni_tasks import (
     RequestTimeoutError,
