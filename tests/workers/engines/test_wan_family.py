@@ -56,9 +56,7 @@ def load(name: str, class_name: str) -> Any:
     import diffusers
     import torch
 
-    pipe = getattr(diffusers, class_name).from_pretrained(
-        MODELS_CACHE / name, dtype=torch.float32
-    )
+    pipe = getattr(diffusers, class_name).from_pretrained(MODELS_CACHE / name, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
