@@ -56,6 +56,20 @@ class WanFamily(ModelFamily):
         super().__init__(pipe, device, TEXT_TOKENS)
         pipe.vae.enable_tiling()  # only frames above the tile size are tiled
 
+    @classmethod
+    def load_kwargs(cls, path: str) -> dict[str, Any]:
+        """The VAE in float32 whatever the pipeline's dtype, as Wan's authors run it (a
+        bf16 decode bands smooth gradients); it is small beside the transformer."""
+        import warnings
+
+        import torch
+        from diffusers import AutoencoderKLWan
+
+        with warnings.catch_warnings():  # diffusers 0.42 renames torch_dtype to dtype
+            warnings.simplefilter("ignore", FutureWarning)
+            vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+        return {"vae": vae}
+
     @property
     def size_multiple(self) -> int:
         patch = self.pipe.transformer.config.patch_size
