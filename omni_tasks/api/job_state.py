@@ -116,6 +116,20 @@ def progress_of(record: JobRecord, metas: list[dict[str, Any] | None]) -> dict[s
     return None
 
 
+#: A video result's files -> the variant of `/v1/videos/{id}/content` that serves each:
+#: views link them (`<variant>_url`) rather than show the workers' paths.
+VIDEO_FILES = {
+    "video_path": "video",
+    "thumbnail_path": "thumbnail",
+    "spritesheet_path": "spritesheet",
+}
+
+
+def content_url(base_url: str, video_id: str, variant: str = "video") -> str:
+    query = "" if variant == "video" else f"?variant={variant}"
+    return f"{base_url.rstrip('/')}/v1/videos/{video_id}/content{query}"
+
+
 def job_view(record: JobRecord, metas: list[dict[str, Any] | None]) -> dict[str, Any]:
     """The job object of `GET /v1/jobs/{id}`, SSE `result` events and webhooks."""
     status, final = status_of(metas)
@@ -135,6 +149,9 @@ def job_view(record: JobRecord, metas: list[dict[str, Any] | None]) -> dict[str,
         path = result.pop("image_path", None)
         if path and record.base_url:
             view["image_url"] = _url_of(record.base_url, path)
+        for field, variant in VIDEO_FILES.items():
+            if result.pop(field, None) and record.base_url:
+                view[f"{variant}_url"] = content_url(record.base_url, record.id, variant)
         view["result"] = result
     elif final is not None:
         view["error"] = _error_of(final, record.id)

@@ -38,7 +38,7 @@ from omni_tasks.api.idempotency import (
 from omni_tasks.api.job_state import FINAL, STREAMED, JobRecord, job_view, load_record, status_of
 from omni_tasks.api.sse import job_events, streaming
 from omni_tasks.api.submission import PROBE, accept, priority_of, withdraw
-from omni_tasks.api.video_objects import VIDEO, index_video, video_record, with_links
+from omni_tasks.api.video_objects import VIDEO, index_video, video_record
 from omni_tasks.api.webhooks import SWEEP_S, check_url
 from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
@@ -167,14 +167,8 @@ async def _answer(hub: ResultHub, record: JobRecord, wait_s: float) -> JSONRespo
         metas = await _wait_stages(hub, record, wait_s)
     else:
         metas = await hub.metas(record.task_ids)
-    view = public_view(record, metas)
-    return JSONResponse(view, status_code=200 if view["status"] in FINAL else 202)
-
-
-def public_view(record: JobRecord, metas: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """The job as this API answers it: a video job links its files, never their paths."""
     view = job_view(record, metas)
-    return with_links(view, record.base_url) if record.type == VIDEO else view
+    return JSONResponse(view, status_code=200 if view["status"] in FINAL else 202)
 
 
 async def _wait_stages(
@@ -239,7 +233,7 @@ async def _record(request: Request, job_id: str) -> JobRecord:
 async def get_job(job_id: str, request: Request) -> JSONResponse:
     hub: ResultHub = request.app.state.hub
     record = await _record(request, job_id)
-    return JSONResponse(public_view(record, await hub.metas(record.task_ids)))
+    return JSONResponse(job_view(record, await hub.metas(record.task_ids)))
 
 
 @router.delete("/v1/jobs/{job_id}")
@@ -254,7 +248,7 @@ async def cancel_job(job_id: str, request: Request) -> JSONResponse:
         message = f"job {job_id} has already ended ({view['status']}): nothing to cancel"
         raise APIError(409, message, code="job_ended")
     await cancel_record(record, metas)
-    return JSONResponse(public_view(record, await hub.metas(record.task_ids)))
+    return JSONResponse(job_view(record, await hub.metas(record.task_ids)))
 
 
 async def cancel_record(record: JobRecord, metas: list[dict[str, Any] | None]) -> None:

@@ -281,21 +281,6 @@ def _done_at(meta: dict[str, Any] | None) -> int | None:
         return None
 
 
-def content_url(base_url: str, video_id: str, variant: str = "video") -> str:
-    query = "" if variant == "video" else f"?variant={variant}"
-    return f"{base_url.rstrip('/')}/v1/videos/{video_id}/content{query}"
-
-
-def with_links(view: dict[str, Any], base_url: str) -> dict[str, Any]:
-    """A video job's view with URLs to its files for the workers' paths."""
-    result = view.get("result")
-    if isinstance(result, dict) and "video_path" in result:
-        for variant, (field, _, _) in VARIANTS.items():
-            result.pop(field, None)
-            view[f"{variant}_url"] = content_url(base_url, view["id"], variant)
-    return view
-
-
 async def index_video(redis: Redis, record: JobRecord) -> None:
     """List the video in `GET /v1/videos` (again: a keyed repeat's is the same)."""
     await redis.zadd(keys.api_videos(), {record.id: record.created_at})

@@ -299,6 +299,8 @@ def test_events_and_a_signed_webhook(api: ApiServer, receiver: WebhookReceiver) 
     sent = delivered[0]
     assert verify(WEBHOOK_SECRET, sent.body, sent.headers["X-Omni-Signature"])
     assert sent.json["job"]["type"] == "video" and sent.json["job"]["status"] == "succeeded"
+    assert "video_path" not in sent.json["job"]["result"]  # linked, never the worker's path
+    assert sent.json["job"]["video_url"].endswith(f"/v1/videos/{sent.json['job']['id']}/content")
 
 
 def test_an_idempotency_key_answers_the_same_video(client: openai.OpenAI) -> None:
