@@ -48,3 +48,22 @@ def token_ids(tokenizer: Any) -> dict[str, int | None]:
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
+
+
+def tiny_t5_settings(vocab_size: int, d_model: int, d_kv: int) -> dict[str, Any]:
+    """The settings of the tiny T5-style text encoders (Flux's and SD3's T5, Wan's
+    UMT5): two layers of four heads, gated GELU, no dropout, T5's special ids."""
+    return {
+        "vocab_size": vocab_size,
+        "d_model": d_model,
+        "d_kv": d_kv,
+        "d_ff": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "relative_attention_num_buckets": 8,
+        "dropout_rate": 0.0,
+        "feed_forward_proj": "gated-gelu",
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "decoder_start_token_id": 0,
+    }

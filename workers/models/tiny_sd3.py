@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workers.models.atomic import build_atomically
-from workers.models.building import save_pipeline, seeded_torch, token_ids
+from workers.models.building import save_pipeline, seeded_torch, tiny_t5_settings, token_ids
 from workers.models.tiny_flux import _Tokenizers, _tokenizers
 
 if TYPE_CHECKING:
@@ -88,22 +88,7 @@ def _text_encoders(tokenizers: _Tokenizers) -> dict[str, Any]:
         )
         for dim in _CLIP_DIMS
     ]
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=tokenizers.t5_vocab,
-            d_model=_T5_DIM,
-            d_kv=12,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
+    t5 = T5EncoderModel(T5Config(**tiny_t5_settings(tokenizers.t5_vocab, _T5_DIM, d_kv=12)))
     return {"text_encoder": clips[0], "text_encoder_2": clips[1], "text_encoder_3": t5}
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workers.models.atomic import build_atomically
-from workers.models.building import save_pipeline, seeded_torch
+from workers.models.building import save_pipeline, seeded_torch, tiny_t5_settings
 from workers.models.tiny_flux import _tokenizers
 
 if TYPE_CHECKING:
@@ -38,22 +38,7 @@ MAX_SEQUENCE_LENGTH = 64
 def _text_encoder(vocab: int) -> Any:
     from transformers import UMT5Config, UMT5EncoderModel
 
-    return UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=vocab,
-            d_model=_TEXT_DIM,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
+    return UMT5EncoderModel(UMT5Config(**tiny_t5_settings(vocab, _TEXT_DIM, d_kv=8)))
 
 
 def _vae() -> AutoencoderKLWan:
