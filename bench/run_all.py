@@ -15,6 +15,7 @@ BENCHMARKS = (
     "p4_batch.py",
     "p5_affinity.py",
     "p6_preemption.py",
+    "p10_video.py",
     "p8_lora.py",
     "p7_api.py",
     "p9_mixed_cluster.py",
