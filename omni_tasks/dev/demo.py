@@ -1,16 +1,22 @@
-"""`omni-tasks demo`: Redis, an AR pool and a diffusion pool, a mixed workload with
-priorities through `.delay()` (two LoRA image styles and a LoRA text adapter among it),
-progress, results, a status summary; then it stops everything it started."""
+"""`omni-tasks demo`: Redis, an AR pool and a diffusion pool (a worker for images and
+one serving the video model), a mixed workload with priorities through `.delay()` (two
+LoRA image styles, a LoRA text adapter and a short video among it), progress, results,
+a status summary; then it stops everything it started."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omni_tasks.dev.redis_server import PrivateRedis, start_private_redis
+
+if TYPE_CHECKING:
+    from omni_tasks.dev.launcher import WorkerProcess
 
 #: The demo's LoRA adapters: two image styles and a text adapter, tiny random adapters
 #: that the workers build on first use (`workers.models.tiny_lora`).
@@ -18,6 +24,16 @@ DEMO_LORAS = {
     "watercolor": "tiny-flux-lora-watercolor",
     "ink": "tiny-flux-lora-ink",
     "pirate": "tiny-llama-lora-pirate",
+}
+#: The demo's video: short and tiny, so that it adds little to the demo's time.
+DEMO_VIDEO = {
+    "prompt": "a paper boat on a stream",
+    "num_frames": 9,
+    "width": 64,
+    "height": 64,
+    "steps": 4,
+    "seed": 5,
+    "priority": "normal",
 }
 
 
@@ -36,7 +52,7 @@ def run_demo(out_dir: Path, timeout_s: float = 900.0) -> int:
         _line(f"using Redis at {os.environ['OMNI_REDIS_URL']}")
     os.environ["OMNI_OUTPUT_DIR"] = str(out_dir / "images")
     _register_demo_loras()
-    workers = []
+    workers: list[WorkerProcess] = []
     try:
         from omni_tasks.dev.launcher import start_worker
 
@@ -44,6 +60,7 @@ def run_demo(out_dir: Path, timeout_s: float = 900.0) -> int:
         for queue in ("ar", "diffusion"):
             workers.append(start_worker(queue, log_dir))
             _line(f"started: celery -A omni_tasks worker -Q {queue}  (log: {log_dir})")
+        workers.append(_start_video_worker(log_dir))
         _line("loading models in the pools (tiny models are built on first start)...")
         start = time.monotonic()
         for worker in workers:
@@ -53,12 +70,42 @@ def run_demo(out_dir: Path, timeout_s: float = 900.0) -> int:
         _summary(results, out_dir)
         return 0 if all(r["state"] == "SUCCESS" for r in results) else 1
     finally:
-        for worker in workers:
-            code = worker.stop()
-            _line(f"stopped {worker.hostname} (exit {code})")
+        _stop_workers(workers)
         if private is not None:
             private.stop()
             _line("stopped the private Redis")
+
+
+def _stop_workers(workers: list[WorkerProcess], timeout_s: float = 60.0) -> None:
+    """Warm shutdown of all the workers at once (each takes a second or two), then each
+    one's exit (`WorkerProcess.stop` kills one that does not exit in time)."""
+    for worker in workers:
+        if worker.proc.poll() is None:
+            worker.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for worker in workers:
+        try:
+            worker.proc.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            pass
+        code = worker.stop()
+        _line(f"stopped {worker.hostname} (exit {code})")
+
+
+def _start_video_worker(log_dir: Path) -> WorkerProcess:
+    """A diffusion worker serving the video model (a diffusion worker serves one model)."""
+    from omni_tasks.config import get_config
+    from omni_tasks.dev.launcher import start_worker
+
+    model = get_config().diffusion.video_model
+    worker = start_worker(
+        "diffusion", log_dir, env={"OMNI_DIFFUSION__MODEL": model}, name="diffusion-video"
+    )
+    _line(
+        f"started: OMNI_DIFFUSION__MODEL={model} celery -A omni_tasks worker -Q diffusion"
+        f"  (log: {log_dir})"
+    )
+    return worker
 
 
 def _register_demo_loras() -> None:
@@ -89,7 +136,7 @@ def _lora_jobs() -> list[tuple[str, Any, dict[str, Any]]]:
 
 
 def _workload() -> list[tuple[str, Any, dict[str, Any]]]:
-    from omni_tasks import generate_image, generate_multimodal, generate_text
+    from omni_tasks import generate_image, generate_multimodal, generate_text, generate_video
     from omni_tasks.config import get_config
 
     jobs: list[tuple[str, Any, dict[str, Any]]] = []
@@ -136,6 +183,7 @@ def _workload() -> list[tuple[str, Any, dict[str, Any]]]:
             },
         )
     )
+    jobs.append(("video", generate_video, dict(DEMO_VIDEO)))
     if all(name in get_config().loras for name in DEMO_LORAS):
         jobs += _lora_jobs()
     return jobs
@@ -213,7 +261,7 @@ def _progress(job: dict[str, Any], n: int, total: int) -> None:
         _line(f"[{n}/{total}] {job['kind']:<10} {job['priority']:<6} {job['state']}: {value}")
         return
     t = value.get("timings", {})
-    what = value.get("image_path") or repr(value.get("text", ""))[:60]
+    what = _video_text(value) or value.get("image_path") or repr(value.get("text", ""))[:60]
     if value.get("cache"):
         what += "  cache " + ",".join(f"{k}={v}" for k, v in value["cache"].items())
     if job["kind"].startswith("lora"):
@@ -221,6 +269,16 @@ def _progress(job: dict[str, Any], n: int, total: int) -> None:
     _line(
         f"[{n}/{total}] {job['kind']:<10} {job['priority']:<6} queued {t.get('queued_s', 0):6.2f}s"
         f" ran {t.get('run_s', 0):5.2f}s  {what}"
+    )
+
+
+def _video_text(value: dict[str, Any]) -> str | None:
+    """A video result's MP4 path, frames, fps and duration (None for other results)."""
+    if "video_path" not in value:
+        return None
+    return (
+        f"{value['video_path']}  {value['num_frames']} frames at {value['fps']} fps,"
+        f" {value['duration_s']:.2f}s"
     )
 
 
@@ -257,7 +315,7 @@ def _summary(results: list[dict[str, Any]], out_dir: Path) -> None:
     report = out_dir / "results.json"
     serial = [{k: v for k, v in r.items() if k not in ("result", "kwargs")} for r in results]
     report.write_text(json.dumps(serial, indent=2, default=str))
-    _line(f"images in {out_dir / 'images'}; results in {report}")
+    _line(f"images and videos in {out_dir / 'images'}; results in {report}")
 
 
 DEFAULT_OUT_DIR = Path("omni-demo-output")
