@@ -256,7 +256,8 @@ def test_model_queues_count_for_their_pool_and_on_their_own(redis_client, use_co
     redis_client.lpush(keys.queue_key("diffusion.unregistered", 0), "not counted")
     pools, models = all_depths()
     assert pools["diffusion"][6] == 2 and pools["diffusion"][0] == 1
-    assert set(models) == {"tiny-flux", "flux-b", "flux-c"}
+    # The default video models are registered too (no worker serves them here).
+    assert set(models) == {"tiny-flux", "flux-b", "flux-c", "tiny-wan", "tiny-wan-i2v"}
     assert (sum(models["tiny-flux"].values()), models["flux-b"][0]) == (2, 1)
     assert sum(models["flux-c"].values()) == 0
     assert model_depths() == models and total_queued() == 3
@@ -269,8 +270,14 @@ def test_models_no_live_worker_serves_are_named(redis_client, use_config) -> Non
     beat(redis_client, "b@h", ["diffusion"], models=json.dumps({"dit": "flux-b"}))
     beat(redis_client, "t@h", ["ar"], models=json.dumps({"ar": "tiny-llama"}))
     snap = read_snapshot()
-    assert model_servers(snap) == {"tiny-flux": ["a@h"], "flux-b": ["b@h"], "flux-c": []}
-    assert unserved_models(snap) == ["flux-c"]
+    video = {"tiny-wan": [], "tiny-wan-i2v": []}  # the default video models, unserved here
+    assert model_servers(snap) == {
+        "tiny-flux": ["a@h"],
+        "flux-b": ["b@h"],
+        "flux-c": [],
+        **video,
+    }
+    assert sorted(unserved_models(snap)) == sorted(["flux-c", *video])
     assert health_of(snap, get_config()) == ([], [])  # nothing waits for flux-c
     redis_client.lpush(keys.queue_key("diffusion.flux-c", 3), "m1", "m2")
     issues, advice = health_of(read_snapshot(), get_config())

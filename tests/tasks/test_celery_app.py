@@ -23,6 +23,7 @@ TASK_NAMES = {
     "omni_tasks.generate_chat",
     "omni_tasks.generate_image",
     "omni_tasks.generate_multimodal",
+    "omni_tasks.generate_video",
     "omni_tasks.multimodal_prompt",
     "omni_tasks.multimodal_render",
     "omni_tasks.probe",
