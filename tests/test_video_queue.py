@@ -23,6 +23,7 @@ from helpers import eventually, foreign
 from PIL import Image
 
 from omni_tasks import (
+    ConfigError,
     RequestTimeoutError,
     cancel,
     generate_image,
@@ -53,6 +54,9 @@ def wan_worker(tiny_models, run_dir: Path) -> Iterator[str]:
         "OMNI_LORAS": json.dumps(loras),
         "OMNI_PROGRESS_FIRST_AFTER_S": "0.05",
         "OMNI_PROGRESS_INTERVAL_S": "0.05",
+        # A pool default the Wan family does not run: requests that name no step cache
+        # run without one; one that names it is refused.
+        "OMNI_DIFFUSION__STEP_CACHE": "taylorseer",
     }
     try:
         [worker] = start_ready_workers(["diffusion"], run_dir / "logs-video", env=env)
@@ -184,6 +188,15 @@ def test_a_video_is_cancelled_or_expires_at_a_step(wan_worker: str) -> None:
     assert eventually(lambda: running.state == "REVOKED", 30, 0.02)
     with pytest.raises(RequestTimeoutError):
         generate_video.delay(prompt="too slow", seed=6, timeout_s=0.5, **LONG).get(TIMEOUT)
+
+
+def test_the_pools_step_cache_applies_where_the_family_runs_it(wan_worker: str) -> None:
+    out = generate_video.delay(prompt="a windmill", seed=2, **SHORT).get(TIMEOUT)
+    assert out["steps_run"] == SHORT["steps"]  # no step skipped: it ran without one
+    asked = generate_video.delay(prompt="a windmill", seed=2, step_cache="taylorseer", **SHORT)
+    with pytest.raises(ConfigError) as err:
+        asked.get(TIMEOUT)
+    assert err.value.field == "step_cache"
 
 
 def test_a_lora_adapter_styles_a_video(wan_worker: str) -> None:

@@ -108,6 +108,12 @@ def _render(
         init_image = decode_image(request.image)
     config = get_config()
     mode, mode_params = step_cache_of(request, config)
+    if request.step_cache is None and not runtime.diffusion_engine().runs_step_cache(mode):
+        # The pool's default where this worker's family runs it (a video worker beside
+        # image workers with `taylorseer`); a mode the request names is checked as asked.
+        # Its DiT cache keys then say what ran: no step cache.
+        request = request.model_copy(update={"step_cache": "none", "step_cache_params": None})
+        mode, mode_params = "none", {}
     video = request.request_type is RequestType.VIDEO
     params = ImageParams(
         width=request.width,

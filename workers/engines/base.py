@@ -192,6 +192,10 @@ class DiffusionEngine(Protocol):
 
     name: str
 
+    def runs_step_cache(self, mode: str) -> bool:
+        """Whether this engine's model runs step-cache `mode`."""
+        ...
+
     def generate(
         self,
         request_id: str,

@@ -225,6 +225,10 @@ class DiffusersEngine:
                 self.resources.release(held)
         return _output(decoded, request, held, used_embeds, final, used, params)
 
+    def runs_step_cache(self, mode: str) -> bool:
+        """Whether this model's family runs step-cache `mode` (`ModelFamily.step_caches`)."""
+        return mode in self.family.step_caches
+
     def encode_prompt(
         self,
         prompt: str,
