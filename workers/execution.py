@@ -9,7 +9,7 @@ from typing import Any
 from omni_tasks.config import get_config
 from omni_tasks.coordination.cache_directory import step_cache_of
 from omni_tasks.errors import ProcessingError
-from omni_tasks.requests import COMPLETION_TYPES, INPUT_IMAGE_TYPES, OmniRequest, RequestType
+from omni_tasks.requests import COMPLETION_TYPES, OmniRequest, RequestType
 from omni_tasks.results import (
     ImageResult,
     MultimodalResult,
@@ -103,9 +103,8 @@ def _render(
 ) -> tuple[Rendered, ImageParams, str, dict[str, float]]:
     """Run a DiT request (image or video) through the DiT service: what it rendered, its
     settings, its step-cache mode and its timings."""
-    init_image = None
-    if request.image and request.request_type in INPUT_IMAGE_TYPES:
-        init_image = decode_image(request.image)
+    # Only the types that take one have an image (`INPUT_IMAGE_TYPES`, validated).
+    init_image = decode_image(request.image) if request.image else None
     config = get_config()
     mode, mode_params = step_cache_of(request, config)
     if request.step_cache is None and not runtime.diffusion_engine().runs_step_cache(mode):

@@ -412,11 +412,10 @@ def _output(
     figures["paused_s"] = round(held.paused_s, 6) if held is not None else 0.0
     if held is not None and held.first_step_at is not None:
         figures["first_step_at"] = round(held.first_step_at, 6)
-    frames = None
-    image = decoded
-    if not hasattr(decoded, "convert"):  # a video family's frames: its image is the first
-        from PIL import Image
+    from PIL import Image
 
+    image, frames = decoded, None
+    if not isinstance(decoded, Image.Image):  # a video family's frames: the first is its image
         image = Image.fromarray(decoded[0])
         frames = decoded if params.num_frames is not None else None
     return ImageOutput(
