@@ -204,8 +204,14 @@ class OmniRequest(BaseModel):
             for name in INTERNAL_FIELDS:
                 if name in data:
                     raise ValueError(f"{name}: is internal and cannot be set")
-            return video_aliases(data)
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _video_fields(cls, data: Any) -> Any:
+        """A video's `seconds` become `num_frames`, `guidance_scale` is `guidance`
+        (`video_fields`)."""
+        return video_aliases(data) if isinstance(data, dict) else data
 
     @field_validator("request_id")
     @classmethod
