@@ -95,7 +95,8 @@ def render(
         return _unrun_adapters(_from_final(final, started), params)
 
     deadline = time.monotonic() + timeout_s
-    flight, shared = single_flight.join(keys.latents, deadline)
+    # Named by this worker: if it dies, the redelivery and the waiters take over at once.
+    flight, shared = single_flight.join(keys.latents, deadline, holder=runtime.hostname)
     if shared is not None:
         return _unrun_adapters(_from_outcome(shared), params)
     assert flight is not None
