@@ -22,6 +22,16 @@ from workers.engines.base import ImageParams
 
 PROMPT = "a paper boat on a pond"
 VIDEO = ImageParams(width=64, height=64, steps=4, guidance=5.0, seed=3, num_frames=9)
+#: `VIDEO` as the pipelines' own call takes it.
+PIPELINE_ARGS = {
+    "prompt": PROMPT,
+    "num_frames": VIDEO.num_frames,
+    "width": VIDEO.width,
+    "height": VIDEO.height,
+    "num_inference_steps": VIDEO.steps,
+    "guidance_scale": VIDEO.guidance,
+    "seed": VIDEO.seed,
+}
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +82,7 @@ def test_a_video_is_the_pipelines_own_frames(wan) -> None:
     assert out.frames.dtype == np.uint8 and out.steps_run == 4 and out.denoise_steps == 4
     assert out.latents is not None and tuple(out.latents.shape) == (1, 16, 3, 8, 8)
     assert np.array_equal(np.asarray(out.image), out.frames[0])  # the thumbnail frame
-    expected = pipeline_frames(
-        load("tiny-wan", "WanPipeline"),
-        prompt=PROMPT,
-        num_frames=9,
-        width=64,
-        height=64,
-        num_inference_steps=4,
-        guidance_scale=5.0,
-        seed=3,
-    )
+    expected = pipeline_frames(load("tiny-wan", "WanPipeline"), **PIPELINE_ARGS)
     assert np.array_equal(out.frames, expected)
 
 
@@ -128,17 +129,8 @@ def test_an_image_request_on_a_video_model_is_one_frame(wan) -> None:
 def test_image_to_video_is_the_pipelines_own_frames(wan_i2v) -> None:
     image = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8)[:, None, None] * 4, (1, 64, 3)))
     out = wan_i2v.generate("i2v", PROMPT, VIDEO, 120, image)
-    expected = pipeline_frames(
-        load("tiny-wan-i2v", "WanImageToVideoPipeline"),
-        image=image,
-        prompt=PROMPT,
-        num_frames=9,
-        width=64,
-        height=64,
-        num_inference_steps=4,
-        guidance_scale=5.0,
-        seed=3,
-    )
+    wan = load("tiny-wan-i2v", "WanImageToVideoPipeline")
+    expected = pipeline_frames(wan, image=image, **PIPELINE_ARGS)
     assert out.frames.shape == (9, 64, 64, 3) and out.denoise_steps == 4
     assert np.abs(out.frames.astype(int) - expected.astype(int)).max() <= 1
 

@@ -71,6 +71,9 @@ class ModelFamily:
     output_field: ClassVar[str] = "images"
     #: Text tokens the resource manager's probe assumes.
     probe_text_tokens: ClassVar[int] = 64
+    #: CFG runs whenever `guidance` > 1, against the negative prompt or "" (SD3, Sana,
+    #: Wan); otherwise true CFG (`negative_text`).
+    cfg_by_guidance: ClassVar[bool] = False
 
     def __init__(self, pipe: Any, device: torch.device, max_sequence_length: int) -> None:
         self.pipe = pipe
@@ -136,7 +139,10 @@ class ModelFamily:
     def negative_text(self, params: ImageParams, true_cfg_scale: float) -> str | None:
         """The negative prompt to encode, or None when the request runs without CFG.
         Default (true CFG, as Flux and Qwen-Image): a non-empty negative prompt and a
-        scale above 1."""
+        scale above 1; with `cfg_by_guidance`, the negative prompt or "" whenever
+        guidance > 1."""
+        if self.cfg_by_guidance:
+            return (params.negative_prompt or "") if params.guidance > 1 else None
         if params.negative_prompt and true_cfg_scale > 1:
             return params.negative_prompt
         return None

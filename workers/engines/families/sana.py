@@ -30,6 +30,7 @@ class SanaFamily(ModelFamily):
     row_inputs = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask")
     # No diffusers cache hooks on this transformer; cache-dit wraps any block stack.
     step_caches = frozenset({"none", "cache_dit"})
+    cfg_by_guidance = True
 
     @property
     def size_multiple(self) -> int:
@@ -68,9 +69,6 @@ class SanaFamily(ModelFamily):
                     complex_human_instruction=call["complex_human_instruction"].default,
                 )
         return prompt_rows(prompt_embeds=sequence, prompt_attention_mask=mask)
-
-    def negative_text(self, params: ImageParams, true_cfg_scale: float) -> str | None:
-        return (params.negative_prompt or "") if params.guidance > 1 else None
 
     def pipeline_kwargs(
         self,

@@ -37,6 +37,7 @@ class SD3Family(ModelFamily):
     row_inputs = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
     # No diffusers cache hooks on this transformer; cache-dit wraps any block stack.
     step_caches = frozenset({"none", "cache_dit"})
+    cfg_by_guidance = True
 
     @property
     def probe_text_tokens(self) -> int:  # type: ignore[override]
@@ -59,10 +60,6 @@ class SD3Family(ModelFamily):
                 max_sequence_length=self.max_sequence_length,
             )
         return prompt_rows(prompt_embeds=sequence, pooled_prompt_embeds=pooled)
-
-    def negative_text(self, params: ImageParams, true_cfg_scale: float) -> str | None:
-        """CFG whenever guidance > 1, with the negative prompt or ""."""
-        return (params.negative_prompt or "") if params.guidance > 1 else None
 
     def pipeline_kwargs(
         self,

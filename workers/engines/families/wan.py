@@ -47,6 +47,7 @@ class WanFamily(ModelFamily):
     row_inputs = ("hidden_states", "timestep", "encoder_hidden_states")
     output_field = "frames"
     probe_text_tokens = TEXT_TOKENS
+    cfg_by_guidance = True
 
     def __init__(self, pipe: Any, device: torch.device, max_sequence_length: int) -> None:
         if getattr(pipe, "transformer_2", None) is not None:
@@ -103,10 +104,6 @@ class WanFamily(ModelFamily):
                 device=self.device,
             )
         return prompt_rows(prompt_embeds=embeds)
-
-    def negative_text(self, params: ImageParams, true_cfg_scale: float) -> str | None:
-        """CFG whenever guidance > 1, with the negative prompt or ""."""
-        return (params.negative_prompt or "") if params.guidance > 1 else None
 
     def pipeline_kwargs(
         self,
