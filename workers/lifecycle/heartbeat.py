@@ -76,12 +76,14 @@ class Heartbeat:
         sweeps = "dit" in self.runtime.identity.stages
         outage = Outage("heartbeat", log, max_s=HEARTBEAT_INTERVAL_S)
         sweep = Outage("cache directory sweep", log)
-        beats = 0
+        beats, last = 0, time.monotonic()
         while not self._stop.is_set():
             beats += 1
+            # The beat first: however long the sweep takes, it never delays a beat.
+            if outage.run(self._beat, key, info):
+                last = _late_beat_warning(last)
             if sweeps and beats % 2 == 1:
                 sweep.run(cache_directory.sweep_dead_workers, get_config().diffusion.queue)
-            outage.run(self._beat, key, info)
             self._stop.wait(outage.pause(HEARTBEAT_INTERVAL_S))
 
     def _beat(self, key: str, info: dict[str, Any]) -> None:
@@ -100,6 +102,19 @@ class Heartbeat:
             pipe.sadd(held_key, *held)
             pipe.expire(held_key, HEARTBEAT_TTL_S)
         pipe.execute()
+
+
+def _late_beat_warning(last: float) -> float:
+    """Say so when a beat came so late that the hash may have expired in between (the
+    worker then looked dead to the API and the reaper); returns the beat's time."""
+    now = time.monotonic()
+    if now - last > HEARTBEAT_TTL_S / 2:
+        log.warning(
+            "heartbeat: %.1f s since the last beat (the hash lives %d s)",
+            now - last,
+            HEARTBEAT_TTL_S,
+        )
+    return now
 
 
 def held_task_ids() -> list[str]:
