@@ -3,8 +3,10 @@
 -- max_queue_size), when KEYS[3] and KEYS[4] are given record it in the ledger of
 -- accepted requests, and when KEYS[5] is given publish its message there. One step, one
 -- round trip per send: a send that fails leaves all of it or none of it.
--- KEYS[1]  the pool's admitted set: request id -> when admitted (ZSCORE, ZCARD, ZADD)
--- KEYS[2]  the request id's fingerprint (GET, SET EX); untouched when ARGV[4] is ''
+-- KEYS[1]  the pool's admitted set: request id -> when admitted (ZCARD, ZADD NX; ZSCORE
+--          only when the pool is full)
+-- KEYS[2]  the request id's fingerprint (SET NX EX; GET when it is taken; DEL when a
+--          full pool refuses the request); untouched when ARGV[4] is ''
 -- KEYS[3]  optional: the request's ledger entry (HSET, EXPIRE)
 -- KEYS[4]  optional: the ledger's open set: task id -> when published (ZADD)
 -- ARGV[1]  admission id (the request's final task id)
@@ -26,28 +28,37 @@
 -- Returns {status, count}: status 1 admitted, 0 already admitted or not admitted
 -- (ARGV[2] = -1), -1 refused (the pool is full), 2 a repeat (the same fingerprint is
 -- recorded under this id), -2 a conflict (another one is); nothing is recorded for -1,
--- 2 and -2 (and nothing is published). count is the pool's size after the call.
+-- 2 and -2 (and nothing is published). count is the pool's size after the call where
+-- the limit was checked (ARGV[2] > 0), else -1 (not read).
+-- The common case, a new request into a pool with room, costs 7 commands besides the
+-- LPUSH: SET NX, ZCARD, ZADD NX, HSET, EXPIRE, ZADD and the EVALSHA itself.
 local limit = tonumber(ARGV[2])
 local status = 0
-local count = redis.call('ZCARD', KEYS[1])
+local count = -1
+local fingerprinted = false
 if ARGV[4] ~= '' then
-  local found = redis.call('GET', KEYS[2])
-  if found == ARGV[4] then
-    return {2, count}
-  elseif found then
+  if not redis.call('SET', KEYS[2], ARGV[4], 'NX', 'EX', tonumber(ARGV[5])) then
+    if redis.call('GET', KEYS[2]) == ARGV[4] then
+      return {2, count}
+    end
     return {-2, count}
   end
+  fingerprinted = true
 end
-if limit >= 0 and not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  if limit > 0 and count >= limit then
+if limit > 0 then
+  count = redis.call('ZCARD', KEYS[1])
+  if count >= limit and not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+    if fingerprinted then
+      redis.call('DEL', KEYS[2])
+    end
     return {-1, count}
   end
-  redis.call('ZADD', KEYS[1], tonumber(ARGV[3]), ARGV[1])
-  status = 1
-  count = count + 1
 end
-if ARGV[4] ~= '' then
-  redis.call('SET', KEYS[2], ARGV[4], 'EX', tonumber(ARGV[5]))
+if limit >= 0 then
+  status = redis.call('ZADD', KEYS[1], 'NX', tonumber(ARGV[3]), ARGV[1])
+  if limit > 0 then
+    count = count + status
+  end
 end
 if #KEYS >= 4 then
   redis.call('HSET', KEYS[3], 'task', ARGV[8], 'args', ARGV[9], 'kwargs', ARGV[10],
