@@ -12,7 +12,8 @@ names one) is marked FAILURE, and the worker keeps serving. Oversized entries ar
 refused before they are parsed.
 
 `OmniConsumer.connection_for_read` selects `OmniRedisTransport` when the broker URL
-selects kombu's plain Redis transport (redis://, rediss://); other brokers are untouched.
+selects kombu's plain Redis transport (redis://, rediss://), `OmniSentinelTransport`
+when it selects kombu's Sentinel transport (sentinel://); other brokers are untouched.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from omni_tasks.coordination.rejections import record_rejection
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.image_input import MAX_IMAGE_BYTES
 from omni_tasks.tasks.transport import OmniRedisChannel as KeptClientChannel
-from omni_tasks.tasks.transport import is_plain_redis
+from omni_tasks.tasks.transport import is_plain_redis, is_sentinel
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +154,24 @@ TRANSPORT_ALIAS = "omni-redis"
 TRANSPORT_ALIASES.setdefault(TRANSPORT_ALIAS, f"{__name__}:OmniRedisTransport")
 
 
+class OmniSentinelChannel(OmniRedisChannel, redis.SentinelChannel):
+    """The vetting channel on kombu's Sentinel channel (it follows a failover)."""
+
+
+class OmniSentinelTransport(redis.SentinelTransport):
+    Channel = OmniSentinelChannel
+
+
+SENTINEL_TRANSPORT_ALIAS = "omni-sentinel"
+TRANSPORT_ALIASES.setdefault(SENTINEL_TRANSPORT_ALIAS, f"{__name__}:OmniSentinelTransport")
+
+
 def consuming_transport(url: str) -> str | None:
-    """The vetting transport's name where `url` selects kombu's plain Redis transport."""
-    return TRANSPORT_ALIAS if is_plain_redis(url) else None
+    """The vetting transport's name where `url` selects kombu's plain Redis transport
+    or its Sentinel transport."""
+    if is_plain_redis(url):
+        return TRANSPORT_ALIAS
+    return SENTINEL_TRANSPORT_ALIAS if is_sentinel(url) else None
 
 
 def vet_entry(raw: bytes | str, queue: str) -> dict[str, Any] | None:

@@ -21,9 +21,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import redis.asyncio as aioredis
-
-from omni_tasks.coordination.client import CONNECT_TIMEOUT_S, to_redis_py_url
+from omni_tasks.coordination.client import (
+    CONNECT_TIMEOUT_S,
+    async_redis_for_url,
+    to_redis_py_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ class ResultHub:
     """One process's asyncio Redis client and pub/sub connection."""
 
     def __init__(self, url: str) -> None:
-        self.redis = aioredis.Redis.from_url(
+        self.redis = async_redis_for_url(  # a Sentinel URL's follows a failover
             to_redis_py_url(url),
             decode_responses=True,
             socket_connect_timeout=CONNECT_TIMEOUT_S,

@@ -16,7 +16,8 @@ from omni_tasks.model_registry import ModelEntry, validate_registry
 from omni_tasks.requests import STAGES, STEP_CACHE_MODES, Stage
 
 PRIORITY_CLASSES = ("high", "normal", "low")
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+socket://")
+SENTINEL_SCHEME = "sentinel://"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+socket://", SENTINEL_SCHEME)
 BROKER_SCHEMES = ("amqp://", "amqps://", "pyamqp://", *REDIS_SCHEMES)
 #: The unit of every `*_gb` setting and figure: GiB (2**30 bytes), as devices report.
 GB = 2**30
@@ -263,6 +264,9 @@ class CoreModuleConfig:
     # The Celery broker when it is not Redis (amqp:// for RabbitMQ); None: `redis_url`.
     # Results and coordination stay in Redis either way.
     broker_url: str | None = None
+    #: The Sentinel master name, where `redis_url` / `broker_url` name Sentinels
+    #: (`sentinel://host:26379;sentinel://host:26380/0`, as kombu spells them).
+    redis_sentinel_master: str = "mymaster"
     key_prefix: str = "omni"
     models_dir: str = "~/.cache/omni-tasks/models"
     output_dir: str = "~/.cache/omni-tasks/outputs"
@@ -303,12 +307,19 @@ class CoreModuleConfig:
         _require(
             self.redis_url.startswith(REDIS_SCHEMES),
             "redis_url",
-            "must be a redis://, rediss:// or unix:// URL",
+            "must be a redis://, rediss://, unix:// or sentinel:// URL",
         )
         _require(
             self.broker_url is None or self.broker_url.startswith(BROKER_SCHEMES),
             "broker_url",
             f"must be empty (use redis_url) or a URL starting with one of {BROKER_SCHEMES}",
+        )
+        for name, url in (("redis_url", self.redis_url), ("broker_url", self.broker_url)):
+            _require(sentinel_url_problem(url) is None, name, sentinel_url_problem(url) or "")
+        _require(
+            bool(self.redis_sentinel_master.strip()),
+            "redis_sentinel_master",
+            "must name the Sentinel master (default mymaster)",
         )
         _require(bool(self.key_prefix), "key_prefix", "must not be empty")
         _require(":" not in self.key_prefix, "key_prefix", "must not contain ':' (it names queues)")
@@ -388,6 +399,27 @@ class CoreModuleConfig:
 
     def output_path(self) -> Path:
         return Path(os.path.expanduser(self.output_dir))
+
+
+def is_sentinel_url(url: str | None) -> bool:
+    """Whether `url` names Redis Sentinels rather than one Redis server."""
+    return bool(url) and str(url).startswith(SENTINEL_SCHEME)
+
+
+def sentinel_url_problem(url: str | None) -> str | None:
+    """Why a `sentinel://` URL is unusable (every `;`-separated part must be
+    `sentinel://[user:password@]host[:port][/db]`, port 26379 by default), or None
+    (also for other URLs)."""
+    if not is_sentinel_url(url):
+        return None
+    for part in str(url).split(";"):
+        if not part.startswith(SENTINEL_SCHEME):
+            return f"every ';'-separated part must start with sentinel:// (got {part!r})"
+        hostport = part[len(SENTINEL_SCHEME) :].split("/", 1)[0].rsplit("@", 1)[-1]
+        host, colon, port = hostport.partition(":")
+        if not host or (colon and not port.isdigit()):
+            return f"each Sentinel needs a host and an optional numeric port (got {part!r})"
+    return None
 
 
 def _require(ok: bool, field_name: str, message: str) -> None:

@@ -1,18 +1,28 @@
 """The Redis connection of this process for omni-tasks' own keys (Celery keeps its own
 pools), with the Lua scripts registered on it, the polling cadence of waiters, and the
-URL rules every Redis client of omni-tasks shares (TLS defaults, redaction)."""
+URL rules every Redis client of omni-tasks shares (TLS defaults, redaction, Sentinel).
+
+A `sentinel://host:port;sentinel://host:port[/db]` URL (kombu's spelling) gives a client
+of the master that the Sentinels name (`redis_sentinel_master`): each new connection
+asks them where the master is, so every connection follows a failover.
+"""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlsplit
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
+import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
 from kombu.utils.url import maybe_sanitize_url
 
 from omni_tasks.config import get_config
+from omni_tasks.config.schema import is_sentinel_url
 from omni_tasks.coordination.lua import Scripts
 
 POLL_MIN_S, POLL_MAX_S, POLL_GROWTH = 0.01, 0.25, 1.5
@@ -52,7 +62,7 @@ class _Connections:
         with self._lock:
             found = self._by_url.get(url)
             if found is None:
-                client = redis.Redis.from_url(
+                client = redis_for_url(
                     url,
                     decode_responses=True,
                     health_check_interval=30,
@@ -64,6 +74,59 @@ class _Connections:
 
 
 _connections = _Connections()
+
+
+@dataclass(frozen=True)
+class SentinelParams:
+    """What a `sentinel://` URL says: the Sentinels, and the master's db and credentials
+    (taken from its first part, as Celery's result backend reads them)."""
+
+    sentinels: list[tuple[str, int]]
+    master_kwargs: dict[str, Any]
+
+
+def sentinel_params(url: str) -> SentinelParams:
+    """The Sentinels (host, port) and the master's db/username/password of `url`."""
+    sentinels: list[tuple[str, int]] = []
+    master_kwargs: dict[str, Any] = {}
+    for i, part in enumerate(url.split(";")):
+        split = urlsplit(part)
+        sentinels.append((split.hostname or "127.0.0.1", split.port or SENTINEL_PORT))
+        if i:
+            continue
+        db = split.path.strip("/")
+        master_kwargs["db"] = int(db) if db.isdigit() else 0
+        if split.username:
+            master_kwargs["username"] = unquote(split.username)
+        if split.password:
+            master_kwargs["password"] = unquote(split.password)
+    return SentinelParams(sentinels, master_kwargs)
+
+
+#: The Sentinel's port where a URL names none.
+SENTINEL_PORT = 26379
+
+
+def redis_for_url(url: str, master: str | None = None, **kwargs: Any) -> redis.Redis:
+    """A client of `url` (redis-py's spelling): for a Sentinel URL, of the master the
+    Sentinels name (`master`, default `redis_sentinel_master`), found again on every
+    new connection, so the client follows a failover."""
+    if not is_sentinel_url(url):
+        return redis.Redis.from_url(url, **kwargs)
+    params = sentinel_params(url)
+    sentinel = redis.sentinel.Sentinel(params.sentinels, **kwargs)
+    name = master or get_config().redis_sentinel_master
+    return sentinel.master_for(name, redis_class=redis.Redis, **params.master_kwargs)
+
+
+def async_redis_for_url(url: str, master: str | None = None, **kwargs: Any) -> Any:
+    """`redis_for_url`'s asyncio twin (`redis.asyncio`), for the HTTP API."""
+    if not is_sentinel_url(url):
+        return redis.asyncio.Redis.from_url(url, **kwargs)
+    params = sentinel_params(url)
+    sentinel = redis.asyncio.sentinel.Sentinel(params.sentinels, **kwargs)
+    name = master or get_config().redis_sentinel_master
+    return sentinel.master_for(name, redis_class=redis.asyncio.Redis, **params.master_kwargs)
 
 
 def to_redis_py_url(url: str) -> str:
@@ -89,8 +152,11 @@ def with_tls_defaults(url: str) -> str:
 
 
 def redacted(url: str) -> str:
-    """`url` with its password masked: the form logs, status and errors may show."""
-    return str(maybe_sanitize_url(url))
+    """`url` with its password masked: the form logs, status and errors may show (each
+    part of a Sentinel URL)."""
+    if not is_sentinel_url(url):
+        return str(maybe_sanitize_url(url))
+    return ";".join(str(maybe_sanitize_url(part)) for part in url.split(";"))
 
 
 def get_redis(url: str | None = None) -> redis.Redis:

@@ -24,9 +24,11 @@ from celery.backends.redis import RedisBackend
 from kombu import Exchange, Queue
 
 from omni_tasks.config import CoreModuleConfig, get_config
+from omni_tasks.config.schema import is_sentinel_url
 from omni_tasks.coordination.client import CONNECT_TIMEOUT_S, with_tls_defaults
 from omni_tasks.coordination.keys import PRIORITY_SEP, PRIORITY_STEPS
 from omni_tasks.tasks import transport
+from omni_tasks.tasks.result_consumer import ResilientResultConsumer
 from omni_tasks.tasks.worker_settings import queues_from_argv, worker_settings
 
 TASK_MODULES = ["omni_tasks.tasks.definitions"]
@@ -103,8 +105,9 @@ def broker_settings(config: CoreModuleConfig) -> dict[str, Any]:
     url = with_tls_defaults(config.broker)
     return {
         "broker_url": url,
-        # kombu's Redis transport, with a Redis client kept per channel (`transport`).
-        "broker_transport": transport.TRANSPORT_ALIAS if transport.is_plain_redis(url) else None,
+        # kombu's Redis (or Sentinel) transport, with a Redis client kept per channel
+        # (`transport`).
+        "broker_transport": transport.kept_transport(url),
         "broker_transport_options": {
             "priority_steps": list(PRIORITY_STEPS),
             "sep": PRIORITY_SEP,
@@ -113,8 +116,19 @@ def broker_settings(config: CoreModuleConfig) -> dict[str, Any]:
             "visibility_timeout": 2 * config.longest_task_s + 300,
             # A broker that does not answer fails a connection, never hangs it.
             "socket_connect_timeout": CONNECT_TIMEOUT_S,
+            **sentinel_options(config, url),
         },
     }
+
+
+def sentinel_options(config: CoreModuleConfig, url: str) -> dict[str, Any]:
+    """kombu's and Celery's Sentinel options where `url` names Sentinels: the master's
+    name, and timeouts for the Sentinels' own connections (Celery's backend would give
+    them none, so an unreachable Sentinel would hang a reconnect)."""
+    if not is_sentinel_url(url):
+        return {}
+    timeouts = {"socket_connect_timeout": CONNECT_TIMEOUT_S, "socket_timeout": CONNECT_TIMEOUT_S}
+    return {"master_name": config.redis_sentinel_master, "sentinel_kwargs": timeouts}
 
 
 def celery_settings(config: CoreModuleConfig) -> dict[str, Any]:
@@ -124,6 +138,8 @@ def celery_settings(config: CoreModuleConfig) -> dict[str, Any]:
     return {
         **broker_settings(config),
         "result_backend": with_tls_defaults(config.redis_url),
+        # Celery's Sentinel result backend where `redis_url` names Sentinels.
+        "result_backend_transport_options": sentinel_options(config, config.redis_url),
         # JSON only on the wire: a pickled message is refused by the worker.
         "task_serializer": "json",
         "result_serializer": "json",
@@ -191,7 +207,8 @@ class OmniCelery(Celery):
 
 
 class SubscribeOnWait:
-    """Celery's Redis result backend, whose first subscription waits for a caller that
+    """Celery's Redis result backend, whose result consumer outlasts any Redis outage
+    (`ResilientResultConsumer`), and whose first subscription waits for a caller that
     waits. Celery subscribes to each result as its task is sent (`on_task_call`); the
     first one opens the process's subscriber connection, retrying for minutes when
     Redis is away, before the send's accepting step could refuse at once. Until a
@@ -199,6 +216,8 @@ class SubscribeOnWait:
     the stored result: nothing is missed), sends subscribe to nothing; once the
     connection is open, they subscribe as Celery does, so a result that comes before
     the caller waits is already on its way."""
+
+    ResultConsumer = ResilientResultConsumer
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
         if getattr(self.result_consumer, "_pubsub", None) is not None:

@@ -14,8 +14,11 @@ ack, a reject, a restore). Such a channel raises `ChannelDetachedError`, a Redis
 connection error, instead: every caller handles that as the lost connection it is.
 
 The app selects this transport by name (`TRANSPORT_ALIAS`, through `broker_transport`)
-only where the broker URL selects kombu's plain Redis transport; the worker's consuming
-connection uses its vetting subclass (`workers.transport`).
+where the broker URL selects kombu's plain Redis transport, and its Sentinel twin
+(`SENTINEL_TRANSPORT_ALIAS`, kombu's `SentinelChannel` underneath: every new connection
+asks the Sentinels for the master, so the channel follows a failover) where it selects
+kombu's Sentinel transport (`sentinel://host:port;sentinel://host:port`); the worker's
+consuming connection uses their vetting subclasses (`workers.transport`).
 """
 
 from __future__ import annotations
@@ -159,10 +162,21 @@ class OmniRedisTransport(redis.Transport):
     Channel = OmniRedisChannel
 
 
-#: The name the app selects the transport by: a name, not the class, so a connection's
-#: info stays JSON (Flower's worker page, `inspect stats`).
+class OmniSentinelChannel(OmniRedisChannel, redis.SentinelChannel):
+    """`OmniRedisChannel` on kombu's Sentinel channel: its pools are the master's, as
+    the Sentinels name it (`master_name` in the transport options)."""
+
+
+class OmniSentinelTransport(redis.SentinelTransport):
+    Channel = OmniSentinelChannel
+
+
+#: The names the app selects the transports by: names, not the classes, so a
+#: connection's info stays JSON (Flower's worker page, `inspect stats`).
 TRANSPORT_ALIAS = "omni-redis-kept"
 TRANSPORT_ALIASES.setdefault(TRANSPORT_ALIAS, f"{__name__}:OmniRedisTransport")
+SENTINEL_TRANSPORT_ALIAS = "omni-sentinel-kept"
+TRANSPORT_ALIASES.setdefault(SENTINEL_TRANSPORT_ALIAS, f"{__name__}:OmniSentinelTransport")
 
 
 class OmniConnection(Connection):
@@ -173,8 +187,11 @@ class OmniConnection(Connection):
     def info(self) -> dict[str, Any]:
         info = super().info()
         name = info.get("transport")
-        if isinstance(name, str) and name not in ("redis", "rediss"):
-            if issubclass(get_transport_cls(name), redis.Transport):
+        if isinstance(name, str) and name not in ("redis", "rediss", "sentinel"):
+            cls = get_transport_cls(name)
+            if issubclass(cls, redis.SentinelTransport):
+                info["transport"] = "sentinel"
+            elif issubclass(cls, redis.Transport):
                 info["transport"] = "rediss" if self.ssl else "redis"
         return info
 
@@ -183,10 +200,24 @@ def accepts_on_publish() -> bool:
     """Whether a send's acceptance rides on its publish (`OmniRedisChannel._put`): the
     broker is the coordination Redis, reached through this module's transport."""
     config = get_config()
-    return config.broker == config.redis_url and is_plain_redis(config.broker)
+    return config.broker == config.redis_url and kept_transport(config.broker) is not None
 
 
 @functools.cache
 def is_plain_redis(url: str) -> bool:
     """Whether `url` selects kombu's plain Redis transport (redis://, rediss://)."""
     return get_transport_cls(Connection(url).transport_cls) is redis.Transport
+
+
+@functools.cache
+def is_sentinel(url: str) -> bool:
+    """Whether `url` selects kombu's Redis Sentinel transport (sentinel://)."""
+    return get_transport_cls(Connection(url).transport_cls) is redis.SentinelTransport
+
+
+def kept_transport(url: str) -> str | None:
+    """The name of this module's transport for `url`: the plain Redis one, the
+    Sentinel one, or None (another broker: kombu's own transport serves it)."""
+    if is_plain_redis(url):
+        return TRANSPORT_ALIAS
+    return SENTINEL_TRANSPORT_ALIAS if is_sentinel(url) else None
