@@ -146,3 +146,18 @@ def foreign(*args: str, timeout_s: float = 300) -> Any:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def write_heartbeat(client: Any, hostname: str, mapping: dict[str, Any], ttl_s: int = 30) -> None:
+    """A live worker's heartbeat as the worker side writes it: its hash (expiring) and
+    its entry in the worker index of its kind (`coordination.worker_index`)."""
+    import time
+
+    from omni_tasks.coordination import keys, worker_index
+
+    stages = json.loads(mapping.get("stages") or "[]")
+    queues = json.loads(mapping.get("queues") or "[]")
+    kind = worker_index.kind_of([*stages, *(["dit"] if "diffusion" in queues else [])])
+    client.hset(keys.worker(hostname), mapping=mapping)
+    client.expire(keys.worker(hostname), ttl_s)
+    client.zadd(keys.worker_beats(kind), {hostname: time.time()})

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import eventually
+from helpers import eventually, write_heartbeat
 from prometheus_client.parser import text_string_to_metric_families
 
 from omni_tasks import generate_image, generate_text
@@ -91,9 +91,10 @@ def other_worker() -> Iterator[str]:
     status = {"device": "cuda:0", "total_bytes": 80 * 2**30, "budget_bytes": 72 * 2**30}
     status |= {"used_bytes": 3 * 2**30, "cache_bytes": 2**30, "running": 2, "batch": 2}
     client = get_redis()
-    client.hset(
-        keys.worker(name),
-        mapping={
+    write_heartbeat(
+        client,
+        name,
+        {
             "hostname": name,
             "queues": "[]",
             "stages": "[]",
@@ -101,7 +102,6 @@ def other_worker() -> Iterator[str]:
             "resource_status": json.dumps(status),
         },
     )
-    client.expire(keys.worker(name), 60)
     yield name
     client.delete(keys.worker(name))
 

@@ -17,7 +17,7 @@ from typing import Any
 from omni_tasks.api.errors import APIError
 from omni_tasks.api.hub import ResultHub
 from omni_tasks.config import get_config
-from omni_tasks.coordination import keys
+from omni_tasks.coordination import keys, worker_index
 from omni_tasks.model_registry import check_model
 from omni_tasks.requests import OmniRequest, RequestType, Stage, stages_of
 from omni_tasks.tasks.definitions import probe
@@ -52,12 +52,16 @@ class LiveWorkers:
 
     async def _read(self) -> list[dict[str, Any]]:
         client = self._hub.redis
-        found = [k async for k in client.scan_iter(match=keys.worker("") + "*", count=500)]
+        cutoff = time.time() - worker_index.HEARTBEAT_TTL_S
+        pipe = client.pipeline(transaction=False)
+        for kind in worker_index.KINDS:
+            pipe.zrangebyscore(keys.worker_beats(kind), f"({cutoff}", "+inf")
+        found = [host for hosts in await pipe.execute() for host in hosts]
         if not found:
             return []
         pipe = client.pipeline(transaction=False)
-        for key in found:
-            pipe.hgetall(key)
+        for host in found:
+            pipe.hgetall(keys.worker(host))
         now, timeout = time.time(), get_config().worker_timeout
         workers = []
         for info in await pipe.execute():

@@ -26,13 +26,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from omni_tasks import lora
 from omni_tasks.config import CoreModuleConfig
-from omni_tasks.coordination import keys
+from omni_tasks.coordination import keys, worker_index
 from omni_tasks.coordination.client import get_redis, get_scripts
 from omni_tasks.model_registry import dit_model
 from omni_tasks.requests import OmniRequest, RequestType
@@ -170,31 +169,32 @@ def pick_holder(cache_keys: list[str]) -> str | None:
 
 
 def sweep_dead_workers(pool_queue: str) -> list[str]:
-    """Clear the entries of workers whose heartbeat expired, and move the messages left
-    in their own queues (affinity-routed, or restored there after they died) back to
-    the pool queue at the same priority. Run periodically by every live DiT worker."""
+    """Clear the entries of the diffusion workers whose heartbeat expired, and move the
+    messages left in their own queues (affinity-routed, or restored there after they
+    died) back to the pool queue at the same priority; then drop them from the worker
+    index. Run periodically by every live DiT worker: O(dead workers), no scan."""
     client = get_redis()
-    dead: set[str] = set()
-    prefix = keys.cache_worker("")
-    for key in client.scan_iter(match=prefix + "*", count=500):
-        worker = key[len(prefix) :]
-        if not client.exists(keys.worker(worker)):
-            clear_worker(worker)
-            dead.add(worker)
-    for key, worker, level in own_queue_keys(client):
-        if client.exists(keys.worker(worker)):
-            continue
-        if get_scripts().move_all(keys=[key, keys.queue_key(pool_queue, level)]):
-            dead.add(worker)
+    candidates = worker_index.dead(client, worker_index.DIT)
+    if not candidates:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for worker in candidates:
+        pipe.exists(keys.worker(worker))
+    dead = [w for w, alive in zip(candidates, pipe.execute(), strict=True) if not alive]
+    scripts = get_scripts()
+    for worker in dead:
+        clear_worker(worker)
+        own = keys.worker_queue(worker)
+        for level in keys.PRIORITY_STEPS:
+            scripts.move_all(keys=[keys.queue_key(own, level), keys.queue_key(pool_queue, level)])
+    worker_index.forget(client, worker_index.DIT, dead)
     return sorted(dead)
 
 
-def own_queue_keys(client: Any) -> Iterator[tuple[str, str, int]]:
-    """(list key, worker, priority level) of every list of the workers' own queues."""
-    prefix = keys.worker_queue("")
-    for key in client.scan_iter(match=prefix + "*", count=500):
-        queue, level = keys.parse_queue_key(key)
-        yield key, queue[len(prefix) :], level
+def own_queue_keys(client: Any) -> list[tuple[str, str, int]]:
+    """(list key, worker, priority level) of every level of every indexed diffusion
+    worker's own queue (`worker_index.own_queue_keys`)."""
+    return worker_index.own_queue_keys(client)
 
 
 def count_lookup(queue: str, worker: str, kind: str, hit: bool) -> None:

@@ -13,7 +13,6 @@ does not say at which priorities messages wait.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 from kombu import Connection
 
 from omni_tasks.config import CoreModuleConfig, get_config
-from omni_tasks.coordination import keys
+from omni_tasks.coordination import keys, worker_index
 from omni_tasks.coordination.cache_directory import own_queue_keys
 from omni_tasks.coordination.client import get_redis, redacted
 from omni_tasks.model_registry import model_queues
@@ -57,8 +56,12 @@ def all_depths(config: CoreModuleConfig | None = None) -> tuple[Depths, Depths]:
     for levels in models.values():
         for level, count in levels.items():
             pool[level] += count
-    for key, _, level in own_queue_keys(client):
-        pool[level] += int(client.llen(key))
+    own = own_queue_keys(client)
+    pipe = client.pipeline(transaction=False)
+    for key, _, _ in own:
+        pipe.llen(key)
+    for (_, _, level), count in zip(own, pipe.execute() if own else [], strict=True):
+        pool[level] += int(count)
     return {ar: counts[ar], dit: pool}, models
 
 
@@ -137,7 +140,7 @@ def _broker_depths(config: CoreModuleConfig, client: Any) -> tuple[Depths, Depth
     """Depths from a non-Redis broker, one count per queue under `UNKNOWN_LEVEL` (an
     unreachable broker gives empty levels: unknown)."""
     dit = config.diffusion.queue
-    own = [keys.worker_queue(w) for w in _live_workers_of(client, "dit")]
+    own = [keys.worker_queue(w) for w in worker_index.live(client, [worker_index.DIT])]
     named = model_queues(config)
     counts = _broker_queues.counts(config.broker, [config.ar.queue, dit, *named.values(), *own])
 
@@ -147,12 +150,3 @@ def _broker_depths(config: CoreModuleConfig, client: Any) -> tuple[Depths, Depth
 
     pools = {config.ar.queue: summed([config.ar.queue]), dit: summed([dit, *named.values(), *own])}
     return pools, {model: summed([queue]) for model, queue in named.items()}
-
-
-def _live_workers_of(client: Any, stage: str) -> list[str]:
-    """Hostnames of the live workers running `stage`, from their heartbeats."""
-    found = []
-    for key in client.scan_iter(match=keys.worker("") + "*", count=200):
-        if stage in json.loads(client.hget(key, "stages") or "[]"):
-            found.append(key[len(keys.worker("")) :])
-    return found

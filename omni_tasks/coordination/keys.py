@@ -149,6 +149,12 @@ def ledger_open() -> str:
     return f"{_p()}:ledger:open"
 
 
+def worker_beats(kind: str) -> str:
+    """Sorted set: hostname -> time of its last beat, for the workers of one kind
+    (`coordination.worker_index`): who is alive and who died, read without a scan."""
+    return f"{_p()}:beats:{kind}"
+
+
 def held(hostname: str) -> str:
     """Set of the task ids a live worker holds (reserved or running), renewed each beat."""
     return f"{_p()}:held:{hostname}"

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from omni_tasks.config import CoreModuleConfig, get_config
-from omni_tasks.coordination import keys
+from omni_tasks.coordination import keys, worker_index
 from omni_tasks.coordination.cache_directory import hit_rate
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.depths import UNKNOWN_LEVEL as UNKNOWN_LEVEL  # re-exported
@@ -107,10 +107,7 @@ def read_snapshot(config: CoreModuleConfig | None = None) -> ClusterSnapshot:
             queued_s_sum=float(raw.get("queued_s_sum", 0.0)),
         )
     workers = []
-    for key in client.scan_iter(match=keys.worker("") + "*", count=200):
-        info = client.hgetall(key)
-        if not info:
-            continue
+    for info in worker_index.heartbeats(client, worker_index.live(client)):
         for name in ("queues", "stages"):
             info[name] = json.loads(info.get(name) or "[]")
         info["models"] = _json_object(info.get("models"))

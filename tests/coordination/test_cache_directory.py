@@ -34,6 +34,12 @@ def beat(client: Redis, worker: str, concurrency: int = 2) -> None:
     mapping = {"hostname": worker, "queues": '["diffusion"]', "concurrency": concurrency}
     client.hset(keys.worker(worker), mapping=mapping)
     client.expire(keys.worker(worker), 30)
+    client.zadd(keys.worker_beats("dit"), {worker: time.time()})
+
+
+def died(client: Redis, worker: str) -> None:
+    """A diffusion worker whose last beat is long past (its hash has expired)."""
+    client.zadd(keys.worker_beats("dit"), {worker: time.time() - 600})
 
 
 def own_queue(worker: str, level: int = 0) -> str:
@@ -146,6 +152,8 @@ def test_sweep_moves_a_dead_workers_messages_back_to_the_pool(redis_client) -> N
     redis_client.lpush(own_queue("live-1", 3), "l3")
     # A dead worker that held nothing but still has messages (restored after it died).
     redis_client.lpush(own_queue("dead-2", 7), "d7")
+    died(redis_client, "dead-1")
+    died(redis_client, "dead-2")
 
     assert directory.sweep_dead_workers(POOL) == ["dead-1", "dead-2"]
     assert [h.worker for h in directory.holders("lat:a")] == ["live-1"]
@@ -163,17 +171,14 @@ def test_sweep_moves_a_dead_workers_messages_back_to_the_pool(redis_client) -> N
     assert directory.sweep_dead_workers(POOL) == []  # nothing left to sweep
 
 
-def test_own_queue_keys_lists_every_level_of_every_worker(redis_client) -> None:
-    redis_client.lpush(own_queue("w1@h", 0), "m")
-    redis_client.lpush(own_queue("w1@h", 4), "m")
-    redis_client.lpush(own_queue("w2@h", 9), "m")
-    redis_client.lpush("diffusion:4", "m")  # a pool queue is not a worker's
-    found = sorted(directory.own_queue_keys(redis_client))
-    assert found == [
-        (own_queue("w1@h", 0), "w1@h", 0),
-        (own_queue("w1@h", 4), "w1@h", 4),
-        (own_queue("w2@h", 9), "w2@h", 9),
-    ]
+def test_own_queue_keys_lists_every_level_of_every_indexed_worker(redis_client) -> None:
+    beat(redis_client, "w1@h")
+    died(redis_client, "w2@h")  # not swept yet: its queue still counts
+    found = directory.own_queue_keys(redis_client)
+    assert len(found) == 2 * len(keys.PRIORITY_STEPS)
+    assert (own_queue("w1@h", 4), "w1@h", 4) in found
+    assert (own_queue("w2@h", 9), "w2@h", 9) in found
+    assert all(not key.startswith("diffusion") for key, _, _ in found)  # no pool queue
 
 
 def test_lookup_counters_and_hit_rate(redis_client) -> None:

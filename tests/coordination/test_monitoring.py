@@ -8,6 +8,7 @@ import json
 import time
 from dataclasses import replace
 
+from helpers import write_heartbeat
 from redis import Redis
 
 from omni_tasks import get_config
@@ -47,8 +48,7 @@ def beat(client: Redis, hostname: str, queues: list[str], **figures: object) -> 
         "beat": time.time(),
         **figures,
     }
-    client.hset(keys.worker(hostname), mapping=info)
-    client.expire(keys.worker(hostname), 30)
+    write_heartbeat(client, hostname, info)
 
 
 def test_queue_depths_per_level(redis_client) -> None:
@@ -66,6 +66,8 @@ def test_queue_depths_per_level(redis_client) -> None:
 
 
 def test_workers_own_queues_count_for_the_diffusion_pool(redis_client) -> None:
+    beat(redis_client, "w1@h", ["diffusion"])
+    beat(redis_client, "w2@h", ["diffusion"])
     redis_client.lpush(keys.queue_key("diffusion", 6), "m1")
     redis_client.lpush(keys.queue_key(keys.worker_queue("w1@h"), 6), "m2", "m3")
     redis_client.lpush(keys.queue_key(keys.worker_queue("w2@h"), 0), "m4")

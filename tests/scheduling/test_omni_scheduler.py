@@ -10,7 +10,7 @@ import time
 from dataclasses import replace
 
 import pytest
-from helpers import DIT_QUEUE, where
+from helpers import DIT_QUEUE, where, write_heartbeat
 
 from omni_tasks import (
     CacheConfig,
@@ -215,18 +215,18 @@ def test_status_metrics_and_health_without_workers(redis_client) -> None:
 
 def test_status_shows_each_workers_resource_status(redis_client) -> None:
     status = {"device": "cuda:0", "total_bytes": 80, "budget_bytes": 64, "used_bytes": 60}
-    redis_client.hset(
-        keys.worker("diffusion-1@h"),
-        mapping={
+    write_heartbeat(
+        redis_client,
+        "diffusion-1@h",
+        {
             "hostname": "diffusion-1@h",
             "queues": '["diffusion"]',
             "beat": time.time(),
             "resource_status": json.dumps({**status, "running": 2, "batch": 2}),
         },
     )
-    redis_client.hset(
-        keys.worker("ar-1@h"),
-        mapping={"hostname": "ar-1@h", "queues": '["ar"]', "beat": time.time()},
+    write_heartbeat(
+        redis_client, "ar-1@h", {"hostname": "ar-1@h", "queues": '["ar"]', "beat": time.time()}
     )
     scheduler = OmniScheduler()
     resources = scheduler.get_status()["resource_status"]

@@ -15,15 +15,15 @@ import time
 from typing import Any
 
 from omni_tasks.config import get_config
-from omni_tasks.coordination import cache_directory, keys
+from omni_tasks.coordination import cache_directory, keys, worker_index
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.outage import Outage
+from omni_tasks.coordination.worker_index import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S
 from workers import task_context
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
-HEARTBEAT_INTERVAL_S = 5.0
-HEARTBEAT_TTL_S = 20
+__all__ = ["HEARTBEAT_INTERVAL_S", "HEARTBEAT_TTL_S", "Heartbeat", "held_task_ids"]
 
 
 class Heartbeat:
@@ -33,6 +33,8 @@ class Heartbeat:
         self.runtime = runtime
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._kind = worker_index.kind_of(runtime.identity.stages)
+        self._held_written = True  # whether a held set may exist (a restart's old one)
 
     def start(self) -> None:
         self._stop.clear()
@@ -46,8 +48,10 @@ class Heartbeat:
         """Remove this worker's heartbeat and DiT cache entries (a clean exit)."""
         hostname = self.runtime.hostname
         try:
-            get_redis().delete(keys.worker(hostname), keys.held(hostname))
+            client = get_redis()
+            client.delete(keys.worker(hostname), keys.held(hostname))
             cache_directory.clear_worker(hostname)
+            worker_index.leave(client, self._kind, hostname)
         except Exception:
             log.warning("could not clear the heartbeat key", exc_info=True)
 
@@ -87,21 +91,29 @@ class Heartbeat:
             self._stop.wait(outage.pause(HEARTBEAT_INTERVAL_S))
 
     def _beat(self, key: str, info: dict[str, Any]) -> None:
-        """One beat: the hash, its expiry and the held set in one transaction."""
-        pipe = get_redis().pipeline(transaction=True)
+        """One beat: the hash and its expiry, the index entry, and the held set. Idle,
+        that is three commands in one round trip; the held set is rewritten in a
+        transaction (a reader never sees it half written) only while it has members or
+        had them at the last beat."""
         figures: dict[str, Any] = dict(self.runtime.dit_cache_figures())
         resources = self.runtime.resource_status()
         if resources is not None:
             figures["resource_status"] = json.dumps(resources)
-        pipe.hset(key, mapping={**info, **figures, "beat": time.time()})
-        pipe.expire(key, HEARTBEAT_TTL_S)
-        held_key = keys.held(self.runtime.hostname)
-        pipe.delete(held_key)
         held = held_task_ids()
-        if held:
-            pipe.sadd(held_key, *held)
-            pipe.expire(held_key, HEARTBEAT_TTL_S)
+        rewrite = bool(held) or self._held_written
+        pipe = get_redis().pipeline(transaction=rewrite)
+        now = time.time()
+        pipe.hset(key, mapping={**info, **figures, "beat": now})
+        pipe.expire(key, HEARTBEAT_TTL_S)
+        worker_index.beat(pipe, self._kind, self.runtime.hostname, now)
+        if rewrite:
+            held_key = keys.held(self.runtime.hostname)
+            pipe.delete(held_key)
+            if held:
+                pipe.sadd(held_key, *held)
+                pipe.expire(held_key, HEARTBEAT_TTL_S)
         pipe.execute()
+        self._held_written = bool(held)
 
 
 def _late_beat_warning(last: float) -> float:

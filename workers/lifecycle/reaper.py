@@ -34,24 +34,22 @@ already final.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, states
 
 from omni_tasks.config import get_config
-from omni_tasks.coordination import admission, keys, ledger
+from omni_tasks.coordination import admission, keys, ledger, worker_index
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.counters import count_outcome
 from omni_tasks.coordination.outage import Outage
+from omni_tasks.coordination.queue_walk import queued_among
 from omni_tasks.errors import RequestValidationError
-from omni_tasks.model_registry import model_queues
 from omni_tasks.tasks.definitions import PROMPT_STAGE_SUFFIX
 from workers.lifecycle.heartbeat import HEARTBEAT_INTERVAL_S
 
@@ -86,35 +84,56 @@ class Reaper:
                 self._close()
 
     def run_once(self) -> dict[str, int]:
-        """One pass, if no other worker holds the lock; returns what it did."""
+        """One pass, if no other worker holds the lock; returns what it did. A pass with
+        nothing due costs the lock and four range reads; what it reads besides is
+        O(unacked + entries due), never O(queued) (`_Whereabouts`)."""
         token = uuid.uuid4().hex
         lock_ms = int(get_config().reaper_interval_s * 1000)
         client = get_redis()
         if not client.set(keys.reaper_lock(), token, nx=True, px=lock_ms):
             return {}
+        worker_index.prune(client)
+        redis_broker = self._redis_broker()
+        before = time.time() - get_config().ledger_grace_s
+        tags = self._orphan_candidates() if redis_broker else []
+        due = ledger.open_since(before) if redis_broker else []
+        admitted = [
+            i for q in admission.pool_queues() for i in admission.admitted_before(q, before)
+        ]
+        if not (tags or due or admitted):
+            return {}
         if int(client.info("server")["uptime_in_seconds"]) < UNACKED_MIN_AGE_S:
             # Redis started again moments ago: live workers have not all beaten since,
             # and a held set lost with the restart would read as a dead worker's.
             return {}
-        held = self._held_by_live_workers()
-        # Where every request is (queues and unacked scanned once a pass, if at all).
-        present = functools.cache(lambda: held | self._queued_ids() | self._unacked_ids())
-        if not self._redis_broker():
+        where = _Whereabouts(self)
+        if not redis_broker:
             # RabbitMQ requeues a lost connection's messages itself, and a publish is
             # confirmed: neither loss 1 or 2 covers happens there.
-            return {"released": self._reconcile_admissions(present)}
-        done = {"restored": self._restore_orphans(held), "recovered": self._recover_lost(present)}
-        return {**done, "released": self._reconcile_admissions(present)}
+            return {"released": self._reconcile_admissions(admitted, where)}
+        done = {
+            "restored": self._restore_orphans(tags, where.held()),
+            "recovered": self._recover_lost(due, where),
+        }
+        return {**done, "released": self._reconcile_admissions(admitted, where)}
 
     # -- 1. dead workers' unacked messages ------------------------------------------
-    def _restore_orphans(self, held: set[str]) -> int:
+    def _orphan_candidates(self) -> list[str]:
+        """Delivery tags unacked for longer than two beats (their worker may be gone)."""
+        channel = self._channel()
+        cutoff = time.time() - UNACKED_MIN_AGE_S
+        return list(get_redis().zrangebyscore(channel.unacked_index_key, "-inf", cutoff))
+
+    def _restore_orphans(self, tags: list[str], held: set[str]) -> int:
+        if not tags:
+            return 0
         channel = self._channel()
         client = get_redis()
-        cutoff = time.time() - UNACKED_MIN_AGE_S
-        tags = client.zrangebyscore(channel.unacked_index_key, "-inf", cutoff)
-        restored = 0
+        pipe = client.pipeline(transaction=False)
         for tag in tags:
-            raw = client.hget(channel.unacked_key, tag)
+            pipe.hget(channel.unacked_key, tag)
+        restored = 0
+        for tag, raw in zip(tags, pipe.execute(), strict=True):
             if raw is None:
                 continue
             task_id, queue = _id_and_queue(raw)
@@ -123,19 +142,20 @@ class Reaper:
             channel.qos.restore_by_tag(tag)
             restored += 1
             log.warning("restored %s (task %s): its worker is gone", tag, task_id)
+            _note_own_queue(client, queue)
             _count(queue, "restored")
         return restored
 
     # -- 2. lost requests -------------------------------------------------------------
-    def _recover_lost(self, present: Callable[[], set[str]]) -> int:
-        ids = ledger.open_since(time.time() - get_config().ledger_grace_s)
+    def _recover_lost(self, ids: list[str], where: _Whereabouts) -> int:
         if not ids:
             return 0
         pending = self._not_final(ids)
         if not pending:
             return 0
         recovered = 0
-        for task_id in pending - present():
+        before = time.time() - get_config().ledger_grace_s
+        for task_id in pending - where.present(pending, before):
             entry = ledger.entry(task_id)
             if entry is None:
                 ledger.forget([task_id])
@@ -162,9 +182,8 @@ class Reaper:
         return recovered
 
     # -- 3. admissions nothing will release -------------------------------------------
-    def _reconcile_admissions(self, present: Callable[[], set[str]]) -> int:
+    def _reconcile_admissions(self, ids: list[str], where: _Whereabouts) -> int:
         before = time.time() - get_config().ledger_grace_s
-        ids = [i for q in admission.pool_queues() for i in admission.admitted_before(q, before)]
         if not ids:
             return 0
         pending = self._not_final(ids)
@@ -173,7 +192,7 @@ class Reaper:
             live = _with_first_stages(pending)
             accounted = self._open_in_ledger(live)
             if not live <= accounted:
-                accounted |= live & present()
+                accounted |= where.present(live - accounted, before)
             ended |= {i for i in pending if not _with_first_stages({i}) & accounted}
         admission.release(ended)
         for task_id in ended:
@@ -206,35 +225,7 @@ class Reaper:
         return pending
 
     # -- what is where ----------------------------------------------------------------
-    @staticmethod
-    def _held_by_live_workers() -> set[str]:
-        client = get_redis()
-        prefix = keys.worker("")
-        held: set[str] = set()
-        for key in client.scan_iter(match=prefix + "*", count=200):
-            held |= client.smembers(keys.held(key[len(prefix) :]))
-        return held
-
-    def _queued_ids(self) -> set[str]:
-        client = get_redis()
-        config = get_config()
-        queues = [config.ar.queue, config.diffusion.queue, *model_queues(config).values()]
-        lists = [k for q in queues for k in keys.queue_keys(q)]
-        lists += list(client.scan_iter(match=keys.worker_queue("") + "*", count=200))
-        # Models' queues this process's registry may not list (a worker's own model).
-        pattern = _glob_escape(keys.model_queue(config.diffusion.queue, "")) + "*"
-        known = set(lists)
-        lists += [k for k in client.scan_iter(match=pattern, count=200) if k not in known]
-        found: set[str] = set()
-        for name in lists:
-            if client.type(name) != "list":
-                continue
-            for start in range(0, client.llen(name), 1000):
-                for raw in client.lrange(name, start, start + 999):
-                    found.add(_id_and_queue(raw, payload_only=True)[0])
-        return found
-
-    def _unacked_ids(self) -> set[str]:
+    def unacked_ids(self) -> set[str]:
         if not self._redis_broker():
             return set()
         raw = get_redis().hvals(self._channel().unacked_key)
@@ -258,6 +249,36 @@ class Reaper:
                 self._connection = None
 
 
+class _Whereabouts:
+    """Where the requests a pass asks about are, each source read once a pass and only
+    if asked: held by a live worker (the worker index's held sets), unacked (kombu's
+    hash), or queued (`queued_among`: a walk from the old end of each list, not the
+    whole queue)."""
+
+    def __init__(self, reaper: Reaper) -> None:
+        self._reaper = reaper
+        self._held: set[str] | None = None
+        self._unacked: set[str] | None = None
+
+    def held(self) -> set[str]:
+        if self._held is None:
+            client = get_redis()
+            hosts = worker_index.live(client)
+            pipe = client.pipeline(transaction=False)
+            for host in hosts:
+                pipe.smembers(keys.held(host))
+            self._held = set().union(*pipe.execute()) if hosts else set()
+        return self._held
+
+    def present(self, ids: set[str], published_before: float) -> set[str]:
+        """Of `ids` (all published before `published_before`), those held, unacked or
+        queued."""
+        if self._unacked is None:
+            self._unacked = self._reaper.unacked_ids()
+        found = ids & (self.held() | self._unacked)
+        return found | queued_among(ids - found, published_before)
+
+
 def _id_and_queue(raw: str | bytes, payload_only: bool = False) -> tuple[str, str]:
     """(task id, routing key) of a kombu Redis entry: an unacked `[payload, exchange,
     routing_key]` triple or, with `payload_only`, a queued payload. Unreadable -> ''."""
@@ -271,14 +292,18 @@ def _id_and_queue(raw: str | bytes, payload_only: bool = False) -> tuple[str, st
         return "", ""
 
 
-def _glob_escape(text: str) -> str:
-    """`text` matched literally in a Redis SCAN pattern."""
-    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
-
-
 def _with_first_stages(ids: set[str]) -> set[str]:
     """`ids` and the first-stage task ids of the MULTIMODAL chains they may end."""
     return ids | {i + PROMPT_STAGE_SUFFIX for i in ids}
+
+
+def _note_own_queue(client: Any, queue: str) -> None:
+    """A message restored into a dead worker's own queue: list that worker in the index
+    (as dead, unless it is there) so that a live worker's sweep moves the message back
+    to the pool."""
+    prefix = keys.worker_queue("")
+    if queue.startswith(prefix):
+        client.zadd(keys.worker_beats(worker_index.DIT), {queue[len(prefix) :]: 0}, nx=True)
 
 
 def _count(queue: str, outcome: str) -> None:

@@ -181,6 +181,8 @@ def test_clear_deletes_the_heartbeat_and_the_directory_entries(heartbeat_of, red
 
 def test_a_diffusion_workers_heartbeat_sweeps_dead_workers(heartbeat_of, redis_client) -> None:
     cache_directory.record_insert("dead@test", "diffusion", "k-dead", 100)
+    # It beat last ten minutes ago: the worker index lists it, its hash has expired.
+    redis_client.zadd(keys.worker_beats("dit"), {"dead@test": time.time() - 600})
     ar = heartbeat_of("ar@test", **AR_WORKER)
     ar.call("start")
     assert eventually(lambda: beat_of(redis_client, "ar@test"))

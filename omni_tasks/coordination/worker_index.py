@@ -1,0 +1,104 @@
+"""The index of workers by their last beat: who is alive, who died, and which lists are
+the diffusion workers' own queues, read in O(workers of a kind) without a keyspace scan.
+
+Each beat adds one `ZADD` to the sorted set of its kind (`keys.worker_beats`):
+
+- `dit`: workers that run the diffusion stage. They own queues (cache-affinity routing
+  puts repeats there) and DiT cache entries that must be moved back and cleared when
+  they die, so they stay in the index after death until a live one sweeps them
+  (`cache_directory.sweep_dead_workers`).
+- `other`: every other worker; its entry only says when it last beat.
+
+A worker is live while its last beat is younger than `HEARTBEAT_TTL_S`, the lifetime of
+its heartbeat hash: the index and the hash agree. A clean exit removes its entry;
+entries older than `FORGET_AFTER_S` are pruned by the reaper.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from omni_tasks.coordination import keys
+
+#: How often a worker beats.
+HEARTBEAT_INTERVAL_S = 5.0
+#: How long a beat counts: the heartbeat hash's lifetime (four beats).
+HEARTBEAT_TTL_S = 20
+#: Index entries of workers dead for this long are dropped (their own queues were
+#: moved back long before, by any live diffusion worker's sweep).
+FORGET_AFTER_S = 3600.0
+DIT, OTHER = "dit", "other"
+KINDS = (DIT, OTHER)
+
+
+def kind_of(stages: Iterable[str]) -> str:
+    """The index a worker running `stages` beats into."""
+    return DIT if "dit" in stages else OTHER
+
+
+def beat(pipe: Any, kind: str, hostname: str, now: float) -> None:
+    """Queue the index's part of one beat on `pipe` (one command)."""
+    pipe.zadd(keys.worker_beats(kind), {hostname: now})
+
+
+def leave(client: Any, kind: str, hostname: str) -> None:
+    """A clean exit: the worker is no longer listed."""
+    client.zrem(keys.worker_beats(kind), hostname)
+
+
+def live(client: Any, kinds: Iterable[str] = KINDS, now: float | None = None) -> list[str]:
+    """Hostnames whose last beat is younger than `HEARTBEAT_TTL_S`, by kind in order."""
+    cutoff = (time.time() if now is None else now) - HEARTBEAT_TTL_S
+    pipe = client.pipeline(transaction=False)
+    for kind in kinds:
+        pipe.zrangebyscore(keys.worker_beats(kind), f"({cutoff}", "+inf")
+    return [host for found in pipe.execute() for host in found]
+
+
+def dead(client: Any, kind: str, now: float | None = None) -> list[str]:
+    """Hostnames of `kind` whose last beat is older than `HEARTBEAT_TTL_S`."""
+    cutoff = (time.time() if now is None else now) - HEARTBEAT_TTL_S
+    return list(client.zrangebyscore(keys.worker_beats(kind), "-inf", cutoff))
+
+
+def listed(client: Any, kind: str) -> list[str]:
+    """Every hostname of `kind` in the index, live or not yet swept."""
+    return list(client.zrange(keys.worker_beats(kind), 0, -1))
+
+
+def forget(client: Any, kind: str, hostnames: list[str]) -> None:
+    """Drop swept workers from the index."""
+    if hostnames:
+        client.zrem(keys.worker_beats(kind), *hostnames)
+
+
+def prune(client: Any, now: float | None = None) -> None:
+    """Drop the entries of workers dead for longer than `FORGET_AFTER_S` (one command
+    per kind, run by the reaper's pass)."""
+    cutoff = (time.time() if now is None else now) - FORGET_AFTER_S
+    pipe = client.pipeline(transaction=False)
+    for kind in KINDS:
+        pipe.zremrangebyscore(keys.worker_beats(kind), "-inf", cutoff)
+    pipe.execute()
+
+
+def heartbeats(client: Any, hostnames: list[str]) -> list[dict[str, str]]:
+    """The heartbeat hashes of `hostnames` that still exist, in one round trip."""
+    if not hostnames:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for host in hostnames:
+        pipe.hgetall(keys.worker(host))
+    return [info for info in pipe.execute() if info]
+
+
+def own_queue_keys(client: Any) -> list[tuple[str, str, int]]:
+    """(list key, worker, priority level) of every level of the own queue of each
+    diffusion worker in the index (an empty list reads as length 0)."""
+    return [
+        (keys.queue_key(keys.worker_queue(host), level), host, level)
+        for host in listed(client, DIT)
+        for level in keys.PRIORITY_STEPS
+    ]
