@@ -21,7 +21,7 @@ from typing import Any
 from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.coordination import cache_directory, keys
 from omni_tasks.coordination.counters import SuccessCounters
-from omni_tasks.coordination.monitoring import highest_waiting_level
+from omni_tasks.coordination.monitoring import waiting_above
 from omni_tasks.errors import EngineStoppedError
 from omni_tasks.requests import Stage
 from workers.engines.base import DiffusionEngine, TextEngine
@@ -239,7 +239,11 @@ def build_diffusion_engine(config: CoreModuleConfig) -> DiffusionEngine:
     entry = config.diffusion_models()[dit.model]
     model = resolve_model(config.model_path(dit.model) or dit.model, config)
     log.info("loading diffusion engine for %s (%s)", dit.model, model)
-    watched = [dit.queue, keys.model_queue(dit.queue, dit.model)]
+    watched = [
+        dit.queue,
+        keys.model_queue(dit.queue, dit.model),
+        keys.worker_queue(runtime.hostname),
+    ]
     return DiffusersEngine(
         model,
         family=entry.family,
@@ -247,7 +251,7 @@ def build_diffusion_engine(config: CoreModuleConfig) -> DiffusionEngine:
         dtype=dit.dtype,
         max_batch_size=config.step_batch_limit,
         config=config,
-        arrivals=lambda: highest_waiting_level([*watched, keys.worker_queue(runtime.hostname)]),
+        arrivals=lambda level: waiting_above(watched, level),
         adapter_listener=AdapterDirectoryListener(runtime.hostname, dit.queue),
         counters=PoolStepCounters(runtime.counters, dit.queue),
     )

@@ -76,6 +76,16 @@ def highest_waiting_level(queues: list[str]) -> int | None:
     return min(waiting) if waiting else None
 
 
+def waiting_above(queues: list[str], level: int) -> bool:
+    """Whether a message of a better priority level than `level` (0 highest) waits in
+    any of `queues`: one EXISTS over those levels' lists (kombu deletes an empty list),
+    so one command however many lists and messages. False with a RabbitMQ broker."""
+    if not get_config().broker_is_redis or level <= 0:
+        return False
+    lists = [keys.queue_key(q, better) for q in queues for better in range(level)]
+    return bool(get_redis().exists(*lists))
+
+
 def total_queued(config: CoreModuleConfig | None = None) -> int:
     """Messages waiting in every queue, all levels."""
     return sum(sum(levels.values()) for levels in queue_depths(config).values())

@@ -24,6 +24,7 @@ from omni_tasks.coordination.depths import highest_waiting_level as highest_wait
 from omni_tasks.coordination.depths import model_depths as model_depths
 from omni_tasks.coordination.depths import queue_depths as queue_depths
 from omni_tasks.coordination.depths import total_queued as total_queued
+from omni_tasks.coordination.depths import waiting_above as waiting_above
 from omni_tasks.coordination.rejections import MAX_RECORDS
 
 log = logging.getLogger(__name__)

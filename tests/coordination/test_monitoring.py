@@ -287,3 +287,14 @@ def test_models_no_live_worker_serves_are_named(redis_client, use_config) -> Non
     assert advice == [
         "start one: OMNI_DIFFUSION__MODEL=flux-c celery -A omni_tasks worker -Q diffusion"
     ]
+
+
+def test_waiting_above_looks_only_at_the_better_levels(redis_client) -> None:
+    from omni_tasks.coordination.depths import waiting_above
+
+    own = keys.worker_queue("w1@h")
+    redis_client.lpush(keys.queue_key(own, 5), "m")
+    redis_client.lpush(keys.queue_key("diffusion", 9), "m")
+    assert not waiting_above(["diffusion", own], 5)  # level 5 is not better than 5
+    assert waiting_above(["diffusion", own], 6)
+    assert not waiting_above(["diffusion"], 9) and not waiting_above([own], 0)

@@ -113,7 +113,7 @@ class DiffusersEngine:
         mag_ratios: Mapping[tuple[int, int, int], Sequence[float]] | None = None,
         max_batch_size: int = 8,
         config: CoreModuleConfig | None = None,
-        arrivals: Callable[[], int | None] | None = None,
+        arrivals: Callable[[int], bool] | None = None,
         adapter_listener: AdapterListener | None = None,
         counters: StepCounters | None = None,
     ) -> None:
@@ -124,7 +124,7 @@ class DiffusersEngine:
         ratios from an earlier `calibrate_magcache` of this same checkpoint, keyed by
         (steps, width, height). `max_batch_size`: the most requests one denoising step
         runs; `config`: whose `scheduler` section ranks them (default: the loaded config);
-        `arrivals`: reads the best priority waiting in the worker's queues (see
+        `arrivals`: whether a message better than a level waits in the worker's queues (see
         `workers.stepping.arrivals`); `adapter_listener`: told of every LoRA adapter
         loaded and unloaded (`workers.lora`); `counters`: told of batches and preemptions."""
         self.model = str(model)

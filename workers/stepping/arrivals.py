@@ -1,12 +1,14 @@
 """The lookahead's eye on the queue: hand an unstarted request back for a better message.
 
 A diffusion worker's held slots are all taken while lower-class work is queued, so it
-would see a higher-class arrival only once one of its requests ends. A watcher thread
-reads the worker's queues every `interval_s` (one round trip, and only while the worker
-holds requests that have not started); when a message of higher priority than the
-lowest such request waits there, that request is handed back (its message requeued,
-nothing computed), which frees a slot, and the broker gives the worker the better
-message.
+would see a higher-class arrival only once one of its requests ends. While the worker
+holds requests that have not started, a watcher thread asks Redis, once per denoising
+step, whether a message of higher priority than the lowest such request waits in the
+worker's queues: one `EXISTS` over the lists of the better levels (kombu deletes a list
+when it empties), so one command per step, whatever the depth. When one waits, that
+request is handed back (its message requeued, nothing computed), which frees a slot,
+and the broker gives the worker the better message. With no step running, it asks once
+per `IDLE_PEEK_S`; never more often than every `MIN_PEEK_S`.
 """
 
 from __future__ import annotations
@@ -20,20 +22,19 @@ from workers.stepping.loop import StepLoop
 
 log = logging.getLogger(__name__)
 
-#: How often the watcher reads the queue.
-PEEK_S = 0.02
+#: The shortest gap between two reads of the queue (steps faster than this share one).
+MIN_PEEK_S = 0.02
+#: How often the watcher reads the queue while no step runs.
+IDLE_PEEK_S = 1.0
 
 
 class ArrivalWatch:
-    """A daemon thread over one step loop; `waiting_level` reads the queues (0 highest,
-    None when empty)."""
+    """A daemon thread over one step loop; `waiting_above(level)` says whether a message
+    of a better level (0 highest) than `level` waits in the worker's queues."""
 
-    def __init__(
-        self, loop: StepLoop, waiting_level: Callable[[], int | None], interval_s: float = PEEK_S
-    ) -> None:
+    def __init__(self, loop: StepLoop, waiting_above: Callable[[int], bool]) -> None:
         self._loop = loop
-        self._waiting_level = waiting_level
-        self._interval_s = interval_s
+        self._waiting_above = waiting_above
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="step-arrivals", daemon=True)
         self._thread.start()
@@ -43,12 +44,14 @@ class ArrivalWatch:
 
     def _run(self) -> None:
         outage = Outage("queue watch", log)
-        while not self._stopped.wait(outage.pause(self._interval_s)):
+        seen = 0
+        while not self._stopped.is_set():
+            seen = self._loop.wait_for_step(seen, IDLE_PEEK_S)
             worst = self._loop.worst_unstarted_level()
             if worst:  # something held that a waiting message could outrank
                 outage.run(self._peek, worst)
+            self._stopped.wait(outage.pause(MIN_PEEK_S))
 
     def _peek(self, worst: int) -> None:
-        level = self._waiting_level()
-        if level is not None and level < worst:
-            self._loop.yield_unstarted(level)
+        if self._waiting_above(worst):
+            self._loop.yield_unstarted(worst - 1)

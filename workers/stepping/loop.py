@@ -96,6 +96,7 @@ class StepLoop:
         self._cond = threading.Condition()
         self._stopped = False
         self._granted: StepRequest | None = None
+        self._steps = 0  # batches run: what the arrival watch paces itself by
         self._jobs: list[ForwardCall] = []
         self._unshared_jobs: list[ForwardCall] = []  # held while a request runs alone
         self._thread = threading.Thread(target=self._serve, name="step-loop", daemon=True)
@@ -194,6 +195,13 @@ class StepLoop:
             self._cond.notify_all()
             return True
 
+    def wait_for_step(self, seen: int, timeout_s: float) -> int:
+        """Wait until a batch has run since `seen` batches (or `timeout_s`, or a stop);
+        how many have run."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._steps != seen or self._stopped, timeout_s)
+            return self._steps
+
     def would_preempt(self, request: StepRequest) -> bool:
         """Whether `request` outranks a running request of a full batch: it will take
         that one's slot as soon as it is ready, so its preparation is urgent."""
@@ -235,6 +243,9 @@ class StepLoop:
                 for call in calls:
                     if call is not None and not call.done:
                         call.fail(exc)
+            with self._cond:
+                self._steps += 1
+                self._cond.notify_all()
 
     def _next_work(self) -> tuple[list[ForwardCall], list[StepRequest] | None]:
         """Wait for jobs to run, or for a batch that can (neither once stopped)."""
