@@ -16,7 +16,9 @@ result), a different one raises `RequestConflictError`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Any
 
@@ -41,6 +43,29 @@ POSITIONAL_REFUSED = "positional args are refused: pass the fields as keyword ar
 TaskHandler = Callable[
     ["OmniTask", dict[str, Any], "dict[str, Any] | None", tuple[Any, ...]], dict[str, Any]
 ]
+
+#: The message a send in this context publishes and the request it was validated into:
+#: the router takes that request rather than validating the message again.
+_sending: ContextVar[tuple[dict[str, Any], OmniRequest] | None] = ContextVar(
+    "omni_sending", default=None
+)
+
+
+@contextmanager
+def sending(message: dict[str, Any], request: OmniRequest) -> Iterator[None]:
+    """Hold `request` as the validated form of `message` while it is published."""
+    token = _sending.set((message, request))
+    try:
+        yield
+    finally:
+        _sending.reset(token)
+
+
+def request_being_sent(message: Any) -> OmniRequest | None:
+    """The request `message` (the very kwargs object) was validated into by the send
+    publishing it in this context; None for any other message."""
+    found = _sending.get()
+    return found[1] if found is not None and found[0] is message else None
 
 
 class OmniTask(Task):
@@ -93,11 +118,14 @@ class OmniTask(Task):
         message = publish_options(request, options)
         task_id = task_id or request.request_id
         accepting = self.acceptance_for(args, message, task_id, options, request)
-        return self.publish_accepted(
-            accepting,
-            options,
-            lambda: super(OmniTask, self).apply_async(args, message, task_id=task_id, **options),
-        )
+        with sending(message, request):
+            return self.publish_accepted(
+                accepting,
+                options,
+                lambda: super(OmniTask, self).apply_async(
+                    args, message, task_id=task_id, **options
+                ),
+            )
 
     def publish_accepted(
         self, accepting: acceptance.Acceptance, options: dict, publish: Callable[[], Any]

@@ -20,6 +20,7 @@ only to refuse them on the worker with a clear error (`workers.handlers`).
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +31,7 @@ from omni_tasks.coordination import acceptance
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.requests import OmniRequest, RequestType
 from omni_tasks.scheduling.policies import SchedulingPolicy
-from omni_tasks.tasks.base import POSITIONAL_REFUSED, OmniTask, publish_options
+from omni_tasks.tasks.base import POSITIONAL_REFUSED, OmniTask, publish_options, sending
 from omni_tasks.tasks.celery_app import app
 from omni_tasks.tasks.router import resolve_route
 
@@ -196,6 +197,7 @@ def send_admitted(send_task: Callable[..., Any], name: str, *args: Any, **option
         request = task.build_request(call_kwargs or {}, task_id)
         message = publish_options(request, options)
     accepting = task.acceptance_for(call_args, message, task_id, options, request)
-    return task.publish_accepted(
-        accepting, options, lambda: send_task(name, call_args, message, *args[2:], **options)
-    )
+    with sending(message, request) if request is not None else contextlib.nullcontext():
+        return task.publish_accepted(
+            accepting, options, lambda: send_task(name, call_args, message, *args[2:], **options)
+        )

@@ -16,7 +16,7 @@ from omni_tasks.coordination import cache_directory, keys
 from omni_tasks.model_registry import dit_model
 from omni_tasks.requests import OmniRequest, Stage
 from omni_tasks.scheduling.policies import Route, SchedulingPolicy, create_policy
-from omni_tasks.tasks.base import OmniTask
+from omni_tasks.tasks.base import OmniTask, request_being_sent
 from omni_tasks.tasks.celery_app import app, routed_queue
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,9 @@ class OmniRouter:
             task = app.tasks.get(name)
             if not isinstance(task, OmniTask):
                 return None
-        request = task.build_request(kwargs or {})  # RequestValidationError: nothing sent
+        # The request a send validated the message into, else validate it now
+        # (RequestValidationError: nothing sent).
+        request = request_being_sent(kwargs) or task.build_request(kwargs or {})
         route = resolve_route(request, task.stage, self.current_policy())
         return {"queue": route.queue, "priority": route.priority}
 
