@@ -55,7 +55,8 @@ DELIVERY_KEY_TTL_S = 7 * 86400
 #: beats, under the age at which the reaper gives an unheld message back.
 CLAIM_GRACE_S = 2 * HEARTBEAT_INTERVAL_S
 #: What gives a running request's message back to the queue rather than failing it.
-HANDED_BACK = (EngineStoppedError, RequestYieldedError, redis.ConnectionError, redis.TimeoutError)
+LOST_REDIS = (redis.ConnectionError, redis.TimeoutError)
+HANDED_BACK = (EngineStoppedError, RequestYieldedError, *LOST_REDIS)
 #: Runs a task's stage: the validated request and the previous stage's result -> a
 #: typed result (`omni_tasks.results`).
 Runner = Callable[[OmniRequest, "dict[str, Any] | None"], Any]
@@ -83,8 +84,17 @@ def execute(
     started = time.time()
     task_id = task.request.id or ""
     queue = task.stage_queue
-    request, redelivered = admitted_request(task, task_id, queue, kwargs, args)
-    claim = claim_run(task, task_id, queue, taking_over=redelivered)
+    redelivered = False
+    try:
+        request, redelivered = admitted_request(task, task_id, queue, kwargs, args)
+        claim = claim_run(task, task_id, queue, taking_over=redelivered)
+    except LOST_REDIS as exc:
+        # Redis went away before the run (a restart, a Sentinel failover): not the
+        # request's fault; give the message back as a lost run does (`run_claimed`).
+        if redelivered:
+            with contextlib.suppress(redis.RedisError):
+                get_redis().decr(keys.deliveries(task_id))
+        raise Reject(str(exc), requeue=True) from None
     succeeded = False
     try:
         result = run_claimed(task, task_id, queue, request, run)

@@ -18,6 +18,7 @@ successor: both publish the same outcome, nothing is lost.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -123,7 +124,14 @@ def join(
         else:
             flight = _take_over_if_dead(cache_key, held, holder)
         if flight is not None:
-            done = outcome(cache_key)  # published between our two reads: reuse it
+            try:
+                done = outcome(cache_key)  # published between our two reads: reuse it
+            except BaseException:
+                # Redis went away (a restart, a failover): a flight never handed to
+                # the caller would renew its lease for ever, and block every waiter.
+                with contextlib.suppress(redis.RedisError):
+                    flight.release()
+                raise
             if done is not None:
                 flight.release()
                 return None, done
