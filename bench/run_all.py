@@ -1,4 +1,6 @@
-"""Run every benchmark; each writes bench/results/<name>.json."""
+"""Run every benchmark; each writes bench/results/<name>.json. `scale.py` runs in its
+quick mode here (100 simulated workers and more, 10k queued); run it alone, without
+`--quick`, for 100k queued and longer windows."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BENCHMARKS = (
+BENCHMARKS: tuple[str | tuple[str, ...], ...] = (
     "p1_queue_overhead.py",
     "p2_head_of_line.py",
     "p3_ar_throughput.py",
@@ -21,8 +23,10 @@ BENCHMARKS = (
     "p9_mixed_cluster.py",
     "p11_ttft.py",
     "faults.py",
+    ("scale.py", "--quick"),
 )
 
-for script in BENCHMARKS:
-    print(f"== {script}", flush=True)
-    subprocess.run([sys.executable, str(HERE / script)], cwd=HERE, check=True)
+for entry in BENCHMARKS:
+    script, *args = (entry,) if isinstance(entry, str) else entry
+    print(f"== {script} {' '.join(args)}".rstrip(), flush=True)
+    subprocess.run([sys.executable, str(HERE / script), *args], cwd=HERE, check=True)

@@ -15,18 +15,22 @@ The harness's own `INFO`/`CONFIG`/`SLOWLOG` calls are left out of every tally.
 - B, per request: M sequential `omni_tasks.probe` requests (no engine), `.apply_async()`
   then `.get()`, against bare Celery's no-op task, with the phase A workers running:
   commands per request, by command, raw and net of the workers' idle traffic.
-- C, queued depth: 0, 1, 10k (and, without --quick, 100k) messages waiting in the AR
-  queue with no AR worker (one real probe request, then copies of its message, its
-  ledger entry and admission made old enough for the reaper to check): one reaper pass
+- C, queued depth: 0, 1, 10k (and, without --quick, 100k) distinct requests waiting in
+  the AR queue with no AR worker (copies of one real probe message under their own
+  task ids, their ledger entries made old enough for the reaper to check): one reaper pass
   (`Reaper.run_once`) and one health check (`OmniScheduler.get_health_status`, its
   stranded-list scan not cached), timed, with their commands, the bytes Redis sent
   and the slowest commands (SLOWLOG).
-- D, heartbeat identities (simulated): W fake workers' heartbeat hashes and held sets
-  (what `Heartbeat._beat` writes) and the reaper pass that scans them.
+- D, simulated workers: 10, 100 and 1,000 worker identities in this process, each
+  running the real heartbeat (`bench/scale_sim.py`), then a real reaper pass and health
+  check over them.
+- E, a busy diffusion worker (tiny-flux): one 128x128, 100-step image alone, then with
+  a backlog of lower-priority images held unstarted (the arrival watch at work).
 
-The capacity estimate divides 50% of one core by the measured Redis CPU per idle
-worker-second and per request: an extrapolation from this machine's figures, assuming
-Redis's CPU grows linearly with the command mix (no pipelining gains, no network).
+`targets` compares the figures with the budgets against bare Celery; the capacity
+model divides 50% of one core by the measured Redis CPU per worker-second and per
+request: an extrapolation from this machine's figures, assuming Redis's CPU grows
+linearly with the command mix (no pipelining gains, no network).
 """
 
 from __future__ import annotations
@@ -36,14 +40,15 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import scale_sim  # noqa: E402
 from common import POOL_WORKER_ARGS, RESULTS, ROOT, stop, wait_ping, write_result  # noqa: E402
+from scale_sim import busy_diffusion, distinct_backlog, simulated_workers  # noqa: E402
 
 #: The harness's own measuring commands, left out of the tallies.
 OWN = {"config", "slowlog"}
@@ -207,29 +212,16 @@ def stop_all(procs: list[Any]) -> None:
 def queued_depth(stats: Stats, depth: int) -> dict[str, Any]:
     import omni_tasks
     from omni_tasks.config import get_config
-    from omni_tasks.coordination import admission, keys
+    from omni_tasks.coordination import keys
     from omni_tasks.coordination.client import get_redis
     from omni_tasks.scheduling.omni_scheduler import OmniScheduler
     from workers.lifecycle.reaper import Reaper
 
     client = get_redis()
     clean()
-    queue = get_config().ar.queue
     if depth:
-        # One real request (ledger entry, admission, kombu message) with no AR worker...
-        omni_tasks.tasks.probe.apply_async(kwargs={"prompt": "x"})
-        key = next(k for k in keys.queue_keys(queue) if client.llen(k))
-        raw = client.lindex(key, 0)
-        # ...and copies of its message, up to `depth`.
-        for start in range(1, depth, 5000):
-            pipe = client.pipeline(transaction=False)
-            pipe.lpush(key, *[raw] * min(5000, depth - start))
-            pipe.execute()
-        # Old enough for the reaper to check it (ledger_grace_s).
-        old = time.time() - get_config().ledger_grace_s - 60
-        for zset in (keys.ledger_open(), *(keys.admitted(q) for q in admission.pool_queues())):
-            for member in client.zrange(zset, 0, -1):
-                client.zadd(zset, {member: old}, xx=True)
+        # `depth` distinct requests (ledger entries aged past ledger_grace_s), no AR worker.
+        distinct_backlog(depth, get_config().ledger_grace_s + 60)
     reaper = Reaper(omni_tasks.app)
     scheduler = OmniScheduler()
     out: dict[str, Any] = {"depth": depth}
@@ -277,62 +269,6 @@ def scaling_commands(depths: list[dict[str, Any]], name: str) -> dict[str, list[
 
 
 # -- phase D: heartbeat identities --------------------------------------------------
-def identities(stats: Stats, count: int, beats: int) -> dict[str, Any]:
-    """`count` fake workers' beats (the transaction `Heartbeat._beat` runs, with its
-    hash of the same fields) and one reaper pass scanning them."""
-    import json
-
-    import omni_tasks
-    from omni_tasks.coordination import keys
-    from omni_tasks.coordination.client import get_redis
-    from workers.lifecycle.heartbeat import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S
-    from workers.lifecycle.reaper import Reaper
-
-    client = get_redis()
-    clean()
-    hosts = [f"sim{i}-{uuid.uuid4().hex[:6]}@scale" for i in range(count)]
-    info = {
-        "queues": json.dumps(["ar"]),
-        "stages": json.dumps(["ar"]),
-        "models": "{}",
-        "pool_type": "threads",
-        "concurrency": 32,
-        "pid": 1,
-        "instance": "x",
-        "started": time.time(),
-    }
-    stats.reset()
-    for _ in range(beats):
-        for host in hosts:
-            pipe = client.pipeline(transaction=True)
-            key = keys.worker(host)
-            pipe.hset(key, mapping={**info, "hostname": host, "beat": time.time()})
-            pipe.expire(key, HEARTBEAT_TTL_S)
-            pipe.delete(keys.held(host))
-            pipe.sadd(keys.held(host), uuid.uuid4().hex)
-            pipe.expire(keys.held(host), HEARTBEAT_TTL_S)
-            pipe.execute()
-    beat = stats.read()
-    reaper = Reaper(omni_tasks.app)
-    client.delete(keys.reaper_lock())
-    stats.reset()
-    started = time.perf_counter()
-    reaper.run_once()
-    took = time.perf_counter() - started
-    got = stats.read()
-    reaper._close()
-    return {
-        "identities": count,
-        "beat_calls_per_beat": round(beat["calls"] / (count * beats), 2),
-        "beat_calls_per_s_per_identity": round(
-            beat["calls"] / (count * beats) / HEARTBEAT_INTERVAL_S, 2
-        ),
-        "beat_redis_cpu_us_per_beat": round(1e6 * beat["redis_cpu_s"] / (count * beats), 1),
-        "reaper_pass_s": round(took, 4),
-        "reaper_pass_calls": {c: r["calls"] for c, r in got["commands"].items()},
-    }
-
-
 def clean() -> None:
     from omni_tasks.coordination.client import get_redis
 
@@ -357,6 +293,7 @@ def main() -> None:
     n_requests = args.requests or (500 if quick else 2000)
     depths = [0, 1, 10_000] if quick else [0, 1, 10_000, 100_000]
     sims = [10, 100, 1000]
+    sim_window = 12.0 if quick else 30.0
     started = time.monotonic()
 
     from omni_tasks.dev.redis_server import start_private_redis
@@ -440,7 +377,14 @@ def main() -> None:
             print("dit done", round(time.monotonic() - started), "s", flush=True)
         # C, queued depth; D, identities.
         depth_runs = [queued_depth(stats, d) for d in depths]
-        sim_runs = [identities(stats, n, 3) for n in sims]
+        sim_runs = []
+        for n in sims:
+            clean()
+            sim_runs.append(simulated_workers(stats, n, sim_window))
+        busy: dict[str, Any] | None = None
+        if not args.no_dit:
+            clean()
+            busy = busy_diffusion(stats, LOGS, steps=100)
         clean()
     finally:
         stop_all(procs)
@@ -452,12 +396,6 @@ def main() -> None:
                 1e3 * (idle["redis_cpu_s"] / idle["elapsed_s"] - empty_cpu_rate) / idle["workers"],
                 4,
             )
-    # Redis CPU per command, from phase B's mix (net of idle traffic): an idle worker's
-    # CPU is its commands/s times this (its own window's CPU is mostly the server's cron).
-    net_calls = omni_req["calls_per_request_net"] * omni_req["requests"]
-    cpu_per_call = omni_req["redis_cpu_ms_per_request_net"] / 1e3 * omni_req["requests"] / net_calls
-    cpu_idle = omni_idle["calls_per_s_per_worker"] * cpu_per_call
-    cpu_req = omni_req["redis_cpu_ms_per_request_net"] / 1e3
     result.update(
         quick=quick,
         worker_settings=" ".join(POOL_WORKER_ARGS),
@@ -466,49 +404,102 @@ def main() -> None:
             "bare_celery_workers": bare_idle,
             "omni_diffusion_worker_tiny_flux": dit_idle,
             "note": "probe workers load no engine; omni-tasks' idle traffic is the same "
-            "for an AR worker (heartbeat every 5 s, reaper every 10 s, metrics); a busy "
-            "diffusion worker also polls its queues every 20 ms while it holds unstarted "
-            "requests (workers/stepping/arrivals.py), not measured here",
+            "for an AR worker (heartbeat every 5 s, reaper every 10 s, metrics)",
         },
         phase_b_per_request={"omni_probe": omni_req, "bare_noop": bare_req},
         phase_c_queued_depth={
             "runs": depth_runs,
             "reaper_commands_growing_with_depth": scaling_commands(depth_runs, "reaper_pass"),
             "health_commands_growing_with_depth": scaling_commands(depth_runs, "health_check"),
-            "note": "depth d: one real probe request in the AR queue (no AR worker), its "
-            "message copied to d in all, its ledger entry and admission aged past "
-            "ledger_grace_s; each pass run once untimed, then timed; the health check's "
-            "stranded scan runs uncached",
+            "note": "depth d: d distinct requests in the AR queue (no AR worker), their "
+            "ledger entries aged past ledger_grace_s; each pass run once untimed, then "
+            "timed; the health check's stranded scan runs uncached",
         },
-        phase_d_simulated_identities={
+        phase_d_simulated_workers={
             "runs": sim_runs,
-            "note": "fake hostnames, each beat the transaction Heartbeat._beat sends "
-            "(hash, expiry, held set), then one real reaper pass over them",
+            "note": "real Heartbeat objects (one thread per worker identity, one in "
+            f"{scale_sim.DIT_SHARE} a diffusion worker that also sweeps dead ones) for a "
+            "window, then one real reaper pass and one health check over them; they "
+            "run no Celery consumer, so their commands are omni-tasks' own on top of "
+            "Celery's",
         },
-        capacity_estimate={
-            "redis_cpu_us_per_command_phase_b_mix": round(1e6 * cpu_per_call, 2),
-            "redis_cpu_ms_per_idle_worker_s_omni": round(1e3 * cpu_idle, 4),
-            "redis_cpu_ms_per_request_omni": round(1e3 * cpu_req, 4),
-            "idle_workers_at_50pct_cpu": int(0.5 / cpu_idle) if cpu_idle > 0 else None,
-            "requests_per_s_at_50pct_cpu": round(0.5 / cpu_req, 0) if cpu_req > 0 else None,
-            "requests_per_s_at_50pct_cpu_with_100_idle_workers": round(
-                (0.5 - 100 * cpu_idle) / cpu_req, 0
-            )
-            if cpu_req > 0 and 100 * cpu_idle < 0.5
-            else None,
-            "note": "extrapolated: 50% of one core divided by the Redis CPU per request "
-            "(phase B, sequential, net of the workers' idle traffic) and per idle "
-            "worker-second (phase A's commands/s times phase B's CPU per command: the "
-            "idle windows' own CPU is mostly the server's cron, see "
-            "redis_cpu_ms_per_s_per_worker_less_empty_server), on this machine (2 shared "
-            "cores, loopback, sequential clients); assumes linear cost "
-            "in the command mix and ignores the reaper's and health check's depth-"
-            "dependent passes (phase C) and a busy diffusion worker's queue polling",
-        },
+        phase_e_busy_diffusion_worker=busy,
+        targets=targets(omni_idle, bare_idle, omni_req, bare_req, depth_runs, sim_runs, busy),
+        capacity_model=capacity(omni_req, sim_runs, empty_cpu_rate),
         run_s=round(time.monotonic() - started, 1),
     )
     write_result("scale", result)
     summary(result)
+
+
+def targets(
+    omni_idle: dict[str, Any],
+    bare_idle: dict[str, Any],
+    omni_req: dict[str, Any],
+    bare_req: dict[str, Any],
+    depth_runs: list[dict[str, Any]],
+    sim_runs: list[dict[str, Any]],
+    busy: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Issue 22's budgets against bare Celery measured in the same run."""
+    bare = bare_idle["calls_per_s_per_worker"]
+    deepest = depth_runs[-1]
+    out: dict[str, Any] = {
+        "idle_worker_cmd_per_s": {
+            "omni": omni_idle["calls_per_s_per_worker"],
+            "bare": bare,
+            "budget": round(bare + 1, 2),
+            "simulated_extra_at_1000": sim_runs[-1]["calls_per_s_per_identity"],
+        },
+        "request_cmds": {
+            "omni": omni_req["calls_per_request_net"],
+            "bare": bare_req["calls_per_request_net"],
+            "budget": round(bare_req["calls_per_request_net"] + 8, 2),
+        },
+        "reaper_pass_s_at_deepest": {
+            "depth": deepest["depth"],
+            "seconds": deepest["reaper_pass"]["seconds"],
+            "budget": 0.1,
+        },
+    }
+    if busy:
+        run = busy["one_image_alone"]
+        background = (run["calls"] - omni_req["calls_per_request_net"]) / run["elapsed_s"]
+        out["busy_diffusion_cmd_per_s"] = {
+            "omni_less_its_request": round(background, 2),
+            "steps_per_s": run["steps_per_s"],
+            "budget": round(bare + run["steps_per_s"] + 2, 2),
+        }
+    for row in out.values():
+        measured = row.get("omni", row.get("omni_less_its_request", row.get("seconds")))
+        row["met"] = measured <= row["budget"]
+    return out
+
+
+def capacity(
+    omni_req: dict[str, Any], sim_runs: list[dict[str, Any]], empty_cpu_rate: float
+) -> dict[str, Any]:
+    """What one Redis at 50% of a core carries: Redis CPU per idle worker-second (the
+    largest simulation, less the server's own cron) and per request (phase B)."""
+    largest = sim_runs[-1]
+    idle_cpu = max(largest["redis_cpu_ms_per_s"] / 1e3 - empty_cpu_rate, 0.0)
+    per_worker = idle_cpu / largest["identities"]
+    per_request = omni_req["redis_cpu_ms_per_request_net"] / 1e3
+    carried = {
+        f"requests_per_s_with_{n}_workers": round((0.5 - n * per_worker) / per_request)
+        for n in (100, 1000)
+        if n * per_worker < 0.5
+    }
+    return {
+        "redis_cpu_ms_per_worker_s": round(1e3 * per_worker, 5),
+        "redis_cpu_ms_per_request": round(1e3 * per_request, 4),
+        "workers_at_50pct_cpu": int(0.5 / per_worker) if per_worker else None,
+        "requests_per_s_at_50pct_cpu": round(0.5 / per_request),
+        **carried,
+        "note": "linear extrapolation on this machine (2 shared cores, loopback, one "
+        "sequential producer): a worker's share from the simulated workers' window, a "
+        "request's from phase B, net of idle traffic",
+    }
 
 
 def summary(r: dict[str, Any]) -> None:
@@ -539,12 +530,19 @@ def summary(r: dict[str, Any]) -> None:
         )
     print("reaper grows:", r["phase_c_queued_depth"]["reaper_commands_growing_with_depth"])
     print("health grows:", r["phase_c_queued_depth"]["health_commands_growing_with_depth"])
-    for s in r["phase_d_simulated_identities"]["runs"]:
+    for s in r["phase_d_simulated_workers"]["runs"]:
         print(
-            f"identities {s['identities']}: {s['beat_calls_per_s_per_identity']} cmd/s, reaper "
-            f"{s['reaper_pass_s']}s {s['reaper_pass_calls']}"
+            f"simulated {s['identities']}: {s['calls_per_s_per_identity']} cmd/s each, "
+            f"reaper {s['reaper_pass']['seconds']}s {s['reaper_pass']['calls']} cmd, "
+            f"health {s['health_check']['seconds']}s"
         )
-    print("capacity:", r["capacity_estimate"])
+    busy = r["phase_e_busy_diffusion_worker"]
+    if busy:
+        for name, run in busy.items():
+            print(f"busy {name}: {run['calls_per_s']} cmd/s at {run['steps_per_s']} steps/s")
+    for name, row in r["targets"].items():
+        print("target", name, row)
+    print("capacity:", r["capacity_model"])
     print("run", r["run_s"], "s")
 
 

@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 #: A message unacked for less than this may not be in its worker's held set yet; a
 #: Redis up for less than this may not have heard every live worker's beat yet.
 UNACKED_MIN_AGE_S = 2 * HEARTBEAT_INTERVAL_S + 1
+#: The worker index drops long-dead entries once in this many of a reaper's passes.
+PRUNE_EVERY = 30
 
 
 class Reaper:
@@ -67,6 +69,7 @@ class Reaper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._connection: Any = None
+        self._passes = 0
 
     def start(self) -> None:
         self._stop.clear()
@@ -92,7 +95,9 @@ class Reaper:
         client = get_redis()
         if not client.set(keys.reaper_lock(), token, nx=True, px=lock_ms):
             return {}
-        worker_index.prune(client)
+        self._passes += 1
+        if self._passes % PRUNE_EVERY == 1:
+            worker_index.prune(client)
         redis_broker = self._redis_broker()
         before = time.time() - get_config().ledger_grace_s
         tags = self._orphan_candidates() if redis_broker else []
