@@ -9,9 +9,10 @@ Each beat adds one `ZADD` to the sorted set of its kind (`keys.worker_beats`):
   (`cache_directory.sweep_dead_workers`).
 - `other`: every other worker; its entry only says when it last beat.
 
-A worker is live while its last beat is younger than `HEARTBEAT_TTL_S`, the lifetime of
-its heartbeat hash: the index and the hash agree. A clean exit removes its entry;
-entries older than `FORGET_AFTER_S` are pruned by the reaper.
+A worker is live while its last beat is younger than `HEARTBEAT_TTL_S`; its heartbeat
+hash, whose expiry is renewed every other beat, expires 15 to 20 s after its last beat,
+so a hash that exists always belongs to a worker the index calls live. A clean exit
+removes its entry; entries older than `FORGET_AFTER_S` are pruned by the reaper.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from omni_tasks.coordination import keys
 
 #: How often a worker beats.
 HEARTBEAT_INTERVAL_S = 5.0
-#: How long a beat counts: the heartbeat hash's lifetime (four beats).
+#: How long a beat counts (four beats); also the heartbeat hash's time to live.
 HEARTBEAT_TTL_S = 20
 #: Index entries of workers dead for this long are dropped (their own queues were
 #: moved back long before, by any live diffusion worker's sweep).

@@ -96,7 +96,7 @@ class Reaper:
         if not client.set(keys.reaper_lock(), token, nx=True, px=lock_ms):
             return {}
         self._passes += 1
-        if self._passes % PRUNE_EVERY == 1:
+        if self._passes % PRUNE_EVERY == 0:
             worker_index.prune(client)
         redis_broker = self._redis_broker()
         before = time.time() - get_config().ledger_grace_s
