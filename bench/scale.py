@@ -254,7 +254,23 @@ def queued_depth(stats: Stats, depth: int) -> dict[str, Any]:
             "result": result if name == "reaper_pass" else {"healthy": result["healthy"]},
         }
     reaper._close()
+    out["largest_reply_bytes"] = largest_reply(client)
     return out
+
+
+def largest_reply(client: Any) -> int:
+    """The largest reply a pass can get at this depth: one LRANGE chunk of the queue
+    walk's (`queue_walk.CHUNK` messages) or the whole unacked hash (HVALS), measured."""
+    from omni_tasks.config import get_config
+    from omni_tasks.coordination import keys
+    from omni_tasks.coordination.queue_walk import CHUNK
+
+    chunks = [
+        sum(len(m) for m in client.lrange(k, -CHUNK, -1))
+        for k in keys.queue_keys(get_config().ar.queue)
+    ]
+    unacked = sum(len(v) for v in client.hvals("unacked"))
+    return max([*chunks, unacked])
 
 
 def scaling_commands(depths: list[dict[str, Any]], name: str) -> dict[str, list[int]]:
@@ -493,6 +509,7 @@ def capacity(
     return {
         "redis_cpu_ms_per_worker_s": round(1e3 * per_worker, 5),
         "redis_cpu_ms_per_request": round(1e3 * per_request, 4),
+        "redis_cpu_s_per_1000_requests": round(1e3 * per_request, 3),
         "workers_at_50pct_cpu": int(0.5 / per_worker) if per_worker else None,
         "requests_per_s_at_50pct_cpu": round(0.5 / per_request),
         **carried,
@@ -526,7 +543,7 @@ def summary(r: dict[str, Any]) -> None:
         print(
             f"depth {run['depth']}: reaper {run['reaper_pass']['seconds']}s "
             f"{run['reaper_pass']['calls']} cmd, health {run['health_check']['seconds']}s "
-            f"{run['health_check']['calls']} cmd"
+            f"{run['health_check']['calls']} cmd, largest reply {run['largest_reply_bytes']} B"
         )
     print("reaper grows:", r["phase_c_queued_depth"]["reaper_commands_growing_with_depth"])
     print("health grows:", r["phase_c_queued_depth"]["health_commands_growing_with_depth"])
