@@ -172,7 +172,9 @@ def test_a_keyed_call_past_the_wait_is_504_and_its_retry_gets_the_result(
     ask: dict[str, Any] = {**LONG_IMAGE, "prompt": "a keyed slow one"}
     with pytest.raises(openai.InternalServerError) as caught:
         impatient.openai().images.generate(**ask, extra_headers={HEADER: key})
-    assert caught.value.status_code == 504 and "still runs" in caught.value.message
+    worker_log = pools["diffusion"].log_path.read_text(errors="replace")[-3000:]
+    assert caught.value.status_code == 504, (caught.value.message, worker_log)
+    assert "still runs" in caught.value.message
     retried = api.openai().images.generate(**ask, extra_headers={HEADER: key})
     assert retried.data[0].b64_json
     assert ran_once(pools["diffusion"], keyed_id(caller_of(TOKEN), key))
