@@ -78,6 +78,25 @@ class ClusterCollector(Collector):
         yield from _timing_families(pools)
         yield from _step_families(pools, config.diffusion.queue)
         yield from _worker_families(snapshot)
+        yield from _redis_families(get_redis().info())
+
+
+def _redis_families(info: dict[str, Any]) -> Iterator[Metric]:
+    """Redis's own load, from one INFO: what the capacity model in the README's
+    "Scaling out" is read against (Redis runs commands on one core)."""
+    cpu = CounterMetricFamily(
+        "omni_redis_cpu_seconds", "CPU seconds the Redis server has used (user + system)."
+    )
+    cpu.add_metric([], float(info.get("used_cpu_user", 0)) + float(info.get("used_cpu_sys", 0)))
+    commands = CounterMetricFamily(
+        "omni_redis_commands_processed", "Commands the Redis server has processed."
+    )
+    commands.add_metric([], float(info.get("total_commands_processed", 0)))
+    clients = GaugeMetricFamily("omni_redis_connected_clients", "Connections to Redis.")
+    clients.add_metric([], float(info.get("connected_clients", 0)))
+    memory = GaugeMetricFamily("omni_redis_used_memory_bytes", "Memory Redis uses.")
+    memory.add_metric([], float(info.get("used_memory", 0)))
+    yield from (cpu, commands, clients, memory)
 
 
 def _queue_families(snapshot: ClusterSnapshot, dit_pool: str) -> Iterator[Metric]:

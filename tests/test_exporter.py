@@ -173,6 +173,15 @@ def test_real_traffic_shows_in_the_scrape(exporter: str) -> None:
     assert value(after, "omni_redis_up") == 1
 
 
+def test_redis_own_load_is_exported(exporter: str) -> None:
+    first, _ = scrape(exporter)
+    second, _ = scrape(exporter)
+    for name in ("omni_redis_cpu_seconds_total", "omni_redis_commands_processed_total"):
+        assert 0 < value(first, name) <= value(second, name), name
+    assert value(second, "omni_redis_connected_clients") >= 1
+    assert value(second, "omni_redis_used_memory_bytes") > 0
+
+
 def test_dit_cache_figures_per_worker_match_redis(exporter: str) -> None:
     client = get_redis()
     dit_worker = next(
