@@ -17,8 +17,14 @@ time to recover (from the fault to the last result).
   the time until its message left Redis's unacked hash (acked, or restored by the reaper
   and skipped as a duplicate), and the log lines each worker wrote during the outage.
 
+- `sentinel_failover` (Redis through Sentinel: a master, a replica and 3 Sentinels, every
+  process given only the `sentinel://` URL): the master is killed (SIGKILL) 1 s into the
+  run; the Sentinels promote the replica. Counted as above, plus the time until the
+  replica was promoted and the `.get()` calls that failed once every result was in.
+
 Each runs on both brokers: Redis, and RabbitMQ (127.0.0.1:5672, or
-`OMNI_TEST_AMQP_URL`) with Redis for results, when one answers.
+`OMNI_TEST_AMQP_URL`) with Redis for results, when one answers; `sentinel_failover`
+runs on Redis through Sentinel only (its row's key is `sentinel`).
 
 Usage: python bench/faults.py [--requests 300] [--scenario kill9 ...] [--broker redis]
 (figures of the scenarios not run stay as they are in bench/results/faults.json)
@@ -45,9 +51,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, write_result  # noqa: E402
 
 from omni_tasks.dev.restartable_redis import RestartableRedis  # noqa: E402
+from omni_tasks.dev.sentinel_cluster import SentinelCluster  # noqa: E402
 
 LOGS = RESULTS / "logs" / "faults"
-SCENARIOS = ["kill9", "redis_restart", "rabbitmq_restart", "redis_restart_running"]
+SCENARIOS = [
+    "kill9",
+    "redis_restart",
+    "rabbitmq_restart",
+    "redis_restart_running",
+    "sentinel_failover",
+]
 AMQP_URL = os.environ.get("OMNI_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 #: Quick to start; a reaper pass every 2 s.
 WORKER_ENV = {"OMNI_AR__ENGINE": "transformers", "OMNI_REAPER_INTERVAL_S": "2"}
@@ -202,6 +215,36 @@ def restart_while_running(n_workers: int, server: RestartableRedis) -> dict:
     }
 
 
+def sentinel_failover(n: int, cluster: SentinelCluster) -> dict:
+    """A mixed run through Sentinel; the master is killed 1 s in and the replica is
+    promoted. The results are read from Redis, then waited for with `.get()` too."""
+    from omni_tasks.dev.launcher import start_worker
+
+    workers = [start_worker(q, LOGS, env=WORKER_ENV) for q in ("ar", "diffusion")]
+    for w in workers:
+        w.wait_ready(600)
+    results = send_mixed(n)
+    time.sleep(1.0)
+    fault_at = time.monotonic()
+    old = cluster.kill_master()
+    promoted_s = cluster.wait_promoted(old)
+    done, last = collect(results, 300)
+    get_failed = 0
+    for r in results:
+        try:
+            r.get(timeout=10)
+        except Exception:  # noqa: BLE001 - counted: any failure of a caller's wait
+            get_failed += 1
+    for w in workers:
+        w.stop()
+    return _figures(
+        n,
+        done,
+        last - fault_at,
+        {"promoted_after_s": round(promoted_s, 2), "get_failed": get_failed},
+    )
+
+
 RUNNING = ("STARTED", "PROGRESS")
 
 
@@ -247,6 +290,8 @@ def _figures(n: int, done: int, recover_s: float, extra: dict) -> dict:
 
 def run_broker(broker: str, scenarios: list[str], n: int, kills: int) -> dict[str, dict]:
     """This process's scenarios on one broker (the Celery app reads its config once)."""
+    if broker == "sentinel":
+        return run_sentinel(scenarios, n)
     server = RestartableRedis()
     server.start()
     os.environ["OMNI_REDIS_URL"] = server.url
@@ -285,7 +330,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--scenario", nargs="*", default=SCENARIOS)
-    parser.add_argument("--broker", choices=["redis", "amqp", "all"], default="all")
+    parser.add_argument("--broker", choices=["redis", "amqp", "sentinel", "all"], default="all")
     args = parser.parse_args()
     if args.broker != "all":
         out = run_broker(args.broker, args.scenario, args.requests, args.kills)
@@ -293,7 +338,9 @@ def main() -> None:
         return
     brokers = ["redis"] + (["amqp"] if amqp_answers() else [])
     results: dict[str, dict] = {}
-    for broker in brokers:
+    others = [x for x in args.scenario if x != "sentinel_failover"]
+    runs = (brokers if others else []) + (["sentinel"] if others != args.scenario else [])
+    for broker in runs:
         cmd = [sys.executable, __file__, "--broker", broker, "--requests", str(args.requests)]
         cmd += ["--kills", str(args.kills), "--scenario", *args.scenario]
         child = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=3600)
@@ -306,6 +353,25 @@ def main() -> None:
         measured[scenario] = time.strftime("%Y-%m-%dT%H:%M:%S")
     data = {"requests": args.requests, "brokers": brokers, "measured": measured}
     write_result("faults", {**data, "scenarios": kept})
+
+
+def run_sentinel(scenarios: list[str], n: int) -> dict[str, dict]:
+    """`sentinel_failover`, in a process whose every Redis client goes through Sentinel."""
+    if "sentinel_failover" not in scenarios:
+        return {}
+    cluster = SentinelCluster()
+    cluster.start()
+    os.environ["OMNI_REDIS_URL"] = cluster.url
+    os.environ.setdefault("OMNI_MODELS_DIR", str(RESULTS.parents[1] / "tests" / ".models"))
+    os.environ.setdefault("OMNI_OUTPUT_DIR", str(RESULTS / "outputs"))
+    try:
+        shutil.rmtree(LOGS, ignore_errors=True)
+        LOGS.mkdir(parents=True)
+        out = {"sentinel_failover": sentinel_failover(n, cluster)}
+        print("sentinel", out, file=sys.stderr, flush=True)
+    finally:
+        cluster.close()
+    return out
 
 
 def earlier_scenarios() -> tuple[dict[str, dict], dict[str, str]]:
