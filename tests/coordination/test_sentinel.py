@@ -6,11 +6,13 @@ loopback ports (`SentinelCluster`); real `celery -A omni_tasks worker` processes
 pool and a diffusion pool) and a producer process, all given only the
 `sentinel://...;sentinel://...` URL. The master is killed (SIGKILL) right after the
 requests are sent; the Sentinels promote the replica, and every connection (kombu's,
-Celery's result backend and consumer, omni-tasks' coordination client) finds it.
+Celery's result backend and consumer, omni-tasks' coordination client, the HTTP API's
+asyncio client) finds it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -26,7 +28,7 @@ import pytest
 import redis
 
 from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import redis_for_url
+from omni_tasks.coordination.client import async_redis_for_url, redis_for_url
 from omni_tasks.dev.launcher import WorkerProcess, start_worker
 from omni_tasks.dev.sentinel_cluster import MASTER_NAME, SentinelCluster
 
@@ -57,9 +59,7 @@ for r in sent:
     try:
         got.append(r.get(timeout=120)["request_id"] == r.id)
     except Exception as exc:
-        import traceback
         errors.append(f"{r.id}: {type(exc).__name__}: {' '.join(str(exc).split())}")
-        print(traceback.format_exc(), file=sys.stderr, flush=True)
 print(json.dumps({"ids": [r.id for r in sent], "ok": sum(got), "errors": errors}), flush=True)
 """
 
@@ -108,6 +108,27 @@ def wait_ready(client: redis.Redis, worker: WorkerProcess, timeout_s: float = 30
         time.sleep(0.2)
 
 
+async def api_client_across_failover(cluster: SentinelCluster) -> str | None:
+    """Write through the asyncio client (replicated: WAIT), kill the master, and read
+    the value back through the same client once the replica is promoted."""
+    client = async_redis_for_url(cluster.url, MASTER_NAME, decode_responses=True)
+    try:
+        await client.set("omni-sentinel-probe", "before")
+        await client.execute_command("WAIT", 1, 2000)
+        old = await asyncio.to_thread(cluster.kill_master)
+        await asyncio.to_thread(cluster.wait_promoted, old)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return await client.get("omni-sentinel-probe")
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+    finally:
+        await client.aclose()
+
+
 def test_a_sentinel_failover_mid_run_loses_and_duplicates_nothing(
     cluster: SentinelCluster, workers: list[WorkerProcess]
 ) -> None:
@@ -122,8 +143,8 @@ def test_a_sentinel_failover_mid_run_loses_and_duplicates_nothing(
     assert producer.stdout is not None
     assert producer.stdout.readline().strip() == "SENT", producer.communicate()[1][-3000:]
 
-    old = cluster.kill_master()
-    cluster.wait_promoted(old)
+    # The HTTP API's asyncio client, opened before the failover, serves after it.
+    assert asyncio.run(api_client_across_failover(cluster)) == "before"
     out, err = producer.communicate(timeout=240)
 
     report = json.loads(out.strip().splitlines()[-1])
