@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from types import MappingProxyType
 
 from celery.backends.redis import ResultConsumer
 
@@ -29,12 +30,9 @@ log = logging.getLogger(__name__)
 
 #: One reconnect: a few tries, about a second in all, before the wait is given back to
 #: its caller (who waits again, or times out).
-RECONNECT_POLICY = {
-    "max_retries": 3,
-    "interval_start": 0.2,
-    "interval_step": 0.3,
-    "interval_max": 0.5,
-}
+RECONNECT_POLICY = MappingProxyType(
+    {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.3, "interval_max": 0.5}
+)
 #: The pause of a wait whose reconnect failed (a wait without a timeout, or a longer one).
 DUE_PAUSE_S = 0.5
 
@@ -63,6 +61,8 @@ class ResilientResultConsumer(ResultConsumer):
         self._reconnect_due = False
 
     def drain_events(self, timeout: float | None = None) -> None:
+        """Celery's wait for a result message; while a reconnect is due, one reconnect
+        try instead (then a short pause if Redis is still away)."""
         if self._reconnect_due:
             with self._locked():
                 if self._reconnect_due:
