@@ -157,7 +157,8 @@ def write_heartbeat(client: Any, hostname: str, mapping: dict[str, Any], ttl_s: 
 
     stages = json.loads(mapping.get("stages") or "[]")
     queues = json.loads(mapping.get("queues") or "[]")
-    kind = worker_index.kind_of([*stages, *(["dit"] if "diffusion" in queues else [])])
+    kinds = worker_index.kinds_of([*stages, *(["dit"] if "diffusion" in queues else [])])
     client.hset(keys.worker(hostname), mapping=mapping)
     client.expire(keys.worker(hostname), ttl_s)
-    client.zadd(keys.worker_beats(kind), {hostname: time.time()})
+    for kind in kinds:
+        client.zadd(keys.worker_beats(kind), {hostname: time.time()})

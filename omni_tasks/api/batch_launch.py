@@ -102,10 +102,8 @@ class BatchLauncher:
     async def _text_models(self) -> set[str] | None:
         """The text models live AR workers serve; None when no AR worker is live (or
         none says), so a batch's text requests wait for one."""
-        workers = await self.workers.all()
-        if not any("ar" in w.get("stages", []) for w in workers):
-            return None
-        served = {m for m, info in (await self.workers.models()).items() if info["stage"] == "ar"}
+        serving = await self.workers.serving("ar")
+        served = {w["models"]["ar"] for w in serving if "ar" in w["models"]}
         return served or None
 
     async def _store_lines(self, batch_id: str, built: list[Built]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from omni_tasks.api.errors import APIError
@@ -32,31 +33,48 @@ PROBE = "probe"
 
 
 class LiveWorkers:
-    """The live workers as their heartbeats describe them, read at most once per
-    `WORKERS_TTL_S` however many requests ask."""
+    """The live workers as the worker index and their heartbeats describe them, each
+    view read at most once per `WORKERS_TTL_S` however many requests ask. Accepting a
+    request costs one ZCOUNT per pool it needs (a text request also reads the AR
+    workers' heartbeats, for their models), not a read of every worker."""
 
     def __init__(self, hub: ResultHub) -> None:
         self._hub = hub
-        self._read_at = -1.0
-        self._workers: list[dict[str, Any]] = []
+        self._views: dict[Any, tuple[float, Any]] = {}
         self._lock = asyncio.Lock()
 
     async def all(self) -> list[dict[str, Any]]:
-        if time.monotonic() - self._read_at < WORKERS_TTL_S:
-            return self._workers
-        async with self._lock:
-            if time.monotonic() - self._read_at >= WORKERS_TTL_S:
-                self._workers = await self._read()
-                self._read_at = time.monotonic()
-        return self._workers
+        """The heartbeats of every live worker."""
+        return await self._view(worker_index.KINDS, lambda: self._read(worker_index.KINDS))
 
-    async def _read(self) -> list[dict[str, Any]]:
+    async def serving(self, stage: Stage) -> list[dict[str, Any]]:
+        """The heartbeats of the live workers running `stage`."""
+        return await self._view((stage,), lambda: self._read((stage,)))
+
+    async def count(self, stage: Stage) -> int:
+        """How many live workers run `stage` (one ZCOUNT)."""
+        key = keys.worker_beats(stage)
+        return await self._view(
+            stage, lambda: self._hub.redis.zcount(key, *worker_index.live_window())
+        )
+
+    async def _view(self, name: Any, read: Callable[[], Awaitable[Any]]) -> Any:
+        found = self._views.get(name)
+        if found is not None and time.monotonic() - found[0] < WORKERS_TTL_S:
+            return found[1]
+        async with self._lock:
+            found = self._views.get(name)
+            if found is None or time.monotonic() - found[0] >= WORKERS_TTL_S:
+                found = (time.monotonic(), await read())
+                self._views[name] = found
+        return found[1]
+
+    async def _read(self, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
         client = self._hub.redis
-        cutoff = time.time() - worker_index.HEARTBEAT_TTL_S
         pipe = client.pipeline(transaction=False)
-        for kind in worker_index.KINDS:
-            pipe.zrangebyscore(keys.worker_beats(kind), f"({cutoff}", "+inf")
-        found = [host for hosts in await pipe.execute() for host in hosts]
+        for kind in kinds:
+            pipe.zrangebyscore(keys.worker_beats(kind), *worker_index.live_window())
+        found = list(dict.fromkeys(host for hosts in await pipe.execute() for host in hosts))
         if not found:
             return []
         pipe = client.pipeline(transaction=False)
@@ -85,10 +103,10 @@ class LiveWorkers:
     async def require(self, stages: tuple[Stage, ...], model: str | None = None) -> None:
         """503 unless a live worker serves every stage; 404 for a text model none serves
         (a diffusion model is checked against the registry instead: `accept`)."""
-        workers = await self.all()
         for stage in stages:
-            serving = [w for w in workers if stage in w.get("stages", [])]
-            if not serving:
+            text_model = model if stage == "ar" and stages == ("ar",) else None
+            serving = await self.serving(stage) if text_model else None
+            if not (serving if serving is not None else await self.count(stage)):
                 pool = get_config().pool_for(stage).queue
                 raise APIError(
                     503,
@@ -96,11 +114,11 @@ class LiveWorkers:
                     code="no_live_worker",
                     headers={"Retry-After": "5"},
                 )
-            served = {w["models"][stage] for w in serving if stage in (w.get("models") or {})}
-            if model is not None and stages == ("ar",) and served and model not in served:
+            served = {w["models"][stage] for w in serving or [] if stage in w["models"]}
+            if text_model is not None and served and text_model not in served:
                 raise APIError(
                     404,
-                    f"model {model!r} is not served here; live workers serve {sorted(served)}",
+                    f"model {text_model!r} is not served here; live workers serve {sorted(served)}",
                     param="model",
                     code="model_not_found",
                 )

@@ -1,13 +1,17 @@
 """The index of workers by their last beat: who is alive, who died, and which lists are
 the diffusion workers' own queues, read in O(workers of a kind) without a keyspace scan.
 
-Each beat adds one `ZADD` to the sorted set of its kind (`keys.worker_beats`):
+Each beat adds one `ZADD` to the sorted set of each of its kinds (`keys.worker_beats`),
+the stages it runs:
 
+- `ar`: workers that run the AR stage: the HTTP API counts them before it accepts a
+  text request, and reads their heartbeats for the models they serve.
 - `dit`: workers that run the diffusion stage. They own queues (cache-affinity routing
   puts repeats there) and DiT cache entries that must be moved back and cleared when
   they die, so they stay in the index after death until a live one sweeps them
   (`cache_directory.sweep_dead_workers`).
-- `other`: every other worker; its entry only says when it last beat.
+- `other`: workers that run neither (the `probe` queue's); its entry only says when it
+  last beat.
 
 A worker is live while its last beat is younger than `HEARTBEAT_TTL_S`; its heartbeat
 hash, whose expiry is renewed every other beat, expires 15 to 20 s after its last beat,
@@ -30,32 +34,38 @@ HEARTBEAT_TTL_S = 20
 #: Index entries of workers dead for this long are dropped (their own queues were
 #: moved back long before, by any live diffusion worker's sweep).
 FORGET_AFTER_S = 3600.0
-DIT, OTHER = "dit", "other"
-KINDS = (DIT, OTHER)
+AR, DIT, OTHER = "ar", "dit", "other"
+KINDS = (AR, DIT, OTHER)
 
 
-def kind_of(stages: Iterable[str]) -> str:
-    """The index a worker running `stages` beats into."""
-    return DIT if "dit" in stages else OTHER
+def kinds_of(stages: Iterable[str]) -> list[str]:
+    """The indexes a worker running `stages` beats into."""
+    return [kind for kind in (AR, DIT) if kind in stages] or [OTHER]
 
 
-def beat(pipe: Any, kind: str, hostname: str, now: float) -> None:
-    """Queue the index's part of one beat on `pipe` (one command)."""
-    pipe.zadd(keys.worker_beats(kind), {hostname: now})
+def beat(pipe: Any, kinds: list[str], hostname: str, now: float) -> None:
+    """Queue the index's part of one beat on `pipe` (one command per kind)."""
+    for kind in kinds:
+        pipe.zadd(keys.worker_beats(kind), {hostname: now})
 
 
-def leave(client: Any, kind: str, hostname: str) -> None:
+def leave(client: Any, kinds: list[str], hostname: str) -> None:
     """A clean exit: the worker is no longer listed."""
-    client.zrem(keys.worker_beats(kind), hostname)
+    for kind in kinds:
+        client.zrem(keys.worker_beats(kind), hostname)
+
+
+def live_window(now: float | None = None) -> tuple[str, str]:
+    """The (min, max) scores of a live worker's last beat, for ZRANGEBYSCORE/ZCOUNT."""
+    return f"({(time.time() if now is None else now) - HEARTBEAT_TTL_S}", "+inf"
 
 
 def live(client: Any, kinds: Iterable[str] = KINDS, now: float | None = None) -> list[str]:
-    """Hostnames whose last beat is younger than `HEARTBEAT_TTL_S`, by kind in order."""
-    cutoff = (time.time() if now is None else now) - HEARTBEAT_TTL_S
+    """Hostnames whose last beat is younger than `HEARTBEAT_TTL_S`, each once."""
     pipe = client.pipeline(transaction=False)
     for kind in kinds:
-        pipe.zrangebyscore(keys.worker_beats(kind), f"({cutoff}", "+inf")
-    return [host for found in pipe.execute() for host in found]
+        pipe.zrangebyscore(keys.worker_beats(kind), *live_window(now))
+    return list(dict.fromkeys(host for found in pipe.execute() for host in found))
 
 
 def dead(client: Any, kind: str, now: float | None = None) -> list[str]:

@@ -33,11 +33,12 @@ class Heartbeat:
         self.runtime = runtime
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._kind = worker_index.kind_of(runtime.identity.stages)
+        self._kinds: list[str] = []  # the index's kinds: the identity's stages, at start
         self._held_written = True  # whether a held set may exist (a restart's old one)
         self._beats = 0
 
     def start(self) -> None:
+        self._kinds = worker_index.kinds_of(self.runtime.identity.stages)
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="omni-heartbeat", daemon=True)
         self._thread.start()
@@ -52,7 +53,9 @@ class Heartbeat:
             client = get_redis()
             client.delete(keys.worker(hostname), keys.held(hostname))
             cache_directory.clear_worker(hostname)
-            worker_index.leave(client, self._kind, hostname)
+            worker_index.leave(
+                client, worker_index.kinds_of(self.runtime.identity.stages), hostname
+            )
         except Exception:
             log.warning("could not clear the heartbeat key", exc_info=True)
 
@@ -109,7 +112,7 @@ class Heartbeat:
         self._beats += 1
         if self._beats % 2 == 1:  # every other beat: the hash outlives two intervals
             pipe.expire(key, HEARTBEAT_TTL_S)
-        worker_index.beat(pipe, self._kind, self.runtime.hostname, now)
+        worker_index.beat(pipe, self._kinds, self.runtime.hostname, now)
         if rewrite:
             held_key = keys.held(self.runtime.hostname)
             pipe.delete(held_key)
