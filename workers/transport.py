@@ -36,6 +36,7 @@ from omni_tasks.errors import RequestValidationError
 from omni_tasks.image_input import MAX_IMAGE_BYTES
 from omni_tasks.tasks.transport import OmniRedisChannel as KeptClientChannel
 from omni_tasks.tasks.transport import is_plain_redis, is_sentinel
+from workers import task_context
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,14 @@ class OmniRedisQoS(redis.QoS):
 
     def restore_unacked(self, client: Any = None) -> None:
         """kombu gives a closing channel's unacked messages back here; after a lost
-        connection it cannot, and they stay in Redis for the reaper."""
+        connection it cannot, and they stay in Redis for the reaper.
+
+        A message whose task still runs in this worker is never given back: delivered
+        again, it would run a second time beside the first. That happens when Redis is
+        back before the worker notices it was gone (a Sentinel failover takes 2 s).
+        It stays in Redis's unacked hash, for the reaper once no live worker holds it
+        (the request's one result is there by then, and the copy is skipped)."""
+        self._keep_running_ones()
         try:
             super().restore_unacked(client)
         except Exception as exc:  # noqa: BLE001 - whatever the cause, the worker must live on
@@ -92,6 +100,19 @@ class OmniRedisQoS(redis.QoS):
                 exc_info=not isinstance(exc, CONNECTION_ERRORS),
             )
             self._delivered.clear()
+
+    def _keep_running_ones(self) -> None:
+        """Forget here (leaving them unacked in Redis) the delivered messages whose
+        tasks run in this worker now."""
+        from celery.worker import state
+
+        running = set(task_context.running_task_ids())
+        running.update(request.id for request in list(state.active_requests))
+        for tag, message in list(self._delivered.items()):
+            headers = getattr(message, "headers", None) or {}
+            if isinstance(headers, dict) and headers.get("id") in running:
+                self._delivered.pop(tag, None)
+                log.info("left message %s of running task %s unacked", tag, headers["id"])
 
     def _leave_to_reaper(self, delivery_tag: str, what: str, exc: BaseException) -> None:
         """Forget `delivery_tag` here (kombu's bookkeeping of an ack) after its Redis
