@@ -159,6 +159,10 @@ def idle_window(stats: Stats, workers: int, window_s: float) -> dict[str, Any]:
     time.sleep(window_s)
     got = stats.read()
     got["workers"] = workers
+    # Connections each worker holds (the harness's own one left out): Redis's maxclients
+    # (10,000 by default) bounds the cluster's size.
+    clients = int(stats.client.info("clients")["connected_clients"]) - 1
+    got["connections_per_worker"] = round(clients / workers, 1)
     got["calls_per_s_per_worker"] = round(got["calls"] / got["elapsed_s"] / workers, 2)
     got["by_command_per_s_per_worker"] = per(got, got["elapsed_s"] * workers)
     got["redis_cpu_ms_per_s_per_worker"] = round(
