@@ -53,8 +53,30 @@ class Acceptance:
     fingerprint: str | None = None
     attempted: bool = False
     outcome: admission.Admission | None = None
+    #: The message the transport handed over, waiting for its task-sent event, which
+    #: the same script publishes (`accept_with_event`); and what that step raised.
+    stashed: tuple[str, str] | None = None
+    failure: BaseException | None = None
 
-    def accept(self, message: tuple[str, str] | None = None) -> admission.Admission:
+    def stash(self, message: tuple[str, str]) -> None:
+        """The transport's publish of the message: held until its task-sent event."""
+        self.stashed = message
+
+    def accept_with_event(self, events: list[tuple[str, str]]) -> None:
+        """Accept the stashed message and publish its task-sent event (topic, payload)
+        in one step. Never raises: Celery's event dispatcher would buffer the event and
+        swallow the error; `send` raises it once the publish returns."""
+        try:
+            self.accept(self.stashed, events)
+        except BaseException as exc:  # noqa: BLE001 - raised again by `send`
+            self.failure = exc
+
+    def accept_stashed(self) -> admission.Admission:
+        return self.accept(self.stashed)
+
+    def accept(
+        self, message: tuple[str, str] | None = None, events: list[tuple[str, str]] | None = None
+    ) -> admission.Admission:
         """Run the accepting step, publishing `message` (list, envelope) with it."""
         try:
             self.outcome = admission.admit(
@@ -65,6 +87,7 @@ class Acceptance:
                 entry=self.entry,
                 fingerprint=self.fingerprint,
                 message=message,
+                events=events,
             )
         except UNREACHABLE as exc:
             if refused_at_connect(exc) and not self.attempted:
@@ -96,6 +119,15 @@ def holding(acceptance: Acceptance) -> Iterator[None]:
         yield
     finally:
         _in_send.reset(token)
+
+
+def awaiting_event() -> Acceptance | None:
+    """The acceptance of the send in this context whose message waits for its task-sent
+    event (`Acceptance.stash`); else None."""
+    pending = _in_send.get()
+    if pending is None or pending.outcome is not None or pending.stashed is None:
+        return None
+    return pending
 
 
 def awaiting_publish() -> Acceptance | None:
@@ -142,6 +174,16 @@ def send(
         raise
     finally:
         _in_send.reset(token)
+    failure = acceptance.failure
+    if failure is not None:
+        if isinstance(failure, UNREACHABLE):
+            raise unavailable(acceptance, failure) from failure
+        raise failure
+    if acceptance.outcome is None and acceptance.stashed is not None:  # no task-sent event
+        try:
+            acceptance.accept_stashed()
+        except UNREACHABLE as exc:
+            raise unavailable(acceptance, exc) from exc
     if acceptance.outcome is None:  # no queue was bound, or another transport published
         log.warning(
             "request %s: its publish did not accept it; accepted now (the reaper "

@@ -77,11 +77,12 @@ def admit(
     entry: ledger.Entry | None = None,
     fingerprint: str | None = None,
     message: tuple[str, str] | None = None,
+    events: list[tuple[str, str]] | None = None,
 ) -> Admission:
     """Count `admission_id` in the pool of `queue`, or raise `QueueFullError`; with
     `entry`, record the request in the ledger in the same step (`scripts/admit.lua`),
     and with `message` (a queue's list and kombu's JSON envelope, beside `entry`)
-    publish it there too.
+    publish it there too, and its `events` ((channel, payload): the task-sent event).
 
     `enforce=False` counts it without the limit: a stage published by a worker for a
     request already admitted, or a lost request published again. `counted=False`
@@ -107,6 +108,8 @@ def admit(
         if message is not None:
             script_keys.append(message[0])
             script_args.append(message[1])
+            for topic, payload in events or ():
+                script_args += [topic, payload]
     elif message is not None:
         raise ValueError("a message is published with its ledger entry")
     status, count = (int(v) for v in get_scripts().admit(keys=script_keys, args=script_args))

@@ -78,6 +78,10 @@ class Collected(acceptance.Acceptance):
         self.envelope = message
         return admission.Admission(self.queue, self.admission_id, added=False)
 
+    def stash(self, message: tuple[str, str]) -> None:
+        """The transport's hand-over of the message (`Acceptance.stash`): kept."""
+        self.accept(message)
+
 
 @dataclass
 class SentEvents:

@@ -41,6 +41,8 @@ from omni_tasks.model_registry import model_queues
 
 log = logging.getLogger(__name__)
 
+#: The routing key of Celery's task-sent event.
+TASK_SENT = "task.sent"
 #: A kombu binding is routing key, pattern and queue joined by the separator.
 BINDING_FIELDS = 3
 
@@ -101,7 +103,20 @@ class OmniRedisChannel(redis.Channel):
             super()._put(queue, message, **kwargs)
             return
         level = self._get_message_priority(message, reverse=False)
-        pending.accept((self._q_for_pri(queue, level), dumps(message)))
+        pending.stash((self._q_for_pri(queue, level), dumps(message)))
+
+    def _put_fanout(
+        self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any
+    ) -> None:
+        """kombu's publish of an event; a send's task-sent event rides on the script
+        that accepts its request and publishes its message: one round trip per send."""
+        pending = acceptance.awaiting_event()
+        if pending is None or routing_key != TASK_SENT or kwargs.get("_publish_batch"):
+            super()._put_fanout(exchange, message, routing_key, **kwargs)
+            return
+        payload = dumps(message)
+        topics = self._get_publish_topics(exchange, routing_key)
+        pending.accept_with_event([(topic, payload) for topic in topics])
 
     def queue_delete(self, queue: str, *args: Any, **kwargs: Any) -> Any:
         """kombu's; a channel closing after a lost connection deletes its auto-delete

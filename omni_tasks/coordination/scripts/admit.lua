@@ -25,6 +25,8 @@
 -- KEYS[5]  optional, with the ledger keys: the queue's list at the message's priority
 --          level (LPUSH), as kombu's Redis transport publishes
 -- ARGV[12] with KEYS[5]: the message (kombu's JSON envelope)
+-- ARGV[13..] with KEYS[5]: optional (channel, payload) pairs PUBLISHed after the LPUSH:
+--          the send's task-sent event, as kombu's Redis transport publishes it
 -- Returns {status, count}: status 1 admitted, 0 already admitted or not admitted
 -- (ARGV[2] = -1), -1 refused (the pool is full), 2 a repeat (the same fingerprint is
 -- recorded under this id), -2 a conflict (another one is); nothing is recorded for -1,
@@ -68,5 +70,8 @@ if #KEYS >= 4 then
 end
 if #KEYS == 5 then
   redis.call('LPUSH', KEYS[5], ARGV[12])
+  for i = 13, #ARGV, 2 do
+    redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+  end
 end
 return {status, count}
