@@ -148,8 +148,9 @@ def kill9(n: int, kills: int) -> dict:
     return _figures(n, done, last - fault_at, {"kills": kills})
 
 
-def restart(n: int, stop: Callable[[], None], start: Callable[[], None]) -> dict:
-    """A mixed run with the broker or result store stopped and started again mid-run."""
+def mixed_run_under_way(n: int) -> tuple[list, list, float]:
+    """An AR and a diffusion worker, `n` mixed requests sent, 1 s of running: (workers,
+    results, when the fault strikes)."""
     from omni_tasks.dev.launcher import start_worker
 
     workers = [start_worker(q, LOGS, env=WORKER_ENV) for q in ("ar", "diffusion")]
@@ -157,7 +158,12 @@ def restart(n: int, stop: Callable[[], None], start: Callable[[], None]) -> dict
         w.wait_ready(600)
     results = send_mixed(n)
     time.sleep(1.0)
-    fault_at = time.monotonic()
+    return workers, results, time.monotonic()
+
+
+def restart(n: int, stop: Callable[[], None], start: Callable[[], None]) -> dict:
+    """A mixed run with the broker or result store stopped and started again mid-run."""
+    workers, results, fault_at = mixed_run_under_way(n)
     stop()
     time.sleep(2.0)
     start()
@@ -218,14 +224,7 @@ def restart_while_running(n_workers: int, server: RestartableRedis) -> dict:
 def sentinel_failover(n: int, cluster: SentinelCluster) -> dict:
     """A mixed run through Sentinel; the master is killed 1 s in and the replica is
     promoted. The results are read from Redis, then waited for with `.get()` too."""
-    from omni_tasks.dev.launcher import start_worker
-
-    workers = [start_worker(q, LOGS, env=WORKER_ENV) for q in ("ar", "diffusion")]
-    for w in workers:
-        w.wait_ready(600)
-    results = send_mixed(n)
-    time.sleep(1.0)
-    fault_at = time.monotonic()
+    workers, results, fault_at = mixed_run_under_way(n)
     old = cluster.kill_master()
     promoted_s = cluster.wait_promoted(old)
     done, last = collect(results, 300)

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import scale_sim  # noqa: E402
 from common import POOL_WORKER_ARGS, RESULTS, ROOT, stop, wait_ping, write_result  # noqa: E402
-from scale_sim import busy_diffusion, distinct_backlog, simulated_workers  # noqa: E402
+from scale_sim import busy_diffusion, distinct_backlog, simulated_workers, timed_pass  # noqa: E402
 
 #: The harness's own measuring commands, left out of the tallies.
 OWN = {"config", "slowlog"}
@@ -236,25 +236,14 @@ def queued_depth(stats: Stats, depth: int) -> dict[str, Any]:
         client.delete(cache_key)
         run()  # warm-up: connections, scripts
         client.delete(cache_key)
-        stats.reset()
-        started = time.perf_counter()
-        result = run()
-        took = time.perf_counter() - started
-        got = stats.read()
+        result, figures = timed_pass(stats, run)
+        calls = figures["by_command"]
         out[name] = {
-            "seconds": round(took, 4),
-            "calls": got["calls"],
-            "by_command": {c: r["calls"] for c, r in got["commands"].items()},
-            "usec_per_call": {
-                c: round(r["usec"] / r["calls"], 1) for c, r in got["commands"].items()
-            },
-            "redis_cpu_s": got["redis_cpu_s"],
-            "net_output_bytes": got["net_output_bytes"],
+            **figures,
             # LRANGE replies carry nearly all the bytes at depth: their average size.
-            "bytes_per_lrange_reply": got["net_output_bytes"] // got["commands"]["lrange"]["calls"]
-            if "lrange" in got["commands"]
+            "bytes_per_lrange_reply": figures["net_output_bytes"] // calls["lrange"]
+            if "lrange" in calls
             else None,
-            "slowest": got["slowest"][:3],
             "result": result if name == "reaper_pass" else {"healthy": result["healthy"]},
         }
     reaper._close()

@@ -69,17 +69,7 @@ def simulated_workers(stats: Any, count: int, window_s: float) -> dict[str, Any]
         ("health_check", OmniScheduler().get_health_status),
     ):
         client.delete(reaper_lock())
-        stats.reset()
-        t0 = time.perf_counter()
-        run()
-        took = time.perf_counter() - t0
-        done = stats.read()
-        passes[name] = {
-            "seconds": round(took, 4),
-            "calls": done["calls"],
-            "by_command": {c: r["calls"] for c, r in done["commands"].items()},
-            "net_output_bytes": done["net_output_bytes"],
-        }
+        passes[name] = timed_pass(stats, run)[1]
     per_s = got["calls"] / got["elapsed_s"] / count
     return {
         "identities": count,
@@ -92,6 +82,25 @@ def simulated_workers(stats: Any, count: int, window_s: float) -> dict[str, Any]
         },
         "redis_cpu_ms_per_s": round(1e3 * got["redis_cpu_s"] / got["elapsed_s"], 3),
         **passes,
+    }
+
+
+def timed_pass(stats: Any, run: Any) -> tuple[Any, dict[str, Any]]:
+    """Run `run` once between two reads of Redis's counters: (its result, its time and
+    commands, the bytes Redis sent)."""
+    stats.reset()
+    started = time.perf_counter()
+    result = run()
+    took = time.perf_counter() - started
+    got = stats.read()
+    return result, {
+        "seconds": round(took, 4),
+        "calls": got["calls"],
+        "by_command": {c: r["calls"] for c, r in got["commands"].items()},
+        "usec_per_call": {c: round(r["usec"] / r["calls"], 1) for c, r in got["commands"].items()},
+        "redis_cpu_s": got["redis_cpu_s"],
+        "net_output_bytes": got["net_output_bytes"],
+        "slowest": got["slowest"][:3],
     }
 
 
