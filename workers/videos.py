@@ -50,10 +50,18 @@ def _write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
         # One thread: x264's frame threads make no difference to tiny frames, and one
-        # encoder thread per request keeps the worker's cores for the step loop.
-        stream.codec_context.options = {"crf": str(CRF), "threads": "1"}
+        # encoder thread per request keeps the worker's cores for the step loop. No
+        # macroblock tree: with it, x264 gave the same frames different bytes now and
+        # then (1 encode in 8 of a 9-frame clip), and the same frames must give the same
+        # file (cached results, comparisons); it costs a few percent of size at this CRF.
+        stream.codec_context.options = {
+            "crf": str(CRF),
+            "threads": "1",
+            "x264-params": "mbtree=0",
+        }
         for index in range(count):
             frame = av.VideoFrame.from_ndarray(frames[index], format="rgb24")
+            frame.pts = index  # in 1/fps: set, not guessed, so the same frames give the same bytes
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
 
