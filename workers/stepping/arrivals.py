@@ -3,7 +3,8 @@
 A diffusion worker's held slots are all taken while lower-class work is queued, so it
 would see a higher-class arrival only once one of its requests ends. While the worker
 holds requests that have not started, a watcher thread asks Redis, once per denoising
-step, whether a message of higher priority than the lowest such request waits in the
+step and in the middle of it (so that what it finds is fetched and encoded before the
+step ends), whether a message of higher priority than the lowest such request waits in the
 worker's queues: one `EXISTS` over the lists of the better levels (kombu deletes a list
 when it empties), so one command per step, whatever the depth. When one waits, that
 request is handed back (its message requeued, nothing computed), which frees a slot,
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from omni_tasks.coordination.outage import Outage
@@ -44,9 +46,16 @@ class ArrivalWatch:
 
     def _run(self) -> None:
         outage = Outage("queue watch", log)
-        seen = 0
+        seen, boundary = 0, time.monotonic()
         while not self._stopped.is_set():
-            seen = self._loop.wait_for_step(seen, IDLE_PEEK_S)
+            steps = self._loop.wait_for_step(seen, IDLE_PEEK_S)
+            if steps != seen:
+                now = time.monotonic()
+                step_s, boundary, seen = now - boundary, now, steps
+                # Read in the middle of the next step: a message found then is fetched
+                # and encoded before that step ends, and joins at its boundary.
+                if self._stopped.wait(step_s / 2 if step_s < IDLE_PEEK_S else 0.0):
+                    return
             worst = self._loop.worst_unstarted_level()
             if worst:  # something held that a waiting message could outrank
                 outage.run(self._peek, worst)
