@@ -48,8 +48,10 @@ def send(prompt: str, steps: int, priority: str = "normal", **extra: object) -> 
 
 def wait_progress(result: AsyncResult, step: int = 1) -> dict:
     def reached() -> dict | None:
-        info = result.info
-        if result.state == "PROGRESS" and isinstance(info, dict) and info["step"] >= step:
+        # State and info from one read: read apart, a STARTED info can meet a PROGRESS state.
+        meta = result.backend.get_task_meta(result.id, cache=False)
+        info = meta.get("result")
+        if meta.get("status") == "PROGRESS" and isinstance(info, dict) and info["step"] >= step:
             return info
         return None
 
