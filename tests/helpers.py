@@ -162,3 +162,10 @@ def write_heartbeat(client: Any, hostname: str, mapping: dict[str, Any], ttl_s: 
     client.expire(keys.worker(hostname), ttl_s)
     for kind in kinds:
         client.zadd(keys.worker_beats(kind), {hostname: time.time()})
+
+
+def state_and_info(result: Any) -> tuple[str, Any]:
+    """A task's state and info from one read of its result (two reads, `.state` then
+    `.info`, can straddle a change: a STARTED info beside a PROGRESS state)."""
+    meta = result.backend.get_task_meta(result.id, cache=False)
+    return meta.get("status"), meta.get("result")

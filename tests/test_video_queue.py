@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from celery.result import AsyncResult
 from conftest import MODELS_CACHE, clean_redis, start_ready_workers
-from helpers import eventually, foreign
+from helpers import eventually, foreign, state_and_info
 from PIL import Image
 
 from omni_tasks import (
@@ -94,8 +94,8 @@ def test_a_video_through_the_queue(wan_worker: str) -> None:
     steps: list[int] = []
 
     def progressed() -> bool:
-        info = AsyncResult(sent.id).info
-        if sent.state == "PROGRESS" and isinstance(info, dict):
+        state, info = state_and_info(sent)
+        if state == "PROGRESS" and isinstance(info, dict):
             steps.append(int(info["step"]))
             assert info["steps"] == SHORT["steps"]
         return sent.ready()

@@ -17,7 +17,7 @@ import pytest
 from celery import Celery
 from celery.result import AsyncResult
 from conftest import clean_redis, start_ready_workers
-from helpers import eventually
+from helpers import eventually, state_and_info
 
 import omni_tasks
 from omni_tasks import generate_text
@@ -127,8 +127,8 @@ def test_a_long_text_request_shows_its_token_count(ar_worker) -> None:
     result = generate_text.delay(**LONG)
     seen: list[dict] = []
     while not result.ready():
-        info = result.info
-        if result.state == PROGRESS and info not in seen:
+        state, info = state_and_info(result)
+        if state == PROGRESS and info not in seen:
             seen.append(info)
         time.sleep(0.05)
     out = result.get(TIMEOUT)

@@ -13,7 +13,7 @@ import pytest
 from celery.exceptions import TaskRevokedError
 from celery.result import AsyncResult
 from conftest import clean_redis, start_ready_workers
-from helpers import eventually
+from helpers import eventually, state_and_info
 from PIL import Image
 
 from omni_tasks import cancel, generate_image
@@ -48,10 +48,8 @@ def send(prompt: str, steps: int, priority: str = "normal", **extra: object) -> 
 
 def wait_progress(result: AsyncResult, step: int = 1) -> dict:
     def reached() -> dict | None:
-        # State and info from one read: read apart, a STARTED info can meet a PROGRESS state.
-        meta = result.backend.get_task_meta(result.id, cache=False)
-        info = meta.get("result")
-        if meta.get("status") == "PROGRESS" and isinstance(info, dict) and info["step"] >= step:
+        state, info = state_and_info(result)
+        if state == "PROGRESS" and isinstance(info, dict) and info["step"] >= step:
             return info
         return None
 
