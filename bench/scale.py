@@ -47,7 +47,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import scale_sim  # noqa: E402
-from common import POOL_WORKER_ARGS, RESULTS, ROOT, stop, wait_ping, write_result  # noqa: E402
+from common import (  # noqa: E402
+    POOL_WORKER_ARGS,
+    RESULTS,
+    ROOT,
+    stop,
+    wait_ping,
+    write_result,
+)
+from common import clean_redis as clean  # noqa: E402
 from scale_sim import busy_diffusion, distinct_backlog, simulated_workers, timed_pass  # noqa: E402
 
 #: The harness's own measuring commands, left out of the tallies.
@@ -275,16 +283,6 @@ def scaling_commands(depths: list[dict[str, Any]], name: str) -> dict[str, list[
         if calls[-1] > calls[0] + 1 and calls[-1] > 1:
             grow[c] = calls
     return grow
-
-
-# -- phase D: heartbeat identities --------------------------------------------------
-def clean() -> None:
-    from omni_tasks.coordination.client import get_redis
-
-    client = get_redis()
-    doomed = [k for k in client.scan_iter(count=1000) if not k.startswith("_kombu.binding")]
-    for i in range(0, len(doomed), 500):
-        client.delete(*doomed[i : i + 500])
 
 
 # -- main ---------------------------------------------------------------------------
