@@ -96,7 +96,7 @@ class SentEvents:
 
 class BatchResult(GroupResult):
     """Celery's `GroupResult`, which subscribes to its results when it is first waited
-    on, as a sent request does (`celery_app.SubscribeOnWait`), not when it is made:
+    on, as a sent request does (`result_backend.SubscribeOnWait`), not when it is made:
     a caller that never waits here (a batch API answering with ids) subscribes to none.
 
     Its ready barrier counts results that are ready as it is made: once this process's

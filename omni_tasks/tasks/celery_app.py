@@ -12,7 +12,6 @@ there. An application process never imports it.
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +27,7 @@ from omni_tasks.config.schema import is_sentinel_url
 from omni_tasks.coordination.client import CONNECT_TIMEOUT_S, with_tls_defaults
 from omni_tasks.coordination.keys import PRIORITY_SEP, PRIORITY_STEPS
 from omni_tasks.tasks import transport
-from omni_tasks.tasks.result_consumer import ResilientResultConsumer
+from omni_tasks.tasks.result_backend import omni_result_backend
 from omni_tasks.tasks.worker_settings import queues_from_argv, worker_settings
 
 TASK_MODULES = ["omni_tasks.tasks.definitions"]
@@ -75,7 +74,8 @@ def delivered_level(priority: int | None, broker_is_redis: bool) -> int | None:
 
 
 class OmniAMQP(AMQP):
-    """Celery's message layer, with levels published as AMQP priorities to AMQP brokers."""
+    """Celery's message layer, with levels published as AMQP priorities to AMQP brokers,
+    and `kwargsrepr` in the headers only."""
 
     Connection = transport.OmniConnection
 
@@ -83,6 +83,9 @@ class OmniAMQP(AMQP):
         send = super()._create_task_sender()
 
         def send_task_message(producer: Any, name: str, message: Any, **kwargs: Any) -> Any:
+            # Celery passes every option on as a message property: `kwargsrepr` would
+            # travel twice (it is in the headers, where Flower reads it).
+            kwargs.pop("kwargsrepr", None)
             if producer.connection.transport.driver_type == "amqp":
                 kwargs["priority"] = amqp_priority(kwargs.get("priority"))
             return send(producer, name, message, **kwargs)
@@ -192,7 +195,8 @@ class OmniCelery(Celery):
     """Celery, with a message sent by task name admitted like `.delay()`: `send_task`
     bypasses `OmniTask.apply_async`, and the `before_task_publish` signal cannot refuse
     a publish (Celery logs and swallows what its receivers raise). Its Redis result
-    backend subscribes to a result when a caller waits for it (`SubscribeOnWait`)."""
+    backend subscribes to a result when a caller waits for it, and stores a state in
+    one round trip (`result_backend`)."""
 
     def send_task(self, name: str, *args: Any, **options: Any) -> Any:
         from omni_tasks.tasks.definitions import send_admitted
@@ -202,32 +206,8 @@ class OmniCelery(Celery):
     def _get_backend(self) -> Any:
         backend, url = backends.by_url(self.backend_cls or self.conf.result_backend, self.loader)
         if isinstance(backend, type) and issubclass(backend, RedisBackend):
-            backend = subscribing_on_wait(backend)
+            backend = omni_result_backend(backend)
         return backend(app=self, url=url)
-
-
-class SubscribeOnWait:
-    """Celery's Redis result backend, whose result consumer outlasts any Redis outage
-    (`ResilientResultConsumer`), and whose first subscription waits for a caller that
-    waits. Celery subscribes to each result as its task is sent (`on_task_call`); the
-    first one opens the process's subscriber connection, retrying for minutes when
-    Redis is away, before the send's accepting step could refuse at once. Until a
-    caller has waited (`add_pending_result`, which subscribes, after which Celery reads
-    the stored result: nothing is missed), sends subscribe to nothing; once the
-    connection is open, they subscribe as Celery does, so a result that comes before
-    the caller waits is already on its way."""
-
-    ResultConsumer = ResilientResultConsumer
-
-    def on_task_call(self, producer: Any, task_id: str) -> None:
-        if getattr(self.result_consumer, "_pubsub", None) is not None:
-            super().on_task_call(producer, task_id)  # type: ignore[misc]
-
-
-@functools.cache
-def subscribing_on_wait(backend: type) -> type:
-    """`backend` (a Redis result backend class) with `SubscribeOnWait`."""
-    return type(f"SubscribeOnWait{backend.__name__}", (SubscribeOnWait, backend), {})
 
 
 app = OmniCelery("omni_tasks", include=TASK_MODULES, amqp=OmniAMQP)

@@ -202,3 +202,28 @@ def test_claim_run_answers_done_running_or_claimed(redis_client) -> None:
     redis_client.set(result, '{"status": "SUCCESS"}')
     assert run("w3 i3 t3") == "done"
     assert redis_client.get(claim) == "w2 i2 t2"
+
+
+def test_store_result_never_replaces_a_success_and_publishes_what_it_stores(
+    redis_client,
+) -> None:
+    s, key = get_scripts(), "celery-task-meta-y"
+    listener = redis_client.pubsub()
+    listener.subscribe(key)
+    listener.get_message(timeout=1)  # the subscription's confirmation
+    started = '{"status": "STARTED", "result": null}'
+    assert s.store_result(keys=[key], args=[started, 60]) == 1
+    assert redis_client.get(key) == started and 0 < redis_client.ttl(key) <= 60
+    assert listener.get_message(timeout=1)["data"] == started
+    success = json.dumps({"status": "SUCCESS", "result": {"text": '"status": "FAILURE"'}})
+    assert s.store_result(keys=[key], args=[success, 0]) == 1
+    assert redis_client.ttl(key) == -1  # 0: kept without a time to live
+    failure = '{"status":"FAILURE","result":{"text":"\\"status\\": \\"SUCCESS\\""}}'
+    assert s.store_result(keys=[key], args=[failure, 60]) == 0  # a success stays
+    assert redis_client.get(key) == success
+    listener.get_message(timeout=1)  # the success
+    assert listener.get_message(timeout=0.2) is None  # nothing published for the refusal
+    # Text that looks like a success inside a result is not one: it is replaced.
+    redis_client.set(key, failure)
+    assert s.store_result(keys=[key], args=[started, 60]) == 1
+    listener.close()

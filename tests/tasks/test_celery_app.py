@@ -5,6 +5,7 @@ of the Redis-only options and levels published as AMQP priorities."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 from omni_tasks import app, get_config
@@ -136,3 +137,22 @@ def test_levels_become_amqp_priorities_and_back() -> None:
     assert all(delivered_level(amqp_priority(lv), False) == lv for lv in range(10))
     assert delivered_level(3, True) == 3 and delivered_level(None, False) is None
     assert isinstance(app.amqp, OmniAMQP)
+
+
+def test_the_result_backend_stores_states_as_celery_does(redis_client) -> None:
+    """One round trip per state (`store_result.lua`), with Celery's rules: a success is
+    never replaced, failures keep their own time to live, and a caller reads them back."""
+    backend = app.backend
+    assert type(backend).__name__.startswith("Omni")
+    task_id = "test-backend-store"
+    key = backend.get_key_for_task(task_id).decode()
+    try:
+        backend.store_result(task_id, {"step": 1}, "PROGRESS")
+        assert backend.get_task_meta(task_id)["result"] == {"step": 1}
+        backend.store_result(task_id, {"text": "done"}, "SUCCESS")
+        backend.store_result(task_id, None, "REVOKED")  # too late: the success stands
+        stored = json.loads(redis_client.get(key))
+        assert stored["status"] == "SUCCESS" and stored["result"] == {"text": "done"}
+        assert 0 < redis_client.ttl(key) <= backend.expires
+    finally:
+        redis_client.delete(key)
