@@ -70,7 +70,7 @@ def prepare(task: str, task_id: str, args: Any, kwargs: dict[str, Any], options:
     return Entry(
         task_id=task_id,
         task=task,
-        args=json.dumps(list(args or ())),
+        args=json.dumps(list(args)) if args else "[]",
         kwargs=json.dumps(kwargs),
         options=json.dumps(_jsonable(options)),
     )
@@ -133,9 +133,10 @@ def _jsonable(options: dict) -> dict[str, Any]:
             continue
         if isinstance(value, datetime):
             value = value.isoformat()
-        try:
-            json.dumps(value)
-        except (TypeError, ValueError):
-            continue  # not part of the JSON contract: a second publish goes without it
+        if not isinstance(value, (str, int, float, bool)):  # JSON as it is: no test
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                continue  # not part of the JSON contract: a second publish goes without it
         kept[name] = value
     return kept
