@@ -44,6 +44,7 @@ from omni_tasks.results import ProbeResult
 from omni_tasks.tasks.base import POSITIONAL_REFUSED, OmniTask, TaskHandler
 from omni_tasks.tasks.celery_app import delivered_level
 from omni_tasks.tasks.definitions import multimodal_chain
+from omni_tasks.tasks.result_backend import encoded_state
 from workers import execution, progress, task_context
 from workers.lifecycle.heartbeat import HEARTBEAT_INTERVAL_S
 from workers.runtime import runtime
@@ -167,7 +168,7 @@ def claim_run(task: OmniTask, task_id: str, queue: str, taking_over: bool) -> st
     claim = runs.claim_value(runtime.hostname, runtime.instance)
     backend = task.backend
     meta = {"pid": os.getpid(), "hostname": task.request.hostname}
-    started = progress.encoded_state(backend, task_id, meta, states.STARTED, task.request)
+    started = encoded_state(backend, task_id, meta, states.STARTED, task.request)
     result = (backend.get_key_for_task(task_id).decode(), started, int(backend.expires))
     found = runs.claim(task_id, claim, result, CLAIM_GRACE_S, taking_over)
     if found != "claimed":

@@ -27,6 +27,7 @@ from typing import Any
 
 from omni_tasks.config import get_config
 from omni_tasks.coordination.outage import Outage
+from omni_tasks.tasks.result_backend import encoded_state
 
 log = logging.getLogger(__name__)
 _outage = Outage("progress", log)
@@ -141,14 +142,6 @@ def _store_states(due: list[tuple[Reporter, dict[str, int]]]) -> None:
             pipe.set(key, value, ex=expires)
             pipe.publish(key, value)
         pipe.execute()
-
-
-def encoded_state(backend: Any, task_id: str, meta: Any, state: str, request: Any) -> Any:
-    """A task's state as Celery's Redis result backend stores it (the JSON of its meta),
-    for a write that skips `store_result`'s read first."""
-    found = backend._get_result_meta(meta, state, None, request)
-    found["task_id"] = task_id
-    return backend.encode(found)
 
 
 def _send_events(due: list[tuple[Reporter, dict[str, int]]]) -> None:

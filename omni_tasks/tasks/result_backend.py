@@ -33,6 +33,17 @@ class SubscribeOnWait:
             super().on_task_call(producer, task_id)  # type: ignore[misc]
 
 
+def encoded_state(
+    backend: Any, task_id: str, result: Any, state: str, request: Any, traceback: Any = None
+) -> Any:
+    """A task's state as Celery's Redis result backend stores it (the JSON of its meta),
+    for a write of omni-tasks' own: this backend's, the run claim's STARTED, a worker's
+    batch of PROGRESS states."""
+    meta = backend._get_result_meta(result, state, traceback, request)
+    meta["task_id"] = bytes_to_str(task_id)
+    return backend.encode(meta)
+
+
 class StoreInOneTrip:
     """Each state a task stores (STARTED aside, which the run claim stores: PROGRESS,
     SUCCESS, FAILURE, REVOKED) costs one round trip, `store_result.lua`, where Celery's
@@ -50,11 +61,7 @@ class StoreInOneTrip:
         **kwargs: Any,
     ) -> Any:
         backend: Any = self
-        meta = backend._get_result_meta(
-            result=result, state=state, traceback=traceback, request=request
-        )
-        meta["task_id"] = bytes_to_str(task_id)
-        value = backend.encode(meta)
+        value = encoded_state(backend, task_id, result, state, request, traceback)
         if isinstance(value, str) and len(value) > backend._MAX_STR_VALUE_SIZE:
             too_large = "value too large for Redis backend"
             raise BackendStoreError(too_large, state=state, task_id=task_id)
