@@ -20,6 +20,7 @@ _BUILDERS = {
     "tiny-sana": ("tiny_sana", "build_tiny_sana"),
     "tiny-wan": ("tiny_wan", "build_tiny_wan"),
     "tiny-wan-i2v": ("tiny_wan", "build_tiny_wan_i2v"),
+    "tiny-stable-audio": ("tiny_stable_audio", "build_tiny_stable_audio"),
     "tiny-tts": ("tiny_tts", "build_tiny_tts"),
 }
 TINY_MODELS = tuple(_BUILDERS)
