@@ -5,16 +5,24 @@
 whose id 0 is the blank put between characters (`add_blank`) and the padding token,
 `normalize` (lowercase, drop characters outside the vocabulary), no phonemizer, no uroman.
 
-The model is the real `VitsModel` with small sizes: a 2-layer text encoder, the stochastic
-duration predictor, a 2-flow prior and a narrow HiFi-GAN decoder with MMS's upsampling
-(8 x 8 x 2 x 2 = 256 samples a frame at 16 kHz). It has four speakers (so requests have
-voices to choose) and no dropout. Weights come from a fixed seed, so builds are identical.
-Its speech is noise: it exists to run the real loading, batching and encoding paths.
+The model is the real `VitsModel` with small sizes: a 2-layer text encoder, a 2-flow prior
+and a narrow HiFi-GAN decoder with MMS's upsampling (8 x 8 x 2 x 2 = 256 samples a frame
+at 16 kHz). It has four speakers (so requests have voices to choose) and no dropout.
+Weights come from a fixed seed, so builds are identical. Its speech is noise: it exists to
+run the real loading, batching and encoding paths.
+
+Durations are fixed: random weights made a sentence last anywhere from 2 to 10 s (and
+cost as much to make), so the duration predictor is the deterministic one (MMS uses the
+stochastic one) with its output set to `FRAMES_PER_TOKEN` for every token. A character
+(with its blank) lasts 4 frames, 64 ms, about the pace of speech; the length of a text's
+audio is known in advance (tokens x 2 x 256 samples at speed 1), and `speaking_rate`
+divides it. The prior still samples noise, so seeds matter.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import string
 from pathlib import Path
 from typing import Any
@@ -22,9 +30,11 @@ from typing import Any
 from workers.models.atomic import build_atomically
 from workers.models.building import seeded_torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SEED = 4321
 SAMPLING_RATE = 16_000
+#: Every token's duration before `ceil` (so 2 frames at speed 1, 1 at speed 2, 4 at 0.5).
+FRAMES_PER_TOKEN = 1.9
 NUM_SPEAKERS = 4
 #: The blank between characters and the padding token: id 0, as in MMS-TTS vocabularies.
 BLANK = "_"
@@ -51,6 +61,7 @@ _SIZES: dict[str, Any] = {
     "prior_encoder_num_wavenet_layers": 2,
     "posterior_encoder_num_wavenet_layers": 2,
     "speaker_embedding_size": 8,
+    "use_stochastic_duration_prediction": False,
 }
 _NO_DROPOUT = {
     name: 0.0
@@ -90,6 +101,7 @@ def _write_tokenizer(out: Path) -> Any:
 
 
 def _write_checkpoint(out: Path) -> None:
+    import torch
     from transformers import VitsConfig, VitsModel
 
     out.mkdir(parents=True, exist_ok=True)
@@ -104,6 +116,9 @@ def _write_checkpoint(out: Path) -> None:
     )
     with seeded_torch(SEED):
         model = VitsModel(config).eval()
+    with torch.no_grad():  # fixed durations: see the module docstring
+        model.duration_predictor.proj.weight.zero_()
+        model.duration_predictor.proj.bias.fill_(math.log(FRAMES_PER_TOKEN))
     _save_quietly(model, out)
     tokenizer.save_pretrained(out)
 
