@@ -153,6 +153,8 @@ class ImageParams:
     lora: tuple[tuple[str, float], ...] = ()
     #: A video's frame count; None: an image.
     num_frames: int | None = None
+    #: A sound's length in seconds (an audio family); None: not a sound.
+    audio_seconds: float | None = None
 
 
 @dataclass
@@ -171,10 +173,11 @@ class ImageOutput:
     denoising step) and total_s, whose remainder is mostly
     waiting for the step scheduler; calibrate_s too when the request had to calibrate
     MagCache first. `preemptions`: times the step scheduler paused it; `max_batch`: the
-    most requests any of its steps ran with.
+    most requests any of its steps ran with. A sound has no `image` (None): its
+    `audio` instead.
     """
 
-    image: Image.Image
+    image: Image.Image | None
     steps_run: int
     timings: dict[str, float] = field(default_factory=dict)
     denoise_steps: int = 0
@@ -185,6 +188,9 @@ class ImageOutput:
     lora: list[dict[str, Any]] = field(default_factory=list)  # as `TextOutput.lora`
     #: A video's frames, (frames, height, width, 3) uint8; `image` is then its first.
     frames: np.ndarray | None = None
+    #: A sound's waveform, (channels, samples) float32 at `sample_rate` Hz.
+    audio: np.ndarray | None = None
+    sample_rate: int | None = None
 
 
 class DiffusionEngine(Protocol):

@@ -223,7 +223,8 @@ class DiffusersEngine:
         finally:
             if held is not None:
                 self.resources.release(held)
-        return _output(decoded, request, held, used_embeds, final, used, params)
+        media = self.family.output_fields(decoded, params)
+        return _output(media, request, held, used_embeds, final, used)
 
     def runs_step_cache(self, mode: str) -> bool:
         """Whether this model's family runs step-cache `mode` (`ModelFamily.step_caches`)."""
@@ -365,7 +366,7 @@ class DiffusersEngine:
                 mag_ratios=ratios,
                 current_timestep=(lambda: request.timestep) if img2img else None,
             ):
-                return getattr(pipe(**kwargs), self.family.output_field)
+                return self.family.call_pipeline(pipe, kwargs)
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -389,7 +390,7 @@ class DiffusersEngine:
         return StepRequest(
             ticket,
             steps=self.family.steps_taken(params, init_image is not None),
-            pixels=params.width * params.height * (params.num_frames or 1),
+            pixels=self.family.step_pixels(params),
             batch_key=self._batch_key(params, nominal, init_image) if batched else None,
             shape=shape,
         )
@@ -400,27 +401,20 @@ class DiffusersEngine:
 
 
 def _output(
-    decoded: Any,
+    media: dict[str, Any],
     request: Request,
     held: StepRequest | None,
     embeds: dict[str, torch.Tensor] | None,
     final: torch.Tensor,
     adapters: list[AdapterUse],
-    params: ImageParams,
 ) -> ImageOutput:
+    """`media`: the family's `output_fields` (image, frames or audio)."""
     figures = timings(request)
     figures["paused_s"] = round(held.paused_s, 6) if held is not None else 0.0
     if held is not None and held.first_step_at is not None:
         figures["first_step_at"] = round(held.first_step_at, 6)
-    from PIL import Image
-
-    image, frames = decoded, None
-    if not isinstance(decoded, Image.Image):  # a video family's frames: the first is its image
-        image = Image.fromarray(decoded[0])
-        frames = decoded if params.num_frames is not None else None
     return ImageOutput(
-        image=image,
-        frames=frames,
+        **media,
         steps_run=request.steps_run,
         timings=figures,
         denoise_steps=request.denoise_steps,

@@ -158,7 +158,7 @@ def denoise_batched(
 
     kwargs["callback_on_step_end"] = hooks.step_callback(request, on_step, on_latents)
     request.pipe_start = time.perf_counter()
-    latents = getattr(pipe(**kwargs), family.output_field)
+    latents = family.call_pipeline(pipe, kwargs)
     # Denoising counts from its first step: the wait for a slot is not part of it.
     request.denoise_start = held.first_step_perf or proxy.first_call_at
     if held.first_step_perf is not None and proxy.first_call_at is not None:

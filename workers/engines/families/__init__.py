@@ -17,6 +17,7 @@ from workers.engines.families.qwen_image import QwenImageFamily
 from workers.engines.families.qwen_image_edit import QwenImageEditFamily
 from workers.engines.families.sana import SanaFamily
 from workers.engines.families.sd3 import SD3Family
+from workers.engines.families.stable_audio import StableAudioFamily
 from workers.engines.families.wan import WanFamily, WanImageToVideoFamily
 
 FAMILIES: dict[str, type[ModelFamily]] = {
@@ -29,6 +30,7 @@ FAMILIES: dict[str, type[ModelFamily]] = {
         SanaFamily,
         WanFamily,
         WanImageToVideoFamily,
+        StableAudioFamily,
     )
 }
 

@@ -12,8 +12,10 @@ only what differs between pipelines:
 - `pipeline_kwargs`: the pipeline call's arguments that carry them;
 - `row_inputs` / `list_rows`: which transformer arguments have a row per request, so the
   step loop stacks them (everything else is shared by a batch and in its `batch_key`);
-- `unpack` / `decode`: the final latents as the DiT cache keeps them, and their pixels
-  exactly as the pipeline would give them;
+- `unpack` / `decode` / `output_fields`: the final latents as the DiT cache keeps them,
+  and their pixels (or samples) exactly as the pipeline would give them;
+- `call_pipeline`: the pipeline call itself, where a pipeline names its arguments its
+  own way;
 - `probe_inputs`: zeros of one step's shape, which the resource manager measures;
 - what applies: `step_caches`, `edit` (the request's image conditions the prompt); LoRA
   applies wherever the pipeline has diffusers' LoRA loader.
@@ -63,9 +65,10 @@ class ModelFamily:
     output_type: ClassVar[str] = "latent"
     #: Whether a step's latents can be decoded into a preview.
     previews: ClassVar[bool] = True
-    #: What the family makes: "image", or "video" (`decode` gives (frames, height, width,
+    #: What the family makes: "image", "video" (`decode` gives (frames, height, width,
     #: 3) uint8 frames; video requests carry `ImageParams.num_frames`, and an image
-    #: request is a one-frame video).
+    #: request is a one-frame video) or "audio" (a (channels, samples) waveform;
+    #: requests carry `ImageParams.audio_seconds`).
     media: ClassVar[str] = "image"
     #: The pipeline output's field that holds its `output_type="latent"` latents.
     output_field: ClassVar[str] = "images"
@@ -108,6 +111,11 @@ class ModelFamily:
         if params.num_frames is not None and self.media != "video":
             raise RequestValidationError(
                 "model", f"the {self.name} family makes images, not videos: send generate_image"
+            )
+        if (params.audio_seconds is not None) != (self.media == "audio"):
+            send = "generate_audio" if self.media == "audio" else "generate_image"
+            raise RequestValidationError(
+                "model", f"the {self.name} family makes {self.media}: send {send}"
             )
         for name in ("width", "height"):
             if getattr(params, name) % self.size_multiple:
@@ -181,6 +189,11 @@ class ModelFamily:
         """Pipeline arguments that carry the prompt text itself (none: its embeddings do)."""
         return {}
 
+    def call_pipeline(self, pipe: Any, kwargs: dict[str, Any]) -> Any:
+        """Run a request's pipeline call (`kwargs`: the engine's arguments, with its step
+        callback as `callback_on_step_end`); its `output_field`, the final latents."""
+        return getattr(pipe(**kwargs), self.output_field)
+
     def steps_taken(self, params: ImageParams, with_image: bool) -> int:
         """Denoising steps the pipeline runs: img2img starts late (`get_timesteps`)."""
         if not with_image or self.edit:
@@ -213,6 +226,20 @@ class ModelFamily:
     def decode(self, latents: torch.Tensor) -> Image.Image:
         """`unpack`'s latents to the image the pipeline itself would return."""
         raise NotImplementedError
+
+    def output_fields(self, decoded: Any, params: ImageParams) -> dict[str, Any]:
+        """`ImageOutput`'s fields of what `decode` gave: the image, or a video's frames
+        with the first as its image (an image request on a video model: just that)."""
+        from PIL import Image
+
+        if isinstance(decoded, Image.Image):
+            return {"image": decoded}
+        frames = decoded if params.num_frames is not None else None
+        return {"image": Image.fromarray(decoded[0]), "frames": frames}
+
+    def step_pixels(self, params: ImageParams) -> int:
+        """What one step of a request costs, in pixels (the step scheduler ranks by it)."""
+        return params.width * params.height * (params.num_frames or 1)
 
     def shape_label(self, params: ImageParams) -> str:
         """How errors name a request's shape ("64x64 image", "17-frame 64x64 video")."""
