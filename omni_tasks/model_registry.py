@@ -32,8 +32,10 @@ if TYPE_CHECKING:
 #: fit, and nothing kombu or RabbitMQ would read otherwise does.
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9._/-]+$")
 MAX_MODEL_NAME_CHARS = 128
-#: The families whose models make videos (`workers.engines.families`); the rest, images.
+#: The families whose models make videos and sounds (`workers.engines.families`); the
+#: rest, images.
 VIDEO_FAMILIES = frozenset({"wan", "wan-i2v"})
+AUDIO_FAMILIES = frozenset({"stable-audio"})
 
 
 @dataclass
@@ -97,6 +99,8 @@ def default_model(request_type: str, with_image: bool, config: CoreModuleConfig)
     dit = config.diffusion
     if request_type == RequestType.VIDEO.value:
         return dit.video_image_model if with_image else dit.video_model
+    if request_type == RequestType.AUDIO.value:
+        return dit.audio_model
     return dit.model
 
 
@@ -113,6 +117,8 @@ def check_model(request: OmniRequest, config: CoreModuleConfig) -> None:
                 raise RequestValidationError(
                     name, "the AR pool's transformers engine cannot honour it; use vLLM"
                 )
+    if request.request_type is RequestType.SPEECH:
+        check_speech(request, config)
     if not runs_dit_model(request):
         return
     known = config.diffusion_models()
@@ -129,6 +135,29 @@ def check_model(request: OmniRequest, config: CoreModuleConfig) -> None:
     if request.request_type is RequestType.VIDEO and family not in VIDEO_FAMILIES:
         raise RequestValidationError(
             "model", f"{name!r} ({family}) makes images, not videos: send generate_image"
+        )
+    audio = request.request_type is RequestType.AUDIO
+    if audio != (family in AUDIO_FAMILIES):
+        made = "sounds" if family in AUDIO_FAMILIES else "pictures"
+        raise RequestValidationError(
+            "model", f"{name!r} ({family}) makes {made}: send the task of that kind"
+        )
+
+
+def check_speech(request: OmniRequest, config: CoreModuleConfig) -> None:
+    """Refuse a speech request for another model than the speech pool's, or in a voice
+    the config does not name (a speaker id, "2", is checked by the worker against its
+    model's speakers)."""
+    speech = config.speech
+    if request.model is not None and request.model != speech.model:
+        raise RequestValidationError(
+            "model", f"the speech pool serves {speech.model!r}, not {request.model!r}"
+        )
+    voice = request.voice
+    if voice is not None and not voice.isdigit() and voice not in speech.voices:
+        raise RequestValidationError(
+            "voice",
+            f"unknown voice {voice!r}; voices: {', '.join(speech.voices)} (or a speaker id)",
         )
 
 

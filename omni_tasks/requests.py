@@ -26,6 +26,15 @@ from pydantic import (
     model_validator,
 )
 
+from omni_tasks.audio_fields import (
+    MAX_AUDIO_SECONDS,
+    MAX_SAMPLE_RATE,
+    MAX_SPEECH_CHARS,
+    MAX_SPEED,
+    MIN_SAMPLE_RATE,
+    MIN_SPEED,
+    audio_aliases,
+)
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.image_input import PATH_REFUSED, inline_image_b64
 from omni_tasks.image_input import encode_image_file as encode_image_file  # re-exported
@@ -45,6 +54,9 @@ MAX_MESSAGES = 256
 MAX_CHAT_CHARS = 32000
 MAX_CHOICES = 8
 MAX_TOP_LOGPROBS = 20
+#: A second of sound weighs, in the schedulers' cost, this many megapixels of image: about
+#: a 160x160 picture (Stable Audio's latents: 64 channels at ~21.5 frames a second).
+AUDIO_SECOND_MEGAPIXELS = 0.025
 #: In-process state of a request object, never taken from a caller or a message.
 INTERNAL_FIELDS = ("processing_stage", "errors", "stage")
 # Strict types: a string or a bool is never taken for a number, nor a number for a
@@ -55,9 +67,11 @@ Str = Annotated[str, Field(strict=True)]
 Bool = Annotated[bool, Field(strict=True)]
 
 Priority = Literal["high", "normal", "low"]
-#: A pipeline stage: "ar" runs on the AR pool, "dit" on the diffusion pool.
-Stage = Literal["ar", "dit"]
-STAGES: tuple[Stage, ...] = ("ar", "dit")
+#: A pipeline stage: "ar" runs on the AR pool, "dit" on the diffusion pool, "tts" on the
+#: speech pool.
+Stage = Literal["ar", "dit", "tts"]
+STAGES: tuple[Stage, ...] = ("ar", "dit", "tts")
+AudioFormat = Literal["wav", "flac", "mp3", "opus", "pcm"]
 StepCacheMode = Literal["none", "taylorseer", "magcache", "first_block", "pab", "cache_dit"]
 #: Step-level DiT acceleration modes a request may name (the diffusion pool implements each).
 STEP_CACHE_MODES: tuple[str, ...] = typing.get_args(StepCacheMode)
@@ -70,6 +84,8 @@ class RequestType(Enum):
     MULTIMODAL = "multimodal"  # AR stage writes the image prompt, DiT stage renders it
     DIFFUSION = "diffusion"  # text-to-image
     VIDEO = "video"  # frames from a prompt, or from a prompt and a first image
+    SPEECH = "speech"  # text-to-speech: the `input` text spoken in a `voice`
+    AUDIO = "audio"  # text-to-audio: a sound from a prompt, on a diffusion model
 
 
 class ProcessingStage(IntEnum):
@@ -91,8 +107,16 @@ class ProcessingStage(IntEnum):
 
 
 IMAGE_TYPES = (RequestType.DIFFUSION, RequestType.IMAGE, RequestType.MULTIMODAL)
-#: The types a diffusion model renders (their DiT stage): images and videos.
-DIT_TYPES = (*IMAGE_TYPES, RequestType.VIDEO)
+#: The types a diffusion model renders (their DiT stage): images, videos and sounds.
+DIT_TYPES = (*IMAGE_TYPES, RequestType.VIDEO, RequestType.AUDIO)
+#: The types whose seed the producer fixes when none is given (their output samples
+#: noise). Not SPEECH: a seeded speech request runs alone, an unseeded one batches
+#: (`workers.engines.speech_engine`).
+SEEDED_TYPES = DIT_TYPES
+#: The types whose result is an audio file (`response_format`, `sample_rate`).
+AUDIO_TYPES = (RequestType.SPEECH, RequestType.AUDIO)
+#: The types that may stream their output while it is made (`stream`).
+STREAM_TYPES = (RequestType.TEXT, RequestType.CHAT, RequestType.SPEECH)
 #: The types that take an input image: an edit / img2img, or a video's first frame.
 INPUT_IMAGE_TYPES = (RequestType.IMAGE, RequestType.VIDEO)
 #: The types an AR engine generates text for (a MULTIMODAL request: its image prompt).
@@ -119,6 +143,12 @@ UNSET_UNDIGESTED: dict[str, Any] = {
     "true_cfg_scale": None,
     "num_frames": None,
     "fps": DEFAULT_FPS,
+    "input": None,
+    "voice": None,
+    "speed": 1.0,
+    "response_format": "wav",
+    "sample_rate": None,
+    "seconds": None,
     **{k: v for k, v in COMPLETION_FIELDS.items() if k not in DELIVERY_FIELDS},
 }
 
@@ -129,6 +159,8 @@ def stages_of(request_type: RequestType) -> tuple[Stage, ...]:
         return ("ar",)
     if request_type is RequestType.MULTIMODAL:
         return ("ar", "dit")
+    if request_type is RequestType.SPEECH:
+        return ("tts",)
     return ("dit",)
 
 
@@ -149,7 +181,7 @@ class OmniRequest(BaseModel):
 
     request_id: Str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
     request_type: RequestType
-    # Every type but CHAT takes a prompt; CHAT takes `messages` instead.
+    # Every type but CHAT and SPEECH takes a prompt; CHAT takes `messages`, SPEECH `input`.
     prompt: Str | None = Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS)
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES)
     priority: Priority = "normal"
@@ -194,6 +226,16 @@ class OmniRequest(BaseModel):
     # Video (VIDEO only; `video_fields`: `seconds` becomes `num_frames`, 4k+1 frames).
     num_frames: Int | None = Field(default=None, ge=1, le=MAX_FRAMES)
     fps: Int = Field(default=DEFAULT_FPS, ge=1, le=MAX_FPS)
+    # Speech (SPEECH only, OpenAI's names): the text to speak, the voice (a name of the
+    # config's `speech.voices`, or a speaker id such as "2"), and the speaking rate.
+    input: Str | None = Field(default=None, min_length=1, max_length=MAX_SPEECH_CHARS)
+    voice: Str | None = Field(default=None, min_length=1, max_length=64)
+    speed: Float = Field(default=1.0, ge=MIN_SPEED, le=MAX_SPEED)
+    # Audio (SPEECH and AUDIO): the file's format, and its rate (None: the model's own).
+    response_format: AudioFormat = "wav"
+    sample_rate: Int | None = Field(default=None, ge=MIN_SAMPLE_RATE, le=MAX_SAMPLE_RATE)
+    # Text-to-audio (AUDIO only): the sound's length (`audio_fields.DEFAULT_AUDIO_SECONDS`).
+    seconds: Float | None = Field(default=None, gt=0, le=MAX_AUDIO_SECONDS)
 
     @model_validator(mode="before")
     @classmethod
@@ -210,8 +252,10 @@ class OmniRequest(BaseModel):
     @classmethod
     def _video_fields(cls, data: Any) -> Any:
         """A video's `seconds` become `num_frames`, `guidance_scale` is `guidance`
-        (`video_fields`)."""
-        return video_aliases(data) if isinstance(data, dict) else data
+        (`video_fields`); a sound's `seconds` get their default (`audio_fields`)."""
+        if not isinstance(data, dict):
+            return data
+        return video_aliases(audio_aliases(data))
 
     @field_validator("request_id")
     @classmethod
@@ -222,7 +266,7 @@ class OmniRequest(BaseModel):
             raise ValueError("must not contain control characters")
         return value
 
-    @field_validator("prompt")
+    @field_validator("prompt", "input")
     @classmethod
     def _prompt_not_blank(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
@@ -272,23 +316,38 @@ class OmniRequest(BaseModel):
 
     @model_validator(mode="after")
     def _input_fits_type(self) -> OmniRequest:
-        """CHAT takes `messages` and no prompt; every other type a prompt; the text
+        """CHAT takes `messages`, SPEECH `input`, every other type a prompt; the text
         extras only the types whose result is the text."""
-        chat = self.request_type is RequestType.CHAT
-        if chat and self.messages is None:
-            raise ValueError("messages: field required (a chat request's input)")
-        if chat and self.prompt is not None:
-            raise ValueError("prompt: a chat request takes messages, not a prompt")
-        if not chat and self.prompt is None:
-            raise ValueError("prompt: field required")
-        if not chat and self.messages is not None:
-            raise ValueError("messages: only chat requests take messages")
+        wanted = {RequestType.CHAT: "messages", RequestType.SPEECH: "input"}
+        needed = wanted.get(self.request_type, "prompt")
+        if getattr(self, needed) is None:
+            raise ValueError(f"{needed}: field required")
+        for name in ("prompt", "messages", "input"):
+            if name != needed and getattr(self, name) is not None:
+                raise ValueError(f"{name}: a {self.request_type.value} request takes {needed}")
         if self.request_type not in COMPLETION_TYPES:
             for name, unused in COMPLETION_FIELDS.items():
+                if name == "stream" and self.request_type in STREAM_TYPES:
+                    continue
                 if getattr(self, name) != unused:
                     raise ValueError(f"{name}: only text and chat requests take it")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs: true")
+        return self
+
+    @model_validator(mode="after")
+    def _audio_fields_fit_type(self) -> OmniRequest:
+        """The speech fields go with SPEECH, the audio file's with SPEECH and AUDIO."""
+        speech = self.request_type is RequestType.SPEECH
+        for name in ("voice", "speed"):
+            if not speech and getattr(self, name) != UNSET_UNDIGESTED[name]:
+                raise ValueError(f"{name}: only speech requests take it")
+        if self.request_type not in AUDIO_TYPES:
+            for name in ("response_format", "sample_rate"):
+                if getattr(self, name) != UNSET_UNDIGESTED[name]:
+                    raise ValueError(f"{name}: only speech and audio requests take it")
+        elif self.lora:
+            raise ValueError("lora: speech and audio models take no adapters")
         return self
 
     @model_validator(mode="after")
@@ -347,6 +406,12 @@ class OmniRequest(BaseModel):
             parts.update(num_frames=self.num_frames, fps=self.fps)
             if self.image is not None:
                 parts["image"] = hashlib.sha256(self.image.encode()).hexdigest()
+        if self.request_type is RequestType.SPEECH:
+            parts.update(input=self.input, voice=self.voice, speed=self.speed)
+        if self.request_type is RequestType.AUDIO:
+            parts["seconds"] = self.seconds
+        if self.request_type in AUDIO_TYPES:
+            parts.update(response_format=self.response_format, sample_rate=self.sample_rate)
         if self.request_type in DIT_TYPES:
             parts.update(step_cache=self.step_cache, step_cache_params=self.step_cache_params)
         parts["seed"] = self.seed
@@ -389,14 +454,23 @@ class OmniRequest(BaseModel):
             cost += self.ar_cost()
         if self.request_type in DIT_TYPES:
             cost += self.dit_cost()
+        if self.request_type is RequestType.SPEECH:
+            cost += self.tts_cost()
         return cost
+
+    def tts_cost(self) -> float:
+        """Work of a speech request, in kilo-characters of its input."""
+        return len(self.input or "") / 1000
 
     def ar_cost(self) -> float:
         """Work of the AR stage, in kilo-tokens."""
         return self.max_tokens / 1000
 
     def dit_cost(self) -> float:
-        """Work of the DiT stage, in megapixel-steps (a video's pixels: all its frames')."""
+        """Work of the DiT stage, in megapixel-steps (a video's pixels: all its frames';
+        a sound's second counts as `AUDIO_SECOND_MEGAPIXELS`)."""
+        if self.request_type is RequestType.AUDIO:
+            return self.steps * (self.seconds or 0.0) * AUDIO_SECOND_MEGAPIXELS
         return self.steps * self.width * self.height * (self.num_frames or 1) / 1e6
 
     # Wire format.
@@ -441,7 +515,7 @@ def _new_request(
         data["prompt"] = prompt
     if request_id is not None:  # an empty id is refused, never silently replaced
         data["request_id"] = request_id
-    if request_type in DIT_TYPES and data.get("seed") is None:
+    if request_type in SEEDED_TYPES and data.get("seed") is None:
         # Fixed at the producer (reproducible), from the request id: a new id gets a new
         # seed, and the same request sent again under its id is the same request.
         data["seed"] = seed_of(data.setdefault("request_id", uuid.uuid4().hex))
@@ -494,6 +568,16 @@ def create_video_request(prompt: str, request_id: str | None = None, **fields: A
     return _new_request(RequestType.VIDEO, prompt, request_id, **fields)
 
 
+def create_speech_request(input: str, request_id: str | None = None, **fields: Any) -> OmniRequest:
+    """A SPEECH request: `input` spoken in `voice` at `speed`, as `response_format`."""
+    return _new_request(RequestType.SPEECH, None, request_id, input=input, **fields)
+
+
+def create_audio_request(prompt: str, request_id: str | None = None, **fields: Any) -> OmniRequest:
+    """An AUDIO request: a sound of `seconds` from a prompt, on a diffusion model."""
+    return _new_request(RequestType.AUDIO, prompt, request_id, **fields)
+
+
 def create_multimodal_request(
     prompt: str, request_id: str | None = None, **fields: Any
 ) -> OmniRequest:
@@ -506,7 +590,7 @@ def request_from_task_kwargs(request_type: RequestType, kwargs: dict[str, Any]) 
     if kind != request_type.value and kind != request_type:
         raise RequestValidationError("request_type", f"this task takes {request_type.value}")
     fields = {k: v for k, v in kwargs.items() if k != "request_type"}
-    needed = "messages" if request_type is RequestType.CHAT else "prompt"
+    needed = {RequestType.CHAT: "messages", RequestType.SPEECH: "input"}.get(request_type, "prompt")
     if needed not in fields:
         raise RequestValidationError(needed, "field required")
     return _new_request(request_type, fields.pop("prompt", None), **fields)

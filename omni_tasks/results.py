@@ -182,3 +182,58 @@ class MultimodalResult(ImageResult):
     usage: Usage = field(default_factory=Usage)
     finish_reason: str | None = None
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class SpeechResult(_Result):
+    """A SPEECH request's audio: a file in `format` under the workers' `output_dir`.
+
+    `duration_s` of sound at `sample_rate`, spoken by `voice` (the speaker id it ran
+    with: `speaker`). `chunks`: the pieces the engine made it in, each written to the
+    request's stream as it came (`omni_tasks.stream_audio`, the HTTP API);
+    `timings.first_chunk_s` is the time from the start of the run to the first one.
+    `input_chars` counts the characters spoken (OpenAI's usage for TTS).
+    """
+
+    request_id: str
+    request_type: str
+    audio_path: str
+    format: str
+    sample_rate: int
+    duration_s: float
+    model: str
+    voice: str
+    speaker: int
+    engine: str
+    chunks: int = 1
+    input_chars: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    max_batch: int = 0
+
+
+@dataclass
+class AudioResult(_Result):
+    """An AUDIO request's sound: a file in `format` under the workers' `output_dir`,
+    `channels` channels at `sample_rate`, `duration_s` long. `cache`, `steps_run`,
+    `denoise_steps`, `preemptions`, `max_batch`, `lora` and `model` mean what they mean
+    for an image (`ImageResult`): an exact repeat returns the stored file's bytes.
+    """
+
+    request_id: str
+    request_type: str
+    audio_path: str
+    format: str
+    sample_rate: int
+    duration_s: float
+    channels: int
+    seed: int
+    steps: int
+    steps_run: int
+    cache: dict[str, str]
+    engine: str
+    model: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    denoise_steps: int = 0
+    preemptions: int = 0
+    max_batch: int = 0
+    lora: list[dict[str, Any]] = field(default_factory=list)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from omni_tasks.audio_fields import is_audio
+
 #: Frame counts are FRAME_STEP * k + 1 (the temporal compression of Wan's VAE).
 FRAME_STEP = 4
 DEFAULT_FRAMES = 17
@@ -51,9 +53,9 @@ def video_aliases(data: dict[str, Any]) -> dict[str, Any]:
         if "guidance" in data:
             raise ValueError("guidance_scale: give guidance or guidance_scale, not both")
         data["guidance"] = data.pop("guidance_scale")
-    if "seconds" in data:
+    if "seconds" in data and not is_audio(data):  # a sound's length is its own field
         if not video:
-            raise ValueError("seconds: only video requests take it")
+            raise ValueError("seconds: only video and audio requests take it")
         if "num_frames" in data:
             raise ValueError("seconds: give num_frames or seconds, not both")
         data["num_frames"] = frames_for(data.pop("seconds"), data.get("fps", DEFAULT_FPS))

@@ -30,6 +30,9 @@ IMAGE = ("negative_prompt", "width", "height", "steps", "guidance", "true_cfg_sc
 IMAGE_TAIL = ("step_cache", "step_cache_params", "partial_images")
 EDIT = ("image", "strength")
 VIDEO = ("num_frames", "fps", "image")
+AUDIO_FILE = ("response_format", "sample_rate")
+SPEECH = ("input", "voice", "speed", *AUDIO_FILE, "stream")
+AUDIO = ("negative_prompt", "steps", "guidance", "seconds", *AUDIO_FILE)
 FIELDS_OF_TYPE = {
     "text": COMMON + TEXT + COMPLETION + COMMON_TAIL,
     "chat": tuple(n for n in COMMON if n != "prompt")
@@ -41,7 +44,11 @@ FIELDS_OF_TYPE = {
     "image": COMMON + IMAGE + EDIT + IMAGE_TAIL + COMMON_TAIL,
     "multimodal": COMMON + TEXT + IMAGE + IMAGE_TAIL + COMMON_TAIL,
     "video": COMMON + IMAGE + VIDEO + IMAGE_TAIL + COMMON_TAIL,
+    "speech": tuple(n for n in COMMON if n != "prompt") + SPEECH + ("timeout_s", "seed"),
+    "audio": COMMON + AUDIO + ("step_cache", "step_cache_params", "timeout_s", "seed"),
 }
+#: The field a request type cannot do without (the rest: `prompt`).
+INPUT_OF_TYPE = {"chat": "messages", "speech": "input"}
 
 #: The public tasks: name -> (request types it takes, result class).
 TASKS: dict[str, tuple[tuple[str, ...], type]] = {
@@ -50,6 +57,8 @@ TASKS: dict[str, tuple[tuple[str, ...], type]] = {
     "omni_tasks.generate_image": (("diffusion", "image"), results.ImageResult),
     "omni_tasks.generate_multimodal": (("multimodal",), results.MultimodalResult),
     "omni_tasks.generate_video": (("video",), results.VideoResult),
+    "omni_tasks.generate_audio": (("audio",), results.AudioResult),
+    "omni_tasks.generate_speech": (("speech",), results.SpeechResult),
     "omni_tasks.probe": (("text",), results.ProbeResult),
 }
 
@@ -73,10 +82,6 @@ NOTES: dict[str, dict[str, Any]] = {
         "description": "Log-probabilities of the sampled tokens, in `choices[].logprobs`, "
         "with `top_logprobs` alternatives each; vLLM engine only."
     },
-    "stream": {
-        "description": "Write the text while it is generated, for `omni_tasks.stream_text` "
-        "and the HTTP API's streams. Changes nothing in the result."
-    },
     "priority": {
         "description": "The priority class. It orders a message sent without a broker "
         "priority; with an integer broker priority (1-9), that one applies."
@@ -86,7 +91,34 @@ NOTES: dict[str, dict[str, Any]] = {
         "workers' `models` registry or their default `diffusion.model` (left out: that "
         "default). Only a worker serving it runs the request; an unregistered name is "
         "refused (RequestValidationError, field model). Text requests: the AR pool's "
-        "model, not checked by workers."
+        "model, not checked by workers. Speech requests: the speech pool's model "
+        "(`speech.model`); another is refused."
+    },
+    "input": {"description": "Speech requests: the text to speak (OpenAI's `input`)."},
+    "voice": {
+        "description": "Speech requests: a voice of the workers' `speech.voices` (the "
+        "default config: alloy, echo, fable, nova), or a speaker id of the model "
+        '("2"). Left out: `speech.default_voice`. An unknown voice is refused '
+        "(RequestValidationError, field voice)."
+    },
+    "speed": {"description": "Speech requests: the speaking rate (1 normal)."},
+    "response_format": {
+        "description": "Speech and audio requests: the file's format. pcm: raw signed "
+        "16-bit little-endian samples, channels interleaved."
+    },
+    "sample_rate": {
+        "description": "Speech and audio requests: the file's sample rate (resampled). "
+        "Left out: the model's own. Opus takes 8, 12, 16, 24 or 48 kHz."
+    },
+    "seconds": {
+        "description": "Audio requests: the sound's length in seconds. Left out: 2. "
+        "(A video request's `seconds` becomes num_frames.)"
+    },
+    "stream": {
+        "description": "Text requests: write the text while it is generated, for "
+        "`omni_tasks.stream_text` and the HTTP API's streams; speech requests: write the "
+        "audio file's bytes as they are made, for `omni_tasks.stream_audio`. Changes "
+        "nothing in the result."
     },
     "created_at": {
         "description": "When the client sent the request, in Unix seconds: "
@@ -158,7 +190,7 @@ def request_schema(task: str) -> dict[str, Any]:
     names = [n for t in types for n in FIELDS_OF_TYPE[t]]
     properties = {n: {**model["properties"][n], **NOTES.get(n, {})} for n in dict.fromkeys(names)}
     properties["request_type"] = {"enum": list(types), **NOTES["request_type"]}
-    needed = "messages" if types == ("chat",) else "prompt"
+    needed = INPUT_OF_TYPE.get(types[0], "prompt")
     properties[needed] = _not_null(properties[needed])
     schema: dict[str, Any] = {
         "$schema": SCHEMA_DIALECT,

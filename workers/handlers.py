@@ -45,7 +45,7 @@ from omni_tasks.tasks.base import POSITIONAL_REFUSED, OmniTask, TaskHandler
 from omni_tasks.tasks.celery_app import delivered_level
 from omni_tasks.tasks.definitions import multimodal_chain
 from omni_tasks.tasks.result_backend import encoded_state
-from workers import execution, progress, task_context
+from workers import execution, progress, speech, task_context
 from workers.lifecycle.heartbeat import HEARTBEAT_INTERVAL_S
 from workers.runtime import runtime
 
@@ -282,6 +282,8 @@ RUNNERS: Mapping[str, Runner] = {
     "omni_tasks.generate_chat": lambda request, _: execution.run_text(request),
     "omni_tasks.generate_image": lambda request, _: execution.run_image(request),
     "omni_tasks.generate_video": lambda request, _: execution.run_video(request),
+    "omni_tasks.generate_audio": lambda request, _: execution.run_audio(request),
+    "omni_tasks.generate_speech": lambda request, _: speech.run_speech(request),
     "omni_tasks.multimodal_prompt": lambda request, _: execution.run_multimodal_prompt(request),
     "omni_tasks.multimodal_render": execution.run_multimodal_render,
     "omni_tasks.probe": _probe,

@@ -68,6 +68,7 @@ class WorkerRuntime:
         self._lock = threading.Lock()
         self._text: TextEngine | None = None
         self._diffusion: DiffusionEngine | None = None
+        self._speech: Any = None
         self._dit_cache: Any = None
         self._stopped = False
         self._stop_lock = threading.Lock()
@@ -90,6 +91,8 @@ class WorkerRuntime:
                 self.text_engine(config)
             elif stage == "dit":
                 self.diffusion_engine(config)
+            elif stage == "tts":
+                self.speech_engine(config)
 
     def text_engine(self, config: CoreModuleConfig | None = None) -> TextEngine:
         with self._lock:
@@ -104,6 +107,14 @@ class WorkerRuntime:
             if self._diffusion is None:
                 self._diffusion = build_diffusion_engine(config or get_config())
             return self._diffusion
+
+    def speech_engine(self, config: CoreModuleConfig | None = None) -> Any:
+        """The speech pool's TTS engine (`workers.engines.speech_engine`)."""
+        with self._lock:
+            self._check_running()
+            if self._speech is None:
+                self._speech = build_speech_engine(config or get_config())
+            return self._speech
 
     @property
     def built_dit_cache(self) -> Any:
@@ -156,7 +167,7 @@ class WorkerRuntime:
             self._stop_done.wait(timeout_s)
             return
         try:
-            for engine in (self._text, self._diffusion):
+            for engine in (self._text, self._diffusion, self._speech):
                 if engine is not None:
                     try:
                         engine.shutdown()
@@ -213,6 +224,21 @@ def build_text_engine(config: CoreModuleConfig) -> TextEngine:
         kv_cache_gib=ar.kv_cache_gib,
         adapters=VllmAdapters(config, model) if config.loras else None,
         chat_template=load_chat_template(ar.chat_template),
+    )
+
+
+def build_speech_engine(config: CoreModuleConfig) -> Any:
+    """The TTS engine of the one speech model this worker serves (`speech.model`)."""
+    from workers.engines.speech_engine import SpeechEngine
+
+    speech = config.speech
+    model = resolve_model(speech.model, config)
+    log.info("loading speech engine for %s", model)
+    return SpeechEngine(
+        model,
+        device=speech.device,
+        dtype=speech.dtype,
+        max_batch_size=min(speech.max_batch_size, config.scheduler.batch_size),
     )
 
 

@@ -15,6 +15,7 @@ task stores its result: a reader that sees the result final has every piece alre
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import threading
@@ -56,7 +57,11 @@ class DeltaWriter:
 
     def add(self, key: str, index: int, text: str) -> None:
         """Buffer one piece (from an engine's thread: no I/O, never raises)."""
-        piece = json.dumps({"i": index, "t": text}, separators=(",", ":"))
+        self.add_piece(key, {"i": index, "t": text})
+
+    def add_piece(self, key: str, fields: dict[str, object]) -> None:
+        """Buffer one piece of any stream, as JSON (no I/O, never raises)."""
+        piece = json.dumps(fields, separators=(",", ":"))
         with self._cond:
             self._pending.setdefault(key, []).append(piece)
             self._cond.notify_all()
@@ -103,8 +108,8 @@ class DeltaWriter:
 class TextStream:
     """One run's stream of a request: the `DeltaCallback` its engine calls."""
 
-    def __init__(self, request_id: str, writer: DeltaWriter) -> None:
-        self.key = keys.text_deltas(request_id)
+    def __init__(self, request_id: str, writer: DeltaWriter, key: str | None = None) -> None:
+        self.key = key or keys.text_deltas(request_id)
         self._writer = writer
         writer.start_run(self.key)
 
@@ -114,6 +119,21 @@ class TextStream:
     def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         if not self._writer.flush(self.key, timeout_s):
             log.warning("%s: streamed text not all written in %.1f s", self.key, timeout_s)
+
+
+class AudioStream(TextStream):
+    """One run's stream of a speech request's audio file: its bytes, piece by piece
+    (`keys.audio_chunks`, read by `omni_tasks.stream_audio`)."""
+
+    def __init__(self, request_id: str, writer: DeltaWriter) -> None:
+        super().__init__(request_id, writer, keys.audio_chunks(request_id))
+        self._index = 0
+
+    def write(self, data: bytes) -> None:
+        if data:
+            piece = {"i": self._index, "b": base64.b64encode(data).decode("ascii")}
+            self._writer.add_piece(self.key, piece)
+            self._index += 1
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from omni_tasks.config.schema import (
     PoolConfig,
     SchedulerConfig,
     SchedulerType,
+    SpeechConfig,
 )
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "PoolConfig",
     "SchedulerConfig",
     "SchedulerType",
+    "SpeechConfig",
     "config_from_dict",
     "get_config",
     "load_config",

@@ -191,6 +191,8 @@ class DiffusionConfig(PoolConfig):
     # input image (image-to-video). Both count as registered, like `model`.
     video_model: str = "tiny-wan"
     video_image_model: str = "tiny-wan-i2v"
+    # The model a text-to-audio request that names none runs on (registered too).
+    audio_model: str = "tiny-stable-audio"
     device: str = "auto"
     dtype: str = "auto"
     step_cache: str = "none"  # one of STEP_CACHE_MODES; requests may override
@@ -199,7 +201,7 @@ class DiffusionConfig(PoolConfig):
 
     def validate(self, name: str = "diffusion") -> None:
         super().validate(name)
-        for part in ("model", "video_model", "video_image_model"):
+        for part in DEFAULT_MODEL_FIELDS:
             _require(bool(getattr(self, part)), f"{name}.{part}", "must not be empty")
         _require(self.max_batch_size > 0, f"{name}.max_batch_size", "must be positive")
         _require(
@@ -207,6 +209,61 @@ class DiffusionConfig(PoolConfig):
             f"{name}.step_cache",
             f"must be one of {STEP_CACHE_MODES}",
         )
+
+
+#: The diffusion pool's default models, one per kind of request (`default_model`).
+DEFAULT_MODEL_FIELDS = ("model", "video_model", "video_image_model", "audio_model")
+#: The voices of the embedded tiny VITS (four speakers), by OpenAI's names.
+TINY_VOICES = {"alloy": 0, "echo": 1, "fable": 2, "nova": 3}
+
+
+@dataclass
+class SpeechConfig(PoolConfig):
+    """The speech pool: a text-to-speech model on transformers (VITS / MMS-TTS).
+
+    `concurrency` requests run at once on a worker, their pieces batched together (at
+    most `max_batch_size` a forward pass, those with the same voice and speed). `voices`
+    names the model's speakers (name -> speaker id): what requests and
+    `GET /v1/audio/voices` use; a request may also give a speaker id ("2"). A request
+    without a voice speaks in `default_voice` (None: the first of `voices`).
+    """
+
+    queue: str = "speech"
+    concurrency: int = 8
+    engine: str = "transformers"
+    model: str = "tiny-tts"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch_size: int = 8
+    voices: dict[str, int] = field(default_factory=lambda: dict(TINY_VOICES))
+    default_voice: str | None = None
+
+    def validate(self, name: str = "speech") -> None:
+        super().validate(name)
+        _require(self.engine == "transformers", f"{name}.engine", "must be transformers")
+        _require(bool(self.model), f"{name}.model", "must not be empty")
+        _require(self.max_batch_size > 0, f"{name}.max_batch_size", "must be positive")
+        _require(bool(self.voices), f"{name}.voices", "must name at least one voice")
+        for voice, speaker in self.voices.items():
+            _require(
+                bool(voice.strip()) and not voice.isdigit(),
+                f"{name}.voices.{voice}",
+                "a voice name must not be blank or a number (numbers are speaker ids)",
+            )
+            _require(
+                isinstance(speaker, int) and speaker >= 0,
+                f"{name}.voices.{voice}",
+                "must be a speaker id (an integer >= 0)",
+            )
+        _require(
+            self.default_voice is None or self.default_voice in self.voices,
+            f"{name}.default_voice",
+            "must be one of the voices",
+        )
+
+    def voice_name(self) -> str:
+        """The voice of a request that names none."""
+        return self.default_voice or next(iter(self.voices))
 
 
 @dataclass
@@ -284,6 +341,7 @@ class CoreModuleConfig:
     progress_interval_s: float = 0.5
     ar: ARConfig = field(default_factory=ARConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    speech: SpeechConfig = field(default_factory=SpeechConfig)
     #: LoRA adapters requests may name: name -> a local folder in the PEFT / diffusers
     #: format (relative paths are under `models_dir`). Messages carry names only.
     loras: dict[str, str] = field(default_factory=dict)
@@ -331,14 +389,20 @@ class CoreModuleConfig:
         _require(self.progress_interval_s > 0, "progress_interval_s", "must be positive")
         self.ar.validate("ar")
         self.diffusion.validate("diffusion")
+        self.speech.validate("speech")
         self.lora.validate()
         for name, path in self.loras.items():
             _require(valid_registry_name(name), f"loras.{name}", "is not a valid adapter name")
             _require(bool(str(path).strip()), f"loras.{name}", "needs a folder")
         dit = self.diffusion
-        validate_registry(self.models, dit.model, dit.video_model, dit.video_image_model)
+        validate_registry(self.models, *(getattr(dit, f) for f in DEFAULT_MODEL_FIELDS))
         self.api.validate()
         _require(self.ar.queue != self.diffusion.queue, "diffusion.queue", "must differ from ar")
+        _require(
+            self.speech.queue not in (self.ar.queue, self.diffusion.queue),
+            "speech.queue",
+            "must differ from ar and diffusion",
+        )
 
     @property
     def broker(self) -> str:
@@ -365,9 +429,21 @@ class CoreModuleConfig:
         """The most requests one denoising step of a diffusion worker runs together."""
         return min(self.scheduler.batch_size, self.diffusion.max_batch_size)
 
+    def pools(self) -> dict[Stage, PoolConfig]:
+        """Every pool, by the stage it runs: "ar", "dit" (diffusion), "tts" (speech)."""
+        return {"ar": self.ar, "dit": self.diffusion, "tts": self.speech}
+
     def pool_for(self, stage: Stage) -> PoolConfig:
-        """The pool that runs a pipeline stage: the AR pool for "ar", else the diffusion pool."""
-        return self.ar if stage == "ar" else self.diffusion
+        """The pool that runs a pipeline stage (`pools`)."""
+        return self.pools()[stage]
+
+    def pools_by_name(self) -> dict[str, PoolConfig]:
+        """Every pool by its config section's name: "ar", "diffusion", "speech"."""
+        return {"ar": self.ar, "diffusion": self.diffusion, "speech": self.speech}
+
+    def pool_queues(self) -> list[str]:
+        """The pools' queues, in pipeline order (ar, diffusion, speech)."""
+        return [pool.queue for pool in self.pools().values()]
 
     def stages_for(self, queues: list[str]) -> list[Stage]:
         """The pipeline stages a worker consuming `queues` runs, in pipeline order."""
@@ -375,12 +451,11 @@ class CoreModuleConfig:
 
     def diffusion_models(self) -> dict[str, ModelEntry]:
         """Every diffusion model a request may name: the registry, plus the diffusion
-        pool's defaults `diffusion.model`, `video_model` and `video_image_model` (each its
-        registry entry if listed, else a bare one)."""
+        pool's defaults `diffusion.model`, `video_model`, `video_image_model` and
+        `audio_model` (each its registry entry if listed, else a bare one)."""
         found = dict(self.models)
-        dit = self.diffusion
-        for name in (dit.model, dit.video_model, dit.video_image_model):
-            found.setdefault(name, ModelEntry())
+        for part in DEFAULT_MODEL_FIELDS:
+            found.setdefault(getattr(self.diffusion, part), ModelEntry())
         return found
 
     def model_path(self, name: str) -> str | None:

@@ -246,9 +246,8 @@ def admitted_before(queue: str, before: float, limit: int = 1000) -> list[str]:
     return list(get_redis().zrangebyscore(keys.admitted(queue), "-inf", before, 0, limit))
 
 
-def pool_queues() -> tuple[str, str]:
-    config = get_config()
-    return config.ar.queue, config.diffusion.queue
+def pool_queues() -> tuple[str, ...]:
+    return tuple(get_config().pool_queues())
 
 
 def pool_sets() -> list[str]:
@@ -256,9 +255,9 @@ def pool_sets() -> list[str]:
 
 
 def pool_name(queue: str) -> str:
-    """'ar' or 'diffusion' for a pool's queue; the queue itself otherwise."""
-    config = get_config()
-    return {config.ar.queue: "ar", config.diffusion.queue: "diffusion"}.get(queue, queue)
+    """'ar', 'diffusion' or 'speech' for a pool's queue; the queue itself otherwise."""
+    named = {pool.queue: name for name, pool in get_config().pools_by_name().items()}
+    return named.get(queue, queue)
 
 
 def current_limit() -> int:

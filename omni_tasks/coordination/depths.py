@@ -48,9 +48,9 @@ def all_depths(config: CoreModuleConfig | None = None) -> tuple[Depths, Depths]:
     client = get_redis()
     if not config.broker_is_redis:
         return _broker_depths(config, client)
-    ar, dit = config.ar.queue, config.diffusion.queue
+    dit = config.diffusion.queue
     named = model_queues(config)
-    counts = _level_counts(client, [ar, dit, *named.values()])
+    counts = _level_counts(client, [*config.pool_queues(), *named.values()])
     models = {model: counts[queue] for model, queue in named.items()}
     pool = dict(counts[dit])
     for levels in models.values():
@@ -62,7 +62,7 @@ def all_depths(config: CoreModuleConfig | None = None) -> tuple[Depths, Depths]:
         pipe.llen(key)
     for (_, _, level), count in zip(own, pipe.execute() if own else [], strict=True):
         pool[level] += int(count)
-    return {ar: counts[ar], dit: pool}, models
+    return {q: pool if q == dit else counts[q] for q in config.pool_queues()}, models
 
 
 def highest_waiting_level(queues: list[str]) -> int | None:
@@ -152,11 +152,12 @@ def _broker_depths(config: CoreModuleConfig, client: Any) -> tuple[Depths, Depth
     dit = config.diffusion.queue
     own = [keys.worker_queue(w) for w in worker_index.live(client, [worker_index.DIT])]
     named = model_queues(config)
-    counts = _broker_queues.counts(config.broker, [config.ar.queue, dit, *named.values(), *own])
+    pool_queues = config.pool_queues()
+    counts = _broker_queues.counts(config.broker, [*pool_queues, *named.values(), *own])
 
     def summed(queues: list[str]) -> dict[int, int]:
         found = [counts[q] for q in queues if counts[q] is not None]
         return {UNKNOWN_LEVEL: sum(found)} if found else {}  # type: ignore[misc]
 
-    pools = {config.ar.queue: summed([config.ar.queue]), dit: summed([dit, *named.values(), *own])}
+    pools = {q: summed([q, *named.values(), *own] if q == dit else [q]) for q in pool_queues}
     return pools, {model: summed([queue]) for model, queue in named.items()}

@@ -204,6 +204,13 @@ def text_deltas(request_id: str) -> str:
     return f"{_p()}:deltas:{request_id}"
 
 
+def audio_chunks(request_id: str) -> str:
+    """List of a streamed speech request's audio in order (JSON: chunk index `i`, bytes
+    `b` in base64), written by its speech worker as it speaks; also the channel that
+    announces each write. Expires like `text_deltas`."""
+    return f"{_p()}:audio:{request_id}"
+
+
 def api_job(job_id: str) -> str:
     """Hash of a job the HTTP API accepted: its type, creation time, webhook URL."""
     return f"{_p()}:api:job:{job_id}"

@@ -93,7 +93,7 @@ def read_snapshot(config: CoreModuleConfig | None = None) -> ClusterSnapshot:
     config = config or get_config()
     client = get_redis()
     pools: dict[str, PoolStats] = {}
-    for queue in (config.ar.queue, config.diffusion.queue):
+    for queue in config.pool_queues():
         raw = client.hgetall(keys.stats(queue))
         pools[queue] = PoolStats(
             processed=int(raw.get("processed", 0)),

@@ -62,7 +62,7 @@ def queue_lists(client: Any) -> list[str]:
     registered models' queues and of the models live diffusion workers serve, and of
     the indexed diffusion workers' own queues."""
     config = get_config()
-    queues = [config.ar.queue, config.diffusion.queue, *model_queues(config).values()]
+    queues = [*config.pool_queues(), *model_queues(config).values()]
     for model in _served_models(client):
         queue = keys.model_queue(config.diffusion.queue, model)
         if queue not in queues:

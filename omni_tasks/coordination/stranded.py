@@ -41,7 +41,7 @@ def stranded_lists(config: CoreModuleConfig, workers: Iterable[dict[str, Any]]) 
         return json.loads(cached)
     # A registered model's queue is never stranded: its requests wait for a worker
     # serving the model, and health names the models no live worker serves.
-    consumed = {config.ar.queue, config.diffusion.queue, *model_queues(config).values()}
+    consumed = {*config.pool_queues(), *model_queues(config).values()}
     for worker in workers:
         consumed.update(worker.get("queues") or [])
     found = dict(_scan(client, consumed, config.key_prefix))

@@ -10,8 +10,8 @@ priority sub-list in Redis; the in-process schedulers order what they hold by th
 - MULTIMODAL: class band, and a request's later stage (the DiT stage of a MULTIMODAL
   chain) ranks above fresh work of its class, so started requests finish first.
 - DIFFUSION: class band, then shortest-job-first on DiT cost (steps x pixels).
-- HYBRID: class band, then shortest-job-first on the cost of either kind of work
-  (max_tokens for AR, steps x pixels for DiT), later stages first.
+- HYBRID: class band, then shortest-job-first on the cost of each kind of work
+  (max_tokens for AR, steps x pixels for DiT, characters for speech), later stages first.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ BAND_SPAN = 6  # class bands start at 0..6, leaving 0..3 for the in-class offset
 # Cost-bucket edges: megapixel-steps for DiT work, kilo-tokens for AR work.
 DIT_COST_EDGES = (0.1, 1.0, 10.0)
 AR_COST_EDGES = (0.128, 0.512, 2.048)
+#: Kilo-characters of speech: a sentence, a paragraph, a page.
+TTS_COST_EDGES = (0.2, 1.0, 4.0)
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,8 @@ class HybridPolicy(SchedulingPolicy):
     def priority(self, request: OmniRequest, stage: Stage) -> int:
         if stage == "dit":
             offset = cost_bucket(request.dit_cost(), DIT_COST_EDGES)
+        elif stage == "tts":
+            offset = cost_bucket(request.tts_cost(), TTS_COST_EDGES)
         else:
             offset = cost_bucket(request.ar_cost(), AR_COST_EDGES)
         if stage != first_stage(request):

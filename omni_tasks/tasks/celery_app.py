@@ -155,7 +155,7 @@ def celery_settings(config: CoreModuleConfig) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "broker_connection_retry_on_startup": True,
-        "task_queues": [pool_queue(config.ar.queue), pool_queue(config.diffusion.queue)],
+        "task_queues": [pool_queue(queue) for queue in config.pool_queues()],
         "task_default_queue": config.ar.queue,
         "task_routes": (OmniRouter(),),
         "task_default_priority": None,

@@ -7,6 +7,8 @@ handler the worker side registered (`OmniTask.run_on_worker`).
 - `generate_image` (pool `diffusion`): DIFFUSION, or IMAGE when `image=` is given.
 - `generate_video` (pool `diffusion`): VIDEO, an MP4 (from a prompt, or a prompt and a
   first image).
+- `generate_audio` (pool `diffusion`): AUDIO, a sound from a prompt (WAV, FLAC...).
+- `generate_speech` (pool `speech`): SPEECH, the `input` text spoken in a `voice`.
 - `generate_multimodal`: a chain `multimodal_prompt` (pool `ar`: writes the image
   prompt) -> `multimodal_render` (pool `diffusion`: renders it), same priority class;
   the returned result is the chain's last task, whose id is the request id. Sent by
@@ -98,6 +100,28 @@ def generate_video(self: OmniTask, *args: Any, **request: Any) -> dict[str, Any]
 
 @app.task(
     bind=True,
+    base=OmniTask,
+    name="omni_tasks.generate_audio",
+    request_type=RequestType.AUDIO,
+    stage="dit",
+)
+def generate_audio(self: OmniTask, *args: Any, **request: Any) -> dict[str, Any]:
+    return self.run_on_worker(request, args=args)
+
+
+@app.task(
+    bind=True,
+    base=OmniTask,
+    name="omni_tasks.generate_speech",
+    request_type=RequestType.SPEECH,
+    stage="tts",
+)
+def generate_speech(self: OmniTask, *args: Any, **request: Any) -> dict[str, Any]:
+    return self.run_on_worker(request, args=args)
+
+
+@app.task(
+    bind=True,
     base=MultimodalTask,
     name="omni_tasks.generate_multimodal",
     request_type=RequestType.MULTIMODAL,
@@ -173,6 +197,8 @@ TASK_FOR_TYPE = {
     RequestType.IMAGE: generate_image,
     RequestType.MULTIMODAL: generate_multimodal,
     RequestType.VIDEO: generate_video,
+    RequestType.AUDIO: generate_audio,
+    RequestType.SPEECH: generate_speech,
 }
 
 

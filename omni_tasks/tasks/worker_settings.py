@@ -34,7 +34,7 @@ def queues_from_argv(argv: Sequence[str]) -> list[str] | None:
 
 def pools_for_queues(config: CoreModuleConfig, queues: list[str]) -> list[PoolConfig]:
     """The pool configs a worker consuming `queues` serves (all pools when none named)."""
-    pools: list[PoolConfig] = [config.ar, config.diffusion]
+    pools: list[PoolConfig] = list(config.pools().values())
     if not queues:
         return pools
     return [p for p in pools if p.queue in queues]

@@ -21,6 +21,7 @@ def test_the_default_registry_is_the_pools_default_model() -> None:
         "tiny-flux": ModelEntry(),
         "tiny-wan": ModelEntry(),  # diffusion.video_model
         "tiny-wan-i2v": ModelEntry(),  # diffusion.video_image_model
+        "tiny-stable-audio": ModelEntry(),  # diffusion.audio_model
     }
 
 
@@ -40,6 +41,7 @@ def test_omni_models_as_json_as_the_brief_writes_it() -> None:
         "tiny-flux",
         "tiny-wan",
         "tiny-wan-i2v",
+        "tiny-stable-audio",
     }
 
 
@@ -51,7 +53,8 @@ def test_the_default_model_keeps_its_registry_entry() -> None:
     config = load_config(DEFAULT_CONFIG_FILE, env=env)
     entry = ModelEntry(path="/models/tiny-flux", family="flux")
     assert config.diffusion_models()["flux-b"] == entry
-    assert set(config.diffusion_models()) == {"flux-b", "tiny-wan", "tiny-wan-i2v"}
+    defaults = {"tiny-wan", "tiny-wan-i2v", "tiny-stable-audio"}
+    assert set(config.diffusion_models()) == {"flux-b", *defaults}
 
 
 def test_models_from_yaml_an_empty_entry_takes_the_defaults(tmp_path: Path) -> None:

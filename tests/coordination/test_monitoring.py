@@ -55,6 +55,7 @@ def test_queue_depths_per_level(redis_client) -> None:
     assert queue_depths() == {
         "ar": dict.fromkeys(range(10), 0),
         "diffusion": dict.fromkeys(range(10), 0),
+        "speech": dict.fromkeys(range(10), 0),
     }
     redis_client.lpush(keys.queue_key("ar", 0), "m1", "m2")
     redis_client.lpush(keys.queue_key("ar", 9), "m3")
@@ -83,11 +84,12 @@ def test_queue_depths_follow_the_configured_queue_names(redis_client) -> None:
         config,
         ar=replace(config.ar, queue="text-pool"),
         diffusion=replace(config.diffusion, queue="dit-pool"),
+        speech=replace(config.speech, queue="tts-pool"),
     )
     redis_client.lpush(keys.queue_key("text-pool", 3), "m1")
     redis_client.lpush(keys.queue_key("ar", 3), "not counted")
     depths = queue_depths(renamed)
-    assert set(depths) == {"text-pool", "dit-pool"} and depths["text-pool"][3] == 1
+    assert set(depths) == {"text-pool", "dit-pool", "tts-pool"} and depths["text-pool"][3] == 1
 
 
 def test_read_snapshot_parses_counters_and_heartbeats(redis_client) -> None:
@@ -135,7 +137,7 @@ def test_read_snapshot_parses_counters_and_heartbeats(redis_client) -> None:
 def test_read_snapshot_of_an_empty_cluster(redis_client) -> None:
     snap = read_snapshot()
     assert snap.workers == [] and snap.queued == 0 and snap.processed == 0
-    assert snap.pools == {"ar": PoolStats(), "diffusion": PoolStats()}
+    assert snap.pools == {"ar": PoolStats(), "diffusion": PoolStats(), "speech": PoolStats()}
 
 
 def snapshot(
@@ -259,7 +261,8 @@ def test_model_queues_count_for_their_pool_and_on_their_own(redis_client, use_co
     pools, models = all_depths()
     assert pools["diffusion"][6] == 2 and pools["diffusion"][0] == 1
     # The default video models are registered too (no worker serves them here).
-    assert set(models) == {"tiny-flux", "flux-b", "flux-c", "tiny-wan", "tiny-wan-i2v"}
+    defaults = {"tiny-wan", "tiny-wan-i2v", "tiny-stable-audio"}
+    assert set(models) == {"tiny-flux", "flux-b", "flux-c", *defaults}
     assert (sum(models["tiny-flux"].values()), models["flux-b"][0]) == (2, 1)
     assert sum(models["flux-c"].values()) == 0
     assert model_depths() == models and total_queued() == 3
@@ -272,7 +275,8 @@ def test_models_no_live_worker_serves_are_named(redis_client, use_config) -> Non
     beat(redis_client, "b@h", ["diffusion"], models=json.dumps({"dit": "flux-b"}))
     beat(redis_client, "t@h", ["ar"], models=json.dumps({"ar": "tiny-llama"}))
     snap = read_snapshot()
-    video = {"tiny-wan": [], "tiny-wan-i2v": []}  # the default video models, unserved here
+    # The default video and audio models, unserved here.
+    video = {"tiny-wan": [], "tiny-wan-i2v": [], "tiny-stable-audio": []}
     assert model_servers(snap) == {
         "tiny-flux": ["a@h"],
         "flux-b": ["b@h"],

@@ -201,7 +201,7 @@ def test_status_metrics_and_health_without_workers(redis_client) -> None:
     assert status["queue_size"] == 1 and status["queues"]["ar"][0] == 1
     assert status["processed_requests"] == 0 and status["failed_requests"] == 0
     assert status["resource_status"] == {"workers": [], "used_bytes": 0, "budget_bytes": 0}
-    assert set(status["pools"]) == {"ar", "diffusion"}
+    assert set(status["pools"]) == {"ar", "diffusion", "speech"}
     metrics = scheduler.get_metrics()
     assert metrics["queue_utilization"] == pytest.approx(0.1)
     assert metrics["cache_hit_rate"] == 0.0 and metrics["memory_utilization"] == 0.0

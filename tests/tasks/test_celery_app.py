@@ -25,6 +25,8 @@ TASK_NAMES = {
     "omni_tasks.generate_image",
     "omni_tasks.generate_multimodal",
     "omni_tasks.generate_video",
+    "omni_tasks.generate_audio",
+    "omni_tasks.generate_speech",
     "omni_tasks.multimodal_prompt",
     "omni_tasks.multimodal_render",
     "omni_tasks.probe",
@@ -82,7 +84,7 @@ def test_task_names_are_unchanged() -> None:
 def test_one_queue_per_pool_with_its_own_exchange_and_ten_priorities() -> None:
     config = get_config()
     queues = {q.name: q for q in app.conf.task_queues}
-    assert set(queues) == {config.ar.queue, config.diffusion.queue}
+    assert set(queues) == {config.ar.queue, config.diffusion.queue, config.speech.queue}
     for name, queue in queues.items():
         assert queue.exchange.name == name and queue.exchange.type == "direct"
         assert queue.routing_key == name
