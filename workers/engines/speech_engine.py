@@ -264,6 +264,7 @@ class SpeechEngine(BackgroundThreadEngine):
     # ------------------------------------------------------------ engine thread
 
     def _run(self) -> None:
+        batch: list[_Piece] = []
         try:
             while (batch := self._next_batch()) is not None:
                 try:
@@ -282,7 +283,7 @@ class SpeechEngine(BackgroundThreadEngine):
             self._broken = exc
             log.exception("speech engine thread died; engine is broken")
             with self._cond:
-                pieces = list(self._queue)
+                pieces = [*self._queue, *(batch or [])]
                 self._queue.clear()
             for piece in pieces:
                 settle(piece.future, exc=ProcessingError(f"speech engine broke: {exc!r}"))
@@ -333,7 +334,7 @@ class SpeechEngine(BackgroundThreadEngine):
         for piece, wave, length in zip(batch, waves, lengths, strict=True):
             if piece.future.done():  # timed out or stopped meanwhile
                 continue
-            samples = np.ascontiguousarray(wave[: int(length)])
+            samples = wave[: int(length)].copy()  # not a view pinning the whole batch
             try:
                 piece.on_chunk(samples)
             except Exception:  # noqa: BLE001 - a listener's trouble never stops the engine
