@@ -1,8 +1,9 @@
 """How the diffusion pool serves one request with reuse.
 
 1. an exact repeat: the final latents and the encoded files (an image's PNG; a video's
-   MP4, thumbnail and spritesheet) are in this worker's DiT cache, stored together; the
-   files are returned as they are (no denoising, no decode, no encode);
+   MP4, thumbnail and spritesheet; a sound's file in its format) are in this worker's DiT
+   cache, stored together; the files are returned as they are (no denoising, no decode,
+   no encode);
 2. otherwise join the request's single flight: if an identical request is being
    computed on any worker, wait for it and reuse its image;
 3. otherwise compute, reusing cached prompt embeddings when the prompt is known
@@ -31,6 +32,7 @@ from omni_tasks.coordination import cache_directory, single_flight
 from omni_tasks.coordination.cache_directory import DiTKeys, dit_keys
 from omni_tasks.coordination.outage import Outage
 from omni_tasks.requests import OmniRequest
+from workers.audio import encode_audio
 from workers.engines.base import ImageOutput, ImageParams
 from workers.images import encode_png
 from workers.lora.cache import AdapterUse
@@ -50,7 +52,7 @@ _outage = Outage("DiT cache counts", log)
 
 @dataclass
 class Rendered:
-    image: Image.Image
+    image: Image.Image | None  # None for a sound
     steps_run: int
     timings: dict[str, float]
     cache: dict[str, str] = field(default_factory=dict)
@@ -59,8 +61,10 @@ class Rendered:
     max_batch: int = 0
     lora: list[dict[str, Any]] = field(default_factory=list)
     #: The encoded files by suffix: "png" (the image, or a video's first frame), and a
-    #: video's "mp4" and "jpg" (spritesheet).
+    #: video's "mp4" and "jpg" (spritesheet); a sound's one file, its format the suffix.
     files: dict[str, bytes] = field(default_factory=dict)
+    #: A sound's (model's sample rate, channels), as the model made it.
+    audio: tuple[int, int] | None = None
 
     @property
     def png(self) -> bytes | None:
@@ -111,7 +115,7 @@ def render(
         )
         if embeds is None and out.embeds is not None:
             cache.put(keys.embeddings, out.embeds)
-        files = encoded_files(out, request.fps)
+        files = encoded_files(out, request)
         if out.latents is not None:  # lossless: an exact repeat gives the identical files
             cache.put(keys.latents, _final(out, files), lossless=True)
         info = {"latents": "miss", "embeddings": "hit" if embeds is not None else "miss"}
@@ -130,14 +134,27 @@ def render(
         max_batch=out.max_batch,
         lora=out.lora,
         files=files,
+        audio=_audio_facts(out),
     )
 
 
-def encoded_files(out: ImageOutput, fps: int) -> dict[str, bytes]:
-    """The files of a computed output: a PNG, or a video's (`workers.videos`)."""
+def encoded_files(out: ImageOutput, request: OmniRequest) -> dict[str, bytes]:
+    """The files of a computed output: a PNG, a video's (`workers.videos`), or a sound
+    in the request's format and rate (`workers.audio`)."""
+    if out.audio is not None:
+        assert out.sample_rate is not None
+        fmt = request.response_format
+        return {fmt: encode_audio(out.audio, out.sample_rate, fmt, request.sample_rate)}
     if out.frames is not None:
-        return video_files(out.frames, fps)
+        return video_files(out.frames, request.fps)
+    assert out.image is not None
     return {"png": encode_png(out.image)}
+
+
+def _audio_facts(out: ImageOutput) -> tuple[int, int] | None:
+    if out.audio is None or out.sample_rate is None:
+        return None
+    return (int(out.sample_rate), int(out.audio.shape[0]))
 
 
 def _unrun_adapters(rendered: Rendered, params: ImageParams) -> Rendered:
@@ -147,6 +164,7 @@ def _unrun_adapters(rendered: Rendered, params: ImageParams) -> Rendered:
 
 
 _FILE = "file:"
+_AUDIO = "audio"  # a sound's (sample rate, channels)
 
 
 def _final(out: ImageOutput, files: dict[str, bytes]) -> dict[str, torch.Tensor]:
@@ -158,6 +176,9 @@ def _final(out: ImageOutput, files: dict[str, bytes]) -> dict[str, torch.Tensor]
     found = {"latents": out.latents}
     for suffix, data in files.items():
         found[_FILE + suffix] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    facts = _audio_facts(out)
+    if facts is not None:
+        found[_AUDIO] = torch.tensor(facts, dtype=torch.int64)
     return found
 
 
@@ -170,12 +191,16 @@ def _from_final(final: dict[str, torch.Tensor], started: float) -> Rendered:
     total = round(time.perf_counter() - started, 6)
     timings = {"total_s": total, "encode_s": 0.0, "denoise_s": 0.0, "decode_s": 0.0}
     info = {"latents": "hit", "embeddings": "skipped", "image": "hit"}
-    return Rendered(_png_image(files["png"]), 0, timings, info, files=files)
+    facts = final.get(_AUDIO)
+    audio = (int(facts[0]), int(facts[1])) if facts is not None else None
+    return Rendered(_png_image(files), 0, timings, info, files=files, audio=audio)
 
 
-def _png_image(png: bytes) -> Image.Image:
-    """The image of PNG bytes, opened lazily: its size is read, its pixels only if used."""
-    return Image.open(io.BytesIO(png))
+def _png_image(files: dict[str, bytes]) -> Image.Image | None:
+    """The image of the files' PNG (none for a sound), opened lazily: its size is read,
+    its pixels only if used."""
+    png = files.get("png")
+    return Image.open(io.BytesIO(png)) if png is not None else None
 
 
 def _outcome(out: ImageOutput, info: dict[str, str], files: dict[str, bytes]) -> str:
@@ -185,6 +210,7 @@ def _outcome(out: ImageOutput, info: dict[str, str], files: dict[str, bytes]) ->
             "steps_run": out.steps_run,
             "timings": out.timings,
             "cache": info,
+            "audio": _audio_facts(out),
         }
     )
 
@@ -192,10 +218,12 @@ def _outcome(out: ImageOutput, info: dict[str, str], files: dict[str, bytes]) ->
 def _from_outcome(raw: str) -> Rendered:
     data: dict[str, Any] = json.loads(raw)
     files = {k: base64.b64decode(v) for k, v in data["files"].items()}
+    audio = data.get("audio")
     return Rendered(
-        _png_image(files["png"]),
+        _png_image(files),
         0,
         {},
         {"latents": "shared", "embeddings": "skipped", "shared_steps_run": str(data["steps_run"])},
         files=files,
+        audio=(int(audio[0]), int(audio[1])) if audio else None,
     )

@@ -11,6 +11,7 @@ from omni_tasks.coordination.cache_directory import step_cache_of
 from omni_tasks.errors import ProcessingError
 from omni_tasks.requests import COMPLETION_TYPES, OmniRequest, RequestType
 from omni_tasks.results import (
+    AudioResult,
     ImageResult,
     MultimodalResult,
     PromptResult,
@@ -21,6 +22,7 @@ from omni_tasks.results import (
 from omni_tasks.scheduling.policies import create_policy
 from omni_tasks.tasks.base import request_deadline
 from workers import previews, progress, task_context
+from workers.audio import encoded_rate
 from workers.dit_service import Rendered, render
 from workers.engines.base import ImageParams, StepCacheSettings, TextParams, TextPrompt
 from workers.images import decode_image, save_output, save_png
@@ -101,8 +103,8 @@ def run_text(request: OmniRequest) -> TextResult:
 def _render(
     request: OmniRequest, prompt: str | None = None
 ) -> tuple[Rendered, ImageParams, str, dict[str, float]]:
-    """Run a DiT request (image or video) through the DiT service: what it rendered, its
-    settings, its step-cache mode and its timings."""
+    """Run a DiT request (image, video or sound) through the DiT service: what it
+    rendered, its settings, its step-cache mode and its timings."""
     # Only the types that take one have an image (`INPUT_IMAGE_TYPES`, validated).
     init_image = decode_image(request.image) if request.image else None
     config = get_config()
@@ -114,6 +116,7 @@ def _render(
         request = request.model_copy(update={"step_cache": "none", "step_cache_params": None})
         mode, mode_params = "none", {}
     video = request.request_type is RequestType.VIDEO
+    audio = request.request_type is RequestType.AUDIO
     params = ImageParams(
         width=request.width,
         height=request.height,
@@ -126,6 +129,7 @@ def _render(
         step_cache=StepCacheSettings(mode=mode, params=mode_params),
         lora=request.adapters,
         num_frames=request.num_frames if video else None,
+        audio_seconds=request.seconds if audio else None,
     )
     timeout_s = timeout_for(request)
     ticket = StepTicket(
@@ -190,6 +194,40 @@ def run_video(request: OmniRequest) -> VideoResult:
         duration_s=round(frames / request.fps, 6),
         width=out.image.width,
         height=out.image.height,
+        seed=params.seed,
+        steps=request.steps,
+        steps_run=out.steps_run,
+        cache=out.cache,
+        engine=runtime.diffusion_engine().name,
+        model=config.diffusion.model,
+        timings=timings,
+        denoise_steps=out.denoise_steps,
+        preemptions=out.preemptions,
+        max_batch=out.max_batch,
+        lora=out.lora,
+    )
+
+
+def run_audio(request: OmniRequest) -> AudioResult:
+    """An AUDIO request: its sound in `response_format` under `output_dir`, at
+    `sample_rate` (None: the model's own; mp3 and opus may take the next rate their
+    codec has, `workers.audio.encoded_rate`)."""
+    out, params, _, timings = _render(request)
+    config = get_config()
+    fmt = request.response_format
+    if out.audio is None or fmt not in out.files:
+        raise ProcessingError(f"{request.request_id}: the model made no {fmt} sound")
+    path = save_output(out.files[fmt], config.output_path(), request.request_id, fmt)
+    rate, channels = out.audio
+    samples = int(float(request.seconds or 0.0) * rate)  # the pipeline's cut
+    return AudioResult(
+        request_id=request.request_id,
+        request_type=request.request_type.value,
+        audio_path=str(path),
+        format=fmt,
+        sample_rate=encoded_rate(fmt, request.sample_rate or rate),
+        duration_s=round(samples / rate, 6),
+        channels=channels,
         seed=params.seed,
         steps=request.steps,
         steps_run=out.steps_run,
