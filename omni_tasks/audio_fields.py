@@ -12,6 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 AUDIO_FORMATS = ("wav", "flac", "mp3", "opus", "pcm")
+#: Each format's media type (Opus in Ogg, as OpenAI returns it; pcm: raw s16le).
+MEDIA_TYPES = {
+    "wav": "audio/wav",
+    "flac": "audio/flac",
+    "mp3": "audio/mpeg",
+    "opus": "audio/ogg",
+    "pcm": "audio/pcm",
+}
 MAX_SPEECH_CHARS = 4096
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 48000

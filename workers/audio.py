@@ -29,14 +29,9 @@ from typing import Any
 
 import numpy as np
 
-AUDIO_FORMATS = ("wav", "flac", "mp3", "opus", "pcm")
-MEDIA_TYPES = {
-    "wav": "audio/wav",
-    "flac": "audio/flac",
-    "mp3": "audio/mpeg",
-    "opus": "audio/ogg",  # Opus in Ogg, as OpenAI returns it
-    "pcm": "audio/pcm",
-}
+from omni_tasks.audio_fields import AUDIO_FORMATS, MEDIA_TYPES
+
+__all__ = ["AUDIO_FORMATS", "MEDIA_TYPES", "StreamEncoder", "encode_audio", "resample"]
 #: Formats whose stream hands out bytes as audio is fed (flac's only at close).
 STREAMED_FORMATS = ("wav", "mp3", "opus", "pcm")
 #: Format -> (PyAV container, codec) of the formats FFmpeg encodes.

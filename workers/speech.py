@@ -79,7 +79,19 @@ def run_speech(request: OmniRequest) -> SpeechResult:
     encoder = StreamEncoder(request.response_format, engine.sample_rate, request.sample_rate)
     chunks = _Chunks(encoder, stream, start)
     try:
-        out = engine.synthesize(
+        out = _synthesize(engine, request, speaker, chunks)
+        chunks.close()
+    finally:
+        if stream is not None:  # its last bytes written before the result is stored
+            stream.close()
+    generate_s = time.perf_counter() - start
+    return _result(request, config, out, voice, speaker, chunks, generate_s)
+
+
+def _synthesize(engine: Any, request: OmniRequest, speaker: int, chunks: _Chunks) -> Any:
+    """The engine's run; its ValueError about the input ("input: ...") names the field."""
+    try:
+        return engine.synthesize(
             request.request_id,
             str(request.input),
             speaker,
@@ -89,12 +101,11 @@ def run_speech(request: OmniRequest) -> SpeechResult:
             timeout_for(request),
             cancelled=task_context.revoked_check(),
         )
-        chunks.close()
-    finally:
-        if stream is not None:  # its last bytes written before the result is stored
-            stream.close()
-    generate_s = time.perf_counter() - start
-    return _result(request, config, out, voice, speaker, chunks, generate_s)
+    except ValueError as exc:
+        field, sep, message = str(exc).partition(": ")
+        if sep and field in ("input", "voice", "speed"):
+            raise RequestValidationError(field, message) from None
+        raise
 
 
 def _result(

@@ -21,6 +21,7 @@ from omni_tasks.api import (
     errors,
     files,
     jobs,
+    openai_audio,
     openai_images,
     openai_text,
     videos,
@@ -69,7 +70,8 @@ def create_app(config: CoreModuleConfig | None = None) -> FastAPI:
     )
     app.state.caller = caller_of(api_token(config))  # scopes Idempotency-Keys
     errors.install(app)
-    for module in (openai_images, openai_text, jobs, videos, batch_files, batches, files):
+    routers = (openai_images, openai_text, openai_audio, jobs, videos, batch_files, batches, files)
+    for module in routers:
         app.include_router(module.router)
 
     @app.get("/healthz", include_in_schema=False)

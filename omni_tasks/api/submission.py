@@ -26,7 +26,7 @@ from omni_tasks.tasks.producer import cancel, submit
 
 #: How long one read of the heartbeats serves this process.
 WORKERS_TTL_S = 2.0
-POOL_NAMES = {"ar": "AR (text)", "dit": "diffusion"}
+POOL_NAMES = {"ar": "AR (text)", "dit": "diffusion", "tts": "speech"}
 PRIORITIES = ("high", "normal", "low")
 #: The job type that runs no engine: the queue path alone, end to end.
 PROBE = "probe"

@@ -83,13 +83,13 @@ def openai_logprobs(entries: list[dict[str, Any]] | None, chat: bool) -> dict[st
 
 
 async def state_and_pieces(
-    hub: ResultHub, request_id: str, start: int
+    hub: ResultHub, request_id: str, start: int, key: str | None = None
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """The result's state and the pieces ({i, t}) written from position `start` on, in
-    one round trip, the state read first (once final, every piece is in). A list
-    shorter than `start` was started again (its worker was lost, and the request runs
-    anew): 409, since the text sent already cannot be taken back."""
-    key = keys.text_deltas(request_id)
+    """The result's state and the pieces ({i, t}; a speech request's {i, b}, in `key`)
+    written from position `start` on, in one round trip, the state read first (once
+    final, every piece is in). A list shorter than `start` was started again (its worker
+    was lost, and the request runs anew): 409, since what was sent cannot be taken back."""
+    key = key or keys.text_deltas(request_id)
     pipe = hub.redis.pipeline(transaction=False)
     pipe.get(meta_key(request_id))
     pipe.lrange(key, start, -1)
@@ -98,7 +98,7 @@ async def state_and_pieces(
     if length < start:
         raise APIError(
             409,
-            f"request {request_id} started again after its worker was lost; its text "
+            f"request {request_id} started again after its worker was lost; its output "
             "restarted too: read its result",
             code="stream_restarted",
         )
@@ -144,7 +144,7 @@ async def text_chunks(
     timeout_s = get_config().api.wait_timeout_s
     read, meta = 0, None
     try:
-        async for what, found in _follow(hub, omni.request_id, timeout_s):
+        async for what, found in follow_pieces(hub, omni.request_id, timeout_s):
             if what == "piece":
                 read += 1
                 yield chunks.chunk(int(found["i"]), found["t"])
@@ -173,17 +173,19 @@ async def text_chunks(
     yield event(None, "[DONE]")
 
 
-async def _follow(
-    hub: ResultHub, request_id: str, timeout_s: float
+async def follow_pieces(
+    hub: ResultHub, request_id: str, timeout_s: float, key: str | None = None
 ) -> AsyncIterator[tuple[str, Any]]:
-    """("piece", piece) for each piece in order, ("wait", None) when a keep-alive is due,
-    and last ("end", the final state, or the state at `timeout_s`)."""
+    """("piece", piece) for each piece of the stream `key` (default: the request's text)
+    in order, ("wait", None) when a keep-alive is due, and last ("end", the final state,
+    or the state at `timeout_s`)."""
     deadline = time.monotonic() + timeout_s
-    channels = [meta_key(request_id), keys.text_deltas(request_id)]
+    key = key or keys.text_deltas(request_id)
+    channels = [meta_key(request_id), key]
     read = 0
     async with hub.listen(channels) as queue:
         while True:
-            meta, pieces = await state_and_pieces(hub, request_id, read)
+            meta, pieces = await state_and_pieces(hub, request_id, read, key)
             for piece in pieces:
                 read += 1
                 yield "piece", piece

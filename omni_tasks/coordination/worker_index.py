@@ -10,7 +10,9 @@ the stages it runs:
   puts repeats there) and DiT cache entries that must be moved back and cleared when
   they die, so they stay in the index after death until a live one sweeps them
   (`cache_directory.sweep_dead_workers`).
-- `other`: workers that run neither (the `probe` queue's); its entry only says when it
+- `tts`: workers that run the speech stage: the HTTP API counts them before it
+  accepts a speech request.
+- `other`: workers that run none of these (the `probe` queue's); its entry only says when it
   last beat.
 
 A worker is live while its last beat is younger than `HEARTBEAT_TTL_S`; its heartbeat
@@ -34,13 +36,13 @@ HEARTBEAT_TTL_S = 20
 #: Index entries of workers dead for this long are dropped (their own queues were
 #: moved back long before, by any live diffusion worker's sweep).
 FORGET_AFTER_S = 3600.0
-AR, DIT, OTHER = "ar", "dit", "other"
-KINDS = (AR, DIT, OTHER)
+AR, DIT, TTS, OTHER = "ar", "dit", "tts", "other"
+KINDS = (AR, DIT, TTS, OTHER)
 
 
 def kinds_of(stages: Iterable[str]) -> list[str]:
     """The indexes a worker running `stages` beats into."""
-    return [kind for kind in (AR, DIT) if kind in stages] or [OTHER]
+    return [kind for kind in (AR, DIT, TTS) if kind in stages] or [OTHER]
 
 
 def beat(pipe: Any, kinds: list[str], hostname: str, now: float) -> None:

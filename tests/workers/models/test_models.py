@@ -50,6 +50,8 @@ def test_the_command_lists_every_tiny_model_and_skips_complete_ones(
         "tiny-sana",
         "tiny-wan",
         "tiny-wan-i2v",
+        "tiny-tts",
+        "tiny-stable-audio",
     }
     assert {name: (root / name / MARKER).stat().st_mtime_ns for name in TINY_MODELS} == markers
 
