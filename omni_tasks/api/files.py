@@ -1,10 +1,11 @@
-"""Images out of the API: the PNGs the diffusion workers write under `output_dir`, as
-bytes in the requested format, or as a URL to `GET /v1/files/{name}`.
+"""Images and sounds out of the API: the PNGs the diffusion workers write under
+`output_dir`, as bytes in the requested format, or as a URL to `GET /v1/files/{name}`;
+the audio files of speech and audio requests, as they are.
 
 The API must see the workers' `output_dir` (one machine, or a shared volume as in
-docker-compose.yml). `GET /v1/files/{name}` serves only images under it: a relative
-name, no hidden part, no `..`, resolved (links too) inside the folder. A `.webp` or
-`.jpeg` name is the `.png` of the same name, converted on the way out.
+docker-compose.yml). `GET /v1/files/{name}` serves only images and audio files under
+it: a relative name, no hidden part, no `..`, resolved (links too) inside the folder. A
+`.webp` or `.jpeg` name is the `.png` of the same name, converted on the way out.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Request, Response
 
 from omni_tasks.api.errors import APIError
+from omni_tasks.audio_fields import AUDIO_FORMATS, MEDIA_TYPES
 from omni_tasks.config import get_config
 
 #: Output format -> (Pillow's name, media type).
@@ -27,6 +29,8 @@ FORMATS = {
     "jpeg": ("JPEG", "image/jpeg"),
 }
 SUFFIXES = {".png": "png", ".webp": "webp", ".jpeg": "jpeg", ".jpg": "jpeg"}
+#: Audio files are served as the workers wrote them.
+AUDIO_SUFFIXES = {f".{fmt}": fmt for fmt in AUDIO_FORMATS}
 
 router = APIRouter()
 
@@ -46,6 +50,15 @@ def image_name(image_path: str) -> str:
             "workers the same output_dir (a shared volume)",
             code="image_unreachable",
         ) from None
+
+
+def audio_url(base_url: str, audio_path: str) -> str | None:
+    """The URL of a worker's audio file, or None when it is not under `output_dir`."""
+    try:
+        name = Path(audio_path).resolve().relative_to(output_root()).as_posix()
+    except ValueError:
+        return None
+    return f"{base_url.rstrip('/')}/v1/files/{quote(name)}"
 
 
 def file_url(base_url: str, name: str, output_format: str) -> str:
@@ -98,10 +111,12 @@ def resolve(name: str) -> tuple[Path, str]:
     if any(p in ("", ".", "..") or p.startswith(".") for p in parts):
         raise missing
     suffix = PurePosixPath(name).suffix.lower()
-    if suffix not in SUFFIXES:
+    if suffix not in SUFFIXES and suffix not in AUDIO_SUFFIXES:
         raise missing
     root = output_root()
-    png = (root / name[: -len(suffix)]).with_name(PurePosixPath(name).stem + ".png")
+    png = root / name
+    if suffix in SUFFIXES:
+        png = (root / name[: -len(suffix)]).with_name(PurePosixPath(name).stem + ".png")
     try:
         resolved = png.resolve(strict=True)
         resolved.relative_to(root)
@@ -109,12 +124,16 @@ def resolve(name: str) -> tuple[Path, str]:
         raise missing from None
     if not resolved.is_file():
         raise missing
-    return resolved, SUFFIXES[suffix]
+    return resolved, SUFFIXES.get(suffix) or AUDIO_SUFFIXES[suffix]
 
 
 @router.get("/v1/files/{name:path}")
 async def get_file(name: str) -> Response:
-    """An image under output_dir (PNG, or converted to the suffix's format)."""
+    """An image under output_dir (PNG, or converted to the suffix's format), or an audio
+    file as it is."""
     path, output_format = resolve(name)
+    if output_format in MEDIA_TYPES:
+        data = await asyncio.to_thread(path.read_bytes)
+        return Response(data, media_type=MEDIA_TYPES[output_format])
     data = await asyncio.to_thread(read_image, str(path), output_format)
     return Response(data, media_type=FORMATS[output_format][1])

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from omni_tasks.api.errors import FAILURE_STATUS, APIError, error_body, failure_of
-from omni_tasks.api.files import file_url, image_name
+from omni_tasks.api.files import audio_url, file_url, image_name
 from omni_tasks.api.hub import ResultHub, is_final
 from omni_tasks.coordination import keys
 from omni_tasks.requests import RequestType
@@ -152,6 +152,9 @@ def job_view(record: JobRecord, metas: list[dict[str, Any] | None]) -> dict[str,
         for field, variant in VIDEO_FILES.items():
             if result.pop(field, None) and record.base_url:
                 view[f"{variant}_url"] = content_url(record.base_url, record.id, variant)
+        audio = result.pop("audio_path", None)
+        if audio and record.base_url:
+            view["audio_url"] = audio_url(record.base_url, audio)
         view["result"] = result
     elif final is not None:
         view["error"] = _error_of(final, record.id)

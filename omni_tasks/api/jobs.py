@@ -1,6 +1,7 @@
 """The job API: any request type, submitted, polled, cancelled, streamed, with a webhook.
 
-- `POST /v1/jobs` `{"type": "text"|"chat"|"diffusion"|"image"|"multimodal"|"video"|"probe",
+- `POST /v1/jobs` `{"type": "text"|"chat"|"diffusion"|"image"|"multimodal"|"video"|
+  "speech"|"audio"|"probe",
   ...the request's fields, "webhook_url"?}` -> `202` and the job. A text or chat job
   streams its text (`delta` events) unless it sends `"stream": false`. With `Prefer: wait=N` it
   waits up to N seconds (at most `api.wait_timeout_s`) and answers `200` if the job
@@ -8,7 +9,8 @@
   `Idempotency-Key` the job id comes from the key (`idempotency`): the same key and
   body again answer the same job, which runs once; another body under it is 409.
   A `video` job is a video of `/v1/videos` as well (listed there); its view links
-  its files (`video_url`, `thumbnail_url`, `spritesheet_url`) instead of their paths.
+  its files (`video_url`, `thumbnail_url`, `spritesheet_url`) instead of their paths; a
+  `speech` (`input`, `voice`, ...) or `audio` job's view links its file (`audio_url`).
 - `GET /v1/jobs/{id}` -> the job (`job_state.job_view`).
 - `DELETE /v1/jobs/{id}` -> cancels it, queued or running (409 once it has ended,
   a second DELETE included).
@@ -44,10 +46,12 @@ from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
 from omni_tasks.requests import (
     OmniRequest,
+    create_audio_request,
     create_chat_request,
     create_diffusion_request,
     create_image_request,
     create_multimodal_request,
+    create_speech_request,
     create_text_request,
     create_video_request,
 )
@@ -60,8 +64,12 @@ BUILDERS = {
     "diffusion": create_diffusion_request,
     "multimodal": create_multimodal_request,
     VIDEO: create_video_request,
+    "speech": create_speech_request,
+    "audio": create_audio_request,
     PROBE: create_text_request,
 }
+#: The field a job of a type cannot do without (the rest: `prompt`).
+NEEDED = {"chat": "messages", "speech": "input"}
 JOB_TYPES = (*BUILDERS, "image")
 _PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*(\d+(?:\.\d+)?)", re.I)
 
@@ -85,7 +93,7 @@ def build_request(kind: Any, fields: dict[str, Any], request_id: str | None = No
     if "request_id" in fields or "request_type" in fields:
         name = "request_id" if "request_id" in fields else "request_type"
         raise invalid(name, "is set by the API (the job id is the request id)")
-    needed = "messages" if kind == "chat" else "prompt"
+    needed = NEEDED.get(kind, "prompt")
     if needed not in fields:
         raise invalid(needed, "field required")
     if kind in STREAMED:

@@ -23,11 +23,13 @@ import pytest
 import soundfile
 from api_support import ApiServer, api_factory  # noqa: F401
 from conftest import clean_redis, start_ready_workers
-from helpers import foreign
+from helpers import eventually, foreign
 
 from omni_tasks import (
+    RequestTimeoutError,
     RequestValidationError,
     app,
+    cancel,
     generate_speech,
     get_config,
     stream_audio,
@@ -231,3 +233,29 @@ def test_time_to_first_audio_is_reported(speech_worker: str) -> None:
     result = generate_speech.delay(input=LONG_TEXT).get(timeout=TIMEOUT)
     assert result["timings"]["first_chunk_s"] < result["timings"]["generate_s"] / 5
     assert result["timings"]["started_at"] >= begun - 1
+
+
+def test_a_speech_job_links_its_audio_file(api: ApiServer) -> None:
+    with api.client() as http:
+        job = http.post(
+            "/v1/jobs",
+            json={"type": "speech", "input": "A job.", "voice": "fable", "response_format": "mp3"},
+            headers={"Prefer": "wait=60"},
+        ).json()
+        assert job["status"] == "succeeded", job
+        assert job["result"]["format"] == "mp3" and "audio_path" not in job["result"]
+        answer = http.get(job["audio_url"])
+        assert answer.headers["content-type"] == "audio/mpeg"
+        samples, _ = decode(answer.content, "mp3")
+        assert len(samples) > 0
+        refused = http.post("/v1/jobs", json={"type": "speech", "prompt": "x"})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "input"
+
+
+def test_a_long_speech_is_cancelled_between_pieces_or_expires(speech_worker: str) -> None:
+    running = generate_speech.delay(input=LONG_TEXT * 3, priority="high")
+    assert eventually(lambda: running.state == "STARTED", 30, 0.005)
+    cancel(running.id)
+    assert eventually(lambda: running.state == "REVOKED", 30, 0.02)
+    with pytest.raises(RequestTimeoutError):
+        generate_speech.delay(input=LONG_TEXT * 3, timeout_s=0.5).get(TIMEOUT)
