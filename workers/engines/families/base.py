@@ -40,6 +40,12 @@ if TYPE_CHECKING:
 Embeds = dict[str, "torch.Tensor"]
 #: Every step-cache mode (`workers.engines.step_cache.STEP_CACHE_MODES`).
 ALL_STEP_CACHES = frozenset({"none", "taylorseer", "magcache", "first_block", "pab", "cache_dit"})
+#: What a family of each `media` makes, and the task that asks for it.
+_MADE = {
+    "image": ("images", "generate_image"),
+    "video": ("videos", "generate_video"),
+    "audio": ("sounds", "generate_audio"),
+}
 
 
 class ModelFamily:
@@ -113,9 +119,9 @@ class ModelFamily:
                 "model", f"the {self.name} family makes images, not videos: send generate_image"
             )
         if (params.audio_seconds is not None) != (self.media == "audio"):
-            send = "generate_audio" if self.media == "audio" else "generate_image"
+            made, send = _MADE[self.media]
             raise RequestValidationError(
-                "model", f"the {self.name} family makes {self.media}: send {send}"
+                "model", f"the {self.name} family makes {made}: send {send}"
             )
         for name in ("width", "height"):
             if getattr(params, name) % self.size_multiple:
