@@ -1,7 +1,8 @@
-"""`omni-tasks demo`: Redis, an AR pool and a diffusion pool (a worker for images and
-one serving the video model), a mixed workload with priorities through `.delay()` (two
-LoRA image styles, a LoRA text adapter and a short video among it), progress, results,
-a status summary; then it stops everything it started."""
+"""`omni-tasks demo`: Redis, an AR pool, a diffusion pool (a worker for images, one
+serving the video model and one the audio model) and a speech pool, a mixed workload
+with priorities through `.delay()` (two LoRA image styles, a LoRA text adapter, a short
+video, a spoken line and a short sound among it), progress, results, a status summary;
+then it stops everything it started."""
 
 from __future__ import annotations
 
@@ -35,6 +36,13 @@ DEMO_VIDEO = {
     "seed": 5,
     "priority": "normal",
 }
+#: The demo's spoken line and sound (text-to-audio on the diffusion pool).
+DEMO_SPEECH = {
+    "input": "Hello from omni-tasks. Every pool answers, and this is the speech pool.",
+    "voice": "nova",
+    "priority": "high",
+}
+DEMO_SOUND = {"prompt": "rain on a tin roof", "seconds": 1.0, "steps": 4, "seed": 9}
 
 
 def _line(text: str = "") -> None:
@@ -54,13 +62,16 @@ def run_demo(out_dir: Path, timeout_s: float = 900.0) -> int:
     _register_demo_loras()
     workers: list[WorkerProcess] = []
     try:
+        from omni_tasks.config import get_config
         from omni_tasks.dev.launcher import start_worker
 
         log_dir = out_dir / "logs"
-        for queue in ("ar", "diffusion"):
+        for queue in ("ar", "diffusion", "speech"):
             workers.append(start_worker(queue, log_dir))
             _line(f"started: celery -A omni_tasks worker -Q {queue}  (log: {log_dir})")
-        workers.append(_start_video_worker(log_dir))
+        dit = get_config().diffusion
+        workers.append(_start_model_worker(log_dir, dit.video_model, "diffusion-video"))
+        workers.append(_start_model_worker(log_dir, dit.audio_model, "diffusion-audio"))
         _line("loading models in the pools (tiny models are built on first start)...")
         start = time.monotonic()
         for worker in workers:
@@ -92,15 +103,11 @@ def _stop_workers(workers: list[WorkerProcess], timeout_s: float = 60.0) -> None
         _line(f"stopped {worker.hostname} (exit {code})")
 
 
-def _start_video_worker(log_dir: Path) -> WorkerProcess:
-    """A diffusion worker serving the video model (a diffusion worker serves one model)."""
-    from omni_tasks.config import get_config
+def _start_model_worker(log_dir: Path, model: str, name: str) -> WorkerProcess:
+    """A diffusion worker serving `model` (a diffusion worker serves one model)."""
     from omni_tasks.dev.launcher import start_worker
 
-    model = get_config().diffusion.video_model
-    worker = start_worker(
-        "diffusion", log_dir, env={"OMNI_DIFFUSION__MODEL": model}, name="diffusion-video"
-    )
+    worker = start_worker("diffusion", log_dir, env={"OMNI_DIFFUSION__MODEL": model}, name=name)
     _line(
         f"started: OMNI_DIFFUSION__MODEL={model} celery -A omni_tasks worker -Q diffusion"
         f"  (log: {log_dir})"
@@ -136,7 +143,14 @@ def _lora_jobs() -> list[tuple[str, Any, dict[str, Any]]]:
 
 
 def _workload() -> list[tuple[str, Any, dict[str, Any]]]:
-    from omni_tasks import generate_image, generate_multimodal, generate_text, generate_video
+    from omni_tasks import (
+        generate_audio,
+        generate_image,
+        generate_multimodal,
+        generate_speech,
+        generate_text,
+        generate_video,
+    )
     from omni_tasks.config import get_config
 
     jobs: list[tuple[str, Any, dict[str, Any]]] = []
@@ -184,6 +198,8 @@ def _workload() -> list[tuple[str, Any, dict[str, Any]]]:
         )
     )
     jobs.append(("video", generate_video, dict(DEMO_VIDEO)))
+    jobs.append(("speech", generate_speech, dict(DEMO_SPEECH)))
+    jobs.append(("sound", generate_audio, {**DEMO_SOUND, "priority": "low"}))
     if all(name in get_config().loras for name in DEMO_LORAS):
         jobs += _lora_jobs()
     return jobs
@@ -261,7 +277,12 @@ def _progress(job: dict[str, Any], n: int, total: int) -> None:
         _line(f"[{n}/{total}] {job['kind']:<10} {job['priority']:<6} {job['state']}: {value}")
         return
     t = value.get("timings", {})
-    what = _video_text(value) or value.get("image_path") or repr(value.get("text", ""))[:60]
+    what = (
+        _video_text(value)
+        or _audio_text(value)
+        or value.get("image_path")
+        or repr(value.get("text", ""))[:60]
+    )
     if value.get("cache"):
         what += "  cache " + ",".join(f"{k}={v}" for k, v in value["cache"].items())
     if job["kind"].startswith("lora"):
@@ -279,6 +300,16 @@ def _video_text(value: dict[str, Any]) -> str | None:
     return (
         f"{value['video_path']}  {value['num_frames']} frames at {value['fps']} fps,"
         f" {value['duration_s']:.2f}s"
+    )
+
+
+def _audio_text(value: dict[str, Any]) -> str | None:
+    """A speech or audio result's file, length, format and rate (None for others)."""
+    if "audio_path" not in value:
+        return None
+    return (
+        f"{value['audio_path']}  {value['duration_s']:.2f}s {value['format']}"
+        f" at {value['sample_rate']} Hz"
     )
 
 
@@ -315,7 +346,7 @@ def _summary(results: list[dict[str, Any]], out_dir: Path) -> None:
     report = out_dir / "results.json"
     serial = [{k: v for k, v in r.items() if k not in ("result", "kwargs")} for r in results]
     report.write_text(json.dumps(serial, indent=2, default=str))
-    _line(f"images and videos in {out_dir / 'images'}; results in {report}")
+    _line(f"images, videos and sounds in {out_dir / 'images'}; results in {report}")
 
 
 DEFAULT_OUT_DIR = Path("omni-demo-output")

@@ -1,6 +1,6 @@
 """The demo's workload: every request it sends is valid and each kind and priority class
 is there; its follow-ups (an edit, an exact repeat, a new seed) reach the diffusion pool.
-(The demo itself starts both pools, a video worker among them: `omni-tasks demo`, the
+(The demo itself starts the three pools, video and audio workers among them: `omni-tasks demo`, the
 end-to-end tests' ground.)"""
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ PNG_1PX = base64.b64decode(
 def test_every_request_of_the_workload_is_valid() -> None:
     jobs = _workload()
     kinds = {kind for kind, _, _ in jobs}
-    assert kinds == {"text", "image", "multimodal", "video"}
+    assert kinds == {"text", "image", "multimodal", "video", "speech", "sound"}
     assert {kwargs["priority"] for _, _, kwargs in jobs} == {"high", "normal", "low"}
     for _kind, task, kwargs in jobs:
         request = task.build_request(kwargs)  # raises RequestValidationError if not
-        assert request.prompt == kwargs["prompt"]
+        assert (request.prompt or request.input) == kwargs.get("prompt", kwargs.get("input"))
 
 
 def test_follow_ups_go_to_the_diffusion_pool(redis_client, tmp_path: Path) -> None:
