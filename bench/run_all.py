@@ -22,6 +22,7 @@ BENCHMARKS: tuple[str | tuple[str, ...], ...] = (
     "p7_api.py",
     "p9_mixed_cluster.py",
     "p11_ttft.py",
+    "p12_speech.py",
     "faults.py",
     ("scale.py", "--quick"),
 )
