@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from omni_tasks import errors, results
+from omni_tasks.audio_fields import DEFAULT_AUDIO_GUIDANCE, DEFAULT_AUDIO_SECONDS
 from omni_tasks.requests import MAX_SEED, SIDE_MULTIPLE, OmniRequest
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -47,6 +48,8 @@ FIELDS_OF_TYPE = {
     "speech": tuple(n for n in COMMON if n != "prompt") + SPEECH + ("timeout_s", "seed"),
     "audio": COMMON + AUDIO + ("step_cache", "step_cache_params", "timeout_s", "seed"),
 }
+#: Defaults a request type has of its own (`audio_fields.audio_aliases`).
+TYPE_DEFAULTS = {"audio": {"guidance": DEFAULT_AUDIO_GUIDANCE, "seconds": DEFAULT_AUDIO_SECONDS}}
 #: The field a request type cannot do without (the rest: `prompt`).
 INPUT_OF_TYPE = {"chat": "messages", "speech": "input"}
 
@@ -190,6 +193,8 @@ def request_schema(task: str) -> dict[str, Any]:
     names = [n for t in types for n in FIELDS_OF_TYPE[t]]
     properties = {n: {**model["properties"][n], **NOTES.get(n, {})} for n in dict.fromkeys(names)}
     properties["request_type"] = {"enum": list(types), **NOTES["request_type"]}
+    for name, default in TYPE_DEFAULTS.get(types[0], {}).items():
+        properties[name] = {**properties[name], "default": default}
     needed = INPUT_OF_TYPE.get(types[0], "prompt")
     properties[needed] = _not_null(properties[needed])
     schema: dict[str, Any] = {

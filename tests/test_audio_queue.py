@@ -110,7 +110,7 @@ def test_a_high_sound_preempts_a_low_one_which_resumes_to_its_own_samples(
     assert high["timings"]["first_step_at"] < sound_ended
     assert sound["preemptions"] >= 1 and high["preemptions"] == 0
     assert sound["timings"]["paused_s"] > 0
-    params = ImageParams(steps=100, guidance=3.5, seed=11, audio_seconds=2.0)
+    params = ImageParams(steps=100, guidance=7.0, seed=11, audio_seconds=2.0)  # the default
     own = alone.generate("alone", "a long drone", params, TIMEOUT)
     expected = encode_audio(own.audio, own.sample_rate, "wav")
     assert Path(sound["audio_path"]).read_bytes() == expected  # exact resume
