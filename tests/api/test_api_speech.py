@@ -259,3 +259,24 @@ def test_a_long_speech_is_cancelled_between_pieces_or_expires(speech_worker: str
     assert eventually(lambda: running.state == "REVOKED", 30, 0.02)
     with pytest.raises(RequestTimeoutError):
         generate_speech.delay(input=LONG_TEXT * 3, timeout_s=0.5).get(TIMEOUT)
+
+
+def test_prometheus_and_the_status_count_the_speech_pool(speech_worker: str) -> None:
+    from prometheus_client import generate_latest
+
+    from omni_tasks import OmniScheduler
+    from omni_tasks.metrics import registry
+
+    generate_speech.delay(input="Counted.").get(timeout=TIMEOUT)
+
+    def processed() -> float:
+        text = generate_latest(registry()).decode()
+        line = 'omni_requests_total{outcome="processed",pool="speech"} '
+        found = [row for row in text.splitlines() if row.startswith(line)]
+        return float(found[0].split()[-1]) if found else 0.0
+
+    assert eventually(lambda: processed() > 0, 10)
+    status = OmniScheduler().get_status()
+    assert status["pools"]["speech"]["processed"] > 0
+    workers = status["resource_status"]["workers"]
+    assert any(w["hostname"] == speech_worker for w in workers), workers
