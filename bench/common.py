@@ -5,6 +5,7 @@ Set OMNI_REDIS_URL before anything imports omni_tasks (the Celery app reads it o
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -13,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +156,48 @@ class RoundServer:
         if self.proc.stdin is not None:
             self.proc.stdin.close()
         self.proc.wait(120)
+
+
+def alternate_rounds(sides: dict[str, Any], rounds: int) -> dict[str, list[float]]:
+    """Each side's samples over `rounds`, the sides taking turns in a rotating order, so
+    whatever else runs on the machine hits all alike; one unrecorded call each first
+    (connections, subscriptions, the engine's caches)."""
+    for side in sides.values():
+        side()
+    samples: dict[str, list[float]] = {name: [] for name in sides}
+    names = list(sides)
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(sides[name]())
+    return samples
+
+
+def added_p50(figures: dict[str, dict[str, float]], base: str) -> dict[str, float]:
+    """`added_<side>_p50_ms`: each side's p50 less the `base` side's."""
+    return {
+        f"added_{side}_p50_ms": round(found["p50_ms"] - figures[base]["p50_ms"], 3)
+        for side, found in figures.items()
+        if side != base
+    }
+
+
+def serve_rounds(run: Callable[[int], float]) -> None:
+    """The side a `RoundServer` drives: `run(round)` once to warm (then `READY`), then
+    once per `run` line on stdin, printing `RESULT <its value>`."""
+    for r, line in enumerate(itertools.chain(["warm"], sys.stdin)):
+        if line.strip() not in ("run", "warm"):
+            break
+        value = run(r)
+        print("READY" if line == "warm" else f"RESULT {value}", flush=True)
+
+
+class FirstCall:
+    """A callback that notes when it is first called (the first token, the first audio)."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def __call__(self, *args: Any) -> None:
+        if self.at is None:
+            self.at = time.perf_counter()

@@ -14,7 +14,6 @@ whatever else runs on the machine hits all alike. Target: at most 10 ms added at
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 import time
@@ -23,9 +22,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     RESULTS,
+    FirstCall,
     RoundServer,
+    added_p50,
+    alternate_rounds,
     clean_redis,
     percentiles,
+    serve_rounds,
     setup_redis,
     write_result,
 )
@@ -42,22 +45,15 @@ def serve_direct(model: str) -> None:
 
     engine = VllmTextEngine(model, dtype="float32", max_num_seqs=32, kv_cache_gib=1.0)
     params = TextParams(max_tokens=MAX_TOKENS, temperature=0.0)
+
+    def one(r: int) -> float:
+        first = FirstCall()
+        start = time.perf_counter()
+        engine.generate(f"d{r}", PROMPT, params, 60, on_delta=first)
+        return float(first.at or 0.0) - start
+
     try:
-        for r, line in enumerate(itertools.chain(["warm"], sys.stdin)):
-            if line.strip() not in ("run", "warm"):
-                break
-            first: list[float] = []
-
-            def on_delta(index: int, text: str, first: list[float] = first) -> None:
-                if not first:
-                    first.append(time.perf_counter())
-
-            start = time.perf_counter()
-            engine.generate(f"d{r}", PROMPT, params, 60, on_delta=on_delta)
-            if line != "warm":
-                print(f"RESULT {first[0] - start}", flush=True)
-            else:
-                print("READY", flush=True)
+        serve_rounds(one)
     finally:
         engine.shutdown()
 
@@ -86,18 +82,6 @@ def api_ttft(client: object) -> float:
             first = time.perf_counter() - start
     assert first is not None
     return first
-
-
-def measure(direct: RoundServer, client: object, rounds: int) -> dict[str, list[float]]:
-    sides = {"direct": direct.run, "queue": queue_ttft, "api": lambda: api_ttft(client)}
-    for side in sides.values():  # warm: connections, subscriptions, the engine's caches
-        side()
-    samples: dict[str, list[float]] = {name: [] for name in sides}
-    names = list(sides)
-    for r in range(rounds):
-        for name in names[r % 3 :] + names[: r % 3]:
-            samples[name].append(sides[name]())
-    return samples
 
 
 def main() -> None:
@@ -129,17 +113,15 @@ def main() -> None:
         worker.wait_ready(600)
         wait_api(port)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-        samples = measure(direct, client, args.rounds)
+        sides = {"direct": direct.run, "queue": queue_ttft, "api": lambda: api_ttft(client)}
+        samples = alternate_rounds(sides, args.rounds)
     finally:
         direct.close()
         api.terminate()
         api.wait(30)
         worker.stop()
     figures = {name: percentiles(values) for name, values in samples.items()}
-    added = {
-        f"added_{side}_p50_ms": round(figures[side]["p50_ms"] - figures["direct"]["p50_ms"], 3)
-        for side in ("queue", "api")
-    }
+    added = added_p50(figures, "direct")
     write_result(
         "p11_ttft",
         {

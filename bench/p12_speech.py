@@ -20,7 +20,6 @@ second from the first send to the last result.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 import time
@@ -29,9 +28,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     RESULTS,
+    FirstCall,
     RoundServer,
+    added_p50,
+    alternate_rounds,
     clean_redis,
     percentiles,
+    serve_rounds,
     setup_redis,
     write_result,
 )
@@ -45,22 +48,15 @@ def serve_direct(model: str) -> None:
     from workers.engines.speech_engine import SpeechEngine
 
     engine = SpeechEngine(model)
+
+    def one(r: int) -> float:
+        first = FirstCall()
+        start = time.perf_counter()
+        engine.synthesize(f"d{r}", TEXT, 0, 1.0, None, first, 60)
+        return float(first.at or 0.0) - start
+
     try:
-        for r, line in enumerate(itertools.chain(["warm"], sys.stdin)):
-            if line.strip() not in ("run", "warm"):
-                break
-            first: list[float] = []
-
-            def on_chunk(samples: object, first: list[float] = first) -> None:
-                if not first:
-                    first.append(time.perf_counter())
-
-            start = time.perf_counter()
-            engine.synthesize(f"d{r}", TEXT, 0, 1.0, None, on_chunk, 60)
-            if line != "warm":
-                print(f"RESULT {first[0] - start}", flush=True)
-            else:
-                print("READY", flush=True)
+        serve_rounds(one)
     finally:
         engine.shutdown()
 
@@ -88,22 +84,6 @@ def api_first_audio(client: object) -> float:
         for _ in chunks:
             pass
     return first
-
-
-def measure(direct: RoundServer, client: object, rounds: int) -> dict[str, list[float]]:
-    sides = {
-        "direct": direct.run,
-        "queue": queue_first_audio,
-        "api": lambda: api_first_audio(client),
-    }
-    for side in sides.values():  # warm: connections, subscriptions, the engine's caches
-        side()
-    samples: dict[str, list[float]] = {name: [] for name in sides}
-    names = list(sides)
-    for r in range(rounds):
-        for name in names[r % 3 :] + names[: r % 3]:
-            samples[name].append(sides[name]())
-    return samples
 
 
 def burst_rate(concurrency: int, burst: int, logs: Path) -> dict[str, float]:
@@ -149,17 +129,19 @@ def first_audio(rounds: int, logs: Path) -> dict[str, object]:
         worker.wait_ready(600)
         wait_api(port)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-        samples = measure(direct, client, rounds)
+        sides = {
+            "direct": direct.run,
+            "queue": queue_first_audio,
+            "api": lambda: api_first_audio(client),
+        }
+        samples = alternate_rounds(sides, rounds)
     finally:
         direct.close()
         api.terminate()
         api.wait(30)
         worker.stop()
     figures = {name: percentiles(values) for name, values in samples.items()}
-    added = {
-        f"added_{side}_p50_ms": round(figures[side]["p50_ms"] - figures["direct"]["p50_ms"], 3)
-        for side in ("queue", "api")
-    }
+    added = added_p50(figures, "direct")
     return {
         "first_audio": figures,
         **added,

@@ -19,6 +19,7 @@ against 80 us). vLLM's own `LLM.generate` on the main thread: 9.7-10.4k.
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import os
 import threading
@@ -155,3 +156,31 @@ class BackgroundThreadEngine:
             raise ProcessingError(f"{self.label} is broken: {self._broken!r}")
         if self._stopping:
             raise EngineStoppedError(f"{self.label} is shut down")
+
+
+class OneModelEngine(BackgroundThreadEngine):
+    """An engine whose thread drives one torch `model` on `device`, woken through
+    `_cond`: what its seeded runs and its release share."""
+
+    device: str
+    model: Any
+    _cond: threading.Condition
+
+    def _rng_devices(self) -> list[int]:
+        """The CUDA device whose generator a seeded run forks (none on a CPU)."""
+        import torch
+
+        if self.device.startswith("cuda"):
+            return [torch.device(self.device).index or 0]
+        return []
+
+    def _close(self) -> None:
+        """Stop taking work and free the model's memory."""
+        with self._cond:
+            self._stopping = True
+        self.model = None
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()

@@ -22,7 +22,6 @@ the same samples on one device. Unseeded pieces batch.
 
 from __future__ import annotations
 
-import gc
 import logging
 import re
 import threading
@@ -43,7 +42,7 @@ from omni_tasks.errors import (
     RequestCancelledError,
     RequestTimeoutError,
 )
-from workers.engines.background import BackgroundThreadEngine, settle, wait_for_burst
+from workers.engines.background import OneModelEngine, settle, wait_for_burst
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ class _Piece:
         return (self.speaker_id, self.speed)
 
 
-class SpeechEngine(BackgroundThreadEngine):
+class SpeechEngine(OneModelEngine):
     """A transformers VITS model shared by every thread of one worker process."""
 
     name = "transformers-vits"
@@ -340,20 +339,3 @@ class SpeechEngine(BackgroundThreadEngine):
             except Exception:  # noqa: BLE001 - a listener's trouble never stops the engine
                 log.warning("%s: audio chunk callback failed", piece.rid, exc_info=True)
             settle(piece.future, (samples, len(batch), model_s))
-
-    def _rng_devices(self) -> list[int]:
-        import torch
-
-        if self.device.startswith("cuda"):
-            return [torch.device(self.device).index or 0]
-        return []
-
-    def _close(self) -> None:
-        with self._cond:
-            self._stopping = True
-        self.model = None
-        gc.collect()
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.empty_cache()

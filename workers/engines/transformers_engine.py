@@ -26,7 +26,6 @@ Sampling settings are per batch in `generate`, so requests are grouped:
 
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 import threading
@@ -43,7 +42,7 @@ from omni_tasks.errors import (
     RequestTimeoutError,
     RequestValidationError,
 )
-from workers.engines.background import BackgroundThreadEngine, notify_progress, settle
+from workers.engines.background import OneModelEngine, notify_progress, settle
 from workers.engines.base import Choice, DeltaCallback, TextOutput, TextParams, TextPrompt
 from workers.engines.chat import render_chat
 from workers.lora.peft_text import PeftAdapters
@@ -155,7 +154,7 @@ def finish_stream(req: _Request, text: str) -> None:
         log.warning("%s: streamed text is not a prefix of the final text", req.rid)
 
 
-class TransformersTextEngine(BackgroundThreadEngine):
+class TransformersTextEngine(OneModelEngine):
     """A transformers causal LM shared by every thread of one worker process."""
 
     name = "transformers"
@@ -417,20 +416,3 @@ class TransformersTextEngine(BackgroundThreadEngine):
         if eos is None:
             eos = self.tokenizer.eos_token_id
         return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
-
-    def _rng_devices(self) -> list[int]:
-        import torch
-
-        if self.device.startswith("cuda"):
-            return [torch.device(self.device).index or 0]
-        return []
-
-    def _close(self) -> None:
-        with self._cond:
-            self._stopping = True
-        self.model = None
-        gc.collect()
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.empty_cache()
