@@ -158,18 +158,8 @@ def run_image(request: OmniRequest, prompt: str | None = None) -> ImageResult:
         image_path=str(path),
         width=out.image.width,
         height=out.image.height,
-        seed=params.seed,
-        steps=request.steps,
-        steps_run=out.steps_run,
         step_cache=mode,
-        cache=out.cache,
-        engine=runtime.diffusion_engine().name,
-        model=config.diffusion.model,  # the one model this worker serves
-        timings=timings,
-        denoise_steps=out.denoise_steps,
-        preemptions=out.preemptions,
-        max_batch=out.max_batch,
-        lora=out.lora,
+        **_dit_fields(request, out, params, timings),
     )
 
 
@@ -194,17 +184,7 @@ def run_video(request: OmniRequest) -> VideoResult:
         duration_s=round(frames / request.fps, 6),
         width=out.image.width,
         height=out.image.height,
-        seed=params.seed,
-        steps=request.steps,
-        steps_run=out.steps_run,
-        cache=out.cache,
-        engine=runtime.diffusion_engine().name,
-        model=config.diffusion.model,
-        timings=timings,
-        denoise_steps=out.denoise_steps,
-        preemptions=out.preemptions,
-        max_batch=out.max_batch,
-        lora=out.lora,
+        **_dit_fields(request, out, params, timings),
     )
 
 
@@ -228,18 +208,28 @@ def run_audio(request: OmniRequest) -> AudioResult:
         sample_rate=encoded_rate(fmt, request.sample_rate or rate),
         duration_s=round(samples / rate, 6),
         channels=channels,
-        seed=params.seed,
-        steps=request.steps,
-        steps_run=out.steps_run,
-        cache=out.cache,
-        engine=runtime.diffusion_engine().name,
-        model=config.diffusion.model,
-        timings=timings,
-        denoise_steps=out.denoise_steps,
-        preemptions=out.preemptions,
-        max_batch=out.max_batch,
-        lora=out.lora,
+        **_dit_fields(request, out, params, timings),
     )
+
+
+def _dit_fields(
+    request: OmniRequest, out: Rendered, params: ImageParams, timings: dict[str, float]
+) -> dict[str, Any]:
+    """What every DiT result says of its run: seed and steps, what the DiT cache and the
+    step loop did, the model (the one this worker serves) and the adapters."""
+    return {
+        "seed": params.seed,
+        "steps": request.steps,
+        "steps_run": out.steps_run,
+        "cache": out.cache,
+        "engine": runtime.diffusion_engine().name,
+        "model": get_config().diffusion.model,
+        "timings": timings,
+        "denoise_steps": out.denoise_steps,
+        "preemptions": out.preemptions,
+        "max_batch": out.max_batch,
+        "lora": out.lora,
+    }
 
 
 def _broker_priority(request: OmniRequest) -> int:
