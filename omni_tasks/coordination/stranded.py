@@ -76,7 +76,7 @@ def health_issues(stranded: dict[str, int]) -> tuple[list[str], list[str]]:
         shown = name.replace(keys.PRIORITY_SEP, "\\x06\\x16")
         issues.append(f"{count} message(s) in Redis list {shown!r}, which no worker reads")
         advice.append(
-            f"send with queue='ar' or queue='diffusion' (docs/wire.md); {shown!r} looks "
+            f"send with queue='ar', 'diffusion' or 'speech' (docs/wire.md); {shown!r} looks "
             "like a client's default queue or other transport options"
         )
     return issues, advice
