@@ -195,7 +195,8 @@ def test_an_unregistered_model_is_refused_before_anything_is_enqueued(cluster) -
 def test_a_model_no_worker_serves_waits_and_is_named(cluster) -> None:
     scheduler = OmniScheduler()
     dit = get_config().diffusion
-    unserved = sorted([UNSERVED, dit.video_model, dit.video_image_model])  # no video worker
+    # No video or audio worker here.
+    unserved = sorted([UNSERVED, dit.video_model, dit.video_image_model, dit.audio_model])
     assert sorted(scheduler.get_health_status()["unserved_models"]) == unserved
     waiting = generate_image.delay(prompt="waits", model=UNSERVED, **IMAGE)
     try:

@@ -286,7 +286,7 @@ def test_an_unreachable_amqp_broker_reads_as_unknown_depths(redis_client, use_co
     config = replace(get_config(), broker_url="amqp://guest:guest@127.0.0.1:1//")
     use_config(config)
     started = time.monotonic()
-    assert queue_depths(config) == {config.ar.queue: {}, config.diffusion.queue: {}}
+    assert queue_depths(config) == {queue: {} for queue in config.pool_queues()}
     assert total_queued(config) == 0
     assert highest_waiting_level([config.diffusion.queue]) is None
     assert read_snapshot(config).queued == 0  # status and health still answer

@@ -45,11 +45,12 @@ def test_it_travels_in_the_message_and_keys_the_cache() -> None:
 )
 def test_requests_without_it_keep_their_digests(request_: OmniRequest) -> None:
     """Neither true CFG nor the later text fields (chat messages, `n`, penalties,
-    logprobs, `stream`) nor the video fields change the digests of requests that do
-    not use them."""
+    logprobs, `stream`) nor the video, speech and audio fields change the digests of
+    requests that do not use them."""
     assert "true_cfg_scale" not in request_.cache_key_parts()
     later = {"messages", "n", "presence_penalty", "frequency_penalty", "logprobs"}
     later |= {"top_logprobs", "stream", "num_frames", "fps"}
+    later |= {"input", "voice", "speed", "response_format", "sample_rate", "seconds"}
     assert not later & set(request_.cache_key_parts())
     before = request_.model_dump(
         mode="json", exclude={"request_id", "created_at", "true_cfg_scale", *later}

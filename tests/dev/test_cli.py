@@ -44,7 +44,7 @@ def test_status_prints_the_cluster_as_json(redis_client) -> None:
     assert status["queue_size"] == 1
     assert sum(status["queues"]["ar"].values()) == 1
     assert status["resource_status"] == {"workers": [], "used_bytes": 0, "budget_bytes": 0}
-    assert set(status["pools"]) == {"ar", "diffusion"}
+    assert set(status["pools"]) == {"ar", "diffusion", "speech"}
     assert health["healthy"] is False  # no worker runs in this test
     assert any("'ar'" in issue for issue in health["issues"])  # work waits, no worker
 

@@ -62,7 +62,8 @@ def test_a_worker_of_both_queues_adds_the_slots_and_falls_back_to_threads() -> N
         "worker_concurrency": 34,
         "worker_prefetch_multiplier": 1,
     }
-    assert worker_settings(CONFIG, []) == both  # no -Q: every pool
+    every = {**both, "worker_concurrency": 34 + CONFIG.speech.concurrency}
+    assert worker_settings(CONFIG, []) == every  # no -Q: every pool, the speech pool too
     same = CoreModuleConfig(
         ar=ARConfig(pool_type="prefork", concurrency=4),
         diffusion=DiffusionConfig(pool_type="prefork", concurrency=3),
@@ -74,4 +75,4 @@ def test_a_worker_of_other_queues_gets_no_pool_settings() -> None:
     assert worker_settings(CONFIG, ["omni.w.diffusion-1@host"]) == {}
     assert pools_for_queues(CONFIG, ["elsewhere"]) == []
     assert pools_for_queues(CONFIG, ["diffusion", "elsewhere"]) == [CONFIG.diffusion]
-    assert pools_for_queues(CONFIG, []) == [CONFIG.ar, CONFIG.diffusion]
+    assert pools_for_queues(CONFIG, []) == [CONFIG.ar, CONFIG.diffusion, CONFIG.speech]
