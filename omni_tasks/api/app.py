@@ -24,6 +24,8 @@ from omni_tasks.api import (
     openai_audio,
     openai_images,
     openai_text,
+    page,
+    status,
     videos,
 )
 from omni_tasks.api.hub import ResultHub
@@ -54,6 +56,7 @@ def create_app(config: CoreModuleConfig | None = None) -> FastAPI:
         app.state.hub = hub
         app.state.workers = LiveWorkers(hub)
         app.state.webhooks = WebhookDispatcher(hub)
+        app.state.status = status.StatusCache()
         await app.state.webhooks.start()
         try:
             yield
@@ -71,7 +74,7 @@ def create_app(config: CoreModuleConfig | None = None) -> FastAPI:
     app.state.caller = caller_of(api_token(config))  # scopes Idempotency-Keys
     errors.install(app)
     routers = (openai_images, openai_text, openai_audio, jobs, videos, batch_files, batches, files)
-    for module in routers:
+    for module in (*routers, status, page):
         app.include_router(module.router)
 
     @app.get("/healthz", include_in_schema=False)

@@ -287,6 +287,9 @@ class APIConfig:
     # Image URLs start with this (e.g. https://api.example.com); empty: the URL the
     # request came to.
     public_url: str | None = None
+    # Where the operations page links to Flower and Grafana; empty: no link.
+    flower_url: str | None = None
+    grafana_url: str | None = None
 
     def validate(self) -> None:
         _require(self.max_body_mb > 0, "api.max_body_mb", "must be positive")
@@ -294,11 +297,13 @@ class APIConfig:
         _require(self.webhook_timeout_s > 0, "api.webhook_timeout_s", "must be positive")
         _require(self.wait_timeout_s > 0, "api.wait_timeout_s", "must be positive")
         _require(self.retry_after_s > 0, "api.retry_after_s", "must be positive")
-        _require(
-            not self.public_url or self.public_url.startswith(("http://", "https://")),
-            "api.public_url",
-            "must be an http:// or https:// URL",
-        )
+        for name in ("public_url", "flower_url", "grafana_url"):
+            url = getattr(self, name)
+            _require(
+                not url or url.startswith(("http://", "https://")),
+                f"api.{name}",
+                "must be an http:// or https:// URL",
+            )
 
 
 @dataclass
