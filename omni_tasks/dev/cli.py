@@ -22,7 +22,7 @@ BAR_WIDTH = 24
 def _cmd_demo(args: argparse.Namespace) -> int:
     from omni_tasks.dev.demo import run_demo
 
-    return run_demo(Path(args.out), timeout_s=args.timeout)
+    return run_demo(Path(args.out), timeout_s=args.timeout, open_page=args.open, port=args.port)
 
 
 def _cmd_models_build(args: argparse.Namespace) -> int:
@@ -224,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run both pools and a mixed workload, then stop")
     demo.add_argument("--out", default="omni-demo-output", help="images, logs, results")
     demo.add_argument("--timeout", type=float, default=900.0)
+    demo.add_argument(
+        "--open",
+        action="store_true",
+        help="open the playground page in a browser; keep everything up until Ctrl-C",
+    )
+    demo.add_argument("--port", type=int, default=8000, help="the page's port (or a free one)")
     demo.set_defaults(func=_cmd_demo)
 
     models = sub.add_parser("models", help="tiny random-weight models")

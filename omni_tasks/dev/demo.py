@@ -2,7 +2,9 @@
 serving the video model and one the audio model) and a speech pool, a mixed workload
 with priorities through `.delay()` (two LoRA image styles, a LoRA text adapter, a short
 video, a spoken line and a short sound among it), progress, results, a status summary;
-then it stops everything it started."""
+the HTTP API with its playground and operations page (`GET /`) while the pools run;
+then it stops everything it started (`--open`: opens the page and keeps it all up until
+Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -11,13 +13,14 @@ import os
 import signal
 import subprocess
 import time
+import webbrowser
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omni_tasks.dev.redis_server import PrivateRedis, start_private_redis
 
 if TYPE_CHECKING:
-    from omni_tasks.dev.launcher import WorkerProcess
+    from omni_tasks.dev.launcher import ApiProcess, WorkerProcess
 
 #: The demo's LoRA adapters: two image styles and a text adapter, tiny random adapters
 #: that the workers build on first use (`workers.models.tiny_lora`).
@@ -49,7 +52,9 @@ def _line(text: str = "") -> None:
     print(text, flush=True)
 
 
-def run_demo(out_dir: Path, timeout_s: float = 900.0) -> int:
+def run_demo(
+    out_dir: Path, timeout_s: float = 900.0, open_page: bool = False, port: int = 8000
+) -> int:
     out_dir = out_dir.resolve()
     private: PrivateRedis | None = None
     if not os.environ.get("OMNI_REDIS_URL"):
@@ -61,6 +66,7 @@ def run_demo(out_dir: Path, timeout_s: float = 900.0) -> int:
     os.environ["OMNI_OUTPUT_DIR"] = str(out_dir / "images")
     _register_demo_loras()
     workers: list[WorkerProcess] = []
+    api: ApiProcess | None = None
     try:
         from omni_tasks.config import get_config
         from omni_tasks.dev.launcher import start_worker
@@ -77,14 +83,44 @@ def run_demo(out_dir: Path, timeout_s: float = 900.0) -> int:
         for worker in workers:
             worker.wait_ready(timeout_s)
         _line(f"pools ready in {time.monotonic() - start:.1f}s")
+        api = _start_page(log_dir, port, open_page)
         results = _submit_and_follow(timeout_s)
         _summary(results, out_dir)
+        if open_page:
+            _stay_up(api.url)
         return 0 if all(r["state"] == "SUCCESS" for r in results) else 1
     finally:
+        if api is not None:
+            api.stop()
         _stop_workers(workers)
         if private is not None:
             private.stop()
             _line("stopped the private Redis")
+
+
+def _start_page(log_dir: Path, port: int, open_page: bool) -> ApiProcess:
+    """The HTTP API on loopback (no token: nothing but this machine reaches it), and the
+    line that points to its page."""
+    from omni_tasks.config import get_config
+    from omni_tasks.dev.launcher import port_or_free, start_api
+
+    api = start_api(log_dir, port_or_free(port), env={"OMNI_API_TOKEN": ""})
+    api.wait_ready()
+    token = "the config's api.token" if get_config().api.token else "none needed on loopback"
+    _line(f"playground and operations page: {api.url}  (omni-tasks api; token: {token})")
+    if open_page:
+        webbrowser.open(api.url)
+    return api
+
+
+def _stay_up(url: str) -> None:
+    """Keep the pools and the page up for the browser until Ctrl-C."""
+    _line(f"the pools and {url} stay up: press Ctrl-C to stop them")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        _line("")
 
 
 def _stop_workers(workers: list[WorkerProcess], timeout_s: float = 60.0) -> None:

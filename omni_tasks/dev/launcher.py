@@ -92,3 +92,70 @@ def start_worker(
         start_new_session=True,
     )
     return WorkerProcess(queue=queue, hostname=hostname, proc=proc, log_path=log_path, _log=log)
+
+
+@dataclass
+class ApiProcess:
+    """`omni-tasks api --port <port>`, started as a user starts it."""
+
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Until `/healthz` answers (it reads Redis: the API is up and connected)."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the API exited with {self.proc.returncode}: {self.log_path}")
+            try:
+                with urllib.request.urlopen(self.url + "healthz", timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError(f"the API on port {self.port} did not answer")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def port_or_free(port: int) -> int:
+    """`port` if nothing listens on it here, else a free one."""
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+
+def start_api(log_dir: Path, port: int, env: dict[str, str] | None = None) -> ApiProcess:
+    """`omni-tasks api --port <port>` on loopback, its output in `log_dir`."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"api-{port}.log"
+    cmd = [sys.executable, "-m", "omni_tasks.dev.cli", "api", "--port", str(port)]
+    with open(log_path, "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+    return ApiProcess(port=port, proc=proc, log_path=log_path)
