@@ -113,22 +113,20 @@ def burst_rate(concurrency: int, burst: int, logs: Path) -> dict[str, float]:
 
 def first_audio(rounds: int, logs: Path) -> dict[str, object]:
     import openai
-    from p7_api import free_port, start_api, wait_api
 
     from omni_tasks.config import get_config
-    from omni_tasks.dev.launcher import start_worker
+    from omni_tasks.dev.launcher import free_port, start_api, start_worker
     from workers.runtime import resolve_model
 
     model = resolve_model(get_config().speech.model, get_config())
     worker = start_worker("speech", logs, name="bench-p12")
-    port = free_port()
     os.environ.pop("OMNI_API_TOKEN", None)
-    api = start_api(port, logs / "p12-api.log")
+    api = start_api(logs, free_port())
     direct = RoundServer([sys.executable, __file__, "--direct", model], "p12-direct.log")
     try:
         worker.wait_ready(600)
-        wait_api(port)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        api.wait_ready()
+        client = openai.OpenAI(base_url=f"{api.url}v1", api_key="x", max_retries=0)
         sides = {
             "direct": direct.run,
             "queue": queue_first_audio,
@@ -137,8 +135,7 @@ def first_audio(rounds: int, logs: Path) -> dict[str, object]:
         samples = alternate_rounds(sides, rounds)
     finally:
         direct.close()
-        api.terminate()
-        api.wait(30)
+        api.stop()
         worker.stop()
     figures = {name: percentiles(values) for name, values in samples.items()}
     added = added_p50(figures, "direct")

@@ -23,9 +23,7 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,33 +43,6 @@ from common import (
 BODY = json.dumps({"type": "probe", "prompt": "x"})
 HEADERS = {"Content-Type": "application/json", "Prefer": "wait=30"}
 TARGET_P50_MS = 5.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_api(port: int, log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "omni_tasks.dev.cli", "api", "--port", str(port)]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(
-        cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def wait_api(port: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/healthz")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError("the API did not answer")
 
 
 def wait_accepted(port: int, timeout_s: float = 120) -> None:
@@ -141,20 +112,20 @@ def main() -> None:
     url = setup_redis()
     os.environ.setdefault("OMNI_AR__ENGINE", "transformers")  # loads fast; never used here
     import omni_tasks
+    from omni_tasks.dev.launcher import free_port, start_api
 
     clean_redis()
     logs = RESULTS / "logs"
     worker = start_celery("omni_tasks", "ar", POOL_WORKER_ARGS, logs / "p7-worker.log")
-    port = free_port()
-    api = start_api(port, logs / "p7-api.log")
+    api = start_api(logs, free_port())
     try:
         wait_ping(omni_tasks.app)
-        wait_api(port)
-        wait_accepted(port)
-        figures = measure(port, args.rounds, args.warmup)
+        api.wait_ready()
+        wait_accepted(api.port)
+        figures = measure(api.port, args.rounds, args.warmup)
         print(figures, flush=True)
     finally:
-        stop(api)
+        api.stop()
         stop(worker)
     write_result(
         "p7_api",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -132,17 +133,21 @@ class ApiProcess:
                 self.proc.wait()
 
 
+def free_port() -> int:
+    """A port nothing listens on here (the system's pick)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def port_or_free(port: int) -> int:
     """`port` if nothing listens on it here, else a free one."""
-    import socket
-
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", port))
-            return port
         except OSError:
-            sock.bind(("127.0.0.1", 0))
-            return int(sock.getsockname()[1])
+            return free_port()
+    return port
 
 
 def start_api(log_dir: Path, port: int, env: dict[str, str] | None = None) -> ApiProcess:
