@@ -108,7 +108,9 @@ class Page:
     def __init__(self, ws_url: str, target_id: str, browser: Browser) -> None:
         self.target_id = target_id
         self.browser = browser
-        self.ws: ClientConnection = connect(ws_url, max_size=None, open_timeout=10)
+        # Entered by hand (closed in close()): websockets 17.1 warns when a connection is
+        # used outside a `with`, and `legacy=True` does not exist before it.
+        self.ws: ClientConnection = connect(ws_url, max_size=None, open_timeout=10).__enter__()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._answers: dict[int, dict[str, Any]] = {}
@@ -142,7 +144,8 @@ class Page:
             self.errors.append(PageError("exception", text))
         elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
             entry = params["entry"]
-            self.errors.append(PageError(entry["source"], f"{entry['text']} {entry.get('url', '')}"))
+            text = f"{entry['text']} {entry.get('url', '')}"
+            self.errors.append(PageError(entry["source"], text))
 
     def send(self, method: str, timeout_s: float = 30, **params: Any) -> dict[str, Any]:
         message_id = next(self._ids)
@@ -216,6 +219,13 @@ class Page:
             "e.dispatchEvent(new Event('change', {bubbles: true})); })"
             f"(document.querySelector({json.dumps(selector)}))"
         )
+
+    def press(self, key: str, code: int) -> None:
+        """A key pressed and released, as the keyboard sends it ("Escape", 27)."""
+        for kind in ("keyDown", "keyUp"):
+            self.send(
+                "Input.dispatchKeyEvent", type=kind, key=key, code=key, windowsVirtualKeyCode=code
+            )
 
     def screenshot(self, path: Path) -> None:
         data = self.send("Page.captureScreenshot", format="png", captureBeyondViewport=False)

@@ -64,10 +64,11 @@ function cacheText(cache) {
   return parts.length ? parts.join(", ") : null;
 }
 
-function timingsText(timings) {
+function timingsText(timings, names = null) {
   if (!timings) return null;
   const parts = Object.entries(timings)
     .filter(([name, value]) => name.endsWith("_s") && typeof value === "number")
+    .filter(([name]) => !names || names.includes(name))
     .map(([name, value]) => `${name.slice(0, -2)} ${seconds(value)}`);
   return parts.length ? parts.join(", ") : null;
 }
@@ -283,7 +284,7 @@ export class Playground {
 
   log(text) {
     const list = $("#job-log");
-    list.append(h("li", {}, `${new Date().toLocaleTimeString()} ${text}`));
+    list.append(h("li", { "data-text": text }, `${new Date().toLocaleTimeString()} ${text}`));
     while (list.children.length > LOG_LINES) list.firstChild.remove();
   }
 
@@ -399,7 +400,7 @@ export class Playground {
       h("div", { class: "tile-head" }, h("strong", {}, view.type), badge(view.status)),
       h("div", { class: "muted" }, new Date(view.created_at * 1000).toLocaleString()),
       h("div", { class: "cache" }, cacheText(r.cache) ? `cache: ${cacheText(r.cache)}` : null),
-      h("div", { class: "timings" }, timingsText(r.timings)),
+      h("div", { class: "timings" }, timingsText(r.timings, ["queued_s", "run_s"])),
       view.error ? h("div", { class: "error" }, view.error.code ?? view.error.message) : null,
     );
     tile.addEventListener("click", () => this.follow(view));
