@@ -68,9 +68,9 @@ function showLinks(links) {
     ["Flower", links.flower],
     ["Grafana", links.grafana],
   ].filter(([, url]) => url);
-  $("#links").replaceChildren(
-    ...found.map(([name, url]) => h("a", { href: url, target: "_blank", rel: "noopener noreferrer" }, name)),
-  );
+  const link = ([name, url]) =>
+    h("a", { href: url, target: "_blank", rel: "noopener noreferrer" }, name);
+  $("#links").replaceChildren(...found.map(link));
 }
 
 $("#token-form").addEventListener("submit", (event) => {

@@ -22,17 +22,12 @@ export function $(selector) {
 /** A table of `rows` (arrays of cells) under `head`, or `empty` when there are none. */
 export function table(head, rows, empty = "none") {
   if (!rows.length) return h("p", { class: "muted" }, empty);
+  const cell = (value) => h("td", { class: typeof value === "number" ? "num" : null }, value);
   return h(
     "table",
     {},
     h("thead", {}, h("tr", {}, head.map((name) => h("th", {}, name)))),
-    h(
-      "tbody",
-      {},
-      rows.map((row) =>
-        h("tr", {}, row.map((cell) => h("td", { class: typeof cell === "number" ? "num" : null }, cell))),
-      ),
-    ),
+    h("tbody", {}, rows.map((row) => h("tr", {}, row.map(cell)))),
   );
 }
 

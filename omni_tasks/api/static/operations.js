@@ -76,70 +76,90 @@ export class Operations {
   render(s) {
     $("#ops-time").textContent = new Date(s.time * 1000).toLocaleTimeString();
     this.onLinks(s.links ?? {});
-    $("#ops-health").replaceChildren(
-      h(
-        "h2",
-        {},
-        "Health ",
-        h("span", { class: `badge ${s.healthy ? "status-succeeded" : "status-failed"}` }, s.healthy ? "healthy" : "unhealthy"),
-      ),
-      s.issues.length
-        ? h("ul", { class: "issues" }, s.issues.map((issue, i) => h("li", {}, issue, s.recommendations[i] ? h("div", { class: "muted" }, s.recommendations[i]) : null)))
-        : h("p", { class: "muted" }, "No issues."),
-    );
-    const pools = Object.entries(s.pools);
-    $("#ops-pools").replaceChildren(
-      table(
-        ["pool", "queue", "waiting", "high", "normal", "low", "by level", "workers", "processed", "failed", "expired", "cancelled", "rejected"],
-        pools.map(([name, p]) => [
-          name, p.queue, p.waiting, p.classes.high, p.classes.normal, p.classes.low, levels(p.levels), p.workers,
-          p.processed, p.failed, p.expired, p.cancelled, p.rejected,
-        ]),
-      ),
-    );
-    $("#ops-caches").replaceChildren(
-      table(
-        ["cache", "hit rate", "detail"],
-        [
-          ["DiT cache", percent(s.dit_cache.hit_rate), `${bytes(s.dit_cache.bytes)} held`],
-          ["LoRA adapters", percent(s.lora.hit_rate), `${s.lora.hits} hits, ${s.lora.misses} misses`],
-        ],
-      ),
-    );
-    $("#ops-workers").replaceChildren(
-      table(
-        ["worker", "queues", "models", "celery pool", "slots", "running", "batch", "device memory", "DiT cache", "beat"],
-        s.workers.map((w) => [
-          w.hostname,
-          w.queues.join(", "),
-          Object.entries(w.models).map(([stage, model]) => `${stage}: ${model}`).join(", ") || "–",
-          w.pool_type,
-          w.concurrency,
-          w.held,
-          w.memory?.batch ?? "–",
-          memoryCell(w.memory),
-          bytes(w.dit_cache_bytes),
-          `${w.beat_age_s.toFixed(1)} s`,
-        ]),
-        "No live worker.",
-      ),
-    );
-    $("#ops-models").replaceChildren(
-      table(
-        ["model", "workers", "waiting"],
-        Object.entries(s.models).map(([name, m]) => [name, m.workers.join(", ") || "none", m.waiting]),
-      ),
-    );
-    $("#ops-stranded").replaceChildren(
-      table(["list", "messages"], Object.entries(s.stranded).map(([name, n]) => [name, n]), "None."),
-    );
+    $("#ops-health").replaceChildren(...health(s));
+    $("#ops-pools").replaceChildren(pools(s.pools));
+    $("#ops-caches").replaceChildren(caches(s));
+    $("#ops-workers").replaceChildren(workers(s.workers));
+    const models = Object.entries(s.models).map(([name, m]) => [
+      name,
+      m.workers.join(", ") || "none",
+      m.waiting,
+    ]);
+    $("#ops-models").replaceChildren(table(["model", "workers", "waiting"], models));
+    const stranded = Object.entries(s.stranded);
+    $("#ops-stranded").replaceChildren(table(["list", "messages"], stranded, "None."));
+    const rejected = s.rejected.recent.map((r) => [
+      ago(r.at),
+      r.reason,
+      r.task_name ?? "–",
+      r.task_id ?? "–",
+      r.queue ?? "–",
+    ]);
     $("#ops-rejected").replaceChildren(
       h("p", {}, `${s.rejected.count} rejected in all.`),
-      table(
-        ["when", "reason", "task", "task id", "queue"],
-        s.rejected.recent.map((r) => [ago(r.at), r.reason, r.task_name ?? "–", r.task_id ?? "–", r.queue ?? "–"]),
-        "None recently.",
-      ),
+      table(["when", "reason", "task", "task id", "queue"], rejected, "None recently."),
     );
   }
+}
+
+function health(s) {
+  const state = s.healthy ? "healthy" : "unhealthy";
+  const title = h(
+    "h2",
+    {},
+    "Health ",
+    h("span", { class: `badge ${s.healthy ? "status-succeeded" : "status-failed"}` }, state),
+  );
+  if (!s.issues.length) return [title, h("p", { class: "muted" }, "No issues.")];
+  const items = s.issues.map((issue, i) =>
+    h("li", {}, issue, h("div", { class: "muted" }, s.recommendations[i] ?? null)),
+  );
+  return [title, h("ul", { class: "issues" }, items)];
+}
+
+function pools(found) {
+  const head = ["pool", "queue", "waiting", "high", "normal", "low", "by level", "workers"];
+  const counts = ["processed", "failed", "expired", "cancelled", "rejected"];
+  const rows = Object.entries(found).map(([name, p]) => [
+    name,
+    p.queue,
+    p.waiting,
+    p.classes.high,
+    p.classes.normal,
+    p.classes.low,
+    levels(p.levels),
+    p.workers,
+    ...counts.map((c) => p[c]),
+  ]);
+  return table([...head, ...counts], rows);
+}
+
+function caches(s) {
+  const lora = `${s.lora.hits} hits, ${s.lora.misses} misses`;
+  return table(
+    ["cache", "hit rate", "detail"],
+    [
+      ["DiT cache", percent(s.dit_cache.hit_rate), `${bytes(s.dit_cache.bytes)} held`],
+      ["LoRA adapters", percent(s.lora.hit_rate), lora],
+    ],
+  );
+}
+
+function workers(found) {
+  const head = ["worker", "queues", "models", "celery pool", "slots", "running", "batch"];
+  const rows = found.map((w) => [
+    w.hostname,
+    w.queues.join(", "),
+    Object.entries(w.models)
+      .map(([stage, model]) => `${stage}: ${model}`)
+      .join(", ") || "–",
+    w.pool_type,
+    w.concurrency,
+    w.held,
+    w.memory?.batch ?? "–",
+    memoryCell(w.memory),
+    bytes(w.dit_cache_bytes),
+    `${w.beat_age_s.toFixed(1)} s`,
+  ]);
+  return table([...head, "device memory", "DiT cache", "beat"], rows, "No live worker.");
 }

@@ -76,7 +76,10 @@ function timingsText(timings, names = null) {
 function loraText(lora) {
   if (!Array.isArray(lora) || !lora.length) return null;
   return lora
-    .map((a) => `${a.name} ×${a.scale}${a.hit === true ? " (hit)" : a.hit === false ? " (loaded)" : ""}`)
+    .map((a) => {
+      const served = a.hit === true ? " (hit)" : a.hit === false ? " (loaded)" : "";
+      return `${a.name} ×${a.scale}${served}`;
+    })
     .join(", ");
 }
 
@@ -342,7 +345,10 @@ export class Playground {
       if (this.current !== id) return URL.revokeObjectURL(src);
       this.urls.push(src);
       const attrs = { src, class: "result", "data-source": url };
-      const el = tag === "img" ? h("img", { ...attrs, alt: "the result" }) : h(tag, { ...attrs, controls: true });
+      const el =
+        tag === "img"
+          ? h("img", { ...attrs, alt: "the result" })
+          : h(tag, { ...attrs, controls: true, loop: tag === "video" });
       $("#output").append(el);
     } catch (error) {
       this.failed(error, "#job-error");
@@ -375,12 +381,14 @@ export class Playground {
     if (round !== this.galleryRound) return; // a newer refresh is under way
     if (views.some((v) => v instanceof api.AuthError)) return this.onAuthError("");
     // Records past result_expires are gone: forget them.
-    const kept = jobs.filter((_, i) => !(views[i] instanceof api.ApiError && views[i].status === 404));
+    const gone = (view) => view instanceof api.ApiError && view.status === 404;
+    const kept = jobs.filter((_, i) => !gone(views[i]));
     if (kept.length !== jobs.length) remember(kept);
     const tiles = views
       .filter((v) => !(v instanceof Error))
       .map((view, i) => this.tile(view, i < THUMBS));
-    $("#gallery").replaceChildren(...(tiles.length ? tiles : [h("p", { class: "muted" }, "No jobs yet.")]));
+    const none = h("p", { class: "muted" }, "No jobs yet.");
+    $("#gallery").replaceChildren(...(tiles.length ? tiles : [none]));
   }
 
   tile(view, withThumb) {
@@ -388,7 +396,9 @@ export class Playground {
     const thumb = h("div", { class: "thumb" });
     const source = view.thumbnail_url ?? (view.video_url ? null : view.image_url);
     if (withThumb && source) {
-      if (!this.thumbs.has(view.id)) this.thumbs.set(view.id, api.objectUrl(source).catch(() => null));
+      if (!this.thumbs.has(view.id)) {
+        this.thumbs.set(view.id, api.objectUrl(source).catch(() => null));
+      }
       this.thumbs.get(view.id).then((src) => src && thumb.append(h("img", { src, alt: "" })));
     } else {
       thumb.append(h("span", { class: "muted" }, view.type));
