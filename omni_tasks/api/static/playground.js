@@ -215,6 +215,7 @@ export class Playground {
       if (stream.signal.aborted) return;
       if (error instanceof api.AuthError) return this.onAuthError(error.message);
       this.log(`events: ${error.message}`);
+      if (error instanceof api.ApiError && error.status === 404) return; // expired
     }
     // A stream cut before the result (a proxy's idle timeout): poll to the end.
     while (!this.ended && !stream.signal.aborted) {
@@ -228,6 +229,7 @@ export class Playground {
         if (stream.signal.aborted) return;
         if (error instanceof api.AuthError) return this.onAuthError(error.message);
         this.log(`poll: ${error.message}`);
+        if (error instanceof api.ApiError && error.status === 404) return;
       }
     }
   }
