@@ -11,7 +11,9 @@ Under a path prefix, behind a reverse proxy that strips it, a job runs to its im
 
 from __future__ import annotations
 
+import base64
 import http.client
+import io
 import json
 import os
 import threading
@@ -25,6 +27,7 @@ import pytest
 from api_support import TOKEN, ApiServer, api_factory  # noqa: F401
 from browser.cdp import Browser, Page, find_chromium
 from conftest import clean_redis, start_ready_workers
+from PIL import Image
 
 CHROMIUM = find_chromium()
 pytestmark = [
@@ -330,4 +333,29 @@ def test_the_page_works_under_a_path_prefix(page: Page, api: ApiServer, proxy: P
     assert set(expected) <= asked, sorted(asked)
     assert f"/omni/v1/jobs/{job_id}/events" in asked
     assert source.removeprefix(proxy.public_url.removesuffix("/omni")) in asked
+    assert page.errors == []
+
+
+def test_an_edit_sends_its_input_image(page: Page, api: ApiServer) -> None:
+    """An image edit: the file chosen in the form travels in the job (a data: URL) and
+    the edited image comes back at the size asked for."""
+    picture = io.BytesIO()
+    Image.new("RGB", (48, 48), (200, 60, 30)).save(picture, format="PNG")
+    encoded = base64.b64encode(picture.getvalue()).decode("ascii")
+    open_page(page, f"{api.url}/", TOKEN)
+    page.wait_for("document.querySelectorAll('#f-model option').length > 1")
+    page.choose("#f-type", "image")
+    assert not page.evaluate("document.querySelector('#f-image').closest('label').hidden")
+    page.evaluate(
+        "(b => { const bytes = Uint8Array.from(atob(b), c => c.charCodeAt(0));"
+        " const files = new DataTransfer();"
+        " files.items.add(new File([bytes], 'in.png', {type: 'image/png'}));"
+        f" document.querySelector('#f-image').files = files.files; }})({js(encoded)})"
+    )
+    page.type("#f-prompt", f"the same, in blue {uuid.uuid4().hex[:6]}")
+    for name, value in {"width": 64, "height": 64, "steps": 4, "partials": 0}.items():
+        page.type(f"#f-{name}", str(value))
+    page.click("#submit")
+    assert final_image_width(page) == 64
+    assert page.wait_for("document.querySelector('#job-status').textContent") == "succeeded"
     assert page.errors == []

@@ -7,6 +7,7 @@ import { $, h, seconds } from "./dom.js";
 /** The pool whose models a job type may name (multimodal: two pools, the defaults). */
 const POOL_OF = {
   diffusion: "diffusion",
+  image: "diffusion",
   video: "diffusion",
   audio: "diffusion",
   speech: "speech",
@@ -81,6 +82,16 @@ function loraText(lora) {
       return `${a.name} ×${a.scale}${served}`;
     })
     .join(", ");
+}
+
+/** A file as a data: URL (how a job's JSON carries an input image). */
+function dataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error(`cannot read ${file.name}`));
+    reader.readAsDataURL(file);
+  });
 }
 
 function badge(status) {
@@ -160,7 +171,7 @@ export class Playground {
     const body = { type, priority: form.elements.priority.value };
     for (const label of form.querySelectorAll("[data-for]")) {
       const input = label.querySelector("input, select");
-      if (label.hidden || !input || input.value.trim() === "") continue;
+      if (label.hidden || !input || input.type === "file" || input.value.trim() === "") continue;
       if (input.name === "lora") {
         const adapters = parseLora(input.value);
         if (adapters.length) body.lora = adapters;
@@ -182,7 +193,10 @@ export class Playground {
     $("#form-error").textContent = "";
     button.disabled = true;
     try {
-      const job = await api.call("v1/jobs", { method: "POST", body: this.body() });
+      const body = this.body();
+      const file = $("#f-image").closest("label").hidden ? null : $("#f-image").files[0];
+      if (file) body.image = await dataUrl(file); // an edit's, or a video's first frame
+      const job = await api.call("v1/jobs", { method: "POST", body });
       remember([{ id: job.id, type: job.type }, ...remembered().filter((j) => j.id !== job.id)]);
       this.gallery();
       this.follow(job);
