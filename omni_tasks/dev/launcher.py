@@ -21,6 +21,18 @@ from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM (a worker's warm shutdown, the API's graceful one); SIGKILL if the process
+    does not exit in `timeout_s`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @dataclass
 class WorkerProcess:
     queue: str
@@ -47,13 +59,7 @@ class WorkerProcess:
 
     def stop(self, timeout_s: float = 60.0) -> int:
         """Warm shutdown (SIGTERM); SIGKILL if it does not exit in time."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout_s)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -124,13 +130,7 @@ class ApiProcess:
         raise TimeoutError(f"the API on port {self.port} did not answer")
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout_s)
 
 
 def free_port() -> int:

@@ -166,6 +166,24 @@ class OneModelEngine(BackgroundThreadEngine):
     model: Any
     _cond: threading.Condition
 
+    @staticmethod
+    def pick_device(device: str) -> str:
+        """`device`, or for "auto" CUDA when there is one, else the CPU."""
+        import torch
+
+        if device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return device
+
+    def torch_dtype(self, dtype: str) -> Any:
+        """The dtype to load in: "auto" is the checkpoint's on a GPU and float32 on a CPU
+        (bf16/fp16 checkpoints crawl on CPUs without native support)."""
+        import torch
+
+        if dtype == "auto":
+            return "auto" if self.device != "cpu" else torch.float32
+        return getattr(torch, dtype)
+
     def _rng_devices(self) -> list[int]:
         """The CUDA device whose generator a seeded run forks (none on a CPU)."""
         import torch

@@ -32,7 +32,6 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -120,11 +119,7 @@ class SpeechEngine(OneModelEngine):
     ) -> None:
         """`batch_wait_s`: how long the engine's thread waits, after a piece arrives, for
         more (each arrival within that of the last) before it runs a batch."""
-        import torch
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = device
+        self.device = device = self.pick_device(device)
         self.max_batch_size = max(1, max_batch_size)
         self.batch_wait_s = batch_wait_s
         self._cond = threading.Condition()
@@ -135,16 +130,12 @@ class SpeechEngine(OneModelEngine):
         log.info("speech engine for %s on %s ready in %.1f s", model, device, self.init_s)
 
     def _load(self, model: str, dtype: str) -> None:
-        import torch
         from transformers import AutoTokenizer, VitsModel
 
-        if dtype == "auto":
-            torch_dtype: Any = "auto" if self.device != "cpu" else torch.float32
-        else:
-            torch_dtype = getattr(torch, dtype)
         t0 = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.model = VitsModel.from_pretrained(model, dtype=torch_dtype).to(self.device).eval()
+        loaded = VitsModel.from_pretrained(model, dtype=self.torch_dtype(dtype))
+        self.model = loaded.to(self.device).eval()
         config = self.model.config
         self.sample_rate: int = int(config.sampling_rate)
         self.num_speakers: int = max(1, int(config.num_speakers))

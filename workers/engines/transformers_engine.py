@@ -173,11 +173,7 @@ class TransformersTextEngine(OneModelEngine):
     ) -> None:
         """`adapters`: per-request LoRA adapters through PEFT; None: LoRA off.
         `chat_template`: replaces the tokenizer's own for chat requests."""
-        import torch
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = device
+        self.device = device = self.pick_device(device)
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self._cond = threading.Condition()
@@ -191,14 +187,9 @@ class TransformersTextEngine(OneModelEngine):
         log.info("transformers engine for %s on %s ready in %.1f s", model, device, self.init_s)
 
     def _load(self, model: str, dtype: str) -> None:
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if dtype == "auto":
-            # bf16/fp16 checkpoints crawl on CPUs without native support: use fp32 there.
-            torch_dtype: Any = "auto" if self.device != "cpu" else torch.float32
-        else:
-            torch_dtype = getattr(torch, dtype)
+        torch_dtype = self.torch_dtype(dtype)
         t0 = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.tokenizer.padding_side = "left"
