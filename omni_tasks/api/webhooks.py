@@ -42,6 +42,7 @@ from omni_tasks.api.hub import ResultHub, TaskSet, meta_key, next_message, sweep
 from omni_tasks.api.job_state import FINAL, JobRecord, load_record, read_view
 from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
+from omni_tasks.coordination.lua import SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +56,6 @@ BACKOFF_CAP_S = 300.0
 FAILED_KEPT = 1000
 SIGNATURE_HEADER = "X-Omni-Signature"
 DELIVERY_HEADER = "X-Omni-Delivery"
-
-# KEYS: watch, due, deliveries. ARGV: job id, delivery id, delivery JSON, due time.
-_CLAIM = """
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
-  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[2])
-  return 1
-end
-return 0
-"""
-# KEYS: due. ARGV: now, lease end, how many.
-_TAKE = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
-for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
-return ids
-"""
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -109,8 +94,9 @@ class WebhookDispatcher:
 
     def __init__(self, hub: ResultHub) -> None:
         self.hub = hub
-        self._claim = hub.redis.register_script(_CLAIM)
-        self._take = hub.redis.register_script(_TAKE)
+        # The async client registers its own copies of the two scripts (`scripts/`).
+        self._claim = hub.redis.register_script(SOURCES["webhook_claim"])
+        self._take = hub.redis.register_script(SOURCES["webhook_take"])
         self._tasks = TaskSet()
         self._wake = asyncio.Event()
         self._http: httpx.AsyncClient | None = None

@@ -227,3 +227,21 @@ def test_store_result_never_replaces_a_success_and_publishes_what_it_stores(
     redis_client.set(key, failure)
     assert s.store_result(keys=[key], args=[started, 60]) == 1
     listener.close()
+
+
+def test_webhook_claim_takes_a_delivery_once_and_webhook_take_leases_the_due(
+    redis_client,
+) -> None:
+    s = get_scripts()
+    watch, due, deliveries = "omni-test:wh:watch", "omni-test:wh:due", "omni-test:wh:deliveries"
+    redis_client.zadd(watch, {"job1": 1})
+    claim = [watch, due, deliveries], ["job1", "d1", '{"id": "d1"}', 100]
+    assert s.webhook_claim(keys=claim[0], args=claim[1]) == 1
+    assert s.webhook_claim(keys=claim[0], args=claim[1]) == 0  # another process had it
+    assert redis_client.hget(deliveries, "d1") == '{"id": "d1"}'
+    assert redis_client.zscore(due, "d1") == 100
+    redis_client.zadd(due, {"d2": 300})  # not due yet
+    assert s.webhook_take(keys=[due], args=[200, 260, 10]) == ["d1"]
+    assert redis_client.zscore(due, "d1") == 260  # leased until 260
+    assert s.webhook_take(keys=[due], args=[200, 260, 10]) == []
+    assert s.webhook_take(keys=[due], args=[400, 460, 1]) == ["d1"]  # at most 1
