@@ -29,7 +29,6 @@ as an incompatible one does. A request paused or finished is no longer charged.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -85,7 +84,6 @@ class StepScheduler(BaseScheduler):
         self.resources = resources
         self._held: dict[str, StepRequest] = {}
         self._processed = 0
-        self._lock = threading.Lock()
 
     # --- the seed's API -------------------------------------------------------------------
 
