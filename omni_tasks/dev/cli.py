@@ -146,22 +146,32 @@ def wait_with_progress(result: Any, timeout_s: float, stream: IO[str]) -> Any:
 REJECTIONS_SHOWN = 10
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
+def status_report() -> dict[str, Any]:
+    """What `omni-tasks status` shows: the cluster's status, its health and the newest
+    rejected messages."""
     from omni_tasks import OmniScheduler
     from omni_tasks.coordination.rejections import list_rejections
 
     scheduler = OmniScheduler()
-    report = {
+    return {
         "status": scheduler.get_status(),
         "health": scheduler.get_health_status(),
         "rejected": list_rejections(REJECTIONS_SHOWN),
     }
-    if args.json or not _has_rich():
+
+
+def show_status(report: dict[str, Any], as_json: bool = False) -> None:
+    """The report as tables (rich, from the api extra), else as JSON."""
+    if as_json or not _has_rich():
         print(json.dumps(report, indent=2, default=str))
-        return 0
+        return
     from omni_tasks.dev.status_tables import print_report
 
     print_report(report)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    show_status(status_report(), args.json)
     return 0
 
 

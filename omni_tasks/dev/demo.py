@@ -45,6 +45,8 @@ DEMO_SPEECH = {
     "voice": "nova",
     "priority": "high",
 }
+#: Requests sent once the first picture exists (`_follow_ups`): counted from the start.
+FOLLOW_UPS = 3
 DEMO_SOUND = {"prompt": "rain on a tin roof", "seconds": 1.0, "steps": 4, "seed": 9}
 
 
@@ -170,9 +172,11 @@ def _lora_jobs() -> list[tuple[str, Any, dict[str, Any]]]:
 
     picture = {"prompt": "a harbour at dawn", "width": 64, "height": 64, "steps": 4, "seed": 21}
     jobs: list[tuple[str, Any, dict[str, Any]]] = [
-        ("lora image", generate_image, {**picture, "lora": style, "priority": "normal"})
+        ("base image" if not style else "lora image", generate_image, {**picture, "lora": style})
         for style in ([], ["watercolor"], ["ink"])
     ]
+    for _, _, kwargs in jobs:
+        kwargs["priority"] = "normal"
     story = {"prompt": "Story 0: once upon a time", "max_tokens": 32, "seed": 0}
     jobs.append(("lora text", generate_text, {**story, "lora": ["pirate"], "priority": "normal"}))
     return jobs
@@ -253,7 +257,10 @@ def _submit_and_follow(timeout_s: float) -> list[dict[str, Any]]:
             "result": result,
             "kwargs": kwargs,
         }
-    _line(f"submitted {len(pending)} requests with .delay() (priorities high/normal/low)")
+    _line(
+        f"submitted {len(pending)} requests with .delay() (priorities high/normal/low); "
+        f"{FOLLOW_UPS} more follow once the first picture exists"
+    )
     done: list[dict[str, Any]] = []
     edit_sent = False
     deadline = time.monotonic() + timeout_s
@@ -266,7 +273,8 @@ def _submit_and_follow(timeout_s: float) -> list[dict[str, Any]]:
             job["state"] = result.state
             job["value"] = result.result if result.successful() else repr(result.result)
             done.append(job)
-            _progress(job, len(done), len(done) + len(pending))
+            expected = len(done) + len(pending) + (0 if edit_sent else FOLLOW_UPS)
+            _progress(job, len(done), expected)
             if job["kind"] == "image" and result.successful() and not edit_sent:
                 pending.update(_follow_ups(job["kwargs"], job["value"]["image_path"]))
                 edit_sent = True
@@ -360,25 +368,21 @@ def _adapter_text(use: dict[str, Any]) -> str:
 
 
 def _summary(results: list[dict[str, Any]], out_dir: Path) -> None:
-    from omni_tasks import OmniScheduler
+    """The outcome, then the cluster as `omni-tasks status` shows it."""
     from omni_tasks.config import get_config
     from omni_tasks.coordination.cache_directory import adapter_stats
+    from omni_tasks.dev.cli import show_status, status_report
 
     ok = sum(r["state"] == "SUCCESS" for r in results)
     _line(f"\n{ok}/{len(results)} requests succeeded")
     time.sleep(1.0)  # workers flush their success counters every 0.25 s
-    status = OmniScheduler().get_status()
-    summary = {
-        "queue_size": status["queue_size"],
-        "processed_requests": status["processed_requests"],
-        "failed_requests": status["failed_requests"],
-        "dit_cache_hit_rate": round(status["cache_hit_rate"], 3),
-        "dit_cache_gb": round(status["memory_usage"], 6),
-        "pools": status["pools"],
-        "workers": [w["hostname"] for w in status["resource_status"]["workers"]],
-        "lora_adapters": adapter_stats(get_config().diffusion.queue),
-    }
-    _line("status: " + json.dumps(summary, indent=2, default=str))
+    _line("\nthe cluster now (omni-tasks status):")
+    show_status(status_report())
+    lora = adapter_stats(get_config().diffusion.queue)
+    _line(
+        f"LoRA adapters: {lora['hits']} hits, {lora['misses']} loads"
+        f" ({lora['load_s_sum']:.2f}s loading)"
+    )
     report = out_dir / "results.json"
     serial = [{k: v for k, v in r.items() if k not in ("result", "kwargs")} for r in results]
     report.write_text(json.dumps(serial, indent=2, default=str))
