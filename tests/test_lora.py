@@ -171,7 +171,8 @@ def test_the_demo_shows_two_styles_and_a_text_adapter(use_config) -> None:
 
     use_config(replace(get_config(), loras=DEMO_LORAS))
     jobs = [(kind, task.build_request(kwargs)) for kind, task, kwargs in _workload()]
-    styled = [r.adapters for kind, r in jobs if kind == "lora image"]
-    assert styled == [(), (("watercolor", 1.0),), (("ink", 1.0),)]
-    assert len({(r.prompt, r.seed) for kind, r in jobs if kind == "lora image"}) == 1
+    compared = [r for kind, r in jobs if kind in ("base image", "lora image")]
+    assert [r.adapters for r in compared] == [(), (("watercolor", 1.0),), (("ink", 1.0),)]
+    assert [kind for kind, r in jobs if kind.endswith(" image")][0] == "base image"
+    assert len({(r.prompt, r.seed) for r in compared}) == 1
     assert [r.adapters for kind, r in jobs if kind == "lora text"] == [(("pirate", 1.0),)]
