@@ -3,24 +3,32 @@ the names the Redis directory and counters use.
 
 A request names adapters from the config's registry (`loras: {name: folder}`), never by
 path: `lora=["watercolor", {"name": "ink", "scale": 0.5}]`. A plain name means scale
-1.0. The registry is checked wherever a request is validated (the producer before
-anything is enqueued, the worker again), so an unknown name is refused naming the field
+1.0. The registry is checked where a request enters (the producer before anything is
+enqueued, the worker again), through the `Registries` of the validation context
+(`omni_tasks.config.registry`), so an unknown name is refused naming the field
 (`lora.0.name`). No torch here: the workers load the adapters (`workers.lora`).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from omni_tasks.config import Registries, get_config
+from omni_tasks.vocabulary import valid_adapter_name
 
 #: At most this many adapters in one request; a scale is within +-MAX_SCALE.
 MAX_ADAPTERS = 4
 MAX_SCALE = 8.0
-#: Registry names: they travel in messages and name Redis keys and vLLM adapters.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: The prefix of an adapter's entry in the Redis cache directory (beside DiT cache keys).
 DIRECTORY_PREFIX = "lora:"
 
@@ -60,12 +68,13 @@ class LoraRef(BaseModel):
 
     @field_validator("name")
     @classmethod
-    def _registered(cls, value: str) -> str:
-        if not NAME_RE.match(value):
+    def _registered(cls, value: str, info: ValidationInfo) -> str:
+        """A valid name; registered, when the context carries the registries."""
+        if not valid_adapter_name(value):
             raise ValueError("letters, digits, '_', '.', '-' only (not first), at most 64")
-        from omni_tasks.config import get_config  # the config imports the request types
-
-        check_registered(value, get_config().loras)
+        registries = Registries.of(info.context)
+        if registries is not None:
+            check_registered(value, registries.loras)
         return value
 
 
@@ -95,8 +104,6 @@ def directory_key(name: str, model: str | None = None) -> str:
     The key names the model, so a worker serving another model that holds the same
     adapter attracts none of this model's requests."""
     if model is None:
-        from omni_tasks.config import get_config
-
         model = get_config().diffusion.model
     return f"{DIRECTORY_PREFIX}{model}:{name}"
 
@@ -104,7 +111,3 @@ def directory_key(name: str, model: str | None = None) -> str:
 def directory_keys(refs: Iterable[LoraRef], model: str | None = None) -> list[str]:
     """Directory keys of a request's adapters on `model`, in the order it lists them."""
     return [directory_key(r.name, model) for r in refs]
-
-
-def valid_registry_name(name: str) -> bool:
-    return bool(NAME_RE.match(name))

@@ -18,66 +18,34 @@ VIDEO request for a registry entry whose `family` is an image family is refused 
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from omni_tasks.errors import ConfigError, RequestValidationError
+from omni_tasks.config import CoreModuleConfig
+from omni_tasks.config.registry import (
+    MAX_MODEL_NAME_CHARS,
+    MODEL_NAME_RE,
+    ModelEntry,
+    model_name_problem,
+    validate_registry,
+)
+from omni_tasks.coordination import keys
+from omni_tasks.errors import RequestValidationError
 from omni_tasks.requests import COMPLETION_FIELDS, DIT_TYPES, OmniRequest, RequestType
 
-if TYPE_CHECKING:
-    from omni_tasks.config import CoreModuleConfig
+__all__ = [
+    "MAX_MODEL_NAME_CHARS",
+    "MODEL_NAME_RE",
+    "ModelEntry",
+    "check_model",
+    "default_model",
+    "dit_model",
+    "model_name_problem",
+    "model_queues",
+    "validate_registry",
+]
 
-#: Registry names: they travel in messages and name queues, so hub ids (`org/name`)
-#: fit, and nothing kombu or RabbitMQ would read otherwise does.
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9._/-]+$")
-MAX_MODEL_NAME_CHARS = 128
 #: The families whose models make videos and sounds (`workers.engines.families`); the
 #: rest, images.
 VIDEO_FAMILIES = frozenset({"wan", "wan-i2v"})
 AUDIO_FAMILIES = frozenset({"stable-audio"})
-
-
-@dataclass
-class ModelEntry:
-    """One model of the config's `models` registry. Both fields are optional: without
-    `path` the worker looks for the name under `models_dir`, else takes it for a hub id;
-    without `family` the worker reads it from the checkpoint's `model_index.json`."""
-
-    path: str | None = None
-    family: str | None = None
-
-
-def validate_registry(models: dict[str, ModelEntry], *defaults: str) -> None:
-    """`ConfigError` naming `models.<name>` (or `diffusion.model`, a pool's default)
-    for a name that cannot name a queue or an entry with a blank field."""
-    for name, entry in models.items():
-        problem = model_name_problem(name)
-        if problem is not None:
-            raise ConfigError(f"models.{name}", problem)
-        if not isinstance(entry, ModelEntry):
-            raise ConfigError(f"models.{name}", "must be a mapping")
-        for part in ("path", "family"):
-            value = getattr(entry, part)
-            if value is not None and not str(value).strip():
-                raise ConfigError(f"models.{name}.{part}", "must not be blank (leave it out)")
-    for default in defaults:
-        if any(c.isspace() or c == ":" for c in default):
-            raise ConfigError(
-                "diffusion.model",
-                f"{default!r} must not contain whitespace or ':' (it names the model's queue)",
-            )
-
-
-def model_name_problem(name: str) -> str | None:
-    """Why `name` cannot be a registry name, or None when it can."""
-    if not name:
-        return "a model name must not be empty"
-    if len(name) > MAX_MODEL_NAME_CHARS:
-        return f"a model name has at most {MAX_MODEL_NAME_CHARS} characters"
-    if not MODEL_NAME_RE.match(name):
-        return "a model name may use letters, digits and '.', '_', '/', '-' only"
-    return None
 
 
 def runs_dit_model(request: OmniRequest) -> bool:
@@ -163,7 +131,5 @@ def check_speech(request: OmniRequest, config: CoreModuleConfig) -> None:
 
 def model_queues(config: CoreModuleConfig) -> dict[str, str]:
     """Registered model -> its queue in the diffusion pool (`keys.model_queue`)."""
-    from omni_tasks.coordination import keys  # keys reads the config, which imports this
-
     pool = config.diffusion.queue
     return {name: keys.model_queue(pool, name) for name in config.diffusion_models()}

@@ -10,9 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import typing
 import uuid
-from enum import Enum, IntEnum
+from enum import IntEnum
 from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
@@ -35,11 +34,18 @@ from omni_tasks.audio_fields import (
     MIN_SPEED,
     audio_aliases,
 )
+from omni_tasks.config import Registries, get_config
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.image_input import PATH_REFUSED, inline_image_b64
 from omni_tasks.image_input import encode_image_file as encode_image_file  # re-exported
 from omni_tasks.lora import MAX_ADAPTERS, AdapterSet, LoraRef, adapter_set, check_unique
 from omni_tasks.video_fields import DEFAULT_FPS, MAX_FPS, MAX_FRAMES, frames_problem, video_aliases
+from omni_tasks.vocabulary import STAGES as STAGES  # re-exported
+from omni_tasks.vocabulary import STEP_CACHE_MODES as STEP_CACHE_MODES  # re-exported
+from omni_tasks.vocabulary import PriorityClass
+from omni_tasks.vocabulary import RequestType as RequestType  # re-exported
+from omni_tasks.vocabulary import Stage as Stage  # re-exported
+from omni_tasks.vocabulary import StepCacheMode as StepCacheMode  # re-exported
 
 # Documented bounds (README "Requests").
 MAX_PROMPT_CHARS = 4000
@@ -66,26 +72,9 @@ Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Str = Annotated[str, Field(strict=True)]
 Bool = Annotated[bool, Field(strict=True)]
 
-Priority = Literal["high", "normal", "low"]
-#: A pipeline stage: "ar" runs on the AR pool, "dit" on the diffusion pool, "tts" on the
-#: speech pool.
-Stage = Literal["ar", "dit", "tts"]
-STAGES: tuple[Stage, ...] = ("ar", "dit", "tts")
+#: A request's priority class (`vocabulary.PriorityClass`).
+Priority = PriorityClass
 AudioFormat = Literal["wav", "flac", "mp3", "opus", "pcm"]
-StepCacheMode = Literal["none", "taylorseer", "magcache", "first_block", "pab", "cache_dit"]
-#: Step-level DiT acceleration modes a request may name (the diffusion pool implements each).
-STEP_CACHE_MODES: tuple[str, ...] = typing.get_args(StepCacheMode)
-
-
-class RequestType(Enum):
-    TEXT = "text"
-    CHAT = "chat"  # a `messages` list, rendered with the model's chat template
-    IMAGE = "image"  # an input image: edit / img2img
-    MULTIMODAL = "multimodal"  # AR stage writes the image prompt, DiT stage renders it
-    DIFFUSION = "diffusion"  # text-to-image
-    VIDEO = "video"  # frames from a prompt, or from a prompt and a first image
-    SPEECH = "speech"  # text-to-speech: the `input` text spoken in a `voice`
-    AUDIO = "audio"  # text-to-audio: a sound from a prompt, on a diffusion model
 
 
 class ProcessingStage(IntEnum):
@@ -483,12 +472,16 @@ class OmniRequest(BaseModel):
         return data
 
     @classmethod
-    def from_message(cls, data: dict[str, Any]) -> OmniRequest:
-        """Validate a message (producer or worker side) into a request, or raise."""
+    def from_message(
+        cls, data: dict[str, Any], registries: Registries | None = None
+    ) -> OmniRequest:
+        """Validate a message (producer or worker side) into a request, or raise. With
+        `registries` the names it uses are checked against them; without, its shape."""
         if not isinstance(data, dict):
             raise RequestValidationError("request", f"must be a JSON object, got {type(data)}")
+        context = registries.context() if registries is not None else None
         try:
-            return cls.model_validate(data)
+            return cls.model_validate(data, context=context)
         except ValidationError as exc:
             raise _to_request_error(exc) from None
 
@@ -508,8 +501,14 @@ def _to_request_error(exc: ValidationError) -> RequestValidationError:
 
 
 def _new_request(
-    request_type: RequestType, prompt: str | None, request_id: str | None = None, **fields: Any
+    request_type: RequestType,
+    prompt: str | None,
+    request_id: str | None = None,
+    registries: Registries | None = None,
+    **fields: Any,
 ) -> OmniRequest:
+    """A request of `request_type`, its names checked against `registries` (default:
+    the process config's): the `create_*_request` functions are entry points."""
     data = {"request_type": request_type, **fields}
     if prompt is not None:
         data["prompt"] = prompt
@@ -519,7 +518,7 @@ def _new_request(
         # Fixed at the producer (reproducible), from the request id: a new id gets a new
         # seed, and the same request sent again under its id is the same request.
         data["seed"] = seed_of(data.setdefault("request_id", uuid.uuid4().hex))
-    return OmniRequest.from_message(data)
+    return OmniRequest.from_message(data, registries or Registries.from_config(get_config()))
 
 
 def seed_of(request_id: Any) -> int:
@@ -528,64 +527,108 @@ def seed_of(request_id: Any) -> int:
     return int.from_bytes(digest[:4], "big") % (MAX_SEED + 1)
 
 
-def create_text_request(prompt: str, request_id: str | None = None, **fields: Any) -> OmniRequest:
+def create_text_request(
+    prompt: str,
+    request_id: str | None = None,
+    *,
+    registries: Registries | None = None,
+    **fields: Any,
+) -> OmniRequest:
     """A TEXT request; `sampling_params` may be a dict or any object with those attributes
     (vLLM's `SamplingParams`, say)."""
     sampling = fields.pop("sampling_params", None)
     if sampling is not None:
         fields = {**_sampling_fields(sampling), **fields}
-    return _new_request(RequestType.TEXT, prompt, request_id, **fields)
+    return _new_request(RequestType.TEXT, prompt, request_id, registries, **fields)
 
 
 def create_chat_request(
-    messages: list[dict[str, Any]], request_id: str | None = None, **fields: Any
+    messages: list[dict[str, Any]],
+    request_id: str | None = None,
+    *,
+    registries: Registries | None = None,
+    **fields: Any,
 ) -> OmniRequest:
     """A CHAT request: `messages` as OpenAI's chat API takes them ({role, content}),
     rendered with the model's chat template on the worker."""
     sampling = fields.pop("sampling_params", None)
     if sampling is not None:
         fields = {**_sampling_fields(sampling), **fields}
-    return _new_request(RequestType.CHAT, None, request_id, messages=messages, **fields)
+    return _new_request(RequestType.CHAT, None, request_id, registries, messages=messages, **fields)
 
 
 def create_diffusion_request(
-    prompt: str, request_id: str | None = None, **fields: Any
+    prompt: str,
+    request_id: str | None = None,
+    *,
+    registries: Registries | None = None,
+    **fields: Any,
 ) -> OmniRequest:
-    return _new_request(RequestType.DIFFUSION, prompt, request_id, **fields)
+    return _new_request(RequestType.DIFFUSION, prompt, request_id, registries, **fields)
 
 
 def create_image_request(
-    prompt: str, image: str | bytes, request_id: str | None = None, **fields: Any
+    prompt: str,
+    image: str | bytes,
+    request_id: str | None = None,
+    *,
+    registries: Registries | None = None,
+    **fields: Any,
 ) -> OmniRequest:
     """An IMAGE request (img2img / edit) from inline image data: raw bytes, base64 or a
     data: URL. To send a local file, pass `encode_image_file(path)`."""
-    return _new_request(RequestType.IMAGE, prompt, request_id, image=image, **fields)
+    return _new_request(RequestType.IMAGE, prompt, request_id, registries, image=image, **fields)
 
 
-def create_video_request(prompt: str, request_id: str | None = None, **fields: Any) -> OmniRequest:
+def create_video_request(
+    prompt: str,
+    request_id: str | None = None,
+    *,
+    registries: Registries | None = None,
+    **fields: Any,
+) -> OmniRequest:
     """A VIDEO request: `num_frames` (4k+1) or `seconds` at `fps`, the size, steps, and
     an inline `image` for image-to-video (see `omni_tasks.video_fields`)."""
-    return _new_request(RequestType.VIDEO, prompt, request_id, **fields)
+    return _new_request(RequestType.VIDEO, prompt, request_id, registries, **fields)
 
 
-def create_speech_request(input: str, request_id: str | None = None, **fields: Any) -> OmniRequest:
+def create_speech_request(
+    input: str,
+    request_id: str | None = None,
+    *,
+    registries: Registries | None = None,
+    **fields: Any,
+) -> OmniRequest:
     """A SPEECH request: `input` spoken in `voice` at `speed`, as `response_format`."""
-    return _new_request(RequestType.SPEECH, None, request_id, input=input, **fields)
+    return _new_request(RequestType.SPEECH, None, request_id, registries, input=input, **fields)
 
 
-def create_audio_request(prompt: str, request_id: str | None = None, **fields: Any) -> OmniRequest:
+def create_audio_request(
+    prompt: str,
+    request_id: str | None = None,
+    *,
+    registries: Registries | None = None,
+    **fields: Any,
+) -> OmniRequest:
     """An AUDIO request: a sound of `seconds` from a prompt, on a diffusion model."""
-    return _new_request(RequestType.AUDIO, prompt, request_id, **fields)
+    return _new_request(RequestType.AUDIO, prompt, request_id, registries, **fields)
 
 
 def create_multimodal_request(
-    prompt: str, request_id: str | None = None, **fields: Any
+    prompt: str,
+    request_id: str | None = None,
+    *,
+    registries: Registries | None = None,
+    **fields: Any,
 ) -> OmniRequest:
-    return _new_request(RequestType.MULTIMODAL, prompt, request_id, **fields)
+    return _new_request(RequestType.MULTIMODAL, prompt, request_id, registries, **fields)
 
 
-def request_from_task_kwargs(request_type: RequestType, kwargs: dict[str, Any]) -> OmniRequest:
-    """Validate the kwargs of `generate_*.delay(...)` into a request of that type."""
+def request_from_task_kwargs(
+    request_type: RequestType, kwargs: dict[str, Any], registries: Registries | None = None
+) -> OmniRequest:
+    """Validate the kwargs of `generate_*.delay(...)` into a request of that type, its
+    names checked against `registries` (default: the process config's)."""
     kind = kwargs.get("request_type", request_type.value)
     if kind != request_type.value and kind != request_type:
         raise RequestValidationError("request_type", f"this task takes {request_type.value}")
@@ -593,7 +636,8 @@ def request_from_task_kwargs(request_type: RequestType, kwargs: dict[str, Any]) 
     needed = {RequestType.CHAT: "messages", RequestType.SPEECH: "input"}.get(request_type, "prompt")
     if needed not in fields:
         raise RequestValidationError(needed, "field required")
-    return _new_request(request_type, fields.pop("prompt", None), **fields)
+    prompt, request_id = fields.pop("prompt", None), fields.pop("request_id", None)
+    return _new_request(request_type, prompt, request_id, registries, **fields)
 
 
 def _sampling_fields(sampling: Any) -> dict[str, Any]:

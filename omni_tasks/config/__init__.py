@@ -8,6 +8,7 @@ from omni_tasks.config.loading import (
     load_config,
     set_config,
 )
+from omni_tasks.config.registry import Registries
 from omni_tasks.config.schema import (
     GB,
     PRIORITY_CLASSES,
@@ -36,6 +37,7 @@ __all__ = [
     "LoraConfig",
     "ModelEntry",
     "PoolConfig",
+    "Registries",
     "SchedulerConfig",
     "SchedulerType",
     "SpeechConfig",

@@ -10,12 +10,16 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from omni_tasks.config.registry import ModelEntry, validate_registry
 from omni_tasks.errors import ConfigError
-from omni_tasks.lora import valid_registry_name
-from omni_tasks.model_registry import ModelEntry, validate_registry
-from omni_tasks.requests import STAGES, STEP_CACHE_MODES, Stage
+from omni_tasks.vocabulary import (
+    PRIORITY_CLASSES,
+    STAGES,
+    STEP_CACHE_MODES,
+    Stage,
+    valid_adapter_name,
+)
 
-PRIORITY_CLASSES = ("high", "normal", "low")
 SENTINEL_SCHEME = "sentinel://"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+socket://", SENTINEL_SCHEME)
 BROKER_SCHEMES = ("amqp://", "amqps://", "pyamqp://", *REDIS_SCHEMES)
@@ -397,7 +401,7 @@ class CoreModuleConfig:
         self.speech.validate("speech")
         self.lora.validate()
         for name, path in self.loras.items():
-            _require(valid_registry_name(name), f"loras.{name}", "is not a valid adapter name")
+            _require(valid_adapter_name(name), f"loras.{name}", "is not a valid adapter name")
             _require(bool(str(path).strip()), f"loras.{name}", "needs a folder")
         dit = self.diffusion
         validate_registry(self.models, *(getattr(dit, f) for f in DEFAULT_MODEL_FIELDS))
