@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from omni_tasks.config import get_config
@@ -191,11 +192,9 @@ class _Writer:
 _writer = _Writer()
 
 
-class _Current(threading.local):
-    reporter: Reporter | None = None
-
-
-_current = _Current()
+#: The reporter of the task this thread runs (each Celery task runs in a thread, and so
+#: a context, of its own; engine threads see None and get `callback()` passed in).
+_current: ContextVar[Reporter | None] = ContextVar("omni_progress_reporter", default=None)
 
 
 @contextmanager
@@ -205,21 +204,20 @@ def reporting(
     """Make a reporter for `task` the current one of this (the task's) thread meanwhile;
     close it when the run ends. Its pace is the config's unless given."""
     config = get_config()
-    outer = _current.reporter
     reporter = Reporter(
         task,
         config.progress_interval_s if interval_s is None else interval_s,
         config.progress_first_after_s if first_after_s is None else first_after_s,
     )
-    _current.reporter = reporter
+    token = _current.set(reporter)
     try:
         yield reporter
     finally:
-        _current.reporter = outer
+        _current.reset(token)
         reporter.close()
 
 
 def callback() -> ProgressCallback | None:
     """The current task's `report`, for an engine call made from the task's thread."""
-    reporter = _current.reporter
+    reporter = _current.get()
     return None if reporter is None else reporter.report

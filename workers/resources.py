@@ -36,7 +36,7 @@ import os
 import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -45,13 +45,12 @@ from torch.utils._pytree import tree_iter
 
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.errors import ResourceError
+from workers.device_thread import RunOnDevice, run_here
 from workers.dit_cache.sizing import value_nbytes
 
 log = logging.getLogger(__name__)
 GB = 2**30  # as the DiT cache counts `max_memory_gb`
 MIB = 2**20
-T = TypeVar("T")
-Runner = Callable[[Callable[[], T]], T]
 
 
 class Allocatable(Protocol):
@@ -144,6 +143,12 @@ def device_budget(config: CoreModuleConfig, device: torch.device) -> tuple[int, 
     return int(total), int(min(config.max_memory_gb * GB, config.max_cpu_utilization * total))
 
 
+def adapter_budget_bytes(config: CoreModuleConfig) -> int:
+    """The carve-out of LoRA adapters loaded into the model (`workers.lora`), like the
+    DiT cache's: `lora.memory_gb`, when the config registers adapters at all."""
+    return int(config.lora.memory_gb * GB) if config.loras else 0
+
+
 def resident_bytes(modules: list[Any], device: torch.device) -> int:
     """The loaded model's memory on `device`: what CUDA has allocated (weights, buffers,
     workspaces), or the tensor bytes of `modules` on a CPU."""
@@ -179,20 +184,21 @@ class ResourceManager:
         config: CoreModuleConfig,
         device: torch.device | str = "cpu",
         resident_bytes: int = 0,
-        run_on: Runner[Any] | None = None,
+        run_on: RunOnDevice = run_here,
+        cache_usage: Callable[[], int] = lambda: 0,
+        adapter_usage: Callable[[], int] = lambda: 0,
     ) -> None:
         """`resident_bytes`: the model's memory on the device; `run_on(fn)` runs a probe
-        where the device work of the worker runs (the step loop), default: right here."""
+        where the device work of the worker runs (the step loop); `cache_usage` and
+        `adapter_usage`: the bytes the DiT cache and the loaded LoRA adapters hold now."""
         self.device = torch.device(device)
         self.total_bytes, self.budget_bytes = device_budget(config, self.device)
         self.cache_reserved_bytes = int(config.cache.max_memory_gb * GB)
-        # LoRA adapters loaded into the model (`workers.lora`): a carve-out like the DiT
-        # cache's, `lora.memory_gb`, when the config registers adapters at all.
-        self.adapter_reserved_bytes = int(config.lora.memory_gb * GB) if config.loras else 0
-        self.adapter_usage: Callable[[], int] = lambda: 0
+        self.adapter_reserved_bytes = adapter_budget_bytes(config)
+        self.adapter_usage = adapter_usage
         self.resident_bytes = int(resident_bytes)
-        self.cache_usage: Callable[[], int] = lambda: 0
-        self.run_on: Runner[Any] = run_on or (lambda fn: fn())
+        self.cache_usage = cache_usage
+        self.run_on = run_on
         self._lock = threading.Lock()
         self._costs: dict[Hashable, ShapeCost] = {}
         self._charges: dict[str, tuple[Hashable | None, int]] = {}

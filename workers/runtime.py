@@ -1,10 +1,15 @@
 """One worker process's state: who it is, its engines, its DiT cache and its counters.
 
 Built once per process and shared by every task thread. The lifecycle hooks give it
-its identity (`attach`) and call `start` from Celery's `worker_init` (threads/solo
+its identity and its config (`attach`) and call `start` from Celery's `worker_init` (threads/solo
 pools) or `worker_process_init` (prefork), so the worker reports ready only once its
 models are loaded; `stop` aborts in-flight requests so a warm shutdown hands them back
 promptly. Engines are also built lazily on first use (scripts, benchmarks).
+
+The runtime is the process's context: the code of a task (`workers.execution`,
+`workers.handlers`) reads the config and the Redis client from it. A runtime never
+attached (a script, or a test driving it in its own process) follows the process
+config, which such a caller may replace.
 """
 
 from __future__ import annotations
@@ -18,8 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.coordination import cache_directory, keys
+from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.counters import SuccessCounters
 from omni_tasks.coordination.monitoring import waiting_above
 from omni_tasks.errors import EngineStoppedError
@@ -58,8 +66,9 @@ class WorkerIdentity:
 class WorkerRuntime:
     """A worker process's state; one per process (`runtime`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: CoreModuleConfig | None = None) -> None:
         self.identity = WorkerIdentity(hostname=f"{socket.gethostname()}-{os.getpid()}")
+        self._config = config
         #: This run of the worker (a restarted worker keeps its hostname, not this).
         self.instance = uuid.uuid4().hex[:12]
         self.counters = SuccessCounters()
@@ -74,9 +83,22 @@ class WorkerRuntime:
         self._stop_lock = threading.Lock()
         self._stop_done = threading.Event()
 
-    def attach(self, identity: WorkerIdentity) -> None:
-        """Take the identity of the Celery worker this process serves (at `worker_init`)."""
+    def attach(self, identity: WorkerIdentity, config: CoreModuleConfig | None = None) -> None:
+        """Take the identity of the Celery worker this process serves, and its config
+        (at `worker_init`)."""
         self.identity = identity
+        if config is not None:
+            self._config = config
+
+    @property
+    def config(self) -> CoreModuleConfig:
+        """The config this worker serves (the process config while none was attached)."""
+        return self._config if self._config is not None else get_config()
+
+    @property
+    def redis(self) -> redis.Redis:
+        """The process's client of the config's Redis (omni-tasks' own keys)."""
+        return get_redis(self.config.redis_url)
 
     @property
     def hostname(self) -> str:
@@ -98,14 +120,14 @@ class WorkerRuntime:
         with self._lock:
             self._check_running()
             if self._text is None:
-                self._text = build_text_engine(config or get_config())
+                self._text = build_text_engine(config or self.config)
             return self._text
 
     def diffusion_engine(self, config: CoreModuleConfig | None = None) -> DiffusionEngine:
         with self._lock:
             self._check_running()
             if self._diffusion is None:
-                self._diffusion = build_diffusion_engine(config or get_config())
+                self._diffusion = build_diffusion_engine(config or self.config, self)
             return self._diffusion
 
     def speech_engine(self, config: CoreModuleConfig | None = None) -> Any:
@@ -113,13 +135,19 @@ class WorkerRuntime:
         with self._lock:
             self._check_running()
             if self._speech is None:
-                self._speech = build_speech_engine(config or get_config())
+                self._speech = build_speech_engine(config or self.config)
             return self._speech
 
     @property
     def built_dit_cache(self) -> Any:
         """The DiT cache if this process has built one (None otherwise); builds nothing."""
         return self._dit_cache
+
+    def dit_cache_bytes(self) -> int:
+        """The bytes the DiT cache holds now (0 before it is built): what the diffusion
+        engine's memory budget counts against its carve-out."""
+        cache = self._dit_cache
+        return 0 if cache is None else int(cache.stats()["bytes"])
 
     def dit_cache_figures(self) -> dict[str, int]:
         """The DiT cache's size for the heartbeat (zeros when this process has none)."""
@@ -146,14 +174,10 @@ class WorkerRuntime:
             if self._dit_cache is None:
                 from workers.dit_cache import DiTCacheManager
 
-                config = config or get_config()
+                config = config or self.config
                 listener = RedisDirectoryListener(self.hostname, config.diffusion.queue)
                 device = getattr(engine, "device", "cpu")
                 self._dit_cache = DiTCacheManager(config.cache, device=device, listener=listener)
-                resources = getattr(engine, "resources", None)
-                if resources is not None:  # the cache fills the budget's carve-out
-                    cache = self._dit_cache
-                    resources.cache_usage = lambda: int(cache.stats()["bytes"])
             return self._dit_cache
 
     def stop(self, timeout_s: float = 60.0) -> None:
@@ -255,9 +279,10 @@ class PoolStepCounters:
         self._counters.add_preemptions(self._queue, count)
 
 
-def build_diffusion_engine(config: CoreModuleConfig) -> DiffusionEngine:
-    """The engine of the one model this worker serves (`diffusion.model`), its family
-    from the registry entry or the checkpoint."""
+def build_diffusion_engine(config: CoreModuleConfig, runtime: WorkerRuntime) -> DiffusionEngine:
+    """The engine of the one model `runtime` serves (`diffusion.model`), its family from
+    the registry entry or the checkpoint; its memory budget counts the runtime's DiT
+    cache."""
     from workers.engines.diffusers_engine import DiffusersEngine
     from workers.lora.directory import AdapterDirectoryListener
 
@@ -280,6 +305,7 @@ def build_diffusion_engine(config: CoreModuleConfig) -> DiffusionEngine:
         arrivals=lambda level: waiting_above(watched, level),
         adapter_listener=AdapterDirectoryListener(runtime.hostname, dit.queue),
         counters=PoolStepCounters(runtime.counters, dit.queue),
+        cache_usage=runtime.dit_cache_bytes,
     )
 
 

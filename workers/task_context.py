@@ -7,11 +7,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
-
-class _Current(threading.local):
-    task_id: str | None = None
-    priority: int | None = None
+#: (task id, broker level) of the task this thread runs. Celery's pools run each task
+#: in a thread of their own, whose context is its own: the value is per task. Threads
+#: the task hands work to (the step loop) start from an empty context and see None.
+_current: ContextVar[tuple[str, int | None] | None] = ContextVar("omni_current_task", default=None)
 
 
 class _Running:
@@ -36,7 +37,6 @@ class _Running:
             return list(self._ids)
 
 
-_current = _Current()
 _running = _Running()
 
 
@@ -44,14 +44,13 @@ _running = _Running()
 def running(task_id: str, priority: int | None = None) -> Iterator[None]:
     """Make `task_id` (its message delivered at broker `priority`, 0 highest) this
     thread's current task meanwhile."""
-    outer = _current.task_id, _current.priority
-    _current.task_id, _current.priority = task_id, priority
+    token = _current.set((task_id, priority))
     _running.add(task_id)
     try:
         yield
     finally:
         _running.discard(task_id)
-        _current.task_id, _current.priority = outer
+        _current.reset(token)
 
 
 def running_task_ids() -> list[str]:
@@ -60,12 +59,14 @@ def running_task_ids() -> list[str]:
 
 
 def current_task_id() -> str | None:
-    return _current.task_id
+    current = _current.get()
+    return None if current is None else current[0]
 
 
 def current_priority() -> int | None:
     """The broker priority the current task's message was delivered at, if known."""
-    return _current.priority
+    current = _current.get()
+    return None if current is None else current[1]
 
 
 def is_revoked(task_id: str) -> bool:

@@ -28,13 +28,12 @@ preemptions) and each request's `StepTicket` (progress, cancellation, previews).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.errors import (
@@ -65,7 +64,7 @@ from workers.engines.diffusion.probe import shape_probe
 from workers.engines.families import GenericFamily, ModelFamily, check_rows, detect
 from workers.lora.cache import AdapterListener, AdapterUse
 from workers.lora.diffusion import adapters_for
-from workers.resources import ResourceManager, resident_bytes
+from workers.resources import ResourceManager, adapter_budget_bytes, resident_bytes
 from workers.stepping.arrivals import ArrivalWatch
 from workers.stepping.loop import StepCounters, StepLoop
 from workers.stepping.request import StepRequest, StepTicket
@@ -78,6 +77,7 @@ if TYPE_CHECKING:
 __all__ = ["DiffusersEngine"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 # Errors `generate` raises as they are (any other becomes a ProcessingError).
 _PASSED_ON = (
     RequestTimeoutError,
@@ -116,6 +116,7 @@ class DiffusersEngine:
         arrivals: Callable[[int], bool] | None = None,
         adapter_listener: AdapterListener | None = None,
         counters: StepCounters | None = None,
+        cache_usage: Callable[[], int] = lambda: 0,
     ) -> None:
         """`family`: the model family (default: read from the checkpoint's model_index.json);
         `true_cfg_scale`: the default scale of requests with a negative prompt where the
@@ -126,7 +127,8 @@ class DiffusersEngine:
         runs; `config`: whose `scheduler` section ranks them (default: the loaded config);
         `arrivals`: whether a message better than a level waits in the worker's queues (see
         `workers.stepping.arrivals`); `adapter_listener`: told of every LoRA adapter
-        loaded and unloaded (`workers.lora`); `counters`: told of batches and preemptions."""
+        loaded and unloaded (`workers.lora`); `counters`: told of batches and preemptions;
+        `cache_usage`: the bytes the worker's DiT cache holds now (in the memory budget)."""
         self.model = str(model)
         self.device, self.dtype = device_and_dtype(device, dtype)
         self.true_cfg_scale = true_cfg_scale
@@ -144,9 +146,19 @@ class DiffusersEngine:
         self.size_multiple: int = self.family.size_multiple
         config = config or get_config()
         modules = list(pipe.components.values())
-        self.resources = ResourceManager(config, self.device, resident_bytes(modules, self.device))
+        # Probes and adapter loads run where the steps run: on the loop, built below.
+        self.adapters = adapters_for(
+            pipe, config, adapter_budget_bytes(config), adapter_listener, self._run_unshared
+        )
+        self.resources = ResourceManager(
+            config,
+            self.device,
+            resident_bytes(modules, self.device),
+            run_on=self._run_on_loop,
+            cache_usage=cache_usage,
+            adapter_usage=self.adapters.used_bytes,
+        )
         self.step_scheduler = StepScheduler(config, resources=self.resources)
-        self.adapters = adapters_for(pipe, config, self.resources, adapter_listener)
         transformer, family_ = pipe.transformer, self.family
         self.loop = StepLoop(
             self.step_scheduler,
@@ -154,13 +166,19 @@ class DiffusersEngine:
             max_batch_size,
             counters,
         )
-        self.resources.run_on = self.loop.run  # probes run where the steps run
-        self.adapters.run_on = functools.partial(self.loop.run, unshared=True)
         self._probe_opts = {"device": self.device, "dtype": self.dtype}
         self._watch = ArrivalWatch(self.loop, arrivals) if arrivals is not None else None
         self._encoder = PromptEncoder(self.family, true_cfg_scale, run_on=self.loop.run)
         self._mag_ratios = MagCacheRatios(self._encoder, self._hooks, mag_ratios)
         log.info("%s: the %s family, on %s", self.model, self.family.name, self.device)
+
+    def _run_on_loop(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the step loop's thread (a `RunOnDevice`)."""
+        return self.loop.run(fn)
+
+    def _run_unshared(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the step loop's thread while no request holds the transformer alone."""
+        return self.loop.run(fn, unshared=True)
 
     # --- public API ---------------------------------------------------------------------------
 

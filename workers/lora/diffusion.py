@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -33,13 +33,13 @@ from typing import Any
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.errors import ProcessingError, RequestValidationError
 from omni_tasks.lora import AdapterSet
+from workers.device_thread import RunOnDevice, run_here
 from workers.lora.cache import AdapterCache, AdapterListener, AdapterUse
 from workers.lora.registry import adapter_path
 
 log = logging.getLogger(__name__)
 #: Where a transformer call of the step loop carries its request's adapter set.
 ADAPTERS_KEY = "_lora_adapters"
-Runner = Callable[[Callable[[], Any]], Any]
 
 
 class PipelineAdapters:
@@ -51,12 +51,14 @@ class PipelineAdapters:
         config: CoreModuleConfig,
         budget_bytes: int,
         listener: AdapterListener | None = None,
+        run_on: RunOnDevice = run_here,
     ) -> None:
+        """`run_on`: runs a change of the transformer where the device work runs (the
+        engine's step loop, while no request holds the transformer alone)."""
         self._pipe = pipe
         self._config = config
         self._active: AdapterSet | None = ()  # what the LoRA layers run with now
-        #: Runs a change of the transformer where the device work runs (set by the engine).
-        self.run_on: Runner = lambda fn: fn()
+        self.run_on = run_on
         self.cache = AdapterCache(budget_bytes, self, listener)
         self.mixed_batches = config.lora.mixed_batches
 
@@ -119,6 +121,10 @@ class PipelineAdapters:
         itemsize = self._pipe.transformer.dtype.itemsize
         return sum(t.numel() for t in state.values()) * itemsize, path
 
+    def used_bytes(self) -> int:
+        """The device bytes of the adapters loaded now."""
+        return self.cache.used()
+
     def load(self, name: str, payload: Path, evict: list[str]) -> int:
         return self.run_on(lambda: self._load_here(name, payload, evict))
 
@@ -150,7 +156,9 @@ class NoAdapters:
 
     def __init__(self, pipe: Any) -> None:
         self._kind = type(pipe).__name__
-        self.run_on: Runner = lambda fn: fn()
+
+    def used_bytes(self) -> int:
+        return 0
 
     @contextmanager
     def using(self, adapters: AdapterSet, deadline: float) -> Iterator[list[AdapterUse]]:
@@ -166,15 +174,17 @@ class NoAdapters:
 
 
 def adapters_for(
-    pipe: Any, config: CoreModuleConfig, resources: Any, listener: AdapterListener | None
+    pipe: Any,
+    config: CoreModuleConfig,
+    budget_bytes: int,
+    listener: AdapterListener | None,
+    run_on: RunOnDevice,
 ) -> PipelineAdapters | NoAdapters:
-    """An engine's adapters, in `resources`' adapter carve-out and counted in its status
-    (none where the pipeline has no LoRA loader)."""
+    """An engine's adapters, in its adapter carve-out `budget_bytes` (none where the
+    pipeline has no LoRA loader)."""
     if not hasattr(pipe, "load_lora_weights"):
         return NoAdapters(pipe)
-    adapters = PipelineAdapters(pipe, config, resources.adapter_reserved_bytes, listener)
-    resources.adapter_usage = adapters.cache.used
-    return adapters
+    return PipelineAdapters(pipe, config, budget_bytes, listener, run_on)
 
 
 def adapter_bytes(module: Any, name: str) -> int:

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +61,11 @@ class TransformerHooks:
 
     def __init__(self, stopped: threading.Event) -> None:
         self._stopped = stopped
-        self._local = threading.local()
+        #: The request the hooks count for in this thread: each request runs its pipeline
+        #: call in its own (Celery task) thread, whose context is its own.
+        self._serving: ContextVar[Request | None] = ContextVar(
+            f"omni_hooks_request_{id(self)}", default=None
+        )
         self._num_blocks = 0
 
     def install(self, transformer: torch.nn.Module) -> None:
@@ -80,12 +85,11 @@ class TransformerHooks:
     @contextmanager
     def serving(self, request: Request | None) -> Iterator[None]:
         """Let the hooks count for `request` in this thread (None: for nobody) meanwhile."""
-        outer = getattr(self._local, "request", None)
-        self._local.request = request
+        token = self._serving.set(request)
         try:
             yield
         finally:
-            self._local.request = outer
+            self._serving.reset(token)
 
     def check(self, request: Request) -> None:
         """Raise EngineStoppedError after shutdown, RequestTimeoutError past the deadline."""
@@ -126,7 +130,7 @@ class TransformerHooks:
         return on_step_end
 
     def _current(self) -> Request | None:
-        return getattr(self._local, "request", None)
+        return self._serving.get()
 
     def _before_transformer(self, module: torch.nn.Module, args: Any, kwargs: Any) -> None:
         """Forward pre-hook on the shared transformer; a no-op outside `generate`."""

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from omni_tasks.errors import ConfigError, RequestValidationError
+from workers.device_thread import RunOnDevice, run_here
 from workers.engines.base import ImageParams
 from workers.engines.coalescer import Coalescer
 from workers.engines.diffusion.hooks import StepCallback
@@ -137,13 +138,13 @@ class PromptEncoder:
         self,
         family: ModelFamily,
         true_cfg_scale: float,
-        run_on: Callable[[Callable[[], Any]], Any] | None = None,
+        run_on: RunOnDevice = run_here,
     ) -> None:
         """`run_on`: runs an encoder call on the thread that drives the device (the
         engine's step loop); by default the calling thread."""
         self.family = family
         self.device = family.device
-        self._run_on = run_on or (lambda fn: fn())
+        self._run_on = run_on
         self.true_cfg_scale = true_cfg_scale
         # Prompts of requests arriving together are encoded as one batch; one call at a
         # time, which fast tokenizers need (they are not thread-safe).
