@@ -1,2 +1,3 @@
-"""Tools around the system, not part of it: the `omni-tasks` CLI, the demo, starting
-worker processes, and a private Redis for the demo, tests and benchmarks."""
+"""Tools around the system, not part of it: the demo, starting worker processes and the
+API for the demo, tests and benchmarks, and private Redis servers (one, restartable, or a
+Sentinel setup). The `omni-tasks` command lives in `omni_tasks.cli`."""

@@ -369,9 +369,9 @@ def _adapter_text(use: dict[str, Any]) -> str:
 
 def _summary(results: list[dict[str, Any]], out_dir: Path) -> None:
     """The outcome, then the cluster as `omni-tasks status` shows it."""
+    from omni_tasks.cli.status import show_status, status_report
     from omni_tasks.config import get_config
     from omni_tasks.coordination.cache_directory import adapter_stats
-    from omni_tasks.dev.cli import show_status, status_report
 
     ok = sum(r["state"] == "SUCCESS" for r in results)
     _line(f"\n{ok}/{len(results)} requests succeeded")

@@ -154,7 +154,7 @@ def start_api(log_dir: Path, port: int, env: dict[str, str] | None = None) -> Ap
     """`omni-tasks api --port <port>` on loopback, its output in `log_dir`."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"api-{port}.log"
-    cmd = [sys.executable, "-m", "omni_tasks.dev.cli", "api", "--port", str(port)]
+    cmd = [sys.executable, "-m", "omni_tasks.cli", "api", "--port", str(port)]
     with open(log_path, "wb") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(
             cmd,
