@@ -116,8 +116,8 @@ def compression(model: str) -> dict:
     values = {"embeddings": out.embeds, "latents": {"latents": out.latents}}
     report = {}
     for ratio in (0.7, 0.3):
-        cache = DiTCacheManager(CacheConfig(max_memory_gb=1.0, compression_ratio=ratio))
-        raw = DiTCacheManager(CacheConfig(max_memory_gb=1.0, enable_compression=False))
+        cache = DiTCacheManager(CacheConfig(max_memory_gib=1.0, compression_ratio=ratio))
+        raw = DiTCacheManager(CacheConfig(max_memory_gib=1.0, enable_compression=False))
         entry: dict = {}
         for name, value in values.items():
             cache.put(name, value)

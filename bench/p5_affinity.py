@@ -26,7 +26,7 @@ def zipf_indices(n_requests: int, n_distinct: int, s: float, seed: int) -> list[
     return random.Random(seed).choices(range(n_distinct), weights=weights, k=n_requests)
 
 
-def run(affinity: bool, order: list[int], size: int, steps: int, budget_gb: float) -> dict:
+def run(affinity: bool, order: list[int], size: int, steps: int, budget_gib: float) -> dict:
     from dataclasses import replace
 
     from omni_tasks import generate_image
@@ -36,7 +36,7 @@ def run(affinity: bool, order: list[int], size: int, steps: int, budget_gb: floa
     config = get_config()  # the producer routes: switch affinity in this process
     set_config(replace(config, diffusion=replace(config.diffusion, cache_affinity=affinity)))
     env = {
-        "OMNI_CACHE__MAX_MEMORY_GB": str(budget_gb),
+        "OMNI_CACHE__MAX_MEMORY_GIB": str(budget_gib),
         "OMNI_CACHE__ENABLE_COMPRESSION": "false",
         "OMNI_DIFFUSION__CACHE_AFFINITY": "true" if affinity else "false",
     }
@@ -96,12 +96,12 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=50)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--budget-gb", type=float, default=0.0005)
+    parser.add_argument("--budget-gib", type=float, default=0.0005)
     args = parser.parse_args()
     setup_redis()
     order = zipf_indices(args.requests, args.distinct, 1.1, seed=0)
-    plain = run(False, order, args.size, args.steps, args.budget_gb)
-    affine = run(True, order, args.size, args.steps, args.budget_gb)
+    plain = run(False, order, args.size, args.steps, args.budget_gib)
+    affine = run(True, order, args.size, args.steps, args.budget_gib)
     write_result(
         "p5_affinity",
         {
@@ -112,7 +112,7 @@ def main() -> None:
                 "distinct_seen": len(set(order)),
                 "size": args.size,
                 "steps": args.steps,
-                "cache_budget_gb_per_worker": args.budget_gb,
+                "cache_budget_gib_per_worker": args.budget_gib,
                 "in_flight": 4,
             },
             "round_robin": plain,

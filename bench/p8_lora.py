@@ -73,7 +73,7 @@ def run_pool(affinity: bool, order: list[int], loras: dict[str, str], args: Any)
     )
     env = {
         "OMNI_LORAS": json.dumps(loras),
-        "OMNI_LORA__MEMORY_GB": str(args.budget_gb),
+        "OMNI_LORA__MEMORY_GIB": str(args.budget_gib),
         "OMNI_DIFFUSION__CACHE_AFFINITY": "true" if affinity else "false",
         "OMNI_DIFFUSION__CONCURRENCY": "2",
     }
@@ -161,7 +161,7 @@ def load_vs_step(loras: dict[str, str], args: Any) -> dict:
     """Cold adapter loads (each unloads the least recent of two) against steps."""
     from workers.engines.base import ImageParams
 
-    engine = engine_for(loras, memory_gb=args.budget_gb)
+    engine = engine_for(loras, memory_gib=args.budget_gib)
     size = {"width": args.size, "height": args.size, "steps": args.steps}
     loads, steps, images = [], [], []
     try:
@@ -250,7 +250,7 @@ def main() -> None:
     setup_redis()
     loras = registry(args.adapters)
     adapter_bytes = prebuild(loras)
-    args.budget_gb = args.budget_adapters * adapter_bytes / GIB
+    args.budget_gib = args.budget_adapters * adapter_bytes / GIB
     order = zipf_indices(args.requests, args.adapters, args.zipf_s, seed=0)
     workload = {
         "requests": args.requests,

@@ -1,9 +1,9 @@
 """The device memory one diffusion worker may use, and what each running request costs.
 
 **Budget.** On CUDA: `max_gpu_utilization` x the device's total memory
-(`torch.cuda.mem_get_info`). On a CPU: `max_memory_gb`, bounded by `max_cpu_utilization`
+(`torch.cuda.mem_get_info`). On a CPU: `max_memory_gib`, bounded by `max_cpu_utilization`
 x the system's memory. Out of it come the model's resident bytes (measured once the
-model is loaded) and the DiT cache's `cache.max_memory_gb` (its carve-out, whether
+model is loaded) and the DiT cache's `cache.max_memory_gib` (its carve-out, whether
 filled or not); what is left is what running requests may use (`available_bytes`).
 
 **Cost.** A request's cost depends on its shape (model kind, width, height, text length)
@@ -49,7 +49,7 @@ from workers.device_thread import RunOnDevice, run_here
 from workers.dit_cache.sizing import value_nbytes
 
 log = logging.getLogger(__name__)
-GB = 2**30  # as the DiT cache counts `max_memory_gb`
+GB = 2**30  # as the DiT cache counts `max_memory_gib`
 MIB = 2**20
 
 
@@ -140,13 +140,13 @@ def device_budget(config: CoreModuleConfig, device: torch.device) -> tuple[int, 
         _, total = torch.cuda.mem_get_info(device)
         return int(total), int(config.max_gpu_utilization * total)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(total), int(min(config.max_memory_gb * GB, config.max_cpu_utilization * total))
+    return int(total), int(min(config.max_memory_gib * GB, config.max_cpu_utilization * total))
 
 
 def adapter_budget_bytes(config: CoreModuleConfig) -> int:
     """The carve-out of LoRA adapters loaded into the model (`workers.lora`), like the
-    DiT cache's: `lora.memory_gb`, when the config registers adapters at all."""
-    return int(config.lora.memory_gb * GB) if config.loras else 0
+    DiT cache's: `lora.memory_gib`, when the config registers adapters at all."""
+    return int(config.lora.memory_gib * GB) if config.loras else 0
 
 
 def resident_bytes(modules: list[Any], device: torch.device) -> int:
@@ -193,7 +193,7 @@ class ResourceManager:
         `adapter_usage`: the bytes the DiT cache and the loaded LoRA adapters hold now."""
         self.device = torch.device(device)
         self.total_bytes, self.budget_bytes = device_budget(config, self.device)
-        self.cache_reserved_bytes = int(config.cache.max_memory_gb * GB)
+        self.cache_reserved_bytes = int(config.cache.max_memory_gib * GB)
         self.adapter_reserved_bytes = adapter_budget_bytes(config)
         self.adapter_usage = adapter_usage
         self.resident_bytes = int(resident_bytes)

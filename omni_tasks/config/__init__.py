@@ -11,6 +11,7 @@ from omni_tasks.config.loading import (
 from omni_tasks.config.registry import Registries
 from omni_tasks.config.schema import (
     GB,
+    GIB,
     PRIORITY_CLASSES,
     ARConfig,
     CacheConfig,
@@ -28,6 +29,7 @@ from omni_tasks.config.schema import (
 __all__ = [
     "DEFAULT_CONFIG_FILE",
     "GB",
+    "GIB",
     "PRIORITY_CLASSES",
     "ARConfig",
     "CacheConfig",

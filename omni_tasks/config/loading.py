@@ -6,11 +6,14 @@ underscore: `OMNI_SCHEDULER__MAX_QUEUE_SIZE=50`, `OMNI_AR__ENGINE=transformers`.
 Values are coerced by the dataclass field types, so a new field needs no loader change.
 Mappings come from the environment as YAML flow mappings or JSON:
 `OMNI_LORAS='{"ink": "loras/ink"}'`, `OMNI_MODELS='{"flux-b": {"path": "/models/flux"}}'`.
+A renamed key (`RENAMED_KEYS`) is still read under its old name, from every source, and
+a warning names the new one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import types
 import typing
@@ -24,6 +27,15 @@ from omni_tasks.config.schema import CoreModuleConfig
 from omni_tasks.errors import ConfigError
 
 DEFAULT_CONFIG_FILE = Path(__file__).resolve().parents[2] / "config" / "default.yaml"
+#: Keys the configuration renamed (docs/glossary.md: memory is in GiB, `*_gib`): the
+#: old dotted key -> the new one, under the same section.
+RENAMED_KEYS = {
+    "max_memory_gb": "max_memory_gib",
+    "cache.max_memory_gb": "cache.max_memory_gib",
+    "lora.memory_gb": "lora.memory_gib",
+}
+
+logger = logging.getLogger(__name__)
 
 
 def load_config(
@@ -33,13 +45,14 @@ def load_config(
     env = dict(os.environ if env is None else env)
     file = Path(path or env.get("OMNI_CONFIG") or DEFAULT_CONFIG_FILE)
     data = read_yaml(file) if file.exists() or path or env.get("OMNI_CONFIG") else {}
+    data = renamed_keys(data, str(file))
     data = apply_env(data, env, prefix="OMNI_", skip={"OMNI_CONFIG"})
     return config_from_dict(data)
 
 
 def config_from_dict(data: dict[str, Any]) -> CoreModuleConfig:
     """A validated config from a mapping shaped like the YAML file."""
-    config = build_dataclass(CoreModuleConfig, data, "")
+    config = build_dataclass(CoreModuleConfig, renamed_keys(data, "config"), "")
     config.validate()
     return config
 
@@ -94,6 +107,10 @@ def apply_env(
         if not name.startswith(prefix) or name in skip:
             continue
         parts = name[len(prefix) :].lower().split("__")
+        new = RENAMED_KEYS.get(".".join(parts))
+        if new is not None:
+            parts = new.split(".")
+            _warn_renamed(name, prefix + "__".join(parts).upper())
         if parts[0] not in top_fields:
             continue
         node = merged
@@ -105,6 +122,27 @@ def apply_env(
             node = child
         node[parts[-1]] = value
     return merged
+
+
+def renamed_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """`data` with every renamed key under its new name; where both are given, the new
+    one wins. Each old key found is logged, naming `source` and the new key."""
+    merged = _deep_copy(data)
+    for old, new in RENAMED_KEYS.items():
+        *sections, leaf = old.split(".")
+        node: Any = merged
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        node.setdefault(new.rsplit(".", 1)[-1], value)
+        _warn_renamed(f"{source}: {old}", new)
+    return merged
+
+
+def _warn_renamed(old: str, new: str) -> None:
+    logger.warning("DeprecationWarning: %s is deprecated, use %s (the same value)", old, new)
 
 
 def build_dataclass(cls: type, data: Any, path: str) -> Any:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from omni_tasks.config.schema import CoreModuleConfig
-from omni_tasks.model_registry import ModelEntry
+from omni_tasks.config.registry import ModelEntry
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 

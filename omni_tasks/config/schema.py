@@ -13,6 +13,8 @@ from pathlib import Path
 from omni_tasks.config.registry import ModelEntry, validate_registry
 from omni_tasks.errors import ConfigError
 from omni_tasks.vocabulary import (
+    GIB,
+    POOL_TYPES,
     PRIORITY_CLASSES,
     STAGES,
     STEP_CACHE_MODES,
@@ -23,8 +25,8 @@ from omni_tasks.vocabulary import (
 SENTINEL_SCHEME = "sentinel://"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+socket://", SENTINEL_SCHEME)
 BROKER_SCHEMES = ("amqp://", "amqps://", "pyamqp://", *REDIS_SCHEMES)
-#: The unit of every `*_gb` setting and figure: GiB (2**30 bytes), as devices report.
-GB = 2**30
+#: The unit of every memory setting and figure (`*_gib`); `GB` is the same number.
+GB = GIB
 
 
 class SchedulerType(Enum):
@@ -83,14 +85,14 @@ class SchedulerConfig:
 
 @dataclass
 class CacheConfig:
-    max_memory_gb: float = 8.0
+    max_memory_gib: float = 8.0
     strategy: CacheStrategy = CacheStrategy.LRU
     ttl_seconds: int = 3600
     enable_compression: bool = True
     compression_ratio: float = 0.7
 
     def validate(self) -> None:
-        _require(self.max_memory_gb > 0, "cache.max_memory_gb", "must be positive")
+        _require(self.max_memory_gib > 0, "cache.max_memory_gib", "must be positive")
         _require(self.ttl_seconds > 0, "cache.ttl_seconds", "must be positive")
         _require(0 < self.compression_ratio <= 1, "cache.compression_ratio", "must be in (0, 1]")
 
@@ -113,7 +115,7 @@ class PoolConfig:
         # kombu joins a queue's binding fields (and its priority lists) with ":".
         _require(":" not in self.queue, f"{name}.queue", "must not contain ':'")
         _require(
-            self.pool_type in ("threads", "solo", "prefork"),
+            self.pool_type in POOL_TYPES,
             f"{name}.pool_type",
             "must be threads, solo or prefork",
         )
@@ -159,7 +161,7 @@ class LoraConfig:
     AR pool (vLLM's multi-LoRA): `max_loras` distinct adapters in one batch, ranks up to
     `max_lora_rank` (several adapters or a scale other than 1 in one request make one
     combined adapter, whose rank is the sum of theirs), `max_cpu_loras` kept loaded.
-    Diffusion pool: `memory_gb` of device memory, out of the worker's budget, for the
+    Diffusion pool: `memory_gib` of device memory, out of the worker's budget, for the
     adapters loaded into the transformer (least recently used ones go first);
     `mixed_batches`: requests with different adapter sets share a denoising step, each
     row with its own LoRA deltas (off: a step batches one adapter set and scales).
@@ -168,14 +170,14 @@ class LoraConfig:
     max_loras: int = 4
     max_lora_rank: int = 32
     max_cpu_loras: int = 16
-    memory_gb: float = 0.5
+    memory_gib: float = 0.5
     mixed_batches: bool = False
 
     def validate(self) -> None:
         _require(self.max_loras > 0, "lora.max_loras", "must be positive")
         _require(self.max_lora_rank in LORA_RANKS, "lora.max_lora_rank", f"one of {LORA_RANKS}")
         _require(self.max_cpu_loras >= self.max_loras, "lora.max_cpu_loras", "must be >= max_loras")
-        _require(self.memory_gb > 0, "lora.memory_gb", "must be positive")
+        _require(self.memory_gib > 0, "lora.memory_gib", "must be positive")
 
 
 @dataclass
@@ -316,7 +318,7 @@ class CoreModuleConfig:
 
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
-    max_memory_gb: float = 16.0
+    max_memory_gib: float = 16.0
     max_gpu_utilization: float = 0.8
     max_cpu_utilization: float = 0.9
     request_timeout: int = 300
@@ -364,7 +366,7 @@ class CoreModuleConfig:
     def validate(self) -> None:
         self.scheduler.validate()
         self.cache.validate()
-        _require(self.max_memory_gb > 0, "max_memory_gb", "must be positive")
+        _require(self.max_memory_gib > 0, "max_memory_gib", "must be positive")
         _require(0 < self.max_gpu_utilization <= 1, "max_gpu_utilization", "must be in (0, 1]")
         _require(0 < self.max_cpu_utilization <= 1, "max_cpu_utilization", "must be in (0, 1]")
         _require(self.request_timeout > 0, "request_timeout", "must be positive")

@@ -297,5 +297,5 @@ def create_policy(strategy: CacheStrategy, config: CacheConfig) -> EvictionPolic
     if strategy is CacheStrategy.TTL:
         return TTLPolicy(config.ttl_seconds)
     if strategy is CacheStrategy.ADAPTIVE:
-        return ARCPolicy(int(config.max_memory_gb * GB))
+        return ARCPolicy(int(config.max_memory_gib * GB))
     raise ValueError(f"unknown cache strategy {strategy!r}")

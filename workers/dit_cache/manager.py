@@ -3,7 +3,7 @@
 A diffusion worker reuses prompt embeddings, latents or block activations across
 requests and steps. `DiTCacheManager` keeps them in this process, on `device`, evicting
 by the configured `CacheStrategy` so that the stored bytes never exceed
-`config.max_memory_gb * GB` (GB = 2**30 bytes), and optionally compressing them
+`config.max_memory_gib * GB` (GB = 2**30 bytes), and optionally compressing them
 (`workers.dit_cache.compression`).
 
 Decisions:
@@ -90,7 +90,7 @@ class DiTCacheManager:
         config.validate()
         self.config = config
         self.device = _resolve_device(device)
-        self.max_bytes = int(config.max_memory_gb * GB)
+        self.max_bytes = int(config.max_memory_gib * GB)
         self.cache_stats = {"hits": 0, "misses": 0}
         self._counters = {"evictions": 0, "expired": 0, "refused": 0}
         self._listener = listener

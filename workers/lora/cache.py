@@ -132,7 +132,7 @@ class AdapterCache:
         if cost > self.budget:
             raise ResourceError(
                 f"adapter {name!r} needs {cost} of the adapter budget of {self.budget} "
-                "(lora.memory_gb): it can never be loaded on this worker"
+                "(lora.memory_gib): it can never be loaded on this worker"
             )
         victims = self._reserve(name, cost, deadline)
         if victims is None:  # loaded by another request while this one read it
@@ -199,7 +199,7 @@ class AdapterCache:
         if left <= 0:
             raise RequestTimeoutError(
                 f"timed out waiting for room to load adapter {name!r}: the adapters of "
-                "running requests fill the adapter budget (lora.memory_gb)"
+                "running requests fill the adapter budget (lora.memory_gib)"
             )
         self._cond.wait(min(left, 1.0))
 

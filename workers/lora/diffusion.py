@@ -6,7 +6,7 @@ pipeline (PEFT backend), which injects the adapter's layers into the transformer
 adapter with text-encoder weights is refused: the text encoders run for many requests at
 once (their prompts are batched), and prompt embeddings are shared across adapter sets.
 
-Kept: an `AdapterCache` bounded by the worker's adapter budget (`lora.memory_gb`, carved
+Kept: an `AdapterCache` bounded by the worker's adapter budget (`lora.memory_gib`, carved
 out of its device budget by the `ResourceManager`), costed in the adapter's device bytes.
 
 Applied: a batch's rows share one adapter set (it is part of the step scheduler's batch
