@@ -15,25 +15,16 @@ result), a different one raises `RequestConflictError`.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task
-from celery._state import get_current_worker_task
 
 from omni_tasks.config import get_config
-from omni_tasks.coordination import acceptance, admission, idempotency, ledger
 from omni_tasks.errors import ProcessingError, RequestValidationError
 from omni_tasks.model_registry import check_model
 from omni_tasks.requests import OmniRequest, RequestType, Stage, request_from_task_kwargs
-from omni_tasks.tasks.transport import accepts_on_publish
-
-#: Longest `kwargsrepr` (what Flower and the logs show of a message), as Celery's own.
-KWARGSREPR_MAX_CHARS = 1024
+from omni_tasks.tasks import sending
 
 #: Why positional args are refused (`RequestValidationError`, field "args").
 POSITIONAL_REFUSED = "positional args are refused: pass the fields as keyword arguments (kwargs)"
@@ -43,29 +34,6 @@ POSITIONAL_REFUSED = "positional args are refused: pass the fields as keyword ar
 TaskHandler = Callable[
     ["OmniTask", dict[str, Any], "dict[str, Any] | None", tuple[Any, ...]], dict[str, Any]
 ]
-
-#: The message a send in this context publishes and the request it was validated into:
-#: the router takes that request rather than validating the message again.
-_sending: ContextVar[tuple[dict[str, Any], OmniRequest] | None] = ContextVar(
-    "omni_sending", default=None
-)
-
-
-@contextmanager
-def sending(message: dict[str, Any], request: OmniRequest) -> Iterator[None]:
-    """Hold `request` as the validated form of `message` while it is published."""
-    token = _sending.set((message, request))
-    try:
-        yield
-    finally:
-        _sending.reset(token)
-
-
-def request_being_sent(message: Any) -> OmniRequest | None:
-    """The request `message` (the very kwargs object) was validated into by the send
-    publishing it in this context; None for any other message."""
-    found = _sending.get()
-    return found[1] if found is not None and found[0] is message else None
 
 
 class OmniTask(Task):
@@ -99,6 +67,15 @@ class OmniTask(Task):
         check_model(request, get_config())
         return request
 
+    def request_for_send(
+        self, args: Any, kwargs: dict[str, Any], task_id: str | None
+    ) -> OmniRequest:
+        """The request a send of (`args`, `kwargs`) carries: positional args are refused
+        unless this is a chain's later stage (they hold the previous stage's result)."""
+        if args and not self.takes_previous_result:
+            raise RequestValidationError("args", POSITIONAL_REFUSED)
+        return self.build_request(kwargs, task_id)
+
     def apply_async(
         self,
         args: tuple[Any, ...] | list[Any] | None = None,
@@ -106,35 +83,22 @@ class OmniTask(Task):
         task_id: str | None = None,
         **options: Any,
     ) -> Any:
-        if args and not self.takes_previous_result:
-            raise RequestValidationError("args", POSITIONAL_REFUSED)
-        return self.send(self.build_request(kwargs or {}, task_id), args, task_id, options)
+        return self.send(self.request_for_send(args, kwargs or {}, task_id), args, task_id, options)
 
     def send(self, request: OmniRequest, args: Any, task_id: str | None, options: dict) -> Any:
-        """Enqueue a validated request as this task's message (its id is the task id):
-        its id checked, admitted, recorded in the ledger and published, all or nothing
-        (`omni_tasks.coordination.acceptance`). A repeat of a request accepted before is
-        not published: its result is returned."""
-        message = publish_options(request, options)
+        """Enqueue a validated request as this task's message (its id is the task id)
+        through the send path (`sending.send`): accepted and published, all or nothing.
+        A repeat of a request accepted before is not published: its result is returned."""
+        message = sending.publish_options(request, options)
         task_id = task_id or request.request_id
-        accepting = self.acceptance_for(args, message, task_id, options, request)
-        with sending(message, request):
-            return self.publish_accepted(
-                accepting,
-                options,
-                lambda: super(OmniTask, self).apply_async(
-                    args, message, task_id=task_id, **options
-                ),
-            )
-
-    def publish_accepted(
-        self, accepting: acceptance.Acceptance, options: dict, publish: Callable[[], Any]
-    ) -> Any:
-        """Run `publish` (which sends the message with `options`) as `accepting`'s send;
-        the message carries the mark of a request an omni-tasks producer accepted."""
-        options["headers"] = {**(options.get("headers") or {}), idempotency.ACCEPTED_HEADER: True}
-        return acceptance.send(
-            accepting, publish, self.repeat_result, on_publish=accepts_on_publish()
+        return sending.send(
+            self,
+            request,
+            message,
+            args,
+            task_id,
+            options,
+            lambda: sending.publish(self, args, message, task_id, options),
         )
 
     def repeat_result(self, request_id: str) -> Any:
@@ -143,46 +107,6 @@ class OmniTask(Task):
         result = self.app.AsyncResult(request_id)
         result.repeat = True
         return result
-
-    def acceptance_for(
-        self,
-        args: Any,
-        kwargs: dict[str, Any],
-        task_id: str,
-        options: dict,
-        request: OmniRequest | None = None,
-    ) -> acceptance.Acceptance:
-        """How a message is accepted: its request id checked (`RequestConflictError`, or
-        a repeat), the request this message starts counted in its pool
-        (`QueueFullError` when full), and recorded in the ledger (Redis broker only:
-        RabbitMQ confirms the publish). A chain's later stage is not counted: its first
-        stage was.
-
-        A message published by a running task (the next stage of a chain, a replaced
-        task), published again (`ledger.REPUBLISHED_HEADER`) or passed on with the mark
-        of its first acceptance (`idempotency.ACCEPTED_HEADER`) belongs to a request
-        already admitted: its id is not checked, it is counted without the limit, and
-        never twice.
-        """
-        headers = options.get("headers") or {}
-        # A message that carries a producer's mark (a worker passes it on to its
-        # model's queue) was accepted already, as was one published again.
-        accepted = headers.get(ledger.REPUBLISHED_HEADER) or headers.get(
-            idempotency.ACCEPTED_HEADER
-        )
-        enforce = not accepted and get_current_worker_task() is None
-        checked = enforce and not self.takes_previous_result
-        entry = None
-        if get_config().broker_is_redis:
-            entry = ledger.prepare(self.name, task_id, args, kwargs, options)
-        return acceptance.Acceptance(
-            self.stage_queue,
-            admission.final_task_id(task_id, options),
-            enforce=enforce,
-            counted=not self.takes_previous_result,
-            entry=entry,
-            fingerprint=request.fingerprint() if checked and request is not None else None,
-        )
 
     @property
     def stage_queue(self) -> str:
@@ -220,34 +144,3 @@ def with_request_id(kwargs: dict[str, Any], request_id: str) -> dict[str, Any]:
             "request_id", f"must be the task id {request_id!r} or left out, got {shown}"
         )
     return kwargs
-
-
-def kwargs_repr(message: dict[str, Any]) -> str:
-    """The message as Flower shows it: JSON, an input image by its size only.
-
-    Celery would build it with `saferepr`, which costs more than the rest of a send.
-    """
-    shown = dict(message)
-    if isinstance(shown.get("image"), str):
-        shown["image"] = f"<{len(shown['image'])} chars of base64>"
-    return json.dumps(shown)[:KWARGSREPR_MAX_CHARS]
-
-
-def publish_options(request: OmniRequest, options: dict[str, Any]) -> dict[str, Any]:
-    """Set what Flower shows of the message and when it expires in `options`; returns
-    the message (the task's kwargs)."""
-    message = request.to_message()
-    options.setdefault("kwargsrepr", kwargs_repr(message))
-    deadline = request_deadline(request)
-    if deadline is not None:
-        options.setdefault("expires", datetime.fromtimestamp(deadline, timezone.utc))
-    return message
-
-
-def request_deadline(request: OmniRequest) -> float | None:
-    """When a request with a `timeout_s` stops being worth running: its creation plus
-    its timeout (capped by the config). Its message expires then, so a worker never
-    starts it late; None for a request without a timeout."""
-    if request.timeout_s is None:
-        return None
-    return request.created_at + min(request.timeout_s, get_config().request_time_cap_s)

@@ -30,16 +30,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
-from celery import Task
 from celery.result import AsyncResult, GroupResult
 from vine import barrier
 
 from omni_tasks.config import get_config
-from omni_tasks.coordination import acceptance, admission, client, idempotency
+from omni_tasks.coordination import acceptance, admission, client
 from omni_tasks.coordination.client import redacted
 from omni_tasks.errors import BrokerUnavailableError, RequestConflictError, RequestValidationError
 from omni_tasks.requests import OmniRequest
-from omni_tasks.tasks.base import OmniTask, publish_options
+from omni_tasks.tasks import sending
+from omni_tasks.tasks.base import OmniTask
 from omni_tasks.tasks.celery_app import app
 from omni_tasks.tasks.definitions import TASK_FOR_TYPE
 from omni_tasks.tasks.transport import accepts_on_publish
@@ -200,8 +200,9 @@ def task_for(request: OmniRequest, task: OmniTask | str | None) -> OmniTask:
 
 
 def item_for(request: OmniRequest, task: OmniTask, options: dict[str, Any]) -> Item:
-    """What `OmniTask.send` prepares for one request: the message validated again as
-    the task's (as `submit` does), its publish options and its acceptance."""
+    """What the send path prepares for one request (`sending.accepting`): the message
+    validated again as the task's (as `submit` does), its publish options and its
+    acceptance."""
     task_id = request.request_id
     built = task.build_request(request.to_message(), task_id)
     if built.request_type is not request.request_type:
@@ -209,9 +210,8 @@ def item_for(request: OmniRequest, task: OmniTask, options: dict[str, Any]) -> I
             "request_type", f"{task.name} does not take {request.request_type.value} requests"
         )
     opts = dict(options)
-    kwargs = publish_options(built, opts)
-    accepting = task.acceptance_for(None, kwargs, task_id, opts, built)
-    opts["headers"] = {**(opts.get("headers") or {}), idempotency.ACCEPTED_HEADER: True}
+    kwargs = sending.publish_options(built, opts)
+    accepting = sending.accepting(task, None, kwargs, task_id, opts, built)
     return Item(task, built, kwargs, opts, accepting)
 
 
@@ -255,10 +255,9 @@ def accept_then_publish(items: list[Item]) -> None:
 
 
 def publish(item: Item, producer: Any, **extra: Any) -> AsyncResult:
-    """Celery's publish of one message (what `OmniTask.send` calls), on `producer`."""
-    task_id = item.request.request_id
-    options = {**item.options, **extra}
-    return Task.apply_async(item.task, None, item.kwargs, task_id, producer, **options)
+    """The send path's publish of one message (`sending.publish`), on `producer`."""
+    options = {**item.options, "producer": producer, **extra}
+    return sending.publish(item.task, None, item.kwargs, item.request.request_id, options)
 
 
 def accept(items: list[Item], *, with_messages: bool) -> list[admission.Admission]:

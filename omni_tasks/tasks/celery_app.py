@@ -24,13 +24,17 @@ from kombu import Exchange, Queue
 
 from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.config.schema import is_sentinel_url
+from omni_tasks.coordination import acceptance
 from omni_tasks.coordination.client import CONNECT_TIMEOUT_S, with_tls_defaults
 from omni_tasks.coordination.keys import PRIORITY_SEP, PRIORITY_STEPS
-from omni_tasks.tasks import transport
+from omni_tasks.tasks import sending, transport
+from omni_tasks.tasks.base import OmniTask
 from omni_tasks.tasks.result_backend import omni_result_backend
 from omni_tasks.tasks.worker_settings import queues_from_argv, worker_settings
 
 TASK_MODULES = ["omni_tasks.tasks.definitions"]
+#: The router (`router.OmniRouter`), named for Celery to load on the first send.
+ROUTER = "omni_tasks.tasks.router.app_router"
 RESULT_WRITE_RETRIES = 40
 #: Imported by Celery in worker processes only (the `imports` setting).
 WORKER_MODULES = ["workers.entry"]
@@ -136,8 +140,6 @@ def sentinel_options(config: CoreModuleConfig, url: str) -> dict[str, Any]:
 
 def celery_settings(config: CoreModuleConfig) -> dict[str, Any]:
     """Celery settings derived from the omni-tasks config."""
-    from omni_tasks.tasks.router import OmniRouter
-
     return {
         **broker_settings(config),
         "result_backend": with_tls_defaults(config.redis_url),
@@ -157,7 +159,7 @@ def celery_settings(config: CoreModuleConfig) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "task_queues": [pool_queue(queue) for queue in config.pool_queues()],
         "task_default_queue": config.ar.queue,
-        "task_routes": (OmniRouter(),),
+        "task_routes": (ROUTER,),
         "task_default_priority": None,
         # Flower sees every task and worker.
         "worker_send_task_events": True,
@@ -199,9 +201,12 @@ class OmniCelery(Celery):
     one round trip (`result_backend`)."""
 
     def send_task(self, name: str, *args: Any, **options: Any) -> Any:
-        from omni_tasks.tasks.definitions import send_admitted
-
-        return send_admitted(super().send_task, name, *args, **options)
+        """An omni-tasks task's message goes through the send path
+        (`sending.send_by_name`), unless a send there is publishing it now."""
+        task = self.tasks.get(name)
+        if acceptance.in_send() or not isinstance(task, OmniTask):
+            return super().send_task(name, *args, **options)
+        return sending.send_by_name(task, super().send_task, name, *args, **options)
 
     def _get_backend(self) -> Any:
         backend, url = backends.by_url(self.backend_cls or self.conf.result_backend, self.loader)

@@ -16,24 +16,19 @@ handler the worker side registered (`OmniTask.run_on_worker`).
   the message's id, so the caller's id gets the final result.
 
 A message sent by task name on `omni_tasks.app` (`app.send_task`) is accepted like
-`.delay()` (`send_admitted`, through `OmniCelery.send_task`). The bodies take `*args`
+`.delay()` (`sending.send_by_name`, through `OmniCelery.send_task`). The bodies take `*args`
 only to refuse them on the worker with a clear error (`workers.handlers`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import uuid
-from collections.abc import Callable
 from typing import Any
 
 from celery import chain
 
-from omni_tasks.coordination import acceptance
-from omni_tasks.errors import RequestValidationError
 from omni_tasks.requests import OmniRequest, RequestType
 from omni_tasks.scheduling.policies import SchedulingPolicy
-from omni_tasks.tasks.base import POSITIONAL_REFUSED, OmniTask, publish_options, sending
+from omni_tasks.tasks.base import OmniTask
 from omni_tasks.tasks.celery_app import app
 from omni_tasks.tasks.router import resolve_route
 
@@ -200,30 +195,3 @@ TASK_FOR_TYPE = {
     RequestType.AUDIO: generate_audio,
     RequestType.SPEECH: generate_speech,
 }
-
-
-def send_admitted(send_task: Callable[..., Any], name: str, *args: Any, **options: Any) -> Any:
-    """`send_task` of a message sent by name (`OmniCelery.send_task`), accepted like
-    `.delay()` unless `OmniTask.send` has accepted it already: positional args are
-    refused, the kwargs validated into the request the message then carries (its id the
-    task id, its creation time and seed fixed now), its id checked (a repeat publishes
-    nothing and returns the id's result) and admitted."""
-    task = app.tasks.get(name)
-    if acceptance.in_send() or not isinstance(task, OmniTask):
-        return send_task(name, *args, **options)
-    call_args = args[0] if args else options.pop("args", None)
-    call_kwargs = args[1] if len(args) > 1 else options.pop("kwargs", None)
-    task_id = options["task_id"] = options.get("task_id") or str(uuid.uuid4())
-    request = None
-    if task.takes_previous_result:  # a chain's later stage: the request was accepted
-        message = call_kwargs or {}
-    else:
-        if call_args:
-            raise RequestValidationError("args", POSITIONAL_REFUSED)
-        request = task.build_request(call_kwargs or {}, task_id)
-        message = publish_options(request, options)
-    accepting = task.acceptance_for(call_args, message, task_id, options, request)
-    with sending(message, request) if request is not None else contextlib.nullcontext():
-        return task.publish_accepted(
-            accepting, options, lambda: send_task(name, call_args, message, *args[2:], **options)
-        )

@@ -16,8 +16,9 @@ from omni_tasks.coordination import cache_directory, keys
 from omni_tasks.model_registry import dit_model
 from omni_tasks.requests import OmniRequest, Stage
 from omni_tasks.scheduling.policies import Route, SchedulingPolicy, create_policy
-from omni_tasks.tasks.base import OmniTask, request_being_sent
+from omni_tasks.tasks.base import OmniTask
 from omni_tasks.tasks.celery_app import app, routed_queue
+from omni_tasks.tasks.sending import request_being_sent
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,10 @@ class OmniRouter:
         request = request_being_sent(kwargs) or task.build_request(kwargs or {})
         route = resolve_route(request, task.stage, self.current_policy())
         return {"queue": route.queue, "priority": route.priority}
+
+
+#: The app's router: the Celery config names it (`celery_app.ROUTER`).
+app_router = OmniRouter()
 
 
 def resolve_route(request: OmniRequest, stage: Stage, policy: SchedulingPolicy) -> Route:
