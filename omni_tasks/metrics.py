@@ -28,8 +28,8 @@ from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.counters import BATCH_BUCKETS, TIME_BUCKETS, read_histogram
-from omni_tasks.coordination.monitoring import (
-    UNKNOWN_LEVEL,
+from omni_tasks.coordination.depths import UNKNOWN_LEVEL
+from omni_tasks.coordination.snapshots import (
     ClusterSnapshot,
     PoolStats,
     read_snapshot,

@@ -1,6 +1,6 @@
 """`GET /v1/status`: the cluster at a glance, for the operations page and for scripts.
 
-One read of the cluster (`coordination.monitoring.read_snapshot`) gives the queues per
+One read of the cluster (`coordination.snapshots.read_snapshot`) gives the queues per
 pool and priority level, the live workers and their heartbeats, and the per-pool
 counters; health adds its issues, the stranded lists and the recent window. Each pool's
 waiting messages are also summed per priority class: a level belongs to the class whose
@@ -20,15 +20,15 @@ from fastapi.responses import JSONResponse
 
 from omni_tasks.config import PRIORITY_CLASSES, CoreModuleConfig, get_config
 from omni_tasks.coordination.cache_directory import adapter_stats, hit_rate
-from omni_tasks.coordination.monitoring import (
+from omni_tasks.coordination.counter_window import sample_window
+from omni_tasks.coordination.health import health_of
+from omni_tasks.coordination.rejections import list_rejections
+from omni_tasks.coordination.snapshots import (
     ClusterSnapshot,
-    health_of,
     model_servers,
     read_snapshot,
-    recent_window,
     worker_resources,
 )
-from omni_tasks.coordination.rejections import list_rejections
 from omni_tasks.coordination.stranded import health_issues as stranded_health
 from omni_tasks.coordination.stranded import stranded_lists
 from omni_tasks.requests import create_text_request
@@ -66,7 +66,7 @@ def by_class(levels: dict[int, int], starts: dict[str, int]) -> dict[str, int]:
 def read_status(config: CoreModuleConfig) -> dict[str, Any]:
     """The status document (the route's answer; synchronous Redis reads)."""
     snap = read_snapshot(config)
-    issues, advice = health_of(snap, config, recent_window(snap, config))
+    issues, advice = health_of(snap, config, sample_window(snap, config))
     stranded = stranded_lists(config, snap.workers)
     more_issues, more_advice = stranded_health(stranded)
     rejected = list_rejections(RECENT_REJECTED)

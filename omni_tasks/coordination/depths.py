@@ -21,7 +21,6 @@ from kombu import Connection
 
 from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.coordination import keys, worker_index
-from omni_tasks.coordination.cache_directory import own_queue_keys
 from omni_tasks.coordination.client import get_redis, redacted
 from omni_tasks.model_registry import model_queues
 
@@ -42,12 +41,15 @@ def model_depths(config: CoreModuleConfig | None = None) -> Depths:
     return all_depths(config)[1]
 
 
-def all_depths(config: CoreModuleConfig | None = None) -> tuple[Depths, Depths]:
-    """(per pool, per registered model) depths, read together."""
+def all_depths(
+    config: CoreModuleConfig | None = None, index: worker_index.Index | None = None
+) -> tuple[Depths, Depths]:
+    """(per pool, per registered model) depths, read together; the diffusion workers'
+    own queues from `index` when the worker index was read already."""
     config = config or get_config()
     client = get_redis()
     if not config.broker_is_redis:
-        return _broker_depths(config, client)
+        return _broker_depths(config, client, index)
     dit = config.diffusion.queue
     named = model_queues(config)
     counts = _level_counts(client, [*config.pool_queues(), *named.values()])
@@ -56,7 +58,7 @@ def all_depths(config: CoreModuleConfig | None = None) -> tuple[Depths, Depths]:
     for levels in models.values():
         for level, count in levels.items():
             pool[level] += count
-    own = own_queue_keys(client)
+    own = worker_index.own_queue_keys(client, index)
     pipe = client.pipeline(transaction=False)
     for key, _, _ in own:
         pipe.llen(key)
@@ -146,11 +148,15 @@ class _BrokerQueues:
 _broker_queues = _BrokerQueues()
 
 
-def _broker_depths(config: CoreModuleConfig, client: Any) -> tuple[Depths, Depths]:
+def _broker_depths(
+    config: CoreModuleConfig, client: Any, index: worker_index.Index | None
+) -> tuple[Depths, Depths]:
     """Depths from a non-Redis broker, one count per queue under `UNKNOWN_LEVEL` (an
     unreachable broker gives empty levels: unknown)."""
     dit = config.diffusion.queue
-    own = [keys.worker_queue(w) for w in worker_index.live(client, [worker_index.DIT])]
+    kinds = [worker_index.DIT]
+    live = worker_index.live(client, kinds) if index is None else worker_index.live_in(index, kinds)
+    own = [keys.worker_queue(w) for w in live]
     named = model_queues(config)
     pool_queues = config.pool_queues()
     counts = _broker_queues.counts(config.broker, [*pool_queues, *named.values(), *own])

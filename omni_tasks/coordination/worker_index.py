@@ -70,6 +70,29 @@ def live(client: Any, kinds: Iterable[str] = KINDS, now: float | None = None) ->
     return list(dict.fromkeys(host for found in pipe.execute() for host in found))
 
 
+#: The whole index as read at once: kind -> hostname -> its last beat.
+Index = dict[str, dict[str, float]]
+
+
+def read(client: Any) -> Index:
+    """Every kind's entries, live or not yet swept, in one round trip."""
+    pipe = client.pipeline(transaction=False)
+    for kind in KINDS:
+        pipe.zrange(keys.worker_beats(kind), 0, -1, withscores=True)
+    return {kind: dict(found) for kind, found in zip(KINDS, pipe.execute(), strict=True)}
+
+
+def live_in(index: Index, kinds: Iterable[str] = KINDS, now: float | None = None) -> list[str]:
+    """`live` over an index read with `read`: hostnames whose last beat is younger than
+    `HEARTBEAT_TTL_S`, each once."""
+    cutoff = (time.time() if now is None else now) - HEARTBEAT_TTL_S
+    return list(
+        dict.fromkeys(
+            host for kind in kinds for host, beat in index.get(kind, {}).items() if beat > cutoff
+        )
+    )
+
+
 def dead(client: Any, kind: str, now: float | None = None) -> list[str]:
     """Hostnames of `kind` whose last beat is older than `HEARTBEAT_TTL_S`."""
     cutoff = (time.time() if now is None else now) - HEARTBEAT_TTL_S
@@ -107,11 +130,13 @@ def heartbeats(client: Any, hostnames: list[str]) -> list[dict[str, str]]:
     return [info for info in pipe.execute() if info]
 
 
-def own_queue_keys(client: Any) -> list[tuple[str, str, int]]:
+def own_queue_keys(client: Any, index: Index | None = None) -> list[tuple[str, str, int]]:
     """(list key, worker, priority level) of every level of the own queue of each
-    diffusion worker in the index (an empty list reads as length 0)."""
+    diffusion worker in the index (an empty list reads as length 0); from `index` when
+    it was read already."""
+    hosts = listed(client, DIT) if index is None else list(index.get(DIT, {}))
     return [
         (keys.queue_key(keys.worker_queue(host), level), host, level)
-        for host in listed(client, DIT)
+        for host in hosts
         for level in keys.PRIORITY_STEPS
     ]

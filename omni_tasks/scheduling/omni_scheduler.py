@@ -29,14 +29,18 @@ from omni_tasks.config import (
 from omni_tasks.coordination import admission
 from omni_tasks.coordination.cache_directory import hit_rate
 from omni_tasks.coordination.client import backoff
-from omni_tasks.coordination.monitoring import (
+from omni_tasks.coordination.counter_window import (
+    current_counters,
+    record_sample,
+    sample_window,
+)
+from omni_tasks.coordination.depths import total_queued
+from omni_tasks.coordination.health import health_of
+from omni_tasks.coordination.snapshots import (
     ClusterSnapshot,
-    health_of,
     memory_figures,
     model_servers,
     read_snapshot,
-    recent_window,
-    total_queued,
     unserved_models,
     worker_resources,
 )
@@ -290,7 +294,7 @@ class OmniScheduler:
         """Cluster-wide figures over the recent window (every process shares its
         samples): requests done per second, and their mean queue + run time."""
         snap = read_snapshot(self.core_config)
-        window = recent_window(snap, self.core_config)
+        window = sample_window(snap, self.core_config)
         done = window.processed
         spent = sum(p.run_s_sum + p.queued_s_sum for p in window.pools.values())
         used, budget = memory_figures(snap)
@@ -306,7 +310,7 @@ class OmniScheduler:
 
     def get_health_status(self) -> dict[str, Any]:
         snap = read_snapshot(self.core_config)
-        window = recent_window(snap, self.core_config)
+        window = sample_window(snap, self.core_config)
         issues, advice = health_of(snap, self.core_config, window)
         stranded = stranded_lists(self.core_config, snap.workers)
         more_issues, more_advice = stranded_health(stranded)
@@ -322,7 +326,8 @@ class OmniScheduler:
         }
 
     def _window(self) -> None:
-        recent_window(read_snapshot(self.core_config), self.core_config)
+        """Add a sample of the counters now to the window's series."""
+        record_sample(current_counters(read_snapshot(self.core_config), self.core_config))
 
     @staticmethod
     def _models(snap: ClusterSnapshot) -> dict[str, dict[str, Any]]:
