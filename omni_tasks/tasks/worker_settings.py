@@ -45,8 +45,8 @@ def worker_settings(config: CoreModuleConfig, queues: list[str]) -> dict[str, ob
     pools = pools_for_queues(config, queues)
     if not pools:
         return {}
-    kinds = {p.pool_type for p in pools}
-    pool_type = kinds.pop() if len(kinds) == 1 else "threads"
+    pool_types = {p.pool_type for p in pools}
+    pool_type = pool_types.pop() if len(pool_types) == 1 else "threads"
     return {
         "worker_pool": pool_type,
         "worker_concurrency": sum(p.concurrency for p in pools),
