@@ -17,8 +17,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from omni_tasks.config.schema import CoreModuleConfig
+from omni_tasks.config.loading import RENAMED_KEYS
 from omni_tasks.config.registry import ModelEntry
+from omni_tasks.config.schema import CoreModuleConfig
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
@@ -42,7 +43,6 @@ scheduler.starvation_s: A request a diffusion worker has held this long ranks ab
     request held for less.
 cache.max_memory_gib: Device memory of each diffusion worker's DiT cache, in GiB
     (`cache.max_memory_gb` is read too).
-cache.max_memory_gb: Device memory of each diffusion worker's DiT cache, in GiB.
 cache.strategy: Eviction policy of the DiT cache: `lru`, `lfu`, `ttl`, `adaptive` (ARC,
     counted in bytes).
 cache.ttl_seconds: An entry's lifetime under the `ttl` strategy, from insertion.
@@ -52,8 +52,6 @@ cache.compression_ratio: The most bytes a compressed entry may keep, as a share 
     original (0, 1].
 max_memory_gib: A CPU worker's device memory budget in GiB, at most `max_cpu_utilization` of
     system memory (`max_memory_gb` is read too).
-max_memory_gb: A CPU worker's device memory budget in GiB, at most `max_cpu_utilization` of
-    system memory.
 max_gpu_utilization: Share of a CUDA device's memory a worker may use (also vLLM's
     `gpu_memory_utilization`).
 max_cpu_utilization: Share of the system memory a CPU worker's budget may take.
@@ -142,8 +140,6 @@ lora.max_lora_rank: AR: vLLM's largest adapter rank (1, 8, 16, 32, 64, ...); com
 lora.max_cpu_loras: AR: adapters vLLM keeps loaded (at least `max_loras`).
 lora.memory_gib: Diffusion: device memory for loaded adapters per worker, in GiB, out of its
     budget (`lora.memory_gb` is read too).
-lora.memory_gb: Diffusion: device memory for loaded adapters per worker, in GiB, out of its
-    budget.
 lora.mixed_batches: Diffusion: requests with different adapter sets share a denoising step.
 models: The diffusion models requests may name (`model=`): name (each names a queue
     `diffusion.<name>`) -> entry.
@@ -205,7 +201,23 @@ def render() -> str:
     parts = [INTRO]
     for prefix, cls in sections():
         parts.append(render_section(prefix, cls))
+    parts.append(render_renames())
     return "\n".join(parts)
+
+
+def render_renames() -> str:
+    """The keys read under an older name (`loading.RENAMED_KEYS`)."""
+    lines = [
+        "## Renamed keys",
+        "",
+        "Files, mappings and `OMNI_*` variables that use an older name are still read: the",
+        "value goes to the new field, and a deprecation warning names it.",
+        "",
+        "| older name | field |",
+        "|---|---|",
+    ]
+    lines += [f"| `{old}` | `{new}` |" for old, new in RENAMED_KEYS.items()]
+    return "\n".join(lines) + "\n"
 
 
 def sections() -> list[tuple[str, type]]:
