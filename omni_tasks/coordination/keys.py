@@ -1,6 +1,6 @@
 """Every Redis key omni-tasks uses, in one place: plain functions of the key prefix.
 
-Queues are kombu's lists (one per priority level); everything else lives under
+Queues are kombu's lists (one per level, docs/glossary.md); everything else lives under
 `<key_prefix>:` so one Redis can serve several deployments.
 """
 
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from omni_tasks.config import get_config
 
-#: kombu's separator between a queue name and its priority level (its default, so a
-#: Celery client with default transport options writes lists the workers read), and
-#: the levels a worker reads, 0 served first: a superset of kombu's default steps
-#: (0, 3, 6, 9), which such a client's integer priorities are rounded down to.
+#: kombu's separator between a queue name and its level (its default, so a Celery
+#: client with default transport options writes lists the workers read), and the levels
+#: a worker reads, 0 served first (kombu's `priority_steps`): a superset of kombu's
+#: default steps (0, 3, 6, 9), which such a client's integer levels are rounded down to.
 PRIORITY_SEP = "\x06\x16"
 PRIORITY_STEPS = tuple(range(10))
 #: The separator of omni-tasks releases before the wire contract: lists and exchange
@@ -23,17 +23,17 @@ def _p() -> str:
     return get_config().key_prefix
 
 
-def queue_key(queue: str, priority: int) -> str:
-    """The Redis list kombu keeps for one priority level of a queue (0 is the bare name)."""
-    return queue if priority == 0 else f"{queue}{PRIORITY_SEP}{priority}"
+def queue_key(queue: str, level: int) -> str:
+    """The Redis list kombu keeps for one level of a queue (0 is the bare name)."""
+    return queue if level == 0 else f"{queue}{PRIORITY_SEP}{level}"
 
 
 def queue_keys(queue: str) -> list[str]:
-    return [queue_key(queue, p) for p in PRIORITY_STEPS]
+    return [queue_key(queue, level) for level in PRIORITY_STEPS]
 
 
 def parse_queue_key(key: str) -> tuple[str, int]:
-    """(queue, priority) of a list named by `queue_key`."""
+    """(queue, level) of a list named by `queue_key`."""
     queue, sep, level = key.rpartition(PRIORITY_SEP)
     if sep and level.isdigit() and int(level) in PRIORITY_STEPS:
         return queue, int(level)
