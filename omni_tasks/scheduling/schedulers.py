@@ -12,21 +12,26 @@ import heapq
 import itertools
 import threading
 from abc import ABC, abstractmethod
+from typing import Generic, TypeVar
 
 from omni_tasks.config import CoreModuleConfig, SchedulerConfig, SchedulerType, get_config
 from omni_tasks.errors import QueueFullError
 from omni_tasks.requests import OmniRequest
 from omni_tasks.scheduling.policies import SchedulingPolicy, create_policy
 
+#: What a scheduler holds and hands out: an `OmniRequest` here, a worker's step request
+#: in the step loop.
+ItemT = TypeVar("ItemT")
 
-class BaseScheduler(ABC):
+
+class BaseScheduler(ABC, Generic[ItemT]):
     """What every scheduler answers: schedule, hand out, remove, and two counts."""
 
     @abstractmethod
-    async def schedule_request(self, request: OmniRequest) -> bool: ...
+    async def schedule_request(self, request: ItemT) -> bool: ...
 
     @abstractmethod
-    async def get_next_request(self) -> OmniRequest | None: ...
+    async def get_next_request(self) -> ItemT | None: ...
 
     @abstractmethod
     async def remove_request(self, request_id: str) -> bool: ...
@@ -38,7 +43,7 @@ class BaseScheduler(ABC):
     def get_processed_count(self) -> int: ...
 
 
-class PolicyScheduler(BaseScheduler):
+class PolicyScheduler(BaseScheduler[OmniRequest]):
     """A bounded heap ordered by `policy.sort_key`; removal is lazy (O(log n) pops).
 
     The policy is the config's `scheduler_type`, unless the class fixes one.

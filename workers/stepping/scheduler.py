@@ -62,11 +62,11 @@ def _rank_fn(kind: SchedulerType, weights: dict[str, float]) -> Callable[[StepRe
         raise ValueError(f"Unknown scheduler type: {kind}") from None
 
 
-class StepScheduler(BaseScheduler):
+class StepScheduler(BaseScheduler[StepRequest]):
     """The requests one diffusion worker holds, ranked by the configured policy.
 
-    Not thread-safe by itself: the step loop calls it under its own lock. The seed's
-    async methods are thin wrappers over the synchronous ones the loop uses.
+    Not thread-safe by itself: the step loop calls it under its own lock. The async
+    `BaseScheduler` methods are thin wrappers over the synchronous ones the loop uses.
     """
 
     def __init__(
@@ -85,12 +85,12 @@ class StepScheduler(BaseScheduler):
         self._held: dict[str, StepRequest] = {}
         self._processed = 0
 
-    # --- the seed's API -------------------------------------------------------------------
+    # --- the BaseScheduler API -------------------------------------------------------------
 
-    async def schedule_request(self, request: StepRequest) -> bool:  # type: ignore[override]
+    async def schedule_request(self, request: StepRequest) -> bool:
         return self.add(request)
 
-    async def get_next_request(self) -> StepRequest | None:  # type: ignore[override]
+    async def get_next_request(self) -> StepRequest | None:
         batch = self.get_next_batch(1)
         return batch[0] if batch else None
 
