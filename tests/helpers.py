@@ -13,6 +13,22 @@ from typing import Any
 
 from PIL import Image
 
+#: The RabbitMQ the broker tests use when it answers (they skip otherwise).
+AMQP_URL = os.environ.get("OMNI_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def amqp_answers(url: str) -> bool:
+    """Whether an AMQP broker answers at `url` within about two seconds."""
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=2) as connection:
+            connection.ensure_connection(max_retries=1)
+        return True
+    except Exception:
+        return False
+
+
 #: The JSON keys of each result, in order: the shape callers of every version rely on.
 USAGE_KEYS = ["prompt_tokens", "completion_tokens", "total_tokens"]
 TEXT_KEYS = [

@@ -5,22 +5,28 @@ the chat prompt, and where previews are taken."""
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from omni_tasks import app
-from omni_tasks.api.errors import APIError, body_error, from_failure
+from omni_tasks.api.errors import APIError, body_error, from_core_error, from_failure
 from omni_tasks.api.files import file_url, resolve
 from omni_tasks.api.hub import ResultHub, meta_key
+from omni_tasks.api.idempotency import HEADER
 from omni_tasks.api.job_state import JobRecord, job_view, status_of
 from omni_tasks.api.jobs import prefer_wait
+from omni_tasks.api.openai_images import input_size
 from omni_tasks.api.openai_text import Message, chat_messages
+from omni_tasks.api.status import by_class, class_levels
 from omni_tasks.api.webhooks import BACKOFF_CAP_S, backoff, sign, verify
-from omni_tasks.config import get_config
+from omni_tasks.config import CoreModuleConfig, SchedulerConfig, SchedulerType, get_config
+from omni_tasks.errors import BrokerUnavailableError
 from workers.previews import preview_steps
 
 SUCCESS = {"status": "SUCCESS", "result": {"text": "x"}}
@@ -182,3 +188,36 @@ def test_compose_and_the_procfile_run_the_api() -> None:
     )
     procfile = (root / "Procfile").read_text().splitlines()
     assert "api: omni-tasks api --host 127.0.0.1 --port 8000" in procfile
+
+
+def test_a_send_that_may_have_been_accepted_says_how_to_retry() -> None:
+    exc = BrokerUnavailableError("r1", "lost the connection", may_be_accepted=True)
+    keyed, unkeyed = from_core_error(exc, keyed=True), from_core_error(exc)
+    assert keyed.status == unkeyed.status == 503
+    assert "may have been accepted" in keyed.message and "r1" in keyed.message
+    assert f"same {HEADER} is safe" in keyed.message
+    assert "may run it twice" in unkeyed.message and HEADER in unkeyed.message
+
+
+def png(size: tuple[int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (30, 120, 200)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_an_edit_keeps_the_input_size_rounded_to_the_models_multiple() -> None:
+    assert input_size(png((32, 32))) == {"width": 32, "height": 32}
+    assert input_size(png((100, 60))) == {"width": 96, "height": 64}
+    assert input_size(png((5, 5))) == {"width": 16, "height": 16}
+    assert input_size(png((4096, 1024))) == {"width": 2048, "height": 512}
+    assert input_size(b"not an image") == {}  # refused later, naming `image`
+
+
+def test_levels_are_counted_under_the_class_that_starts_there() -> None:
+    config = CoreModuleConfig(scheduler=SchedulerConfig(scheduler_type=SchedulerType.PRIORITY))
+    starts = class_levels(config)
+    assert starts["high"] == 0 < starts["normal"] < starts["low"] == 9
+    levels = {0: 1, starts["normal"]: 2, starts["normal"] + 1: 4, 9: 3}
+    assert by_class(levels, starts) == {"high": 1, "normal": 6, "low": 3}
+    fifo = class_levels(CoreModuleConfig(scheduler=SchedulerConfig()))
+    assert by_class({0: 5}, fifo) == {"high": 0, "normal": 5, "low": 0}  # no classes

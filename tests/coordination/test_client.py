@@ -4,18 +4,25 @@ Celery's spelling too), string replies, and the poll back-off of waiters."""
 from __future__ import annotations
 
 import itertools
+import ssl
+from dataclasses import replace
 
 import pytest
+import redis
 
 from omni_tasks import get_config
+from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination.client import (
     POLL_GROWTH,
     POLL_MAX_S,
     POLL_MIN_S,
     backoff,
     get_redis,
+    redacted,
     to_redis_py_url,
+    with_tls_defaults,
 )
+from omni_tasks.tasks.celery_app import celery_settings
 
 
 def test_to_redis_py_url() -> None:
@@ -57,3 +64,27 @@ def test_backoff_grows_by_1_5_and_caps() -> None:
 def test_backoff_with_its_own_start_cap_and_growth() -> None:
     assert list(itertools.islice(backoff(1.0, 5.0, 2.0), 5)) == [1.0, 2.0, 4.0, 5.0, 5.0]
     assert list(itertools.islice(backoff(0.5, 0.5), 3)) == [0.5, 0.5, 0.5]
+
+
+def test_rediss_urls_verify_the_certificate_unless_they_say_otherwise() -> None:
+    config = replace(CoreModuleConfig(), redis_url="rediss://:pw@cache.example:6380/0")
+    settings = celery_settings(config)
+    for url in (settings["broker_url"], settings["result_backend"]):
+        assert url == "rediss://:pw@cache.example:6380/0?ssl_cert_reqs=required"
+    named = "rediss://h:6380/0?ssl_ca_certs=/ca.pem"
+    assert with_tls_defaults(named) == named + "&ssl_cert_reqs=required"
+    relaxed = "rediss://h:6380/0?ssl_cert_reqs=none"
+    assert with_tls_defaults(relaxed) == relaxed  # said otherwise: left as is
+    assert with_tls_defaults("redis://h:6379/0") == "redis://h:6379/0"
+    # The coordination client (redis-py) reads the same URL the same way.
+    pool = redis.Redis.from_url(to_redis_py_url("rediss://:pw@h:6380/0")).connection_pool
+    assert pool.connection_class(**pool.connection_kwargs).cert_reqs == ssl.CERT_REQUIRED
+
+
+def test_redacted_masks_passwords_of_every_broker() -> None:
+    assert redacted("redis://:pw@h:6379/0") == "redis://:**@h:6379/0"
+    assert redacted("rediss://user:pw@h:6380/1?ssl_cert_reqs=required").startswith(
+        "rediss://user:**@h:6380/1"
+    )
+    assert redacted("amqp://guest:pw@h:5672//") == "amqp://guest:**@h:5672//"
+    assert redacted("redis://h:6379/0") == "redis://h:6379/0"

@@ -4,6 +4,10 @@ flags in Redis that outlive the live workers' revoke lists."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from helpers import DIT_QUEUE, message_kwargs, queued_messages, where
 
@@ -104,3 +108,29 @@ def test_cancel_a_one_stage_request_flags_its_task(redis_client, kind: RequestTy
 def test_cancel_without_a_type_flags_both_possible_tasks(redis_client) -> None:
     cancel("who-knows")
     assert redis_client.exists(keys.revoked("who-knows"), keys.revoked("who-knows.prompt")) == 2
+
+
+PRODUCER = r"""
+import sys, time
+from omni_tasks import SchedulerError, generate_text
+start = time.monotonic()
+try:
+    generate_text.delay(prompt="nobody home")
+except SchedulerError as exc:
+    print(f"{time.monotonic() - start:.2f} {exc}")
+"""
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:1", "10.255.255.1:6379"])
+def test_a_producer_that_cannot_reach_redis_gets_a_clear_error_in_bounded_time(
+    host: str,
+) -> None:
+    env = {**os.environ, "OMNI_REDIS_URL": f"redis://:secret@{host}/0"}
+    out = subprocess.run(
+        [sys.executable, "-c", PRODUCER], env=env, capture_output=True, text=True, timeout=60
+    )
+    elapsed, _, message = out.stdout.strip().partition(" ")
+    assert "not sent: cannot reach redis://" in message, out.stdout + out.stderr
+    assert "nothing was accepted" in message
+    assert "secret" not in out.stdout + out.stderr
+    assert float(elapsed) < 10

@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 import redis
 from celery import states
-from conftest import start_ready_workers
-from helpers import DIT_QUEUE, TEXT_KEYS, queued_messages, where
+from helpers import DIT_QUEUE, queued_messages, where
 
 from omni_tasks import (
     QueueFullError,
@@ -257,28 +256,6 @@ def test_waiting_on_a_batch_whose_results_came_first_returns_them_at_once(redis_
     assert [v["request_id"] for v in values] == [f"stored-{i}" for i in range(4)]
 
 
-@pytest.mark.slow
-def test_a_worker_runs_a_batch_each_request_under_its_own_id(
-    redis_client, tiny_llama_dir: Path, run_dir: Path
-) -> None:
-    env = {"OMNI_AR__ENGINE": "transformers"}
-    (worker,) = start_ready_workers(["ar"], run_dir / "logs", env=env, name="batch")
-    try:
-        requests = mixed(16, "run")
-        group = submit_many(requests)
-        probes = submit_many(mixed(4, "probe"), task="omni_tasks.probe")
-        single = generate_text.delay(prompt="run 0", max_tokens=2, priority="high").get(120)
-        values = group.get(timeout=180)
-        probed = probes.get(timeout=180)
-    finally:
-        worker.stop()
-    assert [v["request_id"] for v in values] == [r.request_id for r in requests]
-    assert all(list(v) == TEXT_KEYS == list(single) for v in values)
-    assert [v["request_id"] for v in probed] == [f"probe-{i}" for i in range(4)]
-    assert redis_client.llen(keys.rejected()) == 0  # the worker refused none
-    assert redis_client.zcard(keys.admitted("ar")) == 0  # every place given back
-
-
 #: A producer with RabbitMQ as its broker (its own process: the broker is read once).
 AMQP_PRODUCER = """
 import json, sys
@@ -299,8 +276,8 @@ print(json.dumps({"ids": ids, "full": full}))
 
 @pytest.mark.slow
 def test_a_rabbitmq_broker_gets_the_batch_after_its_acceptance(redis_client) -> None:
+    from helpers import AMQP_URL, amqp_answers
     from kombu import Connection
-    from test_rabbitmq_broker import AMQP_URL, amqp_answers
 
     if not amqp_answers(AMQP_URL):
         pytest.skip(f"no RabbitMQ answers at {AMQP_URL}")

@@ -19,15 +19,12 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.exceptions import Ignore, Reject
-from conftest import clean_redis, start_ready_workers
 from helpers import eventually
 
 import omni_tasks
 from omni_tasks import (
-    create_diffusion_request,
     create_multimodal_request,
     create_text_request,
-    submit,
 )
 from omni_tasks.config import get_config, set_config
 from omni_tasks.coordination import keys, runs
@@ -44,8 +41,6 @@ from workers.handlers import (
     register_handlers,
 )
 from workers.runtime import WorkerRuntime
-
-TIMEOUT = 300
 
 
 def hands_its_message_to_a_handler(task: OmniTask) -> bool:
@@ -357,38 +352,3 @@ def test_a_redelivered_message_cancelled_meanwhile_is_skipped(
 
 
 # --------------------------------------------------------------- a real worker
-
-
-@pytest.fixture()
-def clean(tiny_models):
-    clean_redis()
-    yield
-    clean_redis()
-
-
-@pytest.mark.slow
-def test_redelivery_cap_gives_up_on_a_poison_message(clean, run_dir) -> None:
-    """A message that keeps coming back (each time a worker died on it) is failed and
-    recorded once it has returned `max_redeliveries` times."""
-    poison = submit(create_diffusion_request("poison", width=32, height=32, steps=1))
-    fine = submit(create_diffusion_request("fine", width=32, height=32, steps=1))
-    client = get_redis()
-    # Mark the message redelivered exactly as kombu does when it restores one, and
-    # record that it already came back `max_redeliveries` times.
-    for key in keys.queue_keys(keys.model_queue("diffusion", get_config().diffusion.model)):
-        for i, raw in enumerate(client.lrange(key, 0, -1)):
-            message = json.loads(raw)
-            if message["headers"]["id"] == poison.id:
-                message["headers"]["redelivered"] = True
-                message["properties"]["delivery_info"]["redelivered"] = True
-                client.lset(key, i, json.dumps(message))
-    client.set(keys.deliveries(poison.id), get_config().max_redeliveries)
-    (worker,) = start_ready_workers(["diffusion"], run_dir / "logs")
-    try:
-        with pytest.raises(Exception, match="max_redeliveries"):
-            poison.get(TIMEOUT)
-        assert fine.get(TIMEOUT)["width"] == 32  # the worker lives on
-    finally:
-        worker.stop()
-    record = next(r for r in list_rejections() if r["task_id"] == poison.id)
-    assert "redelivered" in record["reason"]

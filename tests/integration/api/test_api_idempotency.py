@@ -20,10 +20,8 @@ import pytest
 from api_support import TOKEN, ApiServer, api_factory, free_port  # noqa: F401
 from helpers import eventually
 
-from omni_tasks.api.errors import from_core_error
 from omni_tasks.api.idempotency import HEADER, caller_of, keyed_id
 from omni_tasks.coordination.client import get_redis
-from omni_tasks.errors import BrokerUnavailableError
 
 TINY = {"type": "diffusion", "prompt": "a keyed fox", "width": 64, "height": 48, "steps": 2}
 CHAT = [{"role": "user", "content": "Say hi."}]
@@ -209,12 +207,3 @@ def test_an_unreachable_broker_is_503_and_the_keyed_retry_runs_once(
     assert retried.status_code == 202 and retried.json()["id"] == job_id
     drain(http, TINY)
     assert ran_once(pools["diffusion"], job_id)
-
-
-def test_a_send_that_may_have_been_accepted_says_how_to_retry() -> None:
-    exc = BrokerUnavailableError("r1", "lost the connection", may_be_accepted=True)
-    keyed, unkeyed = from_core_error(exc, keyed=True), from_core_error(exc)
-    assert keyed.status == unkeyed.status == 503
-    assert "may have been accepted" in keyed.message and "r1" in keyed.message
-    assert f"same {HEADER} is safe" in keyed.message
-    assert "may run it twice" in unkeyed.message and HEADER in unkeyed.message

@@ -19,8 +19,6 @@ from api_support import ApiServer, api_factory  # noqa: F401
 from conftest import clean_redis, start_ready_workers
 from PIL import Image
 
-from omni_tasks.api.openai_images import input_size
-
 #: A key prefix no worker uses: validation answers before any worker is looked for.
 LONELY = {"OMNI_KEY_PREFIX": "omni-api-params"}
 #: The request's own names for what the image endpoints call otherwise.
@@ -112,14 +110,6 @@ def test_an_invalid_body_is_the_clients_bad_request_naming_the_parameter(
     assert error.body["message"].startswith(f"{param}: "), error.body
     assert words in error.body["message"], error.body
     assert not re.search(INTERNAL, error.body["message"]), error.body
-
-
-def test_an_edit_keeps_the_input_size_rounded_to_the_models_multiple() -> None:
-    assert input_size(png((32, 32))) == {"width": 32, "height": 32}
-    assert input_size(png((100, 60))) == {"width": 96, "height": 64}
-    assert input_size(png((5, 5))) == {"width": 16, "height": 16}
-    assert input_size(png((4096, 1024))) == {"width": 2048, "height": 512}
-    assert input_size(b"not an image") == {}  # refused later, naming `image`
 
 
 @pytest.fixture(scope="module")

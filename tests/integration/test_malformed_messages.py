@@ -175,18 +175,3 @@ def test_a_pickled_message_is_refused(worker) -> None:
     record = assert_failed(task_id, "content type", "pickle")
     assert record["body"] == "\\x80\x04K*."  # non-UTF-8 bytes escaped
     assert_serving(worker, pid)
-
-
-def test_synchronous_reads_skip_malformed_entries(redis_client) -> None:
-    """`basic_get` (no worker needed) drops the garbage and returns the good message."""
-    from workers.transport import OmniRedisTransport
-
-    queue, task_id = f"vetting-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    good = envelope(IMAGE, {"prompt": "fox"}, task_id)
-    redis_client.lpush(queue, b"42", b"not JSON at all", json.dumps(good))  # popped in order
-    with app.connection_for_read(transport=OmniRedisTransport) as conn:
-        message = conn.default_channel.basic_get(queue, no_ack=True)
-    assert message is not None and message.headers["id"] == task_id
-    reasons = [r["reason"] for r in list_rejections() if r["queue"] == queue]
-    assert len(reasons) == 2 and "JSON int" in reasons[1] and "not JSON" in reasons[0]
-    assert redis_client.llen(queue) == 0

@@ -22,7 +22,7 @@ from omni_tasks.coordination import keys
 from omni_tasks.dev.launcher import start_worker
 from omni_tasks.dev.redis_server import PrivateRedis, start_private_redis
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 WORKERS = 2
 WINDOW_S = 20.0
 #: The budget: omni-tasks' own commands per second per idle worker.

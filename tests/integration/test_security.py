@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import ssl
 import subprocess
 import sys
 import time
@@ -17,7 +15,6 @@ import urllib.error
 import urllib.request
 from base64 import b64encode
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +22,13 @@ import pytest
 import redis
 from conftest import MODELS_CACHE
 
-from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import redacted, to_redis_py_url, with_tls_defaults
+from omni_tasks.coordination.client import redacted, to_redis_py_url
 from omni_tasks.dev.launcher import WorkerProcess, start_worker
 from omni_tasks.dev.redis_server import PrivateRedis, TlsFiles, _free_port, start_private_redis
-from omni_tasks.tasks.celery_app import celery_settings
 
 PASSWORD = "s3cr3t-Pw-7f2a"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: A producer in its own process, as an application runs: one probe, then what the
 #: workers report of their config (what Flower's worker page shows).
 PRODUCER = """
@@ -246,40 +241,3 @@ def test_rediss_with_a_password_serves_through_tls(tiny_llama_dir, tmp_path: Pat
             redis.Redis.from_url(plain, socket_timeout=2, socket_connect_timeout=2).ping()
     finally:
         server.stop()
-
-
-def test_rediss_urls_verify_the_certificate_unless_they_say_otherwise() -> None:
-    config = replace(CoreModuleConfig(), redis_url="rediss://:pw@cache.example:6380/0")
-    settings = celery_settings(config)
-    for url in (settings["broker_url"], settings["result_backend"]):
-        assert url == "rediss://:pw@cache.example:6380/0?ssl_cert_reqs=required"
-    named = "rediss://h:6380/0?ssl_ca_certs=/ca.pem"
-    assert with_tls_defaults(named) == named + "&ssl_cert_reqs=required"
-    relaxed = "rediss://h:6380/0?ssl_cert_reqs=none"
-    assert with_tls_defaults(relaxed) == relaxed  # said otherwise: left as is
-    assert with_tls_defaults("redis://h:6379/0") == "redis://h:6379/0"
-    # The coordination client (redis-py) reads the same URL the same way.
-    pool = redis.Redis.from_url(to_redis_py_url("rediss://:pw@h:6380/0")).connection_pool
-    assert pool.connection_class(**pool.connection_kwargs).cert_reqs == ssl.CERT_REQUIRED
-
-
-def test_redacted_masks_passwords_of_every_broker() -> None:
-    assert redacted("redis://:pw@h:6379/0") == "redis://:**@h:6379/0"
-    assert redacted("rediss://user:pw@h:6380/1?ssl_cert_reqs=required").startswith(
-        "rediss://user:**@h:6380/1"
-    )
-    assert redacted("amqp://guest:pw@h:5672//") == "amqp://guest:**@h:5672//"
-    assert redacted("redis://h:6379/0") == "redis://h:6379/0"
-
-
-def test_compose_flower_refuses_to_start_without_credentials() -> None:
-    import yaml
-
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    flower = " ".join(compose["services"]["flower"]["command"])
-    assert re.search(r"--basic-auth=\$\{FLOWER_USER[^}]*\}:\$\{FLOWER_PASSWORD:\?", flower)
-    redis_service = " ".join(compose["services"]["redis"]["command"])
-    assert "--requirepass" in redis_service and "${REDIS_PASSWORD:?" in redis_service
-    makefile = (ROOT / "Makefile").read_text()
-    flower_target = makefile.split("\nflower:", 1)[1].split("\n\n", 1)[0]
-    assert "--address=127.0.0.1" in flower_target  # unauthenticated only on loopback

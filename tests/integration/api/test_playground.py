@@ -36,7 +36,7 @@ pytestmark = [
 ]
 
 SCREENSHOTS = os.environ.get("OMNI_WRITE_SCREENSHOTS") == "1"
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+DOCS = Path(__file__).resolve().parents[3] / "docs"
 FLOWER = "http://flower.example:5555"
 GRAFANA = "http://grafana.example:3000/d/omni"
 #: Headers a proxy does not pass on (hop by hop), and Host, which it sets.

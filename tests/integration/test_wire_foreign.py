@@ -45,7 +45,7 @@ from omni_tasks.wire_schema import DEFAULT_DIR
 pytestmark = pytest.mark.slow
 
 TIMEOUT = 300
-CLIENT = Path(__file__).with_name("wire_client.py")
+CLIENT = Path(__file__).resolve().parents[1] / "wire_client.py"
 
 
 def valid(name: str, value: Any) -> None:

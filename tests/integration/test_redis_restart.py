@@ -26,7 +26,7 @@ from omni_tasks.coordination import keys
 from omni_tasks.dev.launcher import WorkerProcess, start_worker
 from omni_tasks.dev.restartable_redis import RestartableRedis
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 #: Long enough to be running when Redis stops and (mostly) when it returns.
 SIZE, STEPS = 512, 100
 DOWN_S = 3.0

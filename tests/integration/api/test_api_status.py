@@ -14,8 +14,6 @@ from conftest import clean_redis
 
 from omni_tasks import generate_speech, generate_text
 from omni_tasks.api.page import CSP
-from omni_tasks.api.status import by_class, class_levels
-from omni_tasks.config import CoreModuleConfig, SchedulerConfig, SchedulerType
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +23,6 @@ def api(api_factory: Any) -> ApiServer:  # noqa: F811
         "OMNI_API__GRAFANA_URL": "https://grafana.example/d/omni",
     }
     return api_factory(**env)
-
-
-def test_levels_are_counted_under_the_class_that_starts_there() -> None:
-    config = CoreModuleConfig(scheduler=SchedulerConfig(scheduler_type=SchedulerType.PRIORITY))
-    starts = class_levels(config)
-    assert starts["high"] == 0 < starts["normal"] < starts["low"] == 9
-    levels = {0: 1, starts["normal"]: 2, starts["normal"] + 1: 4, 9: 3}
-    assert by_class(levels, starts) == {"high": 1, "normal": 6, "low": 3}
-    fifo = class_levels(CoreModuleConfig(scheduler=SchedulerConfig()))
-    assert by_class({0: 5}, fifo) == {"high": 0, "normal": 5, "low": 0}  # no classes
 
 
 def test_the_page_needs_no_token_and_sets_a_strict_policy(api: ApiServer) -> None:
