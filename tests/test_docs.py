@@ -66,3 +66,16 @@ def test_the_reference_pages_exist() -> None:
     wanted = {"glossary", "api", "models", "video", "speech", "scheduling", "caching"}
     wanted |= {"operations", "reliability", "security", "wire", "configuration"}
     assert wanted <= names, wanted - names
+
+
+def test_every_path_named_exists() -> None:
+    """A file or folder of the repository named in backticks (`workers/runtime.py`,
+    `tests/integration/`, `omni_tasks/coordination/scripts/*.lua`) is there."""
+    named = re.compile(r"`((?:omni_tasks|workers|tests|bench|config|deploy|scripts)/[\w./*-]*)")
+    missing = []
+    for page in [README, *PAGES]:
+        for path in set(named.findall(page.read_text(encoding="utf-8"))):
+            path = path.split(":")[0].rstrip(".")
+            if not any(ROOT.glob(path)) and not (ROOT / path).exists():
+                missing.append(f"{page.name}: {path}")
+    assert not missing, missing
