@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from omni_tasks.config import get_config
 from omni_tasks.coordination import cache_directory, single_flight
 from omni_tasks.coordination.cache_directory import DiTKeys, dit_keys
 from omni_tasks.coordination.outage import Outage
@@ -72,7 +71,7 @@ class Rendered:
 
 
 def _count(kind: str, hit: bool) -> None:
-    queue = get_config().diffusion.queue
+    queue = runtime.config.diffusion.queue
     _outage.run(cache_directory.count_lookup, queue, runtime.hostname, kind, hit)
 
 
@@ -90,7 +89,7 @@ def render(
 ) -> Rendered:
     engine = runtime.diffusion_engine()
     cache = runtime.dit_cache()
-    keys: DiTKeys = dit_keys(request, get_config(), prompt)
+    keys: DiTKeys = dit_keys(request, runtime.config, prompt)
     started = time.perf_counter()
     final = cache.get(keys.latents)
     _count("latents", final is not None)
@@ -119,7 +118,7 @@ def render(
         if out.latents is not None:  # lossless: an exact repeat gives the identical files
             cache.put(keys.latents, _final(out, files), lossless=True)
         info = {"latents": "miss", "embeddings": "hit" if embeds is not None else "miss"}
-        count_uses(get_config().diffusion.queue, out.lora)
+        count_uses(runtime.config.diffusion.queue, out.lora)
         flight.publish(_outcome(out, info, files))
     except BaseException:
         flight.release()

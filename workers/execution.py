@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from omni_tasks.config import get_config
 from omni_tasks.coordination.cache_directory import step_cache_of
 from omni_tasks.errors import ProcessingError
 from omni_tasks.requests import COMPLETION_TYPES, OmniRequest, RequestType
@@ -20,7 +19,7 @@ from omni_tasks.results import (
     VideoResult,
 )
 from omni_tasks.scheduling.policies import create_policy
-from omni_tasks.tasks.base import request_deadline
+from omni_tasks.tasks.sending import request_deadline
 from workers import previews, progress, task_context
 from workers.audio import encoded_rate
 from workers.dit_service import Rendered, render
@@ -39,7 +38,7 @@ def timeout_for(request: OmniRequest) -> float:
     plus `timeout_s`), or the config's cap for a request without a timeout."""
     deadline = request_deadline(request)
     if deadline is None:
-        return float(get_config().request_time_cap_s)
+        return float(runtime.config.request_time_cap_s)
     return max(deadline - time.time(), 0.0)
 
 
@@ -50,7 +49,7 @@ def _text_params(request: OmniRequest) -> TextParams:
         top_p=request.top_p,
         seed=request.seed,
         stop=tuple(request.stop),
-        priority=get_config().scheduler.class_rank(request.priority),
+        priority=runtime.config.scheduler.class_rank(request.priority),
         # A MULTIMODAL request's adapters style its image: the DiT stage runs them.
         lora=request.adapters if request.request_type in COMPLETION_TYPES else (),
         n=request.n,
@@ -93,7 +92,7 @@ def run_text(request: OmniRequest) -> TextResult:
         usage=_usage(out),
         finish_reason=out.finish_reason,
         engine=engine,
-        model=get_config().ar.model,
+        model=runtime.config.ar.model,
         timings={"generate_s": round(gen_s, 6)},
         lora=out.lora,
         choices=[vars(c) for c in out.choices],
@@ -107,7 +106,7 @@ def _render(
     rendered, its settings, its step-cache mode and its timings."""
     # Only the types that take one have an image (`INPUT_IMAGE_TYPES`, validated).
     init_image = decode_image(request.image) if request.image else None
-    config = get_config()
+    config = runtime.config
     mode, mode_params = step_cache_of(request, config)
     if request.step_cache is None and not runtime.diffusion_engine().runs_step_cache(mode):
         # The pool's default where this worker's family runs it (a video worker beside
@@ -139,7 +138,7 @@ def _render(
         level=_broker_priority(request),
         cancelled=task_context.revoked_check(),
         on_progress=progress.callback(),
-        preview=previews.previewer_for(request),
+        preview=previews.previewer_for(request, runtime.redis),
     )
     start = time.perf_counter()
     out = render(request, prompt or request.prompt, params, timeout_s, init_image, ticket)
@@ -150,7 +149,7 @@ def _render(
 
 def run_image(request: OmniRequest, prompt: str | None = None) -> ImageResult:
     out, params, mode, timings = _render(request, prompt)
-    config = get_config()
+    config = runtime.config
     path = save_png(out.png or out.image, config.output_path(), request.request_id)
     return ImageResult(
         request_id=request.request_id,
@@ -166,7 +165,7 @@ def run_image(request: OmniRequest, prompt: str | None = None) -> ImageResult:
 def run_video(request: OmniRequest) -> VideoResult:
     """A VIDEO request: its MP4, thumbnail and spritesheet under `output_dir`."""
     out, params, _, timings = _render(request)
-    config = get_config()
+    config = runtime.config
     folder = config.output_path()
     paths = {
         suffix: str(save_output(data, folder, request.request_id, suffix))
@@ -193,7 +192,7 @@ def run_audio(request: OmniRequest) -> AudioResult:
     `sample_rate` (None: the model's own; mp3 and opus may take the next rate their
     codec has, `workers.audio.encoded_rate`)."""
     out, params, _, timings = _render(request)
-    config = get_config()
+    config = runtime.config
     fmt = request.response_format
     if out.audio is None or fmt not in out.files:
         raise ProcessingError(f"{request.request_id}: the model made no {fmt} sound")
@@ -223,7 +222,7 @@ def _dit_fields(
         "steps_run": out.steps_run,
         "cache": out.cache,
         "engine": runtime.diffusion_engine().name,
-        "model": get_config().diffusion.model,
+        "model": runtime.config.diffusion.model,
         "timings": timings,
         "denoise_steps": out.denoise_steps,
         "preemptions": out.preemptions,
@@ -237,7 +236,7 @@ def _broker_priority(request: OmniRequest) -> int:
     delivered = task_context.current_priority()
     if delivered is not None:
         return int(delivered)
-    return create_policy(get_config()).priority(request, "dit")
+    return create_policy(runtime.config).priority(request, "dit")
 
 
 def run_multimodal_prompt(request: OmniRequest) -> PromptResult:

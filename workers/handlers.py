@@ -24,9 +24,8 @@ import redis
 from celery import Celery, states
 from celery.exceptions import Ignore, Reject
 
-from omni_tasks.config import get_config
 from omni_tasks.coordination import idempotency, keys, runs
-from omni_tasks.coordination.client import get_redis, get_scripts
+from omni_tasks.coordination.client import get_scripts
 from omni_tasks.coordination.counters import count_outcome
 from omni_tasks.coordination.ledger import REPUBLISHED_HEADER
 from omni_tasks.coordination.rejections import record_rejection
@@ -94,7 +93,7 @@ def execute(
         # request's fault; give the message back as a lost run does (`run_claimed`).
         if redelivered:
             with contextlib.suppress(redis.RedisError):
-                get_redis().decr(keys.deliveries(task_id))
+                runtime.redis.decr(keys.deliveries(task_id))
         raise Reject(str(exc), requeue=True) from None
     succeeded = False
     try:
@@ -107,7 +106,7 @@ def execute(
         own_queued, own_run = stage_times(result, task.stage)
         runtime.counters.add_success(queue, own_run, own_queued, request.request_type.value)
         if redelivered:
-            get_redis().delete(keys.deliveries(task_id))
+            runtime.redis.delete(keys.deliveries(task_id))
         found = result.to_json()
         succeeded = True
         return found
@@ -133,9 +132,14 @@ def run_claimed(
     the task's outcome (handed back, expired, cancelled or failed)."""
     try:
         priority = delivered_level(
-            (task.request.delivery_info or {}).get("priority"), get_config().broker_is_redis
+            (task.request.delivery_info or {}).get("priority"), runtime.config.broker_is_redis
         )
-        with task_context.running(task_id, priority), progress.reporting(task):
+        with (
+            task_context.running(task_id, priority),
+            progress.reporting(
+                task, runtime.config.progress_interval_s, runtime.config.progress_first_after_s
+            ),
+        ):
             return run(request)
     except HANDED_BACK as exc:
         # A warm shutdown, an unstarted request handed back for higher-priority work, or
@@ -143,7 +147,7 @@ def run_claimed(
         # back; the credit cancels the count the redelivered message will add when it
         # starts again.
         with contextlib.suppress(redis.RedisError):
-            get_redis().decr(keys.deliveries(task_id))
+            runtime.redis.decr(keys.deliveries(task_id))
         raise Reject(str(exc), requeue=True) from None
     except RequestTimeoutError:
         count_outcome(queue, "expired")
@@ -259,7 +263,7 @@ def _admit_redelivery(task: OmniTask, task_id: str, kwargs: Any, queue: str) -> 
         task.backend.mark_as_revoked(task_id, "cancelled before it ran", request=task.request)
         count_outcome(queue, "cancelled")
         raise Ignore()
-    cap = get_config().max_redeliveries
+    cap = runtime.config.max_redeliveries
     if int(returns) > cap:
         reason = f"redelivered {returns} times (max_redeliveries={cap}); giving up"
         _record_failure(task, task_id, queue, reason, kwargs)

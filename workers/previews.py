@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.outage import Outage
 from omni_tasks.requests import MAX_PARTIAL_IMAGES, OmniRequest
 
@@ -46,6 +45,7 @@ class Previewer:
 
     request_id: str
     count: int
+    redis: Any = field(repr=False)
     sent: int = 0
     _steps: list[int] | None = field(default=None, repr=False)
 
@@ -70,7 +70,7 @@ class Previewer:
             "time": time.time(),
         }
         key = keys.previews(self.request_id)
-        pipe_ = get_redis().pipeline(transaction=True)
+        pipe_ = self.redis.pipeline(transaction=True)
         pipe_.rpush(key, json.dumps(record))
         pipe_.expire(key, PREVIEW_TTL_S)
         pipe_.publish(key, self.sent)
@@ -78,8 +78,8 @@ class Previewer:
         self.sent += 1
 
 
-def previewer_for(request: OmniRequest) -> Previewer | None:
-    """The previews `request` asks for (None when it asks for none)."""
+def previewer_for(request: OmniRequest, redis: Any) -> Previewer | None:
+    """The previews `request` asks for, written to `redis` (None when it asks for none)."""
     if request.partial_images <= 0:
         return None
-    return Previewer(request.request_id, request.partial_images)
+    return Previewer(request.request_id, request.partial_images, redis)

@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-from omni_tasks.config import get_config
 from omni_tasks.coordination.outage import Outage
 from omni_tasks.tasks.result_backend import encoded_state
 
@@ -199,16 +198,13 @@ _current: ContextVar[Reporter | None] = ContextVar("omni_progress_reporter", def
 
 @contextmanager
 def reporting(
-    task: Any, interval_s: float | None = None, first_after_s: float | None = None
+    task: Any,
+    interval_s: float = DEFAULT_INTERVAL_S,
+    first_after_s: float = DEFAULT_FIRST_AFTER_S,
 ) -> Iterator[Reporter]:
     """Make a reporter for `task` the current one of this (the task's) thread meanwhile;
-    close it when the run ends. Its pace is the config's unless given."""
-    config = get_config()
-    reporter = Reporter(
-        task,
-        config.progress_interval_s if interval_s is None else interval_s,
-        config.progress_first_after_s if first_after_s is None else first_after_s,
-    )
+    close it when the run ends. The worker gives its config's pace."""
+    reporter = Reporter(task, interval_s, first_after_s)
     token = _current.set(reporter)
     try:
         yield reporter

@@ -29,7 +29,7 @@ from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.coordination import cache_directory, keys
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.counters import SuccessCounters
-from omni_tasks.coordination.monitoring import waiting_above
+from omni_tasks.coordination.depths import waiting_above
 from omni_tasks.errors import EngineStoppedError
 from omni_tasks.requests import Stage
 from workers.engines.base import DiffusionEngine, TextEngine
@@ -73,7 +73,7 @@ class WorkerRuntime:
         self.instance = uuid.uuid4().hex[:12]
         self.counters = SuccessCounters()
         #: Writes the streamed text of this process's text requests (`text_stream`).
-        self.deltas = DeltaWriter()
+        self.deltas = DeltaWriter(lambda: self.redis)
         self._lock = threading.Lock()
         self._text: TextEngine | None = None
         self._diffusion: DiffusionEngine | None = None

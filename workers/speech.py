@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from omni_tasks.config import CoreModuleConfig, get_config
+from omni_tasks.config import CoreModuleConfig
 from omni_tasks.config.schema import SpeechConfig
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.requests import OmniRequest
@@ -71,7 +71,7 @@ class _Chunks:
 def run_speech(request: OmniRequest) -> SpeechResult:
     """A SPEECH request: its audio file under `output_dir`, streamed as it is made when
     the request asked (`stream`)."""
-    config = get_config()
+    config = runtime.config
     engine = runtime.speech_engine()
     voice, speaker = resolve_voice(request.voice, config.speech, engine.num_speakers)
     start = time.perf_counter()

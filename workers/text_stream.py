@@ -19,8 +19,9 @@ import base64
 import json
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis
@@ -40,7 +41,9 @@ CLOSE_TIMEOUT_S = 5.0
 class DeltaWriter:
     """The process's writer of streamed text: one daemon thread, started on first use."""
 
-    def __init__(self) -> None:
+    def __init__(self, client: Callable[[], Any] = get_redis) -> None:
+        """`client()`: the Redis client the pieces are written to (the worker's)."""
+        self._client = client
         self._cond = threading.Condition()
         self._pending: dict[str, list[str]] = {}  # key -> encoded pieces, in order
         self._fresh: set[str] = set()  # keys whose run starts: deleted before writing
@@ -93,7 +96,7 @@ class DeltaWriter:
                     self._cond.notify_all()
 
     def _write(self, batch: dict[str, list[str]], fresh: set[str]) -> None:
-        pipe = get_redis().pipeline(transaction=False)
+        pipe = self._client().pipeline(transaction=False)
         for key, pieces in batch.items():
             if key in fresh:
                 pipe.delete(key)

@@ -14,9 +14,7 @@ import threading
 import time
 from typing import Any
 
-from omni_tasks.config import get_config
 from omni_tasks.coordination import cache_directory, keys, worker_index
-from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.outage import Outage
 from omni_tasks.coordination.worker_index import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S
 from workers import task_context
@@ -50,7 +48,7 @@ class Heartbeat:
         """Remove this worker's heartbeat and DiT cache entries (a clean exit)."""
         hostname = self.runtime.hostname
         try:
-            client = get_redis()
+            client = self.runtime.redis
             client.delete(keys.worker(hostname), keys.held(hostname))
             cache_directory.clear_worker(hostname)
             worker_index.leave(
@@ -61,13 +59,13 @@ class Heartbeat:
 
     def info(self) -> dict[str, Any]:
         """What the heartbeat hash holds, apart from the time of the beat."""
-        identity = self.runtime.identity
+        identity, config = self.runtime.identity, self.runtime.config
         return {
             "hostname": identity.hostname,
             "queues": json.dumps(identity.queues),
             "stages": json.dumps(identity.stages),
             # The model of each stage it runs: what the HTTP API lists (`GET /v1/models`).
-            "models": json.dumps({s: get_config().pool_for(s).model for s in identity.stages}),
+            "models": json.dumps({s: config.pool_for(s).model for s in identity.stages}),
             "pool_type": identity.pool_type,
             "concurrency": identity.concurrency,
             "pid": os.getpid(),
@@ -91,7 +89,7 @@ class Heartbeat:
             if outage.run(self._beat, key, info):
                 last = _late_beat_warning(last)
             if sweeps and beats % 2 == 1:
-                sweep.run(cache_directory.sweep_dead_workers, get_config().diffusion.queue)
+                sweep.run(cache_directory.sweep_dead_workers, self.runtime.config.diffusion.queue)
             self._stop.wait(outage.pause(HEARTBEAT_INTERVAL_S))
 
     def _beat(self, key: str, info: dict[str, Any]) -> None:
@@ -106,7 +104,7 @@ class Heartbeat:
             figures["resource_status"] = json.dumps(resources)
         held = held_task_ids()
         rewrite = bool(held) or self._held_written
-        pipe = get_redis().pipeline(transaction=rewrite)
+        pipe = self.runtime.redis.pipeline(transaction=rewrite)
         now = time.time()
         pipe.hset(key, mapping={**info, **figures, "beat": now})
         self._beats += 1

@@ -16,9 +16,8 @@ from typing import Any
 
 from celery import signals, states
 
-from omni_tasks.config import get_config
+from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.coordination import admission, keys, legacy
-from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.counters import count_outcome
 from omni_tasks.tasks.base import OmniTask
 from omni_tasks.tasks.celery_app import app, pool_queue
@@ -28,19 +27,19 @@ from workers.runtime import WorkerIdentity, runtime
 
 log = logging.getLogger(__name__)
 heartbeat = Heartbeat(runtime)
-reaper = Reaper(app)
+reaper = Reaper(app, runtime)
 releases = admission.ReleaseBatch()
 
 
-def identity_of(worker: Any) -> WorkerIdentity:
-    """The identity of a Celery `WorkController` (at `worker_init`)."""
+def identity_of(worker: Any, config: CoreModuleConfig) -> WorkerIdentity:
+    """The identity of a Celery `WorkController` (at `worker_init`) under `config`."""
     queues = sorted(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
     pool_cls = worker.pool_cls
     pool_type = getattr(pool_cls, "__module__", str(pool_cls)).rsplit(".", 1)[-1]
     return WorkerIdentity(
         hostname=worker.hostname,
         queues=queues,
-        stages=get_config().stages_for(queues),
+        stages=config.stages_for(queues),
         pool_type=pool_type,
         concurrency=int(worker.concurrency or 0),
     )
@@ -48,7 +47,8 @@ def identity_of(worker: Any) -> WorkerIdentity:
 
 @signals.worker_init.connect
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    runtime.attach(identity_of(sender))
+    config = get_config()  # the worker's config, from here on the runtime's
+    runtime.attach(identity_of(sender, config), config)
     if runtime.identity.pool_type != "prefork":  # prefork: each child loads its own
         _load_engines()
 
@@ -72,7 +72,7 @@ def consumed_queues(queues: Any) -> list[Any]:
     queues.select(list(queues.consume_from))
     if "dit" not in runtime.identity.stages:
         return []
-    dit = get_config().diffusion
+    dit = runtime.config.diffusion
     names = (keys.model_queue(dit.queue, dit.model), keys.worker_queue(runtime.hostname))
     return [pool_queue(name) for name in names]
 
@@ -104,7 +104,7 @@ def _on_worker_ready(**_: Any) -> None:
 
 
 def _convert_legacy_layout() -> None:
-    if not get_config().broker_is_redis:
+    if not runtime.config.broker_is_redis:
         return
     try:
         legacy.convert(runtime.identity.queues)
@@ -119,7 +119,7 @@ def _load_revocations() -> None:
 
     prefix = keys.revoked("")
     try:
-        for key in get_redis().scan_iter(match=prefix + "*", count=1000):
+        for key in runtime.redis.scan_iter(match=prefix + "*", count=1000):
             worker_state.revoked.add(key[len(prefix) :])
     except Exception:
         log.warning("could not load revocations from Redis", exc_info=True)

@@ -43,15 +43,15 @@ from typing import Any
 
 from celery import Celery, states
 
-from omni_tasks.config import get_config
 from omni_tasks.coordination import admission, keys, ledger, worker_index
-from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.counters import count_outcome
 from omni_tasks.coordination.outage import Outage
 from omni_tasks.coordination.queue_walk import queued_among
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.tasks.definitions import PROMPT_STAGE_SUFFIX
 from workers.lifecycle.heartbeat import HEARTBEAT_INTERVAL_S
+from workers.runtime import WorkerRuntime
+from workers.runtime import runtime as process_runtime
 
 log = logging.getLogger(__name__)
 #: A message unacked for less than this may not be in its worker's held set yet; a
@@ -64,8 +64,11 @@ PRUNE_EVERY = 30
 class Reaper:
     """One worker's reaper thread (see the module docstring)."""
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, runtime: WorkerRuntime | None = None) -> None:
+        """`runtime`: whose config and Redis client the passes use (default: this
+        process's)."""
         self.app = app
+        self.runtime = runtime or process_runtime
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._connection: Any = None
@@ -80,7 +83,7 @@ class Reaper:
         self._stop.set()
 
     def _loop(self) -> None:
-        interval = get_config().reaper_interval_s
+        interval = self.runtime.config.reaper_interval_s
         outage = Outage("reaper", log)  # one line per backoff step while Redis is away
         while not self._stop.wait(outage.pause(interval)):
             if not outage.run(self.run_once):
@@ -91,15 +94,15 @@ class Reaper:
         nothing due costs the lock and four range reads; what it reads besides is
         O(unacked + entries due), never O(queued) (`_Whereabouts`)."""
         token = uuid.uuid4().hex
-        lock_ms = int(get_config().reaper_interval_s * 1000)
-        client = get_redis()
+        lock_ms = int(self.runtime.config.reaper_interval_s * 1000)
+        client = self.runtime.redis
         if not client.set(keys.reaper_lock(), token, nx=True, px=lock_ms):
             return {}
         self._passes += 1
         if self._passes % PRUNE_EVERY == 0:
             worker_index.prune(client)
         redis_broker = self._redis_broker()
-        before = time.time() - get_config().ledger_grace_s
+        before = time.time() - self.runtime.config.ledger_grace_s
         tags = self._orphan_candidates() if redis_broker else []
         due = ledger.open_since(before) if redis_broker else []
         admitted = [
@@ -127,13 +130,13 @@ class Reaper:
         """Delivery tags unacked for longer than two beats (their worker may be gone)."""
         channel = self._channel()
         cutoff = time.time() - UNACKED_MIN_AGE_S
-        return list(get_redis().zrangebyscore(channel.unacked_index_key, "-inf", cutoff))
+        return list(self.runtime.redis.zrangebyscore(channel.unacked_index_key, "-inf", cutoff))
 
     def _restore_orphans(self, tags: list[str], held: set[str]) -> int:
         if not tags:
             return 0
         channel = self._channel()
-        client = get_redis()
+        client = self.runtime.redis
         pipe = client.pipeline(transaction=False)
         for tag in tags:
             pipe.hget(channel.unacked_key, tag)
@@ -159,7 +162,7 @@ class Reaper:
         if not pending:
             return 0
         recovered = 0
-        before = time.time() - get_config().ledger_grace_s
+        before = time.time() - self.runtime.config.ledger_grace_s
         for task_id in pending - where.present(pending, before):
             entry = ledger.entry(task_id)
             if entry is None:
@@ -188,7 +191,7 @@ class Reaper:
 
     # -- 3. admissions nothing will release -------------------------------------------
     def _reconcile_admissions(self, ids: list[str], where: _Whereabouts) -> int:
-        before = time.time() - get_config().ledger_grace_s
+        before = time.time() - self.runtime.config.ledger_grace_s
         if not ids:
             return 0
         pending = self._not_final(ids)
@@ -204,10 +207,9 @@ class Reaper:
             log.warning("released the admission of %s: its request has ended", task_id)
         return len(ended)
 
-    @staticmethod
-    def _open_in_ledger(ids: set[str]) -> set[str]:
+    def _open_in_ledger(self, ids: set[str]) -> set[str]:
         ordered = sorted(ids)
-        pipe = get_redis().pipeline(transaction=False)
+        pipe = self.runtime.redis.pipeline(transaction=False)
         for task_id in ordered:
             pipe.zscore(keys.ledger_open(), task_id)
         return {i for i, score in zip(ordered, pipe.execute(), strict=True) if score is not None}
@@ -215,7 +217,7 @@ class Reaper:
     def _not_final(self, ids: list[str]) -> set[str]:
         """Of `ids`, those without a final result; the final ones leave the ledger."""
         backend = self.app.backend
-        pipe = get_redis().pipeline(transaction=False)
+        pipe = self.runtime.redis.pipeline(transaction=False)
         for task_id in ids:
             pipe.get(backend.get_key_for_task(task_id).decode())
         final: list[str] = []
@@ -233,13 +235,12 @@ class Reaper:
     def unacked_ids(self) -> set[str]:
         if not self._redis_broker():
             return set()
-        raw = get_redis().hvals(self._channel().unacked_key)
+        raw = self.runtime.redis.hvals(self._channel().unacked_key)
         return {_id_and_queue(r)[0] for r in raw}
 
     # -- the broker connection ---------------------------------------------------------
-    @staticmethod
-    def _redis_broker() -> bool:
-        return get_config().broker_is_redis
+    def _redis_broker(self) -> bool:
+        return self.runtime.config.broker_is_redis
 
     def _channel(self) -> Any:
         if self._connection is None:
@@ -267,7 +268,7 @@ class _Whereabouts:
 
     def held(self) -> set[str]:
         if self._held is None:
-            client = get_redis()
+            client = self._reaper.runtime.redis
             hosts = worker_index.live(client)
             pipe = client.pipeline(transaction=False)
             for host in hosts:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from omni_tasks.config import get_config
 from omni_tasks.coordination import admission, idempotency, keys
 from omni_tasks.coordination.counters import count_outcome
 from omni_tasks.errors import RequestValidationError
@@ -48,6 +47,7 @@ from omni_tasks.tasks.base import OmniTask
 from omni_tasks.tasks.celery_app import delivered_level
 from omni_tasks.tasks.router import resolve_route
 from omni_tasks.tasks.transport import PUBLISHED_PROPERTY
+from workers.runtime import runtime
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ def reroute_reason(task: Any, message: Any, body: Any = None) -> str | None:
         return None
     other = other_model(task, body)
     if other is not None:
-        return f"for model {other!r}; this worker serves {get_config().diffusion.model!r}"
-    if not get_config().broker_is_redis:
+        return f"for model {other!r}; this worker serves {runtime.config.diffusion.model!r}"
+    if not runtime.config.broker_is_redis:
         return None
     if (message.properties or {}).get(PUBLISHED_PROPERTY):
         return None
@@ -82,7 +82,7 @@ def other_model(task: OmniTask, body: Any) -> str | None:
     if not isinstance(kwargs, dict):
         return None
     model = kwargs.get("model")
-    config = get_config()
+    config = runtime.config
     if model is None and task.request_type is not None:  # the default of its kind
         model = default_model(task.request_type.value, bool(kwargs.get("image")), config)
     if not isinstance(model, str) or not model or model == config.diffusion.model:
@@ -125,15 +125,15 @@ def pass_on_options(task: OmniTask, message: Any, kwargs: dict[str, Any]) -> dic
     worker holding its cache keys), never the queue it came from."""
     headers = message.headers or {}
     request = task.build_request(kwargs, headers["id"])  # refuses an unregistered model
-    route = resolve_route(request, task.stage, create_policy(get_config()))
+    route = resolve_route(request, task.stage, create_policy(runtime.config))
     came_from = (message.delivery_info or {}).get("routing_key")
     queue = route.queue
     if queue == came_from:
-        queue = keys.model_queue(task.stage_queue, dit_model(request, get_config()))
+        queue = keys.model_queue(task.stage_queue, dit_model(request, runtime.config))
     if queue == came_from:
         raise RequestValidationError(
             "model",
-            f"came from {queue!r} to a worker serving {get_config().diffusion.model!r}: "
+            f"came from {queue!r} to a worker serving {runtime.config.diffusion.model!r}: "
             "a worker reads another model's queue, so this message would loop",
         )
     level = _passed_level(message)
@@ -154,7 +154,7 @@ def _passed_level(message: Any) -> int | None:
     by omni-tasks (or any client, on RabbitMQ), a foreign Redis message's 1-9; None
     for a message sent without one, which its priority class then orders."""
     raw = (message.properties or {}).get("priority")
-    if not get_config().broker_is_redis:
+    if not runtime.config.broker_is_redis:
         return delivered_level(raw, False) if isinstance(raw, int) else None
     if (message.properties or {}).get(PUBLISHED_PROPERTY):
         return raw if isinstance(raw, int) else 0
