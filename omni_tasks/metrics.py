@@ -82,8 +82,8 @@ class ClusterCollector(Collector):
 
 
 def _redis_families(info: dict[str, Any]) -> Iterator[Metric]:
-    """Redis's own load, from one INFO: what the capacity model in the README's
-    "Scaling out" is read against (Redis runs commands on one core)."""
+    """Redis's own load, from one INFO: what the capacity model of docs/operations.md
+    ("Scaling out") is read against (Redis runs commands on one core)."""
     cpu = CounterMetricFamily(
         "omni_redis_cpu_seconds", "CPU seconds the Redis server has used (user + system)."
     )

@@ -47,7 +47,7 @@ from omni_tasks.vocabulary import RequestType as RequestType  # re-exported
 from omni_tasks.vocabulary import Stage as Stage  # re-exported
 from omni_tasks.vocabulary import StepCacheMode as StepCacheMode  # re-exported
 
-# Documented bounds (README "Requests").
+# Documented bounds (docs/python.md, "Requests and validation").
 MAX_PROMPT_CHARS = 4000
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 16, 2048, 16
 MAX_STEPS = 100

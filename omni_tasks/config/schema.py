@@ -156,7 +156,7 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 @dataclass
 class LoraConfig:
-    """How workers keep the LoRA adapters of the `loras` registry (README "LoRA").
+    """How workers keep the LoRA adapters of the `loras` registry (docs/models.md, "LoRA").
 
     AR pool (vLLM's multi-LoRA): `max_loras` distinct adapters in one batch, ranks up to
     `max_lora_rank` (several adapters or a scale other than 1 in one request make one
