@@ -98,7 +98,7 @@ def test_the_registry_is_checked_when_the_config_loads(tmp_path) -> None:
     for bad, field in (
         ({"max_lora_rank": 12}, "lora.max_lora_rank"),
         ({"max_loras": 8, "max_cpu_loras": 4}, "lora.max_cpu_loras"),
-        ({"memory_gb": 0}, "lora.memory_gb"),
+        ({"memory_gib": 0}, "lora.memory_gib"),
     ):
         with pytest.raises(ConfigError) as err:
             config_from_dict({"lora": bad})

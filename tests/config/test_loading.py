@@ -151,3 +151,30 @@ def test_broker_url_from_env_and_empty_means_redis() -> None:
     for empty in ("", "null"):
         assert load_config(env={"OMNI_BROKER_URL": empty}).broker_url is None
     assert load_config(env={}).broker_url is None  # the embedded default: null
+
+
+def test_the_renamed_memory_keys_are_read_under_their_old_names(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`*_gb` became `*_gib` (the same GiB): YAML, `OMNI_*` variables and mappings with
+    the old names still load, and a warning names the new key."""
+    old = tmp_path / "old.yaml"
+    old.write_text("max_memory_gb: 3\ncache: {max_memory_gb: 0.25}\nlora: {memory_gb: 0.1}\n")
+    with caplog.at_level("WARNING", logger="omni_tasks.config.loading"):
+        config = load_config(old, env={})
+    assert (config.max_memory_gib, config.cache.max_memory_gib, config.lora.memory_gib) == (
+        3.0,
+        0.25,
+        0.1,
+    )
+    assert "cache.max_memory_gb is deprecated, use cache.max_memory_gib" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="omni_tasks.config.loading"):
+        config = load_config(DEFAULT_CONFIG_FILE, env={"OMNI_CACHE__MAX_MEMORY_GB": "0.5"})
+    assert config.cache.max_memory_gib == 0.5  # the variable still beats the file
+    assert "use OMNI_CACHE__MAX_MEMORY_GIB" in caplog.text
+    both = config_from_dict({"lora": {"memory_gb": 1, "memory_gib": 2}, "max_memory_gb": 5})
+    assert (both.lora.memory_gib, both.max_memory_gib) == (2.0, 5.0)  # the new name wins
+    with pytest.raises(ConfigError) as err:
+        load_config(DEFAULT_CONFIG_FILE, env={"OMNI_MAX_MEMORY_GB": "0"})
+    assert err.value.field == "max_memory_gib"

@@ -31,9 +31,9 @@ def test_seed_defaults() -> None:
         True,
     )
     assert s.priority_weights == {"high": 2.0, "normal": 1.0, "low": 0.5}
-    assert (c.max_memory_gb, c.strategy, c.ttl_seconds) == (8.0, CacheStrategy.LRU, 3600)
+    assert (c.max_memory_gib, c.strategy, c.ttl_seconds) == (8.0, CacheStrategy.LRU, 3600)
     assert (c.enable_compression, c.compression_ratio) == (True, 0.7)
-    assert (core.max_memory_gb, core.max_gpu_utilization, core.max_cpu_utilization) == (
+    assert (core.max_memory_gib, core.max_gpu_utilization, core.max_cpu_utilization) == (
         16.0,
         0.8,
         0.9,
@@ -62,11 +62,11 @@ def test_seed_defaults() -> None:
             "scheduler.priority_weights.high",
         ),
         ({"OMNI_SCHEDULER__TIMEOUT_SECONDS": "-5"}, "scheduler.timeout_seconds"),
-        ({"OMNI_CACHE__MAX_MEMORY_GB": "0"}, "cache.max_memory_gb"),
+        ({"OMNI_CACHE__MAX_MEMORY_GIB": "0"}, "cache.max_memory_gib"),
         ({"OMNI_CACHE__COMPRESSION_RATIO": "1.5"}, "cache.compression_ratio"),
         ({"OMNI_MAX_GPU_UTILIZATION": "1.2"}, "max_gpu_utilization"),
         ({"OMNI_MAX_CPU_UTILIZATION": "0"}, "max_cpu_utilization"),
-        ({"OMNI_MAX_MEMORY_GB": "-1"}, "max_memory_gb"),
+        ({"OMNI_MAX_MEMORY_GIB": "-1"}, "max_memory_gib"),
         ({"OMNI_REQUEST_TIMEOUT": "0"}, "request_timeout"),
         ({"OMNI_REDIS_URL": "http://x"}, "redis_url"),
         ({"OMNI_BROKER_URL": "kafka://x:9092"}, "broker_url"),

@@ -28,7 +28,7 @@ from omni_tasks.tasks.router import resolve_route
 pytestmark = pytest.mark.slow
 TIMEOUT = 180
 # ~7 tiny requests (embeddings 66 KB + latents 1 KB each): a few dozen evict. Exact bytes.
-WORKER_ENV = {"OMNI_CACHE__MAX_MEMORY_GB": "0.0005", "OMNI_CACHE__ENABLE_COMPRESSION": "false"}
+WORKER_ENV = {"OMNI_CACHE__MAX_MEMORY_GIB": "0.0005", "OMNI_CACHE__ENABLE_COMPRESSION": "false"}
 SMALL = {"width": 32, "height": 32, "steps": 2}
 
 

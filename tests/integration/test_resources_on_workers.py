@@ -30,7 +30,7 @@ def test_a_worker_refuses_what_never_fits_runs_what_does_and_beats_its_status(
     from omni_tasks.coordination import keys
 
     clean_redis()
-    env = {"OMNI_MAX_MEMORY_GB": "0.008", "OMNI_CACHE__MAX_MEMORY_GB": "0.001"}
+    env = {"OMNI_MAX_MEMORY_GIB": "0.008", "OMNI_CACHE__MAX_MEMORY_GIB": "0.001"}
     (worker,) = start_ready_workers(["diffusion"], run_dir / "logs", env=env, name="budget")
     try:
         big = generate_image.delay(prompt="fox", width=1024, height=1024, steps=2)

@@ -170,10 +170,10 @@ def test_update_config_switches_the_policy_and_keeps_waiting_requests(
     with pytest.raises(ConfigError):
         scheduler.update_config(SchedulerConfig(timeout_seconds=0))
     assert scheduler.get_config().scheduler_type is SchedulerType.HYBRID  # unchanged
-    scheduler.update_cache_config(CacheConfig(max_memory_gb=2))
-    assert scheduler.core_config.cache.max_memory_gb == 2
+    scheduler.update_cache_config(CacheConfig(max_memory_gib=2))
+    assert scheduler.core_config.cache.max_memory_gib == 2
     with pytest.raises(ConfigError):
-        scheduler.update_cache_config(CacheConfig(max_memory_gb=0))
+        scheduler.update_cache_config(CacheConfig(max_memory_gib=0))
 
 
 def test_start_stop_and_shutdown() -> None:

@@ -34,11 +34,13 @@ def probe(label: str = "256x64 image", calls: list[int] | None = None) -> ShapeP
     return ShapeProbe(label, lambda rows: {"x": torch.zeros(rows, 256, 64)}, forward)
 
 
-def manager(available: int, cache_gb: float = 0.001, budget_gb: float = 0.05) -> ResourceManager:
+def manager(available: int, cache_gib: float = 0.001, budget_gib: float = 0.05) -> ResourceManager:
     """A CPU manager with exactly `available` bytes left for requests."""
-    config = CoreModuleConfig(max_memory_gb=budget_gb, cache=CacheConfig(max_memory_gb=cache_gb))
-    budget = int(budget_gb * GB)
-    return ResourceManager(config, "cpu", resident_bytes=budget - int(cache_gb * GB) - available)
+    config = CoreModuleConfig(
+        max_memory_gib=budget_gib, cache=CacheConfig(max_memory_gib=cache_gib)
+    )
+    budget = int(budget_gib * GB)
+    return ResourceManager(config, "cpu", resident_bytes=budget - int(cache_gib * GB) - available)
 
 
 class Req:
@@ -47,12 +49,12 @@ class Req:
 
 
 def test_the_cpu_budget_is_max_memory_bounded_by_cpu_utilization_less_cache_and_model() -> None:
-    config = CoreModuleConfig(max_memory_gb=2.0, cache=CacheConfig(max_memory_gb=0.5))
+    config = CoreModuleConfig(max_memory_gib=2.0, cache=CacheConfig(max_memory_gib=0.5))
     total, budget = device_budget(config, torch.device("cpu"))
     assert total > 0 and budget == min(2 * GB, int(0.9 * total))
     m = ResourceManager(config, "cpu", resident_bytes=1000)
     assert m.available_bytes == budget - GB // 2 - 1000
-    bounded = replace(config, max_memory_gb=10_000.0, max_cpu_utilization=0.5)
+    bounded = replace(config, max_memory_gib=10_000.0, max_cpu_utilization=0.5)
     assert ResourceManager(bounded, "cpu").budget_bytes == int(0.5 * total)
 
 

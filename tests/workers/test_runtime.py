@@ -83,7 +83,7 @@ def test_dit_cache_figures_and_directory_with_a_cache(tiny_flux_dir: Path, redis
         config,
         models_dir=str(tiny_flux_dir.parent),
         diffusion=replace(config.diffusion, device="cpu"),
-        cache=replace(config.cache, max_memory_gb=0.001),
+        cache=replace(config.cache, max_memory_gib=0.001),
     )
     runtime = WorkerRuntime()
     runtime.attach(WorkerIdentity(hostname="figures@test", stages=["dit"]))

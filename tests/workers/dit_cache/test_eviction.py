@@ -42,7 +42,7 @@ class Recorder:
 
 def manager(strategy: CacheStrategy, entries: int, **kwargs) -> DiTCacheManager:
     config = CacheConfig(
-        max_memory_gb=entries * ENTRY_BYTES / GB,
+        max_memory_gib=entries * ENTRY_BYTES / GB,
         strategy=strategy,
         enable_compression=False,
         ttl_seconds=kwargs.pop("ttl_seconds", 3600),
@@ -51,7 +51,7 @@ def manager(strategy: CacheStrategy, entries: int, **kwargs) -> DiTCacheManager:
 
 
 def test_create_policy_per_strategy() -> None:
-    config = CacheConfig(max_memory_gb=1.0, ttl_seconds=7)
+    config = CacheConfig(max_memory_gib=1.0, ttl_seconds=7)
     assert isinstance(create_policy(CacheStrategy.LRU, config), LRUPolicy)
     assert isinstance(create_policy(CacheStrategy.LFU, config), LFUPolicy)
     ttl = create_policy(CacheStrategy.TTL, config)

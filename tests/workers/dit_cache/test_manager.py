@@ -56,7 +56,7 @@ def make(
     **kwargs,
 ) -> DiTCacheManager:
     config = CacheConfig(
-        max_memory_gb=budget_bytes / GB,
+        max_memory_gib=budget_bytes / GB,
         strategy=strategy,
         ttl_seconds=kwargs.pop("ttl_seconds", 3600),
         enable_compression=compression,
@@ -233,7 +233,7 @@ def test_hit_rate_memory_usage_and_seed_attributes() -> None:
     assert m.cache_stats == {"hits": 2, "misses": 1}
     assert m.get_memory_usage() == pytest.approx(512 * KIB / 2**30)
     assert m.memory_usage == m.get_memory_usage() and GB == 2**30
-    assert m.stats()["max_bytes"] == 2 * 2**20 and m.config.max_memory_gb == 2 / 1024
+    assert m.stats()["max_bytes"] == 2 * 2**20 and m.config.max_memory_gib == 2 / 1024
 
 
 def test_async_seed_methods() -> None:
@@ -370,7 +370,7 @@ def test_lossless_entries_skip_compression() -> None:
     from omni_tasks.config import CacheConfig
     from workers.dit_cache import DiTCacheManager
 
-    cache = DiTCacheManager(CacheConfig(max_memory_gb=0.01, compression_ratio=0.5))
+    cache = DiTCacheManager(CacheConfig(max_memory_gib=0.01, compression_ratio=0.5))
     value = torch.randn(64, 64)
     cache.put("lossy", value)
     cache.put("exact", value, lossless=True)

@@ -163,7 +163,7 @@ def test_a_video_that_can_never_fit_fails_at_once_naming_frames_and_size(tiny_mo
 
     base = get_config()
     small = dataclasses.replace(
-        base, max_memory_gb=0.05, cache=dataclasses.replace(base.cache, max_memory_gb=0.001)
+        base, max_memory_gib=0.05, cache=dataclasses.replace(base.cache, max_memory_gib=0.001)
     )
     eng = DiffusersEngine(MODELS_CACHE / "tiny-wan", config=small)
     try:
