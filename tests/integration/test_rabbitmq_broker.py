@@ -27,16 +27,16 @@ from celery.result import AsyncResult
 from conftest import clean_redis, start_ready_workers
 from helpers import AMQP_URL, amqp_answers, assert_png
 from kombu import Connection
-from omni_tasks.coordination.monitoring import (
+
+from omni_tasks.config import CoreModuleConfig, load_config
+from omni_tasks.coordination import keys
+from omni_tasks.coordination.depths import (
     UNKNOWN_LEVEL,
     highest_waiting_level,
     model_depths,
     queue_depths,
     total_queued,
 )
-
-from omni_tasks.config import CoreModuleConfig, load_config
-from omni_tasks.coordination import keys
 from omni_tasks.dev.launcher import WorkerProcess
 from omni_tasks.tasks.celery_app import pool_queue
 

@@ -24,7 +24,8 @@ from omni_tasks import (
 )
 from omni_tasks.config import ARConfig, DiffusionConfig
 from omni_tasks.tasks import multimodal_prompt, multimodal_render, probe
-from omni_tasks.tasks.base import KWARGSREPR_MAX_CHARS, OmniTask
+from omni_tasks.tasks.base import OmniTask
+from omni_tasks.tasks.sending import KWARGSREPR_MAX_CHARS, request_deadline
 
 TASKS = [generate_text, generate_image, generate_multimodal, multimodal_prompt, probe]
 
@@ -50,8 +51,6 @@ def test_invalid_kwargs_raise_before_anything_is_sent(redis_client, task: OmniTa
 
 def test_a_timeout_becomes_the_messages_expiry(redis_client, use_config) -> None:
     from datetime import datetime
-
-    from omni_tasks.tasks.base import request_deadline
 
     generate_text.delay(prompt="soon", timeout_s=30)
     generate_text.delay(prompt="whenever")

@@ -9,7 +9,7 @@ import pytest
 
 from omni_tasks import app, generate_text
 from omni_tasks.requests import OmniRequest
-from omni_tasks.tasks import base, router
+from omni_tasks.tasks import base, router, sending
 
 
 @pytest.fixture()
@@ -39,8 +39,8 @@ def test_the_router_validates_a_message_no_send_holds(validations) -> None:
     assert len(validations) == 1
     message = {"prompt": "held"}
     request = base.OmniTask.build_request(generate_text, message)
-    with base.sending(message, request):
-        assert base.request_being_sent(message) is request
-        assert base.request_being_sent(dict(message)) is None  # another object
+    with sending.sending(message, request):
+        assert sending.request_being_sent(message) is request
+        assert sending.request_being_sent(dict(message)) is None  # another object
         router.OmniRouter()("omni_tasks.generate_text", (), message, {})
     assert len(validations) == 2  # the one above, not the router's

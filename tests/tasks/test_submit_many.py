@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 from celery import states
-from helpers import DIT_QUEUE, queued_messages, where
+from helpers import DIT_QUEUE, eventually, queued_messages, where
 
 from omni_tasks import (
     QueueFullError,
@@ -35,8 +35,8 @@ from omni_tasks.coordination import admission, keys, ledger
 from omni_tasks.coordination.idempotency import ACCEPTED_HEADER
 from omni_tasks.requests import OmniRequest
 from omni_tasks.tasks import batch_submit
-from omni_tasks.tasks.base import request_deadline
 from omni_tasks.tasks.celery_app import app
+from omni_tasks.tasks.sending import request_deadline
 
 ROOT = Path(__file__).resolve().parents[2]
 QUEUES = ("ar", "diffusion", DIT_QUEUE)
@@ -328,20 +328,26 @@ class commands_sent:  # noqa: N801 - used as a context manager, like a function
 
     def _watch(self) -> None:
         with self.client.monitor() as monitor:
-            self._ready.set()
             for command in monitor.listen():
-                if "omni-stop-watching" in command["command"]:
+                text = command["command"]
+                if "omni-start-watching" in text:
+                    self._ready.set()
+                elif "omni-stop-watching" in text:
                     return
-                if command.get("db") == self.db and command.get("client_type") != "lua":
-                    self.seen.append(command["command"])
+                elif self._ready.is_set() and command.get("db") == self.db:
+                    if command.get("client_type") != "lua":
+                        self.seen.append(text)
 
     def __enter__(self) -> list[str]:
+        """Once MONITOR shows a marker the sender sent, it shows all it sends after."""
         self._thread.start()
-        self._ready.wait(5)
-        time.sleep(0.1)
+        listening = eventually(
+            lambda: self.sender.get("omni-start-watching") is None and self._ready.is_set(), 5
+        )
+        assert listening, "MONITOR never showed the start marker"
         return self.seen
 
     def __exit__(self, *exc: object) -> None:
-        time.sleep(0.1)
+        """MONITOR shows commands in the order Redis ran them: the marker comes last."""
         self.sender.get("omni-stop-watching")
         self._thread.join(10)
