@@ -103,3 +103,97 @@ def test_engines_and_the_step_loop_get_what_they_report_to_from_the_worker() -> 
         if module in forbidden
     ]
     assert offenders == []
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph(packages: list[Path]) -> dict[str, set[str]]:
+    """Module -> the modules of `packages` it imports, at module level or inside a
+    function, absolute or relative; `from pkg import name` counts `pkg.name` when that
+    is a module, else `pkg`."""
+    root = packages[0].parent
+    paths = {_module_name(p, root): p for pkg in packages for p in pkg.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*up, *([node.module] if node.module else [])])
+                found |= {
+                    f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base for a in node.names
+                }
+        graph[name] = {module for module in found if module in paths and module != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of `graph`: its strongly connected components of more than one
+    module (Tarjan's algorithm, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        while work:
+            node, edges = work[-1]
+            child = next((e for e in edges if e not in index or e in stack), None)
+            if child is not None and child not in index:
+                index[child] = low[child] = len(index)
+                stack.append(child)
+                work.append((child, iter(sorted(graph[child]))))
+                continue
+            if child is not None:
+                low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    cycles.append(sorted(component))
+    return cycles
+
+
+def test_no_module_of_the_tasks_package_imports_in_a_circle() -> None:
+    """`omni_tasks.tasks` has no import cycle, not even through imports inside
+    functions: the Celery app names its router by string, and the send path
+    (`tasks.sending`) sits below the task class."""
+    graph = _import_graph([PRODUCER_ROOT, PRODUCER_ROOT.parent / "workers"])
+    assert "omni_tasks.tasks.sending" in graph["omni_tasks.tasks.base"]  # the scan sees it
+    tasks = {
+        m: {e for e in edges if e.startswith("omni_tasks.tasks")}
+        for m, edges in graph.items()
+        if m.startswith("omni_tasks.tasks")
+    }
+    assert _cycles(tasks) == []
+
+
+def test_the_cycle_scan_finds_a_cycle_through_a_function_import(tmp_path: Path) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from pkg import b\n")
+    (package / "b.py").write_text("def f():\n    from . import c\n")
+    (package / "c.py").write_text("import pkg.a\n")
+    (package / "d.py").write_text("from pkg.a import something\n")
+    assert _cycles(_import_graph([package])) == [["pkg.a", "pkg.b", "pkg.c"]]
