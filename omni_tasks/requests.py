@@ -503,9 +503,9 @@ def _to_request_error(exc: ValidationError) -> RequestValidationError:
 def _new_request(
     request_type: RequestType,
     prompt: str | None,
-    request_id: str | None = None,
-    registries: Registries | None = None,
-    **fields: Any,
+    request_id: str | None,
+    registries: Registries | None,
+    fields: dict[str, Any],
 ) -> OmniRequest:
     """A request of `request_type`, its names checked against `registries` (default:
     the process config's): the `create_*_request` functions are entry points."""
@@ -539,7 +539,7 @@ def create_text_request(
     sampling = fields.pop("sampling_params", None)
     if sampling is not None:
         fields = {**_sampling_fields(sampling), **fields}
-    return _new_request(RequestType.TEXT, prompt, request_id, registries, **fields)
+    return _new_request(RequestType.TEXT, prompt, request_id, registries, fields)
 
 
 def create_chat_request(
@@ -554,7 +554,9 @@ def create_chat_request(
     sampling = fields.pop("sampling_params", None)
     if sampling is not None:
         fields = {**_sampling_fields(sampling), **fields}
-    return _new_request(RequestType.CHAT, None, request_id, registries, messages=messages, **fields)
+    return _new_request(
+        RequestType.CHAT, None, request_id, registries, {"messages": messages, **fields}
+    )
 
 
 def create_diffusion_request(
@@ -564,7 +566,7 @@ def create_diffusion_request(
     registries: Registries | None = None,
     **fields: Any,
 ) -> OmniRequest:
-    return _new_request(RequestType.DIFFUSION, prompt, request_id, registries, **fields)
+    return _new_request(RequestType.DIFFUSION, prompt, request_id, registries, fields)
 
 
 def create_image_request(
@@ -577,7 +579,9 @@ def create_image_request(
 ) -> OmniRequest:
     """An IMAGE request (img2img / edit) from inline image data: raw bytes, base64 or a
     data: URL. To send a local file, pass `encode_image_file(path)`."""
-    return _new_request(RequestType.IMAGE, prompt, request_id, registries, image=image, **fields)
+    return _new_request(
+        RequestType.IMAGE, prompt, request_id, registries, {"image": image, **fields}
+    )
 
 
 def create_video_request(
@@ -589,7 +593,7 @@ def create_video_request(
 ) -> OmniRequest:
     """A VIDEO request: `num_frames` (4k+1) or `seconds` at `fps`, the size, steps, and
     an inline `image` for image-to-video (see `omni_tasks.video_fields`)."""
-    return _new_request(RequestType.VIDEO, prompt, request_id, registries, **fields)
+    return _new_request(RequestType.VIDEO, prompt, request_id, registries, fields)
 
 
 def create_speech_request(
@@ -600,7 +604,9 @@ def create_speech_request(
     **fields: Any,
 ) -> OmniRequest:
     """A SPEECH request: `input` spoken in `voice` at `speed`, as `response_format`."""
-    return _new_request(RequestType.SPEECH, None, request_id, registries, input=input, **fields)
+    return _new_request(
+        RequestType.SPEECH, None, request_id, registries, {"input": input, **fields}
+    )
 
 
 def create_audio_request(
@@ -611,7 +617,7 @@ def create_audio_request(
     **fields: Any,
 ) -> OmniRequest:
     """An AUDIO request: a sound of `seconds` from a prompt, on a diffusion model."""
-    return _new_request(RequestType.AUDIO, prompt, request_id, registries, **fields)
+    return _new_request(RequestType.AUDIO, prompt, request_id, registries, fields)
 
 
 def create_multimodal_request(
@@ -621,7 +627,7 @@ def create_multimodal_request(
     registries: Registries | None = None,
     **fields: Any,
 ) -> OmniRequest:
-    return _new_request(RequestType.MULTIMODAL, prompt, request_id, registries, **fields)
+    return _new_request(RequestType.MULTIMODAL, prompt, request_id, registries, fields)
 
 
 def request_from_task_kwargs(
@@ -637,7 +643,7 @@ def request_from_task_kwargs(
     if needed not in fields:
         raise RequestValidationError(needed, "field required")
     prompt, request_id = fields.pop("prompt", None), fields.pop("request_id", None)
-    return _new_request(request_type, prompt, request_id, registries, **fields)
+    return _new_request(request_type, prompt, request_id, registries, fields)
 
 
 def _sampling_fields(sampling: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from omni_tasks import (
     generate_image,
     get_config,
 )
-from omni_tasks.config import config_from_dict, load_config
+from omni_tasks.config import Registries, config_from_dict, load_config
 from omni_tasks.coordination import cache_directory, keys
 from omni_tasks.lora import directory_key
 from omni_tasks.requests import OmniRequest
@@ -72,6 +72,30 @@ def test_bad_adapters_are_refused_naming_the_field(lora, field: str, message: st
     with pytest.raises(RequestValidationError) as err:
         create_diffusion_request("a fox", lora=lora)
     assert err.value.field == field and message in str(err.value)
+
+
+def test_request_models_check_shape_and_entry_points_check_the_registry() -> None:
+    """Without registries in the validation context a name is checked for its shape only;
+    `create_*_request` (an entry point) brings the config's, or the ones it is given."""
+    message = {"request_type": "diffusion", "prompt": "a fox", "lora": ["sepia"]}
+    assert OmniRequest.from_message(message).adapters == (("sepia", 1.0),)
+    with pytest.raises(RequestValidationError) as err:
+        OmniRequest.from_message(message, Registries.from_config(get_config()))
+    assert err.value.field == "lora.0.name"
+    with pytest.raises(RequestValidationError) as err:
+        OmniRequest.from_message({**message, "lora": ["../x"]})
+    assert err.value.field == "lora.0.name"  # the shape of a name, without registries too
+    own = Registries(loras={"sepia": "/srv/sepia"})
+    assert create_diffusion_request("a fox", lora=["sepia"], registries=own).lora[0].name == "sepia"
+    with pytest.raises(RequestValidationError) as err:
+        create_diffusion_request("a fox", lora=["ink"], registries=own)
+    assert "registered: sepia" in str(err.value)
+
+
+def test_a_message_cannot_bring_its_own_registries() -> None:
+    with pytest.raises(RequestValidationError) as err:
+        generate_image.build_request({"prompt": "a fox", "registries": {"loras": {"x": "y"}}})
+    assert err.value.field == "registries"
 
 
 def test_an_unknown_adapter_sends_nothing(redis_client) -> None:
