@@ -54,9 +54,9 @@ def create_app(config: CoreModuleConfig | None = None) -> FastAPI:
         hub = ResultHub(config.redis_url)
         await hub.start()
         app.state.hub = hub
-        app.state.workers = LiveWorkers(hub)
-        app.state.webhooks = WebhookDispatcher(hub)
-        app.state.status = status.StatusCache()
+        app.state.workers = LiveWorkers(hub, config)
+        app.state.webhooks = WebhookDispatcher(hub, config.api)
+        app.state.status = status.StatusCache(config)
         await app.state.webhooks.start()
         try:
             yield
@@ -71,6 +71,7 @@ def create_app(config: CoreModuleConfig | None = None) -> FastAPI:
         docs_url="/docs",
         redoc_url=None,
     )
+    app.state.config = config  # what handlers read (`context.config_of`)
     app.state.caller = caller_of(api_token(config))  # scopes Idempotency-Keys
     errors.install(app)
     routers = (openai_images, openai_text, openai_audio, jobs, videos, batch_files, batches, files)

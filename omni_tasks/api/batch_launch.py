@@ -24,7 +24,7 @@ from omni_tasks.api.batch_state import FILE_TTL_S, BatchStore, Lease, line_keys
 from omni_tasks.api.errors import from_core_error
 from omni_tasks.api.hub import ResultHub
 from omni_tasks.api.submission import LiveWorkers
-from omni_tasks.config import get_config
+from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys
 from omni_tasks.errors import BrokerUnavailableError, CoreModuleError, QueueFullError
 from omni_tasks.requests import OmniRequest, stages_of
@@ -81,7 +81,8 @@ class BatchLauncher:
             await self._fail(batch_id, parsed.errors)
             return None
         models = await self._text_models() if raw["status"] == "validating" else None
-        built = await asyncio.to_thread(_build_all, parsed.lines, batch_id, models)
+        config = self.workers.config
+        built = await asyncio.to_thread(_build_all, parsed.lines, batch_id, models, config)
         if raw["status"] == "validating":
             await self._store_lines(batch_id, built)
             now = int(time.time())
@@ -154,14 +155,15 @@ class BatchLauncher:
     async def _take(self, built: list[Built], index: int) -> tuple[int, list[OmniRequest]]:
         """(the end of the next chunk, its requests): lines in order, while the pools
         have room for batch requests; a pool with nothing admitted takes one line."""
-        limit = get_config().scheduler.max_queue_size
+        config = self.workers.config
+        limit = config.scheduler.max_queue_size
         room: dict[str, int] = {}
         taken: list[OmniRequest] = []
         end = index
         while end < len(built) and len(taken) < CHUNK:
             requests = built[end].requests
             if requests:
-                pool = _pool_of(requests[0])
+                pool = config.pool_for(stages_of(requests[0].request_type)[0]).queue
                 if pool not in room:
                     held = int(await self.hub.redis.zcard(keys.admitted(pool)))
                     room[pool] = int(limit * BATCH_SHARE) - held
@@ -197,16 +199,19 @@ class BatchLauncher:
             except (QueueFullError, BrokerUnavailableError):
                 raise
             except CoreModuleError as exc:
-                error = refused_line(batch_id, index, line.record, from_core_error(exc))
+                error = refused_line(
+                    batch_id,
+                    index,
+                    line.record,
+                    from_core_error(exc, self.workers.config.api.retry_after_s),
+                )
                 pipe = self.hub.redis.pipeline(transaction=True)
                 pipe.hset(keys.api_batch_errors(batch_id), str(index), error)
                 pipe.srem(keys.api_batch_pending(batch_id), str(index))
                 await pipe.execute()
 
 
-def _build_all(lines: list[Line], batch_id: str, models: set[str] | None) -> list[Built]:
-    return [build(line, batch_id, models) for line in lines]
-
-
-def _pool_of(request: OmniRequest) -> str:
-    return get_config().pool_for(stages_of(request.request_type)[0]).queue
+def _build_all(
+    lines: list[Line], batch_id: str, models: set[str] | None, config: CoreModuleConfig
+) -> list[Built]:
+    return [build(line, batch_id, models, config) for line in lines]

@@ -25,7 +25,7 @@ from omni_tasks.api.errors import APIError, body_error, invalid, request_error
 from omni_tasks.api.idempotency import CallKey
 from omni_tasks.api.openai_images import ImageOptions, _requests
 from omni_tasks.api.openai_text import ChatBody, CompletionBody
-from omni_tasks.config import get_config
+from omni_tasks.config import CoreModuleConfig
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.model_registry import check_model
 from omni_tasks.requests import OmniRequest
@@ -134,16 +134,18 @@ def request_base(batch_id: str, index: int) -> str:
     return f"{batch_id}-{index}"
 
 
-def build(line: Line, batch_id: str, text_models: set[str] | None) -> Built:
-    """The line's requests, checked like the endpoint checks them (`text_models`: the
-    text models live AR workers serve, None when none is live: the request then
-    waits in its queue)."""
+def build(
+    line: Line, batch_id: str, text_models: set[str] | None, config: CoreModuleConfig
+) -> Built:
+    """The line's requests, checked like the endpoint checks them against `config`'s
+    registry (`text_models`: the text models live AR workers serve, None when none is
+    live: the request then waits in its queue)."""
     record: dict[str, Any] = {"custom_id": line.custom_id, "url": line.url, "ids": []}
     try:
         if line.body.get("stream"):
             raise invalid("stream", "streaming is not available in a batch")
         if line.url == IMAGES:
-            made = _image_requests(line, batch_id, record)
+            made = _image_requests(line, batch_id, record, config)
         else:
             made = [_text_request(line, batch_id, record, text_models)]
     except APIError as exc:
@@ -174,7 +176,9 @@ def _text_request(
     return omni
 
 
-def _image_requests(line: Line, batch_id: str, record: dict[str, Any]) -> list[OmniRequest]:
+def _image_requests(
+    line: Line, batch_id: str, record: dict[str, Any], config: CoreModuleConfig
+) -> list[OmniRequest]:
     try:
         options = ImageOptions.model_validate(line.body)
     except ValidationError as exc:
@@ -182,7 +186,7 @@ def _image_requests(line: Line, batch_id: str, record: dict[str, Any]) -> list[O
     made = _requests(options, BATCH_PRIORITY, None, CallKey(request_base(batch_id, line.index)))
     try:
         for omni in made:
-            check_model(omni, get_config())
+            check_model(omni, config)
     except RequestValidationError as exc:
         raise request_error(exc) from None
     record.update(

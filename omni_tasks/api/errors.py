@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError as BodyValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from omni_tasks.config import get_config
+from omni_tasks.api.context import config_of
 from omni_tasks.errors import (
     BrokerUnavailableError,
     ConfigError,
@@ -98,13 +98,14 @@ def request_error(exc: RequestValidationError, names: Mapping[str, str] | None =
     return invalid(param, message)
 
 
-def from_core_error(exc: CoreModuleError, keyed: bool = False) -> APIError:
-    """The HTTP answer to an error raised while accepting a request (`keyed`: the call
-    came with an `Idempotency-Key`)."""
+def from_core_error(exc: CoreModuleError, retry_after_s: float, keyed: bool = False) -> APIError:
+    """The HTTP answer to an error raised while accepting a request (`retry_after_s`: a
+    full queue's `Retry-After`, `api.retry_after_s`; `keyed`: the call came with an
+    `Idempotency-Key`)."""
     if isinstance(exc, RequestValidationError):
         return request_error(exc)
     if isinstance(exc, QueueFullError):
-        retry = str(get_config().api.retry_after_s)
+        retry = str(retry_after_s)
         return APIError(429, str(exc), code="queue_full", headers={"Retry-After": retry})
     if isinstance(exc, RequestTimeoutError):
         return APIError(504, str(exc), code="timeout")
@@ -203,7 +204,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(CoreModuleError)
     async def _core_error(request: Request, exc: CoreModuleError) -> JSONResponse:
-        return from_core_error(exc, keyed="idempotency-key" in request.headers).response()
+        retry_after_s = config_of(request).api.retry_after_s
+        keyed = "idempotency-key" in request.headers
+        return from_core_error(exc, retry_after_s, keyed).response()
 
     @app.exception_handler(BodyValidationError)
     async def _body_error(request: Request, exc: BodyValidationError) -> JSONResponse:

@@ -18,9 +18,10 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Request, Response
 
+from omni_tasks.api.context import config_of
 from omni_tasks.api.errors import APIError
 from omni_tasks.audio_fields import AUDIO_FORMATS, MEDIA_TYPES
-from omni_tasks.config import get_config
+from omni_tasks.config import CoreModuleConfig, get_config
 
 #: Output format -> (Pillow's name, media type).
 FORMATS = {
@@ -35,8 +36,10 @@ AUDIO_SUFFIXES = {f".{fmt}": fmt for fmt in AUDIO_FORMATS}
 router = APIRouter()
 
 
-def output_root() -> Path:
-    return get_config().output_path().resolve()
+def output_root(config: CoreModuleConfig | None = None) -> Path:
+    """The workers' `output_dir` as this API sees it (`config`'s, else the process's:
+    the job views that name files under it are built far from any request)."""
+    return (config or get_config()).output_path().resolve()
 
 
 def image_name(image_path: str) -> str:
@@ -69,7 +72,7 @@ def file_url(base_url: str, name: str, output_format: str) -> str:
 
 def base_url_of(request: Request) -> str:
     """Where clients reach this API: `api.public_url`, else the URL the request came to."""
-    return get_config().api.public_url or str(request.base_url)
+    return config_of(request).api.public_url or str(request.base_url)
 
 
 def encode(png: bytes, output_format: str, compression: int | None = None) -> bytes:
@@ -102,7 +105,7 @@ async def image_b64(image_path: str, output_format: str, compression: int | None
     return base64.b64encode(data).decode("ascii")
 
 
-def resolve(name: str) -> tuple[Path, str]:
+def resolve(name: str, config: CoreModuleConfig) -> tuple[Path, str]:
     """(the PNG under output_dir, the format asked for) of a `/v1/files/` name, or 404."""
     missing = APIError(404, f"no image {name!r}", param="name", code="file_not_found")
     parts = PurePosixPath(name).parts
@@ -113,7 +116,7 @@ def resolve(name: str) -> tuple[Path, str]:
     suffix = PurePosixPath(name).suffix.lower()
     if suffix not in SUFFIXES and suffix not in AUDIO_SUFFIXES:
         raise missing
-    root = output_root()
+    root = output_root(config)
     png = root / name
     if suffix in SUFFIXES:
         png = (root / name[: -len(suffix)]).with_name(PurePosixPath(name).stem + ".png")
@@ -128,10 +131,10 @@ def resolve(name: str) -> tuple[Path, str]:
 
 
 @router.get("/v1/files/{name:path}")
-async def get_file(name: str) -> Response:
+async def get_file(name: str, request: Request) -> Response:
     """An image under output_dir (PNG, or converted to the suffix's format), or an audio
     file as it is."""
-    path, output_format = resolve(name)
+    path, output_format = resolve(name, config_of(request))
     if output_format in MEDIA_TYPES:
         data = await asyncio.to_thread(path.read_bytes)
         return Response(data, media_type=MEDIA_TYPES[output_format])

@@ -29,7 +29,6 @@ from fastapi import Request
 from redis.asyncio import Redis
 
 from omni_tasks.api.errors import APIError
-from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
 from omni_tasks.errors import BrokerUnavailableError, CoreModuleError, RequestConflictError
 from omni_tasks.requests import OmniRequest
@@ -134,8 +133,10 @@ class KeyedCall:
     and gives the key back if the call failed before anything was accepted (set
     `accepted` once a request was)."""
 
-    def __init__(self, redis: Redis, key: CallKey, fingerprint: str) -> None:
+    def __init__(self, redis: Redis, key: CallKey, fingerprint: str, ttl_s: float) -> None:
+        """`ttl_s`: how long the key is kept (as long as results: `result_expires`)."""
         self.redis = redis
+        self.ttl_s = int(ttl_s)
         self.key = key
         self.fingerprint = fingerprint
         self.claim: Claim | None = None
@@ -149,7 +150,7 @@ class KeyedCall:
         if self.key.base is None:
             return self
         pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self._redis_key, self.fingerprint, nx=True, ex=int(get_config().result_expires))
+        pipe.set(self._redis_key, self.fingerprint, nx=True, ex=self.ttl_s)
         pipe.get(self._redis_key)
         created, found = await pipe.execute()
         self.claim = "new" if created else "repeat" if found == self.fingerprint else "conflict"

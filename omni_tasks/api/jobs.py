@@ -27,6 +27,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from omni_tasks.api.context import config_of
 from omni_tasks.api.errors import APIError, invalid
 from omni_tasks.api.files import base_url_of
 from omni_tasks.api.hub import FALLBACK_S, ResultHub, is_final, meta_key, next_message
@@ -42,7 +43,6 @@ from omni_tasks.api.sse import job_events, streaming
 from omni_tasks.api.submission import PROBE, accept, priority_of, withdraw
 from omni_tasks.api.video_objects import VIDEO, index_video, video_record
 from omni_tasks.api.webhooks import SWEEP_S, check_url
-from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
 from omni_tasks.requests import (
     OmniRequest,
@@ -106,21 +106,22 @@ def build_request(kind: Any, fields: dict[str, Any], request_id: str | None = No
     return BUILDERS[kind](prompt, request_id, **fields)
 
 
-def prefer_wait(header: str | None) -> float:
-    """Seconds of `Prefer: wait=N` (0 without it), capped by `api.wait_timeout_s`."""
+def prefer_wait(header: str | None, cap_s: float) -> float:
+    """Seconds of `Prefer: wait=N` (0 without it), capped by `cap_s` (`api.wait_timeout_s`)."""
     found = _PREFER_WAIT.search(header or "")
-    return min(float(found.group(1)), get_config().api.wait_timeout_s) if found else 0.0
+    return min(float(found.group(1)), cap_s) if found else 0.0
 
 
 @router.post("/v1/jobs", status_code=202)
 async def create_job(request: Request) -> JSONResponse:
     hub: ResultHub = request.app.state.hub
+    config = config_of(request)
     body = await json_object(request)
     key = call_key(request)
     kind = body.pop("type", None)
     webhook_url = body.pop("webhook_url", None)
     if webhook_url is not None:
-        check_url(webhook_url)
+        check_url(webhook_url, config.api.webhook_secret)
     body["priority"] = priority_of(body.get("priority"), request.headers.get("x-priority"))
     omni = build_request(kind, body, key.request_id())
     record = JobRecord(
@@ -132,13 +133,14 @@ async def create_job(request: Request) -> JSONResponse:
         partial_images=omni.partial_images,
     )
     if kind == VIDEO:
-        record = video_record(omni, base_url=record.base_url, webhook_url=webhook_url)
+        record = video_record(omni, config, base_url=record.base_url, webhook_url=webhook_url)
     record, created = await accept_job(request, key, omni, record)
     if kind == VIDEO:
         await index_video(hub.redis, record)
     if webhook_url and created:
         request.app.state.webhooks.follow(record)
-    return await _answer(hub, record, prefer_wait(request.headers.get("prefer")))
+    wait_s = prefer_wait(request.headers.get("prefer"), config.api.wait_timeout_s)
+    return await _answer(hub, record, wait_s)
 
 
 async def accept_job(
@@ -149,10 +151,11 @@ async def accept_job(
     answers it; a failure forgets only a record this call created, and only when
     nothing was accepted."""
     hub: ResultHub = request.app.state.hub
+    ttl_s = config_of(request).result_expires
     options = {"type": record.type, "webhook_url": record.webhook_url}
     fingerprint = call_fingerprint("jobs", [omni], options)
-    async with KeyedCall(hub.redis, key, fingerprint) as call:
-        created = await _store(hub, record)
+    async with KeyedCall(hub.redis, key, fingerprint, ttl_s) as call:
+        created = await _store(hub, record, ttl_s)
         try:
             await accept(request.app.state.workers, omni, model=omni.model, kind=record.type)
         except BaseException as exc:
@@ -162,7 +165,7 @@ async def accept_job(
         call.accepted = True
     if created:
         return record, True
-    created = await _store(hub, record)  # a repeat: stored again only if the first gave up
+    created = await _store(hub, record, ttl_s)  # a repeat: stored again only if the first gave up
     return (await load_record(hub, record.id) or record), created
 
 
@@ -204,12 +207,12 @@ return 1
 """
 
 
-async def _store(hub: ResultHub, record: JobRecord) -> bool:
-    """Write the job's record (and its webhook watch) unless the job has one; whether
-    this wrote it."""
+async def _store(hub: ResultHub, record: JobRecord, ttl_s: float) -> bool:
+    """Write the job's record (and its webhook watch), kept `ttl_s`, unless the job has
+    one; whether this wrote it."""
     watch = repr(time.time() + SWEEP_S) if record.webhook_url else ""
     fields = [item for pair in record.to_redis().items() for item in pair]
-    ttl = int(get_config().result_expires)
+    ttl = int(ttl_s)
     stored = await hub.redis.eval(
         _STORE_NEW,
         2,

@@ -27,6 +27,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from omni_tasks.api.context import config_of
 from omni_tasks.api.errors import (
     APIError,
     body_error,
@@ -40,7 +41,6 @@ from omni_tasks.api.sse import HEADERS, KEEPALIVE, event
 from omni_tasks.api.submission import accept, priority_of, withdraw
 from omni_tasks.api.text_chunks import follow_pieces
 from omni_tasks.audio_fields import MAX_SPEECH_CHARS, MEDIA_TYPES
-from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.requests import AudioFormat, OmniRequest, create_speech_request
@@ -115,8 +115,8 @@ async def _body(request: Request) -> SpeechBody:
 
 @router.post("/v1/audio/speech")
 async def speech(request: Request) -> Response:
-    body = await _body(request)
-    served = get_config().speech.model
+    body, config = await _body(request), config_of(request)
+    served = config.speech.model
     if body.model != served:
         raise APIError(
             404,
@@ -130,9 +130,9 @@ async def speech(request: Request) -> Response:
         await accept(app.workers, omni)
     except RequestValidationError as exc:  # the voice, checked against the config
         raise unprocessable(request_error(exc)) from None
-    timeout_s = get_config().api.wait_timeout_s
+    timeout_s = config.api.wait_timeout_s
     pieces = follow_pieces(app.hub, omni.request_id, timeout_s, keys.audio_chunks(omni.request_id))
-    first = await _first_audio(pieces, omni)
+    first = await _first_audio(pieces, omni, timeout_s)
     headers = {**HEADERS, "X-Request-Id": omni.request_id}
     if body.stream_format == "sse":
         return StreamingResponse(
@@ -143,22 +143,24 @@ async def speech(request: Request) -> Response:
     )
 
 
-async def _first_audio(pieces: AsyncIterator[tuple[str, Any]], omni: OmniRequest) -> bytes:
+async def _first_audio(
+    pieces: AsyncIterator[tuple[str, Any]], omni: OmniRequest, timeout_s: float
+) -> bytes:
     """The request's first audio bytes, once they exist; its error as the answer when it
-    ends without any (failed, cancelled, or no result within `api.wait_timeout_s`)."""
+    ends without any (failed, cancelled, or no result within `timeout_s`)."""
     async for what, found in pieces:
         if what == "piece":
             return base64.b64decode(found["b"])
         if what == "end":
-            raise await _ended(found, omni)
+            raise await _ended(found, omni, timeout_s)
     raise APIError(500, f"request {omni.request_id}: its stream ended without a state")
 
 
-async def _ended(meta: dict[str, Any] | None, omni: OmniRequest) -> APIError:
+async def _ended(meta: dict[str, Any] | None, omni: OmniRequest, timeout_s: float) -> APIError:
     """The answer to a request whose stream ended before any audio."""
     if meta is None or not is_final(meta):
         await withdraw(omni.request_id, omni.request_type)
-        return waited_too_long(get_config().api.wait_timeout_s, [omni.request_id])
+        return waited_too_long(timeout_s, [omni.request_id])
     if meta["status"] != "SUCCESS":
         return from_failure(meta.get("result"), omni.request_id)
     return APIError(500, f"request {omni.request_id} finished without streaming its audio")
@@ -202,9 +204,9 @@ def _delta(data: bytes) -> bytes:
 
 
 @router.get("/v1/audio/voices")
-async def voices() -> JSONResponse:
+async def voices(request: Request) -> JSONResponse:
     """The speech pool's voices: name -> the model's speaker id."""
-    speech = get_config().speech
+    speech = config_of(request).speech
     data = [
         {"object": "voice", "id": name, "name": name, "speaker_id": speaker, "model": speech.model}
         for name, speaker in speech.voices.items()

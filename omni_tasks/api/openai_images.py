@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.datastructures import UploadFile
 
+from omni_tasks.api.context import config_of
 from omni_tasks.api.errors import (
     body_error,
     from_failure,
@@ -40,7 +41,6 @@ from omni_tasks.api.hub import ResultHub
 from omni_tasks.api.idempotency import CallKey, KeyedCall, call_fingerprint, call_key
 from omni_tasks.api.sse import image_events, streaming
 from omni_tasks.api.submission import accept, priority_of, withdraw
-from omni_tasks.config import get_config
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.image_input import image_size
 from omni_tasks.requests import (
@@ -197,7 +197,8 @@ async def _serve(request: Request, options: ImageOptions, image: bytes | None = 
             options.output_compression,
         )
         return streaming(events)
-    metas = await _wait_all(app.hub, made, kept=key.base is not None)
+    timeout_s = config_of(request).api.wait_timeout_s
+    metas = await _wait_all(app.hub, made, timeout_s, kept=key.base is not None)
     data = [await _image_data(request, options, meta) for meta in metas]
     body = {"created": int(time.time()), "data": data, **options.describe()}
     return JSONResponse(body)
@@ -212,7 +213,8 @@ async def _accept_all(
     app = request.app.state
     fingerprint = call_fingerprint("images", made, options.model_dump(mode="json"))
     accepted: list[OmniRequest] = []
-    async with KeyedCall(app.hub.redis, key, fingerprint) as call:
+    ttl_s = config_of(request).result_expires
+    async with KeyedCall(app.hub.redis, key, fingerprint, ttl_s) as call:
         try:
             for omni in made:
                 await accept(app.workers, omni, model=options.model)
@@ -226,11 +228,10 @@ async def _accept_all(
 
 
 async def _wait_all(
-    hub: ResultHub, made: list[OmniRequest], kept: bool = False
+    hub: ResultHub, made: list[OmniRequest], timeout_s: float, kept: bool = False
 ) -> list[dict[str, Any]]:
-    """Every request's result; 504 after `api.wait_timeout_s`, with all of them
-    cancelled, or left to run for the retry of a keyed call (`kept`)."""
-    timeout_s = get_config().api.wait_timeout_s
+    """Every request's result; 504 after `timeout_s` (`api.wait_timeout_s`), with all of
+    them cancelled, or left to run for the retry of a keyed call (`kept`)."""
     metas = await asyncio.gather(*(hub.wait(r.request_id, timeout_s) for r in made))
     if any(meta is None for meta in metas):
         if not kept:

@@ -27,12 +27,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from omni_tasks.api.context import config_of
 from omni_tasks.api.errors import invalid, request_error
 from omni_tasks.api.idempotency import KeyedCall, call_fingerprint, call_key
 from omni_tasks.api.sse import streaming
 from omni_tasks.api.submission import accept, priority_of
 from omni_tasks.api.text_chunks import completion_answer, finished_result, text_chunks
-from omni_tasks.config import get_config
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.requests import (
     MAX_CHOICES,
@@ -170,24 +170,25 @@ def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
 
 
 async def _serve(request: Request, body: ChatBody | CompletionBody, chat: bool) -> Response:
-    state = request.app.state
+    state, config = request.app.state, config_of(request)
     priority = priority_of(body.priority, request.headers.get("x-priority"))
     key = call_key(request)
     omni = body.to_request(priority, key.request_id())
     fingerprint = call_fingerprint(
         "chat" if chat else "completions", [omni], body.model_dump(mode="json")
     )
-    async with KeyedCall(state.hub.redis, key, fingerprint) as call:
+    async with KeyedCall(state.hub.redis, key, fingerprint, config.result_expires) as call:
         await accept(state.workers, omni, model=body.model)
         call.accepted = True
     prefix = "chatcmpl" if chat else "cmpl"
     base = {"id": f"{prefix}-{omni.request_id}", "created": int(omni.created_at)}
     base["model"] = body.model
     kept = key.base is not None
+    timeout_s = config.api.wait_timeout_s
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return streaming(text_chunks(state.hub, omni, base, chat, usage, kept))
-    result = await finished_result(state.hub, omni, kept)
+        return streaming(text_chunks(state.hub, omni, base, chat, usage, timeout_s, kept))
+    result = await finished_result(state.hub, omni, kept, timeout_s)
     return JSONResponse(completion_answer(base, result, chat))
 
 
@@ -203,14 +204,14 @@ async def completions(body: CompletionBody, request: Request) -> Response:
 
 @router.get("/v1/models")
 async def models(request: Request) -> JSONResponse:
-    served = await request.app.state.workers.models()
+    served, config = await request.app.state.workers.models(), config_of(request)
     data = [
         {
             "id": model,
             "object": "model",
             "created": info["created"],
             "owned_by": "omni-tasks",
-            "pool": get_config().pool_for(info["stage"]).queue,
+            "pool": config.pool_for(info["stage"]).queue,
         }
         for model, info in sorted(served.items())
     ]

@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from omni_tasks.config import PRIORITY_CLASSES, CoreModuleConfig, get_config
+from omni_tasks.config import PRIORITY_CLASSES, CoreModuleConfig
 from omni_tasks.coordination.cache_directory import adapter_stats, hit_rate
 from omni_tasks.coordination.counter_window import sample_window
 from omni_tasks.coordination.health import health_of
@@ -45,9 +45,7 @@ STATUS_TTL_S = 1.0
 def class_levels(config: CoreModuleConfig) -> dict[str, int]:
     """The level (0 highest) a fresh request of each priority class starts at."""
     policy = create_policy(config)
-    return {
-        c: policy.priority(create_text_request("x", priority=c), "ar") for c in PRIORITY_CLASSES
-    }
+    return {c: policy.level(create_text_request("x", priority=c), "ar") for c in PRIORITY_CLASSES}
 
 
 def by_class(levels: dict[int, int], starts: dict[str, int]) -> dict[str, int]:
@@ -131,7 +129,8 @@ class StatusCache:
     """The last status this process read, kept `STATUS_TTL_S`: pages that poll share it
     (one per API process, on `app.state.status`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: CoreModuleConfig) -> None:
+        self.config = config
         self._at = 0.0
         self._value: dict[str, Any] | None = None
         self._lock = asyncio.Lock()
@@ -139,7 +138,7 @@ class StatusCache:
     async def read(self) -> dict[str, Any]:
         async with self._lock:
             if self._value is None or time.monotonic() - self._at >= STATUS_TTL_S:
-                self._value = await asyncio.to_thread(read_status, get_config())
+                self._value = await asyncio.to_thread(read_status, self.config)
                 self._at = time.monotonic()
             return self._value
 

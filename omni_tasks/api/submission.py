@@ -17,7 +17,7 @@ from typing import Any
 
 from omni_tasks.api.errors import APIError
 from omni_tasks.api.hub import ResultHub
-from omni_tasks.config import get_config
+from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys, worker_index
 from omni_tasks.model_registry import check_model
 from omni_tasks.requests import OmniRequest, RequestType, Stage, stages_of
@@ -38,8 +38,11 @@ class LiveWorkers:
     request costs one ZCOUNT per pool it needs (a text request also reads the AR
     workers' heartbeats, for their models), not a read of every worker."""
 
-    def __init__(self, hub: ResultHub) -> None:
+    def __init__(self, hub: ResultHub, config: CoreModuleConfig) -> None:
+        """`config`: the app's (its pools, the heartbeat timeout, the models it
+        registers)."""
         self._hub = hub
+        self.config = config
         self._views: dict[Any, tuple[float, Any]] = {}
         self._lock = asyncio.Lock()
 
@@ -80,7 +83,7 @@ class LiveWorkers:
         pipe = client.pipeline(transaction=False)
         for host in found:
             pipe.hgetall(keys.worker(host))
-        now, timeout = time.time(), get_config().worker_timeout
+        now, timeout = time.time(), self.config.worker_timeout
         workers = []
         for info in await pipe.execute():
             if not info or now - float(info.get("beat") or 0) > timeout:
@@ -107,7 +110,7 @@ class LiveWorkers:
             text_model = model if stage == "ar" and stages == ("ar",) else None
             serving = await self.serving(stage) if text_model else None
             if not (serving if serving is not None else await self.count(stage)):
-                pool = get_config().pool_for(stage).queue
+                pool = self.config.pool_for(stage).queue
                 raise APIError(
                     503,
                     f"no live worker serves the {POOL_NAMES[stage]} pool (queue {pool!r})",
@@ -148,7 +151,7 @@ async def accept(
     in a thread: it talks to Redis synchronously). QueueFullError and the other
     producer errors pass on to the app's handlers; an unregistered diffusion model is
     refused first (`RequestValidationError`, 400 naming `model`)."""
-    check_model(request, get_config())
+    check_model(request, workers.config)
     stages = stages_of(request.request_type)
     await workers.require(stages, model)
     if kind == PROBE:

@@ -21,15 +21,15 @@ from omni_tasks.api.errors import APIError, from_failure, waited_too_long
 from omni_tasks.api.hub import ResultHub, is_final, meta_key, next_message
 from omni_tasks.api.sse import KEEPALIVE, KEEPALIVE_S, event
 from omni_tasks.api.submission import withdraw
-from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
 from omni_tasks.requests import OmniRequest
 
 
-async def finished_result(hub: ResultHub, omni: OmniRequest, kept: bool) -> dict[str, Any]:
-    """The request's result JSON; 504 after `api.wait_timeout_s`, with the request
-    cancelled, or left to run for the retry of a keyed call (`kept`)."""
-    timeout_s = get_config().api.wait_timeout_s
+async def finished_result(
+    hub: ResultHub, omni: OmniRequest, kept: bool, timeout_s: float
+) -> dict[str, Any]:
+    """The request's result JSON; 504 after `timeout_s` (`api.wait_timeout_s`), with the
+    request cancelled, or left to run for the retry of a keyed call (`kept`)."""
     meta = await hub.wait(omni.request_id, timeout_s)
     if meta is None:
         if not kept:
@@ -133,6 +133,7 @@ async def text_chunks(
     base: dict[str, Any],
     chat: bool,
     usage: bool,
+    timeout_s: float,
     kept: bool = False,
 ) -> AsyncIterator[bytes]:
     """The answer of `stream: true`: the role, a chunk per piece as it is written, each
@@ -141,7 +142,6 @@ async def text_chunks(
     if chat:
         for index in range(omni.n):
             yield chunks.chunk(index, None, role=True)
-    timeout_s = get_config().api.wait_timeout_s
     read, meta = 0, None
     try:
         async for what, found in follow_pieces(hub, omni.request_id, timeout_s):

@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 from omni_tasks.api.errors import invalid, request_error
 from omni_tasks.api.job_state import JobRecord, job_view, progress_of
 from omni_tasks.api.openai_images import input_size
-from omni_tasks.config import get_config
+from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.image_input import inline_image_b64
@@ -203,6 +203,7 @@ class VideoRecord(JobRecord):
 
 def video_record(
     omni: OmniRequest,
+    config: CoreModuleConfig,
     *,
     base_url: str,
     webhook_url: str | None = None,
@@ -214,7 +215,7 @@ def video_record(
     frames = omni.num_frames or DEFAULT_FRAMES
     settings = {k: v for k, v in omni.to_message().items() if k not in NOT_SETTINGS}
     extra = {
-        "video_model": dit_model(omni, get_config()),
+        "video_model": dit_model(omni, config),
         "video_seconds": seconds or f"{frames / omni.fps:g}",
         "video_size": f"{omni.width}x{omni.height}",
         "video_prompt": omni.prompt or "",
@@ -239,8 +240,11 @@ async def load_video(redis: Redis, video_id: str) -> VideoRecord | None:
     return VideoRecord.of(JobRecord.from_redis(video_id, raw)) if raw else None
 
 
-def video_view(record: VideoRecord, metas: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """OpenAI's video object, from the record and the job's task states."""
+def video_view(
+    record: VideoRecord, metas: list[dict[str, Any] | None], expires_s: float
+) -> dict[str, Any]:
+    """OpenAI's video object, from the record and the job's task states; it expires
+    `expires_s` after its creation (`result_expires`)."""
     job = job_view(record, metas)
     status = STATUSES[job["status"]]
     error = job["error"]
@@ -252,7 +256,7 @@ def video_view(record: VideoRecord, metas: list[dict[str, Any] | None]) -> dict[
         "progress": _percent(status, progress_of(record, metas)),
         "created_at": int(record.created_at),
         "completed_at": _done_at(metas[-1]) if status in ENDED else None,
-        "expires_at": int(record.created_at + get_config().result_expires),
+        "expires_at": int(record.created_at + expires_s),
         "model": record.model,
         "prompt": extra.get("video_prompt"),
         "seconds": record.seconds,
@@ -287,13 +291,14 @@ async def index_video(redis: Redis, record: JobRecord) -> None:
 
 
 async def page_ids(
-    redis: Redis, after: str | None, limit: int, order: Literal["asc", "desc"]
+    redis: Redis, after: str | None, limit: int, order: Literal["asc", "desc"], kept_s: float
 ) -> tuple[list[str], bool]:
     """(up to `limit` video ids after `after` in `order`, whether more follow); 400
-    naming `after` for an id the list does not hold."""
+    naming `after` for an id the list does not hold. Videos older than `kept_s` leave
+    the list."""
     index = keys.api_videos()
     pipe = redis.pipeline(transaction=False)
-    pipe.zremrangebyscore(index, "-inf", f"({_oldest_kept()}")
+    pipe.zremrangebyscore(index, "-inf", f"({time.time() - kept_s}")
     if after is not None:
         pipe.zrevrank(index, after) if order == "desc" else pipe.zrank(index, after)
     found = await pipe.execute()
@@ -304,7 +309,3 @@ async def page_ids(
         start = int(found[-1]) + 1
     ids = await redis.zrange(index, start, start + limit, desc=order == "desc")
     return ids[:limit], len(ids) > limit
-
-
-def _oldest_kept() -> float:
-    return time.time() - get_config().result_expires

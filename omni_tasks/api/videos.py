@@ -33,6 +33,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import UploadFile
 
+from omni_tasks.api.context import config_of
 from omni_tasks.api.errors import APIError, body_error, invalid, request_error
 from omni_tasks.api.files import base_url_of, output_root
 from omni_tasks.api.hub import ResultHub, meta_key, next_message
@@ -81,6 +82,7 @@ class RemixOptions(BaseModel):
 
 @router.post("/v1/videos")
 async def create_video(request: Request) -> JSONResponse:
+    config = config_of(request)
     fields, upload = await _create_fields(request)
     try:
         options = VideoOptions.model_validate(fields)
@@ -88,13 +90,18 @@ async def create_video(request: Request) -> JSONResponse:
         raise body_error(exc.errors()) from None
     if upload is not None and options.input_reference is not None:
         raise invalid(REFERENCE, "give one input image, not a file and a string")
-    webhook_url = None if options.webhook_url is None else check_url(options.webhook_url)
+    webhook_url = (
+        None
+        if options.webhook_url is None
+        else check_url(options.webhook_url, config.api.webhook_secret)
+    )
     priority = priority_of(options.priority, request.headers.get("x-priority"))
     key = call_key(request)
     image = reference_image(upload if upload is not None else options.input_reference)
     omni = build_video(options, priority, image, key.request_id())
     record = video_record(
         omni,
+        config,
         base_url=base_url_of(request),
         webhook_url=webhook_url,
         seconds=options.seconds_text(),
@@ -134,7 +141,8 @@ async def _launch(
     await index_video(hub.redis, video)
     if video.webhook_url and created:
         request.app.state.webhooks.follow(video)
-    return JSONResponse(video_view(video, await hub.metas(video.task_ids)))
+    expires_s = config_of(request).result_expires
+    return JSONResponse(video_view(video, await hub.metas(video.task_ids), expires_s))
 
 
 async def _video(request: Request, video_id: str) -> VideoRecord:
@@ -153,7 +161,8 @@ async def list_videos(
 ) -> JSONResponse:
     """A page of the videos, newest first by default, as OpenAI's cursor lists are."""
     hub: ResultHub = request.app.state.hub
-    ids, has_more = await page_ids(hub.redis, after, limit, order)
+    expires_s = config_of(request).result_expires
+    ids, has_more = await page_ids(hub.redis, after, limit, order, expires_s)
     pipe = hub.redis.pipeline(transaction=False)
     for video_id in ids:
         pipe.hgetall(keys.api_job(video_id))
@@ -163,7 +172,7 @@ async def list_videos(
     if gone:  # expired (or deleted meanwhile): no longer listed
         await hub.redis.zrem(keys.api_videos(), *gone)
     metas = await hub.metas([r.id for r in records]) if records else []
-    data = [video_view(r, [m]) for r, m in zip(records, metas, strict=True)]
+    data = [video_view(r, [m], expires_s) for r, m in zip(records, metas, strict=True)]
     first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
     body = {"object": "list", "data": data, "first_id": first, "last_id": last}
     return JSONResponse({**body, "has_more": has_more})
@@ -177,7 +186,8 @@ def _from_raw(video_id: str, raw: dict[str, str]) -> VideoRecord | None:
 async def retrieve_video(video_id: str, request: Request) -> JSONResponse:
     hub: ResultHub = request.app.state.hub
     record = await _video(request, video_id)
-    view = video_view(record, await hub.metas(record.task_ids))
+    expires_s = config_of(request).result_expires
+    view = video_view(record, await hub.metas(record.task_ids), expires_s)
     return JSONResponse(view, headers={"openai-poll-after-ms": str(POLL_AFTER_MS)})
 
 
@@ -193,22 +203,22 @@ async def video_content(
     metas = await hub.metas(record.task_ids)
     status, final = status_of(metas)
     if status != "succeeded" or final is None:
-        shown = video_view(record, metas)["status"]
+        shown = video_view(record, metas, config_of(request).result_expires)["status"]
         message = f"video {video_id} is {shown}: its content is there once it has completed"
         raise APIError(404, message, param="video_id", code="video_not_ready")
     field, media_type, suffix = VARIANTS[variant]
-    path = _output_file(final["result"].get(field), variant)
+    path = _output_file(final["result"].get(field), variant, output_root(config_of(request)))
     return FileResponse(path, media_type=media_type, filename=f"{video_id}.{suffix}")
 
 
-def _output_file(path: Any, variant: str) -> Path:
-    """A worker's file, if it is a file under this API's output_dir."""
+def _output_file(path: Any, variant: str, root: Path) -> Path:
+    """A worker's file, if it is a file under this API's output_dir (`root`)."""
     try:
         found = Path(str(path)).resolve(strict=True)
     except OSError:
         raise APIError(404, f"the video's {variant} is gone", code="file_not_found") from None
     try:
-        found.relative_to(output_root())
+        found.relative_to(root)
     except ValueError:
         raise APIError(
             500,
@@ -238,13 +248,13 @@ async def delete_video(video_id: str, request: Request) -> JSONResponse:
         await cancel_record(record, metas)
         final = await hub.wait(record.id, DELETE_WAIT_S)
     if final and final.get("status") == "SUCCESS":
-        await asyncio.to_thread(_delete_files, final["result"])
+        root = output_root(config_of(request))
+        await asyncio.to_thread(_delete_files, final["result"], root)
     return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
 
 
-def _delete_files(result: dict[str, Any]) -> None:
-    """Delete a result's files under output_dir (only there)."""
-    root = output_root()
+def _delete_files(result: dict[str, Any], root: Path) -> None:
+    """Delete a result's files under output_dir (`root`, only there)."""
     for field, _, _ in VARIANTS.values():
         if not result.get(field):
             continue
@@ -257,12 +267,17 @@ def _delete_files(result: dict[str, Any]) -> None:
 async def remix_video(video_id: str, request: Request) -> JSONResponse:
     """A new video with the source's settings (model, size, frames, seed, steps, input
     image, ...) and a new prompt."""
+    config = config_of(request)
     source = await _video(request, video_id)
     try:
         options = RemixOptions.model_validate(await json_object(request))
     except ValidationError as exc:
         raise body_error(exc.errors()) from None
-    webhook_url = None if options.webhook_url is None else check_url(options.webhook_url)
+    webhook_url = (
+        None
+        if options.webhook_url is None
+        else check_url(options.webhook_url, config.api.webhook_secret)
+    )
     settings = {**source.settings(), "model": source.model}
     if options.priority or request.headers.get("x-priority"):
         settings["priority"] = priority_of(options.priority, request.headers.get("x-priority"))
@@ -273,6 +288,7 @@ async def remix_video(video_id: str, request: Request) -> JSONResponse:
         raise request_error(exc) from None
     record = video_record(
         omni,
+        config,
         base_url=base_url_of(request),
         webhook_url=webhook_url,
         seconds=source.seconds,
@@ -284,16 +300,19 @@ async def remix_video(video_id: str, request: Request) -> JSONResponse:
 @router.get("/v1/videos/{video_id}/events")
 async def video_event_stream(video_id: str, request: Request) -> Response:
     record = await _video(request, video_id)
-    return streaming(video_events(request.app.state.hub, record))
+    expires_s = config_of(request).result_expires
+    return streaming(video_events(request.app.state.hub, record, expires_s))
 
 
-async def video_events(hub: ResultHub, record: VideoRecord) -> AsyncIterator[bytes]:
+async def video_events(
+    hub: ResultHub, record: VideoRecord, expires_s: float
+) -> AsyncIterator[bytes]:
     """`video.<status>` with the video object at each change of status or progress;
     the stream ends with `video.completed` or `video.failed`."""
     async with hub.listen([meta_key(t) for t in record.task_ids]) as queue:
         last: tuple[str, int] | None = None
         while True:
-            view = video_view(record, await hub.metas(record.task_ids))
+            view = video_view(record, await hub.metas(record.task_ids), expires_s)
             if (view["status"], view["progress"]) != last:
                 last = (view["status"], view["progress"])
                 yield event(f"video.{view['status']}", view)

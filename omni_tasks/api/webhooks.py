@@ -40,7 +40,7 @@ import httpx
 from omni_tasks.api.errors import invalid
 from omni_tasks.api.hub import ResultHub, TaskSet, meta_key, next_message, sweep_forever
 from omni_tasks.api.job_state import FINAL, JobRecord, load_record, read_view
-from omni_tasks.config import get_config
+from omni_tasks.config.schema import APIConfig
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.lua import SOURCES
 
@@ -68,15 +68,15 @@ def verify(secret: str, body: bytes, signature: str) -> bool:
     return hmac.compare_digest(sign(secret, body), signature)
 
 
-def check_url(url: Any) -> str:
+def check_url(url: Any, secret: str | None) -> str:
     """A webhook URL the API may POST to (http or https, with a host), or 400; 400 as
-    well when no `api.webhook_secret` is set to sign with."""
+    well without a `secret` (`api.webhook_secret`) to sign with."""
     if not isinstance(url, str) or not url:
         raise invalid("webhook_url", "must be an http:// or https:// URL")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise invalid("webhook_url", "must be an http:// or https:// URL")
-    if not get_config().api.webhook_secret:
+    if not secret:
         raise invalid(
             "webhook_url", "webhooks need api.webhook_secret (OMNI_API__WEBHOOK_SECRET) set"
         )
@@ -92,8 +92,9 @@ def backoff(attempts: int) -> float:
 class WebhookDispatcher:
     """This process's part: following the jobs it accepted, sweeping, delivering."""
 
-    def __init__(self, hub: ResultHub) -> None:
+    def __init__(self, hub: ResultHub, config: APIConfig) -> None:
         self.hub = hub
+        self.config = config
         # The async client registers its own copies of the two scripts (`scripts/`).
         self._claim = hub.redis.register_script(SOURCES["webhook_claim"])
         self._take = hub.redis.register_script(SOURCES["webhook_take"])
@@ -102,7 +103,7 @@ class WebhookDispatcher:
         self._http: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
-        config = get_config().api
+        config = self.config
         self._http = httpx.AsyncClient(timeout=config.webhook_timeout_s, follow_redirects=False)
         self._tasks.spawn(self._deliver_loop())
         self._tasks.spawn(sweep_forever(self.sweep, SWEEP_S, "webhook", log))
@@ -157,7 +158,7 @@ class WebhookDispatcher:
 
     async def deliver_due(self) -> int:
         """POST the deliveries due now (leased meanwhile); how many were taken."""
-        lease = get_config().api.webhook_timeout_s * 2 + 30
+        lease = self.config.webhook_timeout_s * 2 + 30
         now = time.time()
         ids = await self._take(keys=[keys.webhook_due()], args=[now, now + lease, BATCH])
         if not ids:
@@ -177,7 +178,7 @@ class WebhookDispatcher:
             "Content-Type": "application/json",
             "User-Agent": "omni-tasks-webhooks",
             DELIVERY_HEADER: delivery["id"],
-            SIGNATURE_HEADER: sign(get_config().api.webhook_secret or "", body),
+            SIGNATURE_HEADER: sign(self.config.webhook_secret or "", body),
             "X-Omni-Attempt": str(delivery["attempts"]),
         }
         error = None
@@ -195,7 +196,7 @@ class WebhookDispatcher:
         job_key = keys.api_job(delivery["job_id"])
         pipe = client.pipeline(transaction=True)
         pipe.hset(job_key, "webhook_attempts", delivery["attempts"])
-        if error is None or delivery["attempts"] >= get_config().api.webhook_max_attempts:
+        if error is None or delivery["attempts"] >= self.config.webhook_max_attempts:
             pipe.zrem(keys.webhook_due(), delivery_id)
             pipe.hdel(keys.webhook_deliveries(), delivery_id)
             pipe.hset(job_key, "webhook_status", "delivered" if error is None else "failed")

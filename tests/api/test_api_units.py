@@ -127,27 +127,29 @@ def test_webhook_signatures_and_backoff() -> None:
 
 
 def test_file_names_resolve_only_inside_output_dir(tmp_path) -> None:
-    root = get_config().output_path()
+    config = get_config()
+    root = config.output_path()
     (root / "day").mkdir(parents=True, exist_ok=True)
     image = root / "day" / "a%2Fb.png"
     image.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (tmp_path / "secret.png").write_bytes(b"x")
     (root / "day" / "link.png").unlink(missing_ok=True)
     (root / "day" / "link.png").symlink_to(tmp_path / "secret.png")
-    assert resolve("day/a%2Fb.png") == (image.resolve(), "png")
-    assert resolve("day/a%2Fb.webp")[1] == "webp"
+    assert resolve("day/a%2Fb.png", config) == (image.resolve(), "png")
+    assert resolve("day/a%2Fb.webp", config)[1] == "webp"
     for name in ("day/link.png", "../secret.png", "day/.x.png", "/etc/x.png", "day/a%2Fb"):
         with pytest.raises(APIError) as caught:
-            resolve(name)
+            resolve(name, config)
         assert caught.value.status == 404, name
     url = file_url("http://api:8000/", "day/a%2Fb.png", "jpeg")
     assert url == "http://api:8000/v1/files/day/a%252Fb.jpeg"
 
 
 def test_prefer_wait_and_the_chat_messages() -> None:
-    assert prefer_wait(None) == 0 and prefer_wait("respond-async") == 0
-    assert prefer_wait("wait=5") == 5 and prefer_wait("respond-async, wait=2.5") == 2.5
-    assert prefer_wait("wait=100000") == get_config().api.wait_timeout_s
+    cap = get_config().api.wait_timeout_s
+    assert prefer_wait(None, cap) == 0 and prefer_wait("respond-async", cap) == 0
+    assert prefer_wait("wait=5", cap) == 5 and prefer_wait("respond-async, wait=2.5", cap) == 2.5
+    assert prefer_wait("wait=100000", cap) == cap
     messages = [
         Message(role="system", content="Be brief."),
         Message(role="user", content=[{"type": "text", "text": "Hi"}]),
@@ -192,7 +194,7 @@ def test_compose_and_the_procfile_run_the_api() -> None:
 
 def test_a_send_that_may_have_been_accepted_says_how_to_retry() -> None:
     exc = BrokerUnavailableError("r1", "lost the connection", may_be_accepted=True)
-    keyed, unkeyed = from_core_error(exc, keyed=True), from_core_error(exc)
+    keyed, unkeyed = from_core_error(exc, 1.0, keyed=True), from_core_error(exc, 1.0)
     assert keyed.status == unkeyed.status == 503
     assert "may have been accepted" in keyed.message and "r1" in keyed.message
     assert f"same {HEADER} is safe" in keyed.message
