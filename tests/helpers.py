@@ -104,6 +104,19 @@ def eventually(check, timeout_s: float = 10.0, interval_s: float = 0.05):
         time.sleep(interval_s)
 
 
+async def eventually_async(check, timeout_s: float = 10.0, interval_s: float = 0.05):
+    """`eventually` inside an event loop: the loop keeps running between checks."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value or time.monotonic() >= deadline:
+            return value
+        await asyncio.sleep(interval_s)
+
+
 def assert_png(path: str | Path, width: int, height: int) -> None:
     path = Path(path)
     assert path.is_file(), path

@@ -9,7 +9,7 @@ import time
 from dataclasses import replace
 
 from celery.result import AsyncResult
-from helpers import eventually, publish_raw
+from helpers import eventually, eventually_async, publish_raw
 
 from omni_tasks import OmniScheduler, create_text_request, get_config
 from omni_tasks.coordination import keys
@@ -36,14 +36,13 @@ def test_health_recovers_after_a_burst_of_bad_requests(pools, redis_client) -> N
     assert any(i.startswith("pool 'ar' failed") for i in sick["issues"])
     # Good requests go on; once the burst is older than the window, health recovers.
     started = time.monotonic()
-    healthy = None
-    while time.monotonic() - started < 30:
+
+    def recovered() -> dict | None:
         generate_text.delay(prompt="fine", max_tokens=2).get(TIMEOUT)
         health = scheduler.get_health_status()  # samples the counters as it goes
-        if health["healthy"]:
-            healthy = health
-            break
-        time.sleep(0.5)
+        return health if health["healthy"] else None
+
+    healthy = eventually(recovered, 30, interval_s=0.5)
     assert healthy, scheduler.get_health_status()
     assert time.monotonic() - started >= 4  # not before the burst left the window
     assert redis_client.llen(keys.rejected()) == BURST  # the records are kept all the same
@@ -55,13 +54,13 @@ def test_throughput_is_cluster_wide_and_recent(pools) -> None:
     results = [generate_text.delay(prompt=f"n{i}", max_tokens=2) for i in range(6)]
     for result in results:
         result.get(TIMEOUT)
-    time.sleep(1.1)
-    # Another instance, which scheduled nothing itself, reads the same window.
-    metrics = eventually(
-        lambda: (
-            (m := OmniScheduler(core_config=fast_config()).get_metrics())["throughput"] > 0 and m
-        )
-    )
+
+    def recorded() -> dict | None:
+        """Another instance, which scheduled nothing itself, reads the same window."""
+        metrics = OmniScheduler(core_config=fast_config()).get_metrics()
+        return metrics if metrics["throughput"] > 0 and metrics["window_seconds"] > 1 else None
+
+    metrics = eventually(recorded)
     assert metrics, "no throughput recorded"
     assert metrics["window_seconds"] > 1
     done = metrics["throughput"] * metrics["window_seconds"]
@@ -78,7 +77,7 @@ def test_start_runs_the_cleanup_of_finished_requests(pools) -> None:
         await scheduler.schedule_request(request)
         held = scheduler.scheduler.get_queue_size()
         await asyncio.to_thread(AsyncResult(request.request_id).get, TIMEOUT)
-        await asyncio.sleep(2.5)  # two cleanup intervals
+        await eventually_async(lambda: scheduler.scheduler.get_queue_size() == 0)  # cleaned
         left = scheduler.scheduler.get_queue_size()
         await scheduler.shutdown()
         return held, left

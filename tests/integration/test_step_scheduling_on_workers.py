@@ -58,10 +58,9 @@ def wait_progress(result: AsyncResult, step: int = 1) -> dict:
     return info
 
 
-def wait_running(result: AsyncResult) -> None:
-    """Until its task has started on the worker, and a moment more to reach its steps."""
+def wait_started(result: AsyncResult) -> None:
+    """Until its task has started on the worker (held: running or waiting for a slot)."""
     assert eventually(lambda: result.state in ("STARTED", "PROGRESS"), 60, 0.01), result.state
-    time.sleep(0.2)
 
 
 def pixels(result: dict) -> np.ndarray:
@@ -96,7 +95,7 @@ def test_a_high_class_arrival_preempts_and_the_paused_image_is_unchanged(
     from workers.engines.diffusers_engine import DiffusersEngine
 
     lows = [send(f"low {i}", steps=60, priority="low", seed=i) for i in range(8)]
-    wait_running(lows[-1])  # all eight hold the batch
+    wait_progress(lows[-1])  # all eight hold the batch
     high = send("urgent", steps=8, priority="high").get(TIMEOUT)
     outs = [r.get(TIMEOUT) for r in lows]
     paused = [out for out in outs if out["preemptions"]]
@@ -116,7 +115,7 @@ def test_a_high_class_arrival_preempts_and_the_paused_image_is_unchanged(
 
 def test_starvation_bound_a_paused_low_request_resumes_within_the_bound(worker) -> None:
     low = send("patient", steps=80, priority="low")
-    wait_running(low)
+    wait_progress(low)
     highs = [send(f"rush {i}", steps=40, priority="high", seed=i) for i in range(16)]
     low_out = low.get(TIMEOUT)
     high_outs = [r.get(TIMEOUT) for r in highs]
@@ -131,7 +130,7 @@ def test_starvation_bound_a_paused_low_request_resumes_within_the_bound(worker) 
 def test_a_held_request_past_its_deadline_fails_without_a_step(worker) -> None:
     expired_before = stat("expired")
     busy = [send(f"busy {i}", steps=60, priority="normal", seed=i) for i in range(8)]
-    wait_running(busy[-1])
+    wait_progress(busy[-1])
     late = send("too late", steps=8, priority="low", timeout_s=1.0)
     with pytest.raises(RequestTimeoutError, match="after 0 denoising steps"):
         late.get(TIMEOUT)
@@ -158,8 +157,10 @@ def test_a_request_cancelled_while_running_leaves_at_the_next_step(worker) -> No
 def test_an_unstarted_held_request_yields_to_a_higher_priority_message(worker) -> None:
     # Ten held (eight running, two waiting) and two more queued: every slot is taken.
     lows = [send(f"backlog {i}", steps=100, priority="low", seed=i) for i in range(12)]
-    wait_running(lows[9])
-    time.sleep(0.5)  # the lookahead is filled with requests that cannot start yet
+    wait_started(lows[9])
+    # Eight of the ten held run steps; the lookahead holds two that cannot start yet.
+    stepping = eventually(lambda: [r.state for r in lows[:10]].count("PROGRESS") == 8, 60)
+    assert stepping, [r.state for r in lows]
     sent = time.time()
     high = send("jump the queue", steps=8, priority="high").get(TIMEOUT)
     # A waiting low request was handed back, so the high one started at once ...

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import eventually
 
 from omni_tasks.errors import EngineStoppedError, ProcessingError, RequestTimeoutError
 from workers.engines.base import TextEngine, TextOutput, TextParams
@@ -115,10 +116,7 @@ def test_timeout_raises_and_aborts(engine: Any) -> None:
     if engine.name == "transformers":
         assert time.monotonic() - t0 < 3  # not stuck behind the abandoned row
     else:
-        deadline = time.monotonic() + 5  # the aborted request leaves vLLM promptly
-        while engine._active and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not engine._active
+        assert eventually(lambda: not engine._active, 5)  # the aborted one leaves vLLM promptly
 
 
 def test_bad_request_fails_alone(engine: Any) -> None:
@@ -270,7 +268,7 @@ def test_shutdown_stops_inflight_requests(engine: Any, tiny_llama_dir: Path) -> 
         eng = build_engine(name, tiny_llama_dir, max_batch_size=4)
 
         def started() -> bool:
-            return bool(eng._running)  # 4 run, 4 wait
+            return bool(eng._running) and len(eng._running) + len(eng._queue) == 8  # all in
 
     results: list[tuple[BaseException | None, float]] = []
 
@@ -284,11 +282,7 @@ def test_shutdown_stops_inflight_requests(engine: Any, tiny_llama_dir: Path) -> 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 10
-    while not started() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert started()
-    time.sleep(0.2)
+    assert eventually(started, 10)
     t0 = time.monotonic()
     eng.shutdown()
     for t in threads:
@@ -320,13 +314,15 @@ else:
     from workers.engines.transformers_engine import TransformersTextEngine
     engine = TransformersTextEngine(model, max_batch_size=1, batch_wait_s=0)
 done, lock = [], threading.Lock()
-def run(rid, priority, tokens=48):
-    engine.generate(rid, "tell me a story", TextParams(tokens, 0.0, priority=priority), 120)
+def run(rid, rank, tokens=48):
+    engine.generate(rid, "tell me a story", TextParams(tokens, 0.0, rank=rank), 120)
     with lock:
         done.append(rid)
 first = threading.Thread(target=run, args=("low-0", 2, 800))  # still running below
 first.start()
-time.sleep(0.3)
+running = (lambda: engine._active) if name == "vllm" else (lambda: engine._running)
+while not running():  # low-0 holds the one sequence before the others queue
+    time.sleep(0.01)
 later = [threading.Thread(target=run, args=(f"low-{i}", 2)) for i in (1, 2, 3)]
 later.append(threading.Thread(target=run, args=("high", 0)))
 for t in later:

@@ -116,8 +116,12 @@ def test_a_preempted_request_resumes_with_identical_pixels(engine, limit) -> Non
 
 def test_a_waiting_request_past_its_deadline_never_runs_a_step(engine, limit) -> None:
     limit(1)
-    long_thread, long_box = in_thread(generate, engine, "long", "slow", params(1, steps=200))
-    time.sleep(0.3)
+    stepping = threading.Event()
+    ticket = StepTicket("long", on_progress=lambda info: stepping.set())
+    long_thread, long_box = in_thread(
+        generate, engine, "long", "slow", params(1, steps=200), ticket=ticket
+    )
+    assert stepping.wait(30)  # the long request holds the only slot
     start = time.monotonic()
     with pytest.raises(RequestTimeoutError, match="after 0 denoising steps"):
         generate(engine, "late", "never", params(2), timeout_s=0.5)
