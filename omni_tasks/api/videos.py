@@ -90,11 +90,8 @@ async def create_video(request: Request) -> JSONResponse:
         raise body_error(exc.errors()) from None
     if upload is not None and options.input_reference is not None:
         raise invalid(REFERENCE, "give one input image, not a file and a string")
-    webhook_url = (
-        None
-        if options.webhook_url is None
-        else check_url(options.webhook_url, config.api.webhook_secret)
-    )
+    secret = config.api.webhook_secret
+    webhook_url = None if options.webhook_url is None else check_url(options.webhook_url, secret)
     priority = priority_of(options.priority, request.headers.get("x-priority"))
     key = call_key(request)
     image = reference_image(upload if upload is not None else options.input_reference)
@@ -273,11 +270,8 @@ async def remix_video(video_id: str, request: Request) -> JSONResponse:
         options = RemixOptions.model_validate(await json_object(request))
     except ValidationError as exc:
         raise body_error(exc.errors()) from None
-    webhook_url = (
-        None
-        if options.webhook_url is None
-        else check_url(options.webhook_url, config.api.webhook_secret)
-    )
+    secret = config.api.webhook_secret
+    webhook_url = None if options.webhook_url is None else check_url(options.webhook_url, secret)
     settings = {**source.settings(), "model": source.model}
     if options.priority or request.headers.get("x-priority"):
         settings["priority"] = priority_of(options.priority, request.headers.get("x-priority"))
