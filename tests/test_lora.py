@@ -165,14 +165,14 @@ def test_a_request_goes_to_the_live_worker_holding_its_adapter(redis_client) -> 
         cache_directory.dit_keys(request, config).embeddings,
     ]
     policy = create_policy(config)
-    pool = Route(DIT_QUEUE, policy.route(request, "dit").priority)  # the model's queue
+    pool = Route(DIT_QUEUE, policy.route(request, "dit").level)  # the model's queue
     cache_directory.record_insert(WORKER, "diffusion", directory_key("ink"), 4096)
     assert resolve_route(request, "dit", policy) == pool  # no heartbeat: not live
     beat(redis_client, WORKER)
     own = keys.worker_queue(WORKER)
     assert resolve_route(request, "dit", policy).queue == own
     sent = generate_image.delay(**fields, lora=["watercolor", "ink"])
-    assert where(redis_client, sent.id, queues=(own,)) == (own, pool.priority)
+    assert where(redis_client, sent.id, queues=(own,)) == (own, pool.level)
     assert resolve_route(create_diffusion_request(**fields), "dit", policy) == pool
     # A multimodal DiT stage's prompt is written later, but its adapters are known now.
     multi = create_multimodal_request("a fox", lora=["ink"])

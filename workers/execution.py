@@ -49,7 +49,7 @@ def _text_params(request: OmniRequest) -> TextParams:
         top_p=request.top_p,
         seed=request.seed,
         stop=tuple(request.stop),
-        priority=runtime.config.scheduler.class_rank(request.priority),
+        rank=runtime.config.scheduler.class_rank(request.priority),
         # A MULTIMODAL request's adapters style its image: the DiT stage runs them.
         lora=request.adapters if request.request_type in COMPLETION_TYPES else (),
         n=request.n,
@@ -135,7 +135,7 @@ def _render(
         request.request_id,
         priority_class=request.priority,
         continuing=request.request_type is RequestType.MULTIMODAL,
-        level=_broker_priority(request),
+        level=_delivered_level(request),
         cancelled=task_context.revoked_check(),
         on_progress=progress.callback(),
         preview=previews.previewer_for(request, runtime.redis),
@@ -231,12 +231,12 @@ def _dit_fields(
     }
 
 
-def _broker_priority(request: OmniRequest) -> int:
-    """The priority its message came at (0 highest), else what the policy gives it."""
-    delivered = task_context.current_priority()
+def _delivered_level(request: OmniRequest) -> int:
+    """The level its message came at (0 highest), else what the policy gives it."""
+    delivered = task_context.current_level()
     if delivered is not None:
         return int(delivered)
-    return create_policy(runtime.config).priority(request, "dit")
+    return create_policy(runtime.config).level(request, "dit")
 
 
 def run_multimodal_prompt(request: OmniRequest) -> PromptResult:

@@ -131,11 +131,11 @@ def run_claimed(
     """Run the request this delivery claimed (STARTED); what ends it otherwise becomes
     the task's outcome (handed back, expired, cancelled or failed)."""
     try:
-        priority = delivered_level(
+        level = delivered_level(
             (task.request.delivery_info or {}).get("priority"), runtime.config.broker_is_redis
         )
         with (
-            task_context.running(task_id, priority),
+            task_context.running(task_id, level),
             progress.reporting(
                 task, runtime.config.progress_interval_s, runtime.config.progress_first_after_s
             ),

@@ -41,10 +41,10 @@ _running = _Running()
 
 
 @contextmanager
-def running(task_id: str, priority: int | None = None) -> Iterator[None]:
-    """Make `task_id` (its message delivered at broker `priority`, 0 highest) this
+def running(task_id: str, level: int | None = None) -> Iterator[None]:
+    """Make `task_id` (its message delivered at `level`, 0 highest) this
     thread's current task meanwhile."""
-    token = _current.set((task_id, priority))
+    token = _current.set((task_id, level))
     _running.add(task_id)
     try:
         yield
@@ -63,8 +63,8 @@ def current_task_id() -> str | None:
     return None if current is None else current[0]
 
 
-def current_priority() -> int | None:
-    """The broker priority the current task's message was delivered at, if known."""
+def current_level() -> int | None:
+    """The level the current task's message was delivered at, if known."""
     current = _current.get()
     return None if current is None else current[1]
 

@@ -1,11 +1,11 @@
-"""Scheduling policies: request -> (pool queue, Celery priority 0..9, 0 highest).
+"""Scheduling policies: request -> (pool queue, level 0..9, 0 highest: Celery's `priority`).
 
 The one registry of `SchedulerType`s: a policy per type, built by `create_policy`
 (`ValueError` for an unknown type). The producer uses it to pick the queue and the
-priority sub-list in Redis; the in-process schedulers order what they hold by the same
+level's sub-list in Redis; the in-process schedulers order what they hold by the same
 `sort_key`, so a request is ranked the same way everywhere.
 
-- FIFO: one priority level; arrival order only.
+- FIFO: one level; arrival order only.
 - PRIORITY: class weights spread over all ten levels (heaviest class -> 0).
 - MULTIMODAL: class band, and a request's later stage (the DiT stage of a MULTIMODAL
   chain) ranks above fresh work of its class, so started requests finish first.
@@ -22,7 +22,7 @@ from omni_tasks.config import CoreModuleConfig, SchedulerType
 from omni_tasks.coordination.keys import PRIORITY_STEPS
 from omni_tasks.requests import OmniRequest, Stage, stages_of
 
-MAX_PRIORITY = PRIORITY_STEPS[-1]  # 0 is served first
+MAX_LEVEL = PRIORITY_STEPS[-1]  # 0 is served first
 BAND_SPAN = 6  # class bands start at 0..6, leaving 0..3 for the in-class offset
 # Cost-bucket edges: megapixel-steps for DiT work, kilo-tokens for AR work.
 DIT_COST_EDGES = (0.1, 1.0, 10.0)
@@ -33,10 +33,10 @@ TTS_COST_EDGES = (0.2, 1.0, 4.0)
 
 @dataclass(frozen=True)
 class Route:
-    """Where a message goes: a queue, and a Celery priority (0 highest)."""
+    """Where a message goes: a queue, and a level (0 highest; Celery's `priority`)."""
 
     queue: str
-    priority: int
+    level: int
 
 
 def first_stage(request: OmniRequest) -> Stage:
@@ -44,7 +44,7 @@ def first_stage(request: OmniRequest) -> Stage:
 
 
 class SchedulingPolicy:
-    """Base policy: pool by stage; subclasses decide the priority number."""
+    """Base policy: pool by stage; subclasses decide the level."""
 
     scheduler_type: SchedulerType
 
@@ -57,15 +57,15 @@ class SchedulingPolicy:
     def route(self, request: OmniRequest, stage: Stage | None = None) -> Route:
         stage = stage or first_stage(request)
         queue = self.config.pool_for(stage).queue
-        return Route(queue=queue, priority=self.priority(request, stage))
+        return Route(queue=queue, level=self.level(request, stage))
 
-    def priority(self, request: OmniRequest, stage: Stage) -> int:
+    def level(self, request: OmniRequest, stage: Stage) -> int:
         raise NotImplementedError
 
     def sort_key(self, request: OmniRequest, stage: Stage | None = None) -> tuple[float, ...]:
         """Order within one scheduler (ties go to the earlier arrival, as in Redis)."""
         stage = stage or first_stage(request)
-        return (self.priority(request, stage),)
+        return (self.level(request, stage),)
 
     # Helpers shared by the policies.
     def class_position(self, request: OmniRequest) -> float:
@@ -81,21 +81,21 @@ class SchedulingPolicy:
 class FIFOPolicy(SchedulingPolicy):
     scheduler_type = SchedulerType.FIFO
 
-    def priority(self, request: OmniRequest, stage: Stage) -> int:
+    def level(self, request: OmniRequest, stage: Stage) -> int:
         return 0
 
 
 class PriorityPolicy(SchedulingPolicy):
     scheduler_type = SchedulerType.PRIORITY
 
-    def priority(self, request: OmniRequest, stage: Stage) -> int:
-        return round(MAX_PRIORITY * self.class_position(request))
+    def level(self, request: OmniRequest, stage: Stage) -> int:
+        return round(MAX_LEVEL * self.class_position(request))
 
 
 class MultimodalPolicy(SchedulingPolicy):
     scheduler_type = SchedulerType.MULTIMODAL
 
-    def priority(self, request: OmniRequest, stage: Stage) -> int:
+    def level(self, request: OmniRequest, stage: Stage) -> int:
         continuing = stage != first_stage(request)
         return self.class_band(request) + (0 if continuing else 1)
 
@@ -103,7 +103,7 @@ class MultimodalPolicy(SchedulingPolicy):
 class DiffusionPolicy(SchedulingPolicy):
     scheduler_type = SchedulerType.DIFFUSION
 
-    def priority(self, request: OmniRequest, stage: Stage) -> int:
+    def level(self, request: OmniRequest, stage: Stage) -> int:
         if stage != "dit":
             return self.class_band(request)
         return self.class_band(request) + cost_bucket(request.dit_cost(), DIT_COST_EDGES)
@@ -112,7 +112,7 @@ class DiffusionPolicy(SchedulingPolicy):
 class HybridPolicy(SchedulingPolicy):
     scheduler_type = SchedulerType.HYBRID
 
-    def priority(self, request: OmniRequest, stage: Stage) -> int:
+    def level(self, request: OmniRequest, stage: Stage) -> int:
         if stage == "dit":
             offset = cost_bucket(request.dit_cost(), DIT_COST_EDGES)
         elif stage == "tts":

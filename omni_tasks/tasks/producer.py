@@ -20,7 +20,7 @@ REVOKE_TTL_S = 7 * 86400
 def submit(
     request: OmniRequest, policy: SchedulingPolicy | None = None, **options: Any
 ) -> AsyncResult:
-    """Enqueue a validated request on its pool with its priority; returns its result.
+    """Enqueue a validated request on its pool at its level; returns its result.
 
     The route comes from `policy` when given (an `OmniScheduler`'s own), else from the
     configured policy through the Celery router. The result's id is the request id (for
@@ -30,7 +30,7 @@ def submit(
         return multimodal_chain(request, policy).apply_async(**options)
     if policy is not None:
         route = resolve_route(request, first_stage(request), policy)
-        options = {"queue": route.queue, "priority": route.priority, **options}
+        options = {"queue": route.queue, "priority": route.level, **options}
     task = TASK_FOR_TYPE[request.request_type]
     return task.apply_async(kwargs=request.to_message(), **options)
 

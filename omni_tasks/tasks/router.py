@@ -1,4 +1,4 @@
-"""The Celery router: every omni-tasks message gets its queue and priority here.
+"""The Celery router: every omni-tasks message gets its queue and level here.
 
 Plain `.delay()`, `apply_async`, chains and `send_task` by name all pass through
 Celery's router, so routing needs nothing special from apps. The policy is the one of
@@ -55,7 +55,7 @@ class OmniRouter:
         # (RequestValidationError: nothing sent).
         request = request_being_sent(kwargs) or task.build_request(kwargs or {})
         route = resolve_route(request, task.stage, self.current_policy())
-        return {"queue": route.queue, "priority": route.priority}
+        return {"queue": route.queue, "priority": route.level}
 
 
 #: The app's router: the Celery config names it (`celery_app.ROUTER`).
@@ -66,7 +66,7 @@ def resolve_route(request: OmniRequest, stage: Stage, policy: SchedulingPolicy) 
     """The policy's route; a DiT stage goes to its model's queue (`keys.model_queue`),
     which only the workers serving that model read. A DiT request whose cache keys or
     LoRA adapters a live, not overloaded worker holds goes to that worker's own queue
-    instead, with the same priority (`cache_directory.affinity_keys`: the keys name the
+    instead, with the same level (`cache_directory.affinity_keys`: the keys name the
     model, so the holder serves it; a MULTIMODAL DiT stage's prompt is written by its
     AR stage, so only its adapters are known when it is routed).
     """
@@ -75,7 +75,7 @@ def resolve_route(request: OmniRequest, stage: Stage, policy: SchedulingPolicy) 
     if stage != "dit":
         return route
     queue = keys.model_queue(route.queue, dit_model(request, config))
-    route = Route(queue=routed_queue(queue), priority=route.priority)
+    route = Route(queue=routed_queue(queue), level=route.level)
     # A worker's own queue is a Redis list that live workers drain when it dies; a
     # RabbitMQ broker would keep a dead worker's queue full.
     if not config.diffusion.cache_affinity or not config.broker_is_redis:
@@ -88,4 +88,4 @@ def resolve_route(request: OmniRequest, stage: Stage, policy: SchedulingPolicy) 
         return route
     if holder is None:
         return route
-    return Route(queue=routed_queue(keys.worker_queue(holder)), priority=route.priority)
+    return Route(queue=routed_queue(keys.worker_queue(holder)), level=route.level)

@@ -81,7 +81,7 @@ def test_affinity_routes_a_repeat_to_the_holder(two_workers) -> None:
     repeat = create_diffusion_request("affinity check", seed=5, **SMALL)
     route = resolve_route(repeat, "dit", create_policy(get_config()))
     assert route.queue == keys.worker_queue(held)
-    assert route.priority == create_policy(get_config()).route(repeat, "dit").priority
+    assert route.level == create_policy(get_config()).route(repeat, "dit").level
     value = submit(repeat).get(TIMEOUT)
     assert value["cache"]["latents"] == "hit"
     # Switched off, the same request goes to the pool queue.

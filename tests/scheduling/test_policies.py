@@ -39,8 +39,8 @@ def test_multimodal_dit_stage_is_routed_ahead_of_fresh_work() -> None:
         policy = create_policy(config)
         multi = create_multimodal_request("g", priority="normal", **SMALL)
         fresh = create_diffusion_request("h", priority="normal", **SMALL)
-        assert policy.route(multi, "dit").priority <= policy.route(fresh, "dit").priority
-        assert policy.route(multi, "dit").priority < policy.route(multi, "ar").priority or (
+        assert policy.route(multi, "dit").level <= policy.route(fresh, "dit").level
+        assert policy.route(multi, "dit").level < policy.route(multi, "ar").level or (
             kind is SchedulerType.HYBRID
         )
 
@@ -85,29 +85,29 @@ def test_every_policy_routes_each_stage_to_its_pool(kind: SchedulerType) -> None
     for request in requests:
         for stage in ("ar", "dit"):
             route = policy.route(request, stage)
-            assert isinstance(route, Route) and 0 <= route.priority <= 9
-            assert policy.sort_key(request, stage) == (route.priority,)
+            assert isinstance(route, Route) and 0 <= route.level <= 9
+            assert policy.sort_key(request, stage) == (route.level,)
 
 
 def test_fifo_uses_one_level() -> None:
     policy = create_policy(config_of(SchedulerType.FIFO))
     for priority in ("high", "normal", "low"):
-        assert policy.route(create_text_request("x", priority=priority)).priority == 0
+        assert policy.route(create_text_request("x", priority=priority)).level == 0
         big = create_diffusion_request("x", priority=priority, **LARGE)
-        assert policy.route(big).priority == 0
+        assert policy.route(big).level == 0
 
 
 def test_priority_spreads_the_class_weights_over_all_levels() -> None:
     policy = create_policy(config_of(SchedulerType.PRIORITY))
     levels = {
-        p: policy.route(create_text_request("x", priority=p)).priority
+        p: policy.route(create_text_request("x", priority=p)).level
         for p in "high normal low".split()
     }
     assert levels == {"high": 0, "normal": 6, "low": 9}  # weights 2.0, 1.0, 0.5
     even = create_policy(
         config_of(SchedulerType.PRIORITY, priority_weights={"high": 3, "normal": 2, "low": 1})
     )
-    assert [even.route(create_text_request("x", priority=p)).priority for p in levels] == [
+    assert [even.route(create_text_request("x", priority=p)).level for p in levels] == [
         0,
         4,  # round(9 * 0.5)
         9,
@@ -118,7 +118,7 @@ def test_equal_weights_put_every_class_on_the_same_level() -> None:
     weights = {"high": 1.0, "normal": 1.0, "low": 1.0}
     for kind in SchedulerType:
         policy = create_policy(config_of(kind, priority_weights=weights))
-        levels = {policy.route(create_text_request("x", priority=p)).priority for p in weights}
+        levels = {policy.route(create_text_request("x", priority=p)).level for p in weights}
         assert len(levels) == 1, kind
 
 
@@ -129,18 +129,18 @@ def test_diffusion_and_hybrid_put_shorter_dit_work_first_within_a_class() -> Non
     huge = create_diffusion_request("x", priority="normal", width=2048, height=2048, steps=100)
     for kind in (SchedulerType.DIFFUSION, SchedulerType.HYBRID):
         policy = create_policy(config_of(kind))
-        levels = [policy.route(r).priority for r in (tiny, small, large, huge)]
+        levels = [policy.route(r).level for r in (tiny, small, large, huge)]
         assert levels == sorted(levels) and levels[0] < levels[-1], (kind, levels)
         # The class still dominates: high work never waits behind the same size of low work.
         high = create_diffusion_request("x", priority="high", **LARGE)
         low = create_diffusion_request("x", priority="low", **LARGE)
-        assert policy.route(high).priority < policy.route(low).priority
+        assert policy.route(high).level < policy.route(low).level
 
 
 def test_hybrid_also_ranks_text_by_its_length_and_diffusion_does_not() -> None:
     short = create_text_request("x", priority="normal", max_tokens=16)
     long = create_text_request("x", priority="normal", max_tokens=4000)
     hybrid = create_policy(config_of(SchedulerType.HYBRID))
-    assert hybrid.route(short).priority < hybrid.route(long).priority
+    assert hybrid.route(short).level < hybrid.route(long).level
     diffusion = create_policy(config_of(SchedulerType.DIFFUSION))
-    assert diffusion.route(short).priority == diffusion.route(long).priority
+    assert diffusion.route(short).level == diffusion.route(long).level

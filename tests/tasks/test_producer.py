@@ -51,7 +51,7 @@ def test_submit_puts_each_type_on_its_pool(redis_client) -> None:
     for request in requests:
         submit(request)
         route = resolve_route(request, first_stage(request), policy)
-        assert where(redis_client, request.request_id) == (route.queue, route.priority)
+        assert where(redis_client, request.request_id) == (route.queue, route.level)
     assert [where(redis_client, r.request_id)[0] for r in requests] == ["ar", DIT_QUEUE, DIT_QUEUE]
 
 

@@ -155,12 +155,12 @@ def test_a_repeat_goes_to_the_live_worker_holding_its_keys(redis_client) -> None
     fields = {"prompt": "a red fox", "seed": 5, "priority": "high", **SMALL}
     beat(redis_client, WORKER)
     hold(WORKER, create_diffusion_request(**fields))
-    pool_priority = create_policy(get_config()).route(create_diffusion_request(**fields)).priority
+    pool_level = create_policy(get_config()).route(create_diffusion_request(**fields)).level
     sent = generate_image.delay(**fields)
     own = keys.worker_queue(WORKER)
-    assert where(redis_client, sent.id, queues=(own,)) == (own, pool_priority)
+    assert where(redis_client, sent.id, queues=(own,)) == (own, pool_level)
     other_seed = generate_image.delay(**{**fields, "seed": 6})  # same prompt: embeddings only
-    assert where(redis_client, other_seed.id) == (DIT_QUEUE, pool_priority)
+    assert where(redis_client, other_seed.id) == (DIT_QUEUE, pool_level)
 
 
 def test_the_embeddings_holder_gets_a_new_seed_of_a_known_prompt(redis_client) -> None:
@@ -180,21 +180,21 @@ def test_no_affinity_for_a_dead_holder_a_disabled_pool_or_other_stages(
     request = create_diffusion_request(**fields)
     hold(WORKER, request)
     policy = create_policy(get_config())
-    pool = Route(DIT_QUEUE, policy.route(request, "dit").priority)  # the model's queue
+    pool = Route(DIT_QUEUE, policy.route(request, "dit").level)  # the model's queue
     assert resolve_route(request, "dit", policy) == pool  # no heartbeat: dead
     beat(redis_client, WORKER)
-    assert resolve_route(request, "dit", policy) == Route(keys.worker_queue(WORKER), pool.priority)
+    assert resolve_route(request, "dit", policy) == Route(keys.worker_queue(WORKER), pool.level)
     # The DiT stage of a MULTIMODAL request renders a prompt the AR stage has not written yet.
     multi = create_multimodal_request(**fields)
     hold(WORKER, multi)
-    assert resolve_route(multi, "dit", policy) == Route(DIT_QUEUE, pool.priority)
+    assert resolve_route(multi, "dit", policy) == Route(DIT_QUEUE, pool.level)
     assert resolve_route(multi, "ar", policy) == policy.route(multi, "ar")
     config = get_config()
     off = replace(config, diffusion=replace(config.diffusion, cache_affinity=False))
     use_config(off)
     assert resolve_route(request, "dit", create_policy(off)) == pool
     sent = generate_image.delay(**fields)
-    assert where(redis_client, sent.id) == (DIT_QUEUE, pool.priority)
+    assert where(redis_client, sent.id) == (DIT_QUEUE, pool.level)
 
 
 def test_a_directory_failure_routes_to_the_pool(use_config, caplog) -> None:
@@ -205,7 +205,7 @@ def test_a_directory_failure_routes_to_the_pool(use_config, caplog) -> None:
     policy = create_policy(unreachable)
     with caplog.at_level(logging.WARNING, logger="omni_tasks.tasks.router"):
         found = resolve_route(request, "dit", policy)
-    assert found == Route(DIT_QUEUE, policy.route(request, "dit").priority)
+    assert found == Route(DIT_QUEUE, policy.route(request, "dit").level)
     assert "cache directory lookup failed" in caplog.text
 
 

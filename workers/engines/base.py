@@ -30,9 +30,9 @@ class TextParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    #: Rank of the request's class, 0 first (`SchedulerConfig.class_rank`): engines that
-    #: schedule by priority serve lower values first.
-    priority: int = 0
+    #: Rank of the request's priority class, 0 first (`SchedulerConfig.class_rank`):
+    #: engines that schedule by priority serve lower ranks first.
+    rank: int = 0
     #: LoRA adapters from the registry: (name, scale) pairs (`omni_tasks.lora.AdapterSet`).
     lora: tuple[tuple[str, float], ...] = ()
     #: Completions to sample from the one prompt.

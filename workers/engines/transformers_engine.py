@@ -318,7 +318,7 @@ class TransformersTextEngine(OneModelEngine):
             if self._stopping:
                 return None
             # The most urgent class first (arrival order within a class).
-            waiting = deque(sorted(self._queue, key=lambda r: r.params.priority))
+            waiting = deque(sorted(self._queue, key=lambda r: r.params.rank))
             first = waiting.popleft()
             batch, rest = [first], deque()
             while waiting:

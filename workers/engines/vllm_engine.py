@@ -222,7 +222,7 @@ class VllmTextEngine(BackgroundThreadEngine):
         with self._cond:
             self._raise_if_unavailable()
             self._futures[iid] = fut
-            payload = (prompt, sampling, params.priority, on_progress, on_delta, prepared)
+            payload = (prompt, sampling, params.rank, on_progress, on_delta, prepared)
             self._inbox.append(("add", iid, payload))
             self._cond.notify()
         try:
@@ -348,13 +348,13 @@ class VllmTextEngine(BackgroundThreadEngine):
             fut = self._futures.get(iid)
         if fut is None or fut.done():
             return  # timed out or shut down before it was added
-        prompt, sampling, priority, on_progress, on_delta, prepared = payload
+        prompt, sampling, rank, on_progress, on_delta, prepared = payload
         try:
             lora, uses = (None, [])
             if self._adapters is not None:  # loads the adapter if vLLM has not got it
                 lora, uses = self._adapters.request_for(self._engine, prepared)
             internal = self._engine.add_request(
-                iid, prompt, sampling, priority=priority, lora_request=lora
+                iid, prompt, sampling, priority=rank, lora_request=lora
             )
         except Exception as exc:  # noqa: BLE001 - e.g. prompt longer than max_model_len
             self._pop_and_settle(iid, exc=ProcessingError(f"vLLM rejected the request: {exc}"))

@@ -139,7 +139,7 @@ def pass_on_options(task: OmniTask, message: Any, kwargs: dict[str, Any]) -> dic
     level = _passed_level(message)
     options: dict[str, Any] = {
         "queue": queue,
-        "priority": route.priority if level is None else level,
+        "priority": route.level if level is None else level,
     }
     if headers.get(idempotency.ACCEPTED_HEADER):
         options["headers"] = {

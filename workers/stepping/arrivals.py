@@ -4,7 +4,7 @@ A diffusion worker's held slots are all taken while lower-class work is queued, 
 would see a higher-class arrival only once one of its requests ends. While the worker
 holds requests that have not started, a watcher thread asks Redis, once per denoising
 step and in the middle of it (so that what it finds is fetched and encoded before the
-step ends), whether a message of higher priority than the lowest such request waits in the
+step ends), whether a message of a better level than the worst such request waits in the
 worker's queues: one `EXISTS` over the lists of the better levels (kombu deletes a list
 when it empties), so one command per step, whatever the depth. When one waits, that
 request is handed back (its message requeued, nothing computed), which frees a slot,

@@ -173,15 +173,15 @@ class StepLoop:
                 self._cond.notify_all()
 
     def worst_unstarted_level(self) -> int | None:
-        """The lowest broker priority (highest level) among held requests that have not
+        """The worst (highest) level among held requests that have not
         run a step and could be handed back now (None: none of them)."""
         with self._cond:
             levels = [r.ticket.level for r in self._unstarted()]
         return max(levels) if levels else None
 
     def yield_unstarted(self, level: int) -> bool:
-        """Hand back the lowest-priority unstarted held request if its priority is below
-        `level`'s: its call fails with RequestYieldedError and its task requeues it."""
+        """Hand back the unstarted held request of the worst level if that is worse than
+        `level`: its call fails with RequestYieldedError and its task requeues it."""
         with self._cond:
             unstarted = self._unstarted()
             if not unstarted:
@@ -191,7 +191,7 @@ class StepLoop:
                 return False
             call = worst.pending
             self.scheduler.finish(worst, StepStatus.FINISHED_YIELDED)
-            call.fail(RequestYieldedError(f"{worst.request_id}: yields to priority {level}"))
+            call.fail(RequestYieldedError(f"{worst.request_id}: yields to level {level}"))
             self._cond.notify_all()
             return True
 

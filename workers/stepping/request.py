@@ -62,7 +62,7 @@ class StepTicket:
     priority_class: str = "normal"
     continuing: bool = False
     deadline: float = math.inf
-    level: int = 0  # its message's broker priority (0 highest): what it yields to
+    level: int = 0  # its message's level (0 highest): what it yields to
     cancelled: Callable[[], bool] = _never_cancelled
     on_progress: ProgressCallback | None = None
     preview: PreviewSink | None = None
