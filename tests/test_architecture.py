@@ -197,3 +197,55 @@ def test_the_cycle_scan_finds_a_cycle_through_a_function_import(tmp_path: Path) 
     (package / "c.py").write_text("import pkg.a\n")
     (package / "d.py").write_text("from pkg.a import something\n")
     assert _cycles(_import_graph([package])) == [["pkg.a", "pkg.b", "pkg.c"]]
+
+
+#: The request-vocabulary modules, lowest first: each may import only those before it.
+VOCABULARY_LAYERS = (
+    "omni_tasks.vocabulary",
+    "omni_tasks.config",
+    "omni_tasks.lora",
+    "omni_tasks.requests",
+    "omni_tasks.model_registry",
+)
+
+
+def _layer(module: str) -> int | None:
+    """The index of the vocabulary layer `module` is in (a package's modules are the
+    package), or None."""
+    found = [i for i, layer in enumerate(VOCABULARY_LAYERS) if f"{module}.".startswith(f"{layer}.")]
+    return found[0] if found else None
+
+
+def test_the_vocabulary_module_imports_nothing_from_the_project() -> None:
+    graph = _import_graph([PRODUCER_ROOT, PRODUCER_ROOT.parent / "workers"])
+    assert graph["omni_tasks.vocabulary"] == set()
+
+
+def test_vocabulary_config_and_requests_import_one_way_even_inside_functions() -> None:
+    """vocabulary <- config <- lora <- requests <- model_registry: a module imports only
+    its own layer and those below, so none hides an import inside a function to avoid a
+    cycle; the config imports nothing of the project but the vocabulary and errors."""
+    graph = _import_graph([PRODUCER_ROOT])
+    assert "omni_tasks.config" in graph["omni_tasks.lora"]  # the scan sees the layers
+    upward = [
+        f"{module} imports {target}"
+        for module, targets in sorted(graph.items())
+        if _layer(module) is not None
+        for target in sorted(targets)
+        if _layer(target) is not None and _layer(target) > _layer(module)
+    ]
+    assert upward == []
+    config = set().union(*(t for m, t in graph.items() if m.startswith("omni_tasks.config")))
+    allowed = ("omni_tasks.config", "omni_tasks.vocabulary", "omni_tasks.errors")
+    assert sorted(m for m in config if not m.startswith(allowed)) == []
+
+
+def test_no_request_validator_reads_the_process_config() -> None:
+    """Registries reach validators through pydantic's validation context."""
+    for name in ("lora.py", "requests.py", "audio_fields.py", "video_fields.py", "image_input.py"):
+        tree = ast.parse((PRODUCER_ROOT / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and any(
+                "validator" in ast.unparse(d) for d in node.decorator_list
+            ):
+                assert "get_config" not in ast.unparse(node), f"{name}: {node.name}"
