@@ -23,7 +23,7 @@ from omni_tasks import (
     generate_image,
     generate_text,
 )
-from omni_tasks.dev.cli import main
+from omni_tasks.cli import main
 from omni_tasks.requests import OmniRequest
 from omni_tasks.tasks import app
 from omni_tasks.wire_schema import (

@@ -44,7 +44,7 @@ def exporter(pools, run_dir: Path) -> Iterator[str]:
     port = free_port()
     log = (run_dir / "exporter.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "omni_tasks.dev.cli", "exporter", "--port", str(port)],
+        [sys.executable, "-m", "omni_tasks.cli", "exporter", "--port", str(port)],
         cwd=ROOT,
         env=os.environ.copy(),
         stdout=log,

@@ -56,7 +56,7 @@ def test_a_long_text_request_shows_its_token_count(ar_worker) -> None:
 def test_submit_draws_a_bar_while_it_waits(ar_worker) -> None:
     args = ["text", LONG["prompt"], "--max-tokens", "1200", "--seed", "7", "--timeout", "120"]
     out = subprocess.run(
-        [sys.executable, "-m", "omni_tasks.dev.cli", "submit", *args],
+        [sys.executable, "-m", "omni_tasks.cli", "submit", *args],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,

@@ -53,7 +53,7 @@ def run_python(code: str, env: dict[str, str], timeout_s: float = 180) -> Any:
 
 
 def omni_tasks_cli(env: dict[str, str], *args: str) -> Any:
-    code = f"from omni_tasks.dev.cli import main; raise SystemExit(main({list(args)!r}))"
+    code = f"from omni_tasks.cli import main; raise SystemExit(main({list(args)!r}))"
     return run_python(code, env)
 
 

@@ -86,7 +86,7 @@ def start_api(log_dir: Path, token: str | None = TOKEN, **env: str) -> ApiServer
     variables.pop("OMNI_API_TOKEN", None)
     if token:
         variables["OMNI_API_TOKEN"] = token
-    cmd = [sys.executable, "-m", "omni_tasks.dev.cli", "api", "--port", str(port)]
+    cmd = [sys.executable, "-m", "omni_tasks.cli", "api", "--port", str(port)]
     proc = subprocess.Popen(
         cmd,
         stdout=open(log_path, "wb"),  # noqa: SIM115 - the process owns it

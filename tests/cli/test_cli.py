@@ -14,12 +14,12 @@ import uuid
 from helpers import message_kwargs, queued_messages, where
 
 from omni_tasks import generate_text
-from omni_tasks.dev.cli import render_progress, wait_with_progress
+from omni_tasks.cli.submit import render_progress, wait_with_progress
 
 
 def omni_tasks_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "omni_tasks.dev.cli", *args],
+        [sys.executable, "-m", "omni_tasks.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -28,7 +28,7 @@ def omni_tasks_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_cli_help_runs() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "omni_tasks.dev.cli", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "omni_tasks.cli", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0
     for command in ("demo", "models", "submit", "status", "api", "exporter"):
@@ -162,7 +162,7 @@ def test_on_a_terminal_waiting_draws_a_rich_bar(redis_client) -> None:
     from rich.console import Console
 
     from omni_tasks import app
-    from omni_tasks.dev.cli import wait_with_bar
+    from omni_tasks.cli.submit import wait_with_bar
 
     task_id = uuid.uuid4().hex
 
