@@ -59,10 +59,10 @@ LOST_REDIS = (redis.ConnectionError, redis.TimeoutError)
 HANDED_BACK = (EngineStoppedError, RequestYieldedError, *LOST_REDIS)
 #: Runs a task's stage: the validated request and the previous stage's result -> a
 #: typed result (`omni_tasks.results`).
-Runner = Callable[[OmniRequest, "dict[str, Any] | None"], Any]
+StageRunner = Callable[[OmniRequest, "dict[str, Any] | None"], Any]
 
 
-def handler_for(runner: Runner) -> TaskHandler:
+def handler_for(runner: StageRunner) -> TaskHandler:
     def handle(
         task: OmniTask,
         kwargs: dict[str, Any],
@@ -281,7 +281,7 @@ def _probe(request: OmniRequest, previous: dict[str, Any] | None) -> ProbeResult
 
 
 #: Task name -> what its body runs.
-RUNNERS: Mapping[str, Runner] = {
+RUNNERS: Mapping[str, StageRunner] = {
     "omni_tasks.generate_text": lambda request, _: execution.run_text(request),
     "omni_tasks.generate_chat": lambda request, _: execution.run_text(request),
     "omni_tasks.generate_image": lambda request, _: execution.run_image(request),
