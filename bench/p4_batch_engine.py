@@ -10,7 +10,7 @@ time goes when it runs alone (encode, denoise, decode).
 
 Two ways to run it:
 
-- `--model PATH_OR_TINY_NAME`: one checkpoint, its figures printed (as before; for a
+- `--model PATH_OR_TINY_NAME`: one checkpoint, its figures printed (for a
   GPU, where this is the figure to look at: `--model tiny-flux --size 512`).
 - `--families` (the default without `--model`): each tiny family model in turn
   (tiny-flux, tiny-sd3, tiny-qwen-image, tiny-sana, tiny-qwen-image-edit with an input

@@ -448,7 +448,7 @@ def targets(
     sim_runs: list[dict[str, Any]],
     busy: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """Issue 22's budgets against bare Celery measured in the same run."""
+    """The command budgets against bare Celery measured in the same run."""
     bare = bare_idle["calls_per_s_per_worker"]
     deepest = depth_runs[-1]
     out: dict[str, Any] = {

@@ -1,4 +1,5 @@
-"""The public API of `omni_tasks` (its `__init__`): the seed's names, and every name in
+"""The public API of `omni_tasks` (its `__init__`): the scheduling core (config, schedulers,
+errors, requests), and every name in
 `__all__`. (That importing it pulls in no engine: tests/test_architecture.py.)"""
 
 from __future__ import annotations
@@ -6,7 +7,7 @@ from __future__ import annotations
 import omni_tasks
 
 
-def test_seed_names_are_exported() -> None:
+def test_the_scheduling_core_is_exported() -> None:
     for name in (
         "SchedulerType",
         "CacheStrategy",

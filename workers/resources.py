@@ -250,7 +250,7 @@ class ResourceManager:
             self._admitted.discard(request.request_id)
             self._charges.pop(request.request_id, None)
 
-    # --- the seed's API -----------------------------------------------------------------------
+    # --- the step scheduler's API --------------------------------------------------------------
 
     def can_allocate(self, request: Allocatable) -> bool:
         """Whether `request` may join the running batch now. A shape never measured runs

@@ -144,7 +144,7 @@ def holders(cache_key: str) -> list[Holder]:
 
 
 def _holder(worker: str, entry: dict[str, Any]) -> Holder:
-    if "pool" in entry:  # written by workers of the previous release
+    if "pool" in entry:  # an entry that names its queue `pool`: read as `queue`
         entry["queue"] = entry.pop("pool")
     return Holder(worker=worker, **entry)
 

@@ -1,4 +1,4 @@
-"""Config schema: the seed defaults, `validate()` naming the dotted field of the first bad
+"""Config schema: the defaults, `validate()` naming the dotted field of the first bad
 value, and what the deployment fields derive (the pool of a stage, a worker's stages)."""
 
 from __future__ import annotations

@@ -61,8 +61,8 @@ def test_record_insert_then_holders_and_held_by(redis_client) -> None:
     assert directory.holders("lat:unknown") == [] and directory.held_by("w3") == set()
 
 
-def test_holders_reads_entries_of_the_previous_release(redis_client) -> None:
-    # Workers of the previous release named the entry's pool queue "pool".
+def test_holders_reads_entries_that_name_the_queue_pool(redis_client) -> None:
+    # An entry may name its queue "pool"; it is read as the entry's queue.
     old = {"pool": POOL, "bytes": 64, "created": 1.0, "last_hit": 0, "hits": 3}
     redis_client.hset(keys.cache_holders("lat:a"), "old-worker", json.dumps(old))
     (entry,) = directory.holders("lat:a")

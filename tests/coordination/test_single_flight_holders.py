@@ -1,6 +1,6 @@
 """Single-flight leases that name their holder: a waiter takes over at once the lease of
 a worker whose heartbeat is gone (a killed worker), instead of waiting for the lease to
-lapse; a live holder is waited on and serves its waiters as before."""
+lapse; a live holder is waited on and serves its waiters."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The per-request Redis command budget (issue 22): an omni-tasks request costs at most
+"""The per-request Redis command budget: an omni-tasks request costs at most
 bare Celery's commands per request + 8, end to end, measured side by side on a small
 real cluster.
 

@@ -238,7 +238,7 @@ def test_waiting_on_a_batch_whose_results_came_first_returns_them_at_once(redis_
     waits on the batch are read off the subscriber while the caller waits on something
     else, and kept by Celery until asked for. Waiting on the batch then finds all of
     them there, and returns them at once (its ready barrier, made from results that
-    were all ready, used to never fire: the wait ran to its timeout)."""
+    are all ready, fires: the wait does not run to its timeout)."""
     backend = app.backend
     opener, later = (f"{name}-{time.monotonic_ns()}" for name in ("opener", "later"))
     backend.store_result(opener, {"request_id": opener}, states.SUCCESS)

@@ -104,7 +104,7 @@ class DiTCacheManager:
         self._events: deque[tuple[str, str, Any]] = deque()
         self._notify_lock = threading.RLock()
 
-    # ---- seed API (async) -------------------------------------------------------------
+    # ---- the async API -----------------------------------------------------------------
 
     async def get_cache(self, cache_key: str) -> Any | None:
         """The cached value (a fresh copy) or None; runs inline, like `get`."""
