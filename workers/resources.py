@@ -43,13 +43,12 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_iter
 
-from omni_tasks.config import CoreModuleConfig
+from omni_tasks.config import GIB, CoreModuleConfig
 from omni_tasks.errors import ResourceError
 from workers.device_thread import RunOnDevice, run_here
 from workers.dit_cache.sizing import value_nbytes
 
 log = logging.getLogger(__name__)
-GB = 2**30  # as the DiT cache counts `max_memory_gib`
 MIB = 2**20
 
 
@@ -140,13 +139,13 @@ def device_budget(config: CoreModuleConfig, device: torch.device) -> tuple[int, 
         _, total = torch.cuda.mem_get_info(device)
         return int(total), int(config.max_gpu_utilization * total)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(total), int(min(config.max_memory_gib * GB, config.max_cpu_utilization * total))
+    return int(total), int(min(config.max_memory_gib * GIB, config.max_cpu_utilization * total))
 
 
 def adapter_budget_bytes(config: CoreModuleConfig) -> int:
     """The carve-out of LoRA adapters loaded into the model (`workers.lora`), like the
     DiT cache's: `lora.memory_gib`, when the config registers adapters at all."""
-    return int(config.lora.memory_gib * GB) if config.loras else 0
+    return int(config.lora.memory_gib * GIB) if config.loras else 0
 
 
 def resident_bytes(modules: list[Any], device: torch.device) -> int:
@@ -193,7 +192,7 @@ class ResourceManager:
         `adapter_usage`: the bytes the DiT cache and the loaded LoRA adapters hold now."""
         self.device = torch.device(device)
         self.total_bytes, self.budget_bytes = device_budget(config, self.device)
-        self.cache_reserved_bytes = int(config.cache.max_memory_gib * GB)
+        self.cache_reserved_bytes = int(config.cache.max_memory_gib * GIB)
         self.adapter_reserved_bytes = adapter_budget_bytes(config)
         self.adapter_usage = adapter_usage
         self.resident_bytes = int(resident_bytes)

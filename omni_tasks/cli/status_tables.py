@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from omni_tasks.config import GB
+from omni_tasks.config import GIB
 
 COUNTERS = ("processed", "failed", "expired", "cancelled", "rejected", "duplicates", "recovered")
 
@@ -92,7 +92,7 @@ def workers_table(workers: list[dict[str, Any]]) -> Table:
         beat = worker.get("beat")
         age = f"{now - float(beat):.0f}s ago" if beat else "-"
         used, budget = int(resources.get("used_bytes", 0)), int(resources.get("budget_bytes", 0))
-        memory = f"{used / GB:.2f} / {budget / GB:.2f} GiB" if budget else "-"
+        memory = f"{used / GIB:.2f} / {budget / GIB:.2f} GiB" if budget else "-"
         table.add_row(
             str(worker.get("hostname", "?")),
             ", ".join(worker.get("queues") or []),
@@ -115,7 +115,7 @@ def cache_table(status: dict[str, Any], workers: list[dict[str, Any]]) -> Table:
         f"{float(status['cache_hit_rate']):.0%}",
         str(entries),
         f"{float(status['memory_usage']):.3f} GiB",
-        f"{capacity / GB:.3f} GiB",
+        f"{capacity / GIB:.3f} GiB",
     )
     return table
 

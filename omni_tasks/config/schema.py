@@ -30,7 +30,7 @@ GB = GIB
 
 
 class SchedulerType(Enum):
-    """How requests are ordered: at the producer (queue + priority) and in workers."""
+    """How requests are ordered: at the producer (queue + level) and in workers."""
 
     FIFO = "fifo"
     PRIORITY = "priority"

@@ -1,4 +1,4 @@
-"""Scheduling: the policies of the five `SchedulerType`s (queue + priority per request),
+"""Scheduling: the policies of the five `SchedulerType`s (queue + level per request),
 the in-process schedulers ordered by them, and `OmniScheduler`, the async scheduler API
 over the shared queues."""
 

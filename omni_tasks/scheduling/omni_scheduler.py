@@ -2,7 +2,7 @@
 the shared Celery queues.
 
 `schedule_request` enqueues into the shared Redis queues with this scheduler's policy
-(queue + priority); `process_request` awaits the result (scheduling first if needed);
+(queue + level); `process_request` awaits the result (scheduling first if needed);
 `get_next_request` answers which of the requests this scheduler scheduled would run
 next; queue sizes and counters come from Redis, so they cover every producer.
 """
@@ -19,7 +19,7 @@ from typing import Any
 from celery.result import AsyncResult
 
 from omni_tasks.config import (
-    GB,
+    GIB,
     CacheConfig,
     CoreModuleConfig,
     SchedulerConfig,
@@ -283,7 +283,7 @@ class OmniScheduler:
             "processed_requests": snap.processed,
             "failed_requests": snap.failed,
             "cache_hit_rate": self._cache_hit_rate(),
-            "memory_usage": snap.dit_cache_bytes / GB,
+            "memory_usage": snap.dit_cache_bytes / GIB,
             "resource_status": self._resource_status(snap),
             "pools": {q: vars(p) for q, p in snap.pools.items()},
             "models": self._models(snap),
@@ -332,7 +332,7 @@ class OmniScheduler:
     @staticmethod
     def _models(snap: ClusterSnapshot) -> dict[str, dict[str, Any]]:
         """Each diffusion model registered or served: the live workers serving it and
-        what waits in its queue, per priority level."""
+        what waits in its queue, per level."""
         return {
             model: {"workers": hosts, "queued": snap.models.get(model, {})}
             for model, hosts in sorted(model_servers(snap).items())

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from workers.resources import GB
+from workers.resources import GIB
 
 STATUS_KEYS = {"device", "total_bytes", "budget_bytes", "used_bytes", "cache_bytes"}
 
@@ -42,7 +42,7 @@ def test_a_worker_refuses_what_never_fits_runs_what_does_and_beats_its_status(
         raw = eventually(lambda: redis_client.hget(keys.worker(worker.hostname), "resource_status"))
         status = json.loads(raw)
         assert set(status) == STATUS_KEYS and status["device"] == "cpu"
-        assert status["budget_bytes"] == int(0.008 * GB)
+        assert status["budget_bytes"] == int(0.008 * GIB)
         assert 0 < status["used_bytes"] < status["budget_bytes"]
     finally:
         worker.stop()

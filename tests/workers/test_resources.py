@@ -12,7 +12,7 @@ import torch
 
 from omni_tasks.config import CacheConfig, CoreModuleConfig
 from omni_tasks.errors import ResourceError
-from workers.resources import GB, ResourceManager, ShapeProbe, device_budget
+from workers.resources import GIB, ResourceManager, ShapeProbe, device_budget
 from workers.stepping import ForwardCall, StepRequest, StepScheduler, StepStatus, StepTicket
 
 SHAPE = ("mlp", 256, 64)
@@ -39,8 +39,8 @@ def manager(available: int, cache_gib: float = 0.001, budget_gib: float = 0.05) 
     config = CoreModuleConfig(
         max_memory_gib=budget_gib, cache=CacheConfig(max_memory_gib=cache_gib)
     )
-    budget = int(budget_gib * GB)
-    return ResourceManager(config, "cpu", resident_bytes=budget - int(cache_gib * GB) - available)
+    budget = int(budget_gib * GIB)
+    return ResourceManager(config, "cpu", resident_bytes=budget - int(cache_gib * GIB) - available)
 
 
 class Req:
@@ -51,9 +51,9 @@ class Req:
 def test_the_cpu_budget_is_max_memory_bounded_by_cpu_utilization_less_cache_and_model() -> None:
     config = CoreModuleConfig(max_memory_gib=2.0, cache=CacheConfig(max_memory_gib=0.5))
     total, budget = device_budget(config, torch.device("cpu"))
-    assert total > 0 and budget == min(2 * GB, int(0.9 * total))
+    assert total > 0 and budget == min(2 * GIB, int(0.9 * total))
     m = ResourceManager(config, "cpu", resident_bytes=1000)
-    assert m.available_bytes == budget - GB // 2 - 1000
+    assert m.available_bytes == budget - GIB // 2 - 1000
     bounded = replace(config, max_memory_gib=10_000.0, max_cpu_utilization=0.5)
     assert ResourceManager(bounded, "cpu").budget_bytes == int(0.5 * total)
 
@@ -96,7 +96,7 @@ def test_a_request_that_could_never_fit_is_refused_naming_its_size_and_the_budge
     request = Req("big")
     with pytest.raises(ResourceError, match=r"big: a 256x64 image needs .*budget") as err:
         m.admit(request, probe())
-    assert "51.2 MiB budget" in str(err.value)  # 0.05 GB
+    assert "51.2 MiB budget" in str(err.value)  # 0.05 GiB
     assert m.get_resource_status()["running"] == 0
     # Inputs alone beyond the budget: refused without running a step.
     calls: list[int] = []

@@ -20,7 +20,7 @@ import torch
 from omni_tasks.config import get_config
 from omni_tasks.coordination import cache_directory
 from omni_tasks.errors import EngineStoppedError
-from workers.dit_cache import GB
+from workers.dit_cache import GIB
 from workers.engines.base import ImageParams, TextParams
 from workers.runtime import WorkerIdentity, WorkerRuntime, resolve_model
 
@@ -95,7 +95,7 @@ def test_dit_cache_figures_and_directory_with_a_cache(tiny_flux_dir: Path, redis
         assert runtime.dit_cache_figures() == {
             "dit_cache_bytes": 64,
             "dit_cache_entries": 1,
-            "dit_cache_max_bytes": int(0.001 * GB),
+            "dit_cache_max_bytes": int(0.001 * GIB),
         }
         # Its listener mirrors inserts and removals into the Redis directory.
         assert cache_directory.held_by("figures@test") == {"k1"}

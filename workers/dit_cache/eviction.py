@@ -20,7 +20,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 
-from omni_tasks.config import GB, CacheConfig, CacheStrategy
+from omni_tasks.config import GIB, CacheConfig, CacheStrategy
 
 DEFAULT_GHOST_LIMIT = 65536
 
@@ -297,5 +297,5 @@ def create_policy(strategy: CacheStrategy, config: CacheConfig) -> EvictionPolic
     if strategy is CacheStrategy.TTL:
         return TTLPolicy(config.ttl_seconds)
     if strategy is CacheStrategy.ADAPTIVE:
-        return ARCPolicy(int(config.max_memory_gib * GB))
+        return ARCPolicy(int(config.max_memory_gib * GIB))
     raise ValueError(f"unknown cache strategy {strategy!r}")

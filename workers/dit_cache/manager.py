@@ -3,7 +3,7 @@
 A diffusion worker reuses prompt embeddings, latents or block activations across
 requests and steps. `DiTCacheManager` keeps them in this process, on `device`, evicting
 by the configured `CacheStrategy` so that the stored bytes never exceed
-`config.max_memory_gib * GB` (GB = 2**30 bytes), and optionally compressing them
+`config.max_memory_gib * GIB` (GiB: 2**30 bytes), and optionally compressing them
 (`workers.dit_cache.compression`).
 
 Decisions:
@@ -44,7 +44,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from omni_tasks.config import GB, CacheConfig
+from omni_tasks.config import GIB, CacheConfig
 from omni_tasks.coordination.outage import Outage
 from omni_tasks.errors import CacheError
 from workers.dit_cache.compression import compress, decompress
@@ -90,7 +90,7 @@ class DiTCacheManager:
         config.validate()
         self.config = config
         self.device = _resolve_device(device)
-        self.max_bytes = int(config.max_memory_gib * GB)
+        self.max_bytes = int(config.max_memory_gib * GIB)
         self.cache_stats = {"hits": 0, "misses": 0}
         self._counters = {"evictions": 0, "expired": 0, "refused": 0}
         self._listener = listener
@@ -129,13 +129,13 @@ class DiTCacheManager:
             return self.cache_stats["hits"] / lookups if lookups else 0.0
 
     def get_memory_usage(self) -> float:
-        """Stored bytes in GB (GB = 2**30 bytes)."""
+        """Stored bytes in GiB (2**30 bytes)."""
         return self.memory_usage
 
     @property
     def memory_usage(self) -> float:
-        """Stored bytes in GB (GB = 2**30 bytes)."""
-        return self._bytes / GB
+        """Stored bytes in GiB (2**30 bytes)."""
+        return self._bytes / GIB
 
     # ---- synchronous API --------------------------------------------------------------
 

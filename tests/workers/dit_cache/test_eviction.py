@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from omni_tasks.config import CacheConfig, CacheStrategy
-from workers.dit_cache import GB, DiTCacheManager
+from workers.dit_cache import GIB, DiTCacheManager
 from workers.dit_cache.eviction import (
     ARCPolicy,
     LFUPolicy,
@@ -42,7 +42,7 @@ class Recorder:
 
 def manager(strategy: CacheStrategy, entries: int, **kwargs) -> DiTCacheManager:
     config = CacheConfig(
-        max_memory_gib=entries * ENTRY_BYTES / GB,
+        max_memory_gib=entries * ENTRY_BYTES / GIB,
         strategy=strategy,
         enable_compression=False,
         ttl_seconds=kwargs.pop("ttl_seconds", 3600),
@@ -57,7 +57,7 @@ def test_create_policy_per_strategy() -> None:
     ttl = create_policy(CacheStrategy.TTL, config)
     assert isinstance(ttl, TTLPolicy) and ttl.ttl == 7
     arc = create_policy(CacheStrategy.ADAPTIVE, config)
-    assert isinstance(arc, ARCPolicy) and arc.c == GB
+    assert isinstance(arc, ARCPolicy) and arc.c == GIB
 
 
 def test_lru_evicts_least_recently_used() -> None:

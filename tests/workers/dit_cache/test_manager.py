@@ -13,7 +13,7 @@ import torch
 
 from omni_tasks.config import CacheConfig, CacheStrategy
 from omni_tasks.errors import CacheError
-from workers.dit_cache import GB, DiTCacheManager
+from workers.dit_cache import GIB, DiTCacheManager
 from workers.dit_cache.sizing import value_nbytes
 
 KIB = 1024
@@ -56,7 +56,7 @@ def make(
     **kwargs,
 ) -> DiTCacheManager:
     config = CacheConfig(
-        max_memory_gib=budget_bytes / GB,
+        max_memory_gib=budget_bytes / GIB,
         strategy=strategy,
         ttl_seconds=kwargs.pop("ttl_seconds", 3600),
         enable_compression=compression,
@@ -223,7 +223,7 @@ def test_unsupported_values_raise_cache_error() -> None:
 
 
 def test_hit_rate_memory_usage_and_seed_attributes() -> None:
-    m = make(2 * GB // 1024)  # 2 MiB
+    m = make(2 * GIB // 1024)  # 2 MiB
     assert m.get_hit_rate() == 0.0 and m.get_memory_usage() == 0.0
     m.put("a", f32(512))  # 512 KiB
     m.get("a")
@@ -232,7 +232,7 @@ def test_hit_rate_memory_usage_and_seed_attributes() -> None:
     assert m.get_hit_rate() == pytest.approx(2 / 3)
     assert m.cache_stats == {"hits": 2, "misses": 1}
     assert m.get_memory_usage() == pytest.approx(512 * KIB / 2**30)
-    assert m.memory_usage == m.get_memory_usage() and GB == 2**30
+    assert m.memory_usage == m.get_memory_usage() and GIB == 2**30
     assert m.stats()["max_bytes"] == 2 * 2**20 and m.config.max_memory_gib == 2 / 1024
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from omni_tasks.config import GB, CoreModuleConfig, get_config
+from omni_tasks.config import GIB, CoreModuleConfig, get_config
 from omni_tasks.coordination import cache_directory
 from omni_tasks.errors import ProcessingError, ResourceError
 from omni_tasks.lora import directory_key
@@ -52,7 +52,7 @@ def text_encoder_adapter(out: Path, flux_dir: Path) -> Path:
 def config(tiny_flux_dir: Path, tmp_path_factory) -> CoreModuleConfig:
     """The registry, with an adapter budget of two and a half tiny adapters."""
     base = replace(get_config(), loras=registry(tmp_path_factory.mktemp("loras"), tiny_flux_dir))
-    return replace(base, lora=replace(base.lora, memory_gib=2.5 * tensor_bytes(base) / GB))
+    return replace(base, lora=replace(base.lora, memory_gib=2.5 * tensor_bytes(base) / GIB))
 
 
 def tensor_bytes(config: CoreModuleConfig) -> int:
