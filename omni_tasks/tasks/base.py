@@ -20,7 +20,7 @@ from typing import Any
 
 from celery import Task
 
-from omni_tasks.config import get_config
+from omni_tasks.config import Registries, get_config
 from omni_tasks.errors import ProcessingError, RequestValidationError
 from omni_tasks.model_registry import check_model
 from omni_tasks.requests import OmniRequest, RequestType, Stage, request_from_task_kwargs
@@ -56,15 +56,18 @@ class OmniTask(Task):
         return self.request_type
 
     def build_request(self, kwargs: dict[str, Any], task_id: str | None = None) -> OmniRequest:
-        """Validate a message's kwargs into its request, its diffusion `model` against the
-        config's registry (`model_registry.check_model`). With `task_id` (the id it is
-        sent or delivered under) the request id is the task's (`with_request_id`)."""
+        """Validate a message's kwargs into its request: an entry point, so its LoRA names
+        are checked against the config's registries (the validation context's
+        `Registries`) and its `model` too (`model_registry.check_model`). With `task_id`
+        (the id it is sent or delivered under) the request id is the task's."""
         if not isinstance(kwargs, dict):
             raise RequestValidationError("kwargs", "request fields must be keyword arguments")
         if task_id:
             kwargs = with_request_id(kwargs, task_id.removesuffix(self.id_suffix))
-        request = request_from_task_kwargs(self.request_type_for(kwargs), kwargs)
-        check_model(request, get_config())
+        config = get_config()
+        registries = Registries.from_config(config)
+        request = request_from_task_kwargs(self.request_type_for(kwargs), kwargs, registries)
+        check_model(request, config)
         return request
 
     def request_for_send(
