@@ -250,3 +250,38 @@ def test_no_request_validator_reads_the_process_config() -> None:
                 "validator" in ast.unparse(d) for d in node.decorator_list
             ):
                 assert "get_config" not in ast.unparse(node), f"{name}: {node.name}"
+
+
+def _lookups(path: Path) -> set[str]:
+    """The process-wide lookups (`get_config()`, `get_redis()`) a file calls."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            if node.func.id in ("get_config", "get_redis"):
+                found.add(node.func.id)
+    return found
+
+
+def test_worker_and_api_code_gets_config_and_redis_given() -> None:
+    """Worker and API code gets the config and the Redis client from its constructor or
+    its process's context (the worker runtime, the app's state); only the entry points
+    look them up."""
+    entry_points = {
+        "workers/lifecycle/hooks.py": {"get_config"},  # worker_init: the worker's config
+        "workers/runtime.py": {"get_config", "get_redis"},  # the process context itself
+        "workers/engines/diffusers_engine.py": {"get_config"},  # an engine built alone
+        "omni_tasks/api/app.py": {"get_config"},  # the app factory
+        "omni_tasks/api/files.py": {"get_config"},  # output_dir of a job view
+    }
+    repo = PRODUCER_ROOT.parent
+    files = [*(repo / "workers").rglob("*.py"), *(PRODUCER_ROOT / "api").rglob("*.py")]
+    found = {str(path.relative_to(repo)): names for path in files if (names := _lookups(path))}
+    extra = {f: n for f, n in found.items() if not n <= entry_points.get(f, set())}
+    assert extra == {}
+
+
+def test_per_task_state_lives_in_context_variables() -> None:
+    """The current task, its progress reporter and its hooked request are ContextVars."""
+    repo = PRODUCER_ROOT.parent
+    for path in [*(repo / "workers").rglob("*.py"), *PRODUCER_ROOT.rglob("*.py")]:
+        assert "threading.local" not in path.read_text(), path
