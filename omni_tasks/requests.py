@@ -508,7 +508,10 @@ def _new_request(
     fields: dict[str, Any],
 ) -> OmniRequest:
     """A request of `request_type`, its names checked against `registries` (default:
-    the process config's): the `create_*_request` functions are entry points."""
+    the process config's): the `create_*_request` functions are entry points. Anything
+    but a `Registries` (a JSON body's "registries", say) is a field, refused as unknown."""
+    if registries is not None and not isinstance(registries, Registries):
+        fields, registries = {**fields, "registries": registries}, None
     data = {"request_type": request_type, **fields}
     if prompt is not None:
         data["prompt"] = prompt

@@ -93,8 +93,13 @@ def test_request_models_check_shape_and_entry_points_check_the_registry() -> Non
 
 
 def test_a_message_cannot_bring_its_own_registries() -> None:
+    """A message's or a JSON body's "registries" is an unknown field, never the context."""
+    given = {"loras": {"sepia": "/x"}}
     with pytest.raises(RequestValidationError) as err:
-        generate_image.build_request({"prompt": "a fox", "registries": {"loras": {"x": "y"}}})
+        generate_image.build_request({"prompt": "a fox", "registries": given})
+    assert err.value.field == "registries"
+    with pytest.raises(RequestValidationError) as err:
+        create_diffusion_request("a fox", lora=["ink"], registries=given)
     assert err.value.field == "registries"
 
 
