@@ -14,9 +14,9 @@ from omni_tasks.config import get_config
 #: default steps (0, 3, 6, 9), which such a client's integer levels are rounded down to.
 PRIORITY_SEP = "\x06\x16"
 PRIORITY_STEPS = tuple(range(10))
-#: The separator of omni-tasks releases before the wire contract: lists and exchange
-#: bindings written with it are converted when a worker starts (`coordination.legacy`).
-LEGACY_PRIORITY_SEP = ":"
+#: The colon separator (`ar:3`): lists and exchange bindings written with it are
+#: converted when a worker starts (`coordination.colon_layout`).
+COLON_PRIORITY_SEP = ":"
 
 
 def _p() -> str:

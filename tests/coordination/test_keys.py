@@ -72,7 +72,7 @@ def test_parse_queue_key_leaves_other_names_whole() -> None:
     assert keys.parse_queue_key("queue:ten") == ("queue:ten", 0)
     assert keys.parse_queue_key("queue:10") == ("queue:10", 0)  # not a level
     assert keys.parse_queue_key("queue:") == ("queue:", 0)
-    assert keys.parse_queue_key("ar:6") == ("ar:6", 0)  # the legacy separator: not a level
+    assert keys.parse_queue_key("ar:6") == ("ar:6", 0)  # the colon separator: not a level
 
 
 @pytest.mark.parametrize("host", HOSTS)

@@ -17,7 +17,7 @@ from typing import Any
 from celery import signals, states
 
 from omni_tasks.config import CoreModuleConfig, get_config
-from omni_tasks.coordination import admission, keys, legacy
+from omni_tasks.coordination import admission, colon_layout, keys
 from omni_tasks.coordination.counters import count_outcome
 from omni_tasks.tasks.base import OmniTask
 from omni_tasks.tasks.celery_app import app, pool_queue
@@ -97,17 +97,17 @@ def _load_engines() -> None:
 
 @signals.worker_ready.connect
 def _on_worker_ready(**_: Any) -> None:
-    _convert_legacy_layout()
+    _convert_colon_layout()
     _load_revocations()
     heartbeat.start()
     reaper.start()
 
 
-def _convert_legacy_layout() -> None:
+def _convert_colon_layout() -> None:
     if not runtime.config.broker_is_redis:
         return
     try:
-        legacy.convert(runtime.identity.queues)
+        colon_layout.convert(runtime.identity.queues)
     except Exception:
         log.warning("could not convert an older Redis layout", exc_info=True)
 

@@ -1,9 +1,9 @@
-"""What an omni-tasks release before the wire contract left in Redis, converted when a
-worker starts: priority lists named with the old separator (`ar:3`), whose messages no
-worker would read any more, and kombu exchange bindings joined with it, which kombu
-can no longer split (a control command would fail on every worker).
+"""The colon layout in Redis, converted when a worker starts: priority lists named with a
+colon between queue and level (`ar:3`), whose messages no worker reads, and kombu
+exchange bindings joined with a colon, which kombu cannot split (a control command
+would fail on every worker). The wire's separator is `keys.PRIORITY_SEP`.
 
-Idempotent and cheap: an EXISTS per old list name and a scan of the binding sets.
+Idempotent and cheap: an EXISTS per colon list name and a scan of the binding sets.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ BINDING_PREFIX = "_kombu.binding."
 
 
 def convert(queues: Iterable[str]) -> dict[str, int]:
-    """Move the old lists of `queues` to the current ones (same level, same order) and
-    drop bindings in the old format (kombu declares them again as workers start and
+    """Move the colon lists of `queues` to the wire's lists (same level, same order) and
+    drop bindings in the colon format (kombu declares them again as workers start and
     producers publish). Returns how many messages moved and bindings were dropped."""
     client = get_redis()
     moved = 0
     for queue in queues:
         for level in keys.PRIORITY_STEPS[1:]:
-            old = f"{queue}{keys.LEGACY_PRIORITY_SEP}{level}"
+            old = f"{queue}{keys.COLON_PRIORITY_SEP}{level}"
             if client.exists(old):
                 moved += int(get_scripts().move_all(keys=[old, keys.queue_key(queue, level)]))
     dropped = 0
