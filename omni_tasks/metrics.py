@@ -37,8 +37,6 @@ from omni_tasks.coordination.snapshots import (
 )
 
 log = logging.getLogger(__name__)
-#: The default port of `omni-tasks exporter`.
-DEFAULT_PORT = 9808
 #: The `PoolStats` counters, each an `outcome` of `omni_requests_total`.
 OUTCOME_FIELDS = tuple(f for f in PoolStats.__dataclass_fields__ if not f.endswith("_sum"))
 #: Heartbeat `resource_status` figures -> (metric, help); absent keys are skipped.

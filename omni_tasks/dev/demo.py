@@ -387,6 +387,3 @@ def _summary(results: list[dict[str, Any]], out_dir: Path) -> None:
     serial = [{k: v for k, v in r.items() if k not in ("result", "kwargs")} for r in results]
     report.write_text(json.dumps(serial, indent=2, default=str))
     _line(f"images, videos and sounds in {out_dir / 'images'}; results in {report}")
-
-
-DEFAULT_OUT_DIR = Path("omni-demo-output")

@@ -19,8 +19,6 @@ from omni_tasks.requests import OmniRequest, RequestType
 from omni_tasks.scheduling.policies import create_policy
 
 pytestmark = pytest.mark.slow
-#: kombu's default priority steps: a default client's integer priority is rounded down.
-KOMBU_STEPS = (0, 3, 6, 9)
 
 
 def class_level(priority: str) -> int:

@@ -22,9 +22,6 @@ from workers.models.tiny_qwen_image import (
 
 # Tokens after the prompt in both templates: <|im_end|> \n <|im_start|> assistant \n
 SUFFIX = 5
-# The edit template's image: <|vision_start|>, 16 <|image_pad|> (112x112 in 14-pixel
-# patches, merged 2x2), <|vision_end|>
-IMAGE_TOKENS = 18
 
 
 def tree_digest(root: Path) -> dict[str, str]:
