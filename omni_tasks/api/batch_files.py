@@ -101,7 +101,7 @@ def list_body(found: list[dict[str, Any]], more: bool) -> dict[str, Any]:
 @router.get("/v1/files/{file_id}")
 async def get_file(file_id: str, request: Request) -> Response:
     if not file_id.startswith(FILE_PREFIX):
-        return await files.get_file(file_id)
+        return await files.get_file(file_id, request)
     found = await store_of(request).file(file_id)
     if found is None:
         raise not_found(file_id)
@@ -111,7 +111,7 @@ async def get_file(file_id: str, request: Request) -> Response:
 @router.get("/v1/files/{file_id}/content")
 async def file_content(file_id: str, request: Request) -> Response:
     if not file_id.startswith(FILE_PREFIX):
-        return await files.get_file(f"{file_id}/content")
+        return await files.get_file(f"{file_id}/content", request)
     content = await store_of(request).content(file_id)
     if content is None:
         raise not_found(file_id)
