@@ -8,6 +8,7 @@ import ast
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import omni_tasks
@@ -111,17 +112,31 @@ def _module_name(path: Path, root: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _run_imports(node: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
+    """The import statements under `node` that can run: all of them, at module level or
+    inside functions, but those under `if TYPE_CHECKING:` (type checkers read them;
+    Python never runs them)."""
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        yield node
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+            for branch in child.orelse:
+                yield from _run_imports(branch)
+        else:
+            yield from _run_imports(child)
+
+
 def _import_graph(packages: list[Path]) -> dict[str, set[str]]:
-    """Module -> the modules of `packages` it imports, at module level or inside a
-    function, absolute or relative; `from pkg import name` counts `pkg.name` when that
-    is a module, else `pkg`."""
+    """Module -> the modules of `packages` it imports (`_run_imports`), absolute or
+    relative; `from pkg import name` counts `pkg.name` when that is a module, else
+    `pkg`."""
     root = packages[0].parent
     paths = {_module_name(p, root): p for pkg in packages for p in pkg.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in paths.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         found: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        for node in _run_imports(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Import):
                 found |= {alias.name for alias in node.names}
             elif isinstance(node, ast.ImportFrom):
@@ -189,6 +204,12 @@ def test_no_module_of_the_tasks_package_imports_in_a_circle() -> None:
     assert _cycles(tasks) == []
 
 
+def test_no_module_of_omni_tasks_or_workers_imports_in_a_circle() -> None:
+    graph = _import_graph([PRODUCER_ROOT, PRODUCER_ROOT.parent / "workers"])
+    assert len(graph) > 100 and any(m.startswith("workers.") for m in graph)
+    assert _cycles(graph) == []
+
+
 def test_the_cycle_scan_finds_a_cycle_through_a_function_import(tmp_path: Path) -> None:
     package = tmp_path / "pkg"
     package.mkdir()
@@ -197,7 +218,10 @@ def test_the_cycle_scan_finds_a_cycle_through_a_function_import(tmp_path: Path) 
     (package / "b.py").write_text("def f():\n    from . import c\n")
     (package / "c.py").write_text("import pkg.a\n")
     (package / "d.py").write_text("from pkg.a import something\n")
+    typed = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import d\n"
+    (package / "e.py").write_text(typed + "else:\n    import pkg.a\n")
     assert _cycles(_import_graph([package])) == [["pkg.a", "pkg.b", "pkg.c"]]
+    assert _import_graph([package])["pkg.e"] == {"pkg.a"}  # what runs: not the typed one
 
 
 #: The request-vocabulary modules, lowest first: each may import only those before it.
