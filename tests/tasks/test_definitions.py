@@ -106,7 +106,7 @@ def test_multimodal_chain_with_a_policy_routes_both_stages_by_it(redis_client) -
     request = create_multimodal_request("a lighthouse", priority="low")
     config_policy = create_policy(get_config())
     fifo = create_policy(get_config(), SchedulerType.FIFO)
-    assert config_policy.route(request).priority != 0  # the config's type ranks low work
+    assert config_policy.route(request).level != 0  # the config's type ranks low work
     multimodal_chain(request, fifo).apply_async()
     assert where(redis_client, request.request_id + ".prompt") == ("ar", 0)
     ((_, message),) = queued_messages(redis_client, "ar")
