@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 def class_level(priority: str) -> int:
     request = OmniRequest(request_type=RequestType.TEXT, prompt="p", priority=priority)
-    return create_policy(get_config()).route(request, "ar").priority
+    return create_policy(get_config()).route(request, "ar").level
 
 
 def text(tag: str, **extra: object) -> dict:
