@@ -14,33 +14,23 @@ A VIDEO request that names no model runs on `diffusion.video_model` (or
 `video_image_model` with an input image). A video model makes images too (one frame); a
 VIDEO request for a registry entry whose `family` is an image family is refused here
 (field `model`); without a family the worker refuses it, from the checkpoint's.
+
+The entries and their name rules belong to the config (`omni_tasks.config.registry`,
+importable from here too); `check_model` runs where requests enter (a task's
+`build_request`, the HTTP API), after the request model has checked its shape.
 """
 
 from __future__ import annotations
 
 from omni_tasks.config import CoreModuleConfig
-from omni_tasks.config.registry import (
-    MAX_MODEL_NAME_CHARS,
-    MODEL_NAME_RE,
-    ModelEntry,
-    model_name_problem,
-    validate_registry,
-)
+from omni_tasks.config.registry import MAX_MODEL_NAME_CHARS as MAX_MODEL_NAME_CHARS
+from omni_tasks.config.registry import MODEL_NAME_RE as MODEL_NAME_RE
+from omni_tasks.config.registry import ModelEntry as ModelEntry
+from omni_tasks.config.registry import model_name_problem as model_name_problem
+from omni_tasks.config.registry import validate_registry as validate_registry
 from omni_tasks.coordination import keys
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.requests import COMPLETION_FIELDS, DIT_TYPES, OmniRequest, RequestType
-
-__all__ = [
-    "MAX_MODEL_NAME_CHARS",
-    "MODEL_NAME_RE",
-    "ModelEntry",
-    "check_model",
-    "default_model",
-    "dit_model",
-    "model_name_problem",
-    "model_queues",
-    "validate_registry",
-]
 
 #: The families whose models make videos and sounds (`workers.engines.families`); the
 #: rest, images.
