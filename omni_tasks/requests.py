@@ -3,6 +3,11 @@
 An `OmniRequest` travels as a flat JSON object (the task's kwargs). The producer
 validates it before anything is enqueued; the worker validates the same message again
 and rejects what does not parse. Errors name the field.
+
+The models check shape and ranges only. The names a config registers (LoRA adapters) are
+checked against the `Registries` an entry point passes as pydantic's validation context:
+`create_*_request` and `request_from_task_kwargs` take them (default: the process
+config's); `OmniRequest.from_message` without them checks the shape alone.
 """
 
 from __future__ import annotations
