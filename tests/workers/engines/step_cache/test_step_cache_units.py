@@ -1,8 +1,9 @@
 """The step-cache registry and its technique units, on the tiny random-weight Flux.
 
 Each unit enabled through its Hook (or its `apply_<technique>` function) on a real pipeline,
-run, and reset: the shared transformer must be exactly as before (no diffusers hooks, no
-cache-dit patches, blocks in their registration order) and give the same latents as before.
+run, and reset: the shared transformer must then be exactly as it was before the unit (no
+diffusers hooks, no cache-dit patches, blocks in their registration order) and give the same
+latents as a run without it.
 """
 
 from __future__ import annotations
