@@ -1,6 +1,7 @@
 """The configuration dataclasses: scheduler, DiT cache, the core module's limits, and
-what a distributed deployment adds (Redis, the two pools). `validate()` raises
-`ConfigError` naming the dotted field of the first bad value.
+what a distributed deployment adds (Redis, the HTTP API, and the pools, whose sections
+are in `config.pools`). `validate()` raises `ConfigError` naming the dotted field of the
+first bad value.
 """
 
 from __future__ import annotations
@@ -10,14 +11,20 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from omni_tasks.config.pools import DEFAULT_MODEL_FIELDS as DEFAULT_MODEL_FIELDS
+from omni_tasks.config.pools import LORA_RANKS as LORA_RANKS
+from omni_tasks.config.pools import TINY_VOICES as TINY_VOICES
+from omni_tasks.config.pools import ARConfig as ARConfig
+from omni_tasks.config.pools import DiffusionConfig as DiffusionConfig
+from omni_tasks.config.pools import LoraConfig as LoraConfig
+from omni_tasks.config.pools import PoolConfig as PoolConfig
+from omni_tasks.config.pools import SpeechConfig as SpeechConfig
+from omni_tasks.config.pools import require
 from omni_tasks.config.registry import ModelEntry, validate_registry
-from omni_tasks.errors import ConfigError
 from omni_tasks.vocabulary import (
     GIB,
-    POOL_TYPES,
     PRIORITY_CLASSES,
     STAGES,
-    STEP_CACHE_MODES,
     Stage,
     valid_adapter_name,
 )
@@ -68,19 +75,19 @@ class SchedulerConfig:
         return ranked.index(priority_class)
 
     def validate(self) -> None:
-        _require(self.max_queue_size > 0, "scheduler.max_queue_size", "must be positive")
-        _require(self.timeout_seconds > 0, "scheduler.timeout_seconds", "must be positive")
-        _require(self.batch_size > 0, "scheduler.batch_size", "must be positive")
-        _require(self.starvation_s > 0, "scheduler.starvation_s", "must be positive")
+        require(self.max_queue_size > 0, "scheduler.max_queue_size", "must be positive")
+        require(self.timeout_seconds > 0, "scheduler.timeout_seconds", "must be positive")
+        require(self.batch_size > 0, "scheduler.batch_size", "must be positive")
+        require(self.starvation_s > 0, "scheduler.starvation_s", "must be positive")
         missing = [c for c in PRIORITY_CLASSES if c not in self.priority_weights]
-        _require(not missing, "scheduler.priority_weights", f"missing classes {missing}")
+        require(not missing, "scheduler.priority_weights", f"missing classes {missing}")
         for name, weight in self.priority_weights.items():
-            _require(
+            require(
                 name in PRIORITY_CLASSES,
                 f"scheduler.priority_weights.{name}",
                 f"unknown class; use {PRIORITY_CLASSES}",
             )
-            _require(weight > 0, f"scheduler.priority_weights.{name}", "must be positive")
+            require(weight > 0, f"scheduler.priority_weights.{name}", "must be positive")
 
 
 @dataclass
@@ -92,184 +99,9 @@ class CacheConfig:
     compression_ratio: float = 0.7
 
     def validate(self) -> None:
-        _require(self.max_memory_gib > 0, "cache.max_memory_gib", "must be positive")
-        _require(self.ttl_seconds > 0, "cache.ttl_seconds", "must be positive")
-        _require(0 < self.compression_ratio <= 1, "cache.compression_ratio", "must be in (0, 1]")
-
-
-@dataclass
-class PoolConfig:
-    """How the workers of one pool run when started with just `-Q <queue>`.
-
-    A pool is the set of workers that consume one queue; `pool_type` is the Celery
-    execution pool each of them runs (`--pool`).
-    """
-
-    queue: str = "ar"
-    pool_type: str = "threads"
-    concurrency: int = 32
-    prefetch_multiplier: int = 1
-
-    def validate(self, name: str) -> None:
-        _require(bool(self.queue), f"{name}.queue", "must not be empty")
-        # kombu joins a queue's binding fields (and its priority lists) with ":".
-        _require(":" not in self.queue, f"{name}.queue", "must not contain ':'")
-        _require(
-            self.pool_type in POOL_TYPES,
-            f"{name}.pool_type",
-            "must be threads, solo or prefork",
-        )
-        _require(self.concurrency > 0, f"{name}.concurrency", "must be positive")
-        _require(self.prefetch_multiplier > 0, f"{name}.prefetch_multiplier", "must be positive")
-
-
-@dataclass
-class ARConfig(PoolConfig):
-    """The autoregressive pool: engine and model."""
-
-    engine: str = "vllm"  # vllm | transformers
-    model: str = "tiny-llama"
-    dtype: str = "auto"
-    max_model_len: int = 2048
-    tensor_parallel_size: int = 1
-    kv_cache_gib: float = 1.0  # CPU only: vLLM's KV cache size
-    max_batch_size: int = 16  # transformers engine only
-    #: The chat template for chat requests when the model's tokenizer has none (or to
-    #: replace its own): Jinja text, or the path of a file that holds it.
-    chat_template: str | None = None
-
-    def validate(self, name: str = "ar") -> None:
-        super().validate(name)
-        _require(
-            self.engine in ("vllm", "transformers"),
-            f"{name}.engine",
-            "must be vllm or transformers",
-        )
-        _require(bool(self.model), f"{name}.model", "must not be empty")
-        _require(self.max_model_len > 0, f"{name}.max_model_len", "must be positive")
-        _require(self.kv_cache_gib > 0, f"{name}.kv_cache_gib", "must be positive")
-
-
-#: vLLM's allowed values of `max_lora_rank`.
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-@dataclass
-class LoraConfig:
-    """How workers keep the LoRA adapters of the `loras` registry (docs/models.md, "LoRA").
-
-    AR pool (vLLM's multi-LoRA): `max_loras` distinct adapters in one batch, ranks up to
-    `max_lora_rank` (several adapters or a scale other than 1 in one request make one
-    combined adapter, whose rank is the sum of theirs), `max_cpu_loras` kept loaded.
-    Diffusion pool: `memory_gib` of device memory, out of the worker's budget, for the
-    adapters loaded into the transformer (least recently used ones go first);
-    `mixed_batches`: requests with different adapter sets share a denoising step, each
-    row with its own LoRA deltas (off: a step batches one adapter set and scales).
-    """
-
-    max_loras: int = 4
-    max_lora_rank: int = 32
-    max_cpu_loras: int = 16
-    memory_gib: float = 0.5
-    mixed_batches: bool = False
-
-    def validate(self) -> None:
-        _require(self.max_loras > 0, "lora.max_loras", "must be positive")
-        _require(self.max_lora_rank in LORA_RANKS, "lora.max_lora_rank", f"one of {LORA_RANKS}")
-        _require(self.max_cpu_loras >= self.max_loras, "lora.max_cpu_loras", "must be >= max_loras")
-        _require(self.memory_gib > 0, "lora.memory_gib", "must be positive")
-
-
-@dataclass
-class DiffusionConfig(PoolConfig):
-    """The diffusion pool: pipeline and model.
-
-    `concurrency` is how many requests a worker holds (reserved, unacked): the ones its
-    step scheduler runs together, at most `max_batch_size`, and a lookahead it can rank
-    against them (a later high-class arrival preempts a running low-class one).
-    """
-
-    queue: str = "diffusion"
-    concurrency: int = 10
-    max_batch_size: int = 8
-    model: str = "tiny-flux"
-    # The models a video request that names none runs on: text-to-video, and with an
-    # input image (image-to-video). Both count as registered, like `model`.
-    video_model: str = "tiny-wan"
-    video_image_model: str = "tiny-wan-i2v"
-    # The model a text-to-audio request that names none runs on (registered too).
-    audio_model: str = "tiny-stable-audio"
-    device: str = "auto"
-    dtype: str = "auto"
-    step_cache: str = "none"  # one of STEP_CACHE_MODES; requests may override
-    step_cache_params: dict[str, float] = field(default_factory=dict)
-    cache_affinity: bool = True  # route repeats to the worker holding their DiT cache keys
-
-    def validate(self, name: str = "diffusion") -> None:
-        super().validate(name)
-        for part in DEFAULT_MODEL_FIELDS:
-            _require(bool(getattr(self, part)), f"{name}.{part}", "must not be empty")
-        _require(self.max_batch_size > 0, f"{name}.max_batch_size", "must be positive")
-        _require(
-            self.step_cache in STEP_CACHE_MODES,
-            f"{name}.step_cache",
-            f"must be one of {STEP_CACHE_MODES}",
-        )
-
-
-#: The diffusion pool's default models, one per kind of request (`default_model`).
-DEFAULT_MODEL_FIELDS = ("model", "video_model", "video_image_model", "audio_model")
-#: The voices of the embedded tiny VITS (four speakers), by OpenAI's names.
-TINY_VOICES = {"alloy": 0, "echo": 1, "fable": 2, "nova": 3}
-
-
-@dataclass
-class SpeechConfig(PoolConfig):
-    """The speech pool: a text-to-speech model on transformers (VITS / MMS-TTS).
-
-    `concurrency` requests run at once on a worker, their pieces batched together (at
-    most `max_batch_size` a forward pass, those with the same voice and speed). `voices`
-    names the model's speakers (name -> speaker id): what requests and
-    `GET /v1/audio/voices` use; a request may also give a speaker id ("2"). A request
-    without a voice speaks in `default_voice` (None: the first of `voices`).
-    """
-
-    queue: str = "speech"
-    concurrency: int = 8
-    engine: str = "transformers"
-    model: str = "tiny-tts"
-    device: str = "auto"
-    dtype: str = "auto"
-    max_batch_size: int = 8
-    voices: dict[str, int] = field(default_factory=lambda: dict(TINY_VOICES))
-    default_voice: str | None = None
-
-    def validate(self, name: str = "speech") -> None:
-        super().validate(name)
-        _require(self.engine == "transformers", f"{name}.engine", "must be transformers")
-        _require(bool(self.model), f"{name}.model", "must not be empty")
-        _require(self.max_batch_size > 0, f"{name}.max_batch_size", "must be positive")
-        _require(bool(self.voices), f"{name}.voices", "must name at least one voice")
-        for voice, speaker in self.voices.items():
-            _require(
-                bool(voice.strip()) and not voice.isdigit(),
-                f"{name}.voices.{voice}",
-                "a voice name must not be blank or a number (numbers are speaker ids)",
-            )
-            _require(
-                isinstance(speaker, int) and speaker >= 0,
-                f"{name}.voices.{voice}",
-                "must be a speaker id (an integer >= 0)",
-            )
-        _require(
-            self.default_voice is None or self.default_voice in self.voices,
-            f"{name}.default_voice",
-            "must be one of the voices",
-        )
-
-    def voice_name(self) -> str:
-        """The voice of a request that names none."""
-        return self.default_voice or next(iter(self.voices))
+        require(self.max_memory_gib > 0, "cache.max_memory_gib", "must be positive")
+        require(self.ttl_seconds > 0, "cache.ttl_seconds", "must be positive")
+        require(0 < self.compression_ratio <= 1, "cache.compression_ratio", "must be in (0, 1]")
 
 
 @dataclass
@@ -298,14 +130,14 @@ class APIConfig:
     grafana_url: str | None = None
 
     def validate(self) -> None:
-        _require(self.max_body_mb > 0, "api.max_body_mb", "must be positive")
-        _require(self.webhook_max_attempts > 0, "api.webhook_max_attempts", "must be positive")
-        _require(self.webhook_timeout_s > 0, "api.webhook_timeout_s", "must be positive")
-        _require(self.wait_timeout_s > 0, "api.wait_timeout_s", "must be positive")
-        _require(self.retry_after_s > 0, "api.retry_after_s", "must be positive")
+        require(self.max_body_mb > 0, "api.max_body_mb", "must be positive")
+        require(self.webhook_max_attempts > 0, "api.webhook_max_attempts", "must be positive")
+        require(self.webhook_timeout_s > 0, "api.webhook_timeout_s", "must be positive")
+        require(self.wait_timeout_s > 0, "api.wait_timeout_s", "must be positive")
+        require(self.retry_after_s > 0, "api.retry_after_s", "must be positive")
         for name in ("public_url", "flower_url", "grafana_url"):
             url = getattr(self, name)
-            _require(
+            require(
                 not url or url.startswith(("http://", "https://")),
                 f"api.{name}",
                 "must be an http:// or https:// URL",
@@ -366,50 +198,50 @@ class CoreModuleConfig:
     def validate(self) -> None:
         self.scheduler.validate()
         self.cache.validate()
-        _require(self.max_memory_gib > 0, "max_memory_gib", "must be positive")
-        _require(0 < self.max_gpu_utilization <= 1, "max_gpu_utilization", "must be in (0, 1]")
-        _require(0 < self.max_cpu_utilization <= 1, "max_cpu_utilization", "must be in (0, 1]")
-        _require(self.request_timeout > 0, "request_timeout", "must be positive")
-        _require(self.worker_timeout > 0, "worker_timeout", "must be positive")
-        _require(self.cleanup_interval > 0, "cleanup_interval", "must be positive")
-        _require(self.metrics_interval > 0, "metrics_interval", "must be positive")
-        _require(
+        require(self.max_memory_gib > 0, "max_memory_gib", "must be positive")
+        require(0 < self.max_gpu_utilization <= 1, "max_gpu_utilization", "must be in (0, 1]")
+        require(0 < self.max_cpu_utilization <= 1, "max_cpu_utilization", "must be in (0, 1]")
+        require(self.request_timeout > 0, "request_timeout", "must be positive")
+        require(self.worker_timeout > 0, "worker_timeout", "must be positive")
+        require(self.cleanup_interval > 0, "cleanup_interval", "must be positive")
+        require(self.metrics_interval > 0, "metrics_interval", "must be positive")
+        require(
             self.redis_url.startswith(REDIS_SCHEMES),
             "redis_url",
             "must be a redis://, rediss://, unix:// or sentinel:// URL",
         )
-        _require(
+        require(
             self.broker_url is None or self.broker_url.startswith(BROKER_SCHEMES),
             "broker_url",
             f"must be empty (use redis_url) or a URL starting with one of {BROKER_SCHEMES}",
         )
         for name, url in (("redis_url", self.redis_url), ("broker_url", self.broker_url)):
-            _require(sentinel_url_problem(url) is None, name, sentinel_url_problem(url) or "")
-        _require(
+            require(sentinel_url_problem(url) is None, name, sentinel_url_problem(url) or "")
+        require(
             bool(self.redis_sentinel_master.strip()),
             "redis_sentinel_master",
             "must name the Sentinel master (default mymaster)",
         )
-        _require(bool(self.key_prefix), "key_prefix", "must not be empty")
-        _require(":" not in self.key_prefix, "key_prefix", "must not contain ':' (it names queues)")
-        _require(self.max_redeliveries >= 0, "max_redeliveries", "must be >= 0")
-        _require(self.result_expires > 0, "result_expires", "must be positive")
-        _require(self.reaper_interval_s > 0, "reaper_interval_s", "must be positive")
-        _require(self.ledger_grace_s > 0, "ledger_grace_s", "must be positive")
-        _require(self.progress_first_after_s >= 0, "progress_first_after_s", "must be >= 0")
-        _require(self.progress_interval_s > 0, "progress_interval_s", "must be positive")
+        require(bool(self.key_prefix), "key_prefix", "must not be empty")
+        require(":" not in self.key_prefix, "key_prefix", "must not contain ':' (it names queues)")
+        require(self.max_redeliveries >= 0, "max_redeliveries", "must be >= 0")
+        require(self.result_expires > 0, "result_expires", "must be positive")
+        require(self.reaper_interval_s > 0, "reaper_interval_s", "must be positive")
+        require(self.ledger_grace_s > 0, "ledger_grace_s", "must be positive")
+        require(self.progress_first_after_s >= 0, "progress_first_after_s", "must be >= 0")
+        require(self.progress_interval_s > 0, "progress_interval_s", "must be positive")
         self.ar.validate("ar")
         self.diffusion.validate("diffusion")
         self.speech.validate("speech")
         self.lora.validate()
         for name, path in self.loras.items():
-            _require(valid_adapter_name(name), f"loras.{name}", "is not a valid adapter name")
-            _require(bool(str(path).strip()), f"loras.{name}", "needs a folder")
+            require(valid_adapter_name(name), f"loras.{name}", "is not a valid adapter name")
+            require(bool(str(path).strip()), f"loras.{name}", "needs a folder")
         dit = self.diffusion
         validate_registry(self.models, *(getattr(dit, f) for f in DEFAULT_MODEL_FIELDS))
         self.api.validate()
-        _require(self.ar.queue != self.diffusion.queue, "diffusion.queue", "must differ from ar")
-        _require(
+        require(self.ar.queue != self.diffusion.queue, "diffusion.queue", "must differ from ar")
+        require(
             self.speech.queue not in (self.ar.queue, self.diffusion.queue),
             "speech.queue",
             "must differ from ar and diffusion",
@@ -506,8 +338,3 @@ def sentinel_url_problem(url: str | None) -> str | None:
         if not host or (colon and not port.isdigit()):
             return f"each Sentinel needs a host and an optional numeric port (got {part!r})"
     return None
-
-
-def _require(ok: bool, field_name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(field_name, message)
