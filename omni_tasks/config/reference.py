@@ -1,6 +1,6 @@
 """The configuration reference, `docs/configuration.md`, generated from the schema.
 
-`render()` walks the dataclasses of `schema` with `dataclasses.fields`: each field's
+`render()` walks the config dataclasses (`schema`, `pools`) with `dataclasses.fields`: each field's
 dotted name, type, default and environment variable, and a one-line description from
 `FIELD_DOCS`. A field without a description stops the rendering, so a new field cannot
 reach the page undocumented; `tests/config/test_config_reference.py` keeps the page
@@ -182,8 +182,9 @@ FIELD_DOCS = parse_docs(FIELD_DOCS_TEXT)
 INTRO = """\
 # Configuration reference
 
-Generated from `omni_tasks/config/schema.py` by `python -m omni_tasks.config.reference`;
-`tests/config/test_config_reference.py` keeps this page equal to what it generates.
+Generated from the config dataclasses (`omni_tasks/config/schema.py` and `pools.py`)
+by `python -m omni_tasks.config.reference`; `tests/config/test_config_reference.py`
+keeps this page equal to what it generates.
 
 `config/default.yaml` is the embedded default (tiny models on a CPU); `OMNI_CONFIG`
 names another YAML file. Any field is overridden by an environment variable: `OMNI_`,
