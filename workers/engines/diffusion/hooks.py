@@ -1,9 +1,10 @@
 """Per-request state, filled by hooks on the transformer that every thread shares.
 
 The hooks stay on the transformer for the engine's lifetime and find the request they serve
-through a thread-local: a pipeline call counts steps and blocks for its own request only, and
-a call with no request set (MagCache calibration) counts nothing. They also check the
-request's deadline and shutdown before the first step and after every step.
+through a context variable, set in the request's own thread: a pipeline call counts steps
+and blocks for its own request only, and a call with no request set (MagCache
+calibration) counts nothing. They also check the request's deadline and shutdown before
+the first step and after every step.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ _BLOCK_MARKERS = ("proj_out", "ff", "img_mlp", "mlp", "ffn")
 
 @dataclass
 class Request:
-    """Per-request state, reached from the transformer hooks through a thread-local."""
+    """Per-request state, reached from the transformer hooks through a context variable."""
 
     request_id: str
     deadline: float
