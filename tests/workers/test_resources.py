@@ -4,6 +4,7 @@ refusal of a request that could never fit, and the figures in a real worker's he
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from typing import Any
 
@@ -125,3 +126,21 @@ def test_the_step_scheduler_stops_growing_a_batch_when_the_budget_is_exhausted()
     held[1].pending = ForwardCall({}, first_of_step=True)
     assert [r.request_id for r in s.get_next_batch(8)] == ["r1", "r2"]
     assert m.get_resource_status()["batch"] == 2
+
+
+def test_probes_run_where_the_device_work_runs_and_the_status_counts_what_it_is_given() -> None:
+    """`run_on`, `cache_usage` and `adapter_usage` are given when the manager is built."""
+    ran_on: list[str] = []
+
+    def on_device(fn: Any) -> Any:
+        ran_on.append(threading.current_thread().name)
+        return fn()
+
+    config = CoreModuleConfig(max_memory_gib=0.05, cache=CacheConfig(max_memory_gib=0.001))
+    m = ResourceManager(
+        config, "cpu", run_on=on_device, cache_usage=lambda: 7, adapter_usage=lambda: 5
+    )
+    m.measure(SHAPE, probe())
+    assert ran_on == [threading.current_thread().name]  # once: the cost is kept
+    status = m.get_resource_status()
+    assert (status["cache_bytes"], status["adapter_bytes"], status["used_bytes"]) == (7, 5, 12)

@@ -53,6 +53,17 @@ def test_attach_takes_the_workers_identity() -> None:
     assert runtime.hostname == "dit@host"
 
 
+def test_an_attached_config_is_the_runtimes_and_an_unattached_runtime_follows_the_process(
+    use_config,
+) -> None:
+    attached, unattached = WorkerRuntime(), WorkerRuntime()
+    own = replace(get_config(), key_prefix="attached")
+    attached.attach(WorkerIdentity(hostname="cfg@host"), own)
+    use_config(replace(get_config(), key_prefix="process"))
+    assert attached.config is own and unattached.config.key_prefix == "process"
+    assert unattached.redis is attached.redis  # one client per URL in a process
+
+
 def test_resolve_model_existing_path_tiny_name_and_hub_id(
     tiny_flux_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -97,6 +108,8 @@ def test_dit_cache_figures_and_directory_with_a_cache(tiny_flux_dir: Path, redis
             "dit_cache_entries": 1,
             "dit_cache_max_bytes": int(0.001 * GIB),
         }
+        # The engine's memory budget counts the cache it was given when built.
+        assert runtime.resource_status()["cache_bytes"] == 64
         # Its listener mirrors inserts and removals into the Redis directory.
         assert cache_directory.held_by("figures@test") == {"k1"}
         (holder,) = cache_directory.holders("k1")
