@@ -12,6 +12,7 @@ import pytest
 from workers.resources import GIB
 
 STATUS_KEYS = {"device", "total_bytes", "budget_bytes", "used_bytes", "cache_bytes"}
+STATUS_KEYS |= {"running", "batch", "adapter_bytes"}
 
 
 TIMEOUT = 300
