@@ -55,7 +55,7 @@ def create_app(config: CoreModuleConfig | None = None) -> FastAPI:
         await hub.start()
         app.state.hub = hub
         app.state.workers = LiveWorkers(hub, config)
-        app.state.webhooks = WebhookDispatcher(hub, config.api)
+        app.state.webhooks = WebhookDispatcher(hub, config)
         app.state.status = status.StatusCache(config)
         await app.state.webhooks.start()
         try:

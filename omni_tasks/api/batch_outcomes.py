@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from omni_tasks.api.errors import APIError, from_failure
@@ -66,6 +67,7 @@ async def outcome(
     ending: str | None,
     waited_out: bool,
     base_url: str,
+    root: Path,
 ) -> tuple[Kind, str] | None:
     """The line's outcome, or None while it has to wait: a request of it is not final,
     and its batch runs on (or stops, but lets what already runs finish, until
@@ -87,7 +89,7 @@ async def outcome(
             response = response_of(exc.status, request_id, exc.body())
             return "error", result_line(batch_id, index, record, response)
     try:
-        body = await answer(record, [m["result"] for m in metas if m], base_url)
+        body = await answer(record, [m["result"] for m in metas if m], base_url, root)
     except APIError as exc:
         response = response_of(exc.status, ids[0], exc.body())
         return "error", result_line(batch_id, index, record, response)
@@ -95,8 +97,11 @@ async def outcome(
     return "output", result_line(batch_id, index, record, response)
 
 
-async def answer(record: dict[str, Any], results: list[dict[str, Any]], base_url: str) -> dict:
-    """What the line's endpoint answers for these results."""
+async def answer(
+    record: dict[str, Any], results: list[dict[str, Any]], base_url: str, root: Path
+) -> dict:
+    """What the line's endpoint answers for these results (its images named under
+    `root`, the output_dir)."""
     created = int(time.time())
     url = record["url"]
     if url != "/v1/images/generations":
@@ -105,15 +110,15 @@ async def answer(record: dict[str, Any], results: list[dict[str, Any]], base_url
         base = {"id": f"{prefix}-{record['ids'][0]}", "created": created}
         base["model"] = record.get("model")
         return completion_answer(base, results[0], chat)
-    data = [await _image(record, result, base_url) for result in results]
+    data = [await _image(record, result, base_url, root) for result in results]
     return {"created": created, "data": data, **record.get("describe", {})}
 
 
-async def _image(record: dict[str, Any], result: dict[str, Any], base_url: str) -> dict:
+async def _image(record: dict[str, Any], result: dict[str, Any], base_url: str, root: Path) -> dict:
     path = result["image_path"]
     extra = {"revised_prompt": record.get("prompt"), "seed": result.get("seed")}
     output_format = record.get("output_format", "png")
     if record.get("response_format") == "url":
-        return {"url": file_url(base_url, image_name(path), output_format), **extra}
+        return {"url": file_url(base_url, image_name(path, root), output_format), **extra}
     data = await image_b64(path, output_format, record.get("output_compression"))
     return {"b64_json": data, **extra}

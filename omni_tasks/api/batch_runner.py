@@ -25,6 +25,7 @@ from typing import Any
 from omni_tasks.api.batch_launch import CHUNK, BatchLauncher
 from omni_tasks.api.batch_outcomes import outcome
 from omni_tasks.api.batch_state import FILE_TTL_S, FINAL_STATUSES, BatchStore, line_keys
+from omni_tasks.api.files import output_root
 from omni_tasks.api.hub import ResultHub, TaskSet, sweep_forever
 from omni_tasks.api.submission import LiveWorkers
 from omni_tasks.coordination import keys
@@ -54,6 +55,7 @@ class BatchRunner:
 
     def __init__(self, hub: ResultHub, workers: LiveWorkers) -> None:
         self.hub = hub
+        self.root = output_root(workers.config)  # where the lines' images are
         self.store = BatchStore(hub.redis)
         self.launcher = BatchLauncher(hub, self.store, workers)
         self._tasks = TaskSet()
@@ -106,7 +108,14 @@ class BatchRunner:
             for index, record in records.items():
                 line_metas = [metas[rid] for rid in record["ids"]]
                 ended = await outcome(
-                    batch_id, int(index), record, line_metas, ending, waited_out, base_url
+                    batch_id,
+                    int(index),
+                    record,
+                    line_metas,
+                    ending,
+                    waited_out,
+                    base_url,
+                    self.root,
                 )
                 if ended is not None:
                     kind, text = ended

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request, Response
 from omni_tasks.api.context import config_of
 from omni_tasks.api.errors import APIError
 from omni_tasks.audio_fields import AUDIO_FORMATS, MEDIA_TYPES
-from omni_tasks.config import CoreModuleConfig, get_config
+from omni_tasks.config import CoreModuleConfig
 
 #: Output format -> (Pillow's name, media type).
 FORMATS = {
@@ -36,16 +36,15 @@ AUDIO_SUFFIXES = {f".{fmt}": fmt for fmt in AUDIO_FORMATS}
 router = APIRouter()
 
 
-def output_root(config: CoreModuleConfig | None = None) -> Path:
-    """The workers' `output_dir` as this API sees it (`config`'s, else the process's:
-    the job views that name files under it are built far from any request)."""
-    return (config or get_config()).output_path().resolve()
+def output_root(config: CoreModuleConfig) -> Path:
+    """The workers' `output_dir` as this API sees it (a shared volume)."""
+    return config.output_path().resolve()
 
 
-def image_name(image_path: str) -> str:
-    """The name under `output_dir` of a worker's image (what `/v1/files/` takes)."""
+def image_name(image_path: str, root: Path) -> str:
+    """The name under `output_dir` (`root`) of a worker's image (what `/v1/files/` takes)."""
     try:
-        return Path(image_path).resolve().relative_to(output_root()).as_posix()
+        return Path(image_path).resolve().relative_to(root).as_posix()
     except ValueError:
         raise APIError(
             500,
@@ -55,10 +54,11 @@ def image_name(image_path: str) -> str:
         ) from None
 
 
-def audio_url(base_url: str, audio_path: str) -> str | None:
-    """The URL of a worker's audio file, or None when it is not under `output_dir`."""
+def audio_url(base_url: str, audio_path: str, root: Path) -> str | None:
+    """The URL of a worker's audio file, or None when it is not under `output_dir`
+    (`root`)."""
     try:
-        name = Path(audio_path).resolve().relative_to(output_root()).as_posix()
+        name = Path(audio_path).resolve().relative_to(root).as_posix()
     except ValueError:
         return None
     return f"{base_url.rstrip('/')}/v1/files/{quote(name)}"

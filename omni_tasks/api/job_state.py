@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omni_tasks.api.errors import FAILURE_STATUS, APIError, error_body, failure_of
@@ -130,7 +131,7 @@ def content_url(base_url: str, video_id: str, variant: str = "video") -> str:
     return f"{base_url.rstrip('/')}/v1/videos/{video_id}/content{query}"
 
 
-def job_view(record: JobRecord, metas: list[dict[str, Any] | None]) -> dict[str, Any]:
+def job_view(record: JobRecord, metas: list[dict[str, Any] | None], root: Path) -> dict[str, Any]:
     """The job object of `GET /v1/jobs/{id}`, SSE `result` events and webhooks."""
     status, final = status_of(metas)
     view: dict[str, Any] = {
@@ -148,13 +149,13 @@ def job_view(record: JobRecord, metas: list[dict[str, Any] | None]) -> dict[str,
         result = dict(final.get("result") or {})
         path = result.pop("image_path", None)
         if path and record.base_url:
-            view["image_url"] = _url_of(record.base_url, path)
+            view["image_url"] = _url_of(record.base_url, path, root)
         for field, variant in VIDEO_FILES.items():
             if result.pop(field, None) and record.base_url:
                 view[f"{variant}_url"] = content_url(record.base_url, record.id, variant)
         audio = result.pop("audio_path", None)
         if audio and record.base_url:
-            view["audio_url"] = audio_url(record.base_url, audio)
+            view["audio_url"] = audio_url(record.base_url, audio, root)
         view["result"] = result
     elif final is not None:
         view["error"] = _error_of(final, record.id)
@@ -176,12 +177,12 @@ def _error_of(meta: dict[str, Any], job_id: str) -> dict[str, Any]:
     return error_body(status, f"job {job_id}: {text}", code=code)["error"]
 
 
-def _url_of(base_url: str, image_path: str) -> str | None:
+def _url_of(base_url: str, image_path: str, root: Path) -> str | None:
     try:
-        return file_url(base_url, image_name(image_path), "png")
+        return file_url(base_url, image_name(image_path, root), "png")
     except APIError:  # not under this API's output_dir: the result still has the rest
         return None
 
 
-async def read_view(hub: ResultHub, record: JobRecord) -> dict[str, Any]:
-    return job_view(record, await hub.metas(record.task_ids))
+async def read_view(hub: ResultHub, record: JobRecord, root: Path) -> dict[str, Any]:
+    return job_view(record, await hub.metas(record.task_ids), root)

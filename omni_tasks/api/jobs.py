@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -29,7 +30,7 @@ from fastapi.responses import JSONResponse, Response
 
 from omni_tasks.api.context import config_of
 from omni_tasks.api.errors import APIError, invalid
-from omni_tasks.api.files import base_url_of
+from omni_tasks.api.files import base_url_of, output_root
 from omni_tasks.api.hub import FALLBACK_S, ResultHub, is_final, meta_key, next_message
 from omni_tasks.api.idempotency import (
     CallKey,
@@ -140,7 +141,7 @@ async def create_job(request: Request) -> JSONResponse:
     if webhook_url and created:
         request.app.state.webhooks.follow(record)
     wait_s = prefer_wait(request.headers.get("prefer"), config.api.wait_timeout_s)
-    return await _answer(hub, record, wait_s)
+    return await _answer(hub, record, wait_s, output_root(config))
 
 
 async def accept_job(
@@ -169,8 +170,9 @@ async def accept_job(
     return (await load_record(hub, record.id) or record), created
 
 
-async def _answer(hub: ResultHub, record: JobRecord, wait_s: float) -> JSONResponse:
-    """The job now, or once it ended within `wait_s`: 200 when it has ended, else 202."""
+async def _answer(hub: ResultHub, record: JobRecord, wait_s: float, root: Path) -> JSONResponse:
+    """The job now, or once it ended within `wait_s`: 200 when it has ended, else 202
+    (its files named under `root`, the output_dir)."""
     if wait_s > 0 and len(record.task_ids) == 1:
         meta = await hub.wait(record.id, wait_s)
         metas = [meta] if meta is not None else await hub.metas(record.task_ids)
@@ -178,7 +180,7 @@ async def _answer(hub: ResultHub, record: JobRecord, wait_s: float) -> JSONRespo
         metas = await _wait_stages(hub, record, wait_s)
     else:
         metas = await hub.metas(record.task_ids)
-    view = job_view(record, metas)
+    view = job_view(record, metas, root)
     return JSONResponse(view, status_code=200 if view["status"] in FINAL else 202)
 
 
@@ -243,8 +245,8 @@ async def _record(request: Request, job_id: str) -> JobRecord:
 @router.get("/v1/jobs/{job_id}")
 async def get_job(job_id: str, request: Request) -> JSONResponse:
     hub: ResultHub = request.app.state.hub
-    record = await _record(request, job_id)
-    return JSONResponse(job_view(record, await hub.metas(record.task_ids)))
+    record, root = await _record(request, job_id), output_root(config_of(request))
+    return JSONResponse(job_view(record, await hub.metas(record.task_ids), root))
 
 
 @router.delete("/v1/jobs/{job_id}")
@@ -252,14 +254,14 @@ async def cancel_job(job_id: str, request: Request) -> JSONResponse:
     """Cancel: a queued job is cancelled at once; a running one leaves at its next step
     boundary (its status turns `cancelled` then)."""
     hub: ResultHub = request.app.state.hub
-    record = await _record(request, job_id)
+    record, root = await _record(request, job_id), output_root(config_of(request))
     metas = await hub.metas(record.task_ids)
-    view = job_view(record, metas)
+    view = job_view(record, metas, root)
     if view["status"] in FINAL:
         message = f"job {job_id} has already ended ({view['status']}): nothing to cancel"
         raise APIError(409, message, code="job_ended")
     await cancel_record(record, metas)
-    return JSONResponse(job_view(record, await hub.metas(record.task_ids)))
+    return JSONResponse(job_view(record, await hub.metas(record.task_ids), root))
 
 
 async def cancel_record(record: JobRecord, metas: list[dict[str, Any] | None]) -> None:
@@ -282,4 +284,5 @@ def _mark_cancelled(task_ids: list[str], metas: list[dict[str, Any] | None]) -> 
 @router.get("/v1/jobs/{job_id}/events")
 async def job_event_stream(job_id: str, request: Request) -> Response:
     record = await _record(request, job_id)
-    return streaming(job_events(request.app.state.hub, record))
+    root = output_root(config_of(request))
+    return streaming(job_events(request.app.state.hub, record, root))

@@ -36,7 +36,7 @@ from omni_tasks.api.errors import (
     request_error,
     waited_too_long,
 )
-from omni_tasks.api.files import base_url_of, file_url, image_b64, image_name
+from omni_tasks.api.files import base_url_of, file_url, image_b64, image_name, output_root
 from omni_tasks.api.hub import ResultHub
 from omni_tasks.api.idempotency import CallKey, KeyedCall, call_fingerprint, call_key
 from omni_tasks.api.sse import image_events, streaming
@@ -249,7 +249,8 @@ async def _image_data(request: Request, options: ImageOptions, meta: dict[str, A
     path = result["image_path"]
     extra = {"revised_prompt": options.prompt, "seed": result.get("seed")}
     if options.response_format == "url":
-        url = file_url(base_url_of(request), image_name(path), options.output_format)
+        name = image_name(path, output_root(config_of(request)))
+        url = file_url(base_url_of(request), name, options.output_format)
         return {"url": url, **extra}
     data = await image_b64(path, options.output_format, options.output_compression)
     return {"b64_json": data, **extra}

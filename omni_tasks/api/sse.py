@@ -19,6 +19,7 @@ import base64
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi.responses import StreamingResponse
@@ -51,7 +52,8 @@ async def read_previews(hub: ResultHub, request_id: str, start: int) -> list[dic
     return [json.loads(r) for r in raw]
 
 
-async def job_events(hub: ResultHub, record: JobRecord) -> AsyncIterator[bytes]:
+async def job_events(hub: ResultHub, record: JobRecord, root: Path) -> AsyncIterator[bytes]:
+    """The job's events; its files named under `root` (the output_dir)."""
     channels = [meta_key(t) for t in record.task_ids]
     if record.partial_images:
         channels.append(keys.previews(record.id))
@@ -61,7 +63,7 @@ async def job_events(hub: ResultHub, record: JobRecord) -> AsyncIterator[bytes]:
     async with hub.listen(channels) as queue:
         status, progress, previews, pieces = None, None, 0, 0
         while True:
-            view = job_view(record, await hub.metas(record.task_ids))
+            view = job_view(record, await hub.metas(record.task_ids), root)
             if texts:  # after the state: once it is final, every piece is in
                 for piece in await _pieces(hub, record.id, pieces):
                     pieces += 1

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from redis.asyncio import Redis
 
 from omni_tasks.api.errors import invalid, request_error
+from omni_tasks.api.files import output_root
 from omni_tasks.api.job_state import JobRecord, job_view, progress_of
 from omni_tasks.api.openai_images import input_size
 from omni_tasks.config import CoreModuleConfig
@@ -241,11 +242,12 @@ async def load_video(redis: Redis, video_id: str) -> VideoRecord | None:
 
 
 def video_view(
-    record: VideoRecord, metas: list[dict[str, Any] | None], expires_s: float
+    record: VideoRecord, metas: list[dict[str, Any] | None], config: CoreModuleConfig
 ) -> dict[str, Any]:
     """OpenAI's video object, from the record and the job's task states; it expires
-    `expires_s` after its creation (`result_expires`)."""
-    job = job_view(record, metas)
+    `result_expires` after its creation."""
+    expires_s, root = config.result_expires, output_root(config)
+    job = job_view(record, metas, root)
     status = STATUSES[job["status"]]
     error = job["error"]
     extra = record.extra

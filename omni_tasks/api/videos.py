@@ -56,6 +56,7 @@ from omni_tasks.api.video_objects import (
     video_view,
 )
 from omni_tasks.api.webhooks import check_url
+from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.requests import OmniRequest, create_video_request
@@ -138,8 +139,8 @@ async def _launch(
     await index_video(hub.redis, video)
     if video.webhook_url and created:
         request.app.state.webhooks.follow(video)
-    expires_s = config_of(request).result_expires
-    return JSONResponse(video_view(video, await hub.metas(video.task_ids), expires_s))
+    config = config_of(request)
+    return JSONResponse(video_view(video, await hub.metas(video.task_ids), config))
 
 
 async def _video(request: Request, video_id: str) -> VideoRecord:
@@ -158,8 +159,8 @@ async def list_videos(
 ) -> JSONResponse:
     """A page of the videos, newest first by default, as OpenAI's cursor lists are."""
     hub: ResultHub = request.app.state.hub
-    expires_s = config_of(request).result_expires
-    ids, has_more = await page_ids(hub.redis, after, limit, order, expires_s)
+    config = config_of(request)
+    ids, has_more = await page_ids(hub.redis, after, limit, order, config.result_expires)
     pipe = hub.redis.pipeline(transaction=False)
     for video_id in ids:
         pipe.hgetall(keys.api_job(video_id))
@@ -169,7 +170,7 @@ async def list_videos(
     if gone:  # expired (or deleted meanwhile): no longer listed
         await hub.redis.zrem(keys.api_videos(), *gone)
     metas = await hub.metas([r.id for r in records]) if records else []
-    data = [video_view(r, [m], expires_s) for r, m in zip(records, metas, strict=True)]
+    data = [video_view(r, [m], config) for r, m in zip(records, metas, strict=True)]
     first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
     body = {"object": "list", "data": data, "first_id": first, "last_id": last}
     return JSONResponse({**body, "has_more": has_more})
@@ -183,8 +184,7 @@ def _from_raw(video_id: str, raw: dict[str, str]) -> VideoRecord | None:
 async def retrieve_video(video_id: str, request: Request) -> JSONResponse:
     hub: ResultHub = request.app.state.hub
     record = await _video(request, video_id)
-    expires_s = config_of(request).result_expires
-    view = video_view(record, await hub.metas(record.task_ids), expires_s)
+    view = video_view(record, await hub.metas(record.task_ids), config_of(request))
     return JSONResponse(view, headers={"openai-poll-after-ms": str(POLL_AFTER_MS)})
 
 
@@ -200,7 +200,7 @@ async def video_content(
     metas = await hub.metas(record.task_ids)
     status, final = status_of(metas)
     if status != "succeeded" or final is None:
-        shown = video_view(record, metas, config_of(request).result_expires)["status"]
+        shown = video_view(record, metas, config_of(request))["status"]
         message = f"video {video_id} is {shown}: its content is there once it has completed"
         raise APIError(404, message, param="video_id", code="video_not_ready")
     field, media_type, suffix = VARIANTS[variant]
@@ -294,19 +294,18 @@ async def remix_video(video_id: str, request: Request) -> JSONResponse:
 @router.get("/v1/videos/{video_id}/events")
 async def video_event_stream(video_id: str, request: Request) -> Response:
     record = await _video(request, video_id)
-    expires_s = config_of(request).result_expires
-    return streaming(video_events(request.app.state.hub, record, expires_s))
+    return streaming(video_events(request.app.state.hub, record, config_of(request)))
 
 
 async def video_events(
-    hub: ResultHub, record: VideoRecord, expires_s: float
+    hub: ResultHub, record: VideoRecord, config: CoreModuleConfig
 ) -> AsyncIterator[bytes]:
     """`video.<status>` with the video object at each change of status or progress;
     the stream ends with `video.completed` or `video.failed`."""
     async with hub.listen([meta_key(t) for t in record.task_ids]) as queue:
         last: tuple[str, int] | None = None
         while True:
-            view = video_view(record, await hub.metas(record.task_ids), expires_s)
+            view = video_view(record, await hub.metas(record.task_ids), config)
             if (view["status"], view["progress"]) != last:
                 last = (view["status"], view["progress"])
                 yield event(f"video.{view['status']}", view)

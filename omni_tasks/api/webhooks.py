@@ -38,9 +38,10 @@ from urllib.parse import urlsplit
 import httpx
 
 from omni_tasks.api.errors import invalid
+from omni_tasks.api.files import output_root
 from omni_tasks.api.hub import ResultHub, TaskSet, meta_key, next_message, sweep_forever
 from omni_tasks.api.job_state import FINAL, JobRecord, load_record, read_view
-from omni_tasks.config.schema import APIConfig
+from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.lua import SOURCES
 
@@ -92,9 +93,12 @@ def backoff(attempts: int) -> float:
 class WebhookDispatcher:
     """This process's part: following the jobs it accepted, sweeping, delivering."""
 
-    def __init__(self, hub: ResultHub, config: APIConfig) -> None:
+    def __init__(self, hub: ResultHub, config: CoreModuleConfig) -> None:
+        """`config`: the app's (its `api` webhook settings, the output_dir its job views
+        name files under)."""
         self.hub = hub
-        self.config = config
+        self.config = config.api
+        self.root = output_root(config)
         # The async client registers its own copies of the two scripts (`scripts/`).
         self._claim = hub.redis.register_script(SOURCES["webhook_claim"])
         self._take = hub.redis.register_script(SOURCES["webhook_take"])
@@ -129,7 +133,7 @@ class WebhookDispatcher:
     async def claim(self, record: JobRecord) -> bool | None:
         """Make the delivery of an ended job due: True; False if another process has
         (or nothing is watched); None while the job has not ended."""
-        view = await read_view(self.hub, record)
+        view = await read_view(self.hub, record, self.root)
         if view["status"] not in FINAL:
             return None
         delivery_id = f"whd_{uuid.uuid4().hex}"

@@ -16,7 +16,7 @@ from PIL import Image
 
 from omni_tasks import app
 from omni_tasks.api.errors import APIError, body_error, from_core_error, from_failure
-from omni_tasks.api.files import file_url, resolve
+from omni_tasks.api.files import file_url, output_root, resolve
 from omni_tasks.api.hub import ResultHub, meta_key
 from omni_tasks.api.idempotency import HEADER
 from omni_tasks.api.job_state import JobRecord, job_view, status_of
@@ -55,13 +55,14 @@ def test_job_status_from_the_states_of_its_tasks() -> None:
 
 def test_the_job_view_shows_progress_result_and_error() -> None:
     record = JobRecord("job-1", "multimodal", 100.0, base_url="http://api")
-    running = job_view(record, [SUCCESS, PROGRESS])
+    root = output_root(get_config())
+    running = job_view(record, [SUCCESS, PROGRESS], root)
     assert running["status"] == "running"
     assert running["progress"] == {"step": 3, "steps": 8, "stage": "dit"}
-    failed = job_view(JobRecord("job-2", "text", 1.0), [failure("ResourceError", "too big")])
+    failed = job_view(JobRecord("job-2", "text", 1.0), [failure("ResourceError", "too big")], root)
     assert failed["error"]["code"] == "resource_exceeded"
     assert "too big" in failed["error"]["message"] and failed["result"] is None
-    done = job_view(JobRecord("job-3", "text", 1.0, webhook_url="http://hook"), [SUCCESS])
+    done = job_view(JobRecord("job-3", "text", 1.0, webhook_url="http://hook"), [SUCCESS], root)
     assert done["result"] == {"text": "x"} and done["progress"] is None
     assert done["webhook"] == {"url": "http://hook", "status": "pending", "attempts": 0}
 
@@ -83,7 +84,7 @@ def test_the_hub_hears_states_as_the_backend_writes_them() -> None:
     task_id = uuid.uuid4().hex
     written: list[str] = []
 
-    def worker_side() -> None:
+    def worker_side() -> None:  # a worker's pace: the hub hears each state it writes
         time.sleep(0.2)
         app.backend.store_result(task_id, {"step": 1, "steps": 2}, "PROGRESS")
         written.append("PROGRESS")
