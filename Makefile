@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Both create .venv/ first.
-.PHONY: setup demo test lint bench flower
+.PHONY: setup demo test test-fast lint bench flower
 
 setup: .venv/.stack-ready
 
@@ -15,6 +15,10 @@ lint: setup
 
 test: lint
 	.venv/bin/python -m pytest -q
+
+# The unit tests: no worker process, no real model (those are marked slow), in about a minute.
+test-fast: setup
+	.venv/bin/python -m pytest -q -m "not slow" --ignore=tests/integration
 
 bench: setup
 	.venv/bin/python bench/run_all.py

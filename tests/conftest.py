@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import eventually
 
 from omni_tasks.dev.redis_server import redis_answers, start_private_redis
 
@@ -112,15 +113,100 @@ def start_ready_workers(queues: list[str], log_dir: Path, **kwargs) -> list:
     return workers
 
 
+INTEGRATION = Path(__file__).parent / "integration"
+#: What a module's source says when it starts workers of its own.
+OWN_WORKERS = ("start_ready_workers", "start_worker(", "WorkerProcess(")
+SHARING = pytest.StashKey[set[Path]]()
+
+
+#: Unit tests that load real models: `slow`, left out of `make test-fast`.
+ENGINE_DIRS = tuple(Path(__file__).parent / "workers" / d for d in ("engines", "models", "lora"))
+MODEL_FIXTURES = {"tiny_models", "tiny_llama_dir", "tiny_flux_dir"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Unit tests first, then the integration modules that share the pools, then the rest;
+    every test that starts workers or loads a real model is `slow`.
+
+    A module shares the pools when it uses `pools` and its source starts no worker of its
+    own: the shared workers would take that module's messages.
+    """
+    uses: dict[Path, bool] = {}
+    for item in items:
+        engines = any(d in item.path.parents for d in ENGINE_DIRS)
+        if engines or MODEL_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+        if INTEGRATION in item.path.parents:
+            item.add_marker(pytest.mark.slow)
+            uses[item.path] = uses.get(item.path, False) or "pools" in item.fixturenames
+    own = {path for path in uses if any(m in path.read_text() for m in OWN_WORKERS)}
+    config.stash[SHARING] = sharing = {path for path, used in uses.items() if used} - own
+
+    def rank(item: pytest.Item) -> int:
+        if INTEGRATION not in item.path.parents:
+            return 0
+        return 1 if item.path in sharing else 2
+
+    items.sort(key=rank)  # stable: each module keeps its order and stays in one piece
+
+
+class SharedPools:
+    """The AR and diffusion workers of `pools`, alive from one sharing module to the next
+    (starting the two takes 11-20 s)."""
+
+    def __init__(self) -> None:
+        self.workers: dict[str, Any] = {}
+
+    def start(self, log_dir: Path) -> dict[str, Any]:
+        """Live pools on an emptied database: the running ones, else fresh ones."""
+        if self.workers and all(w.proc.poll() is None for w in self.workers.values()):
+            clean_redis()  # the heartbeats go too: each worker writes its own again
+            back = eventually(lambda: all(w.is_ready() for w in self.workers.values()), 30)
+            assert back, "a shared worker wrote no heartbeat after the database was emptied"
+            return self.workers
+        self.stop()
+        clean_redis()
+        self.workers = {w.queue: w for w in start_ready_workers(["ar", "diffusion"], log_dir)}
+        return self.workers
+
+    def stop(self) -> None:
+        if self.workers:
+            for worker in self.workers.values():
+                worker.stop()
+            clean_redis()
+        self.workers = {}
+
+
+_SHARED = SharedPools()
+
+
+@pytest.fixture(scope="session")
+def shared_pools() -> Iterator[SharedPools]:
+    """The session's one `SharedPools`, stopped at the end."""
+    yield _SHARED
+    _SHARED.stop()
+
+
+def _sharing(request: pytest.FixtureRequest) -> bool:
+    return request.path in request.config.stash.get(SHARING, set())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_shared_pools_beside_own_workers(request: pytest.FixtureRequest) -> None:
+    """A module outside the sharing group starts with no shared worker alive."""
+    if not _sharing(request):
+        _SHARED.stop()
+
+
 @pytest.fixture(scope="module")
-def pools(tiny_models, run_dir: Path) -> Iterator[dict]:
-    """An AR pool and a diffusion pool for the module's tests, on an empty database."""
-    clean_redis()
-    workers = start_ready_workers(["ar", "diffusion"], run_dir / "logs")
-    yield {w.queue: w for w in workers}
-    for worker in workers:
-        worker.stop()
-    clean_redis()
+def pools(
+    request: pytest.FixtureRequest, shared_pools: SharedPools, tiny_models, run_dir: Path
+) -> Iterator[dict]:
+    """An AR pool and a diffusion pool for the module's tests, on an empty database:
+    shared with the next module when both share the pools, else stopped after it."""
+    yield shared_pools.start(run_dir / "logs")
+    if not _sharing(request):
+        shared_pools.stop()
 
 
 @pytest.fixture()

@@ -1,7 +1,7 @@
 """A Celery client that never imports omni_tasks: a plain `Celery(broker=, backend=)`
 with kombu's default transport options, sending by task name with `queue=`, as a
 service in another codebase would (`docs/wire.md`). Run as a script by
-tests/test_wire_foreign.py:
+tests/integration/test_wire_foreign.py:
 
     python tests/wire_client.py REDIS_URL TIMEOUT_S
 

@@ -137,7 +137,7 @@ def test_waiting_draws_each_new_figure_then_returns_the_result(redis_client) -> 
     figures.append({"tokens": 24, "max_tokens": 32})
 
     def worker_side() -> None:
-        for info in figures:
+        for info in figures:  # a worker's pace: the wait reads each state it writes
             time.sleep(0.3)
             app.backend.store_result(task_id, info, "PROGRESS")
         time.sleep(0.3)
@@ -167,7 +167,7 @@ def test_on_a_terminal_waiting_draws_a_rich_bar(redis_client) -> None:
     task_id = uuid.uuid4().hex
 
     def worker_side() -> None:
-        for step in (2, 6):
+        for step in (2, 6):  # a worker's pace: the bar reads each state it writes
             time.sleep(0.3)
             app.backend.store_result(task_id, {"step": step, "steps": 8}, "PROGRESS")
         time.sleep(0.3)

@@ -83,7 +83,7 @@ def test_join_times_out(redis_client) -> None:
 
 def test_the_holder_renews_its_lease_while_it_works(redis_client) -> None:
     flight = sf.try_claim(KEY, lease_s=0.3)  # renewed every 0.1 s
-    time.sleep(0.8)
+    time.sleep(0.8)  # past the lease: only its renewals keep it
     assert redis_client.get(keys.flight_lease(KEY)) == flight.token
     flight.publish("done")
     assert not redis_client.exists(keys.flight_lease(KEY))

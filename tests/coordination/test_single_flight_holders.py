@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from helpers import eventually
 
 from omni_tasks.coordination import keys
 from omni_tasks.coordination import single_flight as sf
@@ -66,8 +67,8 @@ def test_a_waiter_takes_over_at_once_when_the_holders_heartbeat_is_gone(redis_cl
     beat(redis_client, "w-waiter")
     killed = sf.try_claim(KEY, holder="w-killed")
     assert sf.holder_of(killed.token) == "w-killed"
-    time.sleep(0.4)  # killed: no more beats, its heartbeat key has expired
-    assert not redis_client.exists(keys.worker("w-killed"))
+    # Killed: no more beats, its heartbeat key expires.
+    assert eventually(lambda: not redis_client.exists(keys.worker("w-killed")), 5)
     assert redis_client.pttl(keys.flight_lease(KEY)) > (sf.LEASE_S - 2) * 1000  # still held
     started = time.monotonic()
     mine, done = sf.join(KEY, started + 10, holder="w-waiter")
@@ -97,7 +98,7 @@ def test_a_holder_that_publishes_serves_its_waiters(redis_client) -> None:
     threads = [threading.Thread(target=wait, args=(n,)) for n in waiters]
     for t in threads:
         t.start()
-    time.sleep(0.3)
+    time.sleep(0.3)  # the waiters start polling; one that joins after the publish reads it
     flight.publish("cached:w-live")
     for t in threads:
         t.join(10)
@@ -126,7 +127,7 @@ def test_waiters_racing_a_dead_lease_compute_once(redis_client, round_) -> None:
     while sf.holder_of(redis_client.get(keys.flight_lease(KEY)) or "") == "w-killed":
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    time.sleep(0.3)  # the others poll the winner's lease and keep waiting
+    assert eventually(lambda: results, 5)  # the winner's join has returned its flight
     winners = [n for n, (flight, _) in results.items() if flight is not None]
     assert len(winners) == 1, results
     (winner,) = winners

@@ -3,17 +3,13 @@ messages it cannot run are refused, recorded in the rejected list and, when they
 a task id, marked failed; the worker keeps serving.
 
 A pickled message refused on arrival is covered by
-`tests/test_end_to_end.py::test_worker_refuses_a_pickled_message_and_keeps_serving`.
+`tests/integration/test_end_to_end.py::test_worker_refuses_a_pickled_message_and_keeps_serving`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 from celery.result import AsyncResult
-from conftest import clean_redis, start_ready_workers
 from helpers import assert_png, eventually, publish_raw
 
 from omni_tasks import app, generate_image
@@ -26,12 +22,9 @@ TIMEOUT = 180
 
 
 @pytest.fixture(scope="module")
-def diffusion_worker(tiny_models, run_dir: Path) -> Iterator:
-    clean_redis()
-    (worker,) = start_ready_workers(["diffusion"], run_dir / "logs")
-    yield worker
-    worker.stop()
-    clean_redis()
+def diffusion_worker(pools: dict) -> object:
+    """The shared pools' diffusion worker."""
+    return pools["diffusion"]
 
 
 def waiting_in(queue: str) -> int:

@@ -202,7 +202,7 @@ def test_a_model_no_worker_serves_waits_and_is_named(cluster) -> None:
     try:
         queue = keys.model_queue("diffusion", UNSERVED)
         assert [m["headers"]["id"] for _, m in queued_messages(get_redis(), queue)] == [waiting.id]
-        time.sleep(1)
+        time.sleep(1)  # time for a worker of another model to take it, wrongly
         assert AsyncResult(waiting.id).state == "PENDING"  # no worker took it
         health = scheduler.get_health_status()
         assert sorted(health["unserved_models"]) == unserved

@@ -1,6 +1,6 @@
 """`OmniScheduler`: the async API over the shared queues, on a real Redis with no worker
 running (so everything it schedules stays queued). Results of real runs:
-tests/test_end_to_end.py."""
+tests/integration/test_end_to_end.py."""
 
 from __future__ import annotations
 
@@ -255,7 +255,7 @@ def test_start_samples_every_metrics_interval_unless_disabled(redis_client) -> N
         async def run() -> None:
             scheduler = OmniScheduler(core_config=config)
             await scheduler.start()
-            await asyncio.sleep(2.5)
+            await asyncio.sleep(2.5)  # the time whose samples are counted
             await scheduler.shutdown()
 
         redis_client.delete(keys.metrics_samples())

@@ -58,7 +58,7 @@ def test_reports_are_throttled_to_a_few_writes_and_stop_at_the_end(redis_client)
             calls = feed(reporter, 1.3)
         after_close = reporter.writes
         reporter.report({"tokens": 999, "max_tokens": 1000})  # the run is over: ignored
-    time.sleep(0.3)
+    time.sleep(0.3)  # time for a late write, which must not come
     assert calls > 1000
     # Writes at ~0.3, 0.5, ... 1.3 s: at most one per interval once the first is due.
     assert 3 <= after_close <= 6, after_close
@@ -73,7 +73,7 @@ def test_a_run_shorter_than_the_first_delay_writes_nothing(redis_client) -> None
     with RunningTask() as running:
         with progress.reporting(running.task, first_after_s=1.0) as reporter:
             feed(reporter, 0.3)
-    time.sleep(0.2)
+    time.sleep(0.2)  # time for a late write, which must not come
     assert reporter.writes == 0
     assert AsyncResult(running.id, app=omni_tasks.app).state == "PENDING"
 
@@ -90,7 +90,7 @@ def test_an_unreachable_backend_never_reaches_the_engine() -> None:
     try:
         with progress.reporting(task, interval_s=0.05, first_after_s=0.0) as reporter:
             feed(reporter, 0.3)  # raises nothing, blocks on nothing
-            time.sleep(0.5)
+            time.sleep(0.5)  # the run goes on while the backend is unreachable
     finally:
         task.pop_request()
     assert reporter.writes == 0

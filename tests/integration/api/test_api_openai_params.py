@@ -10,13 +10,12 @@ from __future__ import annotations
 import base64
 import io
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import openai
 import pytest
 from api_support import ApiServer, api_factory  # noqa: F401
-from conftest import clean_redis, start_ready_workers
 from PIL import Image
 
 #: A key prefix no worker uses: validation answers before any worker is looked for.
@@ -113,16 +112,9 @@ def test_an_invalid_body_is_the_clients_bad_request_naming_the_parameter(
 
 
 @pytest.fixture(scope="module")
-def diffusion(api_factory, tiny_models, run_dir) -> Iterator[openai.OpenAI]:  # noqa: F811
-    """One real diffusion worker and an API in front of it."""
-    clean_redis()
-    workers = start_ready_workers(["diffusion"], run_dir / "logs")
-    try:
-        yield api_factory().openai()
-    finally:
-        for worker in workers:
-            worker.stop()
-        clean_redis()
+def diffusion(pools: dict, api_factory) -> openai.OpenAI:  # noqa: F811
+    """A real diffusion worker (the shared pools') and an API in front of it."""
+    return api_factory().openai()
 
 
 def image_of(item: Any) -> Image.Image:

@@ -3,7 +3,7 @@
 Importing `workers.lifecycle` registers the handlers on the process-wide app, which an
 application process (this one) must never do, so the command runs in a child process
 on the tiny real Flux model; a live worker answering the broadcast is covered by
-`tests/workers/test_dit_service.py`.
+`tests/integration/test_dit_service.py`.
 """
 
 from __future__ import annotations

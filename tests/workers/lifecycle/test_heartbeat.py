@@ -158,7 +158,7 @@ def test_stop_stops_the_beats(heartbeat_of, redis_client) -> None:
     child.call("stop")
     time.sleep(5 * INTERVAL_S)  # a beat under way when stop() was called has landed
     last = beat_of(redis_client, "ar@test")
-    time.sleep(10 * INTERVAL_S)
+    time.sleep(10 * INTERVAL_S)  # ten intervals without a beat
     assert beat_of(redis_client, "ar@test") == last
     assert 0 < redis_client.ttl(keys.worker("ar@test")) <= child.ttl_s  # it will expire
 
@@ -186,7 +186,7 @@ def test_a_diffusion_workers_heartbeat_sweeps_dead_workers(heartbeat_of, redis_c
     ar = heartbeat_of("ar@test", **AR_WORKER)
     ar.call("start")
     assert eventually(lambda: beat_of(redis_client, "ar@test"))
-    time.sleep(5 * INTERVAL_S)
+    time.sleep(5 * INTERVAL_S)  # several beats, none of which may sweep
     assert cache_directory.held_by("dead@test") == {"k-dead"}  # an AR worker never sweeps
     dit = heartbeat_of("dit@test", **DIT_WORKER)
     dit.call("start")

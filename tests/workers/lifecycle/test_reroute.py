@@ -2,7 +2,7 @@
 messages as the consumer gets them: a DiT message naming a model this worker does not
 serve is passed on to that model's queue, whatever its origin and broker, with its
 priority and (for one a producer accepted) its acceptance; never back to the queue it
-came from. The cluster runs of the same rules: tests/test_model_routing.py."""
+came from. The cluster runs of the same rules: tests/integration/test_model_routing.py."""
 
 from __future__ import annotations
 

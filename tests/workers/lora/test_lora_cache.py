@@ -92,7 +92,7 @@ def test_a_pinned_adapter_is_never_unloaded_and_a_waiter_gets_room_on_release() 
 
     waiter = threading.Thread(target=wait_for_c)
     waiter.start()
-    time.sleep(0.2)
+    time.sleep(0.2)  # time for the waiter to get "c" if it wrongly could
     assert not got and set(loader.model) == {"a", "b"}
     cache.release(["a", "b"])
     waiter.join(5)
