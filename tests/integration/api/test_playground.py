@@ -26,7 +26,6 @@ import httpx
 import pytest
 from api_support import TOKEN, ApiServer, api_factory  # noqa: F401
 from browser.cdp import Browser, Page, find_chromium
-from conftest import clean_redis, start_ready_workers
 from PIL import Image
 
 CHROMIUM = find_chromium()
@@ -111,13 +110,8 @@ def proxy() -> Iterator[PrefixProxy]:
 
 
 @pytest.fixture(scope="module")
-def diffusion_pool(tiny_flux_dir: Path, run_dir: Path) -> Iterator[None]:
-    clean_redis()
-    workers = start_ready_workers(["diffusion"], run_dir / "logs")
-    yield
-    for worker in workers:
-        worker.stop()
-    clean_redis()
+def diffusion_pool(pools: dict) -> None:
+    """The shared pools: the diffusion worker the page's jobs run on."""
 
 
 @pytest.fixture(scope="module")
