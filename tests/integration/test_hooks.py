@@ -88,10 +88,7 @@ def test_removed_request_is_skipped_and_next_request_is_by_policy(clean, run_dir
         from celery.result import AsyncResult
 
         removed = AsyncResult(reqs[0].request_id)
-        deadline = time.monotonic() + 30
-        while removed.state not in ("REVOKED",) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert removed.state == "REVOKED"
+        assert eventually(lambda: removed.state == "REVOKED", 30, 0.1), removed.state
         assert not get_redis().exists(keys.deliveries(reqs[0].request_id))
         # The worker discarded it and counted it for the pool.
         counted = eventually(lambda: get_redis().hget(keys.stats("diffusion"), "cancelled"))
@@ -106,10 +103,8 @@ def test_warm_shutdown_hands_running_requests_back(clean, run_dir) -> None:
     results = [
         generate_text.delay(prompt=f"long story {i}", max_tokens=1900, seed=i) for i in range(6)
     ]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not all(r.state == "STARTED" for r in results):
-        time.sleep(0.05)
-    assert all(r.state == "STARTED" for r in results), [r.state for r in results]
+    started = eventually(lambda: all(r.state == "STARTED" for r in results), 60)
+    assert started, [r.state for r in results]
     began = time.monotonic()
     code = worker.stop(timeout_s=60)
     stop_s = time.monotonic() - began

@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 from api_support import ApiServer, api_factory  # noqa: F401
+from helpers import eventually
 from PIL import Image
 
 from omni_tasks.api.batch_lines import request_base
@@ -274,9 +275,7 @@ def test_a_cancelled_batch_ends_cancelled(client: openai.OpenAI) -> None:
     running = wait_for(client, batch.id, {"in_progress"}, 30)
     assert running.status == "in_progress"
     first = request_base(batch.id, 0)
-    started = time.monotonic()
-    while time.monotonic() - started < 60 and not get_redis().get(meta_key(first)):
-        time.sleep(0.2)  # the first one runs; the others wait, queued
+    eventually(lambda: get_redis().get(meta_key(first)), 60, 0.2)  # the first one runs
     assert priority_of(request_base(batch.id, 5)) == "low"
     cancelling = client.batches.cancel(batch.id)
     assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
