@@ -288,18 +288,30 @@ def _lookups(path: Path) -> set[str]:
     return found
 
 
-def test_worker_and_api_code_gets_config_and_redis_given() -> None:
-    """Worker and API code gets the config and the Redis client from its constructor or
-    its process's context (the worker runtime, the app's state); only the entry points
-    look them up."""
+#: The coordination modules that get their Redis client and config values as arguments.
+GIVEN_COORDINATION = ("acceptance", "admission", "idempotency", "ledger")
+
+
+def test_worker_api_and_send_path_code_gets_config_and_redis_given() -> None:
+    """Worker, API and send-path code gets the config and the Redis client from its
+    constructor, its arguments or its process's context (the worker runtime, the app's
+    state, the Celery app's `ProducerContext`); only the entry points look them up."""
     entry_points = {
         "workers/lifecycle/hooks.py": {"get_config"},  # worker_init: the worker's config
         "workers/runtime.py": {"get_config", "get_redis"},  # the process context itself
         "workers/engines/diffusers_engine.py": {"get_config"},  # an engine built alone
         "omni_tasks/api/app.py": {"get_config"},  # the app factory
+        "omni_tasks/tasks/context.py": {"get_config", "get_redis"},  # the producer context
+        "omni_tasks/tasks/celery_app.py": {"get_config"},  # the Celery settings at import
+        "omni_tasks/tasks/transport.py": {"get_config"},  # kombu's purge, under Celery
     }
     repo = PRODUCER_ROOT.parent
-    files = [*(repo / "workers").rglob("*.py"), *(PRODUCER_ROOT / "api").rglob("*.py")]
+    files = [
+        *(repo / "workers").rglob("*.py"),
+        *(PRODUCER_ROOT / "api").rglob("*.py"),
+        *(PRODUCER_ROOT / "tasks").rglob("*.py"),
+        *(PRODUCER_ROOT / "coordination" / f"{name}.py" for name in GIVEN_COORDINATION),
+    ]
     found = {str(path.relative_to(repo)): names for path in files if (names := _lookups(path))}
     extra = {f: n for f, n in found.items() if not n <= entry_points.get(f, set())}
     assert extra == {}

@@ -36,7 +36,7 @@ IMAGE_PROMPT_TEMPLATE = "Write a short, vivid prompt for an image of: {prompt}\n
 def timeout_for(request: OmniRequest) -> float:
     """The engine-side limit: what is left until the request's deadline (its creation
     plus `timeout_s`), or the config's cap for a request without a timeout."""
-    deadline = request_deadline(request)
+    deadline = request_deadline(request, runtime.config.request_time_cap_s)
     if deadline is None:
         return float(runtime.config.request_time_cap_s)
     return max(deadline - time.time(), 0.0)

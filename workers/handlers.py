@@ -237,7 +237,8 @@ def _check_request_id(
     accepted = getattr(task.request, idempotency.ACCEPTED_HEADER, False)
     if accepted or task.takes_previous_result or not task_id:
         return
-    found = idempotency.claim(request.request_id, request.fingerprint())
+    ttl_s = int(runtime.config.result_expires)
+    found = idempotency.claim(runtime.redis, request.request_id, request.fingerprint(), ttl_s)
     if found == "new":
         return
     if found == "repeat":  # a duplicate unless its twin ended without success

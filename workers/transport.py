@@ -276,13 +276,15 @@ def fail_task(task_id: str | None, field: str, reason: str) -> None:
         return
     from omni_tasks.tasks import app
     from omni_tasks.tasks.definitions import PROMPT_STAGE_SUFFIX
+    from workers.runtime import runtime
 
     try:
         app.backend.mark_as_failure(task_id, RequestValidationError(field, reason), request=None)
     except Exception:
         log.exception("could not mark refused task %s failed", task_id)
     try:  # the refused request (a chain's, from its first stage) leaves its pool's count
-        admission.release({task_id, task_id.removesuffix(PROMPT_STAGE_SUFFIX)})
+        ids = {task_id, task_id.removesuffix(PROMPT_STAGE_SUFFIX)}
+        admission.release(runtime.redis, runtime.config.pool_queues(), ids)
     except Exception:
         log.exception("could not release the admission of refused task %s", task_id)
 

@@ -28,7 +28,7 @@ from typing import Any
 import redis
 from kombu.exceptions import KombuError
 
-from omni_tasks.config import get_config
+from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import admission, client, ledger
 from omni_tasks.coordination.client import redacted
 from omni_tasks.errors import BrokerUnavailableError
@@ -41,10 +41,13 @@ UNREACHABLE: tuple[type[BaseException], ...] = (redis.RedisError, KombuError, OS
 
 @dataclass
 class Acceptance:
-    """One request a send is accepting: what `admission.admit` needs, and how far it
-    got. `attempted` is set once the accepting script may have reached Redis (the
-    request may have been accepted even if no reply came); `outcome` holds its reply."""
+    """One request a send is accepting: what `admission.admit` needs (the sender's Redis
+    client and config among it), and how far it got. `attempted` is set once the
+    accepting script may have reached Redis (the request may have been accepted even if
+    no reply came); `outcome` holds its reply."""
 
+    client: redis.Redis
+    config: CoreModuleConfig
     queue: str
     admission_id: str
     enforce: bool = True
@@ -80,6 +83,8 @@ class Acceptance:
         """Run the accepting step, publishing `message` (list, envelope) with it."""
         try:
             self.outcome = admission.admit(
+                self.client,
+                self.config,
                 self.queue,
                 self.admission_id,
                 enforce=self.enforce,
@@ -155,7 +160,7 @@ def send(
     """
     try:
         if on_publish:
-            client.check_reachable()
+            client.check_reachable(acceptance.config.redis_url)
         else:
             acceptance.accept()
     except UNREACHABLE as exc:
@@ -212,7 +217,7 @@ def _undo(acceptance: Acceptance) -> bool:
     if acceptance.outcome is None:
         return True
     with contextlib.suppress(*UNREACHABLE):
-        acceptance.outcome.undo()
+        acceptance.outcome.undo(acceptance.client, acceptance.config.pool_queues())
         return True
     return False
 
@@ -222,10 +227,10 @@ def unavailable(
 ) -> BrokerUnavailableError:
     """The error of a send that could not reach Redis or the broker (the next send
     checks that Redis answers before it publishes: `client.check_reachable`)."""
-    client.failed()
+    config = acceptance.config
+    client.failed(config.redis_url)
     may_be_accepted = acceptance.attempted and not undone
     request_id = acceptance.admission_id
-    config = get_config()
     url = redacted(config.redis_url if isinstance(exc, redis.RedisError) else config.broker)
     if may_be_accepted:
         outcome = (

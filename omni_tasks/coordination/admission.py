@@ -21,15 +21,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from omni_tasks.config import get_config
+import redis
+
+from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import idempotency, keys, ledger
-from omni_tasks.coordination.client import get_redis, get_scripts
+from omni_tasks.coordination.client import scripts_for
 from omni_tasks.coordination.outage import Outage
 from omni_tasks.errors import QueueFullError, RequestConflictError
 
@@ -57,18 +59,21 @@ class Admission:
     repeat: bool = False
     fingerprinted: bool = False
 
-    def undo(self) -> None:
-        """Its publish failed: give the place back, unless an earlier publish holds it,
-        close its ledger entry, so that nothing runs it later, and free its id."""
+    def undo(self, client: redis.Redis, queues: Iterable[str]) -> None:
+        """Its publish failed: give the place back (in the pools of `queues`), unless an
+        earlier publish holds it, close its ledger entry, so that nothing runs it later,
+        and free its id."""
         if self.added:
-            release([self.admission_id])
+            release(client, queues, [self.admission_id])
         if self.recorded:
-            ledger.forget([self.recorded])
+            ledger.forget(client, [self.recorded])
         if self.fingerprinted:
-            idempotency.forget(self.admission_id)
+            idempotency.forget(client, self.admission_id)
 
 
 def admit(
+    client: redis.Redis,
+    config: CoreModuleConfig,
     queue: str,
     admission_id: str,
     *,
@@ -79,7 +84,8 @@ def admit(
     message: tuple[str, str] | None = None,
     events: list[tuple[str, str]] | None = None,
 ) -> Admission:
-    """Count `admission_id` in the pool of `queue`, or raise `QueueFullError`; with
+    """Count `admission_id` in the pool of `queue` (`config`'s limit, `current_limit`),
+    or raise `QueueFullError`; with
     `entry`, record the request in the ledger in the same step (`scripts/admit.lua`),
     and with `message` (a queue's list and kombu's JSON envelope, beside `entry`)
     publish it there too, and its `events` ((channel, payload): the task-sent event).
@@ -93,18 +99,13 @@ def admit(
     """
     if not admission_id:
         raise ValueError("admission_id must not be empty")
-    limit = (current_limit() if enforce else 0) if counted else -1
+    limit = (current_limit(config) if enforce else 0) if counted else -1
+    ttl_s = int(config.result_expires)
     script_keys = [keys.admitted(queue), keys.request_fingerprint(admission_id)]
-    script_args: list[Any] = [
-        admission_id,
-        limit,
-        time.time(),
-        fingerprint or "",
-        idempotency.ttl_s(),
-    ]
+    script_args: list[Any] = [admission_id, limit, time.time(), fingerprint or "", ttl_s]
     if entry is not None:
         script_keys += entry.keys
-        script_args += entry.script_args
+        script_args += entry.script_args(ttl_s)
         if message is not None:
             script_keys.append(message[0])
             script_args.append(message[1])
@@ -112,12 +113,13 @@ def admit(
                 script_args += [topic, payload]
     elif message is not None:
         raise ValueError("a message is published with its ledger entry")
-    status, count = (int(v) for v in get_scripts().admit(keys=script_keys, args=script_args))
+    reply = scripts_for(client).admit(keys=script_keys, args=script_args)
+    status, count = (int(v) for v in reply)
     if status == CONFLICT:
         raise RequestConflictError(admission_id)
     if status == FULL:
         raise QueueFullError(
-            f"pool {pool_name(queue)!r} (queue {queue!r}) is full: {count} requests "
+            f"pool {pool_name(queue, config)!r} (queue {queue!r}) is full: {count} requests "
             f"admitted, max_queue_size={limit}; request {admission_id} not enqueued"
         )
     if status == REPEAT:
@@ -139,7 +141,9 @@ class Asked:
     message: tuple[str, str] | None = None
 
 
-def admit_many(batch: Sequence[Asked]) -> list[Admission]:
+def admit_many(
+    client: redis.Redis, config: CoreModuleConfig, batch: Sequence[Asked]
+) -> list[Admission]:
     """`admit` for every request of `batch` in one step (`scripts/admit_many.lua`): all
     of them are admitted, recorded and published (with their entries and messages), or
     none is. A repeat is an `Admission` with `repeat` set (nothing done for it); a
@@ -154,12 +158,12 @@ def admit_many(batch: Sequence[Asked]) -> list[Admission]:
     if per == 3 and batch[0].message is not None:
         raise ValueError("a message is published with its ledger entry")
     script_keys = [keys.ledger_open()]
-    ttl = get_config().result_expires
-    script_args: list[Any] = [time.time(), idempotency.ttl_s(), ttl, per]
+    ttl_s = int(config.result_expires)
+    script_args: list[Any] = [time.time(), ttl_s, ttl_s, per]
     for asked in batch:
         if not asked.admission_id:
             raise ValueError("admission_id must not be empty")
-        limit = (current_limit() if asked.enforce else 0) if asked.counted else -1
+        limit = (current_limit(config) if asked.enforce else 0) if asked.counted else -1
         script_keys += [keys.admitted(asked.queue), keys.request_fingerprint(asked.admission_id)]
         entry, message = asked.entry, asked.message
         if entry is not None:
@@ -168,8 +172,8 @@ def admit_many(batch: Sequence[Asked]) -> list[Admission]:
             script_keys.append(message[0])
         script_args += [asked.admission_id, limit, asked.fingerprint or ""]
         script_args += _entry_args(entry) + [message[1] if message else ""]
-    reply = [int(v) for v in get_scripts().admit_many(keys=script_keys, args=script_args)]
-    return _admitted_batch(batch, reply)
+    found = scripts_for(client).admit_many(keys=script_keys, args=script_args)
+    return _admitted_batch(config, batch, [int(v) for v in found])
 
 
 def _entry_args(entry: ledger.Entry | None) -> list[Any]:
@@ -179,7 +183,9 @@ def _entry_args(entry: ledger.Entry | None) -> list[Any]:
     return [entry.task_id, entry.task, entry.args, entry.kwargs, entry.options]
 
 
-def _admitted_batch(batch: Sequence[Asked], reply: list[int]) -> list[Admission]:
+def _admitted_batch(
+    config: CoreModuleConfig, batch: Sequence[Asked], reply: list[int]
+) -> list[Admission]:
     """The admissions of an accepted batch, or the error of a refused one."""
     if reply[0] == CONFLICT:
         raise RequestConflictError(batch[reply[1] - 1].admission_id)
@@ -187,8 +193,8 @@ def _admitted_batch(batch: Sequence[Asked], reply: list[int]) -> list[Admission]
         index, size, adding = reply[1:4]
         queue = batch[index - 1].queue
         raise QueueFullError(
-            f"pool {pool_name(queue)!r} (queue {queue!r}) is full: {size} requests "
-            f"admitted, max_queue_size={current_limit()}, and the batch adds {adding}; "
+            f"pool {pool_name(queue, config)!r} (queue {queue!r}) is full: {size} requests "
+            f"admitted, max_queue_size={current_limit(config)}, and the batch adds {adding}; "
             f"none of its {len(batch)} requests enqueued"
         )
     found = []
@@ -206,16 +212,16 @@ def _admitted_batch(batch: Sequence[Asked], reply: list[int]) -> list[Admission]
     return found
 
 
-def undo_many(admissions: Iterable[Admission]) -> None:
+def undo_many(client: redis.Redis, queues: Iterable[str], admissions: Iterable[Admission]) -> None:
     """A batch whose publish failed: give back what each admission took
-    (`Admission.undo`), in one round trip."""
+    (`Admission.undo`; the pools of `queues`), in one round trip."""
     done = [a for a in admissions if not a.repeat]
     added = [a.admission_id for a in done if a.added]
     recorded = [a.recorded for a in done if a.recorded]
     fingerprinted = [keys.request_fingerprint(a.admission_id) for a in done if a.fingerprinted]
-    pipe = get_redis().pipeline(transaction=False)
+    pipe = client.pipeline(transaction=False)
     if added:
-        for name in pool_sets():
+        for name in pool_sets(queues):
             pipe.zrem(name, *added)
     if recorded:
         pipe.zrem(keys.ledger_open(), *recorded)
@@ -225,45 +231,42 @@ def undo_many(admissions: Iterable[Admission]) -> None:
     pipe.execute()
 
 
-def release(admission_ids: Iterable[str]) -> None:
-    """The requests ended: they leave every pool's count (idempotent)."""
+def release(client: redis.Redis, queues: Iterable[str], admission_ids: Iterable[str]) -> None:
+    """The requests ended: they leave the count of every pool of `queues` (the config's
+    `pool_queues()`; idempotent)."""
     ids = [i for i in admission_ids if i]
     if not ids:
         return
-    pipe = get_redis().pipeline(transaction=False)
-    for name in pool_sets():
+    pipe = client.pipeline(transaction=False)
+    for name in pool_sets(queues):
         pipe.zrem(name, *ids)
     pipe.execute()
 
 
-def count(queue: str) -> int:
+def count(client: redis.Redis, queue: str) -> int:
     """How many requests the pool of `queue` holds admitted."""
-    return int(get_redis().zcard(keys.admitted(queue)))
+    return int(client.zcard(keys.admitted(queue)))
 
 
-def admitted_before(queue: str, before: float, limit: int = 1000) -> list[str]:
+def admitted_before(client: redis.Redis, queue: str, before: float, limit: int = 1000) -> list[str]:
     """Ids admitted to the pool of `queue` before `before` (oldest first)."""
-    return list(get_redis().zrangebyscore(keys.admitted(queue), "-inf", before, 0, limit))
+    return list(client.zrangebyscore(keys.admitted(queue), "-inf", before, 0, limit))
 
 
-def pool_queues() -> tuple[str, ...]:
-    return tuple(get_config().pool_queues())
+def pool_sets(queues: Iterable[str]) -> list[str]:
+    return [keys.admitted(q) for q in queues]
 
 
-def pool_sets() -> list[str]:
-    return [keys.admitted(q) for q in pool_queues()]
-
-
-def pool_name(queue: str) -> str:
+def pool_name(queue: str, config: CoreModuleConfig) -> str:
     """'ar', 'diffusion' or 'speech' for a pool's queue; the queue itself otherwise."""
-    named = {pool.queue: name for name, pool in get_config().pools_by_name().items()}
+    named = {pool.queue: name for name, pool in config.pools_by_name().items()}
     return named.get(queue, queue)
 
 
-def current_limit() -> int:
-    """The limit for this context: a scheduler's own, else the config's."""
+def current_limit(config: CoreModuleConfig) -> int:
+    """The limit for this context: a scheduler's own, else `config`'s."""
     override = _limit.get()
-    return override if override is not None else get_config().scheduler.max_queue_size
+    return override if override is not None else config.scheduler.max_queue_size
 
 
 @contextmanager
@@ -306,10 +309,12 @@ class ReleaseBatch:
     A release per finished task is on the hot path of every task; batching keeps that
     path free of Redis and holds a place at most `interval_s` longer. A failed flush
     keeps the ids for the next one; `flush()` on shutdown sends what is left (and the
-    reaper reconciles anything a dead worker never sent).
+    reaper reconciles anything a dead worker never sent). `release` sends a set of ids
+    (`release` with the worker's client and pool queues).
     """
 
-    def __init__(self, interval_s: float = 0.25) -> None:
+    def __init__(self, release: Callable[[set[str]], None], interval_s: float = 0.25) -> None:
+        self.release = release
         self.interval_s = interval_s
         self._lock = threading.Lock()
         self._pending: set[str] = set()
@@ -330,7 +335,7 @@ class ReleaseBatch:
             ids, self._pending = self._pending, set()
         if not ids:
             return
-        if not self._outage.run(release, ids):  # kept for the next flush
+        if not self._outage.run(self.release, ids):  # kept for the next flush
             with self._lock:
                 self._pending |= ids
 

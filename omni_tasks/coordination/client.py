@@ -72,6 +72,19 @@ class _Connections:
                 self._by_url[url] = found
             return found
 
+    def scripts_for(self, client: redis.Redis) -> Scripts:
+        """The scripts registered on `client`: the kept ones of a client this process
+        made (`get`), else registered now and kept with the client."""
+        with self._lock:
+            for found in self._by_url.values():
+                if found.client is client:
+                    return found.scripts
+        kept = getattr(client, "_omni_scripts", None)
+        if kept is None:
+            kept = Scripts(client)
+            client._omni_scripts = kept  # type: ignore[attr-defined]
+        return kept
+
 
 _connections = _Connections()
 
@@ -167,6 +180,11 @@ def get_redis(url: str | None = None) -> redis.Redis:
 def get_scripts(url: str | None = None) -> Scripts:
     """The Lua scripts, registered on `get_redis(url)`."""
     return _connection(url).scripts
+
+
+def scripts_for(client: redis.Redis) -> Scripts:
+    """The Lua scripts, registered on `client` (once per client)."""
+    return _connections.scripts_for(client)
 
 
 def check_reachable(url: str | None = None) -> None:

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from omni_tasks.config import get_config
+import redis
+
 from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import get_redis
 
 #: Message header of a request an omni-tasks producer accepted (its id checked): the
 #: worker does not check it again.
@@ -36,17 +36,13 @@ ACCEPTED_HEADER = "omni_accepted"
 Claim = Literal["new", "repeat", "conflict"]
 
 
-def ttl_s() -> int:
-    """How long an id's fingerprint is kept: as long as results (`result_expires`)."""
-    return int(get_config().result_expires)
-
-
-def claim(request_id: str, fingerprint: str) -> Claim:
-    """Record `fingerprint` under `request_id` unless one is there (one round trip):
-    "new" when it was not, "repeat" when the same one is, "conflict" otherwise."""
+def claim(client: redis.Redis, request_id: str, fingerprint: str, ttl_s: int) -> Claim:
+    """Record `fingerprint` under `request_id` unless one is there (one round trip), kept
+    `ttl_s` (as long as results: `result_expires`): "new" when it was not, "repeat" when
+    the same one is, "conflict" otherwise."""
     key = keys.request_fingerprint(request_id)
-    pipe = get_redis().pipeline(transaction=True)
-    pipe.set(key, fingerprint, nx=True, ex=ttl_s())
+    pipe = client.pipeline(transaction=True)
+    pipe.set(key, fingerprint, nx=True, ex=int(ttl_s))
     pipe.get(key)
     created, found = pipe.execute()
     if created:
@@ -54,6 +50,6 @@ def claim(request_id: str, fingerprint: str) -> Claim:
     return "repeat" if found == fingerprint else "conflict"
 
 
-def forget(request_id: str) -> None:
+def forget(client: redis.Redis, request_id: str) -> None:
     """The request was never published (its publish failed): its id is free again."""
-    get_redis().delete(keys.request_fingerprint(request_id))
+    client.delete(keys.request_fingerprint(request_id))

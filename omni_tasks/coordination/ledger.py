@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from omni_tasks.config import get_config
+import redis
+
 from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import get_redis
 
 #: Message header of a request published again: the worker checks it is not done yet.
 REPUBLISHED_HEADER = "omni_republished"
@@ -58,11 +58,9 @@ class Entry:
     def keys(self) -> list[str]:
         return [keys.ledger(self.task_id), keys.ledger_open()]
 
-    @property
-    def script_args(self) -> list[Any]:
-        """ARGV[6..11] of `scripts/admit.lua`."""
-        ttl = get_config().result_expires
-        return [self.task_id, ttl, self.task, self.args, self.kwargs, self.options]
+    def script_args(self, ttl_s: int) -> list[Any]:
+        """ARGV[6..11] of `scripts/admit.lua` (the entry kept `ttl_s`: `result_expires`)."""
+        return [self.task_id, ttl_s, self.task, self.args, self.kwargs, self.options]
 
 
 def prepare(task: str, task_id: str, args: Any, kwargs: dict[str, Any], options: dict) -> Entry:
@@ -76,37 +74,37 @@ def prepare(task: str, task_id: str, args: Any, kwargs: dict[str, Any], options:
     )
 
 
-def record(task: str, task_id: str, args: Any, kwargs: dict[str, Any], options: dict) -> None:
-    """Record an accepted request on its own (`admission.admit` records it together
-    with its admission on the send path)."""
-    found = prepare(task, task_id, args, kwargs, options)
+def record(client: redis.Redis, found: Entry, ttl_s: int) -> None:
+    """Record an accepted request (`prepare`) on its own, kept `ttl_s` (`result_expires`;
+    `admission.admit` records it together with its admission on the send path)."""
+    task_id = found.task_id
     fields = {"task": found.task, "args": found.args, "kwargs": found.kwargs}
-    pipe = get_redis().pipeline(transaction=True)
+    pipe = client.pipeline(transaction=True)
     pipe.hset(keys.ledger(task_id), mapping={**fields, "options": found.options})
-    pipe.expire(keys.ledger(task_id), get_config().result_expires)
+    pipe.expire(keys.ledger(task_id), ttl_s)
     pipe.zadd(keys.ledger_open(), {task_id: time.time()})
     pipe.execute()
 
 
-def forget(task_ids: Iterable[str]) -> None:
+def forget(client: redis.Redis, task_ids: Iterable[str]) -> None:
     """Close requests whose result is final (or whose publish failed)."""
     ids = list(task_ids)
     if not ids:
         return
-    pipe = get_redis().pipeline(transaction=False)
+    pipe = client.pipeline(transaction=False)
     pipe.zrem(keys.ledger_open(), *ids)
     pipe.delete(*(keys.ledger(i) for i in ids))
     pipe.execute()
 
 
-def open_since(before: float, limit: int = 500) -> list[str]:
+def open_since(client: redis.Redis, before: float, limit: int = 500) -> list[str]:
     """Ids of open requests last published before `before` (oldest first)."""
-    return list(get_redis().zrangebyscore(keys.ledger_open(), "-inf", before, 0, limit))
+    return list(client.zrangebyscore(keys.ledger_open(), "-inf", before, 0, limit))
 
 
-def entry(task_id: str) -> dict[str, Any] | None:
+def entry(client: redis.Redis, task_id: str) -> dict[str, Any] | None:
     """What it takes to publish a request again: task, args, kwargs, options."""
-    raw = get_redis().hgetall(keys.ledger(task_id))
+    raw = client.hgetall(keys.ledger(task_id))
     if not raw:
         return None
     options = json.loads(raw["options"])
@@ -120,9 +118,9 @@ def entry(task_id: str) -> dict[str, Any] | None:
     }
 
 
-def touch(task_id: str) -> None:
+def touch(client: redis.Redis, task_id: str) -> None:
     """A request published again: its grace period starts over."""
-    get_redis().zadd(keys.ledger_open(), {task_id: time.time()}, xx=True)
+    client.zadd(keys.ledger_open(), {task_id: time.time()}, xx=True)
 
 
 def _jsonable(options: dict) -> dict[str, Any]:

@@ -20,11 +20,12 @@ from typing import Any
 
 from celery import Task
 
-from omni_tasks.config import Registries, get_config
+from omni_tasks.config import Registries
 from omni_tasks.errors import ProcessingError, RequestValidationError
 from omni_tasks.model_registry import check_model
 from omni_tasks.requests import OmniRequest, RequestType, Stage, request_from_task_kwargs
 from omni_tasks.tasks import sending
+from omni_tasks.tasks.context import ProducerContext, producer_context
 
 #: Why positional args are refused (`RequestValidationError`, field "args").
 POSITIONAL_REFUSED = "positional args are refused: pass the fields as keyword arguments (kwargs)"
@@ -64,7 +65,7 @@ class OmniTask(Task):
             raise RequestValidationError("kwargs", "request fields must be keyword arguments")
         if task_id:
             kwargs = with_request_id(kwargs, task_id.removesuffix(self.id_suffix))
-        config = get_config()
+        config = self.omni_context.config
         registries = Registries.from_config(config)
         request = request_from_task_kwargs(self.request_type_for(kwargs), kwargs, registries)
         check_model(request, config)
@@ -92,7 +93,7 @@ class OmniTask(Task):
         """Enqueue a validated request as this task's message (its id is the task id)
         through the send path (`sending.send`): accepted and published, all or nothing.
         A repeat of a request accepted before is not published: its result is returned."""
-        message = sending.publish_options(request, options)
+        message = sending.publish_options(request, options, self.omni_context.config)
         task_id = task_id or request.request_id
         return sending.send(
             self,
@@ -117,7 +118,12 @@ class OmniTask(Task):
 
         Not Celery's `Task.queue`, which would override the router for every message.
         """
-        return get_config().pool_for(self.stage).queue
+        return self.omni_context.config.pool_for(self.stage).queue
+
+    @property
+    def omni_context(self) -> ProducerContext:
+        """The config and Redis client this task sends with: its app's."""
+        return producer_context(self.app)
 
     def run_on_worker(
         self,

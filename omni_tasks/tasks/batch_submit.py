@@ -33,7 +33,6 @@ import redis
 from celery.result import AsyncResult, GroupResult
 from vine import barrier
 
-from omni_tasks.config import get_config
 from omni_tasks.coordination import acceptance, admission, client
 from omni_tasks.coordination.client import redacted
 from omni_tasks.errors import BrokerUnavailableError, RequestConflictError, RequestValidationError
@@ -148,7 +147,7 @@ def submit_many(
     if app.conf.task_always_eager:
         for item in items:
             item.result = item.task.send(item.request, None, item.request.request_id, dict(options))
-    elif items and accepts_on_publish():
+    elif items and accepts_on_publish(app.omni.config):
         accept_and_publish(items)
     elif items:
         accept_then_publish(items)
@@ -210,7 +209,7 @@ def item_for(request: OmniRequest, task: OmniTask, options: dict[str, Any]) -> I
             "request_type", f"{task.name} does not take {request.request_type.value} requests"
         )
     opts = dict(options)
-    kwargs = sending.publish_options(built, opts)
+    kwargs = sending.publish_options(built, opts, task.omni_context.config)
     accepting = sending.accepting(task, None, kwargs, task_id, opts, built)
     return Item(task, built, kwargs, opts, accepting)
 
@@ -220,7 +219,7 @@ def accept_and_publish(items: list[Item]) -> None:
     publish them all in one step; the `task-sent` events follow."""
     events = SentEvents()
     try:
-        client.check_reachable()
+        client.check_reachable(items[0].accepting.config.redis_url)
         with app.producer_or_acquire() as producer:
             for item in items:
                 collected = Collected(**vars(item.accepting))
@@ -248,7 +247,7 @@ def accept_then_publish(items: list[Item]) -> None:
                     with acceptance.holding(replace(item.accepting, outcome=done)):
                         item.result = publish(item, producer)
     except BaseException as exc:
-        undone = undo(admitted)
+        undone = undo(items, admitted)
         if isinstance(exc, acceptance.UNREACHABLE):
             raise unavailable(items, exc, attempted=not undone) from exc
         raise
@@ -275,8 +274,9 @@ def accept(items: list[Item], *, with_messages: bool) -> list[admission.Admissio
         for item in items
         for a in (item.accepting,)
     ]
+    first = items[0].accepting
     try:
-        return admission.admit_many(batch)
+        return admission.admit_many(first.client, first.config, batch)
     except acceptance.UNREACHABLE as exc:
         raise unavailable(items, exc, attempted=not acceptance.refused_at_connect(exc)) from exc
 
@@ -312,10 +312,11 @@ def batched(producer: Any) -> Iterator[None]:
         yield
 
 
-def undo(admitted: list[admission.Admission]) -> bool:
+def undo(items: list[Item], admitted: list[admission.Admission]) -> bool:
     """Give back what the batch's acceptance took; whether that worked."""
+    first = items[0].accepting
     try:
-        admission.undo_many(admitted)
+        admission.undo_many(first.client, first.config.pool_queues(), admitted)
     except acceptance.UNREACHABLE:
         return False
     return True
@@ -323,9 +324,9 @@ def undo(admitted: list[admission.Admission]) -> bool:
 
 def unavailable(items: list[Item], exc: BaseException, *, attempted: bool) -> Exception:
     """The error of a batch that could not reach Redis or the broker."""
-    client.failed()
+    config = items[0].accepting.config
+    client.failed(config.redis_url)
     first = items[0].request.request_id
-    config = get_config()
     url = redacted(config.redis_url if isinstance(exc, redis.RedisError) else config.broker)
     if attempted:
         outcome = (

@@ -29,6 +29,7 @@ from omni_tasks.coordination.client import CONNECT_TIMEOUT_S, with_tls_defaults
 from omni_tasks.coordination.keys import PRIORITY_SEP, PRIORITY_STEPS
 from omni_tasks.tasks import sending, transport
 from omni_tasks.tasks.base import OmniTask
+from omni_tasks.tasks.context import ProducerContext
 from omni_tasks.tasks.result_backend import omni_result_backend
 from omni_tasks.tasks.worker_settings import queues_from_argv, worker_settings
 
@@ -198,7 +199,12 @@ class OmniCelery(Celery):
     bypasses `OmniTask.apply_async`, and the `before_task_publish` signal cannot refuse
     a publish (Celery logs and swallows what its receivers raise). Its Redis result
     backend subscribes to a result when a caller waits for it, and stores a state in
-    one round trip (`result_backend`)."""
+    one round trip (`result_backend`). It carries the producer side's context (`omni`):
+    the config and the Redis client its tasks send with."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.omni = ProducerContext()
 
     def send_task(self, name: str, *args: Any, **options: Any) -> Any:
         """An omni-tasks task's message goes through the send path

@@ -7,7 +7,6 @@ from typing import Any
 from celery.result import AsyncResult
 
 from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import get_redis
 from omni_tasks.requests import OmniRequest, RequestType
 from omni_tasks.scheduling.policies import SchedulingPolicy, first_stage
 from omni_tasks.tasks.celery_app import app
@@ -39,7 +38,7 @@ def cancel(request_id: str, request_type: RequestType | None = None) -> None:
     """Revoke a request: running workers drop it, and a flag in Redis makes workers
     started later skip it too (Celery's revoke list lives only in live workers)."""
     ids = task_ids_of(request_id, request_type)
-    pipe = get_redis().pipeline(transaction=True)
+    pipe = app.omni.redis.pipeline(transaction=True)
     for task_id in ids:
         pipe.set(keys.revoked(task_id), 1, ex=REVOKE_TTL_S)
     pipe.execute()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from omni_tasks.config import CoreModuleConfig, get_config
+from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import cache_directory, keys
 from omni_tasks.model_registry import dit_model
 from omni_tasks.requests import OmniRequest, Stage
@@ -26,14 +26,15 @@ log = logging.getLogger(__name__)
 class OmniRouter:
     """Routes omni-tasks tasks by request; leaves other tasks to Celery's defaults.
 
-    Keeps the policy of the current config, rebuilt only when the config object changes.
+    Keeps the policy of the sending app's config, rebuilt only when that config object
+    changes.
     """
 
     def __init__(self) -> None:
         self._policy: tuple[CoreModuleConfig, SchedulingPolicy] | None = None
 
-    def current_policy(self) -> SchedulingPolicy:
-        config = get_config()
+    def current_policy(self, config: CoreModuleConfig) -> SchedulingPolicy:
+        """The policy of `config` (the sending task's app's)."""
         if self._policy is None or self._policy[0] is not config:
             self._policy = (config, create_policy(config))
         return self._policy[1]
@@ -54,7 +55,8 @@ class OmniRouter:
         # The request a send validated the message into, else validate it now
         # (RequestValidationError: nothing sent).
         request = request_being_sent(kwargs) or task.build_request(kwargs or {})
-        route = resolve_route(request, task.stage, self.current_policy())
+        policy = self.current_policy(task.omni_context.config)
+        route = resolve_route(request, task.stage, policy)
         return {"queue": route.queue, "priority": route.level}
 
 

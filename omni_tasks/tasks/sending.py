@@ -27,9 +27,10 @@ from typing import Any, Protocol
 from celery import Task
 from celery._state import get_current_worker_task
 
-from omni_tasks.config import get_config
+from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import acceptance, admission, idempotency, ledger
 from omni_tasks.requests import OmniRequest
+from omni_tasks.tasks.context import ProducerContext
 from omni_tasks.tasks.transport import accepts_on_publish
 
 #: Longest `kwargsrepr` (what Flower and the logs show of a message), as Celery's own.
@@ -49,6 +50,9 @@ class Sender(Protocol):
 
     @property
     def stage_queue(self) -> str: ...
+
+    @property
+    def omni_context(self) -> ProducerContext: ...
 
     def request_for_send(
         self, args: Any, kwargs: dict[str, Any], task_id: str | None
@@ -96,7 +100,10 @@ def send(
     accepted_as = accepting(task, args, message, task_id, options, request)
     with sending(message, request):
         return acceptance.send(
-            accepted_as, publish, task.repeat_result, on_publish=accepts_on_publish()
+            accepted_as,
+            publish,
+            task.repeat_result,
+            on_publish=accepts_on_publish(task.omni_context.config),
         )
 
 
@@ -115,7 +122,7 @@ def send_by_name(
         message = call_kwargs or {}
     else:
         request = task.request_for_send(call_args, call_kwargs or {}, task_id)
-        message = publish_options(request, options)
+        message = publish_options(request, options, task.omni_context.config)
     return send(
         task,
         request,
@@ -159,10 +166,13 @@ def accepting(
     admitted = headers.get(ledger.REPUBLISHED_HEADER) or headers.get(idempotency.ACCEPTED_HEADER)
     enforce = not admitted and get_current_worker_task() is None
     checked = enforce and not task.takes_previous_result
+    context = task.omni_context
     entry = None
-    if get_config().broker_is_redis:
+    if context.config.broker_is_redis:
         entry = ledger.prepare(task.name, task_id, args, message, options)
     accepted_as = acceptance.Acceptance(
+        context.redis,
+        context.config,
         task.stage_queue,
         admission.final_task_id(task_id, options),
         enforce=enforce,
@@ -185,21 +195,24 @@ def kwargs_repr(message: dict[str, Any]) -> str:
     return json.dumps(shown)[:KWARGSREPR_MAX_CHARS]
 
 
-def publish_options(request: OmniRequest, options: dict[str, Any]) -> dict[str, Any]:
-    """Set what Flower shows of the message and when it expires in `options`; returns
-    the message (the task's kwargs)."""
+def publish_options(
+    request: OmniRequest, options: dict[str, Any], config: CoreModuleConfig
+) -> dict[str, Any]:
+    """Set what Flower shows of the message and when it expires (under `config`'s cap)
+    in `options`; returns the message (the task's kwargs)."""
     message = request.to_message()
     options.setdefault("kwargsrepr", kwargs_repr(message))
-    deadline = request_deadline(request)
+    deadline = request_deadline(request, config.request_time_cap_s)
     if deadline is not None:
         options.setdefault("expires", datetime.fromtimestamp(deadline, timezone.utc))
     return message
 
 
-def request_deadline(request: OmniRequest) -> float | None:
+def request_deadline(request: OmniRequest, cap_s: float) -> float | None:
     """When a request with a `timeout_s` stops being worth running: its creation plus
-    its timeout (capped by the config). Its message expires then, so a worker never
-    starts it late; None for a request without a timeout."""
+    its timeout, at most `cap_s` (the config's `request_time_cap_s`). Its message
+    expires then, so a worker never starts it late; None for a request without a
+    timeout."""
     if request.timeout_s is None:
         return None
-    return request.created_at + min(request.timeout_s, get_config().request_time_cap_s)
+    return request.created_at + min(request.timeout_s, cap_s)

@@ -35,7 +35,7 @@ from kombu.transport import TRANSPORT_ALIASES, get_transport_cls, redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps
 
-from omni_tasks.config import get_config
+from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.coordination import acceptance, keys
 from omni_tasks.model_registry import model_queues
 
@@ -211,10 +211,9 @@ class OmniConnection(Connection):
         return info
 
 
-def accepts_on_publish() -> bool:
+def accepts_on_publish(config: CoreModuleConfig) -> bool:
     """Whether a send's acceptance rides on its publish (`OmniRedisChannel._put`): the
-    broker is the coordination Redis, reached through this module's transport."""
-    config = get_config()
+    broker is `config`'s coordination Redis, reached through this module's transport."""
     return config.broker == config.redis_url and kept_transport(config.broker) is not None
 
 

@@ -23,6 +23,7 @@ import pytest
 from conftest import clean_redis, start_ready_workers
 from helpers import DIT_QUEUE, eventually, publish_raw
 
+from omni_tasks.config import get_config
 from omni_tasks.coordination import admission, keys
 from omni_tasks.coordination.client import get_redis
 
@@ -89,6 +90,10 @@ def _queued(queue: str) -> int:
     return sum(client.llen(k) for k in keys.queue_keys(queue))
 
 
+def _admitted(queue: str) -> int:
+    return admission.count(get_redis(), queue)
+
+
 def _race() -> list[dict]:
     import os
 
@@ -149,7 +154,7 @@ def test_racing_producers_never_exceed_the_limit_and_every_accepted_request_comp
     assert len(accepted) == LIMIT  # never more, and the pool fills up
     assert len(set(accepted)) == LIMIT
     assert _queued("ar") == LIMIT  # a refused request was not enqueued
-    assert admission.count("ar") == LIMIT
+    assert _admitted("ar") == LIMIT
     assert all("pool 'ar'" in r and f"max_queue_size={LIMIT}" in r for r in refused)
     print(f"race: {len(accepted)} accepted, {len(refused)} refused, limit {LIMIT}")
 
@@ -157,7 +162,7 @@ def test_racing_producers_never_exceed_the_limit_and_every_accepted_request_comp
     results = [app.AsyncResult(task_id) for task_id in accepted]
     assert all(isinstance(r.get(120), dict) for r in results)
     assert {r.state for r in results} == {"SUCCESS"}
-    assert eventually(lambda: admission.count("ar") == 0, timeout_s=15)
+    assert eventually(lambda: _admitted("ar") == 0, timeout_s=15)
 
 
 def test_the_count_is_released_on_every_outcome(ar_worker) -> None:
@@ -169,7 +174,7 @@ def test_the_count_is_released_on_every_outcome(ar_worker) -> None:
     # Admitted as their producers did, then published past the producer's checks.
     failed_id, refused_id = (f"{kind}-{uuid.uuid4().hex[:8]}" for kind in ("bad", "refused"))
     for task_id in (failed_id, refused_id):
-        admission.admit("ar", task_id)
+        admission.admit(get_redis(), get_config(), "ar", task_id)
     publish_raw("omni_tasks.probe", {"prompt": 5}, "ar", task_id=failed_id)  # fails there
     _push_malformed("omni_tasks.probe", refused_id)  # refused by the worker's consumer
     cancelled = probe.apply_async(kwargs={"prompt": "cancelled"}, countdown=2)
@@ -181,7 +186,7 @@ def test_the_count_is_released_on_every_outcome(ar_worker) -> None:
         for r in map(app.AsyncResult, (failed_id, cancelled.id, expired.id, refused_id))
     }
     assert list(states.values()) == ["FAILURE", "REVOKED", "REVOKED", "FAILURE"]
-    assert eventually(lambda: admission.count("ar") == 0, timeout_s=15)
+    assert eventually(lambda: _admitted("ar") == 0, timeout_s=15)
 
 
 def test_a_chain_keeps_its_one_place_while_its_later_stage_waits(ar_worker) -> None:
@@ -192,7 +197,7 @@ def test_a_chain_keeps_its_one_place_while_its_later_stage_waits(ar_worker) -> N
     result = generate_multimodal.delay(prompt="a cat", max_tokens=4)
     app.AsyncResult(result.id + ".prompt").get(60)
     assert eventually(lambda: _queued(DIT_QUEUE) == 1, timeout_s=10)
-    assert (admission.count("ar"), admission.count("diffusion")) == (1, 0)
+    assert (_admitted("ar"), _admitted("diffusion")) == (1, 0)
     cancel(result.id)
 
 
@@ -203,7 +208,7 @@ def test_a_killed_workers_admitted_requests_are_released_once_they_complete(
     from omni_tasks.tasks.celery_app import app
 
     main = ar_worker()
-    before = admission.count("ar")  # what earlier tests left waiting for other pools
+    before = _admitted("ar")  # what earlier tests left waiting for other pools
     victim = start_ready_workers(["ar"], run_dir / "logs", env=ENV, name="victim")[0]
     app.control.cancel_consumer("ar", destination=[main.hostname], reply=True)
     try:
@@ -211,25 +216,26 @@ def test_a_killed_workers_admitted_requests_are_released_once_they_complete(
         eventually(lambda: results[0].state in ("STARTED", "PROGRESS"), timeout_s=30)
         victim.proc.send_signal(signal.SIGKILL)
         victim.proc.wait()
-        assert admission.count("ar") == before + 3
+        assert _admitted("ar") == before + 3
     finally:
         app.control.add_consumer("ar", destination=[main.hostname], reply=True)
     assert [r.get(120)["request_id"] for r in results] == [r.id for r in results]
-    assert eventually(lambda: admission.count("ar") == before, timeout_s=15)
+    assert eventually(lambda: _admitted("ar") == before, timeout_s=15)
 
 
 def test_the_reaper_reconciles_admissions_nothing_will_release(ar_worker, use_config) -> None:
     from dataclasses import replace
 
-    from omni_tasks.config import get_config
     from omni_tasks.tasks import app, probe
     from workers.lifecycle.reaper import Reaper
 
     ar_worker()
     finished, vanished = (f"{kind}-{uuid.uuid4().hex[:8]}" for kind in ("done", "gone"))
     app.backend.mark_as_done(finished, {"request_id": finished})  # its release was lost
-    admission.admit("ar", finished)
-    admission.admit("ar", vanished)  # no message, no ledger entry, no result anywhere
+    admission.admit(get_redis(), get_config(), "ar", finished)
+    admission.admit(
+        get_redis(), get_config(), "ar", vanished
+    )  # no message, no ledger entry, no result anywhere
     waiting = probe.apply_async(kwargs={"prompt": "later"}, countdown=30)  # open, not done
     use_config(replace(get_config(), ledger_grace_s=0.01))
     time.sleep(0.05)  # past the grace

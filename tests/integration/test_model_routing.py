@@ -130,7 +130,7 @@ def test_a_message_in_another_models_queue_is_passed_on(cluster) -> None:
     value = sent.get(TIMEOUT)
     assert value["model"] == QWEN and ran_on(sent.id) == cluster[QWEN].hostname
     # Its ledger entry (what the reaper would publish again) follows it, same priority.
-    options = ledger.entry(sent.id)["options"]
+    options = ledger.entry(get_redis(), sent.id)["options"]
     assert (options["queue"], options["priority"]) == ("diffusion.tiny-qwen-image", 3)
 
 

@@ -18,6 +18,7 @@ import pytest
 from conftest import clean_redis, start_ready_workers
 from helpers import eventually
 
+from omni_tasks.config import get_config
 from omni_tasks.coordination import keys, ledger
 from omni_tasks.coordination.client import get_redis
 
@@ -49,10 +50,10 @@ def test_send_records_the_request_and_a_final_result_closes_it(two_workers) -> N
     from omni_tasks import generate_text
 
     result = generate_text.delay(prompt="ledger", max_tokens=4)
-    assert ledger.entry(result.id)["kwargs"]["prompt"] == "ledger"
+    assert ledger.entry(get_redis(), result.id)["kwargs"]["prompt"] == "ledger"
     result.get(120)
-    eventually(lambda: result.id not in ledger.open_since(time.time()), timeout_s=15)
-    assert ledger.entry(result.id) is None
+    eventually(lambda: result.id not in ledger.open_since(get_redis(), time.time()), timeout_s=15)
+    assert ledger.entry(get_redis(), result.id) is None
 
 
 def test_a_request_lost_after_it_was_accepted_is_published_again(two_workers) -> None:
@@ -61,7 +62,8 @@ def test_a_request_lost_after_it_was_accepted_is_published_again(two_workers) ->
     # The state kombu's BRPOP race leaves: accepted (in the ledger), message nowhere.
     task_id = f"lost-{uuid.uuid4().hex[:8]}"
     message = {"prompt": "lost", "max_tokens": 4, "request_id": task_id}
-    ledger.record("omni_tasks.generate_text", task_id, [], message, {})
+    entry = ledger.prepare("omni_tasks.generate_text", task_id, [], message, {})
+    ledger.record(get_redis(), entry, get_config().result_expires)
     before = _stats("recovered")
     value = app.AsyncResult(task_id).get(60)
     assert value["request_id"] == task_id

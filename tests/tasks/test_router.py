@@ -126,14 +126,14 @@ def test_router_leaves_other_tasks_to_celery() -> None:
 
 def test_router_follows_the_current_config(use_config) -> None:
     router = OmniRouter()
-    first = router.current_policy()
-    assert router.current_policy() is first  # kept while the config object is the same
+    first = router.current_policy(get_config())
+    assert router.current_policy(get_config()) is first  # kept while the config object is the same
     assert first.scheduler_type is get_config().scheduler.scheduler_type
     config = get_config()
     use_config(
         replace(config, scheduler=replace(config.scheduler, scheduler_type=SchedulerType.FIFO))
     )
-    assert router.current_policy().scheduler_type is SchedulerType.FIFO
+    assert router.current_policy(get_config()).scheduler_type is SchedulerType.FIFO
     route = router("omni_tasks.generate_text", (), {"prompt": "x", "priority": "low"}, {})
     assert route == {"queue": "ar", "priority": 0}
 

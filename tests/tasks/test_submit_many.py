@@ -28,6 +28,7 @@ from omni_tasks import (
     create_multimodal_request,
     create_text_request,
     generate_text,
+    get_config,
     submit,
     submit_many,
 )
@@ -92,7 +93,7 @@ def test_each_request_keeps_its_id_route_and_deadline(redis_client) -> None:
         )
     for message in all_messages(redis_client):
         request = next(r for r in requests if r.request_id == message["headers"]["id"])
-        deadline = request_deadline(request)
+        deadline = request_deadline(request, get_config().request_time_cap_s)
         expires = message["headers"]["expires"]
         if deadline is None:
             assert expires is None
@@ -119,7 +120,7 @@ def test_a_message_is_the_one_submit_sends(redis_client, kind: str) -> None:
         clean_redis()
         send()
         (message,) = all_messages(redis_client)
-        entry = ledger.entry(request.request_id)
+        entry = ledger.entry(redis_client, request.request_id)
         return without_volatile(message), entry, set(redis_client.keys("omni:*"))
 
     batch = sent(lambda: submit_many([request]))
@@ -211,7 +212,7 @@ def test_with_another_broker_a_failed_publish_gives_the_acceptance_back(
 ) -> None:
     """The accept-first path (any broker but the coordination Redis), here on the same
     Redis: accepted in one round trip, published in one pipeline, undone on failure."""
-    monkeypatch.setattr(batch_submit, "accepts_on_publish", lambda: False)
+    monkeypatch.setattr(batch_submit, "accepts_on_publish", lambda config: False)
     group = submit_many(mixed(3))
     assert [where(redis_client, r.id)[1] for r in group.results] == [0, 6, 9]
     assert all(m["headers"][ACCEPTED_HEADER] for m in all_messages(redis_client))

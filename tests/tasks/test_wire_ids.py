@@ -44,7 +44,7 @@ def test_the_same_request_under_a_used_id_publishes_nothing(redis_client) -> Non
     again = generate_text.delay(prompt="hello", request_id="r-same", max_tokens=4)
     assert first.id == again.id == "r-same"
     assert ids(redis_client) == ["r-same"]
-    assert admission.count("ar") == 1
+    assert admission.count(redis_client, "ar") == 1
     # The message carries the producer's mark: the worker does not check the id again.
     (message,) = messages(redis_client)
     assert message["headers"][ACCEPTED_HEADER] is True
@@ -109,7 +109,7 @@ def test_a_republish_and_a_later_stage_are_not_checked(redis_client) -> None:
         headers={REPUBLISHED_HEADER: True},
     )
     assert ids(redis_client) == ["r-again", "r-again"]  # the reaper's second publish
-    assert admission.count("ar") == 1
+    assert admission.count(redis_client, "ar") == 1
 
 
 def test_a_refused_admission_leaves_the_id_free(redis_client) -> None:

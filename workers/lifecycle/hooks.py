@@ -28,7 +28,9 @@ from workers.runtime import WorkerIdentity, runtime
 log = logging.getLogger(__name__)
 heartbeat = Heartbeat(runtime)
 reaper = Reaper(app, runtime)
-releases = admission.ReleaseBatch()
+releases = admission.ReleaseBatch(
+    lambda ids: admission.release(runtime.redis, runtime.config.pool_queues(), ids)
+)
 
 
 def identity_of(worker: Any, config: CoreModuleConfig) -> WorkerIdentity:
@@ -160,7 +162,8 @@ def _on_task_revoked(sender: Any = None, expired: bool = False, **kwargs: Any) -
         if task_id:
             chain = getattr(request, "chain", None)
             try:
-                admission.release({task_id, admission.final_task_id(task_id, {"chain": chain})})
+                ids = {task_id, admission.final_task_id(task_id, {"chain": chain})}
+                admission.release(runtime.redis, runtime.config.pool_queues(), ids)
             except Exception:
                 log.warning("could not release the admission of %s", task_id, exc_info=True)
         try:

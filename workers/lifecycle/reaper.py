@@ -104,10 +104,9 @@ class Reaper:
         redis_broker = self._redis_broker()
         before = time.time() - self.runtime.config.ledger_grace_s
         tags = self._orphan_candidates() if redis_broker else []
-        due = ledger.open_since(before) if redis_broker else []
-        admitted = [
-            i for q in admission.pool_queues() for i in admission.admitted_before(q, before)
-        ]
+        due = ledger.open_since(client, before) if redis_broker else []
+        queues = self.runtime.config.pool_queues()
+        admitted = [i for q in queues for i in admission.admitted_before(client, q, before)]
         if not (tags or due or admitted):
             return {}
         if int(client.info("server")["uptime_in_seconds"]) < UNACKED_MIN_AGE_S:
@@ -164,9 +163,9 @@ class Reaper:
         recovered = 0
         before = time.time() - self.runtime.config.ledger_grace_s
         for task_id in pending - where.present(pending, before):
-            entry = ledger.entry(task_id)
+            entry = ledger.entry(self.runtime.redis, task_id)
             if entry is None:
-                ledger.forget([task_id])
+                ledger.forget(self.runtime.redis, [task_id])
                 continue
             task = self.app.tasks[entry["task"]]
             try:
@@ -180,10 +179,10 @@ class Reaper:
                     )
             except RequestValidationError as exc:  # sent by name and never valid:
                 self.app.backend.mark_as_failure(task_id, exc)  # it fails, as on a worker
-                ledger.forget([task_id])
+                ledger.forget(self.runtime.redis, [task_id])
                 log.warning("lost request %s is invalid: %s", task_id, exc)
                 continue
-            ledger.touch(task_id)
+            ledger.touch(self.runtime.redis, task_id)
             recovered += 1
             log.warning("published lost request %s again", task_id)
             _count(task.stage_queue, "recovered")
@@ -202,7 +201,7 @@ class Reaper:
             if not live <= accounted:
                 accounted |= where.present(live - accounted, before)
             ended |= {i for i in pending if not _with_first_stages({i}) & accounted}
-        admission.release(ended)
+        admission.release(self.runtime.redis, self.runtime.config.pool_queues(), ended)
         for task_id in ended:
             log.warning("released the admission of %s: its request has ended", task_id)
         return len(ended)
@@ -228,7 +227,7 @@ class Reaper:
                 final.append(task_id)
             else:
                 pending.add(task_id)
-        ledger.forget(final)
+        ledger.forget(self.runtime.redis, final)
         return pending
 
     # -- what is where ----------------------------------------------------------------

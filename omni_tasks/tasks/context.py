@@ -1,0 +1,46 @@
+"""The producer side's context: the config and the Redis client a process's sends use.
+
+The Celery app carries one (`OmniCelery.omni`), built with the app at import, the
+producer side's entry point; a task reaches it through its app (`producer_context`),
+and the send path hands its config and client down to the acceptance, the admission,
+the ledger and the idempotency check, which look nothing up themselves. A context
+given no config follows the process config (`set_config`), as an application that
+configures omni-tasks after importing it expects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from omni_tasks.config import CoreModuleConfig, get_config
+from omni_tasks.coordination.client import get_redis
+
+
+@dataclass
+class ProducerContext:
+    """The config a process sends under and its client of the config's Redis."""
+
+    attached: CoreModuleConfig | None = None
+
+    @property
+    def config(self) -> CoreModuleConfig:
+        """The attached config, else the process config."""
+        return self.attached if self.attached is not None else get_config()
+
+    @property
+    def redis(self) -> redis.Redis:
+        """The process's client of the config's Redis (omni-tasks' own keys)."""
+        return get_redis(self.config.redis_url)
+
+
+#: The context of an app that carries none (a plain Celery app holding omni-tasks tasks).
+PROCESS = ProducerContext()
+
+
+def producer_context(app: Any) -> ProducerContext:
+    """The context `app` carries (`OmniCelery.omni`), else the process's."""
+    found = getattr(app, "omni", None)
+    return found if isinstance(found, ProducerContext) else PROCESS
