@@ -30,6 +30,7 @@ from omni_tasks.coordination import cache_directory, keys
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.counters import SuccessCounters
 from omni_tasks.coordination.depths import waiting_above
+from omni_tasks.coordination.keyspace import KeySpace, keyspace
 from omni_tasks.errors import EngineStoppedError
 from omni_tasks.requests import Stage
 from workers.engines.base import DiffusionEngine, TextEngine
@@ -94,6 +95,11 @@ class WorkerRuntime:
     def config(self) -> CoreModuleConfig:
         """The config this worker serves (the process config while none was attached)."""
         return self._config if self._config is not None else get_config()
+
+    @property
+    def keys(self) -> KeySpace:
+        """The keys under this worker's `key_prefix`."""
+        return keyspace(self.config.key_prefix)
 
     @property
     def redis(self) -> redis.Redis:

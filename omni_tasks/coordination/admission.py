@@ -32,6 +32,7 @@ import redis
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import idempotency, keys, ledger
 from omni_tasks.coordination.client import scripts_for
+from omni_tasks.coordination.keyspace import keyspace
 from omni_tasks.coordination.outage import Outage
 from omni_tasks.errors import QueueFullError, RequestConflictError
 
@@ -101,10 +102,11 @@ def admit(
         raise ValueError("admission_id must not be empty")
     limit = (current_limit(config) if enforce else 0) if counted else -1
     ttl_s = int(config.result_expires)
-    script_keys = [keys.admitted(queue), keys.request_fingerprint(admission_id)]
+    space = keyspace(config.key_prefix)
+    script_keys = [space.admitted(queue), space.request_fingerprint(admission_id)]
     script_args: list[Any] = [admission_id, limit, time.time(), fingerprint or "", ttl_s]
     if entry is not None:
-        script_keys += entry.keys
+        script_keys += entry.keys_in(space)
         script_args += entry.script_args(ttl_s)
         if message is not None:
             script_keys.append(message[0])
@@ -157,17 +159,18 @@ def admit_many(
         raise ValueError("a batch records (and publishes) every request, or none")
     if per == 3 and batch[0].message is not None:
         raise ValueError("a message is published with its ledger entry")
-    script_keys = [keys.ledger_open()]
+    space = keyspace(config.key_prefix)
+    script_keys = [space.ledger_open()]
     ttl_s = int(config.result_expires)
     script_args: list[Any] = [time.time(), ttl_s, ttl_s, per]
     for asked in batch:
         if not asked.admission_id:
             raise ValueError("admission_id must not be empty")
         limit = (current_limit(config) if asked.enforce else 0) if asked.counted else -1
-        script_keys += [keys.admitted(asked.queue), keys.request_fingerprint(asked.admission_id)]
+        script_keys += [space.admitted(asked.queue), space.request_fingerprint(asked.admission_id)]
         entry, message = asked.entry, asked.message
         if entry is not None:
-            script_keys.append(keys.ledger(entry.task_id))
+            script_keys.append(space.ledger(entry.task_id))
         if message is not None:
             script_keys.append(message[0])
         script_args += [asked.admission_id, limit, asked.fingerprint or ""]

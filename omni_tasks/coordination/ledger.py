@@ -25,6 +25,7 @@ from typing import Any
 import redis
 
 from omni_tasks.coordination import keys
+from omni_tasks.coordination.keyspace import KeySpace
 
 #: Message header of a request published again: the worker checks it is not done yet.
 REPUBLISHED_HEADER = "omni_republished"
@@ -54,9 +55,9 @@ class Entry:
     kwargs: str
     options: str
 
-    @property
-    def keys(self) -> list[str]:
-        return [keys.ledger(self.task_id), keys.ledger_open()]
+    def keys_in(self, space: KeySpace) -> list[str]:
+        """KEYS of its entry and the open set in `scripts/admit.lua`, under `space`."""
+        return [space.ledger(self.task_id), space.ledger_open()]
 
     def script_args(self, ttl_s: int) -> list[Any]:
         """ARGV[6..11] of `scripts/admit.lua` (the entry kept `ttl_s`: `result_expires`)."""

@@ -17,6 +17,7 @@ import redis
 
 from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.coordination.client import get_redis
+from omni_tasks.coordination.keyspace import KeySpace, keyspace
 
 
 @dataclass
@@ -29,6 +30,11 @@ class ProducerContext:
     def config(self) -> CoreModuleConfig:
         """The attached config, else the process config."""
         return self.attached if self.attached is not None else get_config()
+
+    @property
+    def keys(self) -> KeySpace:
+        """The keys under the config's `key_prefix`."""
+        return keyspace(self.config.key_prefix)
 
     @property
     def redis(self) -> redis.Redis:

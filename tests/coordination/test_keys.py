@@ -92,3 +92,18 @@ def test_a_model_queue_is_the_pool_queue_dot_the_model(model: str) -> None:
     for level in keys.PRIORITY_STEPS:
         assert keys.parse_queue_key(keys.queue_key(name, level)) == (name, level)
     assert keys.model_queue("dit-pool", model) != name
+
+
+def test_each_key_function_is_the_process_keyspace_s(use_config) -> None:
+    """`keys.<name>(...)` is `KeySpace(<the process config's prefix>).<name>(...)`, for
+    every key of a `KeySpace`, and a context's own `KeySpace` needs no config."""
+    from omni_tasks.coordination.keyspace import KeySpace, keyspace
+
+    use_config(replace(get_config(), key_prefix="ks"))
+    methods = [n for n, _ in inspect.getmembers(KeySpace, inspect.isfunction) if n[0] != "_"]
+    assert {f.__name__ for f in prefixed_key_functions()} | {"worker_queue"} == set(methods)
+    for name in methods:
+        arguments = ["x"] * (len(inspect.signature(getattr(KeySpace, name)).parameters) - 1)
+        assert getattr(keys, name)(*arguments) == getattr(keyspace("ks"), name)(*arguments)
+    assert keyspace("ks") is keyspace("ks")
+    assert KeySpace("elsewhere").revoked("t1") == "elsewhere:revoked:t1"
