@@ -289,7 +289,16 @@ def _lookups(path: Path) -> set[str]:
 
 
 #: The coordination modules that get their Redis client and config values as arguments.
-GIVEN_COORDINATION = ("acceptance", "admission", "idempotency", "ledger")
+GIVEN_COORDINATION = (
+    "acceptance",
+    "admission",
+    "colon_layout",
+    "counters",
+    "idempotency",
+    "keyspace",
+    "ledger",
+    "runs",
+)
 
 
 def test_worker_api_and_send_path_code_gets_config_and_redis_given() -> None:

@@ -113,7 +113,7 @@ def execute(
     finally:
         if not succeeded:  # the message may come back, or be sent again: it may run
             with contextlib.suppress(redis.RedisError):
-                runs.release(task_id, claim)
+                runs.release(runtime.redis, task_id, claim)
 
 
 def stage_times(result: Any, stage: str) -> tuple[float, float]:
@@ -150,14 +150,14 @@ def run_claimed(
             runtime.redis.decr(keys.deliveries(task_id))
         raise Reject(str(exc), requeue=True) from None
     except RequestTimeoutError:
-        count_outcome(queue, "expired")
+        count_outcome(runtime.redis, queue, "expired")
         raise
     except RequestCancelledError:
         task.backend.mark_as_revoked(task_id, "cancelled while running", request=task.request)
-        count_outcome(queue, "cancelled")
+        count_outcome(runtime.redis, queue, "cancelled")
         raise Ignore() from None
     except Exception:
-        count_outcome(queue, "failed")
+        count_outcome(runtime.redis, queue, "failed")
         raise
 
 
@@ -174,9 +174,10 @@ def claim_run(task: OmniTask, task_id: str, queue: str, taking_over: bool) -> st
     meta = {"pid": os.getpid(), "hostname": task.request.hostname}
     started = encoded_state(backend, task_id, meta, states.STARTED, task.request)
     result = (backend.get_key_for_task(task_id).decode(), started, int(backend.expires))
-    found = runs.claim(task_id, claim, result, CLAIM_GRACE_S, taking_over)
+    claim_s = runs.claim_ttl_s(runtime.config.longest_task_s)
+    found = runs.claim(runtime.redis, task_id, claim, result, CLAIM_GRACE_S, claim_s, taking_over)
     if found != "claimed":
-        count_outcome(queue, "duplicates")
+        count_outcome(runtime.redis, queue, "duplicates")
         log.info("%s: a duplicate (%s), not run", task_id, found)
         raise Ignore()
     return claim
@@ -222,7 +223,7 @@ def _skip_if_succeeded(task: OmniTask, task_id: str, queue: str) -> None:
     """A duplicate of a request that already succeeded is not run: the first result
     stands (`Ignore`), and it counts as `duplicates`."""
     if task.backend.get_task_meta(task_id).get("status") == states.SUCCESS:
-        count_outcome(queue, "duplicates")
+        count_outcome(runtime.redis, queue, "duplicates")
         raise Ignore()
 
 
@@ -262,7 +263,7 @@ def _admit_redelivery(task: OmniTask, task_id: str, kwargs: Any, queue: str) -> 
     )
     if revoked:
         task.backend.mark_as_revoked(task_id, "cancelled before it ran", request=task.request)
-        count_outcome(queue, "cancelled")
+        count_outcome(runtime.redis, queue, "cancelled")
         raise Ignore()
     cap = runtime.config.max_redeliveries
     if int(returns) > cap:
@@ -274,7 +275,7 @@ def _admit_redelivery(task: OmniTask, task_id: str, kwargs: Any, queue: str) -> 
 def _record_failure(task: OmniTask, task_id: str, queue: str, reason: str, body: Any) -> None:
     """A message refused without running: kept in the rejected list, counted as failed."""
     record_rejection(reason, task_id=task_id, task_name=task.name, queue=queue, body=body)
-    count_outcome(queue, "failed")
+    count_outcome(runtime.redis, queue, "failed")
 
 
 def _probe(request: OmniRequest, previous: dict[str, Any] | None) -> ProbeResult:

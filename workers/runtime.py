@@ -72,7 +72,7 @@ class WorkerRuntime:
         self._config = config
         #: This run of the worker (a restarted worker keeps its hostname, not this).
         self.instance = uuid.uuid4().hex[:12]
-        self.counters = SuccessCounters()
+        self.counters = SuccessCounters(lambda: self.redis)
         #: Writes the streamed text of this process's text requests (`text_stream`).
         self.deltas = DeltaWriter(lambda: self.redis)
         self._lock = threading.Lock()

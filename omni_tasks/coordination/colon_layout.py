@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+import redis
+
 from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import get_redis, get_scripts
+from omni_tasks.coordination.client import scripts_for
 
 log = logging.getLogger(__name__)
 
@@ -20,17 +22,17 @@ log = logging.getLogger(__name__)
 BINDING_PREFIX = "_kombu.binding."
 
 
-def convert(queues: Iterable[str]) -> dict[str, int]:
+def convert(client: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
     """Move the colon lists of `queues` to the wire's lists (same level, same order) and
     drop bindings in the colon format (kombu declares them again as workers start and
     producers publish). Returns how many messages moved and bindings were dropped."""
-    client = get_redis()
+    scripts = scripts_for(client)
     moved = 0
     for queue in queues:
         for level in keys.PRIORITY_STEPS[1:]:
             old = f"{queue}{keys.COLON_PRIORITY_SEP}{level}"
             if client.exists(old):
-                moved += int(get_scripts().move_all(keys=[old, keys.queue_key(queue, level)]))
+                moved += int(scripts.move_all(keys=[old, keys.queue_key(queue, level)]))
     dropped = 0
     for key in client.scan_iter(match=BINDING_PREFIX + "*", count=500):
         stale = [m for m in client.smembers(key) if keys.PRIORITY_SEP not in m]

@@ -16,10 +16,11 @@ import logging
 import math
 import threading
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+
+import redis
 
 from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.outage import Outage
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,11 @@ TIME_BUCKETS: tuple[float, ...] = (
 BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, math.inf)
 
 
-def count_outcome(queue: str, outcome: str) -> None:
+def count_outcome(client: redis.Redis, queue: str, outcome: str) -> None:
     """Count one failed, expired or cancelled request of the pool named by `queue`."""
     if outcome not in OUTCOMES:
         raise ValueError(f"unknown outcome {outcome!r}; one of {OUTCOMES}")
-    get_redis().hincrby(keys.stats(queue), outcome, 1)
+    client.hincrby(keys.stats(queue), outcome, 1)
 
 
 def bucket_label(bound: float) -> str:
@@ -84,9 +85,11 @@ def _key_of(target: tuple[str, str]) -> str:
 
 
 class SuccessCounters:
-    """One process's batched counters; its thread starts on the first figure added."""
+    """One process's batched counters; its thread starts on the first figure added.
+    `client` gives the Redis client a flush writes with (the worker runtime's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, client: Callable[[], redis.Redis]) -> None:
+        self._client = client
         self._lock = threading.Lock()
         self._pending: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
         self._fields: _Increments = _increments()
@@ -135,9 +138,8 @@ class SuccessCounters:
         if not self._outage.run(self._write, pending, fields):
             self._restore(pending, fields)
 
-    @staticmethod
-    def _write(pending: dict[str, list[float]], fields: _Increments) -> None:
-        pipe = get_redis().pipeline(transaction=True)
+    def _write(self, pending: dict[str, list[float]], fields: _Increments) -> None:
+        pipe = self._client().pipeline(transaction=True)
         for queue, (n, run_s, queued_s) in pending.items():
             pipe.hincrby(keys.stats(queue), "processed", int(n))
             pipe.hincrbyfloat(keys.stats(queue), "run_s_sum", run_s)

@@ -27,9 +27,10 @@ from __future__ import annotations
 import uuid
 from typing import Literal
 
-from omni_tasks.config import get_config
+import redis
+
 from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import get_scripts
+from omni_tasks.coordination.client import scripts_for
 
 Claim = Literal["claimed", "done", "running"]
 
@@ -44,29 +45,32 @@ def claim_value(hostname: str, instance: str) -> str:
 
 
 def claim(
+    client: redis.Redis,
     task_id: str,
     value: str,
     result: tuple[str, str, int],
     grace_s: float,
+    claim_s: int,
     taking_over: bool = False,
 ) -> Claim:
-    """Claim the run of `task_id` for `value` (see the module docstring). `result` is
-    the id's Celery result key, the STARTED state to store there once claimed (JSON, as
-    Celery encodes it) and its time to live."""
+    """Claim the run of `task_id` for `value` (see the module docstring), for `claim_s`
+    (`claim_ttl_s`). `result` is the id's Celery result key, the STARTED state to store
+    there once claimed (JSON, as Celery encodes it) and its time to live."""
     result_key, started, ttl_s = result
-    args = [value, claim_ttl_s(), keys.worker(""), keys.held(""), grace_s, task_id]
-    found = get_scripts().claim_run(
+    args = [value, claim_s, keys.worker(""), keys.held(""), grace_s, task_id]
+    found = scripts_for(client).claim_run(
         keys=[keys.run_claim(task_id), result_key],
         args=[*args, int(taking_over), started, ttl_s],
     )
     return found  # type: ignore[no-any-return]
 
 
-def release(task_id: str, value: str) -> None:
+def release(client: redis.Redis, task_id: str, value: str) -> None:
     """Give the claim of `task_id` back, if `value` still holds it."""
-    get_scripts().release_held(keys=[keys.run_claim(task_id)], args=[value])
+    scripts_for(client).release_held(keys=[keys.run_claim(task_id)], args=[value])
 
 
-def claim_ttl_s() -> int:
-    """How long a claim lives: past the longest run any request may have."""
-    return 2 * get_config().longest_task_s + CLAIM_MARGIN_S
+def claim_ttl_s(longest_task_s: int) -> int:
+    """How long a claim lives: past the longest run any request may have (the config's
+    `longest_task_s`)."""
+    return 2 * longest_task_s + CLAIM_MARGIN_S

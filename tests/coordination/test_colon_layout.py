@@ -12,11 +12,17 @@ def test_colon_lists_move_in_order_and_colon_bindings_are_dropped(redis_client) 
     current = keys.PRIORITY_SEP.join(["colon-test", "", "colon-test"])
     redis_client.sadd(binding, "colon-test::colon-test", current)
 
-    assert colon_layout.convert(["ar", "diffusion"]) == {"moved": 2, "bindings_dropped": 1}
+    assert colon_layout.convert(redis_client, ["ar", "diffusion"]) == {
+        "moved": 2,
+        "bindings_dropped": 1,
+    }
     assert not redis_client.exists("ar:3")
     # The moved messages are served after what waited there, in their own order.
     served = [redis_client.rpop(keys.queue_key("ar", 3)) for _ in range(3)]
     assert served == ["already-there", "first", "second"]
     assert redis_client.smembers(binding) == {current}
-    assert colon_layout.convert(["ar"]) == {"moved": 0, "bindings_dropped": 0}  # idempotent
+    assert colon_layout.convert(redis_client, ["ar"]) == {
+        "moved": 0,
+        "bindings_dropped": 0,
+    }  # idempotent
     redis_client.delete(binding)

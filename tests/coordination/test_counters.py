@@ -9,6 +9,7 @@ from redis import Redis
 
 from omni_tasks import get_config
 from omni_tasks.coordination import counters, keys
+from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.counters import SuccessCounters
 
 
@@ -18,7 +19,7 @@ def stats(client: Redis, queue: str) -> dict[str, str]:
 
 def test_successes_are_batched_until_a_flush(redis_client, monkeypatch) -> None:
     monkeypatch.setattr(counters, "FLUSH_INTERVAL_S", 3600.0)  # no background flush here
-    batch = SuccessCounters()
+    batch = SuccessCounters(get_redis)
     batch.add_success("ar", run_s=0.5, queued_s=0.25)
     batch.add_success("ar", run_s=1.5, queued_s=0.75)
     batch.add_success("diffusion", run_s=2.0, queued_s=0.0)
@@ -36,7 +37,10 @@ def test_successes_are_batched_until_a_flush(redis_client, monkeypatch) -> None:
 def test_flushes_add_to_what_redis_holds(redis_client, monkeypatch) -> None:
     monkeypatch.setattr(counters, "FLUSH_INTERVAL_S", 3600.0)
     redis_client.hset(keys.stats("ar"), mapping={"processed": 10, "failed": 2})
-    first, second = SuccessCounters(), SuccessCounters()  # two workers of one pool
+    first, second = (
+        SuccessCounters(get_redis),
+        SuccessCounters(get_redis),
+    )  # two workers of one pool
     first.add_success("ar", 1.0, 0.1)
     second.add_success("ar", 3.0, 0.3)
     first.flush()
@@ -47,7 +51,7 @@ def test_flushes_add_to_what_redis_holds(redis_client, monkeypatch) -> None:
 
 
 def test_the_background_thread_flushes_on_its_own(redis_client) -> None:
-    batch = SuccessCounters()
+    batch = SuccessCounters(get_redis)
     batch.add_success("ar", 0.1, 0.2)
     written = eventually(lambda: stats(redis_client, "ar").get("processed"), timeout_s=5)
     assert written == "1"
@@ -61,7 +65,7 @@ def test_a_failed_flush_keeps_the_counts_for_the_next(
 
     monkeypatch.setattr(counters, "FLUSH_INTERVAL_S", 3600.0)
     reachable = get_config()
-    batch = SuccessCounters()
+    batch = SuccessCounters(get_redis)
     batch.add_success("ar", 1.0, 0.5)
     use_config(replace(reachable, redis_url="redis://127.0.0.1:1/11"))  # nothing listens there
     batch.flush()  # logs a warning, raises nothing
@@ -78,21 +82,21 @@ def test_outcomes_are_counted_at_once(redis_client) -> None:
     from omni_tasks.coordination.counters import count_outcome
 
     for outcome in ("failed", "expired", "expired", "cancelled"):
-        count_outcome("diffusion", outcome)
+        count_outcome(redis_client, "diffusion", outcome)
     assert redis_client.hgetall(keys.stats("diffusion")) == {
         "failed": "1",
         "expired": "2",
         "cancelled": "1",
     }
     with pytest.raises(ValueError, match="outcome"):
-        count_outcome("diffusion", "lost")
+        count_outcome(redis_client, "diffusion", "lost")
 
 
 def test_times_go_into_per_type_histograms_in_the_same_flush(redis_client, monkeypatch) -> None:
     from omni_tasks.coordination.counters import TIME_BUCKETS, read_histogram
 
     monkeypatch.setattr(counters, "FLUSH_INTERVAL_S", 3600.0)
-    batch = SuccessCounters()
+    batch = SuccessCounters(get_redis)
     batch.add_success("ar", run_s=0.003, queued_s=0.2, request_type="text")
     batch.add_success("ar", run_s=0.7, queued_s=0.2, request_type="text")
     batch.add_success("ar", run_s=9999.0, queued_s=0.0, request_type="text")  # past 600 s
@@ -118,7 +122,7 @@ def test_batch_sizes_and_preemptions_are_flushed_with_the_rest(redis_client, mon
     from omni_tasks.coordination.counters import BATCH_BUCKETS, read_histogram
 
     monkeypatch.setattr(counters, "FLUSH_INTERVAL_S", 3600.0)
-    batch = SuccessCounters()
+    batch = SuccessCounters(get_redis)
     for size in (1, 3, 3, 8):
         batch.add_batch("diffusion", size)
     batch.add_preemptions("diffusion", 2)
@@ -138,7 +142,7 @@ def test_a_failed_flush_keeps_the_histograms_too(redis_client, monkeypatch, use_
 
     monkeypatch.setattr(counters, "FLUSH_INTERVAL_S", 3600.0)
     reachable = get_config()
-    batch = SuccessCounters()
+    batch = SuccessCounters(get_redis)
     batch.add_success("diffusion", 2.0, 0.5, request_type="diffusion")
     batch.add_batch("diffusion", 2)
     use_config(replace(reachable, redis_url="redis://127.0.0.1:1/11"))

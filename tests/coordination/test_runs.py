@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
+from omni_tasks.config import get_config
 from omni_tasks.coordination import keys, runs
+from omni_tasks.coordination.client import get_redis
 
 RESULT_KEY = "celery-task-meta-run-1"
 STARTED = json.dumps({"status": "STARTED", "result": {"pid": 1}, "task_id": "run-1"})
@@ -20,20 +22,24 @@ def beat(client, hostname: str, instance: str, held: tuple[str, ...] = ()) -> No
         client.sadd(keys.held(hostname), *held)
 
 
-def claim(value: str) -> str:
-    return runs.claim("run-1", value, RESULT, GRACE_S)
+def claim_s() -> int:
+    return runs.claim_ttl_s(get_config().longest_task_s)
+
+
+def claim(value: str, taking_over: bool = False) -> str:
+    return runs.claim(get_redis(), "run-1", value, RESULT, GRACE_S, claim_s(), taking_over)
 
 
 def age_claim(client, seconds: int) -> None:
     """Make the claim of run-1 look `seconds` old (its age is read from its TTL)."""
-    client.expire(keys.run_claim("run-1"), runs.claim_ttl_s() - seconds)
+    client.expire(keys.run_claim("run-1"), claim_s() - seconds)
 
 
 def test_the_first_delivery_claims_the_run(redis_client) -> None:
     mine = runs.claim_value("w1@host", "i1")
     assert claim(mine) == "claimed"
     assert redis_client.get(keys.run_claim("run-1")) == mine
-    assert 0 < redis_client.ttl(keys.run_claim("run-1")) <= runs.claim_ttl_s()
+    assert 0 < redis_client.ttl(keys.run_claim("run-1")) <= claim_s()
     # Marked STARTED in the same step, with the result's time to live.
     assert redis_client.get(RESULT_KEY) == STARTED and 0 < redis_client.ttl(RESULT_KEY) <= 60
 
@@ -71,11 +77,11 @@ def test_a_message_given_back_takes_a_live_looking_claim_over(redis_client) -> N
     beat(redis_client, "w1@host", "i1", held=("run-1",))
     assert claim(runs.claim_value("w1@host", "i1")) == "claimed"
     back = runs.claim_value("w2@host", "i2")
-    assert runs.claim("run-1", back, RESULT, GRACE_S, taking_over=True) == "claimed"
+    assert claim(back, taking_over=True) == "claimed"
     assert redis_client.get(keys.run_claim("run-1")) == back
     redis_client.set(RESULT_KEY, json.dumps({"status": "SUCCESS"}))  # but never after a success
     again = runs.claim_value("w3@host", "i3")
-    assert runs.claim("run-1", again, RESULT, GRACE_S, taking_over=True) == "done"
+    assert claim(again, taking_over=True) == "done"
 
 
 def test_a_dead_or_restarted_holder_gives_the_run_up(redis_client) -> None:
@@ -103,8 +109,8 @@ def test_only_the_holder_releases_its_claim(redis_client) -> None:
     beat(redis_client, "w1@host", "i1")
     mine = runs.claim_value("w1@host", "i1")
     claim(mine)
-    runs.release("run-1", runs.claim_value("w1@host", "i1"))  # another run's claim
+    runs.release(get_redis(), "run-1", runs.claim_value("w1@host", "i1"))  # another run's claim
     assert redis_client.get(keys.run_claim("run-1")) == mine
-    runs.release("run-1", mine)
+    runs.release(get_redis(), "run-1", mine)
     assert not redis_client.exists(keys.run_claim("run-1"))
     assert claim(runs.claim_value("w2@host", "i2")) == "claimed"

@@ -109,7 +109,7 @@ def _convert_colon_layout() -> None:
     if not runtime.config.broker_is_redis:
         return
     try:
-        colon_layout.convert(runtime.identity.queues)
+        colon_layout.convert(runtime.redis, runtime.identity.queues)
     except Exception:
         log.warning("could not convert an older Redis layout", exc_info=True)
 
@@ -167,7 +167,8 @@ def _on_task_revoked(sender: Any = None, expired: bool = False, **kwargs: Any) -
             except Exception:
                 log.warning("could not release the admission of %s", task_id, exc_info=True)
         try:
-            count_outcome(sender.stage_queue, "expired" if expired else "cancelled")
+            outcome = "expired" if expired else "cancelled"
+            count_outcome(runtime.redis, sender.stage_queue, outcome)
         except Exception:
             log.warning("could not count a revoked task", exc_info=True)
 

@@ -41,6 +41,7 @@ import time
 import uuid
 from typing import Any
 
+import redis
 from celery import Celery, states
 
 from omni_tasks.coordination import admission, keys, ledger, worker_index
@@ -150,7 +151,7 @@ class Reaper:
             restored += 1
             log.warning("restored %s (task %s): its worker is gone", tag, task_id)
             _note_own_queue(client, queue)
-            _count(queue, "restored")
+            _count(self.runtime.redis, queue, "restored")
         return restored
 
     # -- 2. lost requests -------------------------------------------------------------
@@ -185,7 +186,7 @@ class Reaper:
             ledger.touch(self.runtime.redis, task_id)
             recovered += 1
             log.warning("published lost request %s again", task_id)
-            _count(task.stage_queue, "recovered")
+            _count(self.runtime.redis, task.stage_queue, "recovered")
         return recovered
 
     # -- 3. admissions nothing will release -------------------------------------------
@@ -311,8 +312,8 @@ def _note_own_queue(client: Any, queue: str) -> None:
         client.zadd(keys.worker_beats(worker_index.DIT), {queue[len(prefix) :]: 0}, nx=True)
 
 
-def _count(queue: str, outcome: str) -> None:
+def _count(client: redis.Redis, queue: str, outcome: str) -> None:
     try:
-        count_outcome(queue or "unknown", outcome)
+        count_outcome(client, queue or "unknown", outcome)
     except Exception:
         log.warning("could not count %s", outcome, exc_info=True)

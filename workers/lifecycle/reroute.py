@@ -113,7 +113,7 @@ def reroute(task: OmniTask, message: Any, body: Any, reason: str) -> None:
         sent = task.apply_async(args, kwargs, **options)
     message.ack()
     if getattr(sent, "repeat", False):  # its twin was accepted before: not run twice
-        count_outcome(task.stage_queue, "duplicates")
+        count_outcome(runtime.redis, task.stage_queue, "duplicates")
         log.info("%s: a duplicate (re-routed twin), not run", headers["id"])
         return
     log.info("re-routed %s (%s): %s", headers["id"], task.name, reason)
