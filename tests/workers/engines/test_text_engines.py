@@ -321,7 +321,7 @@ def run(rid, rank, tokens=48):
 first = threading.Thread(target=run, args=("low-0", 2, 800))  # still running below
 first.start()
 running = (lambda: engine._active) if name == "vllm" else (lambda: engine._running)
-while not running():  # low-0 holds the one sequence before the others queue
+while first.is_alive() and not running():  # low-0 holds the one sequence first
     time.sleep(0.01)
 later = [threading.Thread(target=run, args=(f"low-{i}", 2)) for i in (1, 2, 3)]
 later.append(threading.Thread(target=run, args=("high", 0)))
