@@ -294,6 +294,7 @@ GIVEN_COORDINATION = (
     "admission",
     "colon_layout",
     "counters",
+    "depths",
     "idempotency",
     "keyspace",
     "ledger",

@@ -308,7 +308,7 @@ def build_diffusion_engine(config: CoreModuleConfig, runtime: WorkerRuntime) -> 
         dtype=dit.dtype,
         max_batch_size=config.step_batch_limit,
         config=config,
-        arrivals=lambda level: waiting_above(watched, level),
+        arrivals=lambda level: waiting_above(runtime.redis, config, watched, level),
         adapter_listener=AdapterDirectoryListener(runtime.hostname, dit.queue),
         counters=PoolStepCounters(runtime.counters, dit.queue),
         cache_usage=runtime.dit_cache_bytes,

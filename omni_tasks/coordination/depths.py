@@ -17,11 +17,12 @@ import logging
 import threading
 from typing import Any
 
+import redis
 from kombu import Connection
 
-from omni_tasks.config import CoreModuleConfig, get_config
+from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys, worker_index
-from omni_tasks.coordination.client import get_redis, redacted
+from omni_tasks.coordination.client import redacted
 from omni_tasks.model_registry import model_queues
 
 log = logging.getLogger(__name__)
@@ -31,23 +32,22 @@ UNKNOWN_LEVEL = -1
 Depths = dict[str, dict[int, int]]
 
 
-def queue_depths(config: CoreModuleConfig | None = None) -> Depths:
+def queue_depths(client: redis.Redis, config: CoreModuleConfig) -> Depths:
     """Messages waiting per pool and priority level (0 highest): see the module docstring."""
-    return all_depths(config)[0]
+    return all_depths(client, config)[0]
 
 
-def model_depths(config: CoreModuleConfig | None = None) -> Depths:
+def model_depths(client: redis.Redis, config: CoreModuleConfig) -> Depths:
     """Messages waiting per registered diffusion model (its queue) and priority level."""
-    return all_depths(config)[1]
+    return all_depths(client, config)[1]
 
 
 def all_depths(
-    config: CoreModuleConfig | None = None, index: worker_index.Index | None = None
+    client: redis.Redis, config: CoreModuleConfig, index: worker_index.Index | None = None
 ) -> tuple[Depths, Depths]:
-    """(per pool, per registered model) depths, read together; the diffusion workers'
-    own queues from `index` when the worker index was read already."""
-    config = config or get_config()
-    client = get_redis()
+    """(per pool, per registered model) depths under `config`, read with `client` (the
+    coordination Redis) together; the diffusion workers' own queues from `index` when
+    the worker index was read already."""
     if not config.broker_is_redis:
         return _broker_depths(config, client, index)
     dit = config.diffusion.queue
@@ -67,30 +67,34 @@ def all_depths(
     return {q: pool if q == dit else counts[q] for q in config.pool_queues()}, models
 
 
-def highest_waiting_level(queues: list[str]) -> int | None:
+def highest_waiting_level(
+    client: redis.Redis, config: CoreModuleConfig, queues: list[str]
+) -> int | None:
     """The highest priority (lowest level, 0..9) with a message waiting in any of
     `queues`, or None when they are all empty: one round trip. None as well with a
     RabbitMQ broker, which tells how many messages wait but not at which priority."""
-    if not get_config().broker_is_redis:
+    if not config.broker_is_redis:
         return None
-    depths = _level_counts(get_redis(), queues)
+    depths = _level_counts(client, queues)
     waiting = [level for levels in depths.values() for level, n in levels.items() if n]
     return min(waiting) if waiting else None
 
 
-def waiting_above(queues: list[str], level: int) -> bool:
+def waiting_above(
+    client: redis.Redis, config: CoreModuleConfig, queues: list[str], level: int
+) -> bool:
     """Whether a message of a better priority level than `level` (0 highest) waits in
     any of `queues`: one EXISTS over those levels' lists (kombu deletes an empty list),
     so one command however many lists and messages. False with a RabbitMQ broker."""
-    if not get_config().broker_is_redis or level <= 0:
+    if not config.broker_is_redis or level <= 0:
         return False
     lists = [keys.queue_key(q, better) for q in queues for better in range(level)]
-    return bool(get_redis().exists(*lists))
+    return bool(client.exists(*lists))
 
 
-def total_queued(config: CoreModuleConfig | None = None) -> int:
+def total_queued(client: redis.Redis, config: CoreModuleConfig) -> int:
     """Messages waiting in every queue, all levels."""
-    return sum(sum(levels.values()) for levels in queue_depths(config).values())
+    return sum(sum(levels.values()) for levels in queue_depths(client, config).values())
 
 
 def _level_counts(client: Any, queues: list[str]) -> Depths:

@@ -88,7 +88,7 @@ def read_snapshot(config: CoreModuleConfig | None = None) -> ClusterSnapshot:
         _decoded(info) for info in worker_index.heartbeats(client, worker_index.live_in(index))
     ]
     workers.sort(key=lambda w: w.get("hostname", ""))
-    depths, models = all_depths(config, index)
+    depths, models = all_depths(client, config, index)
     return ClusterSnapshot(queues=depths, pools=pools, workers=workers, models=models)
 
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import redis
 from celery.result import AsyncResult
 
 from omni_tasks.config import (
@@ -28,7 +29,7 @@ from omni_tasks.config import (
 )
 from omni_tasks.coordination import admission
 from omni_tasks.coordination.cache_directory import hit_rate
-from omni_tasks.coordination.client import backoff
+from omni_tasks.coordination.client import backoff, get_redis
 from omni_tasks.coordination.counter_window import (
     current_counters,
     record_sample,
@@ -179,8 +180,13 @@ class OmniScheduler:
             entry[0].update_processing_stage(ProcessingStage.CANCELLED)
         return known
 
+    @property
+    def redis(self) -> redis.Redis:
+        """The client of this scheduler's coordination Redis."""
+        return get_redis(self.core_config.redis_url)
+
     def get_queue_size(self) -> int:
-        return total_queued(self.core_config)
+        return total_queued(self.redis, self.core_config)
 
     def get_processed_count(self) -> int:
         return read_snapshot(self.core_config).processed

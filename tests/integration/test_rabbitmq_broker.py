@@ -30,6 +30,7 @@ from kombu import Connection
 
 from omni_tasks.config import CoreModuleConfig, load_config
 from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.depths import (
     UNKNOWN_LEVEL,
     highest_waiting_level,
@@ -156,6 +157,7 @@ def test_native_priorities_serve_the_high_request_next(
     rabbit: Rabbit, amqp_config: CoreModuleConfig, run_dir: Path
 ) -> None:
     queue = rabbit.config.diffusion.queue
+    client = get_redis(amqp_config.redis_url)
     logs = run_dir / "rmq-logs"
     (worker,) = start_ready_workers([queue], logs, env=rabbit.env, extra_args=["-c", "1"])
     try:
@@ -163,11 +165,11 @@ def test_native_priorities_serve_the_high_request_next(
         sent = send(rabbit, image("busy", "low", steps=40, size=128), then)
         busy = AsyncResult(sent["busy"])
         # While the one slot is busy, RabbitMQ holds the rest; its count is what readers see.
-        depths = queue_depths(amqp_config)
+        depths = queue_depths(client, amqp_config)
         if busy.state != "SUCCESS":
             assert depths[queue] == {UNKNOWN_LEVEL: 6}
-            assert total_queued(amqp_config) == 6
-        assert highest_waiting_level([queue]) is None  # RabbitMQ gives no levels
+            assert total_queued(client, amqp_config) == 6
+        assert highest_waiting_level(client, amqp_config, [queue]) is None  # no levels
         busy_value = busy.get(TIMEOUT)
         *low_ids, high_id = sent["then"]
         high = AsyncResult(high_id).get(TIMEOUT)
@@ -179,7 +181,7 @@ def test_native_priorities_serve_the_high_request_next(
     assert started_at(busy_value) < started_at(high)
     low_starts = [started_at(v) for v in low_values]
     assert low_starts == sorted(low_starts)  # FIFO within a priority
-    assert total_queued(amqp_config) == 0
+    assert total_queued(client, amqp_config) == 0
 
 
 def test_model_queues_and_a_message_passed_on(
@@ -189,6 +191,7 @@ def test_model_queues_and_a_message_passed_on(
     is passed on to flux-b's queue, declared with x-max-priority as workers declare
     it, where it waits (no worker serves flux-b here)."""
     dit = rabbit.config.diffusion.queue
+    client = get_redis(amqp_config.redis_url)
     own, other = keys.model_queue(dit, "tiny-flux"), keys.model_queue(dit, "flux-b")
     logs = run_dir / "rmq-logs"
     (worker,) = start_ready_workers([dit], logs, env=rabbit.env, extra_args=["-c", "1"])
@@ -209,14 +212,14 @@ def test_model_queues_and_a_message_passed_on(
         served, passed = json.loads(out.stdout.strip().splitlines()[-1])
         value = AsyncResult(served).get(TIMEOUT)
         deadline = time.monotonic() + 60
-        while model_depths(amqp_config)["flux-b"] != {UNKNOWN_LEVEL: 1}:
-            assert time.monotonic() < deadline, model_depths(amqp_config)
+        while model_depths(client, amqp_config)["flux-b"] != {UNKNOWN_LEVEL: 1}:
+            assert time.monotonic() < deadline, model_depths(client, amqp_config)
             time.sleep(0.2)
     finally:
         worker.stop()
     assert value["model"] == "tiny-flux"
     assert AsyncResult(passed).state == "PENDING"
-    assert sum(queue_depths(amqp_config)[dit].values()) == 1  # the pool counts it
+    assert sum(queue_depths(client, amqp_config)[dit].values()) == 1  # the pool counts it
     with Connection(AMQP_URL, connect_timeout=5) as connection:
         channel = connection.channel()
         try:  # declared as a pool queue: the same declaration is accepted again
