@@ -298,6 +298,7 @@ GIVEN_COORDINATION = (
     "idempotency",
     "keyspace",
     "ledger",
+    "queue_walk",
     "runs",
 )
 

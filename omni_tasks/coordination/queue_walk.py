@@ -23,9 +23,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from omni_tasks.config import get_config
+import redis
+
+from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys, worker_index
-from omni_tasks.coordination.client import get_redis
 from omni_tasks.model_registry import model_queues
 
 #: Messages read per LRANGE.
@@ -36,15 +37,16 @@ WALK_LIMIT = 20_000
 CLOCK_SLACK_S = 5.0
 
 
-def queued_among(ids: set[str], published_before: float) -> set[str]:
+def queued_among(
+    client: redis.Redis, config: CoreModuleConfig, ids: set[str], published_before: float
+) -> set[str]:
     """Of `ids`, all published before `published_before` (a time), those with a message
-    waiting in a pool's, a model's or a diffusion worker's own queue (see the module
-    docstring)."""
+    waiting in a pool's, a model's or a diffusion worker's own queue under `config`
+    (see the module docstring)."""
     if not ids:
         return set()
-    client = get_redis()
     newest = published_before + CLOCK_SLACK_S
-    lists = queue_lists(client)
+    lists = queue_lists(client, config)
     pipe = client.pipeline(transaction=False)
     for name in lists:
         pipe.llen(name)
@@ -57,11 +59,10 @@ def queued_among(ids: set[str], published_before: float) -> set[str]:
     return found
 
 
-def queue_lists(client: Any) -> list[str]:
+def queue_lists(client: redis.Redis, config: CoreModuleConfig) -> list[str]:
     """Every list a request can wait in: each level of the pools' queues, of the
     registered models' queues and of the models live diffusion workers serve, and of
     the indexed diffusion workers' own queues."""
-    config = get_config()
     queues = [*config.pool_queues(), *model_queues(config).values()]
     for model in _served_models(client):
         queue = keys.model_queue(config.diffusion.queue, model)

@@ -9,7 +9,9 @@ import time
 
 from helpers import write_heartbeat
 
+from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.queue_walk import CHUNK, queued_among
 
 NOW = time.time()
@@ -27,12 +29,17 @@ def lranges(client) -> int:
     return int(client.info("commandstats").get("cmdstat_lrange", {}).get("calls", 0))
 
 
+def queued(ids: set[str], published_before: float) -> set[str]:
+    """`queued_among` with the process's client and config."""
+    return queued_among(get_redis(), get_config(), ids, published_before)
+
+
 def test_the_old_requests_of_a_deep_queue_are_found_from_its_tail(redis_client) -> None:
     old = [f"old-{i}" for i in range(10)]
     publish(redis_client, "ar", old, NOW - 600)
     publish(redis_client, "ar", [f"new-{i}" for i in range(20 * CHUNK)], NOW - 1)
     before = lranges(redis_client)
-    found = queued_among({*old[:3], "lost-1"}, published_before=NOW - 300)
+    found = queued({*old[:3], "lost-1"}, NOW - 300)
     assert found == set(old[:3])  # "lost-1" is nowhere: the reaper publishes it again
     assert lranges(redis_client) - before <= 2  # not the 10,000 newer messages
 
@@ -43,7 +50,7 @@ def test_every_level_of_the_pools_models_and_own_queues_is_looked_at(redis_clien
     publish(redis_client, keys.worker_queue("w1@h"), ["own3"], NOW - 600, level=3)
     publish(redis_client, keys.model_queue("diffusion", "tiny-flux"), ["m0"], NOW - 600)
     wanted = {"d9", "own3", "m0", "gone"}
-    assert queued_among(wanted, published_before=NOW - 300) == {"d9", "own3", "m0"}
+    assert queued(wanted, NOW - 300) == {"d9", "own3", "m0"}
 
 
 def test_foreign_messages_without_ledger_times_do_not_stop_the_walk(redis_client) -> None:
@@ -51,4 +58,4 @@ def test_foreign_messages_without_ledger_times_do_not_stop_the_walk(redis_client
     for i in range(3 * CHUNK):  # a foreign client's older messages: no ledger entry
         redis_client.lpush("ar", json.dumps({"headers": {"id": f"foreign-{i}"}}))
     publish(redis_client, "ar", ["mine"], NOW - 600)
-    assert queued_among({"mine"}, published_before=NOW - 300) == {"mine"}
+    assert queued({"mine"}, NOW - 300) == {"mine"}

@@ -282,7 +282,9 @@ class _Whereabouts:
         if self._unacked is None:
             self._unacked = self._reaper.unacked_ids()
         found = ids & (self.held() | self._unacked)
-        return found | queued_among(ids - found, published_before)
+        runtime = self._reaper.runtime
+        queued = queued_among(runtime.redis, runtime.config, ids - found, published_before)
+        return found | queued
 
 
 def _id_and_queue(raw: str | bytes, payload_only: bool = False) -> tuple[str, str]:
