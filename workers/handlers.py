@@ -274,7 +274,9 @@ def _admit_redelivery(task: OmniTask, task_id: str, kwargs: Any, queue: str) -> 
 
 def _record_failure(task: OmniTask, task_id: str, queue: str, reason: str, body: Any) -> None:
     """A message refused without running: kept in the rejected list, counted as failed."""
-    record_rejection(reason, task_id=task_id, task_name=task.name, queue=queue, body=body)
+    record_rejection(
+        runtime.redis, reason, task_id=task_id, task_name=task.name, queue=queue, body=body
+    )
     count_outcome(runtime.redis, queue, "failed")
 
 

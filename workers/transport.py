@@ -265,7 +265,11 @@ def reject_entry(
     task_name: str | None = None,
 ) -> None:
     """Record a refused entry and, where it names a task, fail that task with `reason`."""
-    record_rejection(reason, task_id=task_id, task_name=task_name, queue=queue, body=raw)
+    from workers.runtime import runtime
+
+    record_rejection(
+        runtime.redis, reason, task_id=task_id, task_name=task_name, queue=queue, body=raw
+    )
     fail_task(task_id, field, reason)
 
 

@@ -12,6 +12,8 @@ import logging
 import time
 from typing import Any
 
+import redis
+
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis
 
@@ -21,6 +23,7 @@ MAX_BODY_CHARS = 4096
 
 
 def record_rejection(
+    client: redis.Redis,
     reason: str,
     *,
     task_id: str | None = None,
@@ -28,7 +31,8 @@ def record_rejection(
     queue: str = "unknown",
     body: Any = None,
 ) -> None:
-    """Push a JSON record onto the capped rejected list and count it; never raises."""
+    """Push a JSON record onto the capped rejected list (with `client`, the worker's) and
+    count it; never raises."""
     preview, size = _bounded(body)
     record = {
         "time": time.time(),
@@ -40,7 +44,6 @@ def record_rejection(
         "size": size,
     }
     try:
-        client = get_redis()
         pipe = client.pipeline(transaction=True)
         pipe.lpush(keys.rejected(), json.dumps(record))
         pipe.ltrim(keys.rejected(), 0, MAX_RECORDS - 1)

@@ -66,7 +66,8 @@ def test_status_lists_the_newest_refused_messages(redis_client) -> None:
     from omni_tasks.coordination.rejections import record_rejection
 
     reason = "request_id: 'taken' was accepted before for a different request"
-    record_rejection(reason, task_id="taken", task_name="omni_tasks.generate_text", queue="ar")
+    name = "omni_tasks.generate_text"
+    record_rejection(redis_client, reason, task_id="taken", task_name=name, queue="ar")
     out = omni_tasks_cli("status", "--json")
     (record,) = json.loads(out.stdout)["rejected"]
     assert (record["task_id"], record["reason"]) == ("taken", reason)

@@ -27,7 +27,7 @@ def test_the_window_compares_with_the_oldest_sample_in_the_window(redis_client) 
     record_sample(Counters(now - 4, {**old, "ar": PoolStats(processed=2, failed=50)}))
     redis_client.hset(keys.stats("ar"), mapping={"processed": 12, "failed": 51})
     redis_client.hset(keys.cache_stats("diffusion"), mapping={"hits:latents": 3})
-    record_rejection("bad message", queue="ar")
+    record_rejection(redis_client, "bad message", queue="ar")
     now_counters = current_counters(read_snapshot(config), config)
     recent = read_window(now_counters, config)
     assert redis_client.zcard(keys.metrics_samples()) == 2  # a read writes nothing

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from omni_tasks import get_config
 from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.rejections import (
     MAX_BODY_CHARS,
     MAX_RECORDS,
@@ -19,9 +20,16 @@ from omni_tasks.coordination.rejections import (
 
 def test_record_and_list(redis_client) -> None:
     record_rejection(
-        "not JSON", task_id="t1", task_name="omni_tasks.generate_text", queue="ar", body=b"\x80"
+        get_redis(),
+        "not JSON",
+        task_id="t1",
+        task_name="omni_tasks.generate_text",
+        queue="ar",
+        body=b"\x80",
     )
-    record_rejection("bad field width", task_id="t2", queue="diffusion", body={"width": 30})
+    record_rejection(
+        get_redis(), "bad field width", task_id="t2", queue="diffusion", body={"width": 30}
+    )
     newest, oldest = list_rejections()
     assert (newest["task_id"], newest["reason"], newest["queue"]) == (
         "t2",
@@ -39,7 +47,7 @@ def test_record_and_list(redis_client) -> None:
 
 
 def test_defaults_of_a_bare_record(redis_client) -> None:
-    record_rejection("unknown task")
+    record_rejection(get_redis(), "unknown task")
     (record,) = list_rejections()
     assert {k: record[k] for k in ("task_id", "task", "queue", "body", "size")} == {
         "task_id": None,
@@ -53,7 +61,7 @@ def test_defaults_of_a_bare_record(redis_client) -> None:
 
 def test_the_list_is_capped(redis_client) -> None:
     for i in range(MAX_RECORDS + 5):
-        record_rejection("flood", task_id=f"t{i}", queue="ar")
+        record_rejection(get_redis(), "flood", task_id=f"t{i}", queue="ar")
     assert redis_client.llen(keys.rejected()) == MAX_RECORDS
     records = list_rejections(limit=MAX_RECORDS + 100)
     assert len(records) == MAX_RECORDS
@@ -63,9 +71,9 @@ def test_the_list_is_capped(redis_client) -> None:
 
 
 def test_the_body_preview_is_truncated(redis_client) -> None:
-    record_rejection("huge", task_id="s", body="x" * (MAX_BODY_CHARS + 100))
-    record_rejection("huge bytes", task_id="b", body=b"y" * (MAX_BODY_CHARS * 2))
-    record_rejection("huge object", task_id="o", body={"prompt": "z" * MAX_BODY_CHARS})
+    record_rejection(get_redis(), "huge", task_id="s", body="x" * (MAX_BODY_CHARS + 100))
+    record_rejection(get_redis(), "huge bytes", task_id="b", body=b"y" * (MAX_BODY_CHARS * 2))
+    record_rejection(get_redis(), "huge object", task_id="o", body={"prompt": "z" * MAX_BODY_CHARS})
     by_id = {r["task_id"]: r for r in list_rejections()}
     assert by_id["s"]["body"] == "x" * MAX_BODY_CHARS
     assert by_id["b"]["body"] == "y" * MAX_BODY_CHARS
@@ -80,7 +88,7 @@ def test_the_body_preview_is_truncated(redis_client) -> None:
 def test_raw_bytes_are_bounded_before_they_are_decoded(redis_client) -> None:
     """A 20 MB entry of non-UTF-8 bytes is kept as its first 4 KiB (escaped), not 20 MB."""
     raw = b"\xff" * (20 * 1024 * 1024)
-    record_rejection("garbage", task_id="g", body=raw)
+    record_rejection(get_redis(), "garbage", task_id="g", body=raw)
     (record,) = list_rejections()
     assert MAX_BODY_CHARS == 4096
     assert record["body"] == "\\xff" * (MAX_BODY_CHARS // 4)
@@ -91,8 +99,8 @@ def test_raw_bytes_are_bounded_before_they_are_decoded(redis_client) -> None:
 def test_bodies_json_cannot_encode_are_kept_as_text(redis_client) -> None:
     circular: dict = {}
     circular["self"] = circular
-    record_rejection("circular", task_id="c", body=circular)
-    record_rejection("a set", task_id="s", body={"ids": {1}})
+    record_rejection(get_redis(), "circular", task_id="c", body=circular)
+    record_rejection(get_redis(), "a set", task_id="s", body={"ids": {1}})
     by_id = {r["task_id"]: r["body"] for r in list_rejections()}
     assert by_id["c"] == repr(circular)
     assert by_id["s"] == '{"ids": "{1}"}'
@@ -101,6 +109,6 @@ def test_bodies_json_cannot_encode_are_kept_as_text(redis_client) -> None:
 def test_recording_never_raises(redis_client, use_config, caplog) -> None:
     use_config(replace(get_config(), redis_url="redis://127.0.0.1:1/11"))  # nothing listens
     with caplog.at_level(logging.ERROR, logger="omni_tasks.coordination.rejections"):
-        record_rejection("while Redis is away", task_id="lost", queue="ar", body="{}")
+        record_rejection(get_redis(), "while Redis is away", task_id="lost", queue="ar", body="{}")
     assert "could not record rejected message lost" in caplog.text
     assert "rejected message lost" in caplog.text  # the log still has it

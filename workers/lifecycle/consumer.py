@@ -26,6 +26,7 @@ from omni_tasks.coordination.outage import Outage
 from omni_tasks.coordination.rejections import record_rejection
 from omni_tasks.errors import RequestConflictError, RequestValidationError
 from workers.lifecycle.reroute import reroute, reroute_reason
+from workers.runtime import runtime
 from workers.transport import consuming_transport, fail_task
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,7 @@ def _record(message: Any, reason: str) -> None:
     queue = (message.delivery_info or {}).get("routing_key") or "unknown"
     name = headers.get("task")
     record_rejection(
+        runtime.redis,
         reason,
         task_id=_task_id(message),
         task_name=name if isinstance(name, str) else None,
