@@ -24,7 +24,6 @@ from celery import states
 from celery.result import AsyncResult
 
 from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import get_redis
 from omni_tasks.errors import ProcessingError, RequestTimeoutError
 from omni_tasks.requests import OmniRequest
 from omni_tasks.tasks.celery_app import app
@@ -94,7 +93,7 @@ def stream_audio(
 
 def _follow(request_id: str, key: str, deadline: float | None) -> Iterator[str | bytes]:
     """The raw pieces of the list `key` (a request's stream), until its result is final."""
-    client = get_redis()
+    client = app.omni.redis
     meta_key = app.backend.get_key_for_task(request_id)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(key, meta_key)

@@ -322,6 +322,7 @@ def test_worker_api_and_send_path_code_gets_config_and_redis_given() -> None:
         *(PRODUCER_ROOT / "api").rglob("*.py"),
         *(PRODUCER_ROOT / "tasks").rglob("*.py"),
         *(PRODUCER_ROOT / "coordination" / f"{name}.py" for name in GIVEN_COORDINATION),
+        PRODUCER_ROOT / "streaming.py",
     ]
     found = {str(path.relative_to(repo)): names for path in files if (names := _lookups(path))}
     extra = {f: n for f, n in found.items() if not n <= entry_points.get(f, set())}
