@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
+import redis
 from prometheus_client import CollectorRegistry, make_wsgi_app, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -73,10 +74,11 @@ class ClusterCollector(Collector):
         snapshot = read_snapshot(config)
         pools = list(snapshot.pools)
         yield from _queue_families(snapshot, config.diffusion.queue)
-        yield from _timing_families(pools)
-        yield from _step_families(pools, config.diffusion.queue)
-        yield from _worker_families(snapshot)
-        yield from _redis_families(get_redis().info())
+        client = get_redis(config.redis_url)
+        yield from _timing_families(client, pools)
+        yield from _step_families(client, pools, config.diffusion.queue)
+        yield from _worker_families(client, snapshot)
+        yield from _redis_families(client.info())
 
 
 def _redis_families(info: dict[str, Any]) -> Iterator[Metric]:
@@ -131,7 +133,7 @@ def _level_label(level: int) -> str:
     return "unknown" if level == UNKNOWN_LEVEL else str(level)
 
 
-def _timing_families(pools: list[str]) -> Iterator[Metric]:
+def _timing_families(client: redis.Redis, pools: list[str]) -> Iterator[Metric]:
     labels = ["pool", "type"]
     wait = HistogramMetricFamily(
         "omni_request_queue_wait_seconds",
@@ -141,7 +143,7 @@ def _timing_families(pools: list[str]) -> Iterator[Metric]:
     run = HistogramMetricFamily(
         "omni_request_run_seconds", "Run time of successful requests.", labels=labels
     )
-    pipe = get_redis().pipeline(transaction=False)
+    pipe = client.pipeline(transaction=False)
     for pool in pools:
         pipe.hgetall(keys.timings(pool))
     for pool, raw in zip(pools, pipe.execute(), strict=True):
@@ -152,7 +154,7 @@ def _timing_families(pools: list[str]) -> Iterator[Metric]:
     yield from (wait, run)
 
 
-def _step_families(pools: list[str], stepping_pool: str) -> Iterator[Metric]:
+def _step_families(client: redis.Redis, pools: list[str], stepping_pool: str) -> Iterator[Metric]:
     batch = HistogramMetricFamily(
         "omni_step_batch_size", "Requests per denoising step batch.", labels=["pool"]
     )
@@ -161,7 +163,7 @@ def _step_families(pools: list[str], stepping_pool: str) -> Iterator[Metric]:
         "Running requests paused for higher-ranked ones.",
         labels=["pool"],
     )
-    pipe = get_redis().pipeline(transaction=False)
+    pipe = client.pipeline(transaction=False)
     for pool in pools:
         pipe.hgetall(keys.step_stats(pool))
     for pool, raw in zip(pools, pipe.execute(), strict=True):
@@ -172,7 +174,7 @@ def _step_families(pools: list[str], stepping_pool: str) -> Iterator[Metric]:
     yield from (batch, preempted)
 
 
-def _worker_families(snapshot: ClusterSnapshot) -> Iterator[Metric]:
+def _worker_families(client: redis.Redis, snapshot: ClusterSnapshot) -> Iterator[Metric]:
     """Per live worker: DiT cache counters and size, device memory, heartbeat age."""
     worker = ["worker"]
     hits = CounterMetricFamily(
@@ -197,7 +199,7 @@ def _worker_families(snapshot: ClusterSnapshot) -> Iterator[Metric]:
         "omni_worker_heartbeat_age_seconds", "Seconds since the worker's last beat.", labels=worker
     )
     names = [w.get("hostname", "") for w in snapshot.workers]
-    pipe = get_redis().pipeline(transaction=False)
+    pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.hgetall(keys.cache_worker_stats(name))
     now = time.time()
