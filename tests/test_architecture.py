@@ -300,6 +300,7 @@ GIVEN_COORDINATION = (
     "ledger",
     "queue_walk",
     "runs",
+    "single_flight",
 )
 
 

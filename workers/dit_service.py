@@ -99,7 +99,9 @@ def render(
 
     deadline = time.monotonic() + timeout_s
     # Named by this worker: if it dies, the redelivery and the waiters take over at once.
-    flight, shared = single_flight.join(keys.latents, deadline, holder=runtime.hostname)
+    flight, shared = single_flight.join(
+        runtime.redis, keys.latents, deadline, holder=runtime.hostname
+    )
     if shared is not None:
         return _unrun_adapters(_from_outcome(shared), params)
     assert flight is not None

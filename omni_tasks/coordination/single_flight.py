@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import redis
 
 from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import backoff, get_redis, get_scripts
+from omni_tasks.coordination.client import backoff, get_scripts
 
 LEASE_S = 30.0  # an unnamed dead holder blocks waiters at most this long
 RESULT_TTL_S = 300  # outcomes serve waiters, not later repeats (the caches do that)
@@ -72,13 +72,15 @@ class Flight:
         get_scripts().release_held(keys=[keys.flight_lease(self.cache_key)], args=[self.token])
 
 
-def try_claim(cache_key: str, lease_s: float = LEASE_S, holder: str | None = None) -> Flight | None:
+def try_claim(
+    client: redis.Redis, cache_key: str, lease_s: float = LEASE_S, holder: str | None = None
+) -> Flight | None:
     """Hold `cache_key`'s lease if it is free (`SET NX PX`), else None.
 
     `holder`: the caller's worker name, recorded in the lease (see `join`).
     """
     value = _lease_value(holder)
-    if get_redis().set(keys.flight_lease(cache_key), value, nx=True, px=int(lease_s * 1000)):
+    if client.set(keys.flight_lease(cache_key), value, nx=True, px=int(lease_s * 1000)):
         return _flying(cache_key, value, lease_s)
     return None
 
@@ -89,16 +91,17 @@ def holder_of(lease_value: str) -> str | None:
     return holder if sep and holder else None
 
 
-def outcome(cache_key: str) -> str | None:
-    return get_redis().get(keys.flight_result(cache_key))
+def outcome(client: redis.Redis, cache_key: str) -> str | None:
+    return client.get(keys.flight_result(cache_key))
 
 
 def join(
-    cache_key: str, deadline: float, holder: str | None = None
+    client: redis.Redis, cache_key: str, deadline: float, holder: str | None = None
 ) -> tuple[Flight | None, str | None]:
     """Claim `cache_key` or wait for the flight that holds it.
 
-    Returns (flight, None) when this caller must compute (and then publish or
+    `client`: the caller's Redis client (a worker's `runtime.redis`). Returns
+    (flight, None) when this caller must compute (and then publish or
     release), or (None, outcome) when another worker's outcome can be reused.
     Raises TimeoutError at `deadline` (time.monotonic()).
 
@@ -114,18 +117,18 @@ def join(
     """
     for poll, interval in enumerate(backoff(cap=POLL_MAX_S)):
         if poll == 0:  # most joins find the key free: try SET NX before reading the lease
-            done, held = outcome(cache_key), None
+            done, held = outcome(client, cache_key), None
         else:
-            done, held = _outcome_and_lease(cache_key)
+            done, held = _outcome_and_lease(client, cache_key)
         if done is not None:
             return None, done
         if held is None:
-            flight = try_claim(cache_key, holder=holder)
+            flight = try_claim(client, cache_key, holder=holder)
         else:
-            flight = _take_over_if_dead(cache_key, held, holder)
+            flight = _take_over_if_dead(client, cache_key, held, holder)
         if flight is not None:
             try:
-                done = outcome(cache_key)  # published between our two reads: reuse it
+                done = outcome(client, cache_key)  # published between our two reads: reuse it
             except BaseException:
                 # Redis went away (a restart, a failover): a flight never handed to
                 # the caller would renew its lease for ever, and block every waiter.
@@ -152,15 +155,17 @@ def _flying(cache_key: str, value: str, lease_s: float) -> Flight:
     return flight
 
 
-def _outcome_and_lease(cache_key: str) -> tuple[str | None, str | None]:
-    pipe = get_redis().pipeline(transaction=False)
+def _outcome_and_lease(client: redis.Redis, cache_key: str) -> tuple[str | None, str | None]:
+    pipe = client.pipeline(transaction=False)
     pipe.get(keys.flight_result(cache_key))
     pipe.get(keys.flight_lease(cache_key))
     done, held = pipe.execute()
     return done, held
 
 
-def _take_over_if_dead(cache_key: str, held: str, holder: str | None) -> Flight | None:
+def _take_over_if_dead(
+    client: redis.Redis, cache_key: str, held: str, holder: str | None
+) -> Flight | None:
     """The lease, if it still holds `held` and the worker that names is dead (its
     heartbeat hash expired, as the reaper judges a worker dead); else None.
 
@@ -168,7 +173,6 @@ def _take_over_if_dead(cache_key: str, held: str, holder: str | None) -> Flight 
     one takes it; a lease that changed, or a heartbeat that came back, is left alone.
     """
     dead = holder_of(held)
-    client = get_redis()
     if dead is None or client.exists(keys.worker(dead)):
         return None  # a live holder, or one that names no one (only expiry frees it)
     lease = keys.flight_lease(cache_key)

@@ -25,15 +25,15 @@ def beat(client, hostname: str, ttl_ms: int = HEARTBEAT_TTL_S * 1000) -> None:
 
 def test_a_holder_is_named_in_its_lease(redis_client) -> None:
     beat(redis_client, "w-holder")
-    flight = sf.try_claim(KEY, holder="w-holder")
+    flight = sf.try_claim(redis_client, KEY, holder="w-holder")
     assert flight is not None
     value = redis_client.get(keys.flight_lease(KEY))
     assert value == flight.token and sf.holder_of(value) == "w-holder"
     assert 0 < redis_client.pttl(keys.flight_lease(KEY)) <= sf.LEASE_S * 1000
-    assert sf.try_claim(KEY, holder="w-other") is None
+    assert sf.try_claim(redis_client, KEY, holder="w-other") is None
     flight.release()
     assert not redis_client.exists(keys.flight_lease(KEY))
-    unnamed = sf.try_claim(KEY)
+    unnamed = sf.try_claim(redis_client, KEY)
     assert unnamed is not None and sf.holder_of(unnamed.token) is None
     unnamed.release()
 
@@ -43,7 +43,7 @@ def test_a_lease_that_names_no_holder_is_waited_on_until_it_expires(redis_client
     redis_client.set(keys.flight_lease(KEY), "0" * 32, px=600)
     beat(redis_client, "w-waiter")
     started = time.monotonic()
-    mine, done = sf.join(KEY, started + 10, holder="w-waiter")
+    mine, done = sf.join(redis_client, KEY, started + 10, holder="w-waiter")
     assert done is None and mine is not None
     assert time.monotonic() - started >= 0.3  # not taken over: its expiry freed it
     assert sf.holder_of(mine.token) == "w-waiter"
@@ -53,10 +53,10 @@ def test_a_lease_that_names_no_holder_is_waited_on_until_it_expires(redis_client
 def test_a_lease_whose_holder_beats_is_waited_on(redis_client) -> None:
     beat(redis_client, "w-live")
     beat(redis_client, "w-waiter")
-    flight = sf.try_claim(KEY, holder="w-live")
+    flight = sf.try_claim(redis_client, KEY, holder="w-live")
     started = time.monotonic()
     with pytest.raises(TimeoutError, match="waited for the computation"):
-        sf.join(KEY, started + 0.5, holder="w-waiter")
+        sf.join(redis_client, KEY, started + 0.5, holder="w-waiter")
     assert time.monotonic() - started >= 0.5
     assert redis_client.get(keys.flight_lease(KEY)) == flight.token  # not taken over
     flight.release()
@@ -65,13 +65,13 @@ def test_a_lease_whose_holder_beats_is_waited_on(redis_client) -> None:
 def test_a_waiter_takes_over_at_once_when_the_holders_heartbeat_is_gone(redis_client) -> None:
     beat(redis_client, "w-killed", ttl_ms=300)  # its last beat: the key expires soon
     beat(redis_client, "w-waiter")
-    killed = sf.try_claim(KEY, holder="w-killed")
+    killed = sf.try_claim(redis_client, KEY, holder="w-killed")
     assert sf.holder_of(killed.token) == "w-killed"
     # Killed: no more beats, its heartbeat key expires.
     assert eventually(lambda: not redis_client.exists(keys.worker("w-killed")), 5)
     assert redis_client.pttl(keys.flight_lease(KEY)) > (sf.LEASE_S - 2) * 1000  # still held
     started = time.monotonic()
-    mine, done = sf.join(KEY, started + 10, holder="w-waiter")
+    mine, done = sf.join(redis_client, KEY, started + 10, holder="w-waiter")
     waited = time.monotonic() - started
     assert done is None and mine is not None
     assert waited < 1.0  # at once, not after the lease's 30 s
@@ -80,20 +80,20 @@ def test_a_waiter_takes_over_at_once_when_the_holders_heartbeat_is_gone(redis_cl
     killed.release()  # the dead holder's lease is no longer its to give back
     assert redis_client.get(keys.flight_lease(KEY)) == mine.token
     mine.publish("cached:w-waiter")
-    assert sf.outcome(KEY) == "cached:w-waiter"
+    assert sf.outcome(redis_client, KEY) == "cached:w-waiter"
     assert not redis_client.exists(keys.flight_lease(KEY))
 
 
 def test_a_holder_that_publishes_serves_its_waiters(redis_client) -> None:
     beat(redis_client, "w-live")
-    flight = sf.try_claim(KEY, holder="w-live")
+    flight = sf.try_claim(redis_client, KEY, holder="w-live")
     waiters = [f"w-waiter-{i}" for i in range(3)]
     for name in waiters:
         beat(redis_client, name)
     results: dict[str, tuple] = {}
 
     def wait(name: str) -> None:
-        results[name] = sf.join(KEY, time.monotonic() + 10, holder=name)
+        results[name] = sf.join(redis_client, KEY, time.monotonic() + 10, holder=name)
 
     threads = [threading.Thread(target=wait, args=(n,)) for n in waiters]
     for t in threads:
@@ -118,7 +118,7 @@ def test_waiters_racing_a_dead_lease_compute_once(redis_client, round_) -> None:
 
     def race(name: str) -> None:
         barrier.wait()
-        results[name] = sf.join(KEY, time.monotonic() + 10, holder=name)
+        results[name] = sf.join(redis_client, KEY, time.monotonic() + 10, holder=name)
 
     threads = [threading.Thread(target=race, args=(n,)) for n in waiters]
     for t in threads:
