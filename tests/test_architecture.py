@@ -292,6 +292,7 @@ def _lookups(path: Path) -> set[str]:
 GIVEN_COORDINATION = (
     "acceptance",
     "admission",
+    "cache_directory",
     "colon_layout",
     "counters",
     "depths",
@@ -312,7 +313,7 @@ def test_worker_api_and_send_path_code_gets_config_and_redis_given() -> None:
         "workers/lifecycle/hooks.py": {"get_config"},  # worker_init: the worker's config
         "workers/runtime.py": {"get_config", "get_redis"},  # the process context itself
         "workers/engines/diffusers_engine.py": {"get_config"},  # an engine built alone
-        "omni_tasks/api/app.py": {"get_config"},  # the app factory
+        "omni_tasks/api/app.py": {"get_config", "get_redis"},  # the app factory
         "omni_tasks/tasks/context.py": {"get_config", "get_redis"},  # the producer context
         "omni_tasks/tasks/celery_app.py": {"get_config"},  # the Celery settings at import
         "omni_tasks/tasks/transport.py": {"get_config"},  # kombu's purge, under Celery

@@ -19,6 +19,7 @@ from omni_tasks import (
 )
 from omni_tasks.config import Registries, config_from_dict, load_config
 from omni_tasks.coordination import cache_directory, keys
+from omni_tasks.coordination.client import get_redis
 from omni_tasks.lora import directory_key
 from omni_tasks.requests import OmniRequest
 from omni_tasks.scheduling.policies import Route, create_policy
@@ -186,10 +187,10 @@ def test_a_request_goes_to_the_live_worker_holding_its_adapter(redis_client) -> 
 
 
 def test_adapter_uses_are_counted_per_pool(redis_client) -> None:
-    cache_directory.count_adapter("diffusion", hit=False, load_s=0.25)
-    cache_directory.count_adapter("diffusion", hit=True)
-    cache_directory.count_adapter("diffusion", hit=True)
-    stats = cache_directory.adapter_stats("diffusion")
+    cache_directory.count_adapter(get_redis(), "diffusion", hit=False, load_s=0.25)
+    cache_directory.count_adapter(get_redis(), "diffusion", hit=True)
+    cache_directory.count_adapter(get_redis(), "diffusion", hit=True)
+    stats = cache_directory.adapter_stats(get_redis(), "diffusion")
     assert stats == {"hits": 2, "misses": 1, "hit_rate": 2 / 3, "load_s_sum": 0.25}
 
 

@@ -72,7 +72,7 @@ class Rendered:
 
 def _count(kind: str, hit: bool) -> None:
     queue = runtime.config.diffusion.queue
-    _outage.run(cache_directory.count_lookup, queue, runtime.hostname, kind, hit)
+    _outage.run(cache_directory.count_lookup, runtime.redis, queue, runtime.hostname, kind, hit)
 
 
 def _record_hit(key: str) -> None:
@@ -120,7 +120,7 @@ def render(
         if out.latents is not None:  # lossless: an exact repeat gives the identical files
             cache.put(keys.latents, _final(out, files), lossless=True)
         info = {"latents": "miss", "embeddings": "hit" if embeds is not None else "miss"}
-        count_uses(runtime.config.diffusion.queue, out.lora)
+        count_uses(runtime.redis, runtime.config.diffusion.queue, out.lora)
         flight.publish(_outcome(out, info, files))
     except BaseException:
         flight.release()

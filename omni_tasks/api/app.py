@@ -34,6 +34,7 @@ from omni_tasks.api.middleware import BearerAuth, BodyLimit, CatchAll
 from omni_tasks.api.submission import LiveWorkers
 from omni_tasks.api.webhooks import WebhookDispatcher
 from omni_tasks.config import CoreModuleConfig, get_config, set_config
+from omni_tasks.coordination.client import get_redis
 
 #: The environment variable that sets the bearer token (`api.token` in the config too).
 TOKEN_ENV = "OMNI_API_TOKEN"
@@ -56,7 +57,7 @@ def create_app(config: CoreModuleConfig | None = None) -> FastAPI:
         app.state.hub = hub
         app.state.workers = LiveWorkers(hub, config)
         app.state.webhooks = WebhookDispatcher(hub, config)
-        app.state.status = status.StatusCache(config)
+        app.state.status = status.StatusCache(app.state.redis, config)
         await app.state.webhooks.start()
         try:
             yield
@@ -72,6 +73,7 @@ def create_app(config: CoreModuleConfig | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.config = config  # what handlers read (`context.config_of`)
+    app.state.redis = get_redis(config.redis_url)  # the status reads' sync client
     app.state.caller = caller_of(api_token(config))  # scopes Idempotency-Keys
     errors.install(app)
     routers = (openai_images, openai_text, openai_audio, jobs, videos, batch_files, batches, files)

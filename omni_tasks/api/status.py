@@ -15,6 +15,7 @@ import asyncio
 import time
 from typing import Any
 
+import redis
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -61,14 +62,14 @@ def by_class(levels: dict[int, int], starts: dict[str, int]) -> dict[str, int]:
     return counts
 
 
-def read_status(config: CoreModuleConfig) -> dict[str, Any]:
-    """The status document (the route's answer; synchronous Redis reads)."""
+def read_status(client: redis.Redis, config: CoreModuleConfig) -> dict[str, Any]:
+    """The status document (the route's answer; synchronous Redis reads with `client`)."""
     snap = read_snapshot(config)
     issues, advice = health_of(snap, config, sample_window(snap, config))
     stranded = stranded_lists(config, snap.workers)
     more_issues, more_advice = stranded_health(stranded)
     rejected = list_rejections(RECENT_REJECTED)
-    dit_rate, _, _ = hit_rate(config.diffusion.queue)
+    dit_rate, _, _ = hit_rate(client, config.diffusion.queue)
     return {
         "object": "status",
         "time": time.time(),
@@ -82,7 +83,7 @@ def read_status(config: CoreModuleConfig) -> dict[str, Any]:
         },
         "workers": [_worker(w) for w in snap.workers],
         "dit_cache": {"hit_rate": dit_rate, "bytes": snap.dit_cache_bytes},
-        "lora": adapter_stats(config.diffusion.queue),
+        "lora": adapter_stats(client, config.diffusion.queue),
         "rejected": {"count": sum(p.rejected for p in snap.pools.values()), "recent": rejected},
         "stranded": stranded,
         "links": {"flower": config.api.flower_url, "grafana": config.api.grafana_url},
@@ -129,8 +130,8 @@ class StatusCache:
     """The last status this process read, kept `STATUS_TTL_S`: pages that poll share it
     (one per API process, on `app.state.status`)."""
 
-    def __init__(self, config: CoreModuleConfig) -> None:
-        self.config = config
+    def __init__(self, client: redis.Redis, config: CoreModuleConfig) -> None:
+        self.client, self.config = client, config
         self._at = 0.0
         self._value: dict[str, Any] | None = None
         self._lock = asyncio.Lock()
@@ -138,7 +139,7 @@ class StatusCache:
     async def read(self) -> dict[str, Any]:
         async with self._lock:
             if self._value is None or time.monotonic() - self._at >= STATUS_TTL_S:
-                self._value = await asyncio.to_thread(read_status, self.config)
+                self._value = await asyncio.to_thread(read_status, self.client, self.config)
                 self._at = time.monotonic()
             return self._value
 

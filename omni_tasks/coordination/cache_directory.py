@@ -29,10 +29,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
 from omni_tasks import lora
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys, worker_index
-from omni_tasks.coordination.client import get_redis, get_scripts
+from omni_tasks.coordination.client import get_scripts
 from omni_tasks.model_registry import dit_model
 from omni_tasks.requests import OmniRequest, RequestType
 
@@ -137,9 +139,9 @@ def clear_worker(worker: str) -> int:
     )
 
 
-def holders(cache_key: str) -> list[Holder]:
+def holders(client: redis.Redis, cache_key: str) -> list[Holder]:
     """Every worker's entry for `cache_key`, by worker name."""
-    raw = get_redis().hgetall(keys.cache_holders(cache_key))
+    raw = client.hgetall(keys.cache_holders(cache_key))
     return [_holder(worker, json.loads(entry)) for worker, entry in sorted(raw.items())]
 
 
@@ -149,8 +151,8 @@ def _holder(worker: str, entry: dict[str, Any]) -> Holder:
     return Holder(worker=worker, **entry)
 
 
-def held_by(worker: str) -> set[str]:
-    return set(get_redis().smembers(keys.cache_worker(worker)))
+def held_by(client: redis.Redis, worker: str) -> set[str]:
+    return set(client.smembers(keys.cache_worker(worker)))
 
 
 def pick_holder(cache_keys: list[str]) -> str | None:
@@ -168,12 +170,11 @@ def pick_holder(cache_keys: list[str]) -> str | None:
     return found or None
 
 
-def sweep_dead_workers(pool_queue: str) -> list[str]:
+def sweep_dead_workers(client: redis.Redis, pool_queue: str) -> list[str]:
     """Clear the entries of the diffusion workers whose heartbeat expired, and move the
     messages left in their own queues (affinity-routed, or restored there after they
     died) back to the pool queue at the same priority; then drop them from the worker
     index. Run periodically by every live DiT worker: O(dead workers), no scan."""
-    client = get_redis()
     candidates = worker_index.dead(client, worker_index.DIT)
     if not candidates:
         return []
@@ -191,24 +192,24 @@ def sweep_dead_workers(pool_queue: str) -> list[str]:
     return sorted(dead)
 
 
-def own_queue_keys(client: Any) -> list[tuple[str, str, int]]:
+def own_queue_keys(client: redis.Redis) -> list[tuple[str, str, int]]:
     """(list key, worker, priority level) of every level of every indexed diffusion
     worker's own queue (`worker_index.own_queue_keys`)."""
     return worker_index.own_queue_keys(client)
 
 
-def count_lookup(queue: str, worker: str, kind: str, hit: bool) -> None:
+def count_lookup(client: redis.Redis, queue: str, worker: str, kind: str, hit: bool) -> None:
     """Hit/miss counters per pool (named by its queue) and per worker, per kind of entry."""
     field = f"{'hits' if hit else 'misses'}:{kind}"
-    pipe = get_redis().pipeline(transaction=False)
+    pipe = client.pipeline(transaction=False)
     pipe.hincrby(keys.cache_stats(queue), field, 1)
     pipe.hincrby(keys.cache_worker_stats(worker), field, 1)
     pipe.execute()
 
 
-def hit_rate(queue: str, kind: str | None = None) -> tuple[float, int, int]:
+def hit_rate(client: redis.Redis, queue: str, kind: str | None = None) -> tuple[float, int, int]:
     """(rate, hits, misses) of a pool, over one kind of entry or all of them."""
-    raw: dict[str, Any] = get_redis().hgetall(keys.cache_stats(queue))
+    raw: dict[str, Any] = client.hgetall(keys.cache_stats(queue))
     hits = sum(int(v) for f, v in raw.items() if f.startswith("hits:") and _kind(f, kind))
     misses = sum(int(v) for f, v in raw.items() if f.startswith("misses:") and _kind(f, kind))
     total = hits + misses
@@ -219,18 +220,18 @@ def _kind(field: str, kind: str | None) -> bool:
     return kind is None or field.endswith(":" + kind)
 
 
-def count_adapter(queue: str, hit: bool, load_s: float = 0.0) -> None:
+def count_adapter(client: redis.Redis, queue: str, hit: bool, load_s: float = 0.0) -> None:
     """One adapter use on a pool: already loaded (`hit`), or loaded in `load_s`."""
-    pipe = get_redis().pipeline(transaction=False)
+    pipe = client.pipeline(transaction=False)
     pipe.hincrby(keys.lora_stats(queue), "hits" if hit else "misses", 1)
     if load_s > 0:
         pipe.hincrbyfloat(keys.lora_stats(queue), "load_s_sum", load_s)
     pipe.execute()
 
 
-def adapter_stats(queue: str) -> dict[str, float]:
+def adapter_stats(client: redis.Redis, queue: str) -> dict[str, float]:
     """A pool's adapter uses: hits, misses, hit_rate and load_s_sum."""
-    raw: dict[str, Any] = get_redis().hgetall(keys.lora_stats(queue))
+    raw: dict[str, Any] = client.hgetall(keys.lora_stats(queue))
     hits, misses = int(raw.get("hits", 0)), int(raw.get("misses", 0))
     total = hits + misses
     return {

@@ -65,7 +65,7 @@ def window_seconds(config: CoreModuleConfig) -> float:
 
 def current_counters(snapshot: ClusterSnapshot, config: CoreModuleConfig) -> Counters:
     """The counters now: the snapshot's pools and the DiT cache's hits and misses."""
-    _, hits, misses = hit_rate(config.diffusion.queue)
+    _, hits, misses = hit_rate(get_redis(), config.diffusion.queue)
     return Counters(time.time(), snapshot.pools, hits, misses)
 
 

@@ -372,13 +372,14 @@ def _summary(results: list[dict[str, Any]], out_dir: Path) -> None:
     from omni_tasks.cli.status import show_status, status_report
     from omni_tasks.config import get_config
     from omni_tasks.coordination.cache_directory import adapter_stats
+    from omni_tasks.coordination.client import get_redis
 
     ok = sum(r["state"] == "SUCCESS" for r in results)
     _line(f"\n{ok}/{len(results)} requests succeeded")
     time.sleep(1.0)  # workers flush their success counters every 0.25 s
     _line("\nthe cluster now (omni-tasks status):")
     show_status(status_report())
-    lora = adapter_stats(get_config().diffusion.queue)
+    lora = adapter_stats(get_redis(), get_config().diffusion.queue)
     _line(
         f"LoRA adapters: {lora['hits']} hits, {lora['misses']} loads"
         f" ({lora['load_s_sum']:.2f}s loading)"

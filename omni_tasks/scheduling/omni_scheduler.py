@@ -354,7 +354,7 @@ class OmniScheduler:
 
     def _cache_hit_rate(self) -> float:
         """DiT cache hits over lookups in the diffusion pool (all kinds of entries)."""
-        return hit_rate(self.core_config.diffusion.queue)[0]
+        return hit_rate(self.redis, self.core_config.diffusion.queue)[0]
 
     def _update_stats(self, seconds: float) -> None:
         n = self._stats["processed_requests"] + 1

@@ -20,6 +20,7 @@ from omni_tasks import (
 )
 from omni_tasks.coordination import cache_directory as directory
 from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import get_redis
 from omni_tasks.requests import OmniRequest
 
 POOL = "diffusion"
@@ -51,21 +52,24 @@ def test_record_insert_then_holders_and_held_by(redis_client) -> None:
     directory.record_insert("w1", POOL, "lat:a", 4096)
     directory.record_insert("w2", POOL, "lat:a", 2048)
     directory.record_insert("w1", POOL, "emb:a", 512)
-    (h1, h2) = directory.holders("lat:a")
+    (h1, h2) = directory.holders(get_redis(), "lat:a")
     assert (h1.worker, h1.queue, h1.bytes, h1.hits, h1.last_hit) == ("w1", POOL, 4096, 0, 0)
     # Lua's cjson keeps 14 significant digits: a time to about 0.1 ms.
     assert before - 0.001 <= h1.created <= time.time() + 0.001
     assert (h2.worker, h2.bytes) == ("w2", 2048)
-    assert directory.held_by("w1") == {"lat:a", "emb:a"}
-    assert directory.held_by("w2") == {"lat:a"}
-    assert directory.holders("lat:unknown") == [] and directory.held_by("w3") == set()
+    assert directory.held_by(get_redis(), "w1") == {"lat:a", "emb:a"}
+    assert directory.held_by(get_redis(), "w2") == {"lat:a"}
+    assert (
+        directory.holders(get_redis(), "lat:unknown") == []
+        and directory.held_by(get_redis(), "w3") == set()
+    )
 
 
 def test_holders_reads_entries_that_name_the_queue_pool(redis_client) -> None:
     # An entry may name its queue "pool"; it is read as the entry's queue.
     old = {"pool": POOL, "bytes": 64, "created": 1.0, "last_hit": 0, "hits": 3}
     redis_client.hset(keys.cache_holders("lat:a"), "old-worker", json.dumps(old))
-    (entry,) = directory.holders("lat:a")
+    (entry,) = directory.holders(get_redis(), "lat:a")
     assert (entry.worker, entry.queue, entry.bytes, entry.hits) == ("old-worker", POOL, 64, 3)
 
 
@@ -73,7 +77,7 @@ def test_record_insert_again_replaces_the_entry(redis_client) -> None:
     directory.record_insert("w1", POOL, "lat:a", 100)
     directory.record_hit("w1", "lat:a")
     directory.record_insert("w1", POOL, "lat:a", 300)
-    (entry,) = directory.holders("lat:a")
+    (entry,) = directory.holders(get_redis(), "lat:a")
     assert (entry.bytes, entry.hits) == (300, 0)
 
 
@@ -82,7 +86,7 @@ def test_record_hit_counts_and_stamps(redis_client) -> None:
     directory.record_hit("w1", "lat:a")
     directory.record_hit("w1", "lat:a")
     directory.record_hit("w2", "lat:a")  # w2 does not hold it: nothing recorded
-    (entry,) = directory.holders("lat:a")
+    (entry,) = directory.holders(get_redis(), "lat:a")
     assert entry.hits == 2 and entry.last_hit >= entry.created
 
 
@@ -90,8 +94,8 @@ def test_record_remove_drops_one_worker_entry(redis_client) -> None:
     directory.record_insert("w1", POOL, "lat:a", 100)
     directory.record_insert("w2", POOL, "lat:a", 100)
     directory.record_remove("w1", "lat:a")
-    assert [h.worker for h in directory.holders("lat:a")] == ["w2"]
-    assert directory.held_by("w1") == set()
+    assert [h.worker for h in directory.holders(get_redis(), "lat:a")] == ["w2"]
+    assert directory.held_by(get_redis(), "w1") == set()
     directory.record_remove("w1", "lat:a")  # twice: harmless
 
 
@@ -100,9 +104,12 @@ def test_clear_worker_forgets_everything_it_held(redis_client) -> None:
         directory.record_insert("w1", POOL, key, 100)
     directory.record_insert("w2", POOL, "lat:a", 100)
     assert directory.clear_worker("w1") == 3
-    assert directory.held_by("w1") == set()
-    assert [h.worker for h in directory.holders("lat:a")] == ["w2"]
-    assert directory.holders("emb:a") == [] and directory.holders("lat:b") == []
+    assert directory.held_by(get_redis(), "w1") == set()
+    assert [h.worker for h in directory.holders(get_redis(), "lat:a")] == ["w2"]
+    assert (
+        directory.holders(get_redis(), "emb:a") == []
+        and directory.holders(get_redis(), "lat:b") == []
+    )
     assert directory.clear_worker("w1") == 0
 
 
@@ -155,9 +162,9 @@ def test_sweep_moves_a_dead_workers_messages_back_to_the_pool(redis_client) -> N
     died(redis_client, "dead-1")
     died(redis_client, "dead-2")
 
-    assert directory.sweep_dead_workers(POOL) == ["dead-1", "dead-2"]
-    assert [h.worker for h in directory.holders("lat:a")] == ["live-1"]
-    assert directory.held_by("dead-1") == set()
+    assert directory.sweep_dead_workers(get_redis(), POOL) == ["dead-1", "dead-2"]
+    assert [h.worker for h in directory.holders(get_redis(), "lat:a")] == ["live-1"]
+    assert directory.held_by(get_redis(), "dead-1") == set()
     # Same level, after what was already there, in the order they were sent.
     assert [redis_client.rpop(keys.queue_key(POOL, 3)) for _ in range(3)] == [
         "pool-old",
@@ -168,7 +175,7 @@ def test_sweep_moves_a_dead_workers_messages_back_to_the_pool(redis_client) -> N
     assert redis_client.lrange(keys.queue_key(POOL, 7), 0, -1) == ["d7"]
     assert not redis_client.exists(own_queue("dead-1", 3), own_queue("dead-1", 0))
     assert redis_client.lrange(own_queue("live-1", 3), 0, -1) == ["l3"]  # a live one keeps its
-    assert directory.sweep_dead_workers(POOL) == []  # nothing left to sweep
+    assert directory.sweep_dead_workers(get_redis(), POOL) == []  # nothing left to sweep
 
 
 def test_own_queue_keys_lists_every_level_of_every_indexed_worker(redis_client) -> None:
@@ -183,12 +190,12 @@ def test_own_queue_keys_lists_every_level_of_every_indexed_worker(redis_client) 
 
 def test_lookup_counters_and_hit_rate(redis_client) -> None:
     for kind, hit in [("latents", True), ("latents", False), ("embeddings", True)]:
-        directory.count_lookup(POOL, "w1", kind, hit)
-    directory.count_lookup(POOL, "w2", "latents", False)
-    assert directory.hit_rate(POOL) == (0.5, 2, 2)
-    assert directory.hit_rate(POOL, "latents") == (pytest.approx(1 / 3), 1, 2)
-    assert directory.hit_rate(POOL, "embeddings") == (1.0, 1, 0)
-    assert directory.hit_rate("ar") == (0.0, 0, 0)
+        directory.count_lookup(get_redis(), POOL, "w1", kind, hit)
+    directory.count_lookup(get_redis(), POOL, "w2", "latents", False)
+    assert directory.hit_rate(get_redis(), POOL) == (0.5, 2, 2)
+    assert directory.hit_rate(get_redis(), POOL, "latents") == (pytest.approx(1 / 3), 1, 2)
+    assert directory.hit_rate(get_redis(), POOL, "embeddings") == (1.0, 1, 0)
+    assert directory.hit_rate(get_redis(), "ar") == (0.0, 0, 0)
     per_worker = redis_client.hgetall(keys.cache_worker_stats("w1"))
     assert per_worker == {"hits:latents": "1", "misses:latents": "1", "hits:embeddings": "1"}
 

@@ -50,7 +50,7 @@ def real_contents(hostname: str) -> set[str]:
 
 
 def directory_of(hostname: str) -> set[str]:
-    return cache_directory.held_by(hostname)
+    return cache_directory.held_by(get_redis(), hostname)
 
 
 def test_exact_repeat_reuses_latents_and_new_seed_reuses_embeddings(two_workers) -> None:
@@ -76,7 +76,10 @@ def test_affinity_routes_a_repeat_to_the_holder(two_workers) -> None:
     request = create_diffusion_request("affinity check", seed=5, **SMALL)
     result = submit(request)
     result.get(TIMEOUT)
-    (held,) = [h.worker for h in cache_directory.holders(dit_keys(request, get_config()).latents)]
+    (held,) = [
+        h.worker
+        for h in cache_directory.holders(get_redis(), dit_keys(request, get_config()).latents)
+    ]
     assert result.worker == held  # the worker that ran it is the one the directory names
     repeat = create_diffusion_request("affinity check", seed=5, **SMALL)
     route = resolve_route(repeat, "dit", create_policy(get_config()))
@@ -140,7 +143,9 @@ def test_directory_mirrors_real_contents_through_evictions(two_workers) -> None:
     assert total_evictions > 0
     for worker in two_workers:
         for key in directory_of(worker.hostname):
-            entry = {h.worker: h for h in cache_directory.holders(key)}[worker.hostname]
+            entry = {h.worker: h for h in cache_directory.holders(get_redis(), key)}[
+                worker.hostname
+            ]
             assert entry.bytes > 0 and entry.queue == "diffusion"
 
 

@@ -19,6 +19,7 @@ import torch
 
 from omni_tasks.config import get_config
 from omni_tasks.coordination import cache_directory
+from omni_tasks.coordination.client import get_redis
 from omni_tasks.errors import EngineStoppedError
 from workers.dit_cache import GIB
 from workers.engines.base import ImageParams, TextParams
@@ -111,11 +112,11 @@ def test_dit_cache_figures_and_directory_with_a_cache(tiny_flux_dir: Path, redis
         # The engine's memory budget counts the cache it was given when built.
         assert runtime.resource_status()["cache_bytes"] == 64
         # Its listener mirrors inserts and removals into the Redis directory.
-        assert cache_directory.held_by("figures@test") == {"k1"}
-        (holder,) = cache_directory.holders("k1")
+        assert cache_directory.held_by(get_redis(), "figures@test") == {"k1"}
+        (holder,) = cache_directory.holders(get_redis(), "k1")
         assert (holder.worker, holder.queue, holder.bytes) == ("figures@test", "diffusion", 64)
         cache.invalidate("k1")
-        assert cache_directory.held_by("figures@test") == set()
+        assert cache_directory.held_by(get_redis(), "figures@test") == set()
         assert runtime.dit_cache_figures()["dit_cache_entries"] == 0
     finally:
         runtime.stop()

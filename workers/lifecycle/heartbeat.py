@@ -89,7 +89,11 @@ class Heartbeat:
             if outage.run(self._beat, key, info):
                 last = _late_beat_warning(last)
             if sweeps and beats % 2 == 1:
-                sweep.run(cache_directory.sweep_dead_workers, self.runtime.config.diffusion.queue)
+                sweep.run(
+                    cache_directory.sweep_dead_workers,
+                    self.runtime.redis,
+                    self.runtime.config.diffusion.queue,
+                )
             self._stop.wait(outage.pause(HEARTBEAT_INTERVAL_S))
 
     def _beat(self, key: str, info: dict[str, Any]) -> None:

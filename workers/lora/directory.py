@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+import redis
+
 from omni_tasks import lora
 from omni_tasks.coordination import cache_directory
 from omni_tasks.coordination.outage import Outage
@@ -28,12 +30,12 @@ class AdapterDirectoryListener:
         cache_directory.record_remove(self.worker, lora.directory_key(key))
 
 
-def count_uses(queue: str, uses: Iterable[dict]) -> None:
+def count_uses(client: redis.Redis, queue: str, uses: Iterable[dict]) -> None:
     """Count a request's adapter uses (those that ran: `hit` is not None) for its pool."""
-    _outage.run(_count, queue, uses)  # counters are advisory
+    _outage.run(_count, client, queue, uses)  # counters are advisory
 
 
-def _count(queue: str, uses: Iterable[dict]) -> None:
+def _count(client: redis.Redis, queue: str, uses: Iterable[dict]) -> None:
     for use in uses:
         if use.get("hit") is not None:
-            cache_directory.count_adapter(queue, bool(use["hit"]), float(use["load_s"]))
+            cache_directory.count_adapter(client, queue, bool(use["hit"]), float(use["load_s"]))

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from omni_tasks.coordination import cache_directory
+from omni_tasks.coordination.client import get_redis
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CHILD = r"""
@@ -46,4 +47,4 @@ def test_dit_cache_command_reports_what_the_cache_holds(tiny_flux_dir: Path, red
     assert after["keys"] == ["k-a", "k-b"]
     assert after["stats"]["entries"] == 2 and after["stats"]["bytes"] == 48
     # What the command reports is what the Redis directory mirrors for that worker.
-    assert cache_directory.held_by(replies["hostname"]) == {"k-a", "k-b"}
+    assert cache_directory.held_by(get_redis(), replies["hostname"]) == {"k-a", "k-b"}

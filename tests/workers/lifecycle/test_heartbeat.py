@@ -21,6 +21,7 @@ import pytest
 from helpers import eventually
 
 from omni_tasks.coordination import cache_directory, keys
+from omni_tasks.coordination.client import get_redis
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 INTERVAL_S = 0.1
@@ -174,9 +175,9 @@ def test_clear_deletes_the_heartbeat_and_the_directory_entries(heartbeat_of, red
     child.call("stop")
     child.call("clear")
     assert not redis_client.exists(keys.worker("dit@test"))
-    assert cache_directory.held_by("dit@test") == set()
-    assert [h.worker for h in cache_directory.holders("k1")] == ["other@test"]
-    assert cache_directory.holders("k2") == []
+    assert cache_directory.held_by(get_redis(), "dit@test") == set()
+    assert [h.worker for h in cache_directory.holders(get_redis(), "k1")] == ["other@test"]
+    assert cache_directory.holders(get_redis(), "k2") == []
 
 
 def test_a_diffusion_workers_heartbeat_sweeps_dead_workers(heartbeat_of, redis_client) -> None:
@@ -187,8 +188,10 @@ def test_a_diffusion_workers_heartbeat_sweeps_dead_workers(heartbeat_of, redis_c
     ar.call("start")
     assert eventually(lambda: beat_of(redis_client, "ar@test"))
     time.sleep(5 * INTERVAL_S)  # several beats, none of which may sweep
-    assert cache_directory.held_by("dead@test") == {"k-dead"}  # an AR worker never sweeps
+    assert cache_directory.held_by(get_redis(), "dead@test") == {
+        "k-dead"
+    }  # an AR worker never sweeps
     dit = heartbeat_of("dit@test", **DIT_WORKER)
     dit.call("start")
-    assert eventually(lambda: not cache_directory.held_by("dead@test"))
-    assert cache_directory.holders("k-dead") == []
+    assert eventually(lambda: not cache_directory.held_by(get_redis(), "dead@test"))
+    assert cache_directory.holders(get_redis(), "k-dead") == []

@@ -15,6 +15,7 @@ import pytest
 
 from omni_tasks.config import GIB, CoreModuleConfig, get_config
 from omni_tasks.coordination import cache_directory
+from omni_tasks.coordination.client import get_redis
 from omni_tasks.errors import ProcessingError, ResourceError
 from omni_tasks.lora import directory_key
 from workers.engines.base import ImageOutput, ImageParams, StepCacheSettings
@@ -140,8 +141,10 @@ def test_adapters_are_evicted_least_recently_used_under_a_small_budget(
         - engine.resources.cache_reserved_bytes
         - engine.resources.adapter_reserved_bytes
     )
-    assert [h.worker for h in cache_directory.holders(directory_key("charcoal"))] == [WORKER]
-    assert cache_directory.holders(directory_key("pastel")) == []
+    assert [h.worker for h in cache_directory.holders(get_redis(), directory_key("charcoal"))] == [
+        WORKER
+    ]
+    assert cache_directory.holders(get_redis(), directory_key("pastel")) == []
     again = generate(engine, (("pastel", 1.0),))
     assert again.lora[0]["hit"] is False and again.lora[0]["load_s"] > 0
 
