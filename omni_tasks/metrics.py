@@ -71,10 +71,10 @@ class ClusterCollector(Collector):
         yield from families
 
     def _families(self, config: CoreModuleConfig) -> Iterator[Metric]:
-        snapshot = read_snapshot(config)
+        client = get_redis(config.redis_url)
+        snapshot = read_snapshot(client, config)
         pools = list(snapshot.pools)
         yield from _queue_families(snapshot, config.diffusion.queue)
-        client = get_redis(config.redis_url)
         yield from _timing_families(client, pools)
         yield from _step_families(client, pools, config.diffusion.queue)
         yield from _worker_families(client, snapshot)

@@ -294,6 +294,7 @@ GIVEN_COORDINATION = (
     "admission",
     "cache_directory",
     "colon_layout",
+    "counter_window",
     "counters",
     "depths",
     "idempotency",
@@ -302,6 +303,8 @@ GIVEN_COORDINATION = (
     "queue_walk",
     "runs",
     "single_flight",
+    "snapshots",
+    "stranded",
 )
 
 

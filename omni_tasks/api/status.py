@@ -64,9 +64,9 @@ def by_class(levels: dict[int, int], starts: dict[str, int]) -> dict[str, int]:
 
 def read_status(client: redis.Redis, config: CoreModuleConfig) -> dict[str, Any]:
     """The status document (the route's answer; synchronous Redis reads with `client`)."""
-    snap = read_snapshot(config)
-    issues, advice = health_of(snap, config, sample_window(snap, config))
-    stranded = stranded_lists(config, snap.workers)
+    snap = read_snapshot(client, config)
+    issues, advice = health_of(snap, config, sample_window(client, snap, config))
+    stranded = stranded_lists(client, config, snap.workers)
     more_issues, more_advice = stranded_health(stranded)
     rejected = list_rejections(RECENT_REJECTED)
     dit_rate, _, _ = hit_rate(client, config.diffusion.queue)

@@ -14,10 +14,11 @@ import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import redis
+
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.cache_directory import hit_rate
-from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.rejections import MAX_RECORDS
 from omni_tasks.coordination.snapshots import ClusterSnapshot, PoolStats
 
@@ -63,13 +64,15 @@ def window_seconds(config: CoreModuleConfig) -> float:
     return float(WINDOW_INTERVALS * config.metrics_interval)
 
 
-def current_counters(snapshot: ClusterSnapshot, config: CoreModuleConfig) -> Counters:
+def current_counters(
+    client: redis.Redis, snapshot: ClusterSnapshot, config: CoreModuleConfig
+) -> Counters:
     """The counters now: the snapshot's pools and the DiT cache's hits and misses."""
-    _, hits, misses = hit_rate(get_redis(), config.diffusion.queue)
+    _, hits, misses = hit_rate(client, config.diffusion.queue)
     return Counters(time.time(), snapshot.pools, hits, misses)
 
 
-def record_sample(counters: Counters) -> None:
+def record_sample(client: redis.Redis, counters: Counters) -> None:
     """Add `counters` to the shared series, trimmed by age and count."""
     member = json.dumps(
         {
@@ -79,18 +82,17 @@ def record_sample(counters: Counters) -> None:
             "misses": counters.cache_misses,
         }
     )
-    pipe = get_redis().pipeline(transaction=True)
+    pipe = client.pipeline(transaction=True)
     pipe.zadd(keys.metrics_samples(), {member: counters.time})
     pipe.zremrangebyscore(keys.metrics_samples(), "-inf", counters.time - MAX_SAMPLE_AGE_S)
     pipe.zremrangebyrank(keys.metrics_samples(), 0, -MAX_SAMPLES - 1)
     pipe.execute()
 
 
-def read_window(now: Counters, config: CoreModuleConfig) -> Window:
+def read_window(client: redis.Redis, now: Counters, config: CoreModuleConfig) -> Window:
     """The window ending at `now`: its counters' increase since the oldest sample of
     the window (any process's; none yet: an empty window), and the messages rejected
     in it. Writes nothing."""
-    client = get_redis()
     since = now.time - window_seconds(config)
     oldest = client.zrangebyscore(keys.metrics_samples(), since, "+inf", start=0, num=1)
     base = json.loads(oldest[0]) if oldest else {"t": now.time, "pools": {}}
@@ -106,12 +108,14 @@ def read_window(now: Counters, config: CoreModuleConfig) -> Window:
     )
 
 
-def sample_window(snapshot: ClusterSnapshot, config: CoreModuleConfig) -> Window:
+def sample_window(
+    client: redis.Redis, snapshot: ClusterSnapshot, config: CoreModuleConfig
+) -> Window:
     """Sample the counters now (`record_sample`), then read the window that ends
     there: what a status read does, so the series has a sample per read."""
-    now = current_counters(snapshot, config)
-    record_sample(now)
-    return read_window(now, config)
+    now = current_counters(client, snapshot, config)
+    record_sample(client, now)
+    return read_window(client, now, config)
 
 
 def _increase(now: PoolStats, base: dict[str, Any] | None) -> PoolStats:

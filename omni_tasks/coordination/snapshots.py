@@ -13,9 +13,10 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from omni_tasks.config import CoreModuleConfig, get_config
+import redis
+
+from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys, worker_index
-from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.depths import all_depths
 
 
@@ -72,10 +73,9 @@ class ClusterSnapshot:
         return [w for w in self.workers if queue in w.get("queues", [])]
 
 
-def read_snapshot(config: CoreModuleConfig | None = None) -> ClusterSnapshot:
-    """The cluster now: counters, live workers (sorted by hostname) and depths."""
-    config = config or get_config()
-    client = get_redis()
+def read_snapshot(client: redis.Redis, config: CoreModuleConfig) -> ClusterSnapshot:
+    """The cluster now, read with `client`: counters, live workers (sorted by hostname)
+    and depths."""
     queues = config.pool_queues()
     pipe = client.pipeline(transaction=False)
     for queue in queues:

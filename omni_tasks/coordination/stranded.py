@@ -19,9 +19,10 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+import redis
+
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import get_redis
 from omni_tasks.model_registry import model_queues
 
 #: How long one scan's result serves every process.
@@ -30,12 +31,13 @@ CACHE_S = 30
 _ENVELOPE = ("body", "headers", "properties")
 
 
-def stranded_lists(config: CoreModuleConfig, workers: Iterable[dict[str, Any]]) -> dict[str, int]:
+def stranded_lists(
+    client: redis.Redis, config: CoreModuleConfig, workers: Iterable[dict[str, Any]]
+) -> dict[str, int]:
     """List name -> messages waiting, for every list of messages no live worker reads
     (Redis broker only; empty otherwise)."""
     if not config.broker_is_redis:
         return {}
-    client = get_redis()
     cached = client.get(keys.stranded())
     if cached is not None:
         return json.loads(cached)

@@ -189,7 +189,7 @@ class OmniScheduler:
         return total_queued(self.redis, self.core_config)
 
     def get_processed_count(self) -> int:
-        return read_snapshot(self.core_config).processed
+        return read_snapshot(self.redis, self.core_config).processed
 
     # Configuration.
     def update_config(self, new_config: SchedulerConfig) -> None:
@@ -281,7 +281,7 @@ class OmniScheduler:
 
     # Monitoring.
     def get_status(self) -> dict[str, Any]:
-        snap = read_snapshot(self.core_config)
+        snap = read_snapshot(self.redis, self.core_config)
         return {
             "running": self._running,
             "queue_size": snap.queued,
@@ -299,8 +299,8 @@ class OmniScheduler:
     def get_metrics(self) -> dict[str, float]:
         """Cluster-wide figures over the recent window (every process shares its
         samples): requests done per second, and their mean queue + run time."""
-        snap = read_snapshot(self.core_config)
-        window = sample_window(snap, self.core_config)
+        snap = read_snapshot(self.redis, self.core_config)
+        window = sample_window(self.redis, snap, self.core_config)
         done = window.processed
         spent = sum(p.run_s_sum + p.queued_s_sum for p in window.pools.values())
         used, budget = memory_figures(snap)
@@ -315,10 +315,10 @@ class OmniScheduler:
         }
 
     def get_health_status(self) -> dict[str, Any]:
-        snap = read_snapshot(self.core_config)
-        window = sample_window(snap, self.core_config)
+        snap = read_snapshot(self.redis, self.core_config)
+        window = sample_window(self.redis, snap, self.core_config)
         issues, advice = health_of(snap, self.core_config, window)
-        stranded = stranded_lists(self.core_config, snap.workers)
+        stranded = stranded_lists(self.redis, self.core_config, snap.workers)
         more_issues, more_advice = stranded_health(stranded)
         issues, advice = issues + more_issues, advice + more_advice
         return {
@@ -333,7 +333,8 @@ class OmniScheduler:
 
     def _window(self) -> None:
         """Add a sample of the counters now to the window's series."""
-        record_sample(current_counters(read_snapshot(self.core_config), self.core_config))
+        client, config = self.redis, self.core_config
+        record_sample(client, current_counters(client, read_snapshot(client, config), config))
 
     @staticmethod
     def _models(snap: ClusterSnapshot) -> dict[str, dict[str, Any]]:

@@ -32,7 +32,7 @@ def test_an_unreachable_amqp_broker_reads_as_unknown_depths(redis_client, use_co
     assert queue_depths(redis_client, config) == {queue: {} for queue in config.pool_queues()}
     assert total_queued(redis_client, config) == 0
     assert highest_waiting_level(redis_client, config, [config.diffusion.queue]) is None
-    assert read_snapshot(config).queued == 0  # status and health still answer
+    assert read_snapshot(redis_client, config).queued == 0  # status and health still answer
     assert time.monotonic() - started < 30
 
 

@@ -59,7 +59,7 @@ def test_read_snapshot_parses_counters_and_heartbeats(redis_client) -> None:
     beat(redis_client, "ar-1@h", ["ar"])
     beat(redis_client, "diffusion-1@h", ["diffusion"], dit_cache_bytes=50, dit_cache_max_bytes=1000)
     redis_client.lpush("ar", "m1")
-    snap = read_snapshot()
+    snap = read_snapshot(redis_client, get_config())
     assert snap.pools["ar"] == PoolStats(
         processed=7,
         failed=1,
@@ -82,7 +82,7 @@ def test_read_snapshot_parses_counters_and_heartbeats(redis_client) -> None:
 
 
 def test_read_snapshot_of_an_empty_cluster(redis_client) -> None:
-    snap = read_snapshot()
+    snap = read_snapshot(redis_client, get_config())
     assert snap.workers == [] and snap.queued == 0 and snap.processed == 0
     assert snap.pools == {"ar": PoolStats(), "diffusion": PoolStats(), "speech": PoolStats()}
 
@@ -93,7 +93,7 @@ def test_models_no_live_worker_serves_are_named(redis_client, use_config) -> Non
     beat(redis_client, "a@h", ["diffusion"], models=json.dumps({"dit": "tiny-flux"}))
     beat(redis_client, "b@h", ["diffusion"], models=json.dumps({"dit": "flux-b"}))
     beat(redis_client, "t@h", ["ar"], models=json.dumps({"ar": "tiny-llama"}))
-    snap = read_snapshot()
+    snap = read_snapshot(redis_client, get_config())
     # The default video and audio models, unserved here.
     video = {"tiny-wan": [], "tiny-wan-i2v": [], "tiny-stable-audio": []}
     assert model_servers(snap) == {
@@ -105,7 +105,7 @@ def test_models_no_live_worker_serves_are_named(redis_client, use_config) -> Non
     assert sorted(unserved_models(snap)) == sorted(["flux-c", *video])
     assert health_of(snap, get_config()) == ([], [])  # nothing waits for flux-c
     redis_client.lpush(keys.queue_key("diffusion.flux-c", 3), "m1", "m2")
-    issues, advice = health_of(read_snapshot(), get_config())
+    issues, advice = health_of(read_snapshot(redis_client, get_config()), get_config())
     assert issues == ["no live worker serves model 'flux-c' (2 waiting)"]
     assert advice == [
         "start one: OMNI_DIFFUSION__MODEL=flux-c celery -A omni_tasks worker -Q diffusion"
@@ -132,6 +132,6 @@ def test_a_snapshot_reads_the_worker_index_once(redis_client, monkeypatch) -> No
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(worker_index, name, counted)
-    snap = read_snapshot()
+    snap = read_snapshot(redis_client, get_config())
     assert reads == ["read"]  # the workers and their own queues' depths from one read
     assert [w["hostname"] for w in snap.workers] == ["d@h"] and snap.queues["diffusion"][6] == 1
