@@ -301,6 +301,7 @@ GIVEN_COORDINATION = (
     "keyspace",
     "ledger",
     "queue_walk",
+    "rejections",
     "runs",
     "single_flight",
     "snapshots",

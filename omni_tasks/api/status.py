@@ -68,7 +68,7 @@ def read_status(client: redis.Redis, config: CoreModuleConfig) -> dict[str, Any]
     issues, advice = health_of(snap, config, sample_window(client, snap, config))
     stranded = stranded_lists(client, config, snap.workers)
     more_issues, more_advice = stranded_health(stranded)
-    rejected = list_rejections(RECENT_REJECTED)
+    rejected = list_rejections(client, RECENT_REJECTED)
     dit_rate, _, _ = hit_rate(client, config.diffusion.queue)
     return {
         "object": "status",

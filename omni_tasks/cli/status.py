@@ -30,7 +30,7 @@ def status_report() -> dict[str, Any]:
     return {
         "status": scheduler.get_status(),
         "health": scheduler.get_health_status(),
-        "rejected": list_rejections(REJECTIONS_SHOWN),
+        "rejected": list_rejections(scheduler.redis, REJECTIONS_SHOWN),
     }
 
 

@@ -15,7 +15,6 @@ from typing import Any
 import redis
 
 from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import get_redis
 
 log = logging.getLogger(__name__)
 MAX_RECORDS = 1000
@@ -54,9 +53,9 @@ def record_rejection(
     log.error("rejected message %s (%s): %s", task_id, task_name, reason)
 
 
-def list_rejections(limit: int = 100) -> list[dict[str, Any]]:
+def list_rejections(client: redis.Redis, limit: int = 100) -> list[dict[str, Any]]:
     """The newest `limit` records, newest first."""
-    return [json.loads(r) for r in get_redis().lrange(keys.rejected(), 0, limit - 1)]
+    return [json.loads(r) for r in client.lrange(keys.rejected(), 0, limit - 1)]
 
 
 def _bounded(body: Any) -> tuple[str | None, int | None]:

@@ -41,7 +41,7 @@ def test_a_message_for_an_unknown_task_is_refused_recorded_and_failed(diffusion_
     with pytest.raises(Exception, match="no_such_task"):
         AsyncResult(task_id).get(TIMEOUT)
     assert AsyncResult(task_id).state == "FAILURE"
-    record = next(r for r in list_rejections() if r["task_id"] == task_id)
+    record = next(r for r in list_rejections(get_redis()) if r["task_id"] == task_id)
     assert record["reason"].startswith("unknown task")
     assert record["task"] == "omni_tasks.no_such_task" and record["queue"] == "diffusion"
     assert int(get_redis().hget(keys.stats("diffusion"), "rejected") or 0) >= 1
@@ -61,10 +61,12 @@ def test_an_undecodable_message_is_recorded_and_dropped(diffusion_worker) -> Non
         )
 
     def undecodable() -> list[dict]:
-        return [r for r in list_rejections() if r["reason"].startswith("undecodable message")]
+        return [
+            r for r in list_rejections(get_redis()) if r["reason"].startswith("undecodable message")
+        ]
 
     found = eventually(undecodable, timeout_s=60)
-    assert len(found) == 1, list_rejections()
+    assert len(found) == 1, list_rejections(get_redis())
     record = found[0]
     assert record["queue"] == "diffusion" and record["task_id"] is None
     assert record["body"] == '{"prompt": "half a message'

@@ -23,6 +23,7 @@ from omni_tasks import (
     generate_text,
     submit,
 )
+from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.rejections import list_rejections
 
 pytestmark = pytest.mark.slow
@@ -164,7 +165,7 @@ def test_worker_rejects_and_records_a_malformed_message(pools) -> None:
     bad = AsyncResult(bad_id)
     with pytest.raises(Exception, match="width"):
         bad.get(TIMEOUT)
-    record = next(r for r in list_rejections() if r["task_id"] == bad_id)
+    record = next(r for r in list_rejections(get_redis()) if r["task_id"] == bad_id)
     assert "width" in record["reason"] and json.loads(record["body"])["width"] == 33
     # The worker lives on.
     check_image(
@@ -178,7 +179,7 @@ def test_worker_refuses_a_pickled_message_and_keeps_serving(pools) -> None:
 
     with pytest.raises(Exception, match="content"):
         AsyncResult(task_id).get(TIMEOUT)
-    record = next(r for r in list_rejections() if r["task_id"] == task_id)
+    record = next(r for r in list_rejections(get_redis()) if r["task_id"] == task_id)
     assert "pickle" in record["reason"]
     check_text(generate_text.delay(prompt="still here", max_tokens=4).get(TIMEOUT), 4)
 

@@ -50,5 +50,5 @@ def test_redelivery_cap_gives_up_on_a_poison_message(clean, run_dir) -> None:
         assert fine.get(TIMEOUT)["width"] == 32  # the worker lives on
     finally:
         worker.stop()
-    record = next(r for r in list_rejections() if r["task_id"] == poison.id)
+    record = next(r for r in list_rejections(get_redis()) if r["task_id"] == poison.id)
     assert "redelivered" in record["reason"]

@@ -74,10 +74,12 @@ def record_where(match: Any, since: float) -> dict[str, Any]:
     """The newest rejection record since `since` that `match` accepts (waits for it)."""
 
     def find() -> dict[str, Any] | None:
-        return next((r for r in list_rejections() if r["time"] >= since and match(r)), None)
+        return next(
+            (r for r in list_rejections(get_redis()) if r["time"] >= since and match(r)), None
+        )
 
     record = eventually(find, timeout_s=60)
-    assert record, list_rejections(5)
+    assert record, list_rejections(get_redis(), 5)
     return record
 
 
@@ -96,7 +98,7 @@ def assert_failed(task_id: str, *reason: str) -> dict[str, Any]:
         result.get(TIMEOUT)
     assert all(part in str(caught.value) for part in reason), caught.value
     assert result.state == "FAILURE"
-    return next(r for r in list_rejections() if r["task_id"] == task_id)
+    return next(r for r in list_rejections(get_redis()) if r["task_id"] == task_id)
 
 
 GARBAGE = [

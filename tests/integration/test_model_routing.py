@@ -168,7 +168,7 @@ def test_a_foreign_client_names_the_model(cluster) -> None:
     assert host in (a, b)
     assert refused["error"] == "RequestValidationError" and refused["args"][0] == "model"
     assert QWEN in refused["args"][1] and UNSERVED in refused["args"][1]
-    record = next(r for r in list_rejections(1000) if r["task_id"] == refused["id"])
+    record = next(r for r in list_rejections(get_redis(), 1000) if r["task_id"] == refused["id"])
     assert "unknown diffusion model 'nope'" in record["reason"]
 
 

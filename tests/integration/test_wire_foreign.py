@@ -55,7 +55,7 @@ def valid(name: str, value: Any) -> None:
 
 
 def rejection(task_id: str) -> dict[str, Any] | None:
-    return next((r for r in list_rejections(1000) if r["task_id"] == task_id), None)
+    return next((r for r in list_rejections(get_redis(), 1000) if r["task_id"] == task_id), None)
 
 
 def stats(queue: str) -> dict[str, str]:

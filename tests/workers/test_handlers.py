@@ -111,7 +111,7 @@ def stats(queue: str) -> dict[str, str]:
 
 
 def rejection_of(task_id: str) -> dict[str, Any]:
-    return next(r for r in list_rejections() if r["task_id"] == task_id)
+    return next(r for r in list_rejections(get_redis()) if r["task_id"] == task_id)
 
 
 # ---------------------------------------------------------------- registration
@@ -183,7 +183,7 @@ def test_a_failing_stage_is_counted_as_failed(worker_app: Celery, redis_client) 
     with delivered(task, request.request_id), pytest.raises(ProcessingError, match="AR stage"):
         task.run(None, **request.to_message())
     assert stats("diffusion")["failed"] == "1"
-    assert list_rejections() == []  # a failure, not a refused message
+    assert list_rejections(get_redis()) == []  # a failure, not a refused message
 
 
 def test_a_shutdown_hands_the_message_back_without_counting_a_return(
@@ -319,7 +319,7 @@ def test_a_redelivered_message_within_the_cap_runs(worker_app: Celery, redis_cli
         value = task.run(**request.to_message())
     assert value["request_id"] == request.request_id
     assert not redis_client.exists(keys.deliveries(request.request_id))  # done: forgotten
-    assert list_rejections() == []
+    assert list_rejections(get_redis()) == []
     assert eventually(lambda: stats("ar").get("processed") == "1")
 
 
@@ -348,7 +348,7 @@ def test_a_redelivered_message_cancelled_meanwhile_is_skipped(
         task.run(**request.to_message())
     assert omni_tasks.app.AsyncResult(request.request_id).state == "REVOKED"
     assert not redis_client.exists(keys.deliveries(request.request_id))
-    assert list_rejections() == [] and "failed" not in stats("ar")
+    assert list_rejections(get_redis()) == [] and "failed" not in stats("ar")
 
 
 # --------------------------------------------------------------- a real worker

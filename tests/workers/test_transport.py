@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 from omni_tasks import app
+from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.rejections import list_rejections
 
 QUEUE = "diffusion"
@@ -50,6 +51,6 @@ def test_synchronous_reads_skip_malformed_entries(redis_client) -> None:
     with app.connection_for_read(transport=OmniRedisTransport) as conn:
         message = conn.default_channel.basic_get(queue, no_ack=True)
     assert message is not None and message.headers["id"] == task_id
-    reasons = [r["reason"] for r in list_rejections() if r["queue"] == queue]
+    reasons = [r["reason"] for r in list_rejections(get_redis()) if r["queue"] == queue]
     assert len(reasons) == 2 and "JSON int" in reasons[1] and "not JSON" in reasons[0]
     assert redis_client.llen(queue) == 0
