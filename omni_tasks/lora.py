@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from omni_tasks.config import Registries, get_config
+from omni_tasks.config import Registries
 from omni_tasks.vocabulary import valid_adapter_name
 
 #: At most this many adapters in one request; a scale is within +-MAX_SCALE.
@@ -98,16 +98,14 @@ def adapter_set(refs: Iterable[LoraRef]) -> AdapterSet:
     return tuple(sorted((r.name, float(r.scale)) for r in refs))
 
 
-def directory_key(name: str, model: str | None = None) -> str:
+def directory_key(name: str, model: str) -> str:
     """The adapter's key in the cache directory: which diffusion worker has it loaded
-    on `model` (default: this process's `diffusion.model`, the model a worker serves).
+    on `model` (the model the worker serves, its `diffusion.model`).
     The key names the model, so a worker serving another model that holds the same
     adapter attracts none of this model's requests."""
-    if model is None:
-        model = get_config().diffusion.model
     return f"{DIRECTORY_PREFIX}{model}:{name}"
 
 
-def directory_keys(refs: Iterable[LoraRef], model: str | None = None) -> list[str]:
+def directory_keys(refs: Iterable[LoraRef], model: str) -> list[str]:
     """Directory keys of a request's adapters on `model`, in the order it lists them."""
     return [directory_key(r.name, model) for r in refs]

@@ -167,12 +167,14 @@ def test_a_request_goes_to_the_live_worker_holding_its_adapter(redis_client) -> 
     config = get_config()
     assert cache_directory.affinity_keys(request, config) == [
         cache_directory.dit_keys(request, config).latents,
-        directory_key("ink"),
+        directory_key("ink", config.diffusion.model),
         cache_directory.dit_keys(request, config).embeddings,
     ]
     policy = create_policy(config)
     pool = Route(DIT_QUEUE, policy.route(request, "dit").level)  # the model's queue
-    cache_directory.record_insert(WORKER, "diffusion", directory_key("ink"), 4096)
+    cache_directory.record_insert(
+        WORKER, "diffusion", directory_key("ink", config.diffusion.model), 4096
+    )
     assert resolve_route(request, "dit", policy) == pool  # no heartbeat: not live
     beat(redis_client, WORKER)
     own = keys.worker_queue(WORKER)

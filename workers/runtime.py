@@ -309,7 +309,7 @@ def build_diffusion_engine(config: CoreModuleConfig, runtime: WorkerRuntime) -> 
         max_batch_size=config.step_batch_limit,
         config=config,
         arrivals=lambda level: waiting_above(runtime.redis, config, watched, level),
-        adapter_listener=AdapterDirectoryListener(runtime.hostname, dit.queue),
+        adapter_listener=AdapterDirectoryListener(runtime.hostname, dit.queue, dit.model),
         counters=PoolStepCounters(runtime.counters, dit.queue),
         cache_usage=runtime.dit_cache_bytes,
     )

@@ -114,7 +114,9 @@ def test_an_image_with_an_adapter_and_at_scale_zero(lora_pools) -> None:
 def test_a_request_goes_to_the_worker_holding_its_adapter(lora_pools) -> None:
     first = image(prompt="charcoal study 1", seed=1, lora=["charcoal"])
     assert first["lora"][0]["hit"] is False
-    holders = cache_directory.holders(get_redis(), directory_key("charcoal"))
+    holders = cache_directory.holders(
+        get_redis(), directory_key("charcoal", get_config().diffusion.model)
+    )
     assert len(holders) == 1
     holder = holders[0].worker
     assert holder in {w.hostname for w in lora_pools["diffusion"]}
@@ -124,7 +126,14 @@ def test_a_request_goes_to_the_worker_holding_its_adapter(lora_pools) -> None:
     for i in range(2, 6):  # a new prompt each time: only the adapter is known
         result = image(prompt=f"charcoal study {i}", seed=i, lora=["charcoal"])
         assert result["lora"][0]["hit"] is True
-    assert len(cache_directory.holders(get_redis(), directory_key("charcoal"))) == 1
+    assert (
+        len(
+            cache_directory.holders(
+                get_redis(), directory_key("charcoal", get_config().diffusion.model)
+            )
+        )
+        == 1
+    )
     stats = cache_directory.adapter_stats(get_redis(), "diffusion")
     assert stats["hits"] >= 4 and stats["misses"] >= 1 and stats["load_s_sum"] > 0
 

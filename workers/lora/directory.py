@@ -18,16 +18,19 @@ _outage = Outage("adapter counts", log)
 
 
 class AdapterDirectoryListener:
-    """Mirrors every adapter load and unload of one worker into the cache directory."""
+    """Mirrors every adapter load and unload of one worker, serving `model`, into the
+    cache directory."""
 
-    def __init__(self, worker: str, queue: str) -> None:
-        self.worker, self.queue = worker, queue
+    def __init__(self, worker: str, queue: str, model: str) -> None:
+        self.worker, self.queue, self.model = worker, queue, model
 
     def on_insert(self, key: str, nbytes: int) -> None:
-        cache_directory.record_insert(self.worker, self.queue, lora.directory_key(key), nbytes)
+        cache_directory.record_insert(
+            self.worker, self.queue, lora.directory_key(key, self.model), nbytes
+        )
 
     def on_evict(self, key: str, reason: str) -> None:
-        cache_directory.record_remove(self.worker, lora.directory_key(key))
+        cache_directory.record_remove(self.worker, lora.directory_key(key, self.model))
 
 
 def count_uses(client: redis.Redis, queue: str, uses: Iterable[dict]) -> None:

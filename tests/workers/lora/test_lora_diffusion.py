@@ -67,7 +67,7 @@ def tensor_bytes(config: CoreModuleConfig) -> int:
 
 @pytest.fixture(scope="module")
 def engine(config: CoreModuleConfig, tiny_flux_dir: Path) -> Iterator[DiffusersEngine]:
-    listener = AdapterDirectoryListener(WORKER, "diffusion")
+    listener = AdapterDirectoryListener(WORKER, "diffusion", config.diffusion.model)
     eng = DiffusersEngine(tiny_flux_dir, config=config, adapter_listener=listener)
     yield eng
     eng.shutdown()
@@ -141,10 +141,16 @@ def test_adapters_are_evicted_least_recently_used_under_a_small_budget(
         - engine.resources.cache_reserved_bytes
         - engine.resources.adapter_reserved_bytes
     )
-    assert [h.worker for h in cache_directory.holders(get_redis(), directory_key("charcoal"))] == [
-        WORKER
-    ]
-    assert cache_directory.holders(get_redis(), directory_key("pastel")) == []
+    assert [
+        h.worker
+        for h in cache_directory.holders(
+            get_redis(), directory_key("charcoal", get_config().diffusion.model)
+        )
+    ] == [WORKER]
+    assert (
+        cache_directory.holders(get_redis(), directory_key("pastel", get_config().diffusion.model))
+        == []
+    )
     again = generate(engine, (("pastel", 1.0),))
     assert again.lora[0]["hit"] is False and again.lora[0]["load_s"] > 0
 
