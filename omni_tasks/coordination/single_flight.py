@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import redis
 
 from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import backoff, get_scripts
+from omni_tasks.coordination.client import backoff, scripts_for
 
 LEASE_S = 30.0  # an unnamed dead holder blocks waiters at most this long
 RESULT_TTL_S = 300  # outcomes serve waiters, not later repeats (the caches do that)
@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Flight:
-    """A held lease on `cache_key`; renews itself until published or released."""
+    """A held lease on `cache_key` in `client`'s Redis; renews itself until published or
+    released."""
 
+    client: redis.Redis
     cache_key: str
     token: str
     lease_s: float = LEASE_S
@@ -53,7 +55,7 @@ class Flight:
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.lease_s / 3):
             try:
-                get_scripts().flight_renew(
+                scripts_for(self.client).flight_renew(
                     keys=[keys.flight_lease(self.cache_key)],
                     args=[self.token, int(self.lease_s * 1000)],
                 )
@@ -62,14 +64,16 @@ class Flight:
 
     def publish(self, outcome: str) -> None:
         self._stop.set()
-        get_scripts().flight_publish(
+        scripts_for(self.client).flight_publish(
             keys=[keys.flight_lease(self.cache_key), keys.flight_result(self.cache_key)],
             args=[self.token, outcome, RESULT_TTL_S],
         )
 
     def release(self) -> None:
         self._stop.set()
-        get_scripts().release_held(keys=[keys.flight_lease(self.cache_key)], args=[self.token])
+        scripts_for(self.client).release_held(
+            keys=[keys.flight_lease(self.cache_key)], args=[self.token]
+        )
 
 
 def try_claim(
@@ -81,7 +85,7 @@ def try_claim(
     """
     value = _lease_value(holder)
     if client.set(keys.flight_lease(cache_key), value, nx=True, px=int(lease_s * 1000)):
-        return _flying(cache_key, value, lease_s)
+        return _flying(client, cache_key, value, lease_s)
     return None
 
 
@@ -149,8 +153,8 @@ def _lease_value(holder: str | None) -> str:
     return f"{token}{_SEP}{holder}" if holder else token
 
 
-def _flying(cache_key: str, value: str, lease_s: float) -> Flight:
-    flight = Flight(cache_key, value, lease_s)
+def _flying(client: redis.Redis, cache_key: str, value: str, lease_s: float) -> Flight:
+    flight = Flight(client, cache_key, value, lease_s)
     flight.start_renewing()
     return flight
 
@@ -188,4 +192,4 @@ def _take_over_if_dead(
         except redis.WatchError:
             return None  # another waiter took it first (or the holder beat again)
     log.warning("took over the flight of %s...: its holder %s is dead", cache_key[:12], dead)
-    return _flying(cache_key, value, LEASE_S)
+    return _flying(client, cache_key, value, LEASE_S)

@@ -92,7 +92,7 @@ def test_the_holder_renews_its_lease_while_it_works(redis_client) -> None:
 
 def test_only_the_holder_releases_its_lease(redis_client) -> None:
     flight = sf.try_claim(redis_client, KEY)
-    impostor = sf.Flight(KEY, token="not-the-holder")
+    impostor = sf.Flight(redis_client, KEY, token="not-the-holder")
     impostor.release()
     assert redis_client.get(keys.flight_lease(KEY)) == flight.token
     impostor.publish("wrong")  # an outcome is kept, but the lease stays with its holder
