@@ -76,7 +76,7 @@ def _count(kind: str, hit: bool) -> None:
 
 
 def _record_hit(key: str) -> None:
-    _outage.run(cache_directory.record_hit, runtime.hostname, key)
+    _outage.run(cache_directory.record_hit, runtime.redis, runtime.hostname, key)
 
 
 def render(

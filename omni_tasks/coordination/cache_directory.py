@@ -34,7 +34,7 @@ import redis
 from omni_tasks import lora
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys, worker_index
-from omni_tasks.coordination.client import get_scripts
+from omni_tasks.coordination.client import get_scripts, scripts_for
 from omni_tasks.model_registry import dit_model
 from omni_tasks.requests import OmniRequest, RequestType
 
@@ -127,13 +127,15 @@ def record_remove(worker: str, cache_key: str) -> None:
     )
 
 
-def record_hit(worker: str, cache_key: str) -> None:
-    get_scripts().directory_hit(keys=[keys.cache_holders(cache_key)], args=[worker, time.time()])
+def record_hit(client: redis.Redis, worker: str, cache_key: str) -> None:
+    scripts_for(client).directory_hit(
+        keys=[keys.cache_holders(cache_key)], args=[worker, time.time()]
+    )
 
 
-def clear_worker(worker: str) -> int:
+def clear_worker(client: redis.Redis, worker: str) -> int:
     return int(
-        get_scripts().directory_clear_worker(
+        scripts_for(client).directory_clear_worker(
             keys=[keys.cache_worker(worker)], args=[worker, keys.cache_holders("")]
         )
     )
@@ -182,9 +184,9 @@ def sweep_dead_workers(client: redis.Redis, pool_queue: str) -> list[str]:
     for worker in candidates:
         pipe.exists(keys.worker(worker))
     dead = [w for w, alive in zip(candidates, pipe.execute(), strict=True) if not alive]
-    scripts = get_scripts()
+    scripts = scripts_for(client)
     for worker in dead:
-        clear_worker(worker)
+        clear_worker(client, worker)
         own = keys.worker_queue(worker)
         for level in keys.PRIORITY_STEPS:
             scripts.move_all(keys=[keys.queue_key(own, level), keys.queue_key(pool_queue, level)])

@@ -75,7 +75,7 @@ def test_holders_reads_entries_that_name_the_queue_pool(redis_client) -> None:
 
 def test_record_insert_again_replaces_the_entry(redis_client) -> None:
     directory.record_insert("w1", POOL, "lat:a", 100)
-    directory.record_hit("w1", "lat:a")
+    directory.record_hit(get_redis(), "w1", "lat:a")
     directory.record_insert("w1", POOL, "lat:a", 300)
     (entry,) = directory.holders(get_redis(), "lat:a")
     assert (entry.bytes, entry.hits) == (300, 0)
@@ -83,9 +83,9 @@ def test_record_insert_again_replaces_the_entry(redis_client) -> None:
 
 def test_record_hit_counts_and_stamps(redis_client) -> None:
     directory.record_insert("w1", POOL, "lat:a", 100)
-    directory.record_hit("w1", "lat:a")
-    directory.record_hit("w1", "lat:a")
-    directory.record_hit("w2", "lat:a")  # w2 does not hold it: nothing recorded
+    directory.record_hit(get_redis(), "w1", "lat:a")
+    directory.record_hit(get_redis(), "w1", "lat:a")
+    directory.record_hit(get_redis(), "w2", "lat:a")  # w2 does not hold it: nothing recorded
     (entry,) = directory.holders(get_redis(), "lat:a")
     assert entry.hits == 2 and entry.last_hit >= entry.created
 
@@ -103,14 +103,14 @@ def test_clear_worker_forgets_everything_it_held(redis_client) -> None:
     for key in ("lat:a", "emb:a", "lat:b"):
         directory.record_insert("w1", POOL, key, 100)
     directory.record_insert("w2", POOL, "lat:a", 100)
-    assert directory.clear_worker("w1") == 3
+    assert directory.clear_worker(get_redis(), "w1") == 3
     assert directory.held_by(get_redis(), "w1") == set()
     assert [h.worker for h in directory.holders(get_redis(), "lat:a")] == ["w2"]
     assert (
         directory.holders(get_redis(), "emb:a") == []
         and directory.holders(get_redis(), "lat:b") == []
     )
-    assert directory.clear_worker("w1") == 0
+    assert directory.clear_worker(get_redis(), "w1") == 0
 
 
 def test_pick_holder_finds_a_live_worker_with_room(redis_client) -> None:

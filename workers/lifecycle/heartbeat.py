@@ -50,7 +50,7 @@ class Heartbeat:
         try:
             client = self.runtime.redis
             client.delete(keys.worker(hostname), keys.held(hostname))
-            cache_directory.clear_worker(hostname)
+            cache_directory.clear_worker(client, hostname)
             worker_index.leave(
                 client, worker_index.kinds_of(self.runtime.identity.stages), hostname
             )
