@@ -173,7 +173,7 @@ def test_a_request_goes_to_the_live_worker_holding_its_adapter(redis_client) -> 
     policy = create_policy(config)
     pool = Route(DIT_QUEUE, policy.route(request, "dit").level)  # the model's queue
     cache_directory.record_insert(
-        WORKER, "diffusion", directory_key("ink", config.diffusion.model), 4096
+        get_redis(), WORKER, "diffusion", directory_key("ink", config.diffusion.model), 4096
     )
     assert resolve_route(request, "dit", policy) == pool  # no heartbeat: not live
     beat(redis_client, WORKER)

@@ -181,7 +181,7 @@ class WorkerRuntime:
                 from workers.dit_cache import DiTCacheManager
 
                 config = config or self.config
-                listener = RedisDirectoryListener(self.hostname, config.diffusion.queue)
+                listener = RedisDirectoryListener(self.redis, self.hostname, config.diffusion.queue)
                 device = getattr(engine, "device", "cpu")
                 self._dit_cache = DiTCacheManager(config.cache, device=device, listener=listener)
             return self._dit_cache
@@ -212,16 +212,17 @@ class WorkerRuntime:
 
 
 class RedisDirectoryListener:
-    """Mirrors every insert and removal of the DiT cache into the Redis directory."""
+    """Mirrors every insert and removal of the DiT cache into the Redis directory, with
+    the worker's client."""
 
-    def __init__(self, worker: str, queue: str) -> None:
-        self.worker, self.queue = worker, queue
+    def __init__(self, client: redis.Redis, worker: str, queue: str) -> None:
+        self.client, self.worker, self.queue = client, worker, queue
 
     def on_insert(self, key: str, nbytes: int) -> None:
-        cache_directory.record_insert(self.worker, self.queue, key, nbytes)
+        cache_directory.record_insert(self.client, self.worker, self.queue, key, nbytes)
 
     def on_evict(self, key: str, reason: str) -> None:
-        cache_directory.record_remove(self.worker, key)
+        cache_directory.record_remove(self.client, self.worker, key)
 
 
 def build_text_engine(config: CoreModuleConfig) -> TextEngine:
@@ -309,7 +310,9 @@ def build_diffusion_engine(config: CoreModuleConfig, runtime: WorkerRuntime) -> 
         max_batch_size=config.step_batch_limit,
         config=config,
         arrivals=lambda level: waiting_above(runtime.redis, config, watched, level),
-        adapter_listener=AdapterDirectoryListener(runtime.hostname, dit.queue, dit.model),
+        adapter_listener=AdapterDirectoryListener(
+            runtime.redis, runtime.hostname, dit.queue, dit.model
+        ),
         counters=PoolStepCounters(runtime.counters, dit.queue),
         cache_usage=runtime.dit_cache_bytes,
     )

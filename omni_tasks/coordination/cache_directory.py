@@ -114,15 +114,17 @@ class Holder:
     hits: int
 
 
-def record_insert(worker: str, queue: str, cache_key: str, nbytes: int) -> None:
-    get_scripts().directory_insert(
+def record_insert(
+    client: redis.Redis, worker: str, queue: str, cache_key: str, nbytes: int
+) -> None:
+    scripts_for(client).directory_insert(
         keys=[keys.cache_holders(cache_key), keys.cache_worker(worker)],
         args=[worker, cache_key, queue, int(nbytes), time.time()],
     )
 
 
-def record_remove(worker: str, cache_key: str) -> None:
-    get_scripts().directory_remove(
+def record_remove(client: redis.Redis, worker: str, cache_key: str) -> None:
+    scripts_for(client).directory_remove(
         keys=[keys.cache_holders(cache_key), keys.cache_worker(worker)], args=[worker, cache_key]
     )
 

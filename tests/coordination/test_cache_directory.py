@@ -49,9 +49,9 @@ def own_queue(worker: str, level: int = 0) -> str:
 
 def test_record_insert_then_holders_and_held_by(redis_client) -> None:
     before = time.time()
-    directory.record_insert("w1", POOL, "lat:a", 4096)
-    directory.record_insert("w2", POOL, "lat:a", 2048)
-    directory.record_insert("w1", POOL, "emb:a", 512)
+    directory.record_insert(get_redis(), "w1", POOL, "lat:a", 4096)
+    directory.record_insert(get_redis(), "w2", POOL, "lat:a", 2048)
+    directory.record_insert(get_redis(), "w1", POOL, "emb:a", 512)
     (h1, h2) = directory.holders(get_redis(), "lat:a")
     assert (h1.worker, h1.queue, h1.bytes, h1.hits, h1.last_hit) == ("w1", POOL, 4096, 0, 0)
     # Lua's cjson keeps 14 significant digits: a time to about 0.1 ms.
@@ -74,15 +74,15 @@ def test_holders_reads_entries_that_name_the_queue_pool(redis_client) -> None:
 
 
 def test_record_insert_again_replaces_the_entry(redis_client) -> None:
-    directory.record_insert("w1", POOL, "lat:a", 100)
+    directory.record_insert(get_redis(), "w1", POOL, "lat:a", 100)
     directory.record_hit(get_redis(), "w1", "lat:a")
-    directory.record_insert("w1", POOL, "lat:a", 300)
+    directory.record_insert(get_redis(), "w1", POOL, "lat:a", 300)
     (entry,) = directory.holders(get_redis(), "lat:a")
     assert (entry.bytes, entry.hits) == (300, 0)
 
 
 def test_record_hit_counts_and_stamps(redis_client) -> None:
-    directory.record_insert("w1", POOL, "lat:a", 100)
+    directory.record_insert(get_redis(), "w1", POOL, "lat:a", 100)
     directory.record_hit(get_redis(), "w1", "lat:a")
     directory.record_hit(get_redis(), "w1", "lat:a")
     directory.record_hit(get_redis(), "w2", "lat:a")  # w2 does not hold it: nothing recorded
@@ -91,18 +91,18 @@ def test_record_hit_counts_and_stamps(redis_client) -> None:
 
 
 def test_record_remove_drops_one_worker_entry(redis_client) -> None:
-    directory.record_insert("w1", POOL, "lat:a", 100)
-    directory.record_insert("w2", POOL, "lat:a", 100)
-    directory.record_remove("w1", "lat:a")
+    directory.record_insert(get_redis(), "w1", POOL, "lat:a", 100)
+    directory.record_insert(get_redis(), "w2", POOL, "lat:a", 100)
+    directory.record_remove(get_redis(), "w1", "lat:a")
     assert [h.worker for h in directory.holders(get_redis(), "lat:a")] == ["w2"]
     assert directory.held_by(get_redis(), "w1") == set()
-    directory.record_remove("w1", "lat:a")  # twice: harmless
+    directory.record_remove(get_redis(), "w1", "lat:a")  # twice: harmless
 
 
 def test_clear_worker_forgets_everything_it_held(redis_client) -> None:
     for key in ("lat:a", "emb:a", "lat:b"):
-        directory.record_insert("w1", POOL, key, 100)
-    directory.record_insert("w2", POOL, "lat:a", 100)
+        directory.record_insert(get_redis(), "w1", POOL, key, 100)
+    directory.record_insert(get_redis(), "w2", POOL, "lat:a", 100)
     assert directory.clear_worker(get_redis(), "w1") == 3
     assert directory.held_by(get_redis(), "w1") == set()
     assert [h.worker for h in directory.holders(get_redis(), "lat:a")] == ["w2"]
@@ -115,12 +115,12 @@ def test_clear_worker_forgets_everything_it_held(redis_client) -> None:
 
 def test_pick_holder_finds_a_live_worker_with_room(redis_client) -> None:
     assert directory.pick_holder(["lat:a", "emb:a"]) is None  # nobody holds them
-    directory.record_insert("w1", POOL, "emb:a", 100)
+    directory.record_insert(get_redis(), "w1", POOL, "emb:a", 100)
     assert directory.pick_holder(["lat:a", "emb:a"]) is None  # w1 is dead: no heartbeat
     beat(redis_client, "w1", concurrency=1)
     assert directory.pick_holder(["lat:a", "emb:a"]) == "w1"
     # The first key the request has wins: the latents' holder over the embeddings'.
-    directory.record_insert("w2", POOL, "lat:a", 100)
+    directory.record_insert(get_redis(), "w2", POOL, "lat:a", 100)
     beat(redis_client, "w2", concurrency=1)
     assert directory.pick_holder(["lat:a", "emb:a"]) == "w2"
 
@@ -129,8 +129,8 @@ def test_pick_holder_finds_a_live_worker_with_room(redis_client) -> None:
 def test_pick_holder_skips_a_worker_whose_own_queue_is_full_at_any_level(
     redis_client, level: int
 ) -> None:
-    directory.record_insert("w1", POOL, "lat:a", 100)
-    directory.record_insert("w2", POOL, "emb:a", 100)
+    directory.record_insert(get_redis(), "w1", POOL, "lat:a", 100)
+    directory.record_insert(get_redis(), "w2", POOL, "emb:a", 100)
     beat(redis_client, "w1", concurrency=3)
     beat(redis_client, "w2", concurrency=1)
     redis_client.lpush(own_queue("w1", level), "m1", "m2")
@@ -143,7 +143,7 @@ def test_pick_holder_skips_a_worker_whose_own_queue_is_full_at_any_level(
 
 def test_pick_holder_ignores_the_shared_pool_queue(redis_client) -> None:
     # Messages in the shared pool queue do not make a holder look busy.
-    directory.record_insert("w1", POOL, "lat:a", 100)
+    directory.record_insert(get_redis(), "w1", POOL, "lat:a", 100)
     beat(redis_client, "w1", concurrency=1)
     redis_client.lpush(POOL, "m1", "m2")
     assert directory.pick_holder(["lat:a"]) == "w1"
@@ -151,7 +151,7 @@ def test_pick_holder_ignores_the_shared_pool_queue(redis_client) -> None:
 
 def test_sweep_moves_a_dead_workers_messages_back_to_the_pool(redis_client) -> None:
     for worker in ("dead-1", "live-1"):
-        directory.record_insert(worker, POOL, "lat:a", 100)
+        directory.record_insert(get_redis(), worker, POOL, "lat:a", 100)
     beat(redis_client, "live-1")
     redis_client.lpush(keys.queue_key(POOL, 3), "pool-old")
     redis_client.lpush(own_queue("dead-1", 3), "d3-first", "d3-second")

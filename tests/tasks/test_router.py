@@ -25,6 +25,7 @@ from omni_tasks import (
 )
 from omni_tasks.config import ModelEntry
 from omni_tasks.coordination import cache_directory, keys
+from omni_tasks.coordination.client import get_redis
 from omni_tasks.requests import OmniRequest
 from omni_tasks.scheduling.policies import Route, create_policy
 from omni_tasks.tasks.router import OmniRouter, resolve_route
@@ -148,7 +149,7 @@ def beat(client: Redis, hostname: str, concurrency: int = 2) -> None:
 def hold(hostname: str, request: OmniRequest) -> None:
     """Record that `hostname` cached the request's latents (as its DiT cache does)."""
     latents = cache_directory.dit_keys(request, get_config()).latents
-    cache_directory.record_insert(hostname, "diffusion", latents, 1024)
+    cache_directory.record_insert(get_redis(), hostname, "diffusion", latents, 1024)
 
 
 def test_a_repeat_goes_to_the_live_worker_holding_its_keys(redis_client) -> None:
@@ -167,7 +168,7 @@ def test_the_embeddings_holder_gets_a_new_seed_of_a_known_prompt(redis_client) -
     fields = {"prompt": "a red fox", "seed": 5, "priority": "normal", **SMALL}
     beat(redis_client, WORKER)
     embeddings = cache_directory.dit_keys(create_diffusion_request(**fields), get_config())
-    cache_directory.record_insert(WORKER, "diffusion", embeddings.embeddings, 512)
+    cache_directory.record_insert(get_redis(), WORKER, "diffusion", embeddings.embeddings, 512)
     sent = generate_image.delay(**{**fields, "seed": 99})
     own = keys.worker_queue(WORKER)
     assert where(redis_client, sent.id, queues=(own,))[0] == own
@@ -274,7 +275,7 @@ def test_affinity_stays_within_a_model(redis_client, two_models) -> None:
     ):
         assert resolve_route(other, "dit", policy).queue == DIT_QUEUE
     adapter = lora.directory_key("ink", "flux-b")
-    cache_directory.record_insert(WORKER, "diffusion", adapter, 4096)
+    cache_directory.record_insert(get_redis(), WORKER, "diffusion", adapter, 4096)
     styled = {"prompt": "a new prompt", "lora": ["ink"], **SMALL}
     on_b = create_diffusion_request(**styled, model="flux-b")
     assert cache_directory.affinity_keys(on_b, get_config())[1] == adapter

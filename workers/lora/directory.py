@@ -21,16 +21,17 @@ class AdapterDirectoryListener:
     """Mirrors every adapter load and unload of one worker, serving `model`, into the
     cache directory."""
 
-    def __init__(self, worker: str, queue: str, model: str) -> None:
-        self.worker, self.queue, self.model = worker, queue, model
+    def __init__(self, client: redis.Redis, worker: str, queue: str, model: str) -> None:
+        self.client, self.worker, self.queue = client, worker, queue
+        self.model = model
 
     def on_insert(self, key: str, nbytes: int) -> None:
         cache_directory.record_insert(
-            self.worker, self.queue, lora.directory_key(key, self.model), nbytes
+            self.client, self.worker, self.queue, lora.directory_key(key, self.model), nbytes
         )
 
     def on_evict(self, key: str, reason: str) -> None:
-        cache_directory.record_remove(self.worker, lora.directory_key(key, self.model))
+        cache_directory.record_remove(self.client, self.worker, lora.directory_key(key, self.model))
 
 
 def count_uses(client: redis.Redis, queue: str, uses: Iterable[dict]) -> None:

@@ -166,9 +166,9 @@ def test_stop_stops_the_beats(heartbeat_of, redis_client) -> None:
 
 def test_clear_deletes_the_heartbeat_and_the_directory_entries(heartbeat_of, redis_client) -> None:
     child = heartbeat_of("dit@test", **DIT_WORKER)
-    cache_directory.record_insert("dit@test", "diffusion", "k1", 100)
-    cache_directory.record_insert("dit@test", "diffusion", "k2", 100)
-    cache_directory.record_insert("other@test", "diffusion", "k1", 100)
+    cache_directory.record_insert(get_redis(), "dit@test", "diffusion", "k1", 100)
+    cache_directory.record_insert(get_redis(), "dit@test", "diffusion", "k2", 100)
+    cache_directory.record_insert(get_redis(), "other@test", "diffusion", "k1", 100)
     redis_client.hset(keys.worker("other@test"), "beat", time.time())  # alive: not swept
     child.call("start")
     assert eventually(lambda: redis_client.exists(keys.worker("dit@test")))
@@ -181,7 +181,7 @@ def test_clear_deletes_the_heartbeat_and_the_directory_entries(heartbeat_of, red
 
 
 def test_a_diffusion_workers_heartbeat_sweeps_dead_workers(heartbeat_of, redis_client) -> None:
-    cache_directory.record_insert("dead@test", "diffusion", "k-dead", 100)
+    cache_directory.record_insert(get_redis(), "dead@test", "diffusion", "k-dead", 100)
     # It beat last ten minutes ago: the worker index lists it, its hash has expired.
     redis_client.zadd(keys.worker_beats("dit"), {"dead@test": time.time() - 600})
     ar = heartbeat_of("ar@test", **AR_WORKER)

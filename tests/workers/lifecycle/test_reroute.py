@@ -15,6 +15,7 @@ from kombu.message import Message
 from omni_tasks import RequestValidationError, app, get_config
 from omni_tasks.config import ModelEntry, SchedulerType
 from omni_tasks.coordination import cache_directory, idempotency, keys
+from omni_tasks.coordination.client import get_redis
 from omni_tasks.tasks.transport import PUBLISHED_PROPERTY
 from workers.lifecycle.reroute import other_model, pass_on_options, reroute_reason
 
@@ -95,7 +96,7 @@ def test_never_passed_on_to_the_queue_it_came_from(redis_client, models) -> None
     redis_client.hset(keys.worker(holder), mapping={"hostname": holder, "concurrency": 2})
     request = IMAGE.build_request(kwargs, "req-1")
     latents = cache_directory.dit_keys(request, get_config()).latents
-    cache_directory.record_insert(holder, "diffusion", latents, 1024)
+    cache_directory.record_insert(get_redis(), holder, "diffusion", latents, 1024)
     own = keys.worker_queue(holder)
     found, _ = message(kwargs, ours=True)
     assert pass_on_options(IMAGE, found, kwargs)["queue"] == own  # the holder serves flux-b

@@ -67,7 +67,7 @@ def tensor_bytes(config: CoreModuleConfig) -> int:
 
 @pytest.fixture(scope="module")
 def engine(config: CoreModuleConfig, tiny_flux_dir: Path) -> Iterator[DiffusersEngine]:
-    listener = AdapterDirectoryListener(WORKER, "diffusion", config.diffusion.model)
+    listener = AdapterDirectoryListener(get_redis(), WORKER, "diffusion", config.diffusion.model)
     eng = DiffusersEngine(tiny_flux_dir, config=config, adapter_listener=listener)
     yield eng
     eng.shutdown()
