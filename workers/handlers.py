@@ -25,7 +25,7 @@ from celery import Celery, states
 from celery.exceptions import Ignore, Reject
 
 from omni_tasks.coordination import idempotency, keys, runs
-from omni_tasks.coordination.client import get_scripts
+from omni_tasks.coordination.client import scripts_for
 from omni_tasks.coordination.counters import count_outcome
 from omni_tasks.coordination.ledger import REPUBLISHED_HEADER
 from omni_tasks.coordination.rejections import record_rejection
@@ -258,7 +258,7 @@ def _admit_redelivery(task: OmniTask, task_id: str, kwargs: Any, queue: str) -> 
     workers load the Redis revocations when they start).
     """
     _skip_if_succeeded(task, task_id, queue)
-    revoked, returns = get_scripts().admit_redelivery(
+    revoked, returns = scripts_for(runtime.redis).admit_redelivery(
         keys=[keys.revoked(task_id), keys.deliveries(task_id)], args=[DELIVERY_KEY_TTL_S]
     )
     if revoked:
