@@ -89,22 +89,52 @@ def test_a_task_body_outside_a_worker_says_where_it_runs() -> None:
         raise AssertionError("a task body ran without a worker-side handler")
 
 
-def test_engines_and_the_step_loop_get_what_they_report_to_from_the_worker() -> None:
-    """Counters, progress and previews reach engines through their arguments: no engine,
-    family or step-loop module imports the worker runtime, previews or handlers."""
+#: The worker side's lower layers, lowest last: what engines and the step loop may import
+#: from `workers`. The runtime, handlers, execution, lifecycle, previews and the DiT
+#: service sit above them and hand them what they report to.
+ENGINE_LAYERS = ("workers.engines", "workers.stepping")
+BELOW_ENGINES = (
+    "workers.device_thread",
+    "workers.resources",
+    "workers.progress",
+    "workers.lora",
+    "workers.models",
+    "workers.dit_cache",
+)
+
+
+def _worker_imports_outside(prefixes: tuple[str, ...], allowed: tuple[str, ...]) -> list[str]:
+    """`file:line imports module` for each import of a `workers` module outside `allowed`
+    made by a module under one of `prefixes`."""
     workers_root = PRODUCER_ROOT.parent / "workers"
-    sources = sorted(
-        [*(workers_root / "engines").rglob("*.py"), *(workers_root / "stepping").rglob("*.py")]
+    offenders = []
+    for path in sorted(workers_root.rglob("*.py")):
+        name = _module_name(path, workers_root.parent)
+        if not name.startswith(prefixes):
+            continue
+        offenders += [
+            f"{path.relative_to(workers_root.parent)}:{line} imports {module}"
+            for line, module in _imported_modules(path)
+            if module.startswith("workers") and not module.startswith(allowed)
+        ]
+    return offenders
+
+
+def test_engines_and_the_step_loop_import_nothing_above_them() -> None:
+    """Counters, progress and previews reach engines through their arguments: engines,
+    families and the step loop import only themselves and the layers below them, the
+    step loop not even the engines, and those layers import nothing above either."""
+    assert _worker_imports_outside(ENGINE_LAYERS, (*ENGINE_LAYERS, *BELOW_ENGINES)) == []
+    assert (
+        _worker_imports_outside(("workers.stepping",), ("workers.stepping", *BELOW_ENGINES)) == []
     )
-    assert len(sources) > 20
-    forbidden = ("workers.runtime", "workers.previews", "workers.handlers")
-    offenders = [
-        f"{path.relative_to(workers_root.parent)}:{line} imports {module}"
-        for path in sources
-        for line, module in _imported_modules(path)
-        if module in forbidden
-    ]
-    assert offenders == []
+    assert _worker_imports_outside(BELOW_ENGINES, (*ENGINE_LAYERS, *BELOW_ENGINES)) == []
+
+
+def test_the_layer_scan_sees_engines_and_the_step_loop() -> None:
+    workers_root = PRODUCER_ROOT.parent / "workers"
+    assert len(list((workers_root / "engines").rglob("*.py"))) > 20
+    assert len(list((workers_root / "stepping").rglob("*.py"))) > 3
 
 
 def _module_name(path: Path, root: Path) -> str:
