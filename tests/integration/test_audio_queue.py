@@ -12,6 +12,8 @@ pause it (the family tests show sounds sharing steps)."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,6 @@ from conftest import MODELS_CACHE, clean_redis, start_ready_workers
 from helpers import eventually
 
 from omni_tasks import generate_audio
-from workers.audio import encode_audio
-from workers.engines.base import ImageParams
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 180
@@ -55,15 +55,33 @@ def audio_worker(run_dir: Path) -> Iterator[str]:
         clean_redis()
 
 
-@pytest.fixture(scope="module")
-def alone(audio_worker: str) -> Iterator[Any]:
-    """An engine of the same checkpoint in this process: what a sound gives alone,
-    never preempted nor batched."""
-    from workers.engines.diffusers_engine import DiffusersEngine
+#: What the long sound gives alone, never preempted nor batched: an engine of the same
+#: checkpoint in a fresh process, so that its torch threads are a worker's (vLLM, loaded by
+#: earlier tests in this process, pins torch to one thread, and a sum split over other
+#: threads rounds differently).
+ALONE = """
+import sys
+from pathlib import Path
+from workers.audio import encode_audio
+from workers.engines.base import ImageParams
+from workers.engines.diffusers_engine import DiffusersEngine
 
-    engine = DiffusersEngine(MODELS_CACHE / MODEL, max_batch_size=1)
-    yield engine
-    engine.shutdown()
+engine = DiffusersEngine(Path(sys.argv[1]), max_batch_size=1)
+params = ImageParams(steps=100, guidance=7.0, seed=11, audio_seconds=2.0)  # the default
+own = engine.generate("alone", "a long drone", params, 180)
+Path(sys.argv[2]).write_bytes(encode_audio(own.audio, own.sample_rate, "wav"))
+engine.shutdown()
+"""
+
+
+def alone_wav(out: Path) -> bytes:
+    subprocess.run(
+        [sys.executable, "-c", ALONE, str(MODELS_CACHE / MODEL), str(out)],
+        check=True,
+        cwd=Path(__file__).parents[2],
+        timeout=TIMEOUT,
+    )
+    return out.read_bytes()
 
 
 def read(result: dict[str, Any]) -> tuple[np.ndarray, int]:
@@ -97,7 +115,7 @@ def test_an_exact_repeat_is_the_same_file_from_the_cache(audio_worker: str) -> N
 
 
 def test_a_high_sound_preempts_a_low_one_which_resumes_to_its_own_samples(
-    audio_worker: str, alone: Any
+    audio_worker: str, tmp_path: Path
 ) -> None:
     long = {"prompt": "a long drone", "seed": 11, "seconds": 2, "steps": 100}
     low = generate_audio.delay(priority="low", **long)
@@ -110,7 +128,5 @@ def test_a_high_sound_preempts_a_low_one_which_resumes_to_its_own_samples(
     assert high["timings"]["first_step_at"] < sound_ended
     assert sound["preemptions"] >= 1 and high["preemptions"] == 0
     assert sound["timings"]["paused_s"] > 0
-    params = ImageParams(steps=100, guidance=7.0, seed=11, audio_seconds=2.0)  # the default
-    own = alone.generate("alone", "a long drone", params, TIMEOUT)
-    expected = encode_audio(own.audio, own.sample_rate, "wav")
+    expected = alone_wav(tmp_path / "alone.wav")
     assert Path(sound["audio_path"]).read_bytes() == expected  # exact resume
