@@ -345,7 +345,6 @@ def test_worker_api_and_send_path_code_gets_config_and_redis_given() -> None:
     state, the Celery app's `ProducerContext`); only the entry points look them up."""
     entry_points = {
         "workers/lifecycle/hooks.py": {"get_config"},  # worker_init: the worker's config
-        "workers/runtime.py": {"get_config", "get_redis"},  # the process context itself
         "workers/engines/diffusers_engine.py": {"get_config"},  # an engine built alone
         "omni_tasks/api/app.py": {"get_config", "get_redis"},  # the app factory
         "omni_tasks/tasks/context.py": {"get_config", "get_redis"},  # the producer context

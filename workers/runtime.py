@@ -25,14 +25,14 @@ from typing import Any
 
 import redis
 
-from omni_tasks.config import CoreModuleConfig, get_config
+from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import cache_directory, keys
-from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.counters import SuccessCounters
 from omni_tasks.coordination.depths import waiting_above
-from omni_tasks.coordination.keyspace import KeySpace, keyspace
+from omni_tasks.coordination.keyspace import KeySpace
 from omni_tasks.errors import EngineStoppedError
 from omni_tasks.requests import Stage
+from omni_tasks.tasks.context import ProducerContext
 from workers.engines.base import DiffusionEngine, TextEngine
 from workers.engines.chat import load_chat_template
 from workers.models import TINY_MODELS, build_tiny_model
@@ -69,7 +69,9 @@ class WorkerRuntime:
 
     def __init__(self, config: CoreModuleConfig | None = None) -> None:
         self.identity = WorkerIdentity(hostname=f"{socket.gethostname()}-{os.getpid()}")
-        self._config = config
+        #: The config this worker serves and its Redis client (the process config's while
+        #: none is attached): the same context the Celery app carries for its sends.
+        self.context = ProducerContext(config)
         #: This run of the worker (a restarted worker keeps its hostname, not this).
         self.instance = uuid.uuid4().hex[:12]
         self.counters = SuccessCounters(lambda: self.redis)
@@ -89,22 +91,19 @@ class WorkerRuntime:
         (at `worker_init`)."""
         self.identity = identity
         if config is not None:
-            self._config = config
+            self.context.attached = config
 
     @property
     def config(self) -> CoreModuleConfig:
-        """The config this worker serves (the process config while none was attached)."""
-        return self._config if self._config is not None else get_config()
+        return self.context.config
 
     @property
     def keys(self) -> KeySpace:
-        """The keys under this worker's `key_prefix`."""
-        return keyspace(self.config.key_prefix)
+        return self.context.keys
 
     @property
     def redis(self) -> redis.Redis:
-        """The process's client of the config's Redis (omni-tasks' own keys)."""
-        return get_redis(self.config.redis_url)
+        return self.context.redis
 
     @property
     def hostname(self) -> str:

@@ -5,7 +5,8 @@ producer side's entry point; a task reaches it through its app (`producer_contex
 and the send path hands its config and client down to the acceptance, the admission,
 the ledger and the idempotency check, which look nothing up themselves. A context
 given no config follows the process config (`set_config`), as an application that
-configures omni-tasks after importing it expects.
+configures omni-tasks after importing it expects. A worker's runtime holds one too,
+with the config its worker serves.
 """
 
 from __future__ import annotations
