@@ -3,6 +3,7 @@ foreign Celery client."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -71,6 +72,39 @@ DIT_QUEUE = "diffusion.tiny-flux"
 #: Image sizes whose DiT cost falls in the lowest and a high cost bucket.
 SMALL = {"width": 64, "height": 64, "steps": 4}
 LARGE = {"width": 512, "height": 512, "steps": 20}
+
+
+#: The task a raw envelope names when it names none in its headers.
+IMAGE_TASK = "omni_tasks.generate_image"
+
+
+def envelope(
+    task: str | None,
+    kwargs: Any,
+    task_id: str,
+    content_type: str = "application/json",
+    queue: str = "diffusion",
+) -> dict[str, Any]:
+    """A kombu Redis envelope as a producer writes it (JSON, base64 body), unchecked."""
+    from omni_tasks import app
+
+    message = app.amqp.create_task_message(task_id, task or IMAGE_TASK, (), {})
+    headers = {**message.headers, "task": task} if task else {}
+    body = json.dumps([[], kwargs, {"callbacks": None, "errbacks": None, "chain": None}])
+    return {
+        "body": base64.b64encode(body.encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": content_type,
+        "headers": headers,
+        "properties": {
+            "correlation_id": task_id,
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": queue, "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
 
 
 def publish_raw(

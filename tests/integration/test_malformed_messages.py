@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from celery.result import AsyncResult
 from conftest import clean_redis, start_ready_workers
-from helpers import assert_png, eventually
+from helpers import assert_png, envelope, eventually
 
-from omni_tasks import app, generate_image
+from omni_tasks import generate_image
 from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.rejections import MAX_BODY_CHARS, list_rejections
@@ -40,29 +40,6 @@ def worker(tiny_models, run_dir: Path) -> Iterator:
     yield process
     process.stop()
     clean_redis()
-
-
-def envelope(
-    task: str | None, kwargs: Any, task_id: str, content_type: str = "application/json"
-) -> dict[str, Any]:
-    """A kombu Redis envelope as a producer writes it (JSON, base64 body), unchecked."""
-    message = app.amqp.create_task_message(task_id, task or IMAGE, (), {})
-    headers = {**message.headers, "task": task} if task else {}
-    body = json.dumps([[], kwargs, {"callbacks": None, "errbacks": None, "chain": None}])
-    return {
-        "body": base64.b64encode(body.encode()).decode(),
-        "content-encoding": "utf-8",
-        "content-type": content_type,
-        "headers": headers,
-        "properties": {
-            "correlation_id": task_id,
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": QUEUE, "routing_key": QUEUE},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-        },
-    }
 
 
 def push(entry: bytes | str | dict, level: int = 0) -> None:

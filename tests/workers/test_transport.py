@@ -3,10 +3,10 @@ skip malformed entries and record them."""
 
 from __future__ import annotations
 
-import base64
 import json
 import uuid
-from typing import Any
+
+from helpers import envelope
 
 from omni_tasks import app
 from omni_tasks.coordination.client import get_redis
@@ -16,29 +16,6 @@ QUEUE = "diffusion"
 
 
 IMAGE = "omni_tasks.generate_image"
-
-
-def envelope(
-    task: str | None, kwargs: Any, task_id: str, content_type: str = "application/json"
-) -> dict[str, Any]:
-    """A kombu Redis envelope as a producer writes it (JSON, base64 body), unchecked."""
-    message = app.amqp.create_task_message(task_id, task or IMAGE, (), {})
-    headers = {**message.headers, "task": task} if task else {}
-    body = json.dumps([[], kwargs, {"callbacks": None, "errbacks": None, "chain": None}])
-    return {
-        "body": base64.b64encode(body.encode()).decode(),
-        "content-encoding": "utf-8",
-        "content-type": content_type,
-        "headers": headers,
-        "properties": {
-            "correlation_id": task_id,
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": QUEUE, "routing_key": QUEUE},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-        },
-    }
 
 
 def test_synchronous_reads_skip_malformed_entries(redis_client) -> None:
