@@ -107,6 +107,23 @@ def envelope(
     }
 
 
+def mixed_text_requests(n: int, prefix: str = "r") -> list[Any]:
+    """Text requests of every priority class, every other one with a deadline."""
+    from omni_tasks import create_text_request
+
+    classes = ("high", "normal", "low")
+    return [
+        create_text_request(
+            f"{prefix} {i}",
+            request_id=f"{prefix}-{i}",
+            priority=classes[i % 3],
+            max_tokens=2,
+            **({"timeout_s": 30 + i} if i % 2 else {}),
+        )
+        for i in range(n)
+    ]
+
+
 def publish_raw(
     task_name: str,
     kwargs: Any,

@@ -6,30 +6,13 @@ from pathlib import Path
 
 import pytest
 from conftest import start_ready_workers
-from helpers import TEXT_KEYS
+from helpers import TEXT_KEYS, mixed_text_requests
 
 from omni_tasks import (
-    create_text_request,
     generate_text,
     submit_many,
 )
 from omni_tasks.coordination import keys
-from omni_tasks.requests import OmniRequest
-
-
-def mixed(n: int, prefix: str = "r") -> list[OmniRequest]:
-    """Text requests of every priority class, every other one with a deadline."""
-    classes = ("high", "normal", "low")
-    return [
-        create_text_request(
-            f"{prefix} {i}",
-            request_id=f"{prefix}-{i}",
-            priority=classes[i % 3],
-            max_tokens=2,
-            **({"timeout_s": 30 + i} if i % 2 else {}),
-        )
-        for i in range(n)
-    ]
 
 
 @pytest.mark.slow
@@ -39,9 +22,9 @@ def test_a_worker_runs_a_batch_each_request_under_its_own_id(
     env = {"OMNI_AR__ENGINE": "transformers"}
     (worker,) = start_ready_workers(["ar"], run_dir / "logs", env=env, name="batch")
     try:
-        requests = mixed(16, "run")
+        requests = mixed_text_requests(16, "run")
         group = submit_many(requests)
-        probes = submit_many(mixed(4, "probe"), task="omni_tasks.probe")
+        probes = submit_many(mixed_text_requests(4, "probe"), task="omni_tasks.probe")
         single = generate_text.delay(prompt="run 0", max_tokens=2, priority="high").get(120)
         values = group.get(timeout=180)
         probed = probes.get(timeout=180)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 from celery import states
-from helpers import DIT_QUEUE, eventually, queued_messages, where
+from helpers import DIT_QUEUE, eventually, mixed_text_requests, queued_messages, where
 
 from omni_tasks import (
     QueueFullError,
@@ -34,7 +34,6 @@ from omni_tasks import (
 )
 from omni_tasks.coordination import admission, keys, ledger
 from omni_tasks.coordination.idempotency import ACCEPTED_HEADER
-from omni_tasks.requests import OmniRequest
 from omni_tasks.tasks import batch_submit
 from omni_tasks.tasks.celery_app import app
 from omni_tasks.tasks.sending import request_deadline
@@ -43,21 +42,6 @@ ROOT = Path(__file__).resolve().parents[2]
 QUEUES = ("ar", "diffusion", DIT_QUEUE)
 #: What differs between two publishes of one message: kombu's tag and the time left.
 VOLATILE = ("delivery_tag", "expiration")
-
-
-def mixed(n: int, prefix: str = "r") -> list[OmniRequest]:
-    """Text requests of every priority class, every other one with a deadline."""
-    classes = ("high", "normal", "low")
-    return [
-        create_text_request(
-            f"{prefix} {i}",
-            request_id=f"{prefix}-{i}",
-            priority=classes[i % 3],
-            max_tokens=2,
-            **({"timeout_s": 30 + i} if i % 2 else {}),
-        )
-        for i in range(n)
-    ]
 
 
 def all_messages(client: redis.Redis) -> list[dict[str, Any]]:
@@ -80,7 +64,10 @@ def without_volatile(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_each_request_keeps_its_id_route_and_deadline(redis_client) -> None:
-    requests = [*mixed(6), create_diffusion_request("a fox", request_id="img-1", steps=4)]
+    requests = [
+        *mixed_text_requests(6),
+        create_diffusion_request("a fox", request_id="img-1", steps=4),
+    ]
     group = submit_many(requests)
     assert [r.id for r in group.results] == [r.request_id for r in requests]
     assert not redis_client.exists(f"celery-taskset-meta-{group.id}")  # not saved
@@ -129,8 +116,8 @@ def test_a_message_is_the_one_submit_sends(redis_client, kind: str) -> None:
 
 
 def test_the_batch_is_accepted_in_one_round_trip(redis_client) -> None:
-    submit_many(mixed(2, "warm"))  # the script is loaded, Redis known to answer
-    requests = mixed(20)
+    submit_many(mixed_text_requests(2, "warm"))  # the script is loaded, Redis known to answer
+    requests = mixed_text_requests(20)
     with commands_sent(redis_client) as seen:
         submit_many(requests)
     # Other tests' threads in this process (a lease renewal, say) may run commands
@@ -148,14 +135,14 @@ def test_the_batch_is_accepted_in_one_round_trip(redis_client) -> None:
 
 
 def test_a_full_pool_refuses_the_whole_batch(redis_client) -> None:
-    first = submit_many(mixed(3, "in"))
+    first = submit_many(mixed_text_requests(3, "in"))
     before = accepted_state(redis_client)
     with admission.max_queue_size(6), pytest.raises(QueueFullError) as info:
-        submit_many(mixed(4, "over"))  # 3 + 4 > 6
+        submit_many(mixed_text_requests(4, "over"))  # 3 + 4 > 6
     assert "the batch adds 4" in str(info.value) and "max_queue_size=6" in str(info.value)
     assert accepted_state(redis_client) == before
     with admission.max_queue_size(6):  # 3 + 3 fits; repeats of the first 3 take no place
-        group = submit_many([*mixed(3, "in"), *mixed(3, "fits")])
+        group = submit_many([*mixed_text_requests(3, "in"), *mixed_text_requests(3, "fits")])
     assert [getattr(r, "repeat", False) for r in group.results] == [True] * 3 + [False] * 3
     assert [r.id for r in first.results] == [r.id for r in group.results[:3]]
 
@@ -165,7 +152,7 @@ def test_a_conflict_refuses_the_whole_batch(redis_client) -> None:
     before = accepted_state(redis_client)
     other = create_text_request("something else", request_id="taken-1")
     with pytest.raises(RequestConflictError) as info:
-        submit_many([*mixed(3), other])
+        submit_many([*mixed_text_requests(3), other])
     assert info.value.request_id == "taken-1"
     assert accepted_state(redis_client) == before
     twice = [create_text_request("a", request_id="x"), create_text_request("b", request_id="x")]
@@ -175,7 +162,7 @@ def test_a_conflict_refuses_the_whole_batch(redis_client) -> None:
 
 
 def test_repeats_return_their_results_without_publishing_again(redis_client) -> None:
-    requests = mixed(4)
+    requests = mixed_text_requests(4)
     submit_many(requests)
     once = accepted_state(redis_client)
     again = submit_many([*requests, requests[0]])  # a request twice in one batch: sent once
@@ -191,10 +178,10 @@ def test_repeats_return_their_results_without_publishing_again(redis_client) -> 
 def test_multimodal_and_foreign_objects_are_refused(redis_client) -> None:
     before = accepted_state(redis_client)
     with pytest.raises(RequestValidationError) as info:
-        submit_many([*mixed(2), create_multimodal_request("a lighthouse")])
+        submit_many([*mixed_text_requests(2), create_multimodal_request("a lighthouse")])
     assert info.value.field == "request_type" and "submit" in str(info.value)
     with pytest.raises(RequestValidationError) as info:
-        submit_many([*mixed(1), {"prompt": "a dict"}])  # type: ignore[list-item]
+        submit_many([*mixed_text_requests(1), {"prompt": "a dict"}])  # type: ignore[list-item]
     assert info.value.field == "requests.1"
     with pytest.raises(RequestValidationError) as info:
         submit_many([create_diffusion_request("x")], task="omni_tasks.probe")
@@ -213,7 +200,7 @@ def test_with_another_broker_a_failed_publish_gives_the_acceptance_back(
     """The accept-first path (any broker but the coordination Redis), here on the same
     Redis: accepted in one round trip, published in one pipeline, undone on failure."""
     monkeypatch.setattr(batch_submit, "accepts_on_publish", lambda config: False)
-    group = submit_many(mixed(3))
+    group = submit_many(mixed_text_requests(3))
     assert [where(redis_client, r.id)[1] for r in group.results] == [0, 6, 9]
     assert all(m["headers"][ACCEPTED_HEADER] for m in all_messages(redis_client))
     before = accepted_state(redis_client)
@@ -228,7 +215,7 @@ def test_with_another_broker_a_failed_publish_gives_the_acceptance_back(
 
     monkeypatch.setattr(batch_submit, "publish", failing)
     with pytest.raises(Exception) as info:
-        submit_many(mixed(3, "lost"))
+        submit_many(mixed_text_requests(3, "lost"))
     assert "not sent" in str(info.value) and info.value.may_be_accepted is False
     assert accepted_state(redis_client) == before
 
@@ -244,7 +231,7 @@ def test_waiting_on_a_batch_whose_results_came_first_returns_them_at_once(redis_
     opener, later = (f"{name}-{time.monotonic_ns()}" for name in ("opener", "later"))
     backend.store_result(opener, {"request_id": opener}, states.SUCCESS)
     app.AsyncResult(opener).get(timeout=10)  # opens the subscriber, if no test did
-    batch = submit_many(mixed(4, "stored"), task="omni_tasks.probe")
+    batch = submit_many(mixed_text_requests(4, "stored"), task="omni_tasks.probe")
     for result in batch.results:
         backend.store_result(result.id, {"request_id": result.id}, states.SUCCESS)
     # Another wait, which reads the batch's results off the subscriber first.
