@@ -119,7 +119,8 @@ def test_events_bring_progress_and_previews_before_the_result(http: httpx.Client
     assert progress, names
     assert all(p["steps"] == 60 for p in progress)
     steps = [p["step"] for p in progress]
-    assert steps == sorted(steps) and steps[-1] < 60
+    # Progress arrives while the job runs; the last step may be reported too.
+    assert steps == sorted(steps) and steps[0] < 60 and steps[-1] <= 60
     previews = [data for name, data in events if name == "partial_image"]
     assert [p["index"] for p in previews] == [0, 1]
     assert [p["step"] for p in previews] == [20, 40]
