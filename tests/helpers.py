@@ -14,6 +14,12 @@ from typing import Any
 
 from PIL import Image
 
+from omni_tasks.coordination.keyspace import KeySpace, keyspace
+
+#: The keys of the tests' config (its default `key_prefix`), for tests that read or write
+#: omni-tasks' own Redis keys.
+KEYS: KeySpace = keyspace("omni")
+
 #: The RabbitMQ the broker tests use when it answers (they skip otherwise).
 AMQP_URL = os.environ.get("OMNI_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
@@ -233,15 +239,15 @@ def write_heartbeat(client: Any, hostname: str, mapping: dict[str, Any], ttl_s: 
     its entry in the worker index of its kind (`coordination.worker_index`)."""
     import time
 
-    from omni_tasks.coordination import keys, worker_index
+    from omni_tasks.coordination import worker_index
 
     stages = json.loads(mapping.get("stages") or "[]")
     queues = json.loads(mapping.get("queues") or "[]")
     kinds = worker_index.kinds_of([*stages, *(["dit"] if "diffusion" in queues else [])])
-    client.hset(keys.worker(hostname), mapping=mapping)
-    client.expire(keys.worker(hostname), ttl_s)
+    client.hset(KEYS.worker(hostname), mapping=mapping)
+    client.expire(KEYS.worker(hostname), ttl_s)
     for kind in kinds:
-        client.zadd(keys.worker_beats(kind), {hostname: time.time()})
+        client.zadd(KEYS.worker_beats(kind), {hostname: time.time()})
 
 
 def state_and_info(result: Any) -> tuple[str, Any]:

@@ -30,9 +30,9 @@ from typing import Any
 import redis
 
 from omni_tasks.config import CoreModuleConfig
-from omni_tasks.coordination import idempotency, keys, ledger
-from omni_tasks.coordination.client import scripts_for
-from omni_tasks.coordination.keyspace import keyspace
+from omni_tasks.coordination import idempotency, ledger
+from omni_tasks.coordination.client import OmniRedis, scripts_for
+from omni_tasks.coordination.keyspace import KeySpace, keyspace
 from omni_tasks.coordination.outage import Outage
 from omni_tasks.errors import QueueFullError, RequestConflictError
 
@@ -215,49 +215,51 @@ def _admitted_batch(
     return found
 
 
-def undo_many(client: redis.Redis, queues: Iterable[str], admissions: Iterable[Admission]) -> None:
+def undo_many(client: OmniRedis, queues: Iterable[str], admissions: Iterable[Admission]) -> None:
     """A batch whose publish failed: give back what each admission took
     (`Admission.undo`; the pools of `queues`), in one round trip."""
     done = [a for a in admissions if not a.repeat]
     added = [a.admission_id for a in done if a.added]
     recorded = [a.recorded for a in done if a.recorded]
-    fingerprinted = [keys.request_fingerprint(a.admission_id) for a in done if a.fingerprinted]
+    fingerprinted = [
+        client.keyspace.request_fingerprint(a.admission_id) for a in done if a.fingerprinted
+    ]
     pipe = client.pipeline(transaction=False)
     if added:
-        for name in pool_sets(queues):
+        for name in pool_sets(client.keyspace, queues):
             pipe.zrem(name, *added)
     if recorded:
-        pipe.zrem(keys.ledger_open(), *recorded)
-        pipe.delete(*(keys.ledger(i) for i in recorded))
+        pipe.zrem(client.keyspace.ledger_open(), *recorded)
+        pipe.delete(*(client.keyspace.ledger(i) for i in recorded))
     if fingerprinted:
         pipe.delete(*fingerprinted)
     pipe.execute()
 
 
-def release(client: redis.Redis, queues: Iterable[str], admission_ids: Iterable[str]) -> None:
+def release(client: OmniRedis, queues: Iterable[str], admission_ids: Iterable[str]) -> None:
     """The requests ended: they leave the count of every pool of `queues` (the config's
     `pool_queues()`; idempotent)."""
     ids = [i for i in admission_ids if i]
     if not ids:
         return
     pipe = client.pipeline(transaction=False)
-    for name in pool_sets(queues):
+    for name in pool_sets(client.keyspace, queues):
         pipe.zrem(name, *ids)
     pipe.execute()
 
 
-def count(client: redis.Redis, queue: str) -> int:
+def count(client: OmniRedis, queue: str) -> int:
     """How many requests the pool of `queue` holds admitted."""
-    return int(client.zcard(keys.admitted(queue)))
+    return int(client.zcard(client.keyspace.admitted(queue)))
 
 
-def admitted_before(client: redis.Redis, queue: str, before: float, limit: int = 1000) -> list[str]:
+def admitted_before(client: OmniRedis, queue: str, before: float, limit: int = 1000) -> list[str]:
     """Ids admitted to the pool of `queue` before `before` (oldest first)."""
-    return list(client.zrangebyscore(keys.admitted(queue), "-inf", before, 0, limit))
+    return list(client.zrangebyscore(client.keyspace.admitted(queue), "-inf", before, 0, limit))
 
 
-def pool_sets(queues: Iterable[str]) -> list[str]:
-    return [keys.admitted(q) for q in queues]
+def pool_sets(space: KeySpace, queues: Iterable[str]) -> list[str]:
+    return [space.admitted(q) for q in queues]
 
 
 def pool_name(queue: str, config: CoreModuleConfig) -> str:

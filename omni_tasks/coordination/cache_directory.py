@@ -34,7 +34,7 @@ import redis
 from omni_tasks import lora
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys, worker_index
-from omni_tasks.coordination.client import get_scripts, scripts_for
+from omni_tasks.coordination.client import OmniRedis, scripts_for
 from omni_tasks.model_registry import dit_model
 from omni_tasks.requests import OmniRequest, RequestType
 
@@ -114,38 +114,38 @@ class Holder:
     hits: int
 
 
-def record_insert(
-    client: redis.Redis, worker: str, queue: str, cache_key: str, nbytes: int
-) -> None:
+def record_insert(client: OmniRedis, worker: str, queue: str, cache_key: str, nbytes: int) -> None:
     scripts_for(client).directory_insert(
-        keys=[keys.cache_holders(cache_key), keys.cache_worker(worker)],
+        keys=[client.keyspace.cache_holders(cache_key), client.keyspace.cache_worker(worker)],
         args=[worker, cache_key, queue, int(nbytes), time.time()],
     )
 
 
-def record_remove(client: redis.Redis, worker: str, cache_key: str) -> None:
+def record_remove(client: OmniRedis, worker: str, cache_key: str) -> None:
     scripts_for(client).directory_remove(
-        keys=[keys.cache_holders(cache_key), keys.cache_worker(worker)], args=[worker, cache_key]
+        keys=[client.keyspace.cache_holders(cache_key), client.keyspace.cache_worker(worker)],
+        args=[worker, cache_key],
     )
 
 
-def record_hit(client: redis.Redis, worker: str, cache_key: str) -> None:
+def record_hit(client: OmniRedis, worker: str, cache_key: str) -> None:
     scripts_for(client).directory_hit(
-        keys=[keys.cache_holders(cache_key)], args=[worker, time.time()]
+        keys=[client.keyspace.cache_holders(cache_key)], args=[worker, time.time()]
     )
 
 
-def clear_worker(client: redis.Redis, worker: str) -> int:
+def clear_worker(client: OmniRedis, worker: str) -> int:
     return int(
         scripts_for(client).directory_clear_worker(
-            keys=[keys.cache_worker(worker)], args=[worker, keys.cache_holders("")]
+            keys=[client.keyspace.cache_worker(worker)],
+            args=[worker, client.keyspace.cache_holders("")],
         )
     )
 
 
-def holders(client: redis.Redis, cache_key: str) -> list[Holder]:
+def holders(client: OmniRedis, cache_key: str) -> list[Holder]:
     """Every worker's entry for `cache_key`, by worker name."""
-    raw = client.hgetall(keys.cache_holders(cache_key))
+    raw = client.hgetall(client.keyspace.cache_holders(cache_key))
     return [_holder(worker, json.loads(entry)) for worker, entry in sorted(raw.items())]
 
 
@@ -155,11 +155,11 @@ def _holder(worker: str, entry: dict[str, Any]) -> Holder:
     return Holder(worker=worker, **entry)
 
 
-def held_by(client: redis.Redis, worker: str) -> set[str]:
-    return set(client.smembers(keys.cache_worker(worker)))
+def held_by(client: OmniRedis, worker: str) -> set[str]:
+    return set(client.smembers(client.keyspace.cache_worker(worker)))
 
 
-def pick_holder(cache_keys: list[str]) -> str | None:
+def pick_holder(client: OmniRedis, cache_keys: list[str]) -> str | None:
     """The live, not overloaded worker holding the first of `cache_keys` it can find.
 
     Overloaded = its own queue already holds as many requests as it has slots: the
@@ -167,14 +167,20 @@ def pick_holder(cache_keys: list[str]) -> str | None:
     cache hit can save (a miss elsewhere costs one run), so past that point spreading
     the work wins.
     """
-    found = get_scripts().directory_pick(
-        keys=[keys.cache_holders(k) for k in cache_keys],
-        args=[keys.worker(""), keys.worker_queue(""), keys.PRIORITY_SEP, *keys.PRIORITY_STEPS[1:]],
+    space = client.keyspace
+    found = client.scripts.directory_pick(
+        keys=[space.cache_holders(k) for k in cache_keys],
+        args=[
+            space.worker(""),
+            space.worker_queue(""),
+            keys.PRIORITY_SEP,
+            *keys.PRIORITY_STEPS[1:],
+        ],
     )
     return found or None
 
 
-def sweep_dead_workers(client: redis.Redis, pool_queue: str) -> list[str]:
+def sweep_dead_workers(client: OmniRedis, pool_queue: str) -> list[str]:
     """Clear the entries of the diffusion workers whose heartbeat expired, and move the
     messages left in their own queues (affinity-routed, or restored there after they
     died) back to the pool queue at the same priority; then drop them from the worker
@@ -184,12 +190,12 @@ def sweep_dead_workers(client: redis.Redis, pool_queue: str) -> list[str]:
         return []
     pipe = client.pipeline(transaction=False)
     for worker in candidates:
-        pipe.exists(keys.worker(worker))
+        pipe.exists(client.keyspace.worker(worker))
     dead = [w for w, alive in zip(candidates, pipe.execute(), strict=True) if not alive]
     scripts = scripts_for(client)
     for worker in dead:
         clear_worker(client, worker)
-        own = keys.worker_queue(worker)
+        own = client.keyspace.worker_queue(worker)
         for level in keys.PRIORITY_STEPS:
             scripts.move_all(keys=[keys.queue_key(own, level), keys.queue_key(pool_queue, level)])
     worker_index.forget(client, worker_index.DIT, dead)
@@ -202,18 +208,18 @@ def own_queue_keys(client: redis.Redis) -> list[tuple[str, str, int]]:
     return worker_index.own_queue_keys(client)
 
 
-def count_lookup(client: redis.Redis, queue: str, worker: str, kind: str, hit: bool) -> None:
+def count_lookup(client: OmniRedis, queue: str, worker: str, kind: str, hit: bool) -> None:
     """Hit/miss counters per pool (named by its queue) and per worker, per kind of entry."""
     field = f"{'hits' if hit else 'misses'}:{kind}"
     pipe = client.pipeline(transaction=False)
-    pipe.hincrby(keys.cache_stats(queue), field, 1)
-    pipe.hincrby(keys.cache_worker_stats(worker), field, 1)
+    pipe.hincrby(client.keyspace.cache_stats(queue), field, 1)
+    pipe.hincrby(client.keyspace.cache_worker_stats(worker), field, 1)
     pipe.execute()
 
 
-def hit_rate(client: redis.Redis, queue: str, kind: str | None = None) -> tuple[float, int, int]:
+def hit_rate(client: OmniRedis, queue: str, kind: str | None = None) -> tuple[float, int, int]:
     """(rate, hits, misses) of a pool, over one kind of entry or all of them."""
-    raw: dict[str, Any] = client.hgetall(keys.cache_stats(queue))
+    raw: dict[str, Any] = client.hgetall(client.keyspace.cache_stats(queue))
     hits = sum(int(v) for f, v in raw.items() if f.startswith("hits:") and _kind(f, kind))
     misses = sum(int(v) for f, v in raw.items() if f.startswith("misses:") and _kind(f, kind))
     total = hits + misses
@@ -224,18 +230,18 @@ def _kind(field: str, kind: str | None) -> bool:
     return kind is None or field.endswith(":" + kind)
 
 
-def count_adapter(client: redis.Redis, queue: str, hit: bool, load_s: float = 0.0) -> None:
+def count_adapter(client: OmniRedis, queue: str, hit: bool, load_s: float = 0.0) -> None:
     """One adapter use on a pool: already loaded (`hit`), or loaded in `load_s`."""
     pipe = client.pipeline(transaction=False)
-    pipe.hincrby(keys.lora_stats(queue), "hits" if hit else "misses", 1)
+    pipe.hincrby(client.keyspace.lora_stats(queue), "hits" if hit else "misses", 1)
     if load_s > 0:
-        pipe.hincrbyfloat(keys.lora_stats(queue), "load_s_sum", load_s)
+        pipe.hincrbyfloat(client.keyspace.lora_stats(queue), "load_s_sum", load_s)
     pipe.execute()
 
 
-def adapter_stats(client: redis.Redis, queue: str) -> dict[str, float]:
+def adapter_stats(client: OmniRedis, queue: str) -> dict[str, float]:
     """A pool's adapter uses: hits, misses, hit_rate and load_s_sum."""
-    raw: dict[str, Any] = client.hgetall(keys.lora_stats(queue))
+    raw: dict[str, Any] = client.hgetall(client.keyspace.lora_stats(queue))
     hits, misses = int(raw.get("hits", 0)), int(raw.get("misses", 0))
     total = hits + misses
     return {

@@ -1,6 +1,7 @@
 """The Redis connection of this process for omni-tasks' own keys (Celery keeps its own
-pools), with the Lua scripts registered on it, the polling cadence of waiters, and the
-URL rules every Redis client of omni-tasks shares (TLS defaults, redaction, Sentinel).
+pools): an `OmniRedis` that carries the key prefix it works under and the Lua scripts
+registered on it; the polling cadence of waiters; and the URL rules every Redis client of
+omni-tasks shares (TLS defaults, redaction, Sentinel).
 
 A `sentinel://host:port;sentinel://host:port[/db]` URL (kombu's spelling) gives a client
 of the master that the Sentinels name (`redis_sentinel_master`): each new connection
@@ -21,8 +22,9 @@ import redis.asyncio.sentinel
 import redis.sentinel
 from kombu.utils.url import maybe_sanitize_url
 
-from omni_tasks.config import get_config
+from omni_tasks.config import CoreModuleConfig, get_config
 from omni_tasks.config.schema import is_sentinel_url
+from omni_tasks.coordination.keyspace import KeySpace, keyspace
 from omni_tasks.coordination.lua import Scripts
 
 POLL_MIN_S, POLL_MAX_S, POLL_GROWTH = 0.01, 0.25, 1.5
@@ -33,57 +35,60 @@ POLL_MIN_S, POLL_MAX_S, POLL_GROWTH = 0.01, 0.25, 1.5
 CONNECT_TIMEOUT_S = 5.0
 
 
-@dataclass(frozen=True)
-class _Connection:
-    client: redis.Redis
-    scripts: Scripts
+class OmniRedis(redis.Redis):
+    """A client of omni-tasks' Redis that carries what naming and scripting its keys
+    needs: the `KeySpace` of the config it was made for and the Lua scripts registered on
+    it (as arq's `ArqRedis` carries its queue settings). Code given the client names its
+    keys as `client.keyspace.<name>(...)`, with no config of its own."""
+
+    def __init__(self, *args: Any, keyspace: KeySpace, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.keyspace = keyspace
+        self.scripts = Scripts(self)
 
 
 class _Connections:
-    """One client (and its registered scripts) per URL, shared by the process's threads,
-    and which URLs have answered since their last failure (`check_reachable`)."""
+    """One connection pool per URL, shared by the process's threads and by its clients
+    of each key prefix; and which URLs have answered since their last failure
+    (`check_reachable`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_url: dict[str, _Connection] = {}
+        self._pools: dict[str, redis.ConnectionPool] = {}
+        self._clients: dict[tuple[str, str], OmniRedis] = {}
         self._answered: set[str] = set()
 
     def check_reachable(self, url: str) -> None:
         """PING `url` unless it answered since it last failed; raises RedisError."""
         if url in self._answered:
             return
-        self.get(url).client.ping()
+        redis.Redis(connection_pool=self._pool(url)).ping()
         self._answered.add(url)
 
     def failed(self, url: str) -> None:
         self._answered.discard(url)
 
-    def get(self, url: str) -> _Connection:
+    def get(self, url: str, key_prefix: str) -> OmniRedis:
+        pool = self._pool(url)
         with self._lock:
-            found = self._by_url.get(url)
+            found = self._clients.get((url, key_prefix))
             if found is None:
-                client = redis_for_url(
+                found = OmniRedis(connection_pool=pool, keyspace=keyspace(key_prefix))
+                self._clients[(url, key_prefix)] = found
+            return found
+
+    def _pool(self, url: str) -> redis.ConnectionPool:
+        with self._lock:
+            found = self._pools.get(url)
+            if found is None:
+                found = pool_for_url(
                     url,
                     decode_responses=True,
                     health_check_interval=30,
                     socket_connect_timeout=CONNECT_TIMEOUT_S,
                 )
-                found = _Connection(client, Scripts(client))
-                self._by_url[url] = found
+                self._pools[url] = found
             return found
-
-    def scripts_for(self, client: redis.Redis) -> Scripts:
-        """The scripts registered on `client`: the kept ones of a client this process
-        made (`get`), else registered now and kept with the client."""
-        with self._lock:
-            for found in self._by_url.values():
-                if found.client is client:
-                    return found.scripts
-        kept = getattr(client, "_omni_scripts", None)
-        if kept is None:
-            kept = Scripts(client)
-            client._omni_scripts = kept  # type: ignore[attr-defined]
-        return kept
 
 
 _connections = _Connections()
@@ -124,12 +129,21 @@ def redis_for_url(url: str, master: str | None = None, **kwargs: Any) -> redis.R
     """A client of `url` (redis-py's spelling): for a Sentinel URL, of the master the
     Sentinels name (`master`, default `redis_sentinel_master`), found again on every
     new connection, so the client follows a failover."""
+    client = redis.Redis(connection_pool=pool_for_url(url, master, **kwargs))
+    client.auto_close_connection_pool = True  # as `from_url`: the pool is the client's
+    return client
+
+
+def pool_for_url(url: str, master: str | None = None, **kwargs: Any) -> redis.ConnectionPool:
+    """The connection pool of `redis_for_url`."""
     if not is_sentinel_url(url):
-        return redis.Redis.from_url(url, **kwargs)
+        return redis.ConnectionPool.from_url(url, **kwargs)
     params = sentinel_params(url)
     sentinel = redis.sentinel.Sentinel(params.sentinels, **kwargs)
     name = master or get_config().redis_sentinel_master
-    return sentinel.master_for(name, redis_class=redis.Redis, **params.master_kwargs)
+    return redis.sentinel.SentinelConnectionPool(
+        name, sentinel, is_master=True, **{**kwargs, **params.master_kwargs}
+    )
 
 
 def async_redis_for_url(url: str, master: str | None = None, **kwargs: Any) -> Any:
@@ -172,35 +186,43 @@ def redacted(url: str) -> str:
     return ";".join(str(maybe_sanitize_url(part)) for part in url.split(";"))
 
 
-def get_redis(url: str | None = None) -> redis.Redis:
-    """The client for `url` (default: the configured `redis_url`)."""
-    return _connection(url).client
+def get_redis(url: str | None = None, key_prefix: str | None = None) -> OmniRedis:
+    """The process's client of `url` naming keys under `key_prefix`, each defaulting to
+    the process config's (for entry points; code holding a config uses `client_for`)."""
+    if url is None or key_prefix is None:
+        config = get_config()
+        url = config.redis_url if url is None else url
+        key_prefix = config.key_prefix if key_prefix is None else key_prefix
+    return _connections.get(to_redis_py_url(url), key_prefix)
 
 
-def get_scripts(url: str | None = None) -> Scripts:
-    """The Lua scripts, registered on `get_redis(url)`."""
-    return _connection(url).scripts
+def client_for(config: CoreModuleConfig) -> OmniRedis:
+    """The process's client of `config`'s Redis, naming keys under its `key_prefix`."""
+    return get_redis(config.redis_url, config.key_prefix)
 
 
 def scripts_for(client: redis.Redis) -> Scripts:
-    """The Lua scripts, registered on `client` (once per client)."""
-    return _connections.scripts_for(client)
+    """The Lua scripts registered on `client`: an `OmniRedis`'s own, else registered now
+    and kept with the client (a plain client a caller made)."""
+    if isinstance(client, OmniRedis):
+        return client.scripts
+    kept = getattr(client, "_omni_scripts", None)
+    if kept is None:
+        kept = Scripts(client)
+        client._omni_scripts = kept  # type: ignore[attr-defined]
+    return kept
 
 
-def check_reachable(url: str | None = None) -> None:
+def check_reachable(url: str) -> None:
     """Make sure Redis answers before a step whose own retries would make an absent Redis
     cost minutes (Celery's publish): a PING the first time, and again after `failed`;
     raises RedisError within the connect timeout."""
-    _connections.check_reachable(to_redis_py_url(url or get_config().redis_url))
+    _connections.check_reachable(to_redis_py_url(url))
 
 
-def failed(url: str | None = None) -> None:
+def failed(url: str) -> None:
     """Redis was found unreachable: the next `check_reachable` PINGs again."""
-    _connections.failed(to_redis_py_url(url or get_config().redis_url))
-
-
-def _connection(url: str | None) -> _Connection:
-    return _connections.get(to_redis_py_url(url or get_config().redis_url))
+    _connections.failed(to_redis_py_url(url))
 
 
 def backoff(

@@ -17,8 +17,8 @@ from typing import Any
 import redis
 
 from omni_tasks.config import CoreModuleConfig
-from omni_tasks.coordination import keys
 from omni_tasks.coordination.cache_directory import hit_rate
+from omni_tasks.coordination.client import OmniRedis
 from omni_tasks.coordination.rejections import MAX_RECORDS
 from omni_tasks.coordination.snapshots import ClusterSnapshot, PoolStats
 
@@ -72,7 +72,7 @@ def current_counters(
     return Counters(time.time(), snapshot.pools, hits, misses)
 
 
-def record_sample(client: redis.Redis, counters: Counters) -> None:
+def record_sample(client: OmniRedis, counters: Counters) -> None:
     """Add `counters` to the shared series, trimmed by age and count."""
     member = json.dumps(
         {
@@ -83,21 +83,23 @@ def record_sample(client: redis.Redis, counters: Counters) -> None:
         }
     )
     pipe = client.pipeline(transaction=True)
-    pipe.zadd(keys.metrics_samples(), {member: counters.time})
-    pipe.zremrangebyscore(keys.metrics_samples(), "-inf", counters.time - MAX_SAMPLE_AGE_S)
-    pipe.zremrangebyrank(keys.metrics_samples(), 0, -MAX_SAMPLES - 1)
+    pipe.zadd(client.keyspace.metrics_samples(), {member: counters.time})
+    pipe.zremrangebyscore(
+        client.keyspace.metrics_samples(), "-inf", counters.time - MAX_SAMPLE_AGE_S
+    )
+    pipe.zremrangebyrank(client.keyspace.metrics_samples(), 0, -MAX_SAMPLES - 1)
     pipe.execute()
 
 
-def read_window(client: redis.Redis, now: Counters, config: CoreModuleConfig) -> Window:
+def read_window(client: OmniRedis, now: Counters, config: CoreModuleConfig) -> Window:
     """The window ending at `now`: its counters' increase since the oldest sample of
     the window (any process's; none yet: an empty window), and the messages rejected
     in it. Writes nothing."""
     since = now.time - window_seconds(config)
-    oldest = client.zrangebyscore(keys.metrics_samples(), since, "+inf", start=0, num=1)
+    oldest = client.zrangebyscore(client.keyspace.metrics_samples(), since, "+inf", start=0, num=1)
     base = json.loads(oldest[0]) if oldest else {"t": now.time, "pools": {}}
     pools = {q: _increase(p, base["pools"].get(q)) for q, p in now.pools.items()}
-    records = client.lrange(keys.rejected(), 0, MAX_RECORDS - 1)
+    records = client.lrange(client.keyspace.rejected(), 0, MAX_RECORDS - 1)
     rejected = sum(1 for r in records if float(json.loads(r).get("time", 0)) >= since)
     return Window(
         seconds=max(now.time - float(base["t"]), 0.0),

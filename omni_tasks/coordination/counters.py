@@ -18,9 +18,8 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 
-import redis
-
-from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import OmniRedis
+from omni_tasks.coordination.keyspace import KeySpace
 from omni_tasks.coordination.outage import Outage
 
 log = logging.getLogger(__name__)
@@ -40,11 +39,11 @@ TIME_BUCKETS: tuple[float, ...] = (
 BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, math.inf)
 
 
-def count_outcome(client: redis.Redis, queue: str, outcome: str) -> None:
+def count_outcome(client: OmniRedis, queue: str, outcome: str) -> None:
     """Count one failed, expired or cancelled request of the pool named by `queue`."""
     if outcome not in OUTCOMES:
         raise ValueError(f"unknown outcome {outcome!r}; one of {OUTCOMES}")
-    client.hincrby(keys.stats(queue), outcome, 1)
+    client.hincrby(client.keyspace.stats(queue), outcome, 1)
 
 
 def bucket_label(bound: float) -> str:
@@ -79,16 +78,16 @@ def _increments() -> _Increments:
     return defaultdict(lambda: defaultdict(float))
 
 
-def _key_of(target: tuple[str, str]) -> str:
+def _key_of(space: KeySpace, target: tuple[str, str]) -> str:
     kind, queue = target
-    return keys.timings(queue) if kind == "timings" else keys.step_stats(queue)
+    return space.timings(queue) if kind == "timings" else space.step_stats(queue)
 
 
 class SuccessCounters:
     """One process's batched counters; its thread starts on the first figure added.
     `client` gives the Redis client a flush writes with (the worker runtime's)."""
 
-    def __init__(self, client: Callable[[], redis.Redis]) -> None:
+    def __init__(self, client: Callable[[], OmniRedis]) -> None:
         self._client = client
         self._lock = threading.Lock()
         self._pending: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
@@ -139,13 +138,15 @@ class SuccessCounters:
             self._restore(pending, fields)
 
     def _write(self, pending: dict[str, list[float]], fields: _Increments) -> None:
-        pipe = self._client().pipeline(transaction=True)
+        client = self._client()
+        space = client.keyspace
+        pipe = client.pipeline(transaction=True)
         for queue, (n, run_s, queued_s) in pending.items():
-            pipe.hincrby(keys.stats(queue), "processed", int(n))
-            pipe.hincrbyfloat(keys.stats(queue), "run_s_sum", run_s)
-            pipe.hincrbyfloat(keys.stats(queue), "queued_s_sum", queued_s)
+            pipe.hincrby(space.stats(queue), "processed", int(n))
+            pipe.hincrbyfloat(space.stats(queue), "run_s_sum", run_s)
+            pipe.hincrbyfloat(space.stats(queue), "queued_s_sum", queued_s)
         for target, increments in fields.items():
-            key = _key_of(target)
+            key = _key_of(space, target)
             for field, amount in increments.items():
                 if field.endswith(":sum"):
                     pipe.hincrbyfloat(key, field, amount)

@@ -22,7 +22,7 @@ from kombu import Connection
 
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys, worker_index
-from omni_tasks.coordination.client import redacted
+from omni_tasks.coordination.client import OmniRedis, redacted
 from omni_tasks.model_registry import model_queues
 
 log = logging.getLogger(__name__)
@@ -153,14 +153,14 @@ _broker_queues = _BrokerQueues()
 
 
 def _broker_depths(
-    config: CoreModuleConfig, client: Any, index: worker_index.Index | None
+    config: CoreModuleConfig, client: OmniRedis, index: worker_index.Index | None
 ) -> tuple[Depths, Depths]:
     """Depths from a non-Redis broker, one count per queue under `UNKNOWN_LEVEL` (an
     unreachable broker gives empty levels: unknown)."""
     dit = config.diffusion.queue
     kinds = [worker_index.DIT]
     live = worker_index.live(client, kinds) if index is None else worker_index.live_in(index, kinds)
-    own = [keys.worker_queue(w) for w in live]
+    own = [client.keyspace.worker_queue(w) for w in live]
     named = model_queues(config)
     pool_queues = config.pool_queues()
     counts = _broker_queues.counts(config.broker, [*pool_queues, *named.values(), *own])

@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 
 from omni_tasks.config import CoreModuleConfig
-from omni_tasks.coordination import keys
 from omni_tasks.coordination.counter_window import Window, window_seconds
+from omni_tasks.coordination.keyspace import keyspace
 from omni_tasks.coordination.snapshots import ClusterSnapshot, unserved_models, worker_resources
 
 #: Health thresholds.
@@ -103,7 +103,8 @@ def _window_health(
             advice.append(f"read the {queue!r} workers' logs and the rejected list")
     if window.rejected:
         issues.append(f"{window.rejected} messages rejected {span}")
-        advice.append(f"read the rejected list (Redis list {keys.rejected()!r}) for their reasons")
+        rejected = keyspace(config.key_prefix).rejected()
+        advice.append(f"read the rejected list (Redis list {rejected!r}) for their reasons")
     lookups = window.cache_hits + window.cache_misses
     if not config.diffusion.cache_affinity and lookups >= MIN_LOOKUPS:
         rate = window.cache_hits / lookups

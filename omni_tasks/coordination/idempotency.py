@@ -25,9 +25,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-import redis
-
-from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import OmniRedis
 
 #: Message header of a request an omni-tasks producer accepted (its id checked): the
 #: worker does not check it again.
@@ -36,11 +34,11 @@ ACCEPTED_HEADER = "omni_accepted"
 Claim = Literal["new", "repeat", "conflict"]
 
 
-def claim(client: redis.Redis, request_id: str, fingerprint: str, ttl_s: int) -> Claim:
+def claim(client: OmniRedis, request_id: str, fingerprint: str, ttl_s: int) -> Claim:
     """Record `fingerprint` under `request_id` unless one is there (one round trip), kept
     `ttl_s` (as long as results: `result_expires`): "new" when it was not, "repeat" when
     the same one is, "conflict" otherwise."""
-    key = keys.request_fingerprint(request_id)
+    key = client.keyspace.request_fingerprint(request_id)
     pipe = client.pipeline(transaction=True)
     pipe.set(key, fingerprint, nx=True, ex=int(ttl_s))
     pipe.get(key)
@@ -50,6 +48,6 @@ def claim(client: redis.Redis, request_id: str, fingerprint: str, ttl_s: int) ->
     return "repeat" if found == fingerprint else "conflict"
 
 
-def forget(client: redis.Redis, request_id: str) -> None:
+def forget(client: OmniRedis, request_id: str) -> None:
     """The request was never published (its publish failed): its id is free again."""
-    client.delete(keys.request_fingerprint(request_id))
+    client.delete(client.keyspace.request_fingerprint(request_id))

@@ -22,9 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import redis
-
-from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import OmniRedis
 from omni_tasks.coordination.keyspace import KeySpace
 
 #: Message header of a request published again: the worker checks it is not done yet.
@@ -75,37 +73,37 @@ def prepare(task: str, task_id: str, args: Any, kwargs: dict[str, Any], options:
     )
 
 
-def record(client: redis.Redis, found: Entry, ttl_s: int) -> None:
+def record(client: OmniRedis, found: Entry, ttl_s: int) -> None:
     """Record an accepted request (`prepare`) on its own, kept `ttl_s` (`result_expires`;
     `admission.admit` records it together with its admission on the send path)."""
     task_id = found.task_id
     fields = {"task": found.task, "args": found.args, "kwargs": found.kwargs}
     pipe = client.pipeline(transaction=True)
-    pipe.hset(keys.ledger(task_id), mapping={**fields, "options": found.options})
-    pipe.expire(keys.ledger(task_id), ttl_s)
-    pipe.zadd(keys.ledger_open(), {task_id: time.time()})
+    pipe.hset(client.keyspace.ledger(task_id), mapping={**fields, "options": found.options})
+    pipe.expire(client.keyspace.ledger(task_id), ttl_s)
+    pipe.zadd(client.keyspace.ledger_open(), {task_id: time.time()})
     pipe.execute()
 
 
-def forget(client: redis.Redis, task_ids: Iterable[str]) -> None:
+def forget(client: OmniRedis, task_ids: Iterable[str]) -> None:
     """Close requests whose result is final (or whose publish failed)."""
     ids = list(task_ids)
     if not ids:
         return
     pipe = client.pipeline(transaction=False)
-    pipe.zrem(keys.ledger_open(), *ids)
-    pipe.delete(*(keys.ledger(i) for i in ids))
+    pipe.zrem(client.keyspace.ledger_open(), *ids)
+    pipe.delete(*(client.keyspace.ledger(i) for i in ids))
     pipe.execute()
 
 
-def open_since(client: redis.Redis, before: float, limit: int = 500) -> list[str]:
+def open_since(client: OmniRedis, before: float, limit: int = 500) -> list[str]:
     """Ids of open requests last published before `before` (oldest first)."""
-    return list(client.zrangebyscore(keys.ledger_open(), "-inf", before, 0, limit))
+    return list(client.zrangebyscore(client.keyspace.ledger_open(), "-inf", before, 0, limit))
 
 
-def entry(client: redis.Redis, task_id: str) -> dict[str, Any] | None:
+def entry(client: OmniRedis, task_id: str) -> dict[str, Any] | None:
     """What it takes to publish a request again: task, args, kwargs, options."""
-    raw = client.hgetall(keys.ledger(task_id))
+    raw = client.hgetall(client.keyspace.ledger(task_id))
     if not raw:
         return None
     options = json.loads(raw["options"])
@@ -119,9 +117,9 @@ def entry(client: redis.Redis, task_id: str) -> dict[str, Any] | None:
     }
 
 
-def touch(client: redis.Redis, task_id: str) -> None:
+def touch(client: OmniRedis, task_id: str) -> None:
     """A request published again: its grace period starts over."""
-    client.zadd(keys.ledger_open(), {task_id: time.time()}, xx=True)
+    client.zadd(client.keyspace.ledger_open(), {task_id: time.time()}, xx=True)
 
 
 def _jsonable(options: dict) -> dict[str, Any]:

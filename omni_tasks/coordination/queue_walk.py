@@ -21,12 +21,12 @@ Its second message runs nothing: a worker skips a request that ran or runs
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import redis
 
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys, worker_index
+from omni_tasks.coordination.client import OmniRedis
 from omni_tasks.model_registry import model_queues
 
 #: Messages read per LRANGE.
@@ -72,11 +72,11 @@ def queue_lists(client: redis.Redis, config: CoreModuleConfig) -> list[str]:
     return lists + [key for key, _, _ in worker_index.own_queue_keys(client)]
 
 
-def _served_models(client: Any) -> list[str]:
+def _served_models(client: OmniRedis) -> list[str]:
     hosts = worker_index.live(client, [worker_index.DIT])
     pipe = client.pipeline(transaction=False)
     for host in hosts:
-        pipe.hget(keys.worker(host), "models")
+        pipe.hget(client.keyspace.worker(host), "models")
     models = []
     for raw in pipe.execute() if hosts else []:
         try:
@@ -88,7 +88,7 @@ def _served_models(client: Any) -> list[str]:
     return models
 
 
-def _walk(client: Any, name: str, length: int, wanted: set[str], newest: float) -> set[str]:
+def _walk(client: OmniRedis, name: str, length: int, wanted: set[str], newest: float) -> set[str]:
     """Of `wanted`, those in list `name`, read from its tail (oldest) toward its head."""
     found: set[str] = set()
     end = length
@@ -99,7 +99,7 @@ def _walk(client: Any, name: str, length: int, wanted: set[str], newest: float) 
         end = start
         # The chunk's newest message (the head end): published after every one wanted?
         if ids and ids[0] not in wanted:
-            score = client.zscore(keys.ledger_open(), ids[0])
+            score = client.zscore(client.keyspace.ledger_open(), ids[0])
             if score is not None and score > newest:
                 break
     return found

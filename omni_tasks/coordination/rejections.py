@@ -12,9 +12,7 @@ import logging
 import time
 from typing import Any
 
-import redis
-
-from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import OmniRedis
 
 log = logging.getLogger(__name__)
 MAX_RECORDS = 1000
@@ -22,7 +20,7 @@ MAX_BODY_CHARS = 4096
 
 
 def record_rejection(
-    client: redis.Redis,
+    client: OmniRedis,
     reason: str,
     *,
     task_id: str | None = None,
@@ -44,18 +42,18 @@ def record_rejection(
     }
     try:
         pipe = client.pipeline(transaction=True)
-        pipe.lpush(keys.rejected(), json.dumps(record))
-        pipe.ltrim(keys.rejected(), 0, MAX_RECORDS - 1)
-        pipe.hincrby(keys.stats(queue), "rejected", 1)
+        pipe.lpush(client.keyspace.rejected(), json.dumps(record))
+        pipe.ltrim(client.keyspace.rejected(), 0, MAX_RECORDS - 1)
+        pipe.hincrby(client.keyspace.stats(queue), "rejected", 1)
         pipe.execute()
     except Exception:  # recording must not take the worker down
         log.exception("could not record rejected message %s", task_id)
     log.error("rejected message %s (%s): %s", task_id, task_name, reason)
 
 
-def list_rejections(client: redis.Redis, limit: int = 100) -> list[dict[str, Any]]:
+def list_rejections(client: OmniRedis, limit: int = 100) -> list[dict[str, Any]]:
     """The newest `limit` records, newest first."""
-    return [json.loads(r) for r in client.lrange(keys.rejected(), 0, limit - 1)]
+    return [json.loads(r) for r in client.lrange(client.keyspace.rejected(), 0, limit - 1)]
 
 
 def _bounded(body: Any) -> tuple[str | None, int | None]:

@@ -27,10 +27,7 @@ from __future__ import annotations
 import uuid
 from typing import Literal
 
-import redis
-
-from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import scripts_for
+from omni_tasks.coordination.client import OmniRedis, scripts_for
 
 Claim = Literal["claimed", "done", "running"]
 
@@ -45,7 +42,7 @@ def claim_value(hostname: str, instance: str) -> str:
 
 
 def claim(
-    client: redis.Redis,
+    client: OmniRedis,
     task_id: str,
     value: str,
     result: tuple[str, str, int],
@@ -57,17 +54,17 @@ def claim(
     (`claim_ttl_s`). `result` is the id's Celery result key, the STARTED state to store
     there once claimed (JSON, as Celery encodes it) and its time to live."""
     result_key, started, ttl_s = result
-    args = [value, claim_s, keys.worker(""), keys.held(""), grace_s, task_id]
+    args = [value, claim_s, client.keyspace.worker(""), client.keyspace.held(""), grace_s, task_id]
     found = scripts_for(client).claim_run(
-        keys=[keys.run_claim(task_id), result_key],
+        keys=[client.keyspace.run_claim(task_id), result_key],
         args=[*args, int(taking_over), started, ttl_s],
     )
     return found  # type: ignore[no-any-return]
 
 
-def release(client: redis.Redis, task_id: str, value: str) -> None:
+def release(client: OmniRedis, task_id: str, value: str) -> None:
     """Give the claim of `task_id` back, if `value` still holds it."""
-    scripts_for(client).release_held(keys=[keys.run_claim(task_id)], args=[value])
+    scripts_for(client).release_held(keys=[client.keyspace.run_claim(task_id)], args=[value])
 
 
 def claim_ttl_s(longest_task_s: int) -> int:

@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import backoff, scripts_for
+from omni_tasks.coordination.client import OmniRedis, backoff, scripts_for
 
 LEASE_S = 30.0  # an unnamed dead holder blocks waiters at most this long
 RESULT_TTL_S = 300  # outcomes serve waiters, not later repeats (the caches do that)
@@ -43,7 +42,7 @@ class Flight:
     """A held lease on `cache_key` in `client`'s Redis; renews itself until published or
     released."""
 
-    client: redis.Redis
+    client: OmniRedis
     cache_key: str
     token: str
     lease_s: float = LEASE_S
@@ -56,7 +55,7 @@ class Flight:
         while not self._stop.wait(self.lease_s / 3):
             try:
                 scripts_for(self.client).flight_renew(
-                    keys=[keys.flight_lease(self.cache_key)],
+                    keys=[self.client.keyspace.flight_lease(self.cache_key)],
                     args=[self.token, int(self.lease_s * 1000)],
                 )
             except Exception:  # a missed renewal only shortens the lease
@@ -65,26 +64,29 @@ class Flight:
     def publish(self, outcome: str) -> None:
         self._stop.set()
         scripts_for(self.client).flight_publish(
-            keys=[keys.flight_lease(self.cache_key), keys.flight_result(self.cache_key)],
+            keys=[
+                self.client.keyspace.flight_lease(self.cache_key),
+                self.client.keyspace.flight_result(self.cache_key),
+            ],
             args=[self.token, outcome, RESULT_TTL_S],
         )
 
     def release(self) -> None:
         self._stop.set()
         scripts_for(self.client).release_held(
-            keys=[keys.flight_lease(self.cache_key)], args=[self.token]
+            keys=[self.client.keyspace.flight_lease(self.cache_key)], args=[self.token]
         )
 
 
 def try_claim(
-    client: redis.Redis, cache_key: str, lease_s: float = LEASE_S, holder: str | None = None
+    client: OmniRedis, cache_key: str, lease_s: float = LEASE_S, holder: str | None = None
 ) -> Flight | None:
     """Hold `cache_key`'s lease if it is free (`SET NX PX`), else None.
 
     `holder`: the caller's worker name, recorded in the lease (see `join`).
     """
     value = _lease_value(holder)
-    if client.set(keys.flight_lease(cache_key), value, nx=True, px=int(lease_s * 1000)):
+    if client.set(client.keyspace.flight_lease(cache_key), value, nx=True, px=int(lease_s * 1000)):
         return _flying(client, cache_key, value, lease_s)
     return None
 
@@ -95,8 +97,8 @@ def holder_of(lease_value: str) -> str | None:
     return holder if sep and holder else None
 
 
-def outcome(client: redis.Redis, cache_key: str) -> str | None:
-    return client.get(keys.flight_result(cache_key))
+def outcome(client: OmniRedis, cache_key: str) -> str | None:
+    return client.get(client.keyspace.flight_result(cache_key))
 
 
 def join(
@@ -159,16 +161,16 @@ def _flying(client: redis.Redis, cache_key: str, value: str, lease_s: float) -> 
     return flight
 
 
-def _outcome_and_lease(client: redis.Redis, cache_key: str) -> tuple[str | None, str | None]:
+def _outcome_and_lease(client: OmniRedis, cache_key: str) -> tuple[str | None, str | None]:
     pipe = client.pipeline(transaction=False)
-    pipe.get(keys.flight_result(cache_key))
-    pipe.get(keys.flight_lease(cache_key))
+    pipe.get(client.keyspace.flight_result(cache_key))
+    pipe.get(client.keyspace.flight_lease(cache_key))
     done, held = pipe.execute()
     return done, held
 
 
 def _take_over_if_dead(
-    client: redis.Redis, cache_key: str, held: str, holder: str | None
+    client: OmniRedis, cache_key: str, held: str, holder: str | None
 ) -> Flight | None:
     """The lease, if it still holds `held` and the worker that names is dead (its
     heartbeat hash expired, as the reaper judges a worker dead); else None.
@@ -177,14 +179,14 @@ def _take_over_if_dead(
     one takes it; a lease that changed, or a heartbeat that came back, is left alone.
     """
     dead = holder_of(held)
-    if dead is None or client.exists(keys.worker(dead)):
+    if dead is None or client.exists(client.keyspace.worker(dead)):
         return None  # a live holder, or one that names no one (only expiry frees it)
-    lease = keys.flight_lease(cache_key)
+    lease = client.keyspace.flight_lease(cache_key)
     value = _lease_value(holder)
     with client.pipeline(transaction=True) as pipe:
         try:
-            pipe.watch(lease, keys.worker(dead))
-            if pipe.get(lease) != held or pipe.exists(keys.worker(dead)):
+            pipe.watch(lease, client.keyspace.worker(dead))
+            if pipe.get(lease) != held or pipe.exists(client.keyspace.worker(dead)):
                 return None
             pipe.multi()
             pipe.set(lease, value, px=int(LEASE_S * 1000))

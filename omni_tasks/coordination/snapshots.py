@@ -13,10 +13,9 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import redis
-
 from omni_tasks.config import CoreModuleConfig
-from omni_tasks.coordination import keys, worker_index
+from omni_tasks.coordination import worker_index
+from omni_tasks.coordination.client import OmniRedis
 from omni_tasks.coordination.depths import all_depths
 
 
@@ -73,13 +72,13 @@ class ClusterSnapshot:
         return [w for w in self.workers if queue in w.get("queues", [])]
 
 
-def read_snapshot(client: redis.Redis, config: CoreModuleConfig) -> ClusterSnapshot:
+def read_snapshot(client: OmniRedis, config: CoreModuleConfig) -> ClusterSnapshot:
     """The cluster now, read with `client`: counters, live workers (sorted by hostname)
     and depths."""
     queues = config.pool_queues()
     pipe = client.pipeline(transaction=False)
     for queue in queues:
-        pipe.hgetall(keys.stats(queue))
+        pipe.hgetall(client.keyspace.stats(queue))
     pools = {
         queue: PoolStats.from_hash(raw) for queue, raw in zip(queues, pipe.execute(), strict=True)
     }

@@ -19,10 +19,9 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-import redis
-
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import OmniRedis
 from omni_tasks.model_registry import model_queues
 
 #: How long one scan's result serves every process.
@@ -32,13 +31,13 @@ _ENVELOPE = ("body", "headers", "properties")
 
 
 def stranded_lists(
-    client: redis.Redis, config: CoreModuleConfig, workers: Iterable[dict[str, Any]]
+    client: OmniRedis, config: CoreModuleConfig, workers: Iterable[dict[str, Any]]
 ) -> dict[str, int]:
     """List name -> messages waiting, for every list of messages no live worker reads
     (Redis broker only; empty otherwise)."""
     if not config.broker_is_redis:
         return {}
-    cached = client.get(keys.stranded())
+    cached = client.get(client.keyspace.stranded())
     if cached is not None:
         return json.loads(cached)
     # A registered model's queue is never stranded: its requests wait for a worker
@@ -47,12 +46,12 @@ def stranded_lists(
     for worker in workers:
         consumed.update(worker.get("queues") or [])
     found = dict(_scan(client, consumed, config.key_prefix))
-    client.set(keys.stranded(), json.dumps(found), ex=CACHE_S)
+    client.set(client.keyspace.stranded(), json.dumps(found), ex=CACHE_S)
     return found
 
 
-def _scan(client: Any, consumed: set[str], prefix: str) -> Iterable[tuple[str, int]]:
-    own = keys.worker_queue("")
+def _scan(client: OmniRedis, consumed: set[str], prefix: str) -> Iterable[tuple[str, int]]:
+    own = client.keyspace.worker_queue("")
     for key in client.scan_iter(count=1000, _type="LIST"):
         queue, _ = keys.parse_queue_key(key)
         if queue in consumed or queue.startswith(own) or key.startswith(prefix + ":"):

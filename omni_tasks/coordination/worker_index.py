@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from omni_tasks.coordination import keys
+from omni_tasks.coordination.client import OmniRedis
+from omni_tasks.coordination.keyspace import KeySpace
 
 #: How often a worker beats.
 HEARTBEAT_INTERVAL_S = 5.0
@@ -45,16 +47,16 @@ def kinds_of(stages: Iterable[str]) -> list[str]:
     return [kind for kind in (AR, DIT, TTS) if kind in stages] or [OTHER]
 
 
-def beat(pipe: Any, kinds: list[str], hostname: str, now: float) -> None:
+def beat(pipe: Any, space: KeySpace, kinds: list[str], hostname: str, now: float) -> None:
     """Queue the index's part of one beat on `pipe` (one command per kind)."""
     for kind in kinds:
-        pipe.zadd(keys.worker_beats(kind), {hostname: now})
+        pipe.zadd(space.worker_beats(kind), {hostname: now})
 
 
-def leave(client: Any, kinds: list[str], hostname: str) -> None:
+def leave(client: OmniRedis, kinds: list[str], hostname: str) -> None:
     """A clean exit: the worker is no longer listed."""
     for kind in kinds:
-        client.zrem(keys.worker_beats(kind), hostname)
+        client.zrem(client.keyspace.worker_beats(kind), hostname)
 
 
 def live_window(now: float | None = None) -> tuple[str, str]:
@@ -62,11 +64,11 @@ def live_window(now: float | None = None) -> tuple[str, str]:
     return f"({(time.time() if now is None else now) - HEARTBEAT_TTL_S}", "+inf"
 
 
-def live(client: Any, kinds: Iterable[str] = KINDS, now: float | None = None) -> list[str]:
+def live(client: OmniRedis, kinds: Iterable[str] = KINDS, now: float | None = None) -> list[str]:
     """Hostnames whose last beat is younger than `HEARTBEAT_TTL_S`, each once."""
     pipe = client.pipeline(transaction=False)
     for kind in kinds:
-        pipe.zrangebyscore(keys.worker_beats(kind), *live_window(now))
+        pipe.zrangebyscore(client.keyspace.worker_beats(kind), *live_window(now))
     return list(dict.fromkeys(host for found in pipe.execute() for host in found))
 
 
@@ -74,11 +76,11 @@ def live(client: Any, kinds: Iterable[str] = KINDS, now: float | None = None) ->
 Index = dict[str, dict[str, float]]
 
 
-def read(client: Any) -> Index:
+def read(client: OmniRedis) -> Index:
     """Every kind's entries, live or not yet swept, in one round trip."""
     pipe = client.pipeline(transaction=False)
     for kind in KINDS:
-        pipe.zrange(keys.worker_beats(kind), 0, -1, withscores=True)
+        pipe.zrange(client.keyspace.worker_beats(kind), 0, -1, withscores=True)
     return {kind: dict(found) for kind, found in zip(KINDS, pipe.execute(), strict=True)}
 
 
@@ -93,50 +95,50 @@ def live_in(index: Index, kinds: Iterable[str] = KINDS, now: float | None = None
     )
 
 
-def dead(client: Any, kind: str, now: float | None = None) -> list[str]:
+def dead(client: OmniRedis, kind: str, now: float | None = None) -> list[str]:
     """Hostnames of `kind` whose last beat is older than `HEARTBEAT_TTL_S`."""
     cutoff = (time.time() if now is None else now) - HEARTBEAT_TTL_S
-    return list(client.zrangebyscore(keys.worker_beats(kind), "-inf", cutoff))
+    return list(client.zrangebyscore(client.keyspace.worker_beats(kind), "-inf", cutoff))
 
 
-def listed(client: Any, kind: str) -> list[str]:
+def listed(client: OmniRedis, kind: str) -> list[str]:
     """Every hostname of `kind` in the index, live or not yet swept."""
-    return list(client.zrange(keys.worker_beats(kind), 0, -1))
+    return list(client.zrange(client.keyspace.worker_beats(kind), 0, -1))
 
 
-def forget(client: Any, kind: str, hostnames: list[str]) -> None:
+def forget(client: OmniRedis, kind: str, hostnames: list[str]) -> None:
     """Drop swept workers from the index."""
     if hostnames:
-        client.zrem(keys.worker_beats(kind), *hostnames)
+        client.zrem(client.keyspace.worker_beats(kind), *hostnames)
 
 
-def prune(client: Any, now: float | None = None) -> None:
+def prune(client: OmniRedis, now: float | None = None) -> None:
     """Drop the entries of workers dead for longer than `FORGET_AFTER_S` (one command
     per kind, run by the reaper's pass)."""
     cutoff = (time.time() if now is None else now) - FORGET_AFTER_S
     pipe = client.pipeline(transaction=False)
     for kind in KINDS:
-        pipe.zremrangebyscore(keys.worker_beats(kind), "-inf", cutoff)
+        pipe.zremrangebyscore(client.keyspace.worker_beats(kind), "-inf", cutoff)
     pipe.execute()
 
 
-def heartbeats(client: Any, hostnames: list[str]) -> list[dict[str, str]]:
+def heartbeats(client: OmniRedis, hostnames: list[str]) -> list[dict[str, str]]:
     """The heartbeat hashes of `hostnames` that still exist, in one round trip."""
     if not hostnames:
         return []
     pipe = client.pipeline(transaction=False)
     for host in hostnames:
-        pipe.hgetall(keys.worker(host))
+        pipe.hgetall(client.keyspace.worker(host))
     return [info for info in pipe.execute() if info]
 
 
-def own_queue_keys(client: Any, index: Index | None = None) -> list[tuple[str, str, int]]:
+def own_queue_keys(client: OmniRedis, index: Index | None = None) -> list[tuple[str, str, int]]:
     """(list key, worker, priority level) of every level of the own queue of each
     diffusion worker in the index (an empty list reads as length 0); from `index` when
     it was read already."""
     hosts = listed(client, DIT) if index is None else list(index.get(DIT, {}))
     return [
-        (keys.queue_key(keys.worker_queue(host), level), host, level)
+        (keys.queue_key(client.keyspace.worker_queue(host), level), host, level)
         for host in hosts
         for level in keys.PRIORITY_STEPS
     ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from helpers import DIT_QUEUE
+from helpers import DIT_QUEUE, KEYS
 
 from omni_tasks.config import get_config
 from omni_tasks.coordination import admission, keys
@@ -83,7 +83,7 @@ def test_send_task_is_admitted_and_refused_when_full(redis_client, use_config) -
     with pytest.raises(QueueFullError, match="pool 'diffusion'"):
         app.send_task("omni_tasks.generate_image", kwargs={"prompt": "y"})
     assert _queued(DIT_QUEUE) == 1
-    assert redis_client.zscore(keys.admitted("diffusion"), sent.id) is not None
+    assert redis_client.zscore(KEYS.admitted("diffusion"), sent.id) is not None
     # A send the router refuses (invalid kwargs) gives its place back.
     with pytest.raises(RequestValidationError, match="prompt"):
         app.send_task("omni_tasks.probe", kwargs={"prompt": 5})
@@ -98,7 +98,7 @@ def test_a_multimodal_chain_is_counted_once(redis_client) -> None:
         with pytest.raises(QueueFullError):
             generate_multimodal.delay(prompt="a dog")
     assert (_count("ar"), _count("diffusion")) == (1, 0)
-    assert redis_client.zrange(keys.admitted("ar"), 0, -1) == [result.id]
+    assert redis_client.zrange(KEYS.admitted("ar"), 0, -1) == [result.id]
     assert _queued("ar") == 1
 
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from helpers import KEYS
 from redis import Redis
 
 from omni_tasks import (
@@ -33,18 +34,18 @@ PNG_1PX = (  # a 1x1 PNG, base64
 def beat(client: Redis, worker: str, concurrency: int = 2) -> None:
     """A live worker's heartbeat hash, as the worker side writes it (it expires)."""
     mapping = {"hostname": worker, "queues": '["diffusion"]', "concurrency": concurrency}
-    client.hset(keys.worker(worker), mapping=mapping)
-    client.expire(keys.worker(worker), 30)
-    client.zadd(keys.worker_beats("dit"), {worker: time.time()})
+    client.hset(KEYS.worker(worker), mapping=mapping)
+    client.expire(KEYS.worker(worker), 30)
+    client.zadd(KEYS.worker_beats("dit"), {worker: time.time()})
 
 
 def died(client: Redis, worker: str) -> None:
     """A diffusion worker whose last beat is long past (its hash has expired)."""
-    client.zadd(keys.worker_beats("dit"), {worker: time.time() - 600})
+    client.zadd(KEYS.worker_beats("dit"), {worker: time.time() - 600})
 
 
 def own_queue(worker: str, level: int = 0) -> str:
-    return keys.queue_key(keys.worker_queue(worker), level)
+    return keys.queue_key(KEYS.worker_queue(worker), level)
 
 
 def test_record_insert_then_holders_and_held_by(redis_client) -> None:
@@ -68,7 +69,7 @@ def test_record_insert_then_holders_and_held_by(redis_client) -> None:
 def test_holders_reads_entries_that_name_the_queue_pool(redis_client) -> None:
     # An entry may name its queue "pool"; it is read as the entry's queue.
     old = {"pool": POOL, "bytes": 64, "created": 1.0, "last_hit": 0, "hits": 3}
-    redis_client.hset(keys.cache_holders("lat:a"), "old-worker", json.dumps(old))
+    redis_client.hset(KEYS.cache_holders("lat:a"), "old-worker", json.dumps(old))
     (entry,) = directory.holders(get_redis(), "lat:a")
     assert (entry.worker, entry.queue, entry.bytes, entry.hits) == ("old-worker", POOL, 64, 3)
 
@@ -114,15 +115,17 @@ def test_clear_worker_forgets_everything_it_held(redis_client) -> None:
 
 
 def test_pick_holder_finds_a_live_worker_with_room(redis_client) -> None:
-    assert directory.pick_holder(["lat:a", "emb:a"]) is None  # nobody holds them
+    assert directory.pick_holder(redis_client, ["lat:a", "emb:a"]) is None  # nobody holds them
     directory.record_insert(get_redis(), "w1", POOL, "emb:a", 100)
-    assert directory.pick_holder(["lat:a", "emb:a"]) is None  # w1 is dead: no heartbeat
+    assert (
+        directory.pick_holder(redis_client, ["lat:a", "emb:a"]) is None
+    )  # w1 is dead: no heartbeat
     beat(redis_client, "w1", concurrency=1)
-    assert directory.pick_holder(["lat:a", "emb:a"]) == "w1"
+    assert directory.pick_holder(redis_client, ["lat:a", "emb:a"]) == "w1"
     # The first key the request has wins: the latents' holder over the embeddings'.
     directory.record_insert(get_redis(), "w2", POOL, "lat:a", 100)
     beat(redis_client, "w2", concurrency=1)
-    assert directory.pick_holder(["lat:a", "emb:a"]) == "w2"
+    assert directory.pick_holder(redis_client, ["lat:a", "emb:a"]) == "w2"
 
 
 @pytest.mark.parametrize("level", list(keys.PRIORITY_STEPS))
@@ -134,11 +137,13 @@ def test_pick_holder_skips_a_worker_whose_own_queue_is_full_at_any_level(
     beat(redis_client, "w1", concurrency=3)
     beat(redis_client, "w2", concurrency=1)
     redis_client.lpush(own_queue("w1", level), "m1", "m2")
-    assert directory.pick_holder(["lat:a", "emb:a"]) == "w1"  # 2 waiting, 3 slots
+    assert directory.pick_holder(redis_client, ["lat:a", "emb:a"]) == "w1"  # 2 waiting, 3 slots
     redis_client.lpush(own_queue("w1", (level + 5) % 10), "m3")  # spread over two levels
-    assert directory.pick_holder(["lat:a", "emb:a"]) == "w2"  # 3 waiting, 3 slots: full
+    assert (
+        directory.pick_holder(redis_client, ["lat:a", "emb:a"]) == "w2"
+    )  # 3 waiting, 3 slots: full
     redis_client.lpush(own_queue("w2", level), "m4")
-    assert directory.pick_holder(["lat:a", "emb:a"]) is None  # both full
+    assert directory.pick_holder(redis_client, ["lat:a", "emb:a"]) is None  # both full
 
 
 def test_pick_holder_ignores_the_shared_pool_queue(redis_client) -> None:
@@ -146,7 +151,7 @@ def test_pick_holder_ignores_the_shared_pool_queue(redis_client) -> None:
     directory.record_insert(get_redis(), "w1", POOL, "lat:a", 100)
     beat(redis_client, "w1", concurrency=1)
     redis_client.lpush(POOL, "m1", "m2")
-    assert directory.pick_holder(["lat:a"]) == "w1"
+    assert directory.pick_holder(redis_client, ["lat:a"]) == "w1"
 
 
 def test_sweep_moves_a_dead_workers_messages_back_to_the_pool(redis_client) -> None:
@@ -196,7 +201,7 @@ def test_lookup_counters_and_hit_rate(redis_client) -> None:
     assert directory.hit_rate(get_redis(), POOL, "latents") == (pytest.approx(1 / 3), 1, 2)
     assert directory.hit_rate(get_redis(), POOL, "embeddings") == (1.0, 1, 0)
     assert directory.hit_rate(get_redis(), "ar") == (0.0, 0, 0)
-    per_worker = redis_client.hgetall(keys.cache_worker_stats("w1"))
+    per_worker = redis_client.hgetall(KEYS.cache_worker_stats("w1"))
     assert per_worker == {"hits:latents": "1", "misses:latents": "1", "hits:embeddings": "1"}
 
 

@@ -4,17 +4,17 @@
 from __future__ import annotations
 
 import pytest
-from helpers import eventually
+from helpers import KEYS, eventually
 from redis import Redis
 
 from omni_tasks import get_config
-from omni_tasks.coordination import counters, keys
+from omni_tasks.coordination import counters
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.counters import SuccessCounters
 
 
 def stats(client: Redis, queue: str) -> dict[str, str]:
-    return client.hgetall(keys.stats(queue))
+    return client.hgetall(KEYS.stats(queue))
 
 
 def test_successes_are_batched_until_a_flush(redis_client, monkeypatch) -> None:
@@ -36,7 +36,7 @@ def test_successes_are_batched_until_a_flush(redis_client, monkeypatch) -> None:
 
 def test_flushes_add_to_what_redis_holds(redis_client, monkeypatch) -> None:
     monkeypatch.setattr(counters, "FLUSH_INTERVAL_S", 3600.0)
-    redis_client.hset(keys.stats("ar"), mapping={"processed": 10, "failed": 2})
+    redis_client.hset(KEYS.stats("ar"), mapping={"processed": 10, "failed": 2})
     first, second = (
         SuccessCounters(get_redis),
         SuccessCounters(get_redis),
@@ -83,7 +83,7 @@ def test_outcomes_are_counted_at_once(redis_client) -> None:
 
     for outcome in ("failed", "expired", "expired", "cancelled"):
         count_outcome(redis_client, "diffusion", outcome)
-    assert redis_client.hgetall(keys.stats("diffusion")) == {
+    assert redis_client.hgetall(KEYS.stats("diffusion")) == {
         "failed": "1",
         "expired": "2",
         "cancelled": "1",
@@ -102,9 +102,9 @@ def test_times_go_into_per_type_histograms_in_the_same_flush(redis_client, monke
     batch.add_success("ar", run_s=9999.0, queued_s=0.0, request_type="text")  # past 600 s
     batch.add_success("ar", run_s=1.0, queued_s=1.0)  # no type: the pool totals only
     batch.add_success("ar", run_s=0.1, queued_s=0.0, request_type="multimodal")
-    assert redis_client.hgetall(keys.timings("ar")) == {}
+    assert redis_client.hgetall(KEYS.timings("ar")) == {}
     batch.flush()
-    raw = redis_client.hgetall(keys.timings("ar"))
+    raw = redis_client.hgetall(KEYS.timings("ar"))
     assert raw["text:run_s:0.005"] == raw["text:run_s:1.0"] == raw["text:run_s:+Inf"] == "1"
     buckets, total, count = read_histogram(raw, "text:run_s", TIME_BUCKETS)
     assert count == 3 and total == pytest.approx(9999.703)
@@ -128,7 +128,7 @@ def test_batch_sizes_and_preemptions_are_flushed_with_the_rest(redis_client, mon
     batch.add_preemptions("diffusion", 2)
     batch.add_preemptions("diffusion", 0)  # a request never paused adds nothing
     batch.flush()
-    raw = redis_client.hgetall(keys.step_stats("diffusion"))
+    raw = redis_client.hgetall(KEYS.step_stats("diffusion"))
     assert raw["preemptions"] == "2"
     buckets, total, count = read_histogram(raw, "batch", BATCH_BUCKETS)
     assert (count, total) == (4, 15.0)
@@ -150,8 +150,8 @@ def test_a_failed_flush_keeps_the_histograms_too(redis_client, monkeypatch, use_
     use_config(reachable)
     batch.add_preemptions("diffusion", 1)
     batch.flush()
-    timings = redis_client.hgetall(keys.timings("diffusion"))
+    timings = redis_client.hgetall(KEYS.timings("diffusion"))
     assert (timings["diffusion:run_s:2.5"], timings["diffusion:run_s:count"]) == ("1", "1")
     assert float(timings["diffusion:queued_s:sum"]) == pytest.approx(0.5)
-    steps = redis_client.hgetall(keys.step_stats("diffusion"))
+    steps = redis_client.hgetall(KEYS.step_stats("diffusion"))
     assert (steps["batch:2.0"], steps["preemptions"]) == ("1", "1")

@@ -9,7 +9,7 @@ import json
 import time
 from dataclasses import replace
 
-from helpers import write_heartbeat
+from helpers import KEYS, write_heartbeat
 
 from omni_tasks import get_config
 from omni_tasks.config import ModelEntry
@@ -56,8 +56,8 @@ def test_workers_own_queues_count_for_the_diffusion_pool(redis_client) -> None:
         heartbeat = {"hostname": host, "queues": json.dumps(["diffusion"])}
         write_heartbeat(redis_client, host, {**heartbeat, "stages": json.dumps(["dit"])})
     redis_client.lpush(keys.queue_key("diffusion", 6), "m1")
-    redis_client.lpush(keys.queue_key(keys.worker_queue("w1@h"), 6), "m2", "m3")
-    redis_client.lpush(keys.queue_key(keys.worker_queue("w2@h"), 0), "m4")
+    redis_client.lpush(keys.queue_key(KEYS.worker_queue("w1@h"), 6), "m2", "m3")
+    redis_client.lpush(keys.queue_key(KEYS.worker_queue("w2@h"), 0), "m4")
     depths = queue_depths(redis_client, get_config())
     assert depths["diffusion"][6] == 3 and depths["diffusion"][0] == 1
     assert sum(depths["ar"].values()) == 0
@@ -98,7 +98,7 @@ def test_model_queues_count_for_their_pool_and_on_their_own(redis_client, use_co
 
 
 def test_waiting_above_looks_only_at_the_better_levels(redis_client) -> None:
-    own = keys.worker_queue("w1@h")
+    own = KEYS.worker_queue("w1@h")
     redis_client.lpush(keys.queue_key(own, 5), "m")
     redis_client.lpush(keys.queue_key("diffusion", 9), "m")
     assert not waiting_above(

@@ -9,10 +9,11 @@ import json
 import re
 
 import pytest
+from helpers import KEYS
 
 from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import get_redis, get_scripts
+from omni_tasks.coordination.client import get_redis, scripts_for
 from omni_tasks.coordination.lua import SCRIPTS_DIR, SOURCES, Scripts
 
 SCRIPT_FILES = sorted(SCRIPTS_DIR.glob("*.lua"))
@@ -57,9 +58,12 @@ def test_every_script_starts_with_a_header_naming_its_keys_and_argv(path) -> Non
 
 
 def test_scripts_are_registered_once_per_client(redis_client) -> None:
-    scripts = get_scripts()
-    assert get_scripts() is scripts
-    assert get_scripts(get_config().redis_url) is scripts  # the same URL, the same object
+    scripts = get_redis().scripts
+    assert get_redis().scripts is scripts
+    config = get_config()
+    same = get_redis(config.redis_url, config.key_prefix)
+    assert same.scripts is scripts  # the same URL and prefix, the same client
+    assert scripts_for(same) is scripts
     for name, source in SOURCES.items():
         script = getattr(scripts, name)
         assert script is getattr(scripts, name)
@@ -72,13 +76,13 @@ def test_scripts_are_registered_once_per_client(redis_client) -> None:
 def test_scripts_on_another_client_are_their_own() -> None:
     client = get_redis()
     other = Scripts(client)
-    assert other is not get_scripts()
-    assert other.move_all.sha == get_scripts().move_all.sha
+    assert other is not client.scripts
+    assert other.move_all.sha == client.scripts.move_all.sha
 
 
 def test_admit_redelivery(redis_client) -> None:
-    run = get_scripts().admit_redelivery
-    revoked, counter = keys.revoked("t1"), keys.deliveries("t1")
+    run = get_redis().scripts.admit_redelivery
+    revoked, counter = KEYS.revoked("t1"), KEYS.deliveries("t1")
     assert run(keys=[revoked, counter], args=[60]) == [0, 1]
     assert run(keys=[revoked, counter], args=[60]) == [0, 2]
     assert 0 < redis_client.ttl(counter) <= 60
@@ -88,8 +92,8 @@ def test_admit_redelivery(redis_client) -> None:
 
 
 def test_directory_insert_hit_remove_and_clear(redis_client) -> None:
-    s = get_scripts()
-    holders, held = keys.cache_holders("lat:1"), keys.cache_worker("w1")
+    s = get_redis().scripts
+    holders, held = KEYS.cache_holders("lat:1"), KEYS.cache_worker("w1")
     assert s.directory_insert(keys=[holders, held], args=["w1", "lat:1", "diffusion", 10, 5.0]) == 1
     entry = json.loads(redis_client.hget(holders, "w1"))
     assert entry == {"queue": "diffusion", "bytes": 10, "created": 5, "last_hit": 0, "hits": 0}
@@ -101,27 +105,27 @@ def test_directory_insert_hit_remove_and_clear(redis_client) -> None:
     assert s.directory_remove(keys=[holders, held], args=["w1", "lat:1"]) == 1
     assert not redis_client.exists(holders, held)
     s.directory_insert(keys=[holders, held], args=["w1", "lat:1", "diffusion", 10, 5.0])
-    other = keys.cache_holders("emb:1")
+    other = KEYS.cache_holders("emb:1")
     s.directory_insert(keys=[other, held], args=["w1", "emb:1", "diffusion", 3, 5.0])
-    assert s.directory_clear_worker(keys=[held], args=["w1", keys.cache_holders("")]) == 2
+    assert s.directory_clear_worker(keys=[held], args=["w1", KEYS.cache_holders("")]) == 2
     assert not redis_client.exists(holders, other, held)
 
 
 def test_directory_pick(redis_client) -> None:
-    s = get_scripts()
-    holders = keys.cache_holders("lat:1")
-    s.directory_insert(keys=[holders, keys.cache_worker("w1")], args=["w1", "lat:1", "d", 1, 0])
-    args = [keys.worker(""), keys.worker_queue(""), keys.PRIORITY_SEP, *keys.PRIORITY_STEPS[1:]]
+    s = get_redis().scripts
+    holders = KEYS.cache_holders("lat:1")
+    s.directory_insert(keys=[holders, KEYS.cache_worker("w1")], args=["w1", "lat:1", "d", 1, 0])
+    args = [KEYS.worker(""), KEYS.worker_queue(""), keys.PRIORITY_SEP, *keys.PRIORITY_STEPS[1:]]
     assert s.directory_pick(keys=[holders], args=args) is None  # no heartbeat: false
-    redis_client.hset(keys.worker("w1"), "concurrency", 1)
-    assert s.directory_pick(keys=[keys.cache_holders("lat:none"), holders], args=args) == "w1"
-    redis_client.lpush(keys.queue_key(keys.worker_queue("w1"), 9), "m")
+    redis_client.hset(KEYS.worker("w1"), "concurrency", 1)
+    assert s.directory_pick(keys=[KEYS.cache_holders("lat:none"), holders], args=args) == "w1"
+    redis_client.lpush(keys.queue_key(KEYS.worker_queue("w1"), 9), "m")
     assert s.directory_pick(keys=[holders], args=args) is None  # one message, one slot
 
 
 def test_flight_scripts(redis_client) -> None:
-    s = get_scripts()
-    lease, done = keys.flight_lease("k"), keys.flight_result("k")
+    s = get_redis().scripts
+    lease, done = KEYS.flight_lease("k"), KEYS.flight_result("k")
     redis_client.set(lease, "mine", px=1000)
     assert s.flight_renew(keys=[lease], args=["theirs", 60000]) == 0
     assert s.flight_renew(keys=[lease], args=["mine", 60000]) == 1
@@ -143,30 +147,30 @@ def test_move_all_keeps_the_order_messages_are_served_in(redis_client) -> None:
     redis_client.lpush("dst", "old-1")
     for message in ("a", "b", "c"):
         redis_client.lpush("src", message)
-    assert get_scripts().move_all(keys=["src", "dst"]) == 3
+    assert get_redis().scripts.move_all(keys=["src", "dst"]) == 3
     assert not redis_client.exists("src")
     served = [redis_client.rpop("dst") for _ in range(4)]
     assert served == ["old-1", "a", "b", "c"]
-    assert get_scripts().move_all(keys=["src", "dst"]) == 0
+    assert get_redis().scripts.move_all(keys=["src", "dst"]) == 0
 
 
 def test_admit_many_accepts_a_batch_whole_or_refuses_it_whole(redis_client) -> None:
-    pool, open_set = keys.admitted("ar"), keys.ledger_open()
+    pool, open_set = KEYS.admitted("ar"), KEYS.ledger_open()
 
     def run(ids: list[str], fingerprint: str = "f", limit: int = 3) -> list[int]:
         script_keys, args = [open_set], [100.0, 60, 60, 4]
         for i in ids:
-            script_keys += [pool, keys.request_fingerprint(i), keys.ledger(i), "q"]
+            script_keys += [pool, KEYS.request_fingerprint(i), KEYS.ledger(i), "q"]
             args += [i, limit, fingerprint, i, "task", "[]", "{}", "{}", f"message {i}"]
-        return get_scripts().admit_many(keys=script_keys, args=args)
+        return get_redis().scripts.admit_many(keys=script_keys, args=args)
 
     assert run(["a", "b"]) == [1, 1, 1]
     assert redis_client.lrange("q", 0, -1) == ["message b", "message a"]
-    assert redis_client.hget(keys.ledger("a"), "task") == "task"
+    assert redis_client.hget(KEYS.ledger("a"), "task") == "task"
     assert run(["c", "d", "a"]) == [-1, 1, 2, 2]  # 2 admitted + 2 new > 3: none of it
     assert run(["c", "a"], fingerprint="other") == [-2, 2]  # a holds another fingerprint
     assert redis_client.zcard(pool) == 2 and redis_client.llen("q") == 2
-    assert not redis_client.exists(keys.request_fingerprint("c"), keys.ledger("c"))
+    assert not redis_client.exists(KEYS.request_fingerprint("c"), KEYS.ledger("c"))
     assert run(["a", "c"]) == [1, 2, 1]  # a repeat is left out, c is admitted
     assert redis_client.llen("q") == 3 and redis_client.zcard(open_set) == 3
 
@@ -180,7 +184,7 @@ def test_every_script_runs_in_a_test_here() -> None:
 
 
 def test_claim_run_answers_done_running_or_claimed(redis_client) -> None:
-    s = get_scripts()
+    s = get_redis().scripts
     claim, result = "run:x", "celery-task-meta-x"
     beats, held = "omni-test:worker:", "omni-test:held:"
 
@@ -207,7 +211,7 @@ def test_claim_run_answers_done_running_or_claimed(redis_client) -> None:
 def test_store_result_never_replaces_a_success_and_publishes_what_it_stores(
     redis_client,
 ) -> None:
-    s, key = get_scripts(), "celery-task-meta-y"
+    s, key = get_redis().scripts, "celery-task-meta-y"
     listener = redis_client.pubsub()
     listener.subscribe(key)
     listener.get_message(timeout=1)  # the subscription's confirmation
@@ -232,7 +236,7 @@ def test_store_result_never_replaces_a_success_and_publishes_what_it_stores(
 def test_webhook_claim_takes_a_delivery_once_and_webhook_take_leases_the_due(
     redis_client,
 ) -> None:
-    s = get_scripts()
+    s = get_redis().scripts
     watch, due, deliveries = "omni-test:wh:watch", "omni-test:wh:due", "omni-test:wh:deliveries"
     redis_client.zadd(watch, {"job1": 1})
     claim = [watch, due, deliveries], ["job1", "d1", '{"id": "d1"}', 100]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 
-from helpers import write_heartbeat
+from helpers import KEYS, write_heartbeat
 
 from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
@@ -22,7 +22,7 @@ def publish(client, queue: str, task_ids: list[str], at: float, level: int = 0) 
     times."""
     for task_id in task_ids:
         client.lpush(keys.queue_key(queue, level), json.dumps({"headers": {"id": task_id}}))
-    client.zadd(keys.ledger_open(), dict.fromkeys(task_ids, at))
+    client.zadd(KEYS.ledger_open(), dict.fromkeys(task_ids, at))
 
 
 def lranges(client) -> int:
@@ -47,7 +47,7 @@ def test_the_old_requests_of_a_deep_queue_are_found_from_its_tail(redis_client) 
 def test_every_level_of_the_pools_models_and_own_queues_is_looked_at(redis_client) -> None:
     write_heartbeat(redis_client, "w1@h", {"hostname": "w1@h", "stages": '["dit"]'})
     publish(redis_client, "diffusion", ["d9"], NOW - 600, level=9)
-    publish(redis_client, keys.worker_queue("w1@h"), ["own3"], NOW - 600, level=3)
+    publish(redis_client, KEYS.worker_queue("w1@h"), ["own3"], NOW - 600, level=3)
     publish(redis_client, keys.model_queue("diffusion", "tiny-flux"), ["m0"], NOW - 600)
     wanted = {"d9", "own3", "m0", "gone"}
     assert queued(wanted, NOW - 300) == {"d9", "own3", "m0"}

@@ -7,8 +7,9 @@ import json
 import logging
 from dataclasses import replace
 
+from helpers import KEYS
+
 from omni_tasks import get_config
-from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.rejections import (
     MAX_BODY_CHARS,
@@ -41,8 +42,8 @@ def test_record_and_list(redis_client) -> None:
     assert oldest["body"] == "\\x80"  # undecodable bytes are kept visible
     assert (oldest["size"], newest["size"]) == (1, len('{"width": 30}'))
     assert oldest["time"] <= newest["time"]
-    assert redis_client.hget(keys.stats("ar"), "rejected") == "1"
-    assert redis_client.hget(keys.stats("diffusion"), "rejected") == "1"
+    assert redis_client.hget(KEYS.stats("ar"), "rejected") == "1"
+    assert redis_client.hget(KEYS.stats("diffusion"), "rejected") == "1"
     assert list_rejections(get_redis(), limit=1) == [newest]
 
 
@@ -56,18 +57,18 @@ def test_defaults_of_a_bare_record(redis_client) -> None:
         "body": None,
         "size": None,
     }
-    assert redis_client.hget(keys.stats("unknown"), "rejected") == "1"
+    assert redis_client.hget(KEYS.stats("unknown"), "rejected") == "1"
 
 
 def test_the_list_is_capped(redis_client) -> None:
     for i in range(MAX_RECORDS + 5):
         record_rejection(get_redis(), "flood", task_id=f"t{i}", queue="ar")
-    assert redis_client.llen(keys.rejected()) == MAX_RECORDS
+    assert redis_client.llen(KEYS.rejected()) == MAX_RECORDS
     records = list_rejections(get_redis(), limit=MAX_RECORDS + 100)
     assert len(records) == MAX_RECORDS
     assert records[0]["task_id"] == f"t{MAX_RECORDS + 4}"  # the newest kept
     assert records[-1]["task_id"] == "t5"  # the oldest five dropped
-    assert redis_client.hget(keys.stats("ar"), "rejected") == str(MAX_RECORDS + 5)
+    assert redis_client.hget(KEYS.stats("ar"), "rejected") == str(MAX_RECORDS + 5)
 
 
 def test_the_body_preview_is_truncated(redis_client) -> None:
@@ -93,7 +94,7 @@ def test_raw_bytes_are_bounded_before_they_are_decoded(redis_client) -> None:
     assert MAX_BODY_CHARS == 4096
     assert record["body"] == "\\xff" * (MAX_BODY_CHARS // 4)
     assert record["size"] == len(raw)
-    assert len(redis_client.lindex(keys.rejected(), 0)) < 2 * MAX_BODY_CHARS
+    assert len(redis_client.lindex(KEYS.rejected(), 0)) < 2 * MAX_BODY_CHARS
 
 
 def test_bodies_json_cannot_encode_are_kept_as_text(redis_client) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
+from helpers import KEYS
+
 from omni_tasks.config import get_config
-from omni_tasks.coordination import keys, runs
+from omni_tasks.coordination import runs
 from omni_tasks.coordination.client import get_redis
 
 RESULT_KEY = "celery-task-meta-run-1"
@@ -17,9 +19,9 @@ GRACE_S = 10
 
 def beat(client, hostname: str, instance: str, held: tuple[str, ...] = ()) -> None:
     """A live worker, as its heartbeat says: its hash, and the task ids it holds."""
-    client.hset(keys.worker(hostname), mapping={"instance": instance, "pid": 1})
+    client.hset(KEYS.worker(hostname), mapping={"instance": instance, "pid": 1})
     if held:
-        client.sadd(keys.held(hostname), *held)
+        client.sadd(KEYS.held(hostname), *held)
 
 
 def claim_s() -> int:
@@ -32,14 +34,14 @@ def claim(value: str, taking_over: bool = False) -> str:
 
 def age_claim(client, seconds: int) -> None:
     """Make the claim of run-1 look `seconds` old (its age is read from its TTL)."""
-    client.expire(keys.run_claim("run-1"), claim_s() - seconds)
+    client.expire(KEYS.run_claim("run-1"), claim_s() - seconds)
 
 
 def test_the_first_delivery_claims_the_run(redis_client) -> None:
     mine = runs.claim_value("w1@host", "i1")
     assert claim(mine) == "claimed"
-    assert redis_client.get(keys.run_claim("run-1")) == mine
-    assert 0 < redis_client.ttl(keys.run_claim("run-1")) <= claim_s()
+    assert redis_client.get(KEYS.run_claim("run-1")) == mine
+    assert 0 < redis_client.ttl(KEYS.run_claim("run-1")) <= claim_s()
     # Marked STARTED in the same step, with the result's time to live.
     assert redis_client.get(RESULT_KEY) == STARTED and 0 < redis_client.ttl(RESULT_KEY) <= 60
 
@@ -51,7 +53,7 @@ def test_a_twin_of_a_run_a_live_worker_holds_is_a_duplicate(redis_client) -> Non
     # Another worker, and a second thread of the same worker: both see it running.
     assert claim(runs.claim_value("w2@host", "i2")) == "running"
     assert claim(runs.claim_value("w1@host", "i1")) == "running"
-    assert redis_client.get(keys.run_claim("run-1")) == first
+    assert redis_client.get(KEYS.run_claim("run-1")) == first
 
 
 def test_a_claim_its_live_worker_does_not_hold_is_taken_over_after_the_grace(
@@ -65,10 +67,10 @@ def test_a_claim_its_live_worker_does_not_hold_is_taken_over_after_the_grace(
     age_claim(redis_client, GRACE_S + 5)  # listed by w1: still running
     assert claim(runs.claim_value("w2@host", "i2")) == "running"
     # w1 beats without it (it died in its run, or never ran it): as the reaper sees it.
-    redis_client.delete(keys.held("w1@host"))
+    redis_client.delete(KEYS.held("w1@host"))
     taker = runs.claim_value("w2@host", "i2")
     assert claim(taker) == "claimed"
-    assert redis_client.get(keys.run_claim("run-1")) == taker
+    assert redis_client.get(KEYS.run_claim("run-1")) == taker
 
 
 def test_a_message_given_back_takes_a_live_looking_claim_over(redis_client) -> None:
@@ -78,7 +80,7 @@ def test_a_message_given_back_takes_a_live_looking_claim_over(redis_client) -> N
     assert claim(runs.claim_value("w1@host", "i1")) == "claimed"
     back = runs.claim_value("w2@host", "i2")
     assert claim(back, taking_over=True) == "claimed"
-    assert redis_client.get(keys.run_claim("run-1")) == back
+    assert redis_client.get(KEYS.run_claim("run-1")) == back
     redis_client.set(RESULT_KEY, json.dumps({"status": "SUCCESS"}))  # but never after a success
     again = runs.claim_value("w3@host", "i3")
     assert claim(again, taking_over=True) == "done"
@@ -97,7 +99,7 @@ def test_a_dead_or_restarted_holder_gives_the_run_up(redis_client) -> None:
 def test_a_success_stored_under_the_id_leaves_nothing_to_run(redis_client) -> None:
     redis_client.set(RESULT_KEY, json.dumps({"status": "SUCCESS", "result": {}}))
     assert claim(runs.claim_value("w1@host", "i1")) == "done"
-    assert not redis_client.exists(keys.run_claim("run-1"))
+    assert not redis_client.exists(KEYS.run_claim("run-1"))
     for status in ("FAILURE", "STARTED", "PROGRESS"):  # not a success: it may run
         redis_client.set(RESULT_KEY, json.dumps({"status": status}))
         assert claim(runs.claim_value("w1@host", "i1")) == "claimed"
@@ -110,7 +112,7 @@ def test_only_the_holder_releases_its_claim(redis_client) -> None:
     mine = runs.claim_value("w1@host", "i1")
     claim(mine)
     runs.release(get_redis(), "run-1", runs.claim_value("w1@host", "i1"))  # another run's claim
-    assert redis_client.get(keys.run_claim("run-1")) == mine
+    assert redis_client.get(KEYS.run_claim("run-1")) == mine
     runs.release(get_redis(), "run-1", mine)
-    assert not redis_client.exists(keys.run_claim("run-1"))
+    assert not redis_client.exists(KEYS.run_claim("run-1"))
     assert claim(runs.claim_value("w2@host", "i2")) == "claimed"

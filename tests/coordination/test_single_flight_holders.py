@@ -8,9 +8,8 @@ import threading
 import time
 
 import pytest
-from helpers import eventually
+from helpers import KEYS, eventually
 
-from omni_tasks.coordination import keys
 from omni_tasks.coordination import single_flight as sf
 from workers.lifecycle.heartbeat import HEARTBEAT_TTL_S
 
@@ -19,20 +18,20 @@ KEY = "lat:holders0123456789"
 
 def beat(client, hostname: str, ttl_ms: int = HEARTBEAT_TTL_S * 1000) -> None:
     """What a worker's heartbeat writes: its hash under `keys.worker`, expiring."""
-    client.hset(keys.worker(hostname), mapping={"hostname": hostname, "beat": time.time()})
-    client.pexpire(keys.worker(hostname), ttl_ms)
+    client.hset(KEYS.worker(hostname), mapping={"hostname": hostname, "beat": time.time()})
+    client.pexpire(KEYS.worker(hostname), ttl_ms)
 
 
 def test_a_holder_is_named_in_its_lease(redis_client) -> None:
     beat(redis_client, "w-holder")
     flight = sf.try_claim(redis_client, KEY, holder="w-holder")
     assert flight is not None
-    value = redis_client.get(keys.flight_lease(KEY))
+    value = redis_client.get(KEYS.flight_lease(KEY))
     assert value == flight.token and sf.holder_of(value) == "w-holder"
-    assert 0 < redis_client.pttl(keys.flight_lease(KEY)) <= sf.LEASE_S * 1000
+    assert 0 < redis_client.pttl(KEYS.flight_lease(KEY)) <= sf.LEASE_S * 1000
     assert sf.try_claim(redis_client, KEY, holder="w-other") is None
     flight.release()
-    assert not redis_client.exists(keys.flight_lease(KEY))
+    assert not redis_client.exists(KEYS.flight_lease(KEY))
     unnamed = sf.try_claim(redis_client, KEY)
     assert unnamed is not None and sf.holder_of(unnamed.token) is None
     unnamed.release()
@@ -40,7 +39,7 @@ def test_a_holder_is_named_in_its_lease(redis_client) -> None:
 
 def test_a_lease_that_names_no_holder_is_waited_on_until_it_expires(redis_client) -> None:
     # A holder that named no worker died right after claiming: no one renews its lease.
-    redis_client.set(keys.flight_lease(KEY), "0" * 32, px=600)
+    redis_client.set(KEYS.flight_lease(KEY), "0" * 32, px=600)
     beat(redis_client, "w-waiter")
     started = time.monotonic()
     mine, done = sf.join(redis_client, KEY, started + 10, holder="w-waiter")
@@ -58,7 +57,7 @@ def test_a_lease_whose_holder_beats_is_waited_on(redis_client) -> None:
     with pytest.raises(TimeoutError, match="waited for the computation"):
         sf.join(redis_client, KEY, started + 0.5, holder="w-waiter")
     assert time.monotonic() - started >= 0.5
-    assert redis_client.get(keys.flight_lease(KEY)) == flight.token  # not taken over
+    assert redis_client.get(KEYS.flight_lease(KEY)) == flight.token  # not taken over
     flight.release()
 
 
@@ -68,20 +67,20 @@ def test_a_waiter_takes_over_at_once_when_the_holders_heartbeat_is_gone(redis_cl
     killed = sf.try_claim(redis_client, KEY, holder="w-killed")
     assert sf.holder_of(killed.token) == "w-killed"
     # Killed: no more beats, its heartbeat key expires.
-    assert eventually(lambda: not redis_client.exists(keys.worker("w-killed")), 5)
-    assert redis_client.pttl(keys.flight_lease(KEY)) > (sf.LEASE_S - 2) * 1000  # still held
+    assert eventually(lambda: not redis_client.exists(KEYS.worker("w-killed")), 5)
+    assert redis_client.pttl(KEYS.flight_lease(KEY)) > (sf.LEASE_S - 2) * 1000  # still held
     started = time.monotonic()
     mine, done = sf.join(redis_client, KEY, started + 10, holder="w-waiter")
     waited = time.monotonic() - started
     assert done is None and mine is not None
     assert waited < 1.0  # at once, not after the lease's 30 s
-    value = redis_client.get(keys.flight_lease(KEY))
+    value = redis_client.get(KEYS.flight_lease(KEY))
     assert value == mine.token != killed.token and sf.holder_of(value) == "w-waiter"
     killed.release()  # the dead holder's lease is no longer its to give back
-    assert redis_client.get(keys.flight_lease(KEY)) == mine.token
+    assert redis_client.get(KEYS.flight_lease(KEY)) == mine.token
     mine.publish("cached:w-waiter")
     assert sf.outcome(redis_client, KEY) == "cached:w-waiter"
-    assert not redis_client.exists(keys.flight_lease(KEY))
+    assert not redis_client.exists(KEYS.flight_lease(KEY))
 
 
 def test_a_holder_that_publishes_serves_its_waiters(redis_client) -> None:
@@ -103,13 +102,13 @@ def test_a_holder_that_publishes_serves_its_waiters(redis_client) -> None:
     for t in threads:
         t.join(10)
     assert results == {n: (None, "cached:w-live") for n in waiters}
-    assert not redis_client.exists(keys.flight_lease(KEY))
+    assert not redis_client.exists(KEYS.flight_lease(KEY))
 
 
 @pytest.mark.parametrize("round_", range(5))
 def test_waiters_racing_a_dead_lease_compute_once(redis_client, round_) -> None:
     # A killed worker's lease: it names a holder whose heartbeat has expired.
-    redis_client.set(keys.flight_lease(KEY), "0" * 32 + "|w-killed", px=30_000)
+    redis_client.set(KEYS.flight_lease(KEY), "0" * 32 + "|w-killed", px=30_000)
     waiters = [f"w-waiter-{i}" for i in range(6)]
     for name in waiters:
         beat(redis_client, name)
@@ -124,7 +123,7 @@ def test_waiters_racing_a_dead_lease_compute_once(redis_client, round_) -> None:
     for t in threads:
         t.start()
     deadline = time.monotonic() + 5
-    while sf.holder_of(redis_client.get(keys.flight_lease(KEY)) or "") == "w-killed":
+    while sf.holder_of(redis_client.get(KEYS.flight_lease(KEY)) or "") == "w-killed":
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert eventually(lambda: results, 5)  # the winner's join has returned its flight
@@ -132,7 +131,7 @@ def test_waiters_racing_a_dead_lease_compute_once(redis_client, round_) -> None:
     assert len(winners) == 1, results
     (winner,) = winners
     flight = results[winner][0]
-    assert redis_client.get(keys.flight_lease(KEY)) == flight.token
+    assert redis_client.get(KEYS.flight_lease(KEY)) == flight.token
     assert sf.holder_of(flight.token) == winner
     flight.publish(f"cached:{winner}")
     for t in threads:

@@ -8,7 +8,7 @@ import time
 from dataclasses import fields, replace
 from typing import Any
 
-from helpers import write_heartbeat
+from helpers import KEYS, write_heartbeat
 from redis import Redis
 
 from omni_tasks import get_config
@@ -41,7 +41,7 @@ def beat(client: Redis, hostname: str, queues: list[str], **figures: object) -> 
 
 def test_read_snapshot_parses_counters_and_heartbeats(redis_client) -> None:
     redis_client.hset(
-        keys.stats("ar"),
+        KEYS.stats("ar"),
         mapping={
             "processed": 7,
             "failed": 1,
@@ -52,7 +52,7 @@ def test_read_snapshot_parses_counters_and_heartbeats(redis_client) -> None:
             "queued_s_sum": 0.5,
         },
     )
-    redis_client.hset(keys.stats("diffusion"), mapping={"processed": 3})
+    redis_client.hset(KEYS.stats("diffusion"), mapping={"processed": 3})
     beat(
         redis_client, "diffusion-2@h", ["diffusion"], dit_cache_bytes=100, dit_cache_max_bytes=1000
     )
@@ -122,7 +122,7 @@ def test_pool_stats_read_every_field_of_the_stats_hash() -> None:
 
 def test_a_snapshot_reads_the_worker_index_once(redis_client, monkeypatch) -> None:
     beat(redis_client, "d@h", ["diffusion"])
-    redis_client.lpush(keys.queue_key(keys.worker_queue("d@h"), 6), "m1")
+    redis_client.lpush(keys.queue_key(KEYS.worker_queue("d@h"), 6), "m1")
     reads: list[str] = []
     for name in ("read", "listed", "live"):
         real = getattr(worker_index, name)
