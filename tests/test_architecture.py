@@ -312,56 +312,42 @@ def _lookups(path: Path) -> set[str]:
     """The process-wide lookups (`get_config()`, `get_redis()`) a file calls."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            if node.func.id in ("get_config", "get_redis"):
-                found.add(node.func.id)
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+            if name in ("get_config", "get_redis"):
+                found.add(name)
     return found
 
 
-#: The coordination modules that get their Redis client and config values as arguments.
-GIVEN_COORDINATION = (
-    "acceptance",
-    "admission",
-    "cache_directory",
-    "colon_layout",
-    "counter_window",
-    "counters",
-    "depths",
-    "idempotency",
-    "keyspace",
-    "ledger",
-    "queue_walk",
-    "rejections",
-    "runs",
-    "single_flight",
-    "snapshots",
-    "stranded",
-)
+#: Where the process config and its Redis client may be looked up: the entry points,
+#: which build the contexts everything else is given.
+ENTRY_POINTS = {
+    "omni_tasks/config": {"get_config"},  # the lookup itself
+    "omni_tasks/coordination/client.py": {"get_config"},  # get_redis's defaults
+    "omni_tasks/cli": {"get_config", "get_redis"},  # the commands
+    "omni_tasks/dev/demo.py": {"get_config", "get_redis"},
+    "omni_tasks/dev/launcher.py": {"get_config"},
+    "omni_tasks/api/app.py": {"get_config"},  # the app factory
+    "omni_tasks/tasks/context.py": {"get_config"},  # a context with no config attached
+    "omni_tasks/tasks/celery_app.py": {"get_config"},  # the Celery settings at import
+    "workers/lifecycle/hooks.py": {"get_config"},  # worker_init: the worker's config
+    "workers/engines/diffusers_engine.py": {"get_config"},  # an engine built alone
+}
 
 
-def test_worker_api_and_send_path_code_gets_config_and_redis_given() -> None:
-    """Worker, API and send-path code gets the config and the Redis client from its
+def test_only_entry_points_look_up_the_config_or_redis() -> None:
+    """Everything else gets the config, the Redis client and the keys it names from its
     constructor, its arguments or its process's context (the worker runtime, the app's
-    state, the Celery app's `ProducerContext`); only the entry points look them up."""
-    entry_points = {
-        "workers/lifecycle/hooks.py": {"get_config"},  # worker_init: the worker's config
-        "workers/engines/diffusers_engine.py": {"get_config"},  # an engine built alone
-        "omni_tasks/api/app.py": {"get_config", "get_redis"},  # the app factory
-        "omni_tasks/tasks/context.py": {"get_config", "get_redis"},  # the producer context
-        "omni_tasks/tasks/celery_app.py": {"get_config"},  # the Celery settings at import
-        "omni_tasks/tasks/transport.py": {"get_config"},  # kombu's purge, under Celery
-    }
+    state, the Celery app's `ProducerContext`, a client's `keyspace`)."""
     repo = PRODUCER_ROOT.parent
-    files = [
-        *(repo / "workers").rglob("*.py"),
-        *(PRODUCER_ROOT / "api").rglob("*.py"),
-        *(PRODUCER_ROOT / "tasks").rglob("*.py"),
-        *(PRODUCER_ROOT / "coordination" / f"{name}.py" for name in GIVEN_COORDINATION),
-        PRODUCER_ROOT / "streaming.py",
-    ]
+    files = [*(repo / "workers").rglob("*.py"), *PRODUCER_ROOT.rglob("*.py")]
     found = {str(path.relative_to(repo)): names for path in files if (names := _lookups(path))}
-    extra = {f: n for f, n in found.items() if not n <= entry_points.get(f, set())}
-    assert extra == {}
+
+    def allowed(path: str) -> set[str]:
+        return next((v for k, v in ENTRY_POINTS.items() if path.startswith(k)), set())
+
+    assert {f: n for f, n in found.items() if not n <= allowed(f)} == {}
 
 
 def test_per_task_state_lives_in_context_variables() -> None:
