@@ -62,7 +62,7 @@ def _text_params(request: OmniRequest) -> TextParams:
 def _generate_text(request: OmniRequest, prompt: TextPrompt) -> tuple[Any, str, float]:
     engine = runtime.text_engine()
     start = time.perf_counter()
-    with streaming(request, runtime.deltas) as on_delta:
+    with streaming(request, runtime.deltas, runtime.keys) as on_delta:
         out = engine.generate(
             request.request_id,
             prompt,
@@ -138,7 +138,7 @@ def _render(
         level=_delivered_level(request),
         cancelled=task_context.revoked_check(),
         on_progress=progress.callback(),
-        preview=previews.previewer_for(request, runtime.redis),
+        preview=previews.previewer_for(request, runtime.redis, runtime.keys),
     )
     start = time.perf_counter()
     out = render(request, prompt or request.prompt, params, timeout_s, init_image, ticket)

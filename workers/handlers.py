@@ -24,7 +24,7 @@ import redis
 from celery import Celery, states
 from celery.exceptions import Ignore, Reject
 
-from omni_tasks.coordination import idempotency, keys, runs
+from omni_tasks.coordination import idempotency, runs
 from omni_tasks.coordination.client import scripts_for
 from omni_tasks.coordination.counters import count_outcome
 from omni_tasks.coordination.ledger import REPUBLISHED_HEADER
@@ -93,7 +93,7 @@ def execute(
         # request's fault; give the message back as a lost run does (`run_claimed`).
         if redelivered:
             with contextlib.suppress(redis.RedisError):
-                runtime.redis.decr(keys.deliveries(task_id))
+                runtime.redis.decr(runtime.keys.deliveries(task_id))
         raise Reject(str(exc), requeue=True) from None
     succeeded = False
     try:
@@ -106,7 +106,7 @@ def execute(
         own_queued, own_run = stage_times(result, task.stage)
         runtime.counters.add_success(queue, own_run, own_queued, request.request_type.value)
         if redelivered:
-            runtime.redis.delete(keys.deliveries(task_id))
+            runtime.redis.delete(runtime.keys.deliveries(task_id))
         found = result.to_json()
         succeeded = True
         return found
@@ -147,7 +147,7 @@ def run_claimed(
         # back; the credit cancels the count the redelivered message will add when it
         # starts again.
         with contextlib.suppress(redis.RedisError):
-            runtime.redis.decr(keys.deliveries(task_id))
+            runtime.redis.decr(runtime.keys.deliveries(task_id))
         raise Reject(str(exc), requeue=True) from None
     except RequestTimeoutError:
         count_outcome(runtime.redis, queue, "expired")
@@ -259,7 +259,8 @@ def _admit_redelivery(task: OmniTask, task_id: str, kwargs: Any, queue: str) -> 
     """
     _skip_if_succeeded(task, task_id, queue)
     revoked, returns = scripts_for(runtime.redis).admit_redelivery(
-        keys=[keys.revoked(task_id), keys.deliveries(task_id)], args=[DELIVERY_KEY_TTL_S]
+        keys=[runtime.keys.revoked(task_id), runtime.keys.deliveries(task_id)],
+        args=[DELIVERY_KEY_TTL_S],
     )
     if revoked:
         task.backend.mark_as_revoked(task_id, "cancelled before it ran", request=task.request)

@@ -7,7 +7,7 @@ taken at step boundaries spread evenly over its denoising steps, never after the
 (the final image follows). The engine decodes each with the family's own decode, on its
 device thread (`workers.engines.diffusion.previews`), and hands it to the request's
 `Previewer` (its `StepTicket.preview`), which writes it as PNG base64 to a Redis list
-(`keys.previews`, with a TTL) and announces it on the channel of the same name. A
+(`KeySpace.previews`, with a TTL) and announces it on the channel of the same name. A
 preview that fails is logged and skipped: it never fails the request.
 """
 
@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from omni_tasks.coordination import keys
+from omni_tasks.coordination.keyspace import KeySpace
 from omni_tasks.coordination.outage import Outage
 from omni_tasks.requests import MAX_PARTIAL_IMAGES, OmniRequest
 
@@ -41,11 +41,13 @@ def preview_steps(count: int, total: int) -> list[int]:
 
 @dataclass
 class Previewer:
-    """The previews one request wants (a `StepTicket.preview` sink)."""
+    """The previews one request wants (a `StepTicket.preview` sink), written with the
+    worker's Redis client under its keys."""
 
     request_id: str
     count: int
     redis: Any = field(repr=False)
+    keys: KeySpace = field(repr=False)
     sent: int = 0
     _steps: list[int] | None = field(default=None, repr=False)
 
@@ -69,7 +71,7 @@ class Previewer:
             "b64_png": base64.b64encode(buffer.getvalue()).decode("ascii"),
             "time": time.time(),
         }
-        key = keys.previews(self.request_id)
+        key = self.keys.previews(self.request_id)
         pipe_ = self.redis.pipeline(transaction=True)
         pipe_.rpush(key, json.dumps(record))
         pipe_.expire(key, PREVIEW_TTL_S)
@@ -78,8 +80,9 @@ class Previewer:
         self.sent += 1
 
 
-def previewer_for(request: OmniRequest, redis: Any) -> Previewer | None:
-    """The previews `request` asks for, written to `redis` (None when it asks for none)."""
+def previewer_for(request: OmniRequest, redis: Any, keys: KeySpace) -> Previewer | None:
+    """The previews `request` asks for, written to `redis` under `keys` (None when it
+    asks for none)."""
     if request.partial_images <= 0:
         return None
-    return Previewer(request.request_id, request.partial_images, redis)
+    return Previewer(request.request_id, request.partial_images, redis, keys)

@@ -299,7 +299,7 @@ def build_diffusion_engine(config: CoreModuleConfig, runtime: WorkerRuntime) -> 
     watched = [
         dit.queue,
         keys.model_queue(dit.queue, dit.model),
-        keys.worker_queue(runtime.hostname),
+        runtime.keys.worker_queue(runtime.hostname),
     ]
     return DiffusersEngine(
         model,

@@ -75,7 +75,11 @@ def run_speech(request: OmniRequest) -> SpeechResult:
     engine = runtime.speech_engine()
     voice, speaker = resolve_voice(request.voice, config.speech, engine.num_speakers)
     start = time.perf_counter()
-    stream = AudioStream(request.request_id, runtime.deltas) if request.stream else None
+    stream = (
+        AudioStream(runtime.keys.audio_chunks(request.request_id), runtime.deltas)
+        if request.stream
+        else None
+    )
     encoder = StreamEncoder(request.response_format, engine.sample_rate, request.sample_rate)
     chunks = _Chunks(encoder, stream, start)
     try:

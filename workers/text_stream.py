@@ -23,8 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import get_redis
+from omni_tasks.coordination.keyspace import KeySpace
 from omni_tasks.coordination.outage import Outage
 from omni_tasks.requests import OmniRequest
 from workers.engines.base import DeltaCallback
@@ -41,7 +40,7 @@ CLOSE_TIMEOUT_S = 5.0
 class DeltaWriter:
     """The process's writer of streamed text: one daemon thread, started on first use."""
 
-    def __init__(self, client: Callable[[], Any] = get_redis) -> None:
+    def __init__(self, client: Callable[[], Any]) -> None:
         """`client()`: the Redis client the pieces are written to (the worker's)."""
         self._client = client
         self._cond = threading.Condition()
@@ -111,8 +110,9 @@ class DeltaWriter:
 class TextStream:
     """One run's stream of a request: the `DeltaCallback` its engine calls."""
 
-    def __init__(self, request_id: str, writer: DeltaWriter, key: str | None = None) -> None:
-        self.key = key or keys.text_deltas(request_id)
+    def __init__(self, key: str, writer: DeltaWriter) -> None:
+        """`key`: the request's list (`KeySpace.text_deltas`), emptied as the run starts."""
+        self.key = key
         self._writer = writer
         writer.start_run(self.key)
 
@@ -126,10 +126,11 @@ class TextStream:
 
 class AudioStream(TextStream):
     """One run's stream of a speech request's audio file: its bytes, piece by piece
-    (`keys.audio_chunks`, read by `omni_tasks.stream_audio`)."""
+    (`KeySpace.audio_chunks`, read by `omni_tasks.stream_audio`)."""
 
-    def __init__(self, request_id: str, writer: DeltaWriter) -> None:
-        super().__init__(request_id, writer, keys.audio_chunks(request_id))
+    def __init__(self, key: str, writer: DeltaWriter) -> None:
+        """`key`: the request's list (`KeySpace.audio_chunks`)."""
+        super().__init__(key, writer)
         self._index = 0
 
     def write(self, data: bytes) -> None:
@@ -140,13 +141,15 @@ class AudioStream(TextStream):
 
 
 @contextmanager
-def streaming(request: OmniRequest, writer: DeltaWriter) -> Iterator[DeltaCallback | None]:
-    """The request's stream while it runs (None unless it asked to be streamed); its
-    last pieces are written when this exits."""
+def streaming(
+    request: OmniRequest, writer: DeltaWriter, keys: KeySpace
+) -> Iterator[DeltaCallback | None]:
+    """The request's stream while it runs (None unless it asked to be streamed), under
+    the worker's `keys`; its last pieces are written when this exits."""
     if not request.stream:
         yield None
         return
-    stream = TextStream(request.request_id, writer)
+    stream = TextStream(keys.text_deltas(request.request_id), writer)
     try:
         yield stream
     finally:

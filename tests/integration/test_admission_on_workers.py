@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import clean_redis, start_ready_workers
-from helpers import DIT_QUEUE, eventually, publish_raw
+from helpers import DIT_QUEUE, KEYS, eventually, publish_raw
 
 from omni_tasks.config import get_config
 from omni_tasks.coordination import admission, keys
@@ -242,11 +242,11 @@ def test_the_reaper_reconciles_admissions_nothing_will_release(ar_worker, use_co
     reaper = Reaper(app)
 
     def one_pass() -> dict[str, int]:  # the worker's reaper keeps taking the lock
-        get_redis().delete(keys.reaper_lock())
+        get_redis().delete(KEYS.reaper_lock())
         return reaper.run_once()
 
     done = eventually(one_pass, timeout_s=10)
     assert done["released"] >= 2  # with what earlier tests left final (a cancelled chain)
-    left = set(get_redis().zrange(keys.admitted("ar"), 0, -1))
+    left = set(get_redis().zrange(KEYS.admitted("ar"), 0, -1))
     assert waiting.id in left and not left & {finished, vanished}
     waiting.revoke()

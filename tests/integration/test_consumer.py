@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 from celery.result import AsyncResult
-from helpers import assert_png, eventually, publish_raw
+from helpers import KEYS, assert_png, eventually, publish_raw
 
 from omni_tasks import app, generate_image
 from omni_tasks.coordination import keys
@@ -44,7 +44,7 @@ def test_a_message_for_an_unknown_task_is_refused_recorded_and_failed(diffusion_
     record = next(r for r in list_rejections(get_redis()) if r["task_id"] == task_id)
     assert record["reason"].startswith("unknown task")
     assert record["task"] == "omni_tasks.no_such_task" and record["queue"] == "diffusion"
-    assert int(get_redis().hget(keys.stats("diffusion"), "rejected") or 0) >= 1
+    assert int(get_redis().hget(KEYS.stats("diffusion"), "rejected") or 0) >= 1
     still_serving()
 
 

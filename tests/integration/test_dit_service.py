@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import clean_redis, start_ready_workers
-from helpers import assert_png, eventually
+from helpers import KEYS, assert_png, eventually
 
 from omni_tasks import (
     OmniScheduler,
@@ -83,7 +83,7 @@ def test_affinity_routes_a_repeat_to_the_holder(two_workers) -> None:
     assert result.worker == held  # the worker that ran it is the one the directory names
     repeat = create_diffusion_request("affinity check", seed=5, **SMALL)
     route = resolve_route(repeat, "dit", create_policy(get_config()))
-    assert route.queue == keys.worker_queue(held)
+    assert route.queue == KEYS.worker_queue(held)
     assert route.level == create_policy(get_config()).route(repeat, "dit").level
     value = submit(repeat).get(TIMEOUT)
     assert value["cache"]["latents"] == "hit"
@@ -117,7 +117,7 @@ def test_a_dead_holders_lease_expires_and_a_waiter_computes(two_workers) -> None
     request = create_diffusion_request("orphaned flight", seed=3, **SMALL)
     key = dit_keys(request, get_config()).latents
     # A holder that died right after claiming: its lease is there, no one renews it.
-    get_redis().set(keys.flight_lease(key), "dead-worker", px=1500)
+    get_redis().set(KEYS.flight_lease(key), "dead-worker", px=1500)
     started = time.monotonic()
     value = submit(request).get(TIMEOUT)
     assert value["cache"]["latents"] == "miss" and value["steps_run"] == 2

@@ -7,7 +7,7 @@ import asyncio
 import json
 
 import pytest
-from helpers import assert_png, eventually, publish_raw
+from helpers import KEYS, assert_png, eventually, publish_raw
 
 from omni_tasks import (
     OmniScheduler,
@@ -211,7 +211,6 @@ def test_a_request_past_its_deadline_is_never_started(pools) -> None:
 
 
 def pool_counter(queue: str, name: str) -> int:
-    from omni_tasks.coordination import keys
     from omni_tasks.coordination.client import get_redis
 
-    return int(get_redis().hget(keys.stats(queue), name) or 0)
+    return int(get_redis().hget(KEYS.stats(queue), name) or 0)

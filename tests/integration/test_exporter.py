@@ -17,11 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import eventually, write_heartbeat
+from helpers import KEYS, eventually, write_heartbeat
 from prometheus_client.parser import text_string_to_metric_families
 
 from omni_tasks import generate_image, generate_text
-from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis
 
 pytestmark = pytest.mark.slow
@@ -103,7 +102,7 @@ def other_worker() -> Iterator[str]:
         },
     )
     yield name
-    client.delete(keys.worker(name))
+    client.delete(KEYS.worker(name))
 
 
 def run_traffic() -> list[dict]:
@@ -186,11 +185,11 @@ def test_dit_cache_figures_per_worker_match_redis(exporter: str) -> None:
     client = get_redis()
     dit_worker = next(
         info["hostname"]
-        for key in client.scan_iter(match=keys.worker("") + "*")
+        for key in client.scan_iter(match=KEYS.worker("") + "*")
         if "dit" in json.loads((info := client.hgetall(key)).get("stages", "[]"))
     )
     samples, _ = scrape(exporter)
-    counts = client.hgetall(keys.cache_worker_stats(dit_worker))
+    counts = client.hgetall(KEYS.cache_worker_stats(dit_worker))
     assert counts, "the diffusion worker counted no cache lookup"
     for field, count in counts.items():
         outcome, _, kind = field.partition(":")
@@ -198,7 +197,7 @@ def test_dit_cache_figures_per_worker_match_redis(exporter: str) -> None:
         assert value(samples, name, worker=dit_worker, kind=kind) == int(count), field
     misses = samples["omni_dit_cache_misses_total"]
     assert sum(v for labels, v in misses.items() if ("worker", dit_worker) in labels) >= 2
-    info = client.hgetall(keys.worker(dit_worker))
+    info = client.hgetall(KEYS.worker(dit_worker))
     assert value(samples, "omni_dit_cache_max_bytes", worker=dit_worker) == float(
         info["dit_cache_max_bytes"]
     )
@@ -216,7 +215,7 @@ def test_device_memory_comes_from_each_heartbeats_resource_status(
     assert value(samples, "omni_worker_running_requests", **labels) == 2
     assert value(samples, "omni_workers_up", pool="diffusion") == 1  # it serves no pool
     client = get_redis()
-    for key in client.scan_iter(match=keys.worker("") + "*"):  # the real workers, if they report
+    for key in client.scan_iter(match=KEYS.worker("") + "*"):  # the real workers, if they report
         info = client.hgetall(key)
         if info.get("resource_status") and info["hostname"] != other_worker:
             status = json.loads(info["resource_status"])
@@ -226,7 +225,7 @@ def test_device_memory_comes_from_each_heartbeats_resource_status(
 
 
 def test_a_malformed_resource_status_is_skipped(exporter: str, other_worker: str) -> None:
-    get_redis().hset(keys.worker(other_worker), "resource_status", "{not json")
+    get_redis().hset(KEYS.worker(other_worker), "resource_status", "{not json")
     samples, _ = scrape(exporter)
     assert value(samples, "omni_redis_up") == 1
     worker_series = samples.get("omni_device_memory_used_bytes", {})

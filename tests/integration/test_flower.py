@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import eventually
+from helpers import KEYS, eventually
 
 from omni_tasks.tasks.definitions import generate_image, generate_text
 
@@ -86,9 +86,8 @@ def test_broker_tab_lists_every_queue_the_workers_read(flower: str, pools: dict)
     """The pools' queues, each diffusion worker's model's queue and its own queue
     (cache-affinity routing), counted over every priority list of kombu's default
     separator."""
-    from omni_tasks.coordination import keys
 
-    own = keys.worker_queue(pools["diffusion"].hostname)
+    own = KEYS.worker_queue(pools["diffusion"].hostname)
     lengths = eventually(
         lambda: {q["name"]: q["messages"] for q in _queue_lengths(flower)}, 60, 0.5
     )

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import foreign
+from helpers import KEYS, foreign
 
 from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
@@ -79,14 +79,14 @@ def test_a_list_no_worker_reads_is_reported_and_purge_covers_own_and_model_queue
     assert health["stranded"] == {"celery": 1}
     assert not health["healthy"] and any("'celery'" in i for i in health["issues"])
     # A message in a diffusion worker's own queue (cache-affinity routing put it there).
-    own = keys.queue_key(keys.worker_queue("gone@host"), 6)
+    own = keys.queue_key(KEYS.worker_queue("gone@host"), 6)
     redis_client.lpush(own, json.dumps({"body": "", "headers": {}, "properties": {}}))
     diffusion = keys.queue_key(get_config().diffusion.queue, 3)
     redis_client.lpush(diffusion, json.dumps({"body": "", "headers": {}, "properties": {}}))
     # And one in the default model's queue: never stranded (its workers read it).
     model = keys.queue_key(keys.model_queue("diffusion", get_config().diffusion.model), 0)
     redis_client.lpush(model, json.dumps({"body": "", "headers": {}, "properties": {}}))
-    redis_client.delete(keys.stranded())  # the scan above is cached
+    redis_client.delete(KEYS.stranded())  # the scan above is cached
     assert OmniScheduler().get_health_status()["stranded"] == {"celery": 1}
     out = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "omni_tasks", "purge", "-f"],

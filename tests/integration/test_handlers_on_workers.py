@@ -6,6 +6,7 @@ import json
 
 import pytest
 from conftest import clean_redis, start_ready_workers
+from helpers import KEYS
 
 from omni_tasks import (
     create_diffusion_request,
@@ -42,7 +43,7 @@ def test_redelivery_cap_gives_up_on_a_poison_message(clean, run_dir) -> None:
                 message["headers"]["redelivered"] = True
                 message["properties"]["delivery_info"]["redelivered"] = True
                 client.lset(key, i, json.dumps(message))
-    client.set(keys.deliveries(poison.id), get_config().max_redeliveries)
+    client.set(KEYS.deliveries(poison.id), get_config().max_redeliveries)
     (worker,) = start_ready_workers(["diffusion"], run_dir / "logs")
     try:
         with pytest.raises(Exception, match="max_redeliveries"):

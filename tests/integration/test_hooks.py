@@ -12,7 +12,7 @@ import time
 
 import pytest
 from conftest import clean_redis, start_ready_workers
-from helpers import eventually
+from helpers import KEYS, eventually
 
 from omni_tasks import (
     OmniScheduler,
@@ -89,9 +89,9 @@ def test_removed_request_is_skipped_and_next_request_is_by_policy(clean, run_dir
 
         removed = AsyncResult(reqs[0].request_id)
         assert eventually(lambda: removed.state == "REVOKED", 30, 0.1), removed.state
-        assert not get_redis().exists(keys.deliveries(reqs[0].request_id))
+        assert not get_redis().exists(KEYS.deliveries(reqs[0].request_id))
         # The worker discarded it and counted it for the pool.
-        counted = eventually(lambda: get_redis().hget(keys.stats("diffusion"), "cancelled"))
+        counted = eventually(lambda: get_redis().hget(KEYS.stats("diffusion"), "cancelled"))
         assert int(counted or 0) == 1
     finally:
         worker.stop()

@@ -16,9 +16,8 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import eventually
+from helpers import KEYS, eventually
 
-from omni_tasks.coordination import keys
 from omni_tasks.dev.launcher import start_worker
 from omni_tasks.dev.redis_server import PrivateRedis, start_private_redis
 
@@ -103,7 +102,7 @@ def test_an_idle_worker_costs_at_most_one_command_per_second_over_bare_celery(
             for i in range(WORKERS)
         ]
         for worker in procs:
-            beat = keys.worker(worker.hostname)
+            beat = KEYS.worker(worker.hostname)
             assert eventually(lambda b=beat: client.exists(b), 120, 0.2), worker.log_path
         time.sleep(12)  # past start-up: connections opened, the first reaper pass run
         omni, omni_cmds = calls_per_s(client, WINDOW_S)

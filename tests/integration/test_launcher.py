@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import KEYS
 
-from omni_tasks.coordination import keys
 from omni_tasks.dev.launcher import start_worker
 
 
@@ -51,7 +51,7 @@ def test_ready_means_its_heartbeat_is_in_redis(redis_client, tmp_path: Path) -> 
     worker = start_worker("diffusion", tmp_path, extra_args=["--pool", "bogus"], name="dit")
     try:
         assert worker.hostname.startswith("dit-")
-        redis_client.hset(keys.worker(worker.hostname), "hostname", worker.hostname)
+        redis_client.hset(KEYS.worker(worker.hostname), "hostname", worker.hostname)
         assert worker.is_ready()
         worker.wait_ready(5)  # returns at once: the heartbeat is there
     finally:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import clean_redis, start_ready_workers
+from helpers import KEYS
 from PIL import Image
 
 from omni_tasks import RequestValidationError, generate_image, generate_text, get_config
@@ -122,7 +123,7 @@ def test_a_request_goes_to_the_worker_holding_its_adapter(lora_pools) -> None:
     assert holder in {w.hostname for w in lora_pools["diffusion"]}
     request = create_diffusion_request("charcoal study 2", seed=2, lora=["charcoal"], **IMAGE)
     route = resolve_route(request, "dit", create_policy(get_config()))
-    assert route.queue == keys.worker_queue(holder)
+    assert route.queue == KEYS.worker_queue(holder)
     for i in range(2, 6):  # a new prompt each time: only the adapter is known
         result = image(prompt=f"charcoal study {i}", seed=i, lora=["charcoal"])
         assert result["lora"][0]["hit"] is True

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from celery.result import AsyncResult
 from conftest import clean_redis
-from helpers import assert_png, foreign, queued_messages
+from helpers import KEYS, assert_png, foreign, queued_messages
 
 from omni_tasks import (
     OmniScheduler,
@@ -174,7 +174,7 @@ def test_a_foreign_client_names_the_model(cluster) -> None:
 
 def test_an_unregistered_model_is_refused_before_anything_is_enqueued(cluster) -> None:
     client = get_redis()
-    before = client.zcard(keys.admitted("diffusion"))
+    before = client.zcard(KEYS.admitted("diffusion"))
     for send in (
         lambda: generate_image.delay(prompt="x", model="nope"),
         lambda: app.send_task("omni_tasks.generate_image", kwargs={"prompt": "x", "model": "nope"}),
@@ -188,7 +188,7 @@ def test_an_unregistered_model_is_refused_before_anything_is_enqueued(cluster) -
     scheduler = OmniScheduler()
     with pytest.raises(RequestValidationError):
         asyncio.run(scheduler.schedule_request(create_diffusion_request("x", model="nope")))
-    assert client.zcard(keys.admitted("diffusion")) == before
+    assert client.zcard(KEYS.admitted("diffusion")) == before
     assert not any(client.exists(k) for k in keys.queue_keys("diffusion.nope"))
 
 

@@ -9,10 +9,9 @@ import time
 from dataclasses import replace
 
 from celery.result import AsyncResult
-from helpers import eventually, eventually_async, publish_raw
+from helpers import KEYS, eventually, eventually_async, publish_raw
 
 from omni_tasks import OmniScheduler, create_text_request, get_config
-from omni_tasks.coordination import keys
 from omni_tasks.tasks.definitions import generate_text
 
 TIMEOUT = 120
@@ -45,7 +44,7 @@ def test_health_recovers_after_a_burst_of_bad_requests(pools, redis_client) -> N
     healthy = eventually(recovered, 30, interval_s=0.5)
     assert healthy, scheduler.get_health_status()
     assert time.monotonic() - started >= 4  # not before the burst left the window
-    assert redis_client.llen(keys.rejected()) == BURST  # the records are kept all the same
+    assert redis_client.llen(KEYS.rejected()) == BURST  # the records are kept all the same
 
 
 def test_throughput_is_cluster_wide_and_recent(pools) -> None:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 from conftest import clean_redis, start_ready_workers
-from helpers import eventually
+from helpers import KEYS, eventually
 
 from omni_tasks.config import get_config
-from omni_tasks.coordination import keys, ledger
+from omni_tasks.coordination import ledger
 from omni_tasks.coordination.client import get_redis
 
 #: What issue-level reliability promises: a dead worker's requests are back within the
@@ -43,7 +43,7 @@ def two_workers(tiny_models, run_dir: Path) -> Iterator[list]:
 
 
 def _stats(field: str) -> int:
-    return int(get_redis().hget(keys.stats("ar"), field) or 0)
+    return int(get_redis().hget(KEYS.stats("ar"), field) or 0)
 
 
 def test_send_records_the_request_and_a_final_result_closes_it(two_workers) -> None:

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from helpers import eventually
+from helpers import KEYS, eventually
 
-from omni_tasks.coordination import keys
 from omni_tasks.dev.launcher import WorkerProcess, start_worker
 from omni_tasks.dev.restartable_redis import RestartableRedis
 
@@ -86,7 +85,7 @@ def grow(workers: list[WorkerProcess], n: int, server: RestartableRedis, logs: P
     workers.extend(new)
     client = redis.Redis.from_url(server.url)
     for worker in new:
-        ready = eventually(lambda w=worker: client.exists(keys.worker(w.hostname)), 300, 0.2)
+        ready = eventually(lambda w=worker: client.exists(KEYS.worker(w.hostname)), 300, 0.2)
         assert ready, f"{worker.hostname} did not start:\n{worker.log_tail()}"
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import KEYS
 
 from workers.resources import GIB
 
@@ -28,7 +29,6 @@ def test_a_worker_refuses_what_never_fits_runs_what_does_and_beats_its_status(
     from helpers import eventually
 
     from omni_tasks import generate_image
-    from omni_tasks.coordination import keys
 
     clean_redis()
     env = {"OMNI_MAX_MEMORY_GIB": "0.008", "OMNI_CACHE__MAX_MEMORY_GIB": "0.001"}
@@ -40,7 +40,7 @@ def test_a_worker_refuses_what_never_fits_runs_what_does_and_beats_its_status(
         assert type(err.value).__name__ == "ResourceError"
         small = generate_image.delay(prompt="fox", width=32, height=32, steps=2).get(TIMEOUT)
         assert small["width"] == 32 and small["steps_run"] == 2
-        raw = eventually(lambda: redis_client.hget(keys.worker(worker.hostname), "resource_status"))
+        raw = eventually(lambda: redis_client.hget(KEYS.worker(worker.hostname), "resource_status"))
         status = json.loads(raw)
         assert set(status) == STATUS_KEYS and status["device"] == "cpu"
         assert status["budget_bytes"] == int(0.008 * GIB)

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import redis
 from conftest import MODELS_CACHE
+from helpers import KEYS
 
-from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import redacted, to_redis_py_url
 from omni_tasks.dev.launcher import WorkerProcess, start_worker
 from omni_tasks.dev.redis_server import PrivateRedis, TlsFiles, _free_port, start_private_redis
@@ -71,7 +71,7 @@ def start_ready(url: str, log_dir: Path) -> WorkerProcess:
     worker = start_worker("ar", log_dir, env=worker_env(url), name="secure")
     client = redis.Redis.from_url(to_redis_py_url(url))
     deadline = time.monotonic() + 300
-    while not client.exists(keys.worker(worker.hostname)):
+    while not client.exists(KEYS.worker(worker.hostname)):
         if worker.proc.poll() is not None or time.monotonic() > deadline:
             worker.kill()
             pytest.fail(f"worker did not start on {redacted(url)}:\n{worker.log_tail()}")
@@ -97,7 +97,7 @@ def test_a_worker_on_a_password_url_serves_and_never_shows_it(protected) -> None
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["result"]["text"] == "" and report["result"]["request_id"]
     # The coordination client authenticated too: the worker's heartbeat is in that Redis.
-    assert redis.Redis.from_url(server.url).exists(keys.worker(worker.hostname))
+    assert redis.Redis.from_url(server.url).exists(KEYS.worker(worker.hostname))
     conf = report["conf"][worker.hostname]
     assert conf["broker_url"].startswith("redis://") and "**" in conf["broker_url"]
     assert PASSWORD not in out.stdout + out.stderr

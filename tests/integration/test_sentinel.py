@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from helpers import KEYS
 
-from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import async_redis_for_url, redis_for_url
 from omni_tasks.dev.launcher import WorkerProcess, start_worker
 from omni_tasks.dev.sentinel_cluster import MASTER_NAME, SentinelCluster
@@ -102,7 +102,7 @@ def workers(
 
 def wait_ready(client: redis.Redis, worker: WorkerProcess, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
-    while not client.exists(keys.worker(worker.hostname)):
+    while not client.exists(KEYS.worker(worker.hostname)):
         assert worker.proc.poll() is None, worker.log_tail()
         assert time.monotonic() < deadline, f"{worker.hostname} not ready:\n{worker.log_tail()}"
         time.sleep(0.2)

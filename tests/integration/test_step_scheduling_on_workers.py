@@ -13,11 +13,10 @@ import pytest
 from celery.exceptions import TaskRevokedError
 from celery.result import AsyncResult
 from conftest import clean_redis, start_ready_workers
-from helpers import eventually, state_and_info
+from helpers import KEYS, eventually, state_and_info
 from PIL import Image
 
 from omni_tasks import cancel, generate_image
-from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.errors import RequestTimeoutError
 
@@ -69,7 +68,7 @@ def pixels(result: dict) -> np.ndarray:
 
 
 def stat(name: str) -> int:
-    return int(get_redis().hget(keys.stats("diffusion"), name) or 0)
+    return int(get_redis().hget(KEYS.stats("diffusion"), name) or 0)
 
 
 def test_eight_compatible_requests_run_as_one_batch(worker) -> None:

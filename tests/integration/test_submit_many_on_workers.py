@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 from conftest import start_ready_workers
-from helpers import TEXT_KEYS, mixed_text_requests
+from helpers import KEYS, TEXT_KEYS, mixed_text_requests
 
 from omni_tasks import (
     generate_text,
     submit_many,
 )
-from omni_tasks.coordination import keys
 
 
 @pytest.mark.slow
@@ -33,5 +32,5 @@ def test_a_worker_runs_a_batch_each_request_under_its_own_id(
     assert [v["request_id"] for v in values] == [r.request_id for r in requests]
     assert all(list(v) == TEXT_KEYS == list(single) for v in values)
     assert [v["request_id"] for v in probed] == [f"probe-{i}" for i in range(4)]
-    assert redis_client.llen(keys.rejected()) == 0  # the worker refused none
-    assert redis_client.zcard(keys.admitted("ar")) == 0  # every place given back
+    assert redis_client.llen(KEYS.rejected()) == 0  # the worker refused none
+    assert redis_client.zcard(KEYS.admitted("ar")) == 0  # every place given back

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import assert_png, eventually, publish_raw
+from helpers import KEYS, assert_png, eventually, publish_raw
 from helpers import foreign as foreign_client
 from jsonschema import Draft202012Validator
 
@@ -37,7 +37,6 @@ from omni_tasks import (
     generate_image,
     generate_text,
 )
-from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.rejections import list_rejections
 from omni_tasks.wire_schema import DEFAULT_DIR
@@ -59,7 +58,7 @@ def rejection(task_id: str) -> dict[str, Any] | None:
 
 
 def stats(queue: str) -> dict[str, str]:
-    return get_redis().hgetall(keys.stats(queue))
+    return get_redis().hgetall(KEYS.stats(queue))
 
 
 def stored_failure(task_id: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.exceptions import Ignore, Reject
-from helpers import eventually
+from helpers import KEYS, eventually
 
 import omni_tasks
 from omni_tasks import (
@@ -27,8 +27,8 @@ from omni_tasks import (
     create_text_request,
 )
 from omni_tasks.config import get_config, set_config
-from omni_tasks.coordination import keys, runs
-from omni_tasks.coordination.client import get_redis, get_scripts
+from omni_tasks.coordination import runs
+from omni_tasks.coordination.client import get_redis, scripts_for
 from omni_tasks.coordination.idempotency import ACCEPTED_HEADER
 from omni_tasks.coordination.rejections import list_rejections
 from omni_tasks.errors import ProcessingError, RequestValidationError
@@ -107,7 +107,7 @@ def config_with(**changes: Any) -> Iterator[None]:
 
 
 def stats(queue: str) -> dict[str, str]:
-    return get_redis().hgetall(keys.stats(queue))
+    return get_redis().hgetall(KEYS.stats(queue))
 
 
 def rejection_of(task_id: str) -> dict[str, Any]:
@@ -161,7 +161,7 @@ def test_a_probe_runs_and_is_counted(worker_app: Celery, redis_client) -> None:
     assert timings["started_at"] >= request.created_at
     assert eventually(lambda: stats("ar").get("processed") == "1")
     assert "failed" not in stats("ar")
-    assert not redis_client.exists(keys.deliveries(request.request_id))  # first delivery
+    assert not redis_client.exists(KEYS.deliveries(request.request_id))  # first delivery
 
 
 def test_an_invalid_message_is_rejected_recorded_and_counted(
@@ -196,7 +196,7 @@ def test_a_shutdown_hands_the_message_back_without_counting_a_return(
     with delivered(task, request.request_id), pytest.raises(Reject) as info:
         execute(task, request.to_message(), lambda _: stopped.text_engine())
     assert info.value.requeue
-    assert redis_client.get(keys.deliveries(request.request_id)) == "-1"  # the credit
+    assert redis_client.get(KEYS.deliveries(request.request_id)) == "-1"  # the credit
     assert "failed" not in stats("ar")
     # Coming back after the shutdown is not a return that counts against the cap:
     # even with no redeliveries allowed, the message runs.
@@ -204,7 +204,7 @@ def test_a_shutdown_hands_the_message_back_without_counting_a_return(
         with delivered(task, request.request_id, redelivered=True):
             value = task.run(**request.to_message())
     assert value["request_id"] == request.request_id
-    assert not redis_client.exists(keys.deliveries(request.request_id))
+    assert not redis_client.exists(KEYS.deliveries(request.request_id))
     assert eventually(lambda: stats("ar").get("processed") == "1")
 
 
@@ -271,14 +271,14 @@ def test_a_twin_of_a_request_a_live_worker_runs_is_not_run(
     worker_app: Celery, redis_client
 ) -> None:
     task = worker_app.tasks["omni_tasks.probe"]
-    redis_client.hset(keys.worker("w9@host"), "instance", "i9")  # a live worker's beat
-    redis_client.sadd(keys.held("w9@host"), "twin")  # and holds the twin
-    redis_client.set(keys.run_claim("twin"), runs.claim_value("w9@host", "i9"), ex=3600)
+    redis_client.hset(KEYS.worker("w9@host"), "instance", "i9")  # a live worker's beat
+    redis_client.sadd(KEYS.held("w9@host"), "twin")  # and holds the twin
+    redis_client.set(KEYS.run_claim("twin"), runs.claim_value("w9@host", "i9"), ex=3600)
     with delivered(task, "twin", **{ACCEPTED_HEADER: True}), pytest.raises(Ignore):
         task.run(prompt="twin")
     assert stats("ar")["duplicates"] == "1"
     assert worker_app.backend.get_task_meta("twin")["status"] == "PENDING"  # no STARTED
-    redis_client.delete(keys.worker("w9@host"))  # that worker died: the twin runs
+    redis_client.delete(KEYS.worker("w9@host"))  # that worker died: the twin runs
     with delivered(task, "twin", **{ACCEPTED_HEADER: True}):
         assert task.run(prompt="twin")["request_id"] == "twin"
     assert worker_app.backend.get_task_meta("twin")["status"] == "STARTED"
@@ -291,7 +291,7 @@ def test_a_message_a_producer_accepted_is_not_checked_again(
     task = worker_app.tasks["omni_tasks.probe"]
     with delivered(task, "checked", **{ACCEPTED_HEADER: True}):
         task.run(prompt="checked at the producer")
-    assert not redis_client.exists(keys.request_fingerprint("checked"))  # no round trip
+    assert not redis_client.exists(KEYS.request_fingerprint("checked"))  # no round trip
     assert eventually(lambda: stats("ar").get("processed") == "1")
 
 
@@ -300,25 +300,25 @@ def test_a_message_a_producer_accepted_is_not_checked_again(
 
 def test_admit_script_counts_returns_and_leaves_a_revoked_counter_alone(redis_client) -> None:
     task_id = "admit-me"
-    script_keys = [keys.revoked(task_id), keys.deliveries(task_id)]
-    admit = get_scripts().admit_redelivery
+    script_keys = [KEYS.revoked(task_id), KEYS.deliveries(task_id)]
+    admit = scripts_for(redis_client).admit_redelivery
     assert admit(keys=script_keys, args=[DELIVERY_KEY_TTL_S]) == [0, 1]
     assert admit(keys=script_keys, args=[DELIVERY_KEY_TTL_S]) == [0, 2]
-    assert 0 < redis_client.ttl(keys.deliveries(task_id)) <= DELIVERY_KEY_TTL_S
-    redis_client.set(keys.revoked(task_id), "1")
+    assert 0 < redis_client.ttl(KEYS.deliveries(task_id)) <= DELIVERY_KEY_TTL_S
+    redis_client.set(KEYS.revoked(task_id), "1")
     assert admit(keys=script_keys, args=[DELIVERY_KEY_TTL_S]) == [1, 0]
-    assert redis_client.get(keys.deliveries(task_id)) == "2"
+    assert redis_client.get(KEYS.deliveries(task_id)) == "2"
 
 
 def test_a_redelivered_message_within_the_cap_runs(worker_app: Celery, redis_client) -> None:
     task = worker_app.tasks["omni_tasks.probe"]
     request = create_text_request("came back")
     cap = get_config().max_redeliveries
-    redis_client.set(keys.deliveries(request.request_id), cap - 1)  # this return is the cap
+    redis_client.set(KEYS.deliveries(request.request_id), cap - 1)  # this return is the cap
     with delivered(task, request.request_id, redelivered=True):
         value = task.run(**request.to_message())
     assert value["request_id"] == request.request_id
-    assert not redis_client.exists(keys.deliveries(request.request_id))  # done: forgotten
+    assert not redis_client.exists(KEYS.deliveries(request.request_id))  # done: forgotten
     assert list_rejections(get_redis()) == []
     assert eventually(lambda: stats("ar").get("processed") == "1")
 
@@ -327,7 +327,7 @@ def test_a_message_returned_past_the_cap_is_refused(worker_app: Celery, redis_cl
     task = worker_app.tasks["omni_tasks.probe"]
     request = create_text_request("poison")
     cap = get_config().max_redeliveries
-    redis_client.set(keys.deliveries(request.request_id), cap)
+    redis_client.set(KEYS.deliveries(request.request_id), cap)
     with delivered(task, request.request_id, redelivered=True):
         with pytest.raises(ProcessingError, match="max_redeliveries"):
             task.run(**request.to_message())
@@ -343,11 +343,11 @@ def test_a_redelivered_message_cancelled_meanwhile_is_skipped(
 ) -> None:
     task = worker_app.tasks["omni_tasks.probe"]
     request = create_text_request("cancelled while away")
-    redis_client.set(keys.revoked(request.request_id), "1")
+    redis_client.set(KEYS.revoked(request.request_id), "1")
     with delivered(task, request.request_id, redelivered=True), pytest.raises(Ignore):
         task.run(**request.to_message())
     assert omni_tasks.app.AsyncResult(request.request_id).state == "REVOKED"
-    assert not redis_client.exists(keys.deliveries(request.request_id))
+    assert not redis_client.exists(KEYS.deliveries(request.request_id))
     assert list_rejections(get_redis()) == [] and "failed" not in stats("ar")
 
 

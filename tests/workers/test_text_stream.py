@@ -11,21 +11,21 @@ import time
 
 import pytest
 from celery import states
+from helpers import KEYS
 
 from omni_tasks import app, stream_text
-from omni_tasks.coordination import keys
 from omni_tasks.errors import ProcessingError, RequestTimeoutError
 from omni_tasks.requests import create_text_request
 from workers.text_stream import DeltaWriter, TextStream, streaming
 
 
 def pieces(client, request_id: str) -> list[dict]:
-    return [json.loads(r) for r in client.lrange(keys.text_deltas(request_id), 0, -1)]
+    return [json.loads(r) for r in client.lrange(KEYS.text_deltas(request_id), 0, -1)]
 
 
 def test_pieces_of_many_requests_are_written_in_order_and_flushed_at_close(redis_client) -> None:
-    writer = DeltaWriter()
-    streams = [TextStream(f"w-{i}", writer) for i in range(8)]
+    writer = DeltaWriter(lambda: redis_client)
+    streams = [TextStream(KEYS.text_deltas(f"w-{i}"), writer) for i in range(8)]
     for step in range(50):  # as an engine's steps would: every request, every step
         for i, stream in enumerate(streams):
             stream(0, f"{i}:{step} ")
@@ -36,24 +36,24 @@ def test_pieces_of_many_requests_are_written_in_order_and_flushed_at_close(redis
             f"{i}:{s} " for s in range(50)
         )
     assert 1 <= writer.writes < 50 * 8  # flushes wrote many pieces at once
-    assert 0 < redis_client.ttl(keys.text_deltas("w-0")) <= 3600
+    assert 0 < redis_client.ttl(KEYS.text_deltas("w-0")) <= 3600
 
 
 def test_a_new_run_replaces_a_lost_runs_pieces(redis_client) -> None:
-    redis_client.rpush(keys.text_deltas("again"), json.dumps({"i": 0, "t": "stale"}))
-    writer = DeltaWriter()
-    stream = TextStream("again", writer)
+    redis_client.rpush(KEYS.text_deltas("again"), json.dumps({"i": 0, "t": "stale"}))
+    writer = DeltaWriter(lambda: redis_client)
+    stream = TextStream(KEYS.text_deltas("again"), writer)
     stream(0, "fresh")
     stream.close()
     assert [p["t"] for p in pieces(redis_client, "again")] == ["fresh"]
 
 
 def test_only_a_streamed_request_gets_a_stream(redis_client) -> None:
-    writer = DeltaWriter()
-    with streaming(create_text_request("hi"), writer) as quiet:
+    writer = DeltaWriter(lambda: redis_client)
+    with streaming(create_text_request("hi"), writer, KEYS) as quiet:
         assert quiet is None
     request = create_text_request("hi", stream=True)
-    with streaming(request, writer) as on_delta:
+    with streaming(request, writer, KEYS) as on_delta:
         assert on_delta is not None
         on_delta(0, "a")
         on_delta(0, "b")
@@ -66,8 +66,8 @@ def store(request_id: str, text: str, state: str = states.SUCCESS) -> None:
 
 
 def test_stream_text_reads_from_the_first_piece_and_ends_with_the_result(redis_client) -> None:
-    writer = DeltaWriter()
-    stream = TextStream("follow", writer)
+    writer = DeltaWriter(lambda: redis_client)
+    stream = TextStream(KEYS.text_deltas("follow"), writer)
 
     def generate() -> None:
         for word in ("once ", "upon ", "a ", "time"):
@@ -96,14 +96,14 @@ def test_stream_text_raises_the_failure_a_timeout_and_a_restart(redis_client) ->
     with pytest.raises(RequestTimeoutError):
         list(stream_text("never", timeout_s=0.3))
 
-    writer = DeltaWriter()
-    first = TextStream("restarted", writer)
+    writer = DeltaWriter(lambda: redis_client)
+    first = TextStream(KEYS.text_deltas("restarted"), writer)
     first(0, "one ")
     first(0, "two ")
     first.close()
     follow = stream_text("restarted", timeout_s=5)
     assert [next(follow).text, next(follow).text] == ["one ", "two "]
-    second = TextStream("restarted", writer)  # the message ran again elsewhere
+    second = TextStream(KEYS.text_deltas("restarted"), writer)  # the message ran again elsewhere
     second(0, "uno")
     second.close()
     store("restarted", "uno")

@@ -128,7 +128,10 @@ class DiffusersEngine:
         `arrivals`: whether a message better than a level waits in the worker's queues (see
         `workers.stepping.arrivals`); `adapter_listener`: told of every LoRA adapter
         loaded and unloaded (`workers.lora`); `counters`: told of batches and preemptions;
-        `cache_usage`: the bytes the worker's DiT cache holds now (in the memory budget)."""
+        `cache_usage`: the bytes the worker's DiT cache holds now (in the memory budget).
+
+        A worker always passes its config; the process config is only the default of a
+        standalone engine (a script, a benchmark, a test) built with none, read once here."""
         self.model = str(model)
         self.device, self.dtype = device_and_dtype(device, dtype)
         self.true_cfg_scale = true_cfg_scale

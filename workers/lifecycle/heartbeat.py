@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from omni_tasks.coordination import cache_directory, keys, worker_index
+from omni_tasks.coordination import cache_directory, worker_index
 from omni_tasks.coordination.outage import Outage
 from omni_tasks.coordination.worker_index import HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S
 from workers import task_context
@@ -46,7 +46,7 @@ class Heartbeat:
 
     def clear(self) -> None:
         """Remove this worker's heartbeat and DiT cache entries (a clean exit)."""
-        hostname = self.runtime.hostname
+        hostname, keys = self.runtime.hostname, self.runtime.keys
         try:
             client = self.runtime.redis
             client.delete(keys.worker(hostname), keys.held(hostname))
@@ -77,7 +77,7 @@ class Heartbeat:
     def _loop(self) -> None:
         """Beat every `HEARTBEAT_INTERVAL_S`; while Redis is away, retry on the outage's
         backoff, capped at the interval so the first beat follows Redis's return."""
-        key = keys.worker(self.runtime.hostname)
+        key = self.runtime.keys.worker(self.runtime.hostname)
         info = self.info()
         sweeps = "dit" in self.runtime.identity.stages
         outage = Outage("heartbeat", log, max_s=HEARTBEAT_INTERVAL_S)
@@ -114,7 +114,8 @@ class Heartbeat:
         self._beats += 1
         if self._beats % 2 == 1:  # every other beat: the hash outlives two intervals
             pipe.expire(key, HEARTBEAT_TTL_S)
-        worker_index.beat(pipe, self._kinds, self.runtime.hostname, now)
+        keys = self.runtime.keys
+        worker_index.beat(pipe, keys, self._kinds, self.runtime.hostname, now)
         if rewrite:
             held_key = keys.held(self.runtime.hostname)
             pipe.delete(held_key)

@@ -49,6 +49,8 @@ def identity_of(worker: Any, config: CoreModuleConfig) -> WorkerIdentity:
 
 @signals.worker_init.connect
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    """Celery's start of a worker, an entry point: the process config (set by the CLI
+    or the app) becomes the runtime's, which everything after it reads."""
     config = get_config()  # the worker's config, from here on the runtime's
     runtime.attach(identity_of(sender, config), config)
     if runtime.identity.pool_type != "prefork":  # prefork: each child loads its own
@@ -75,7 +77,7 @@ def consumed_queues(queues: Any) -> list[Any]:
     if "dit" not in runtime.identity.stages:
         return []
     dit = runtime.config.diffusion
-    names = (keys.model_queue(dit.queue, dit.model), keys.worker_queue(runtime.hostname))
+    names = (keys.model_queue(dit.queue, dit.model), runtime.keys.worker_queue(runtime.hostname))
     return [pool_queue(name) for name in names]
 
 
@@ -119,7 +121,7 @@ def _load_revocations() -> None:
     list only hears live broadcasts, so seed it from the flags kept in Redis."""
     from celery.worker import state as worker_state
 
-    prefix = keys.revoked("")
+    prefix = runtime.keys.revoked("")
     try:
         for key in runtime.redis.scan_iter(match=prefix + "*", count=1000):
             worker_state.revoked.add(key[len(prefix) :])

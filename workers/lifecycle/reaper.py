@@ -7,7 +7,7 @@ With a Redis broker only (RabbitMQ requeues a lost connection's messages itself)
 
 1. **Dead workers' messages**: kombu keeps every delivered, unacked
    message in its `unacked` hash until the visibility timeout (hours, for long jobs).
-   Each worker's heartbeat lists the task ids it holds (`keys.held`). A message unacked
+   Each worker's heartbeat lists the task ids it holds (`KeySpace.held`). A message unacked
    for longer than two beats that no live worker holds belongs to a dead worker: it is
    restored to the front of its queue at once, with kombu's own atomic restore (marked
    redelivered, so the redelivery cap applies).
@@ -44,8 +44,9 @@ from typing import Any
 import redis
 from celery import Celery, states
 
-from omni_tasks.coordination import admission, keys, ledger, worker_index
+from omni_tasks.coordination import admission, ledger, worker_index
 from omni_tasks.coordination.counters import count_outcome
+from omni_tasks.coordination.keyspace import KeySpace
 from omni_tasks.coordination.outage import Outage
 from omni_tasks.coordination.queue_walk import queued_among
 from omni_tasks.errors import RequestValidationError
@@ -97,7 +98,7 @@ class Reaper:
         token = uuid.uuid4().hex
         lock_ms = int(self.runtime.config.reaper_interval_s * 1000)
         client = self.runtime.redis
-        if not client.set(keys.reaper_lock(), token, nx=True, px=lock_ms):
+        if not client.set(self.runtime.keys.reaper_lock(), token, nx=True, px=lock_ms):
             return {}
         self._passes += 1
         if self._passes % PRUNE_EVERY == 0:
@@ -150,7 +151,7 @@ class Reaper:
             channel.qos.restore_by_tag(tag)
             restored += 1
             log.warning("restored %s (task %s): its worker is gone", tag, task_id)
-            _note_own_queue(client, queue)
+            _note_own_queue(client, self.runtime.keys, queue)
             _count(self.runtime.redis, queue, "restored")
         return restored
 
@@ -210,8 +211,9 @@ class Reaper:
     def _open_in_ledger(self, ids: set[str]) -> set[str]:
         ordered = sorted(ids)
         pipe = self.runtime.redis.pipeline(transaction=False)
+        open_key = self.runtime.keys.ledger_open()
         for task_id in ordered:
-            pipe.zscore(keys.ledger_open(), task_id)
+            pipe.zscore(open_key, task_id)
         return {i for i, score in zip(ordered, pipe.execute(), strict=True) if score is not None}
 
     def _not_final(self, ids: list[str]) -> set[str]:
@@ -268,7 +270,7 @@ class _Whereabouts:
 
     def held(self) -> set[str]:
         if self._held is None:
-            client = self._reaper.runtime.redis
+            client, keys = self._reaper.runtime.redis, self._reaper.runtime.keys
             hosts = worker_index.live(client)
             pipe = client.pipeline(transaction=False)
             for host in hosts:
@@ -305,7 +307,7 @@ def _with_first_stages(ids: set[str]) -> set[str]:
     return ids | {i + PROMPT_STAGE_SUFFIX for i in ids}
 
 
-def _note_own_queue(client: Any, queue: str) -> None:
+def _note_own_queue(client: Any, keys: KeySpace, queue: str) -> None:
     """A message restored into a dead worker's own queue: list that worker in the index
     (as dead, unless it is there) so that a live worker's sweep moves the message back
     to the pool."""

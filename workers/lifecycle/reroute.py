@@ -125,7 +125,7 @@ def pass_on_options(task: OmniTask, message: Any, kwargs: dict[str, Any]) -> dic
     worker holding its cache keys), never the queue it came from."""
     headers = message.headers or {}
     request = task.build_request(kwargs, headers["id"])  # refuses an unregistered model
-    route = resolve_route(request, task.stage, create_policy(runtime.config))
+    route = resolve_route(request, task.stage, create_policy(runtime.config), runtime.redis)
     came_from = (message.delivery_info or {}).get("routing_key")
     queue = route.queue
     if queue == came_from:
@@ -173,4 +173,5 @@ def _in_pool(task: OmniTask, queue: Any) -> bool:
         return True
     if task.stage != "dit" or not isinstance(queue, str):
         return False
-    return queue.startswith((keys.worker_queue(""), keys.model_queue(task.stage_queue, "")))
+    own_queues = runtime.keys.worker_queue("")
+    return queue.startswith((own_queues, keys.model_queue(task.stage_queue, "")))

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import eventually
+from helpers import KEYS, eventually
 
-from omni_tasks.coordination import cache_directory, keys
+from omni_tasks.coordination import cache_directory
 from omni_tasks.coordination.client import get_redis
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -95,7 +95,7 @@ def heartbeat_of(redis_client, tmp_path: Path) -> Iterator[Callable[..., Heartbe
 
 
 def beat_of(redis_client, hostname: str) -> float | None:
-    value = redis_client.hget(keys.worker(hostname), "beat")
+    value = redis_client.hget(KEYS.worker(hostname), "beat")
     return None if value is None else float(value)
 
 
@@ -122,10 +122,10 @@ def test_info_describes_the_worker(heartbeat_of) -> None:
 
 def test_a_started_heartbeat_writes_its_hash_with_a_ttl(heartbeat_of, redis_client) -> None:
     child = heartbeat_of("ar@test", **AR_WORKER)
-    assert not redis_client.exists(keys.worker("ar@test"))
+    assert not redis_client.exists(KEYS.worker("ar@test"))
     child.call("start")
-    assert eventually(lambda: redis_client.exists(keys.worker("ar@test")))
-    stored = redis_client.hgetall(keys.worker("ar@test"))
+    assert eventually(lambda: redis_client.exists(KEYS.worker("ar@test")))
+    stored = redis_client.hgetall(KEYS.worker("ar@test"))
     assert set(stored) == {
         "hostname",
         "queues",
@@ -147,7 +147,7 @@ def test_a_started_heartbeat_writes_its_hash_with_a_ttl(heartbeat_of, redis_clie
         str(child.pid),
     )
     assert stored["dit_cache_entries"] == stored["dit_cache_bytes"] == "0"  # no DiT cache
-    assert 0 < redis_client.ttl(keys.worker("ar@test")) <= child.ttl_s
+    assert 0 < redis_client.ttl(KEYS.worker("ar@test")) <= child.ttl_s
     first = beat_of(redis_client, "ar@test")
     assert eventually(lambda: beat_of(redis_client, "ar@test") > first)  # renewed
 
@@ -161,7 +161,7 @@ def test_stop_stops_the_beats(heartbeat_of, redis_client) -> None:
     last = beat_of(redis_client, "ar@test")
     time.sleep(10 * INTERVAL_S)  # ten intervals without a beat
     assert beat_of(redis_client, "ar@test") == last
-    assert 0 < redis_client.ttl(keys.worker("ar@test")) <= child.ttl_s  # it will expire
+    assert 0 < redis_client.ttl(KEYS.worker("ar@test")) <= child.ttl_s  # it will expire
 
 
 def test_clear_deletes_the_heartbeat_and_the_directory_entries(heartbeat_of, redis_client) -> None:
@@ -169,12 +169,12 @@ def test_clear_deletes_the_heartbeat_and_the_directory_entries(heartbeat_of, red
     cache_directory.record_insert(get_redis(), "dit@test", "diffusion", "k1", 100)
     cache_directory.record_insert(get_redis(), "dit@test", "diffusion", "k2", 100)
     cache_directory.record_insert(get_redis(), "other@test", "diffusion", "k1", 100)
-    redis_client.hset(keys.worker("other@test"), "beat", time.time())  # alive: not swept
+    redis_client.hset(KEYS.worker("other@test"), "beat", time.time())  # alive: not swept
     child.call("start")
-    assert eventually(lambda: redis_client.exists(keys.worker("dit@test")))
+    assert eventually(lambda: redis_client.exists(KEYS.worker("dit@test")))
     child.call("stop")
     child.call("clear")
-    assert not redis_client.exists(keys.worker("dit@test"))
+    assert not redis_client.exists(KEYS.worker("dit@test"))
     assert cache_directory.held_by(get_redis(), "dit@test") == set()
     assert [h.worker for h in cache_directory.holders(get_redis(), "k1")] == ["other@test"]
     assert cache_directory.holders(get_redis(), "k2") == []
@@ -183,7 +183,7 @@ def test_clear_deletes_the_heartbeat_and_the_directory_entries(heartbeat_of, red
 def test_a_diffusion_workers_heartbeat_sweeps_dead_workers(heartbeat_of, redis_client) -> None:
     cache_directory.record_insert(get_redis(), "dead@test", "diffusion", "k-dead", 100)
     # It beat last ten minutes ago: the worker index lists it, its hash has expired.
-    redis_client.zadd(keys.worker_beats("dit"), {"dead@test": time.time() - 600})
+    redis_client.zadd(KEYS.worker_beats("dit"), {"dead@test": time.time() - 600})
     ar = heartbeat_of("ar@test", **AR_WORKER)
     ar.call("start")
     assert eventually(lambda: beat_of(redis_client, "ar@test"))

@@ -10,11 +10,12 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from helpers import KEYS
 from kombu.message import Message
 
 from omni_tasks import RequestValidationError, app, get_config
 from omni_tasks.config import ModelEntry, SchedulerType
-from omni_tasks.coordination import cache_directory, idempotency, keys
+from omni_tasks.coordination import cache_directory, idempotency
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.tasks.transport import PUBLISHED_PROPERTY
 from workers.lifecycle.reroute import other_model, pass_on_options, reroute_reason
@@ -93,16 +94,16 @@ def test_passed_on_with_its_priority_and_its_acceptance(redis_client, models) ->
 def test_never_passed_on_to_the_queue_it_came_from(redis_client, models) -> None:
     kwargs = {"prompt": "a fox", "seed": 1, "model": "flux-b"}
     holder = "b-worker@host"
-    redis_client.hset(keys.worker(holder), mapping={"hostname": holder, "concurrency": 2})
+    redis_client.hset(KEYS.worker(holder), mapping={"hostname": holder, "concurrency": 2})
     request = IMAGE.build_request(kwargs, "req-1")
     latents = cache_directory.dit_keys(request, get_config()).latents
     cache_directory.record_insert(get_redis(), holder, "diffusion", latents, 1024)
-    own = keys.worker_queue(holder)
+    own = KEYS.worker_queue(holder)
     found, _ = message(kwargs, ours=True)
     assert pass_on_options(IMAGE, found, kwargs)["queue"] == own  # the holder serves flux-b
     found, _ = message(kwargs, queue=own, ours=True)  # came from there: its model's queue
     assert pass_on_options(IMAGE, found, kwargs)["queue"] == FLUX_B
-    redis_client.delete(keys.worker(holder))  # gone: its model's queue is the route
+    redis_client.delete(KEYS.worker(holder))  # gone: its model's queue is the route
     found, _ = message(kwargs, queue=FLUX_B, ours=True)  # a worker reads another's queue
     with pytest.raises(RequestValidationError) as info:
         pass_on_options(IMAGE, found, kwargs)
