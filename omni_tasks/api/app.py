@@ -34,7 +34,8 @@ from omni_tasks.api.middleware import BearerAuth, BodyLimit, CatchAll
 from omni_tasks.api.submission import LiveWorkers
 from omni_tasks.api.webhooks import WebhookDispatcher
 from omni_tasks.config import CoreModuleConfig, get_config, set_config
-from omni_tasks.coordination.client import get_redis
+from omni_tasks.coordination.client import client_for
+from omni_tasks.coordination.keyspace import keyspace
 
 #: The environment variable that sets the bearer token (`api.token` in the config too).
 TOKEN_ENV = "OMNI_API_TOKEN"
@@ -52,7 +53,7 @@ def create_app(config: CoreModuleConfig | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        hub = ResultHub(config.redis_url)
+        hub = ResultHub(config.redis_url, app.state.keys)
         await hub.start()
         app.state.hub = hub
         app.state.workers = LiveWorkers(hub, config)
@@ -73,7 +74,8 @@ def create_app(config: CoreModuleConfig | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.config = config  # what handlers read (`context.config_of`)
-    app.state.redis = get_redis(config.redis_url)  # the status reads' sync client
+    app.state.keys = keyspace(config.key_prefix)  # `context.keys_of`, the hub's
+    app.state.redis = client_for(config)  # the status reads' sync client
     app.state.caller = caller_of(api_token(config))  # scopes Idempotency-Keys
     errors.install(app)
     routers = (openai_images, openai_text, openai_audio, jobs, videos, batch_files, batches, files)

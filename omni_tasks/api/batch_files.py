@@ -23,7 +23,6 @@ from starlette.datastructures import UploadFile
 from omni_tasks.api import files
 from omni_tasks.api.batch_state import FILE_TTL_S, MIN_FILE_TTL_S, BatchStore
 from omni_tasks.api.errors import APIError, invalid
-from omni_tasks.coordination import keys
 
 router = APIRouter()
 
@@ -32,11 +31,11 @@ PURPOSES = ("batch",)
 
 
 def store_of(request: Request) -> BatchStore:
-    """This process's `BatchStore` (made once, over the hub's client)."""
+    """This process's `BatchStore` (made once, over the hub's client and keys)."""
     state = request.app.state
     store = getattr(state, "batch_store", None)
     if store is None:
-        store = state.batch_store = BatchStore(state.hub.redis)
+        store = state.batch_store = BatchStore(state.hub.redis, state.hub.keys)
     return store
 
 
@@ -88,7 +87,7 @@ async def list_files(
     order: str = Query("desc", pattern="^(asc|desc)$"),
 ) -> JSONResponse:
     store = store_of(request)
-    found, more = await store.page(keys.api_files(), store.file, limit, after, order, purpose)
+    found, more = await store.page(store.keys.api_files(), store.file, limit, after, order, purpose)
     return JSONResponse(list_body(found, more))
 
 

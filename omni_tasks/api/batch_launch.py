@@ -25,7 +25,6 @@ from omni_tasks.api.errors import from_core_error
 from omni_tasks.api.hub import ResultHub
 from omni_tasks.api.submission import LiveWorkers
 from omni_tasks.config import CoreModuleConfig
-from omni_tasks.coordination import keys
 from omni_tasks.errors import BrokerUnavailableError, CoreModuleError, QueueFullError
 from omni_tasks.requests import OmniRequest, stages_of
 from omni_tasks.tasks.batch_submit import submit_many
@@ -47,6 +46,7 @@ class BatchLauncher:
 
     def __init__(self, hub: ResultHub, store: BatchStore, workers: LiveWorkers) -> None:
         self.hub = hub
+        self.keys = hub.keys
         self.store = store
         self.workers = workers
 
@@ -89,7 +89,7 @@ class BatchLauncher:
             await self.store.transition(
                 batch_id, ("validating",), status="in_progress", in_progress_at=now
             )
-        pending = await self.hub.redis.smembers(keys.api_batch_pending(batch_id))
+        pending = await self.hub.redis.smembers(self.keys.api_batch_pending(batch_id))
         return [b if str(i) in pending else Built(b.record, []) for i, b in enumerate(built)]
 
     async def _fail(self, batch_id: str, errors: list[dict[str, Any]]) -> None:
@@ -98,7 +98,7 @@ class BatchLauncher:
         await self.store.transition(
             batch_id, ("validating",), status="failed", failed_at=now, errors=body
         )
-        await self.hub.redis.zrem(keys.api_batches_active(), batch_id)
+        await self.hub.redis.zrem(self.keys.api_batches_active(), batch_id)
 
     async def _text_models(self) -> set[str] | None:
         """The text models live AR workers serve; None when no AR worker is live (or
@@ -113,26 +113,26 @@ class BatchLauncher:
             pipe = self.hub.redis.pipeline(transaction=False)
             part = built[start : start + STORE_CHUNK]
             records = {str(start + i): json.dumps(b.record) for i, b in enumerate(part)}
-            pipe.hset(keys.api_batch_lines(batch_id), mapping=records)
+            pipe.hset(self.keys.api_batch_lines(batch_id), mapping=records)
             valid = [str(start + i) for i, b in enumerate(part) if b.error is None]
             if valid:
-                pipe.sadd(keys.api_batch_pending(batch_id), *valid)
+                pipe.sadd(self.keys.api_batch_pending(batch_id), *valid)
             refused = {
                 str(start + i): refused_line(batch_id, start + i, b.record, b.error)
                 for i, b in enumerate(part)
                 if b.error is not None
             }
             if refused:
-                pipe.hset(keys.api_batch_errors(batch_id), mapping=refused)
-            for key in line_keys(batch_id):
+                pipe.hset(self.keys.api_batch_errors(batch_id), mapping=refused)
+            for key in line_keys(self.keys, batch_id):
                 pipe.expire(key, ttl)
             await pipe.execute()
-        await self.hub.redis.hset(keys.api_batch(batch_id), "total", len(built))
+        await self.hub.redis.hset(self.keys.api_batch(batch_id), "total", len(built))
 
     async def _submit(self, batch_id: str, built: list[Built], lease: Lease) -> None:
         """Submit the lines from the batch's cursor on, a chunk at a time, while the
         batch runs on and this process holds the launch lease."""
-        index = int((await self.hub.redis.hget(keys.api_batch(batch_id), "submitted")) or 0)
+        index = int((await self.hub.redis.hget(self.keys.api_batch(batch_id), "submitted")) or 0)
         while index < len(built):
             if not lease.held:
                 return
@@ -150,7 +150,7 @@ class BatchLauncher:
                 await asyncio.sleep(FULL_WAIT_S)
                 continue
             index = end
-            await self.hub.redis.hset(keys.api_batch(batch_id), "submitted", index)
+            await self.hub.redis.hset(self.keys.api_batch(batch_id), "submitted", index)
 
     async def _take(self, built: list[Built], index: int) -> tuple[int, list[OmniRequest]]:
         """(the end of the next chunk, its requests): lines in order, while the pools
@@ -165,7 +165,7 @@ class BatchLauncher:
             if requests:
                 pool = config.pool_for(stages_of(requests[0].request_type)[0]).queue
                 if pool not in room:
-                    held = int(await self.hub.redis.zcard(keys.admitted(pool)))
+                    held = int(await self.hub.redis.zcard(self.keys.admitted(pool)))
                     room[pool] = int(limit * BATCH_SHARE) - held
                     if not held:
                         room[pool] = max(room[pool], len(requests))
@@ -206,8 +206,8 @@ class BatchLauncher:
                     from_core_error(exc, self.workers.config.api.retry_after_s),
                 )
                 pipe = self.hub.redis.pipeline(transaction=True)
-                pipe.hset(keys.api_batch_errors(batch_id), str(index), error)
-                pipe.srem(keys.api_batch_pending(batch_id), str(index))
+                pipe.hset(self.keys.api_batch_errors(batch_id), str(index), error)
+                pipe.srem(self.keys.api_batch_pending(batch_id), str(index))
                 await pipe.execute()
 
 

@@ -25,7 +25,7 @@ from omni_tasks.api.errors import APIError, body_error, invalid, request_error
 from omni_tasks.api.idempotency import CallKey
 from omni_tasks.api.openai_images import ImageOptions, _requests
 from omni_tasks.api.openai_text import ChatBody, CompletionBody
-from omni_tasks.config import CoreModuleConfig
+from omni_tasks.config import CoreModuleConfig, Registries
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.model_registry import check_model
 from omni_tasks.requests import OmniRequest
@@ -147,7 +147,8 @@ def build(
         if line.url == IMAGES:
             made = _image_requests(line, batch_id, record, config)
         else:
-            made = [_text_request(line, batch_id, record, text_models)]
+            registries = Registries.from_config(config)
+            made = [_text_request(line, batch_id, record, text_models, registries)]
     except APIError as exc:
         return Built(record, [], exc)
     record["ids"] = [r.request_id for r in made]
@@ -156,14 +157,20 @@ def build(
 
 
 def _text_request(
-    line: Line, batch_id: str, record: dict[str, Any], text_models: set[str] | None
+    line: Line,
+    batch_id: str,
+    record: dict[str, Any],
+    text_models: set[str] | None,
+    registries: Registries,
 ) -> OmniRequest:
     kind = ChatBody if line.url == CHAT else CompletionBody
     try:
         body = kind.model_validate(line.body)
     except ValidationError as exc:
         raise body_error(exc.errors()) from None
-    omni = body.to_request(BATCH_PRIORITY, request_base(batch_id, line.index))
+    omni = body.to_request(
+        BATCH_PRIORITY, request_base(batch_id, line.index), registries=registries
+    )
     if text_models is not None and body.model not in text_models:
         served = sorted(text_models)
         raise APIError(
@@ -183,7 +190,8 @@ def _image_requests(
         options = ImageOptions.model_validate(line.body)
     except ValidationError as exc:
         raise body_error(exc.errors()) from None
-    made = _requests(options, BATCH_PRIORITY, None, CallKey(request_base(batch_id, line.index)))
+    key = CallKey(request_base(batch_id, line.index))
+    made = _requests(options, BATCH_PRIORITY, None, key, registries=Registries.from_config(config))
     try:
         for omni in made:
             check_model(omni, config)

@@ -28,7 +28,6 @@ from omni_tasks.api.batch_state import FILE_TTL_S, FINAL_STATUSES, BatchStore, l
 from omni_tasks.api.files import output_root
 from omni_tasks.api.hub import ResultHub, TaskSet, sweep_forever
 from omni_tasks.api.submission import LiveWorkers
-from omni_tasks.coordination import keys
 from omni_tasks.requests import RequestType
 from omni_tasks.tasks.producer import cancel
 
@@ -55,8 +54,9 @@ class BatchRunner:
 
     def __init__(self, hub: ResultHub, workers: LiveWorkers) -> None:
         self.hub = hub
+        self.keys = hub.keys
         self.root = output_root(workers.config)  # where the lines' images are
-        self.store = BatchStore(hub.redis)
+        self.store = BatchStore(hub.redis, hub.keys)
         self.launcher = BatchLauncher(hub, self.store, workers)
         self._tasks = TaskSet()
 
@@ -79,7 +79,7 @@ class BatchRunner:
         try:
             raw = await self.store.batch(batch_id)
             if raw is None or raw["status"] in FINAL_STATUSES:
-                await self.hub.redis.zrem(keys.api_batches_active(), batch_id)
+                await self.hub.redis.zrem(self.keys.api_batches_active(), batch_id)
                 return
             if raw["status"] == "validating":
                 return
@@ -96,11 +96,13 @@ class BatchRunner:
         redis = self.hub.redis
         ending = raw.get("ending") or None
         waited_out = bool(ending) and time.time() > float(raw["ending_at"]) + CANCEL_GRACE_S
-        pending = sorted(int(i) for i in await redis.smembers(keys.api_batch_pending(batch_id)))
+        pending = sorted(
+            int(i) for i in await redis.smembers(self.keys.api_batch_pending(batch_id))
+        )
         base_url = raw.get("base_url", "")
         for start in range(0, len(pending), FOLLOW_CHUNK):
             part = [str(i) for i in pending[start : start + FOLLOW_CHUNK]]
-            found = await redis.hmget(keys.api_batch_lines(batch_id), part)
+            found = await redis.hmget(self.keys.api_batch_lines(batch_id), part)
             records = {i: json.loads(r) for i, r in zip(part, found, strict=True) if r}
             ids = [rid for r in records.values() for rid in r["ids"]]
             metas = dict(zip(ids, await self.hub.metas(ids), strict=True)) if ids else {}
@@ -119,18 +121,22 @@ class BatchRunner:
                 )
                 if ended is not None:
                     kind, text = ended
-                    target = keys.api_batch_output if kind == "output" else keys.api_batch_errors
+                    target = (
+                        self.keys.api_batch_output
+                        if kind == "output"
+                        else self.keys.api_batch_errors
+                    )
                     pipe.hset(target(batch_id), index, text)
-                    pipe.srem(keys.api_batch_pending(batch_id), index)
+                    pipe.srem(self.keys.api_batch_pending(batch_id), index)
             await pipe.execute()
 
     async def finalize(self, batch_id: str) -> None:
         """Write the output and error files and the final status, in one step, once no
         line is pending and no launch is under way."""
         redis = self.hub.redis
-        if await redis.scard(keys.api_batch_pending(batch_id)):
+        if await redis.scard(self.keys.api_batch_pending(batch_id)):
             return
-        if await redis.exists(keys.api_batch_lock(batch_id, "launch")):
+        if await redis.exists(self.keys.api_batch_lock(batch_id, "launch")):
             return
         lease = await self.store.lease(batch_id, "finalize", FINALIZE_LEASE_S)
         if lease is None:
@@ -150,8 +156,8 @@ class BatchRunner:
 
     async def _write_final(self, batch_id: str, raw: dict[str, str], now: int) -> None:
         redis = self.hub.redis
-        output = await redis.hgetall(keys.api_batch_output(batch_id))
-        errors = await redis.hgetall(keys.api_batch_errors(batch_id))
+        output = await redis.hgetall(self.keys.api_batch_output(batch_id))
+        errors = await redis.hgetall(self.keys.api_batch_errors(batch_id))
         status = raw.get("ending") or "completed"
         ttl = int(raw.get("output_ttl") or FILE_TTL_S)
         fields: dict[str, Any] = {"status": status, f"{status}_at": now}
@@ -167,9 +173,9 @@ class BatchRunner:
             meta["expires_at"] = str(now + ttl)
             self.store.add_file(pipe, meta, content, ttl)
             fields[f"{kind}_file_id"] = file_id
-        pipe.hset(keys.api_batch(batch_id), mapping=fields)
-        pipe.delete(*line_keys(batch_id))
-        pipe.zrem(keys.api_batches_active(), batch_id)
+        pipe.hset(self.keys.api_batch(batch_id), mapping=fields)
+        pipe.delete(*line_keys(self.keys, batch_id))
+        pipe.zrem(self.keys.api_batches_active(), batch_id)
         await pipe.execute()
 
     async def stop_batch(self, batch_id: str, ending: str) -> bool:
@@ -193,14 +199,16 @@ class BatchRunner:
         started."""
         redis = self.hub.redis
         try:
-            cursor = await redis.hget(keys.api_batch(batch_id), "submitted")
+            cursor = await redis.hget(self.keys.api_batch(batch_id), "submitted")
             sent = int(cursor or 0) + CHUNK  # and the chunk that may be on its way
             pending = [
-                i for i in await redis.smembers(keys.api_batch_pending(batch_id)) if int(i) < sent
+                i
+                for i in await redis.smembers(self.keys.api_batch_pending(batch_id))
+                if int(i) < sent
             ]
             for start in range(0, len(pending), FOLLOW_CHUNK):
                 part = pending[start : start + FOLLOW_CHUNK]
-                found = await redis.hmget(keys.api_batch_lines(batch_id), part)
+                found = await redis.hmget(self.keys.api_batch_lines(batch_id), part)
                 records = [json.loads(r) for r in found if r]
                 await asyncio.to_thread(_cancel_all, records)
         except Exception:  # what still runs ends on its own; its line waits for it
@@ -213,7 +221,7 @@ class BatchRunner:
             await self.store.look_later(batch_id, SWEEP_S)
             raw = await self.store.batch(batch_id)
             if raw is None:
-                await self.hub.redis.zrem(keys.api_batches_active(), batch_id)
+                await self.hub.redis.zrem(self.keys.api_batches_active(), batch_id)
                 continue
             unsent = int(raw.get("submitted") or 0) < int(raw.get("total") or 0)
             if raw["status"] == "validating" or (

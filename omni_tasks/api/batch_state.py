@@ -1,13 +1,13 @@
 """The Batch API's state, all in Redis, so any API process serves any batch and a batch
 outlives the process that accepted it.
 
-- Files (`keys.api_file`, `keys.api_file_content`): OpenAI's file object and the
+- Files (`KeySpace.api_file`, `KeySpace.api_file_content`): OpenAI's file object and the
   bytes, both expiring together (`FILE_TTL_S` unless the upload says otherwise).
-- Batches (`keys.api_batch`): one hash of the batch object's fields. Status changes
+- Batches (`KeySpace.api_batch`): one hash of the batch object's fields. Status changes
   are compare-and-set (`transition`), so two processes never move a batch twice.
-- A batch's lines (`keys.api_batch_lines`), the indices still waiting
-  (`keys.api_batch_pending`), and the output and error lines of those that ended
-  (`keys.api_batch_output`, `keys.api_batch_errors`); the counts are those hashes'
+- A batch's lines (`KeySpace.api_batch_lines`), the indices still waiting
+  (`KeySpace.api_batch_pending`), and the output and error lines of those that ended
+  (`KeySpace.api_batch_output`, `KeySpace.api_batch_errors`); the counts are those hashes'
   sizes until the batch is final, so recording a line twice never counts it twice.
 - Leases (`Lease`): the one process launching, following or finalizing a batch.
 """
@@ -24,7 +24,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from omni_tasks.coordination import keys
+from omni_tasks.coordination.keyspace import KeySpace
 
 #: How long files (and batches) are kept: OpenAI's default for batch files, 30 days.
 FILE_TTL_S = 30 * 86400
@@ -96,10 +96,12 @@ def file_view(raw: dict[str, str]) -> dict[str, Any]:
 
 
 class BatchStore:
-    """One process's view of the Batch API's keys, over the hub's asyncio client."""
+    """One process's view of the Batch API's keys (`keys`, its app's), over the hub's
+    asyncio client."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, keys: KeySpace) -> None:
         self.redis = redis
+        self.keys = keys
         self._create = redis.register_script(_CREATE)
         self._transition = redis.register_script(_TRANSITION)
         self.set_lock_expiry = redis.register_script(_SET_LOCK_EXPIRY)
@@ -128,25 +130,24 @@ class BatchStore:
         await pipe.execute()
         return file_view(raw)
 
-    @staticmethod
-    def add_file(pipe: Any, raw: dict[str, str], content: str, ttl_s: int) -> None:
+    def add_file(self, pipe: Any, raw: dict[str, str], content: str, ttl_s: int) -> None:
         """Queue a file's writes on `pipe` (with a batch's final status, in one step)."""
-        pipe.hset(keys.api_file(raw["id"]), mapping=raw)
-        pipe.expire(keys.api_file(raw["id"]), ttl_s)
-        pipe.set(keys.api_file_content(raw["id"]), content, ex=ttl_s)
-        pipe.zadd(keys.api_files(), {raw["id"]: time.time()})  # finer than created_at
+        pipe.hset(self.keys.api_file(raw["id"]), mapping=raw)
+        pipe.expire(self.keys.api_file(raw["id"]), ttl_s)
+        pipe.set(self.keys.api_file_content(raw["id"]), content, ex=ttl_s)
+        pipe.zadd(self.keys.api_files(), {raw["id"]: time.time()})  # finer than created_at
 
     async def file(self, file_id: str) -> dict[str, Any] | None:
-        raw = await self.redis.hgetall(keys.api_file(file_id))
+        raw = await self.redis.hgetall(self.keys.api_file(file_id))
         return file_view(raw) if raw else None
 
     async def content(self, file_id: str) -> str | None:
-        return await self.redis.get(keys.api_file_content(file_id))
+        return await self.redis.get(self.keys.api_file_content(file_id))
 
     async def delete_file(self, file_id: str) -> bool:
         pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(keys.api_file(file_id), keys.api_file_content(file_id))
-        pipe.zrem(keys.api_files(), file_id)
+        pipe.delete(self.keys.api_file(file_id), self.keys.api_file_content(file_id))
+        pipe.zrem(self.keys.api_files(), file_id)
         deleted, _ = await pipe.execute()
         return bool(deleted)
 
@@ -188,20 +189,24 @@ class BatchStore:
         """Store a new batch (False: the id exists, the batch is left as it is)."""
         flat = [item for pair in fields.items() for item in pair]
         created = await self._create(
-            keys=[keys.api_batch(batch_id), keys.api_batches(), keys.api_batches_active()],
+            keys=[
+                self.keys.api_batch(batch_id),
+                self.keys.api_batches(),
+                self.keys.api_batches_active(),
+            ],
             args=[batch_id, repr(time.time()), FILE_TTL_S, *flat],
         )
         return bool(created)
 
     async def batch(self, batch_id: str) -> dict[str, str] | None:
-        raw = await self.redis.hgetall(keys.api_batch(batch_id))
+        raw = await self.redis.hgetall(self.keys.api_batch(batch_id))
         return raw if raw.get("status") else None
 
     async def transition(self, batch_id: str, allowed: tuple[str, ...], **fields: Any) -> bool:
         """Set `fields` if the batch's status is one of `allowed` (one atomic step)."""
         flat = [str(item) for pair in fields.items() for item in pair]
         done = await self._transition(
-            keys=[keys.api_batch(batch_id)], args=[",".join(allowed)] + flat
+            keys=[self.keys.api_batch(batch_id)], args=[",".join(allowed)] + flat
         )
         return bool(done)
 
@@ -215,17 +220,19 @@ class BatchStore:
                 "failed": int(raw.get("failed") or 0),
             }
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hlen(keys.api_batch_output(batch_id))
-        pipe.hlen(keys.api_batch_errors(batch_id))
+        pipe.hlen(self.keys.api_batch_output(batch_id))
+        pipe.hlen(self.keys.api_batch_errors(batch_id))
         completed, failed = await pipe.execute()
         return {"total": total, "completed": int(completed), "failed": int(failed)}
 
     async def look_later(self, batch_id: str, delay_s: float) -> None:
-        await self.redis.zadd(keys.api_batches_active(), {batch_id: time.time() + delay_s}, xx=True)
+        await self.redis.zadd(
+            self.keys.api_batches_active(), {batch_id: time.time() + delay_s}, xx=True
+        )
 
     async def due(self, limit: int) -> list[str]:
         """Active batches due a look now (every process sweeps these)."""
-        active = keys.api_batches_active()
+        active = self.keys.api_batches_active()
         return list(await self.redis.zrangebyscore(active, "-inf", time.time(), 0, limit))
 
     # Leases
@@ -234,7 +241,7 @@ class BatchStore:
         """This process's lease on `role` for the batch (renewed while held), or None
         while another process holds it."""
         token = uuid.uuid4().hex
-        key = keys.api_batch_lock(batch_id, role)
+        key = self.keys.api_batch_lock(batch_id, role)
         if not await self.redis.set(key, token, nx=True, px=int(ttl_s * 1000)):
             return None
         return Lease(self, key, token, ttl_s)
@@ -272,8 +279,9 @@ class Lease:
             self.held = False
 
 
-def line_keys(batch_id: str) -> list[str]:
-    """The keys of a batch's lines and outcomes (gone once its files are written)."""
+def line_keys(keys: KeySpace, batch_id: str) -> list[str]:
+    """The keys (in `keys`) of a batch's lines and outcomes (gone once its files are
+    written)."""
     return [
         keys.api_batch_lines(batch_id),
         keys.api_batch_pending(batch_id),

@@ -39,7 +39,6 @@ from omni_tasks.api.batch_state import FILE_TTL_S, FINAL_STATUSES, MIN_FILE_TTL_
 from omni_tasks.api.errors import APIError, invalid
 from omni_tasks.api.files import base_url_of
 from omni_tasks.api.idempotency import call_key, conflict
-from omni_tasks.coordination import keys
 
 log = logging.getLogger(__name__)
 
@@ -183,5 +182,5 @@ async def list_batches(
         raw = await store.batch(batch_id)
         return batch_view(raw, await store.counts(batch_id, raw)) if raw else None
 
-    found, more = await store.page(keys.api_batches(), view, limit, after)
+    found, more = await store.page(store.keys.api_batches(), view, limit, after)
     return JSONResponse(list_body(found, more))

@@ -3,7 +3,7 @@ polling loop per request.
 
 Celery's Redis result backend PUBLISHes every state it writes (PROGRESS, SUCCESS, ...)
 on the channel named like its key; workers announce previews the same way
-(`keys.previews`). Each API process keeps one pub/sub connection: a waiter subscribes
+(`KeySpace.previews`). Each API process keeps one pub/sub connection: a waiter subscribes
 to the channels of its request, then reads the current state, then sleeps until a
 message comes. Subscriptions are confirmed before that read, so no state written in
 between is missed; a slow re-read (`FALLBACK_S`) covers a lost connection.
@@ -26,6 +26,7 @@ from omni_tasks.coordination.client import (
     async_redis_for_url,
     to_redis_py_url,
 )
+from omni_tasks.coordination.keyspace import KeySpace
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,11 @@ def is_final(meta: dict[str, Any] | None) -> bool:
 
 
 class ResultHub:
-    """One process's asyncio Redis client and pub/sub connection."""
+    """One process's asyncio Redis client and pub/sub connection, and the `KeySpace`
+    its app names keys in (`keys`), for what is given the hub."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, keys: KeySpace) -> None:
+        self.keys = keys
         self.redis = async_redis_for_url(  # a Sentinel URL's follows a failover
             to_redis_py_url(url),
             decode_responses=True,

@@ -26,10 +26,9 @@ from types import TracebackType
 from typing import Any, Literal
 
 from fastapi import Request
-from redis.asyncio import Redis
 
 from omni_tasks.api.errors import APIError
-from omni_tasks.coordination import keys
+from omni_tasks.api.hub import ResultHub
 from omni_tasks.errors import BrokerUnavailableError, CoreModuleError, RequestConflictError
 from omni_tasks.requests import OmniRequest
 
@@ -133,9 +132,11 @@ class KeyedCall:
     and gives the key back if the call failed before anything was accepted (set
     `accepted` once a request was)."""
 
-    def __init__(self, redis: Redis, key: CallKey, fingerprint: str, ttl_s: float) -> None:
-        """`ttl_s`: how long the key is kept (as long as results: `result_expires`)."""
-        self.redis = redis
+    def __init__(self, hub: ResultHub, key: CallKey, fingerprint: str, ttl_s: float) -> None:
+        """`hub`: the app's (its client and keys); `ttl_s`: how long the key is kept (as
+        long as results: `result_expires`)."""
+        self.redis = hub.redis
+        self.keys = hub.keys
         self.ttl_s = int(ttl_s)
         self.key = key
         self.fingerprint = fingerprint
@@ -144,7 +145,7 @@ class KeyedCall:
 
     @property
     def _redis_key(self) -> str:
-        return keys.api_idempotency(self.key.base)
+        return self.keys.api_idempotency(self.key.base)
 
     async def __aenter__(self) -> KeyedCall:
         if self.key.base is None:

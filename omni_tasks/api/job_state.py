@@ -16,7 +16,6 @@ from typing import Any
 from omni_tasks.api.errors import FAILURE_STATUS, APIError, error_body, failure_of
 from omni_tasks.api.files import audio_url, file_url, image_name
 from omni_tasks.api.hub import ResultHub, is_final
-from omni_tasks.coordination import keys
 from omni_tasks.requests import RequestType
 from omni_tasks.tasks.definitions import task_ids_of
 
@@ -77,7 +76,7 @@ class JobRecord:
 
 
 async def load_record(hub: ResultHub, job_id: str) -> JobRecord | None:
-    raw = await hub.redis.hgetall(keys.api_job(job_id))
+    raw = await hub.redis.hgetall(hub.keys.api_job(job_id))
     return JobRecord.from_redis(job_id, raw) if raw else None
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from omni_tasks.api.context import config_of
+from omni_tasks.api.context import config_of, registries_of
 from omni_tasks.api.errors import APIError, invalid
 from omni_tasks.api.files import base_url_of, output_root
 from omni_tasks.api.hub import FALLBACK_S, ResultHub, is_final, meta_key, next_message
@@ -44,7 +44,7 @@ from omni_tasks.api.sse import job_events, streaming
 from omni_tasks.api.submission import PROBE, accept, priority_of, withdraw
 from omni_tasks.api.video_objects import VIDEO, index_video, video_record
 from omni_tasks.api.webhooks import SWEEP_S, check_url
-from omni_tasks.coordination import keys
+from omni_tasks.config import Registries
 from omni_tasks.requests import (
     OmniRequest,
     create_audio_request,
@@ -86,14 +86,19 @@ async def json_object(request: Request) -> dict[str, Any]:
     return body
 
 
-def build_request(kind: Any, fields: dict[str, Any], request_id: str | None = None) -> OmniRequest:
-    """The validated request of a job (RequestValidationError names a bad field); its
-    id is `request_id` (a keyed call's) or a new one."""
+def build_request(
+    kind: Any, fields: dict[str, Any], request_id: str | None, *, registries: Registries
+) -> OmniRequest:
+    """The validated request of a job (RequestValidationError names a bad field), its
+    names checked against `registries` (the app's); its id is `request_id` (a keyed
+    call's) or a new one."""
     if kind not in JOB_TYPES:
         raise invalid("type", f"must be one of {list(JOB_TYPES)}")
     if "request_id" in fields or "request_type" in fields:
         name = "request_id" if "request_id" in fields else "request_type"
         raise invalid(name, "is set by the API (the job id is the request id)")
+    if "registries" in fields:  # the app's config names them, never the body
+        raise invalid("registries", "Extra inputs are not permitted")
     needed = NEEDED.get(kind, "prompt")
     if needed not in fields:
         raise invalid(needed, "field required")
@@ -103,8 +108,9 @@ def build_request(kind: Any, fields: dict[str, Any], request_id: str | None = No
     if kind == "image":
         if "image" not in fields:
             raise invalid("image", "an image job needs an input image (base64)")
-        return create_image_request(prompt, fields.pop("image"), request_id, **fields)
-    return BUILDERS[kind](prompt, request_id, **fields)
+        image = fields.pop("image")
+        return create_image_request(prompt, image, request_id, registries=registries, **fields)
+    return BUILDERS[kind](prompt, request_id, registries=registries, **fields)
 
 
 def prefer_wait(header: str | None, cap_s: float) -> float:
@@ -124,7 +130,7 @@ async def create_job(request: Request) -> JSONResponse:
     if webhook_url is not None:
         check_url(webhook_url, config.api.webhook_secret)
     body["priority"] = priority_of(body.get("priority"), request.headers.get("x-priority"))
-    omni = build_request(kind, body, key.request_id())
+    omni = build_request(kind, body, key.request_id(), registries=registries_of(request))
     record = JobRecord(
         id=omni.request_id,
         type=kind,
@@ -137,7 +143,7 @@ async def create_job(request: Request) -> JSONResponse:
         record = video_record(omni, config, base_url=record.base_url, webhook_url=webhook_url)
     record, created = await accept_job(request, key, omni, record)
     if kind == VIDEO:
-        await index_video(hub.redis, record)
+        await index_video(hub, record)
     if webhook_url and created:
         request.app.state.webhooks.follow(record)
     wait_s = prefer_wait(request.headers.get("prefer"), config.api.wait_timeout_s)
@@ -155,7 +161,7 @@ async def accept_job(
     ttl_s = config_of(request).result_expires
     options = {"type": record.type, "webhook_url": record.webhook_url}
     fingerprint = call_fingerprint("jobs", [omni], options)
-    async with KeyedCall(hub.redis, key, fingerprint, ttl_s) as call:
+    async with KeyedCall(hub, key, fingerprint, ttl_s) as call:
         created = await _store(hub, record, ttl_s)
         try:
             await accept(request.app.state.workers, omni, model=omni.model, kind=record.type)
@@ -218,8 +224,8 @@ async def _store(hub: ResultHub, record: JobRecord, ttl_s: float) -> bool:
     stored = await hub.redis.eval(
         _STORE_NEW,
         2,
-        keys.api_job(record.id),
-        keys.webhook_watch(),
+        hub.keys.api_job(record.id),
+        hub.keys.webhook_watch(),
         ttl,
         watch,
         record.id,
@@ -230,9 +236,9 @@ async def _store(hub: ResultHub, record: JobRecord, ttl_s: float) -> bool:
 
 async def _forget(hub: ResultHub, record: JobRecord) -> None:
     """The request was not accepted: no job, no webhook."""
-    await hub.redis.delete(keys.api_job(record.id))
+    await hub.redis.delete(hub.keys.api_job(record.id))
     if record.webhook_url:
-        await hub.redis.zrem(keys.webhook_watch(), record.id)
+        await hub.redis.zrem(hub.keys.webhook_watch(), record.id)
 
 
 async def _record(request: Request, job_id: str) -> JobRecord:

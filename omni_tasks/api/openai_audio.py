@@ -27,7 +27,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from omni_tasks.api.context import config_of
+from omni_tasks.api.context import config_of, keys_of, registries_of
 from omni_tasks.api.errors import (
     APIError,
     body_error,
@@ -41,7 +41,7 @@ from omni_tasks.api.sse import HEADERS, KEEPALIVE, event
 from omni_tasks.api.submission import accept, priority_of, withdraw
 from omni_tasks.api.text_chunks import follow_pieces
 from omni_tasks.audio_fields import MAX_SPEECH_CHARS, MEDIA_TYPES
-from omni_tasks.coordination import keys
+from omni_tasks.config import Registries
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.requests import AudioFormat, OmniRequest, create_speech_request
 
@@ -85,8 +85,9 @@ class SpeechBody(BaseModel):
     def voice_name(self) -> str:
         return self.voice.id if isinstance(self.voice, VoiceRef) else self.voice
 
-    def to_request(self, priority: str) -> OmniRequest:
-        """The SPEECH request this body asks for, streamed (422 naming a bad field)."""
+    def to_request(self, priority: str, registries: Registries) -> OmniRequest:
+        """The SPEECH request this body asks for, streamed, checked against `registries`
+        (the app's; 422 naming a bad field)."""
         if self.instructions:
             raise invalid("instructions", "this model takes no instructions", UNPROCESSABLE)
         fields: dict[str, Any] = {
@@ -99,7 +100,7 @@ class SpeechBody(BaseModel):
         extras = {"sample_rate": self.sample_rate, "seed": self.seed, "timeout_s": self.timeout_s}
         fields.update({k: v for k, v in extras.items() if v is not None})
         try:
-            return create_speech_request(self.input, **fields)
+            return create_speech_request(self.input, registries=registries, **fields)
         except RequestValidationError as exc:
             raise unprocessable(request_error(exc)) from None
 
@@ -124,14 +125,16 @@ async def speech(request: Request) -> Response:
             param="model",
             code="model_not_found",
         )
-    omni = body.to_request(priority_of(body.priority, request.headers.get("x-priority")))
+    priority = priority_of(body.priority, request.headers.get("x-priority"))
+    omni = body.to_request(priority, registries_of(request))
     app = request.app.state
     try:
         await accept(app.workers, omni)
     except RequestValidationError as exc:  # the voice, checked against the config
         raise unprocessable(request_error(exc)) from None
     timeout_s = config.api.wait_timeout_s
-    pieces = follow_pieces(app.hub, omni.request_id, timeout_s, keys.audio_chunks(omni.request_id))
+    chunks = keys_of(request).audio_chunks(omni.request_id)
+    pieces = follow_pieces(app.hub, omni.request_id, timeout_s, chunks)
     first = await _first_audio(pieces, omni, timeout_s)
     headers = {**HEADERS, "X-Request-Id": omni.request_id}
     if body.stream_format == "sse":

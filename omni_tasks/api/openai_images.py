@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.datastructures import UploadFile
 
-from omni_tasks.api.context import config_of
+from omni_tasks.api.context import config_of, registries_of
 from omni_tasks.api.errors import (
     body_error,
     from_failure,
@@ -41,6 +41,7 @@ from omni_tasks.api.hub import ResultHub
 from omni_tasks.api.idempotency import CallKey, KeyedCall, call_fingerprint, call_key
 from omni_tasks.api.sse import image_events, streaming
 from omni_tasks.api.submission import accept, priority_of, withdraw
+from omni_tasks.config import Registries
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.image_input import image_size
 from omni_tasks.requests import (
@@ -145,8 +146,15 @@ class ImageOptions(BaseModel):
 
 
 def _requests(
-    options: ImageOptions, priority: str, image: bytes | None, key: CallKey
+    options: ImageOptions,
+    priority: str,
+    image: bytes | None,
+    key: CallKey,
+    *,
+    registries: Registries,
 ) -> list[OmniRequest]:
+    """The requests of an image call (one per image), their names checked against
+    `registries` (the app's)."""
     if options.stream and options.n != 1:
         sent_as = "n" if options.num_outputs_per_prompt is None else "num_outputs_per_prompt"
         raise invalid(sent_as, "must be 1 when stream is true")
@@ -155,10 +163,14 @@ def _requests(
         for i in range(options.n):
             fields = {**options.request_fields(priority, i), "request_id": key.request_id(i)}
             if image is None:
-                made.append(create_diffusion_request(options.prompt, **fields))
+                made.append(
+                    create_diffusion_request(options.prompt, registries=registries, **fields)
+                )
             else:
                 fields = {**input_size(image), **fields}  # a given size wins
-                made.append(create_image_request(options.prompt, image, **fields))
+                made.append(
+                    create_image_request(options.prompt, image, registries=registries, **fields)
+                )
     except RequestValidationError as exc:
         raise request_error(exc, PARAM_NAMES) from None
     return made
@@ -186,7 +198,7 @@ async def _serve(request: Request, options: ImageOptions, image: bytes | None = 
     app = request.app.state
     key = call_key(request)
     priority = priority_of(options.priority, request.headers.get("x-priority"))
-    made = _requests(options, priority, image, key)
+    made = _requests(options, priority, image, key, registries=registries_of(request))
     await _accept_all(request, key, options, made)
     if options.stream:
         events = image_events(
@@ -214,7 +226,7 @@ async def _accept_all(
     fingerprint = call_fingerprint("images", made, options.model_dump(mode="json"))
     accepted: list[OmniRequest] = []
     ttl_s = config_of(request).result_expires
-    async with KeyedCall(app.hub.redis, key, fingerprint, ttl_s) as call:
+    async with KeyedCall(app.hub, key, fingerprint, ttl_s) as call:
         try:
             for omni in made:
                 await accept(app.workers, omni, model=options.model)

@@ -27,12 +27,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from omni_tasks.api.context import config_of
+from omni_tasks.api.context import config_of, registries_of
 from omni_tasks.api.errors import invalid, request_error
 from omni_tasks.api.idempotency import KeyedCall, call_fingerprint, call_key
 from omni_tasks.api.sse import streaming
 from omni_tasks.api.submission import accept, priority_of
 from omni_tasks.api.text_chunks import completion_answer, finished_result, text_chunks
+from omni_tasks.config import Registries
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.requests import (
     MAX_CHOICES,
@@ -103,10 +104,18 @@ class TextOptions(BaseModel):
         """Alternatives per token when logprobs are asked for, else None."""
         return None
 
-    def build(self, make: Any, given: Any, priority: str, request_id: str | None) -> OmniRequest:
-        """`make(given, request_id, **fields)`, its errors named as the body names them."""
+    def build(
+        self,
+        make: Any,
+        given: Any,
+        priority: str,
+        request_id: str | None,
+        registries: Registries,
+    ) -> OmniRequest:
+        """`make(given, request_id, **fields)` checked against `registries` (the app's),
+        its errors named as the body names them."""
         try:
-            return make(given, request_id, **self.fields(priority))
+            return make(given, request_id, registries=registries, **self.fields(priority))
         except RequestValidationError as exc:
             newer = self.max_completion_tokens is not None
             given_name = "max_completion_tokens" if newer else "max_tokens"
@@ -129,10 +138,13 @@ class ChatBody(TextOptions):
             raise invalid("top_logprobs", "needs logprobs: true")
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def to_request(self, priority: str, request_id: str | None = None) -> OmniRequest:
-        """The request this body asks for (400 naming a bad field)."""
+    def to_request(
+        self, priority: str, request_id: str | None = None, *, registries: Registries
+    ) -> OmniRequest:
+        """The request this body asks for, checked against `registries` (the app's; 400
+        naming a bad field)."""
         messages = chat_messages(self.messages)
-        return self.build(create_chat_request, messages, priority, request_id)
+        return self.build(create_chat_request, messages, priority, request_id, registries)
 
 
 class CompletionBody(TextOptions):
@@ -142,14 +154,17 @@ class CompletionBody(TextOptions):
     def top_logprobs_asked(self) -> int | None:
         return self.logprobs
 
-    def to_request(self, priority: str, request_id: str | None = None) -> OmniRequest:
-        """The request this body asks for (400 naming a bad field)."""
+    def to_request(
+        self, priority: str, request_id: str | None = None, *, registries: Registries
+    ) -> OmniRequest:
+        """The request this body asks for, checked against `registries` (the app's; 400
+        naming a bad field)."""
         prompt = self.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
                 raise invalid("prompt", "one prompt per request")
             prompt = prompt[0]
-        return self.build(create_text_request, prompt, priority, request_id)
+        return self.build(create_text_request, prompt, priority, request_id, registries)
 
 
 def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
@@ -173,11 +188,11 @@ async def _serve(request: Request, body: ChatBody | CompletionBody, chat: bool) 
     state, config = request.app.state, config_of(request)
     priority = priority_of(body.priority, request.headers.get("x-priority"))
     key = call_key(request)
-    omni = body.to_request(priority, key.request_id())
+    omni = body.to_request(priority, key.request_id(), registries=registries_of(request))
     fingerprint = call_fingerprint(
         "chat" if chat else "completions", [omni], body.model_dump(mode="json")
     )
-    async with KeyedCall(state.hub.redis, key, fingerprint, config.result_expires) as call:
+    async with KeyedCall(state.hub, key, fingerprint, config.result_expires) as call:
         await accept(state.workers, omni, model=body.model)
         call.accepted = True
     prefix = "chatcmpl" if chat else "cmpl"

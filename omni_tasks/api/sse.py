@@ -28,7 +28,6 @@ from omni_tasks.api.errors import from_failure
 from omni_tasks.api.files import encode, image_b64
 from omni_tasks.api.hub import ResultHub, is_final, meta_key, next_message
 from omni_tasks.api.job_state import FINAL, STREAMED, JobRecord, job_view
-from omni_tasks.coordination import keys
 
 KEEPALIVE_S = 15.0
 KEEPALIVE = b": keep-alive\n\n"
@@ -48,7 +47,7 @@ def streaming(events: AsyncIterator[bytes]) -> StreamingResponse:
 
 async def read_previews(hub: ResultHub, request_id: str, start: int) -> list[dict[str, Any]]:
     """The previews a worker published for `request_id`, from index `start` on."""
-    raw = await hub.redis.lrange(keys.previews(request_id), start, -1)
+    raw = await hub.redis.lrange(hub.keys.previews(request_id), start, -1)
     return [json.loads(r) for r in raw]
 
 
@@ -56,10 +55,10 @@ async def job_events(hub: ResultHub, record: JobRecord, root: Path) -> AsyncIter
     """The job's events; its files named under `root` (the output_dir)."""
     channels = [meta_key(t) for t in record.task_ids]
     if record.partial_images:
-        channels.append(keys.previews(record.id))
+        channels.append(hub.keys.previews(record.id))
     texts = record.type in STREAMED
     if texts:
-        channels.append(keys.text_deltas(record.id))
+        channels.append(hub.keys.text_deltas(record.id))
     async with hub.listen(channels) as queue:
         status, progress, previews, pieces = None, None, 0, 0
         while True:
@@ -86,7 +85,7 @@ async def job_events(hub: ResultHub, record: JobRecord, root: Path) -> AsyncIter
 
 
 async def _pieces(hub: ResultHub, request_id: str, start: int) -> list[dict[str, Any]]:
-    raw = await hub.redis.lrange(keys.text_deltas(request_id), start, -1)
+    raw = await hub.redis.lrange(hub.keys.text_deltas(request_id), start, -1)
     return [json.loads(r) for r in raw]
 
 
@@ -110,7 +109,7 @@ async def image_events(
 ) -> AsyncIterator[bytes]:
     """OpenAI's image stream for one request; `describe()` gives the fields every event
     repeats (size, quality, background, output_format)."""
-    channels = [meta_key(request_id), keys.previews(request_id)]
+    channels = [meta_key(request_id), hub.keys.previews(request_id)]
     async with hub.listen(channels) as queue:
         sent = 0
         while True:

@@ -19,7 +19,7 @@ import redis
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from omni_tasks.config import PRIORITY_CLASSES, CoreModuleConfig
+from omni_tasks.config import PRIORITY_CLASSES, CoreModuleConfig, Registries
 from omni_tasks.coordination.cache_directory import adapter_stats, hit_rate
 from omni_tasks.coordination.counter_window import sample_window
 from omni_tasks.coordination.health import health_of
@@ -45,8 +45,11 @@ STATUS_TTL_S = 1.0
 
 def class_levels(config: CoreModuleConfig) -> dict[str, int]:
     """The level (0 highest) a fresh request of each priority class starts at."""
-    policy = create_policy(config)
-    return {c: policy.level(create_text_request("x", priority=c), "ar") for c in PRIORITY_CLASSES}
+    policy, registries = create_policy(config), Registries.from_config(config)
+    return {
+        c: policy.level(create_text_request("x", priority=c, registries=registries), "ar")
+        for c in PRIORITY_CLASSES
+    }
 
 
 def by_class(levels: dict[int, int], starts: dict[str, int]) -> dict[str, int]:

@@ -18,7 +18,7 @@ from typing import Any
 from omni_tasks.api.errors import APIError
 from omni_tasks.api.hub import ResultHub
 from omni_tasks.config import CoreModuleConfig
-from omni_tasks.coordination import keys, worker_index
+from omni_tasks.coordination import worker_index
 from omni_tasks.model_registry import check_model
 from omni_tasks.requests import OmniRequest, RequestType, Stage, stages_of
 from omni_tasks.tasks.definitions import probe
@@ -42,6 +42,7 @@ class LiveWorkers:
         """`config`: the app's (its pools, the heartbeat timeout, the models it
         registers)."""
         self._hub = hub
+        self._keys = hub.keys
         self.config = config
         self._views: dict[Any, tuple[float, Any]] = {}
         self._lock = asyncio.Lock()
@@ -56,7 +57,7 @@ class LiveWorkers:
 
     async def count(self, stage: Stage) -> int:
         """How many live workers run `stage` (one ZCOUNT)."""
-        key = keys.worker_beats(stage)
+        key = self._keys.worker_beats(stage)
         return await self._view(
             stage, lambda: self._hub.redis.zcount(key, *worker_index.live_window())
         )
@@ -76,13 +77,13 @@ class LiveWorkers:
         client = self._hub.redis
         pipe = client.pipeline(transaction=False)
         for kind in kinds:
-            pipe.zrangebyscore(keys.worker_beats(kind), *worker_index.live_window())
+            pipe.zrangebyscore(self._keys.worker_beats(kind), *worker_index.live_window())
         found = list(dict.fromkeys(host for hosts in await pipe.execute() for host in hosts))
         if not found:
             return []
         pipe = client.pipeline(transaction=False)
         for host in found:
-            pipe.hgetall(keys.worker(host))
+            pipe.hgetall(self._keys.worker(host))
         now, timeout = time.time(), self.config.worker_timeout
         workers = []
         for info in await pipe.execute():

@@ -21,7 +21,6 @@ from omni_tasks.api.errors import APIError, from_failure, waited_too_long
 from omni_tasks.api.hub import ResultHub, is_final, meta_key, next_message
 from omni_tasks.api.sse import KEEPALIVE, KEEPALIVE_S, event
 from omni_tasks.api.submission import withdraw
-from omni_tasks.coordination import keys
 from omni_tasks.requests import OmniRequest
 
 
@@ -89,7 +88,7 @@ async def state_and_pieces(
     written from position `start` on, in one round trip, the state read first (once
     final, every piece is in). A list shorter than `start` was started again (its worker
     was lost, and the request runs anew): 409, since what was sent cannot be taken back."""
-    key = key or keys.text_deltas(request_id)
+    key = key or hub.keys.text_deltas(request_id)
     pipe = hub.redis.pipeline(transaction=False)
     pipe.get(meta_key(request_id))
     pipe.lrange(key, start, -1)
@@ -180,7 +179,7 @@ async def follow_pieces(
     in order, ("wait", None) when a keep-alive is due, and last ("end", the final state,
     or the state at `timeout_s`)."""
     deadline = time.monotonic() + timeout_s
-    key = key or keys.text_deltas(request_id)
+    key = key or hub.keys.text_deltas(request_id)
     channels = [meta_key(request_id), key]
     read = 0
     async with hub.listen(channels) as queue:

@@ -10,7 +10,7 @@
   `running` is `in_progress`, `succeeded` is `completed`; `failed`, `cancelled` and
   `expired` are `failed`, with `error` {code, message}. `progress` is the running
   step's share (0-100; 100 once completed).
-- The index (`keys.api_videos`): a sorted set of video ids by creation time, which
+- The index (`KeySpace.api_videos`): a sorted set of video ids by creation time, which
   `GET /v1/videos` pages through by rank; ids past `result_expires` are pruned.
 """
 
@@ -24,14 +24,13 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
-from redis.asyncio import Redis
 
 from omni_tasks.api.errors import invalid, request_error
 from omni_tasks.api.files import output_root
+from omni_tasks.api.hub import ResultHub
 from omni_tasks.api.job_state import JobRecord, job_view, progress_of
 from omni_tasks.api.openai_images import input_size
-from omni_tasks.config import CoreModuleConfig
-from omni_tasks.coordination import keys
+from omni_tasks.config import CoreModuleConfig, Registries
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.image_input import inline_image_b64
 from omni_tasks.model_registry import dit_model
@@ -156,10 +155,16 @@ def reference_image(value: str | dict[str, str] | bytes | None) -> str | None:
 
 
 def build_video(
-    options: VideoOptions, priority: str, image: str | None, request_id: str | None
+    options: VideoOptions,
+    priority: str,
+    image: str | None,
+    request_id: str | None,
+    *,
+    registries: Registries,
 ) -> OmniRequest:
-    """The validated VIDEO request; an image-to-video request without `size` takes the
-    input image's (rounded as edits round it)."""
+    """The validated VIDEO request, checked against `registries` (the app's); an
+    image-to-video request without `size` takes the input image's (rounded as edits
+    round it)."""
     fields = options.request_fields(priority)
     if image is not None:
         fields = {**input_size(base64.b64decode(image)), **fields, "image": image}
@@ -167,7 +172,7 @@ def build_video(
     if options.seconds is not None and options.num_frames is None:
         names["num_frames"] = "seconds"  # the frame count came from `seconds`
     try:
-        return create_video_request(options.prompt, request_id, **fields)
+        return create_video_request(options.prompt, request_id, registries=registries, **fields)
     except RequestValidationError as exc:
         raise request_error(exc, names) from None
 
@@ -236,8 +241,8 @@ def video_record(
     )
 
 
-async def load_video(redis: Redis, video_id: str) -> VideoRecord | None:
-    raw = await redis.hgetall(keys.api_job(video_id))
+async def load_video(hub: ResultHub, video_id: str) -> VideoRecord | None:
+    raw = await hub.redis.hgetall(hub.keys.api_job(video_id))
     return VideoRecord.of(JobRecord.from_redis(video_id, raw)) if raw else None
 
 
@@ -287,18 +292,18 @@ def _done_at(meta: dict[str, Any] | None) -> int | None:
         return None
 
 
-async def index_video(redis: Redis, record: JobRecord) -> None:
+async def index_video(hub: ResultHub, record: JobRecord) -> None:
     """List the video in `GET /v1/videos` (again: a keyed repeat's is the same)."""
-    await redis.zadd(keys.api_videos(), {record.id: record.created_at})
+    await hub.redis.zadd(hub.keys.api_videos(), {record.id: record.created_at})
 
 
 async def page_ids(
-    redis: Redis, after: str | None, limit: int, order: Literal["asc", "desc"], kept_s: float
+    hub: ResultHub, after: str | None, limit: int, order: Literal["asc", "desc"], kept_s: float
 ) -> tuple[list[str], bool]:
     """(up to `limit` video ids after `after` in `order`, whether more follow); 400
     naming `after` for an id the list does not hold. Videos older than `kept_s` leave
     the list."""
-    index = keys.api_videos()
+    redis, index = hub.redis, hub.keys.api_videos()
     pipe = redis.pipeline(transaction=False)
     pipe.zremrangebyscore(index, "-inf", f"({time.time() - kept_s}")
     if after is not None:

@@ -33,7 +33,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import UploadFile
 
-from omni_tasks.api.context import config_of
+from omni_tasks.api.context import config_of, keys_of, registries_of
 from omni_tasks.api.errors import APIError, body_error, invalid, request_error
 from omni_tasks.api.files import base_url_of, output_root
 from omni_tasks.api.hub import ResultHub, meta_key, next_message
@@ -57,7 +57,6 @@ from omni_tasks.api.video_objects import (
 )
 from omni_tasks.api.webhooks import check_url
 from omni_tasks.config import CoreModuleConfig
-from omni_tasks.coordination import keys
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.requests import OmniRequest, create_video_request
 
@@ -96,7 +95,9 @@ async def create_video(request: Request) -> JSONResponse:
     priority = priority_of(options.priority, request.headers.get("x-priority"))
     key = call_key(request)
     image = reference_image(upload if upload is not None else options.input_reference)
-    omni = build_video(options, priority, image, key.request_id())
+    omni = build_video(
+        options, priority, image, key.request_id(), registries=registries_of(request)
+    )
     record = video_record(
         omni,
         config,
@@ -136,7 +137,7 @@ async def _launch(
     hub: ResultHub = request.app.state.hub
     stored, created = await accept_job(request, key, omni, record)
     video = VideoRecord.of(stored) or record
-    await index_video(hub.redis, video)
+    await index_video(hub, video)
     if video.webhook_url and created:
         request.app.state.webhooks.follow(video)
     config = config_of(request)
@@ -144,7 +145,7 @@ async def _launch(
 
 
 async def _video(request: Request, video_id: str) -> VideoRecord:
-    record = await load_video(request.app.state.hub.redis, video_id)
+    record = await load_video(request.app.state.hub, video_id)
     if record is None:
         raise APIError(404, f"no video {video_id!r}", param="video_id", code="video_not_found")
     return record
@@ -160,7 +161,8 @@ async def list_videos(
     """A page of the videos, newest first by default, as OpenAI's cursor lists are."""
     hub: ResultHub = request.app.state.hub
     config = config_of(request)
-    ids, has_more = await page_ids(hub.redis, after, limit, order, config.result_expires)
+    keys = keys_of(request)
+    ids, has_more = await page_ids(hub, after, limit, order, config.result_expires)
     pipe = hub.redis.pipeline(transaction=False)
     for video_id in ids:
         pipe.hgetall(keys.api_job(video_id))
@@ -231,7 +233,7 @@ async def delete_video(video_id: str, request: Request) -> JSONResponse:
     """Forget the video at once (GET is 404 from now on), cancel it if it has not
     ended, then delete its files (once it has stopped, within `DELETE_WAIT_S`)."""
     hub: ResultHub = request.app.state.hub
-    record = await _video(request, video_id)
+    record, keys = await _video(request, video_id), keys_of(request)
     pipe = hub.redis.pipeline(transaction=True)
     pipe.delete(keys.api_job(video_id))
     pipe.zrem(keys.api_videos(), video_id)
@@ -277,7 +279,9 @@ async def remix_video(video_id: str, request: Request) -> JSONResponse:
         settings["priority"] = priority_of(options.priority, request.headers.get("x-priority"))
     key = call_key(request)
     try:
-        omni = create_video_request(options.prompt, key.request_id(), **settings)
+        omni = create_video_request(
+            options.prompt, key.request_id(), registries=registries_of(request), **settings
+        )
     except RequestValidationError as exc:
         raise request_error(exc) from None
     record = video_record(

@@ -3,7 +3,7 @@ process is alive.
 
 Everything a delivery needs lives in Redis, never in one process:
 
-1. A job accepted with a `webhook_url` goes into a watch set (`keys.webhook_watch`).
+1. A job accepted with a `webhook_url` goes into a watch set (`KeySpace.webhook_watch`).
 2. When it ends, the API process that accepted it hears so (pub/sub) and *claims* it:
    one Lua step takes the id out of the watch set and, only if it was there, stores
    the delivery (id, URL, the body to send) and makes it due. Two processes never
@@ -12,7 +12,7 @@ Everything a delivery needs lives in Redis, never in one process:
 3. Every API process takes due deliveries with a lease (another Lua step pushes their
    due time `lease` ahead), POSTs them, and on a 2xx forgets them; on failure they are
    due again after a backoff (1 s, 2 s, 4 s ... up to `BACKOFF_CAP_S`), until
-   `api.webhook_max_attempts`, when they are moved to `keys.webhook_failed`. A process
+   `api.webhook_max_attempts`, when they are moved to `KeySpace.webhook_failed`. A process
    that dies mid-POST leaves its delivery to come due again when the lease ends.
 
 So a delivery may arrive twice (a lease that ran out, a receiver that answered too
@@ -42,7 +42,7 @@ from omni_tasks.api.files import output_root
 from omni_tasks.api.hub import ResultHub, TaskSet, meta_key, next_message, sweep_forever
 from omni_tasks.api.job_state import FINAL, JobRecord, load_record, read_view
 from omni_tasks.config import CoreModuleConfig
-from omni_tasks.coordination import keys
+from omni_tasks.coordination.keyspace import keyspace
 from omni_tasks.coordination.lua import SOURCES
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ class WebhookDispatcher:
         """`config`: the app's (its `api` webhook settings, the output_dir its job views
         name files under)."""
         self.hub = hub
+        self.keys = keyspace(config.key_prefix)
         self.config = config.api
         self.root = output_root(config)
         # The async client registers its own copies of the two scripts (`scripts/`).
@@ -142,7 +143,11 @@ class WebhookDispatcher:
         delivery = {"id": delivery_id, "job_id": record.id, "url": record.webhook_url}
         delivery.update(body=json.dumps(body, separators=(",", ":")), attempts=0)
         claimed = await self._claim(
-            keys=[keys.webhook_watch(), keys.webhook_due(), keys.webhook_deliveries()],
+            keys=[
+                self.keys.webhook_watch(),
+                self.keys.webhook_due(),
+                self.keys.webhook_deliveries(),
+            ],
             args=[record.id, delivery_id, json.dumps(delivery), time.time()],
         )
         if claimed:
@@ -152,26 +157,28 @@ class WebhookDispatcher:
     async def sweep(self) -> None:
         """Claim the watched jobs that ended; look at the others again later."""
         now = time.time()
-        ids = await self.hub.redis.zrangebyscore(keys.webhook_watch(), "-inf", now, 0, 100)
+        ids = await self.hub.redis.zrangebyscore(self.keys.webhook_watch(), "-inf", now, 0, 100)
         for job_id in ids:
             record = await load_record(self.hub, job_id)
             if record is None or not record.webhook_url:  # expired: nothing to send
-                await self.hub.redis.zrem(keys.webhook_watch(), job_id)
+                await self.hub.redis.zrem(self.keys.webhook_watch(), job_id)
             elif await self.claim(record) is None:
-                await self.hub.redis.zadd(keys.webhook_watch(), {job_id: now + SWEEP_S}, xx=True)
+                await self.hub.redis.zadd(
+                    self.keys.webhook_watch(), {job_id: now + SWEEP_S}, xx=True
+                )
 
     async def deliver_due(self) -> int:
         """POST the deliveries due now (leased meanwhile); how many were taken."""
         lease = self.config.webhook_timeout_s * 2 + 30
         now = time.time()
-        ids = await self._take(keys=[keys.webhook_due()], args=[now, now + lease, BATCH])
+        ids = await self._take(keys=[self.keys.webhook_due()], args=[now, now + lease, BATCH])
         if not ids:
             return 0
-        raw = await self.hub.redis.hmget(keys.webhook_deliveries(), ids)
+        raw = await self.hub.redis.hmget(self.keys.webhook_deliveries(), ids)
         found = [json.loads(r) for r in raw if r]
         lost = [i for i, r in zip(ids, raw, strict=True) if not r]
         if lost:
-            await self.hub.redis.zrem(keys.webhook_due(), *lost)
+            await self.hub.redis.zrem(self.keys.webhook_due(), *lost)
         await asyncio.gather(*(self._deliver(d) for d in found))
         return len(ids)
 
@@ -197,22 +204,22 @@ class WebhookDispatcher:
 
     async def _settle(self, delivery: dict[str, Any], error: str | None) -> None:
         client, delivery_id = self.hub.redis, delivery["id"]
-        job_key = keys.api_job(delivery["job_id"])
+        job_key = self.keys.api_job(delivery["job_id"])
         pipe = client.pipeline(transaction=True)
         pipe.hset(job_key, "webhook_attempts", delivery["attempts"])
         if error is None or delivery["attempts"] >= self.config.webhook_max_attempts:
-            pipe.zrem(keys.webhook_due(), delivery_id)
-            pipe.hdel(keys.webhook_deliveries(), delivery_id)
+            pipe.zrem(self.keys.webhook_due(), delivery_id)
+            pipe.hdel(self.keys.webhook_deliveries(), delivery_id)
             pipe.hset(job_key, "webhook_status", "delivered" if error is None else "failed")
             if error is not None:
                 log.warning("webhook %s to %s given up: %s", delivery_id, delivery["url"], error)
                 record = {k: v for k, v in delivery.items() if k != "body"}
-                pipe.lpush(keys.webhook_failed(), json.dumps({**record, "error": error}))
-                pipe.ltrim(keys.webhook_failed(), 0, FAILED_KEPT - 1)
+                pipe.lpush(self.keys.webhook_failed(), json.dumps({**record, "error": error}))
+                pipe.ltrim(self.keys.webhook_failed(), 0, FAILED_KEPT - 1)
         else:
-            pipe.hset(keys.webhook_deliveries(), delivery_id, json.dumps(delivery))
+            pipe.hset(self.keys.webhook_deliveries(), delivery_id, json.dumps(delivery))
             due = time.time() + backoff(delivery["attempts"])
-            pipe.zadd(keys.webhook_due(), {delivery_id: due})
+            pipe.zadd(self.keys.webhook_due(), {delivery_id: due})
         await pipe.execute()
 
     async def _deliver_loop(self) -> None:

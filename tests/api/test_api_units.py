@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers import KEYS
 from PIL import Image
 
 from omni_tasks import app
@@ -92,7 +93,7 @@ def test_the_hub_hears_states_as_the_backend_writes_them() -> None:
         app.backend.store_result(task_id, {"text": "done"}, "SUCCESS")
 
     async def scenario() -> tuple:
-        hub = ResultHub(get_config().redis_url)
+        hub = ResultHub(get_config().redis_url, KEYS)
         await hub.start()
         try:
             heard = []

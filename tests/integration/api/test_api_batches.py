@@ -16,12 +16,11 @@ import httpx
 import openai
 import pytest
 from api_support import ApiServer, api_factory  # noqa: F401
-from helpers import eventually
+from helpers import KEYS, eventually
 from PIL import Image
 
 from omni_tasks.api.batch_lines import request_base
 from omni_tasks.api.hub import meta_key
-from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis
 
 CHAT = {"model": "tiny-llama", "max_tokens": 6, "temperature": 0}
@@ -78,7 +77,7 @@ def priority_of(request_id: str) -> str | None:
     """The priority class a request was sent with: its ledger entry while it is open,
     else its result (the message's kwargs, kept with `result_extended`)."""
     redis = get_redis()
-    kwargs = redis.hget(keys.ledger(request_id), "kwargs")
+    kwargs = redis.hget(KEYS.ledger(request_id), "kwargs")
     if kwargs is None:
         meta = redis.get(meta_key(request_id))
         kwargs = json.dumps(json.loads(meta).get("kwargs") or {}) if meta else None
@@ -303,7 +302,7 @@ def test_a_batch_outlives_the_api_process_that_accepted_it(
     lines = [line(f"t-{i}", "/v1/completions", {**CHAT, "prompt": f"Count {i}"}) for i in range(8)]
     batch = create(first.openai(), upload(first.openai(), lines))
     first.stop(kill=True)
-    submitted = int(get_redis().hget(keys.api_batch(batch.id), "submitted") or 0)
+    submitted = int(get_redis().hget(KEYS.api_batch(batch.id), "submitted") or 0)
     assert submitted < len(lines)
     second = api_factory()
     done = wait_for(second.openai(), batch.id, {"completed"}, 300)

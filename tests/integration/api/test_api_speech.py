@@ -23,7 +23,7 @@ import pytest
 import soundfile
 from api_support import ApiServer, api_factory  # noqa: F401
 from conftest import clean_redis, start_ready_workers
-from helpers import eventually, foreign
+from helpers import KEYS, eventually, foreign
 
 from omni_tasks import (
     RequestTimeoutError,
@@ -34,7 +34,6 @@ from omni_tasks import (
     get_config,
     stream_audio,
 )
-from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis
 
 pytestmark = pytest.mark.slow
@@ -98,7 +97,7 @@ def test_stream_audio_gives_the_first_bytes_while_the_rest_is_spoken(speech_work
     streamed, _ = decode(b"".join(pieces), "pcm")
     whole, _ = decode(Path(result["audio_path"]).read_bytes(), "pcm")
     assert np.array_equal(streamed, whole)  # the stream is the file
-    assert get_redis().llen(keys.audio_chunks(sent.id)) == len(pieces)  # still readable
+    assert get_redis().llen(KEYS.audio_chunks(sent.id)) == len(pieces)  # still readable
 
 
 def test_a_foreign_client_sends_speech_by_name(speech_worker: str) -> None:

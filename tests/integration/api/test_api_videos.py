@@ -26,12 +26,11 @@ from api_support import (  # noqa: F401
     receiver,
 )
 from conftest import clean_redis
-from helpers import eventually
+from helpers import KEYS, eventually
 from PIL import Image
 
 from omni_tasks import app
 from omni_tasks.api import verify
-from omni_tasks.coordination import keys
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.dev.launcher import WorkerProcess, start_worker
 
@@ -198,12 +197,12 @@ def test_the_list_pages_by_cursor_in_either_order(client: openai.OpenAI) -> None
 def test_a_bad_field_is_refused_by_name_before_anything_runs(
     client: openai.OpenAI, fields: dict[str, Any], param: str
 ) -> None:
-    listed = get_redis().zcard(keys.api_videos())
+    listed = get_redis().zcard(KEYS.api_videos())
     with pytest.raises(openai.BadRequestError) as caught:
         client.videos.create(prompt="a bad one", **fields)
     assert caught.value.status_code == 400
     assert caught.value.body["param"] == param, caught.value.body
-    assert get_redis().zcard(keys.api_videos()) == listed
+    assert get_redis().zcard(KEYS.api_videos()) == listed
 
 
 def test_a_running_video_has_no_content_and_delete_cancels_it(client: openai.OpenAI) -> None:
