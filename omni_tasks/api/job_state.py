@@ -29,7 +29,7 @@ RUNNING_STATES = frozenset({"STARTED", "PROGRESS", "RETRY"})
 
 @dataclass
 class JobRecord:
-    """What the API keeps of a job it accepted (`keys.api_job`)."""
+    """What the API keeps of a job it accepted (`KeySpace.api_job`)."""
 
     id: str
     type: str
