@@ -116,12 +116,13 @@ def duplicated() -> int:
 
 def counters() -> dict[str, int]:
     from omni_tasks.config import get_config
-    from omni_tasks.coordination import keys
     from omni_tasks.coordination.client import get_redis
+    from omni_tasks.coordination.keyspace import keyspace
 
+    config = get_config()
     totals: Counter[str] = Counter()
-    for queue in (get_config().ar.queue, get_config().diffusion.queue):
-        raw = get_redis().hgetall(keys.stats(queue))
+    for queue in (config.ar.queue, config.diffusion.queue):
+        raw = get_redis().hgetall(keyspace(config.key_prefix).stats(queue))
         for name in ("restored", "recovered", "duplicates"):
             totals[name] += int(raw.get(name, 0))
     return dict(totals)

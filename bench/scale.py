@@ -224,7 +224,6 @@ def stop_all(procs: list[Any]) -> None:
 def queued_depth(stats: Stats, depth: int) -> dict[str, Any]:
     import omni_tasks
     from omni_tasks.config import get_config
-    from omni_tasks.coordination import keys
     from omni_tasks.coordination.client import get_redis
     from omni_tasks.scheduling.omni_scheduler import OmniScheduler
     from workers.lifecycle.reaper import Reaper
@@ -238,8 +237,8 @@ def queued_depth(stats: Stats, depth: int) -> dict[str, Any]:
     scheduler = OmniScheduler()
     out: dict[str, Any] = {"depth": depth}
     for name, run, cache_key in (
-        ("reaper_pass", reaper.run_once, keys.reaper_lock()),
-        ("health_check", scheduler.get_health_status, keys.stranded()),
+        ("reaper_pass", reaper.run_once, omni_tasks.app.omni.keys.reaper_lock()),
+        ("health_check", scheduler.get_health_status, omni_tasks.app.omni.keys.stranded()),
     ):
         client.delete(cache_key)
         run()  # warm-up: connections, scripts

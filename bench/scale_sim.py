@@ -31,7 +31,6 @@ def simulated_workers(stats: Any, count: int, window_s: float) -> dict[str, Any]
     health check over them (see the module docstring)."""
     import omni_tasks
     from omni_tasks.coordination.client import get_redis
-    from omni_tasks.coordination.keys import reaper_lock
     from omni_tasks.scheduling.omni_scheduler import OmniScheduler
     from workers.lifecycle.heartbeat import Heartbeat
     from workers.lifecycle.reaper import Reaper
@@ -61,7 +60,7 @@ def simulated_workers(stats: Any, count: int, window_s: float) -> dict[str, Any]
     got = stats.read()
     for beat in beats:
         beat.stop()
-    client = get_redis()
+    client, reaper_lock = get_redis(), omni_tasks.app.omni.keys.reaper_lock
     client.delete(reaper_lock())
     passes = {}
     for name, run in (
@@ -112,13 +111,13 @@ def distinct_backlog(depth: int, age_s: float) -> None:
     from omni_tasks.coordination import keys
     from omni_tasks.coordination.client import get_redis
 
-    client = get_redis()
+    client, space = get_redis(), omni_tasks.app.omni.keys
     omni_tasks.tasks.probe.apply_async(kwargs={"prompt": "x"})
     queue = get_config().ar.queue
     key = next(k for k in keys.queue_keys(queue) if client.llen(k))
     message = json.loads(client.lindex(key, 0))
     newest = time.time() - age_s
-    client.zadd(keys.ledger_open(), {message["headers"]["id"]: newest}, xx=True)
+    client.zadd(space.ledger_open(), {message["headers"]["id"]: newest}, xx=True)
     for start in range(0, depth - 1, 5000):
         ids = [uuid.uuid4().hex for _ in range(min(5000, depth - 1 - start))]
         copies = []
@@ -130,7 +129,7 @@ def distinct_backlog(depth: int, age_s: float) -> None:
         times = {task_id: newest - 1e-4 * (start + i + 1) for i, task_id in enumerate(ids)}
         pipe = client.pipeline(transaction=False)
         pipe.rpush(key, *copies)
-        pipe.zadd(keys.ledger_open(), times)
+        pipe.zadd(space.ledger_open(), times)
         pipe.execute()
 
 

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-import redis
 from prometheus_client import CollectorRegistry, make_wsgi_app, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -25,9 +24,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from omni_tasks.config import CoreModuleConfig, get_config
-from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import get_redis
+from omni_tasks.config import CoreModuleConfig
+from omni_tasks.coordination.client import OmniRedis, client_for
 from omni_tasks.coordination.counters import BATCH_BUCKETS, TIME_BUCKETS, read_histogram
 from omni_tasks.coordination.depths import UNKNOWN_LEVEL
 from omni_tasks.coordination.snapshots import (
@@ -36,6 +34,8 @@ from omni_tasks.coordination.snapshots import (
     read_snapshot,
     worker_resources,
 )
+from omni_tasks.tasks.celery_app import app
+from omni_tasks.tasks.context import producer_context
 
 log = logging.getLogger(__name__)
 #: The `PoolStats` counters, each an `outcome` of `omni_requests_total`.
@@ -50,12 +50,19 @@ RESOURCE_GAUGES = {
 }
 
 
+def _app_config() -> CoreModuleConfig:
+    """The config `omni_tasks.app` sends by now."""
+    return producer_context(app).config
+
+
 class ClusterCollector(Collector):
     """Reads Redis at each scrape; a Redis that does not answer gives `omni_redis_up 0`
-    and nothing else, not a failed scrape."""
+    and nothing else, not a failed scrape. `config` gives the config of each scrape:
+    by default the one `omni_tasks.app` sends by (`producer_context`), so a scrape
+    follows a config changed since."""
 
-    def __init__(self, config: Callable[[], CoreModuleConfig] = get_config) -> None:
-        self._config = config
+    def __init__(self, config: Callable[[], CoreModuleConfig] | None = None) -> None:
+        self._config = config or _app_config
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("omni_redis_up", "Whether the exporter could read Redis.")
@@ -71,7 +78,7 @@ class ClusterCollector(Collector):
         yield from families
 
     def _families(self, config: CoreModuleConfig) -> Iterator[Metric]:
-        client = get_redis(config.redis_url)
+        client = client_for(config)
         snapshot = read_snapshot(client, config)
         pools = list(snapshot.pools)
         yield from _queue_families(snapshot, config.diffusion.queue)
@@ -133,7 +140,7 @@ def _level_label(level: int) -> str:
     return "unknown" if level == UNKNOWN_LEVEL else str(level)
 
 
-def _timing_families(client: redis.Redis, pools: list[str]) -> Iterator[Metric]:
+def _timing_families(client: OmniRedis, pools: list[str]) -> Iterator[Metric]:
     labels = ["pool", "type"]
     wait = HistogramMetricFamily(
         "omni_request_queue_wait_seconds",
@@ -145,7 +152,7 @@ def _timing_families(client: redis.Redis, pools: list[str]) -> Iterator[Metric]:
     )
     pipe = client.pipeline(transaction=False)
     for pool in pools:
-        pipe.hgetall(keys.timings(pool))
+        pipe.hgetall(client.keyspace.timings(pool))
     for pool, raw in zip(pools, pipe.execute(), strict=True):
         for kind in sorted({field.partition(":")[0] for field in raw}):
             for family, name in ((wait, "queued_s"), (run, "run_s")):
@@ -154,7 +161,7 @@ def _timing_families(client: redis.Redis, pools: list[str]) -> Iterator[Metric]:
     yield from (wait, run)
 
 
-def _step_families(client: redis.Redis, pools: list[str], stepping_pool: str) -> Iterator[Metric]:
+def _step_families(client: OmniRedis, pools: list[str], stepping_pool: str) -> Iterator[Metric]:
     batch = HistogramMetricFamily(
         "omni_step_batch_size", "Requests per denoising step batch.", labels=["pool"]
     )
@@ -165,7 +172,7 @@ def _step_families(client: redis.Redis, pools: list[str], stepping_pool: str) ->
     )
     pipe = client.pipeline(transaction=False)
     for pool in pools:
-        pipe.hgetall(keys.step_stats(pool))
+        pipe.hgetall(client.keyspace.step_stats(pool))
     for pool, raw in zip(pools, pipe.execute(), strict=True):
         if raw or pool == stepping_pool:
             buckets, total, _ = read_histogram(raw, "batch", BATCH_BUCKETS)
@@ -174,7 +181,7 @@ def _step_families(client: redis.Redis, pools: list[str], stepping_pool: str) ->
     yield from (batch, preempted)
 
 
-def _worker_families(client: redis.Redis, snapshot: ClusterSnapshot) -> Iterator[Metric]:
+def _worker_families(client: OmniRedis, snapshot: ClusterSnapshot) -> Iterator[Metric]:
     """Per live worker: DiT cache counters and size, device memory, heartbeat age."""
     worker = ["worker"]
     hits = CounterMetricFamily(
@@ -201,7 +208,7 @@ def _worker_families(client: redis.Redis, snapshot: ClusterSnapshot) -> Iterator
     names = [w.get("hostname", "") for w in snapshot.workers]
     pipe = client.pipeline(transaction=False)
     for name in names:
-        pipe.hgetall(keys.cache_worker_stats(name))
+        pipe.hgetall(client.keyspace.cache_worker_stats(name))
     now = time.time()
     for name, info, counts in zip(names, snapshot.workers, pipe.execute(), strict=True):
         for field, value in counts.items():

@@ -6,8 +6,9 @@ and rejects what does not parse. Errors name the field.
 
 The models check shape and ranges only. The names a config registers (LoRA adapters) are
 checked against the `Registries` an entry point passes as pydantic's validation context:
-`create_*_request` and `request_from_task_kwargs` take them (default: the process
-config's); `OmniRequest.from_message` without them checks the shape alone.
+a task's send passes its app's (`request_from_task_kwargs`), and `create_*_request`
+the ones it is given; without them (`OmniRequest.from_message` too) a name's shape is
+checked, and the send checks the name against the registries of the app it goes to.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from omni_tasks.audio_fields import (
     MIN_SPEED,
     audio_aliases,
 )
-from omni_tasks.config import Registries, get_config
+from omni_tasks.config import Registries
 from omni_tasks.errors import RequestValidationError
 from omni_tasks.image_input import PATH_REFUSED, inline_image_b64
 from omni_tasks.image_input import encode_image_file as encode_image_file  # re-exported
@@ -512,9 +513,9 @@ def _new_request(
     registries: Registries | None,
     fields: dict[str, Any],
 ) -> OmniRequest:
-    """A request of `request_type`, its names checked against `registries` (default:
-    the process config's): the `create_*_request` functions are entry points. Anything
-    but a `Registries` (a JSON body's "registries", say) is a field, refused as unknown."""
+    """A request of `request_type`, its names checked against `registries` where given,
+    else for their shape (a send checks them against its app's). Anything but a
+    `Registries` (a JSON body's "registries", say) is a field, refused as unknown."""
     if registries is not None and not isinstance(registries, Registries):
         fields, registries = {**fields, "registries": registries}, None
     data = {"request_type": request_type, **fields}
@@ -526,7 +527,7 @@ def _new_request(
         # Fixed at the producer (reproducible), from the request id: a new id gets a new
         # seed, and the same request sent again under its id is the same request.
         data["seed"] = seed_of(data.setdefault("request_id", uuid.uuid4().hex))
-    return OmniRequest.from_message(data, registries or Registries.from_config(get_config()))
+    return OmniRequest.from_message(data, registries)
 
 
 def seed_of(request_id: Any) -> int:
@@ -639,10 +640,10 @@ def create_multimodal_request(
 
 
 def request_from_task_kwargs(
-    request_type: RequestType, kwargs: dict[str, Any], registries: Registries | None = None
+    request_type: RequestType, kwargs: dict[str, Any], registries: Registries
 ) -> OmniRequest:
     """Validate the kwargs of `generate_*.delay(...)` into a request of that type, its
-    names checked against `registries` (default: the process config's)."""
+    names checked against `registries` (those of the app sending it)."""
     kind = kwargs.get("request_type", request_type.value)
     if kind != request_type.value and kind != request_type:
         raise RequestValidationError("request_type", f"this task takes {request_type.value}")

@@ -1,13 +1,13 @@
 """Following a text or speech request's output while it is made, from any process.
 
 An AR worker writes the pieces of a streamed request (`stream=True`) to a Redis list
-(`keys.text_deltas`) and announces each write on the channel of the same name
+(`KeySpace.text_deltas`) and announces each write on the channel of the same name
 (`workers.text_stream`). `stream_text` reads the list by position and waits on the
 channel and on the result's own channel between reads, so it wakes on each write, never
 on a timer, and it may start late: it reads from the first piece. It ends when the
 result is final, with every piece read (the worker writes the last ones before it
 stores the result), and raises the request's error if it failed. A speech worker
-writes its audio the same way (`keys.audio_chunks`), read by `stream_audio`.
+writes its audio the same way (`KeySpace.audio_chunks`), read by `stream_audio`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Any
 from celery import states
 from celery.result import AsyncResult
 
-from omni_tasks.coordination import keys
 from omni_tasks.errors import ProcessingError, RequestTimeoutError
 from omni_tasks.requests import OmniRequest
 from omni_tasks.tasks.celery_app import app
+from omni_tasks.tasks.context import producer_context
 from omni_tasks.tasks.producer import submit
 
 #: The longest wait between two looks at the result, should a wake-up be missed.
@@ -56,8 +56,9 @@ def stream_text(
         request = submit(request.model_copy(update={"stream": True}))
     request_id = request if isinstance(request, str) else str(request.id)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    key = producer_context(app).keys.text_deltas(request_id)
     read = 0
-    for raw in _follow(request_id, keys.text_deltas(request_id), deadline):
+    for raw in _follow(request_id, key, deadline):
         read += 1
         yield _delta(raw)
     yield from _outcome(app.AsyncResult(request_id), read)
@@ -80,8 +81,9 @@ def stream_audio(
         request = submit(request.model_copy(update={"stream": True}))
     request_id = request if isinstance(request, str) else str(request.id)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    key = producer_context(app).keys.audio_chunks(request_id)
     read = 0
-    for raw in _follow(request_id, keys.audio_chunks(request_id), deadline):
+    for raw in _follow(request_id, key, deadline):
         read += 1
         yield base64.b64decode(json.loads(raw)["b"])
     result = _finished(app.AsyncResult(request_id))
@@ -93,7 +95,7 @@ def stream_audio(
 
 def _follow(request_id: str, key: str, deadline: float | None) -> Iterator[str | bytes]:
     """The raw pieces of the list `key` (a request's stream), until its result is final."""
-    client = app.omni.redis
+    client = producer_context(app).redis
     meta_key = app.backend.get_key_for_task(request_id)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(key, meta_key)

@@ -28,18 +28,19 @@ from omni_tasks import SchedulerError, generate_text  # noqa: E402
 from omni_tasks.config import get_config  # noqa: E402
 from omni_tasks.coordination import acceptance, keys  # noqa: E402
 from omni_tasks.coordination.client import get_redis  # noqa: E402
+from omni_tasks.coordination.keyspace import keyspace  # noqa: E402
 from omni_tasks.dev.restartable_redis import RestartableRedis  # noqa: E402
 
 
 def what_redis_holds(request_id: str) -> dict[str, Any]:
-    client = get_redis()
+    client, space = get_redis(), keyspace(get_config().key_prefix)
     queued = [m for k in keys.queue_keys("ar") for m in client.lrange(k, 0, -1)]
     return {
         "queued": sum(json.loads(m)["headers"]["id"] == request_id for m in queued),
-        "ledger": bool(client.exists(keys.ledger(request_id))),
-        "open": client.zscore(keys.ledger_open(), request_id) is not None,
-        "admitted": client.zscore(keys.admitted("ar"), request_id) is not None,
-        "fingerprint": bool(client.exists(keys.request_fingerprint(request_id))),
+        "ledger": bool(client.exists(space.ledger(request_id))),
+        "open": client.zscore(space.ledger_open(), request_id) is not None,
+        "admitted": client.zscore(space.admitted("ar"), request_id) is not None,
+        "fingerprint": bool(client.exists(space.request_fingerprint(request_id))),
     }
 
 

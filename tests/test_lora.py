@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from helpers import DIT_QUEUE, SMALL, where
+from helpers import DIT_QUEUE, KEYS, SMALL, where
 
 from omni_tasks import (
     ConfigError,
@@ -16,6 +16,7 @@ from omni_tasks import (
     create_text_request,
     generate_image,
     get_config,
+    submit,
 )
 from omni_tasks.config import Registries, config_from_dict, load_config
 from omni_tasks.coordination import cache_directory, keys
@@ -71,15 +72,19 @@ def test_lora_takes_names_and_name_scale_objects_on_every_request_type() -> None
 )
 def test_bad_adapters_are_refused_naming_the_field(lora, field: str, message: str) -> None:
     with pytest.raises(RequestValidationError) as err:
-        create_diffusion_request("a fox", lora=lora)
+        create_diffusion_request(
+            "a fox", lora=lora, registries=Registries.from_config(get_config())
+        )
     assert err.value.field == field and message in str(err.value)
 
 
 def test_request_models_check_shape_and_entry_points_check_the_registry() -> None:
-    """Without registries in the validation context a name is checked for its shape only;
-    `create_*_request` (an entry point) brings the config's, or the ones it is given."""
+    """Without registries in the validation context a name is checked for its shape only
+    (`create_*_request` given none too: the send checks it against its app's);
+    `create_*_request` checks it against the registries it is given."""
     message = {"request_type": "diffusion", "prompt": "a fox", "lora": ["sepia"]}
     assert OmniRequest.from_message(message).adapters == (("sepia", 1.0),)
+    assert create_diffusion_request("a fox", lora=["sepia"]).adapters == (("sepia", 1.0),)
     with pytest.raises(RequestValidationError) as err:
         OmniRequest.from_message(message, Registries.from_config(get_config()))
     assert err.value.field == "lora.0.name"
@@ -108,10 +113,14 @@ def test_an_unknown_adapter_sends_nothing(redis_client) -> None:
     with pytest.raises(RequestValidationError) as err:
         generate_image.delay(prompt="a fox", lora=["sepia"], **SMALL)
     assert err.value.field == "lora.0.name"
+    made = create_diffusion_request("a fox", lora=["sepia"], **SMALL)  # no registries given
+    with pytest.raises(RequestValidationError) as err:
+        submit(made)  # checked against the app's
+    assert err.value.field == "lora.0.name"
     assert not any(
         redis_client.llen(k) for q in ("diffusion", DIT_QUEUE) for k in keys.queue_keys(q)
     )
-    assert not redis_client.zcard(keys.ledger_open())
+    assert not redis_client.zcard(KEYS.ledger_open())
 
 
 def test_the_registry_is_checked_when_the_config_loads(tmp_path) -> None:
@@ -157,8 +166,8 @@ def test_a_lora_request_never_shares_a_base_entry_but_shares_embeddings() -> Non
 
 
 def beat(client, hostname: str) -> None:
-    client.hset(keys.worker(hostname), mapping={"hostname": hostname, "concurrency": 2})
-    client.expire(keys.worker(hostname), 30)
+    client.hset(KEYS.worker(hostname), mapping={"hostname": hostname, "concurrency": 2})
+    client.expire(KEYS.worker(hostname), 30)
 
 
 def test_a_request_goes_to_the_live_worker_holding_its_adapter(redis_client) -> None:
@@ -175,17 +184,17 @@ def test_a_request_goes_to_the_live_worker_holding_its_adapter(redis_client) -> 
     cache_directory.record_insert(
         get_redis(), WORKER, "diffusion", directory_key("ink", config.diffusion.model), 4096
     )
-    assert resolve_route(request, "dit", policy) == pool  # no heartbeat: not live
+    assert resolve_route(request, "dit", policy, redis_client) == pool  # no heartbeat: not live
     beat(redis_client, WORKER)
-    own = keys.worker_queue(WORKER)
-    assert resolve_route(request, "dit", policy).queue == own
+    own = KEYS.worker_queue(WORKER)
+    assert resolve_route(request, "dit", policy, redis_client).queue == own
     sent = generate_image.delay(**fields, lora=["watercolor", "ink"])
     assert where(redis_client, sent.id, queues=(own,)) == (own, pool.level)
-    assert resolve_route(create_diffusion_request(**fields), "dit", policy) == pool
+    assert resolve_route(create_diffusion_request(**fields), "dit", policy, redis_client) == pool
     # A multimodal DiT stage's prompt is written later, but its adapters are known now.
     multi = create_multimodal_request("a fox", lora=["ink"])
-    assert resolve_route(multi, "dit", policy).queue == own
-    assert resolve_route(multi, "ar", policy) == policy.route(multi, "ar")
+    assert resolve_route(multi, "dit", policy, redis_client).queue == own
+    assert resolve_route(multi, "ar", policy, redis_client) == policy.route(multi, "ar")
 
 
 def test_adapter_uses_are_counted_per_pool(redis_client) -> None:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import get_redis
+from omni_tasks.config import get_config
+from omni_tasks.coordination.client import client_for
 
 
 def terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -42,7 +42,9 @@ class WorkerProcess:
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     def is_ready(self) -> bool:
-        return bool(get_redis().exists(keys.worker(self.hostname)))
+        """Whether the worker's heartbeat is in the Redis of this process's config."""
+        client = client_for(get_config())
+        return bool(client.exists(client.keyspace.worker(self.hostname)))
 
     def wait_ready(self, timeout_s: float = 600.0) -> None:
         deadline = time.monotonic() + timeout_s

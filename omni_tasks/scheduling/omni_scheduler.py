@@ -16,20 +16,12 @@ import time
 from dataclasses import replace
 from typing import Any
 
-import redis
 from celery.result import AsyncResult
 
-from omni_tasks.config import (
-    GIB,
-    CacheConfig,
-    CoreModuleConfig,
-    SchedulerConfig,
-    get_config,
-    set_config,
-)
+from omni_tasks.config import GIB, CacheConfig, CoreModuleConfig, SchedulerConfig
 from omni_tasks.coordination import admission
 from omni_tasks.coordination.cache_directory import hit_rate
-from omni_tasks.coordination.client import backoff, get_redis
+from omni_tasks.coordination.client import OmniRedis, backoff, client_for
 from omni_tasks.coordination.counter_window import (
     current_counters,
     record_sample,
@@ -56,6 +48,8 @@ from omni_tasks.errors import (
 )
 from omni_tasks.requests import OmniRequest, ProcessingStage
 from omni_tasks.scheduling.schedulers import PolicyScheduler, create_scheduler
+from omni_tasks.tasks.celery_app import app
+from omni_tasks.tasks.context import producer_context
 from omni_tasks.tasks.producer import cancel, submit
 
 log = logging.getLogger(__name__)
@@ -63,7 +57,11 @@ log = logging.getLogger(__name__)
 
 class OmniScheduler:
     """The scheduler an application awaits: it enqueues with its own policy, awaits
-    results, cancels, and reports status, metrics and health for the whole cluster."""
+    results, cancels, and reports status, metrics and health for the whole cluster.
+
+    It sends through `omni_tasks.app`: given no `core_config`, it takes that app's
+    (`producer_context`), with `config` and `cache_config` replacing their sections.
+    """
 
     def __init__(
         self,
@@ -71,7 +69,7 @@ class OmniScheduler:
         cache_config: CacheConfig | None = None,
         core_config: CoreModuleConfig | None = None,
     ) -> None:
-        base = core_config or get_config()
+        base = core_config or producer_context(app).config
         self.core_config = replace(
             base, scheduler=config or base.scheduler, cache=cache_config or base.cache
         )
@@ -181,9 +179,9 @@ class OmniScheduler:
         return known
 
     @property
-    def redis(self) -> redis.Redis:
+    def redis(self) -> OmniRedis:
         """The client of this scheduler's coordination Redis."""
-        return get_redis(self.core_config.redis_url)
+        return client_for(self.core_config)
 
     def get_queue_size(self) -> int:
         return total_queued(self.redis, self.core_config)
@@ -193,9 +191,9 @@ class OmniScheduler:
 
     # Configuration.
     def update_config(self, new_config: SchedulerConfig) -> None:
-        """Switch this scheduler's policy, and the process's: the router reads the
-        process config, so `.delay()`, `send_task` and chains follow from the next
-        message on."""
+        """Switch this scheduler's policy, and that of the app it sends through: the
+        router reads the app's config (`producer_context`), so `.delay()`, `send_task`
+        and chains follow from the next message on."""
         try:
             new_config.validate()
         except ConfigError:
@@ -204,7 +202,8 @@ class OmniScheduler:
             raise ConfigError("scheduler", f"Failed to update config: {exc}") from exc
         self.core_config = replace(self.core_config, scheduler=new_config)
         self.config = new_config
-        set_config(replace(get_config(), scheduler=new_config))
+        context = producer_context(app)
+        context.switch_to(replace(context.config, scheduler=new_config))
         new = self._create_scheduler()
         new.adopt(self.scheduler)
         self.scheduler = new

@@ -14,7 +14,7 @@ import threading
 from abc import ABC, abstractmethod
 from typing import Generic, TypeVar
 
-from omni_tasks.config import CoreModuleConfig, SchedulerConfig, SchedulerType, get_config
+from omni_tasks.config import CoreModuleConfig, SchedulerConfig, SchedulerType
 from omni_tasks.errors import QueueFullError
 from omni_tasks.requests import OmniRequest
 from omni_tasks.scheduling.policies import SchedulingPolicy, create_policy
@@ -140,5 +140,7 @@ def create_scheduler(config: SchedulerConfig | CoreModuleConfig) -> PolicySchedu
 
 
 def _with_scheduler(config: SchedulerConfig) -> CoreModuleConfig:
-    base = get_config()
-    return CoreModuleConfig(**{**base.__dict__, "scheduler": config})
+    """The whole config of a scheduler given only its own section: the heap orders by
+    that section; the rest (the pools its policy routes to) are the defaults, as a
+    scheduler that sends (`OmniScheduler`) is given its whole config."""
+    return CoreModuleConfig(scheduler=config)

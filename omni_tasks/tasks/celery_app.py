@@ -124,6 +124,7 @@ def broker_settings(config: CoreModuleConfig) -> dict[str, Any]:
             "visibility_timeout": 2 * config.longest_task_s + 300,
             # A broker that does not answer fails a connection, never hangs it.
             "socket_connect_timeout": CONNECT_TIMEOUT_S,
+            **transport.purge_options(config),
             **sentinel_options(config, url),
         },
     }

@@ -14,10 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
-from omni_tasks.config import CoreModuleConfig, get_config
-from omni_tasks.coordination.client import get_redis
+from omni_tasks.config import CoreModuleConfig, get_config, set_config
+from omni_tasks.coordination.client import OmniRedis, client_for
 from omni_tasks.coordination.keyspace import KeySpace, keyspace
 
 
@@ -38,9 +36,17 @@ class ProducerContext:
         return keyspace(self.config.key_prefix)
 
     @property
-    def redis(self) -> redis.Redis:
-        """The process's client of the config's Redis (omni-tasks' own keys)."""
-        return get_redis(self.config.redis_url)
+    def redis(self) -> OmniRedis:
+        """The process's client of the config's Redis, naming keys under its prefix."""
+        return client_for(self.config)
+
+    def switch_to(self, config: CoreModuleConfig) -> None:
+        """Send by `config` from the next message on: it replaces the attached config,
+        or, for a context following the process config, the process config."""
+        if self.attached is not None:
+            self.attached = config
+        else:
+            set_config(config)
 
 
 #: The context of an app that carries none (a plain Celery app holding omni-tasks tasks).

@@ -171,7 +171,7 @@ def multimodal_chain(request: OmniRequest, policy: SchedulingPolicy | None = Non
     ):
         options: dict[str, Any] = {"task_id": task_id}
         if policy is not None:
-            route = resolve_route(request, stage, policy)
+            route = resolve_route(request, stage, policy, task.omni_context.redis)
             options.update(queue=route.queue, priority=route.level)
         stages.append(task.signature(kwargs=message, **options))
     return chain(*stages)

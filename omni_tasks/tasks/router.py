@@ -13,6 +13,7 @@ from typing import Any
 
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import cache_directory, keys
+from omni_tasks.coordination.client import OmniRedis
 from omni_tasks.model_registry import dit_model
 from omni_tasks.requests import OmniRequest, Stage
 from omni_tasks.scheduling.policies import Route, SchedulingPolicy, create_policy
@@ -55,8 +56,9 @@ class OmniRouter:
         # The request a send validated the message into, else validate it now
         # (RequestValidationError: nothing sent).
         request = request_being_sent(kwargs) or task.build_request(kwargs or {})
-        policy = self.current_policy(task.omni_context.config)
-        route = resolve_route(request, task.stage, policy)
+        context = task.omni_context
+        policy = self.current_policy(context.config)
+        route = resolve_route(request, task.stage, policy, context.redis)
         return {"queue": route.queue, "priority": route.level}
 
 
@@ -64,13 +66,17 @@ class OmniRouter:
 app_router = OmniRouter()
 
 
-def resolve_route(request: OmniRequest, stage: Stage, policy: SchedulingPolicy) -> Route:
+def resolve_route(
+    request: OmniRequest, stage: Stage, policy: SchedulingPolicy, client: OmniRedis
+) -> Route:
     """The policy's route; a DiT stage goes to its model's queue (`keys.model_queue`),
     which only the workers serving that model read. A DiT request whose cache keys or
     LoRA adapters a live, not overloaded worker holds goes to that worker's own queue
     instead, with the same level (`cache_directory.affinity_keys`: the keys name the
     model, so the holder serves it; a MULTIMODAL DiT stage's prompt is written by its
-    AR stage, so only its adapters are known when it is routed).
+    AR stage, so only its adapters are known when it is routed). `client` is the
+    coordination Redis of the sender's context, where the cache directory and the
+    workers' heartbeats are.
     """
     route = policy.route(request, stage)
     config = policy.config
@@ -84,10 +90,11 @@ def resolve_route(request: OmniRequest, stage: Stage, policy: SchedulingPolicy) 
         return route
     try:
         wanted = cache_directory.affinity_keys(request, config)
-        holder = cache_directory.pick_holder(wanted) if wanted else None
+        holder = cache_directory.pick_holder(client, wanted) if wanted else None
     except Exception:  # the directory is an optimisation: route normally without it
         log.warning("cache directory lookup failed", exc_info=True)
         return route
     if holder is None:
         return route
-    return Route(queue=routed_queue(keys.worker_queue(holder)), level=route.level)
+    own = client.keyspace.worker_queue(holder)
+    return Route(queue=routed_queue(own), level=route.level)

@@ -35,8 +35,9 @@ from kombu.transport import TRANSPORT_ALIASES, get_transport_cls, redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps
 
-from omni_tasks.config import CoreModuleConfig, get_config
+from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import acceptance, keys
+from omni_tasks.coordination.keyspace import keyspace
 from omni_tasks.model_registry import model_queues
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,24 @@ log = logging.getLogger(__name__)
 TASK_SENT = "task.sent"
 #: A kombu binding is routing key, pattern and queue joined by the separator.
 BINDING_FIELDS = 3
+
+
+#: The broker transport option saying what purging the diffusion pool's queue also
+#: purges (`purge_options`): the app's connections carry it to their channels.
+PURGE_OPTION = "omni_purge_with"
+
+
+def purge_options(config: CoreModuleConfig) -> dict[str, Any]:
+    """The transport option of `config` for `OmniRedisChannel._purge`: the diffusion
+    pool's queue, its registered models' queues and the name its workers' own queues
+    start with (routing sends work to both)."""
+    return {
+        PURGE_OPTION: {
+            "queue": config.diffusion.queue,
+            "models": sorted(model_queues(config).values()),
+            "own_prefix": keyspace(config.key_prefix).worker_queue(""),
+        }
+    }
 
 
 #: Message property set on every message an omni-tasks process publishes to Redis:
@@ -155,14 +174,14 @@ class OmniRedisChannel(redis.Channel):
         """kombu's purge of every level of `queue`; purging the diffusion pool's queue
         also purges its registered models' queues and its workers' own queues (routing
         sends work there), so `celery purge` leaves no message for a worker started
-        later."""
+        later. What they are comes with the connection (`purge_options`)."""
         purged = super()._purge(queue)
-        config = get_config()
-        if queue != config.diffusion.queue:
+        options = self.connection.client.transport_options.get(PURGE_OPTION) or {}
+        if queue != options.get("queue"):
             return purged
         with self.conn_or_acquire() as client:
-            own = list(client.scan_iter(match=keys.worker_queue("") + "*", count=500))
-            models = model_queues(config).values()
+            own = list(client.scan_iter(match=options["own_prefix"] + "*", count=500))
+            models = options.get("models", [])
             own += [k for name in models for k in keys.queue_keys(name) if client.exists(k)]
             if own:
                 pipe = client.pipeline()

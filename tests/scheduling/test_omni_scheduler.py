@@ -10,7 +10,7 @@ import time
 from dataclasses import replace
 
 import pytest
-from helpers import DIT_QUEUE, where, write_heartbeat
+from helpers import DIT_QUEUE, KEYS, where, write_heartbeat
 
 from omni_tasks import (
     CacheConfig,
@@ -28,7 +28,6 @@ from omni_tasks import (
     create_text_request,
     get_config,
 )
-from omni_tasks.coordination import keys
 from omni_tasks.scheduling import HybridScheduler, PriorityScheduler
 from omni_tasks.tasks.definitions import generate_text
 
@@ -132,8 +131,8 @@ def test_remove_request_revokes_it(redis_client) -> None:
     assert (known, unknown) == (True, False)
     assert request.processing_stage is ProcessingStage.CANCELLED
     for task_id in (request.request_id, request.request_id + ".prompt"):
-        assert redis_client.exists(keys.revoked(task_id)), task_id
-    assert redis_client.exists(keys.revoked("never-scheduled"))  # revoked all the same
+        assert redis_client.exists(KEYS.revoked(task_id)), task_id
+    assert redis_client.exists(KEYS.revoked("never-scheduled"))  # revoked all the same
     assert asyncio.run(scheduler.get_next_request()) is None
 
 
@@ -250,6 +249,27 @@ def test_update_config_reaches_plain_delay(redis_client, use_config) -> None:
     assert get_config().scheduler == PRIORITY
 
 
+def test_a_scheduler_takes_and_updates_the_config_of_the_app_it_sends_through(
+    redis_client,
+) -> None:
+    """Given no config, the app's context's (attached here, not the process's); an update
+    switches that context, so plain `.delay()` follows and the process config stays."""
+    from omni_tasks import app
+
+    process = get_config()
+    app.omni.attached = replace(process, scheduler=SchedulerConfig(), key_prefix="omni")
+    try:
+        scheduler = OmniScheduler()
+        assert scheduler.core_config.scheduler.scheduler_type is SchedulerType.FIFO
+        scheduler.update_config(PRIORITY)
+        sent = generate_text.delay(prompt="after", priority="low")
+        assert where(redis_client, sent.id) == ("ar", 9)
+        assert app.omni.config.scheduler == PRIORITY
+        assert get_config() is process
+    finally:
+        app.omni.attached = None
+
+
 def test_start_samples_every_metrics_interval_unless_disabled(redis_client) -> None:
     def samples_after_start(config) -> int:
         async def run() -> None:
@@ -258,9 +278,9 @@ def test_start_samples_every_metrics_interval_unless_disabled(redis_client) -> N
             await asyncio.sleep(2.5)  # the time whose samples are counted
             await scheduler.shutdown()
 
-        redis_client.delete(keys.metrics_samples())
+        redis_client.delete(KEYS.metrics_samples())
         asyncio.run(run())
-        return redis_client.zcard(keys.metrics_samples())
+        return redis_client.zcard(KEYS.metrics_samples())
 
     config = replace(get_config(), metrics_interval=1)
     assert samples_after_start(config) >= 2

@@ -71,6 +71,20 @@ def test_visibility_timeout_exceeds_the_longest_task() -> None:
     assert celery_settings(slow)["broker_transport_options"]["visibility_timeout"] > 7200
 
 
+def test_a_purge_knows_the_queues_of_the_config_from_the_connection() -> None:
+    """`celery purge` of the diffusion pool also empties its models' and workers' own
+    queues: the broker options carry their names (`transport.purge_options`)."""
+    from omni_tasks.config.registry import ModelEntry
+    from omni_tasks.tasks.transport import PURGE_OPTION
+
+    config = replace(CoreModuleConfig(), key_prefix="mine", models={"flux-b": ModelEntry()})
+    options = celery_settings(config)["broker_transport_options"][PURGE_OPTION]
+    assert options["queue"] == config.diffusion.queue
+    assert "diffusion.flux-b" in options["models"]
+    assert options["own_prefix"] == "mine.w."
+    json.dumps(options)  # a connection's info stays JSON (Flower, `inspect stats`)
+
+
 def test_worker_processes_import_the_worker_side() -> None:
     assert "workers.entry" in app.conf.imports
     assert app.conf.worker_consumer == "workers.lifecycle.consumer:OmniConsumer"

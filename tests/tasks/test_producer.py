@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import DIT_QUEUE, message_kwargs, queued_messages, where
+from helpers import DIT_QUEUE, KEYS, message_kwargs, queued_messages, where
 
 from omni_tasks import (
     RequestType,
@@ -22,7 +22,6 @@ from omni_tasks import (
     get_config,
     submit,
 )
-from omni_tasks.coordination import keys
 from omni_tasks.scheduling.policies import create_policy, first_stage
 from omni_tasks.tasks.producer import REVOKE_TTL_S
 from omni_tasks.tasks.router import resolve_route
@@ -50,7 +49,7 @@ def test_submit_puts_each_type_on_its_pool(redis_client) -> None:
     ]
     for request in requests:
         submit(request)
-        route = resolve_route(request, first_stage(request), policy)
+        route = resolve_route(request, first_stage(request), policy, redis_client)
         assert where(redis_client, request.request_id) == (route.queue, route.level)
     assert [where(redis_client, r.request_id)[0] for r in requests] == ["ar", DIT_QUEUE, DIT_QUEUE]
 
@@ -94,20 +93,20 @@ def test_cancel_a_multimodal_request_flags_both_of_its_tasks(redis_client) -> No
     submit(request)
     cancel("mm-2", RequestType.MULTIMODAL)
     for task_id in ("mm-2.prompt", "mm-2"):
-        assert redis_client.get(keys.revoked(task_id)) == "1", task_id
-        assert REVOKE_TTL_S - 60 < redis_client.ttl(keys.revoked(task_id)) <= REVOKE_TTL_S
+        assert redis_client.get(KEYS.revoked(task_id)) == "1", task_id
+        assert REVOKE_TTL_S - 60 < redis_client.ttl(KEYS.revoked(task_id)) <= REVOKE_TTL_S
 
 
 @pytest.mark.parametrize("kind", [RequestType.TEXT, RequestType.DIFFUSION, RequestType.IMAGE])
 def test_cancel_a_one_stage_request_flags_its_task(redis_client, kind: RequestType) -> None:
     cancel("one-1", kind)
-    assert redis_client.get(keys.revoked("one-1")) == "1"
-    assert not redis_client.exists(keys.revoked("one-1.prompt"))
+    assert redis_client.get(KEYS.revoked("one-1")) == "1"
+    assert not redis_client.exists(KEYS.revoked("one-1.prompt"))
 
 
 def test_cancel_without_a_type_flags_both_possible_tasks(redis_client) -> None:
     cancel("who-knows")
-    assert redis_client.exists(keys.revoked("who-knows"), keys.revoked("who-knows.prompt")) == 2
+    assert redis_client.exists(KEYS.revoked("who-knows"), KEYS.revoked("who-knows.prompt")) == 2
 
 
 PRODUCER = r"""

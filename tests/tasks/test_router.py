@@ -8,7 +8,7 @@ import logging
 from dataclasses import replace
 
 import pytest
-from helpers import DIT_QUEUE, LARGE, SMALL, queued_messages, where
+from helpers import DIT_QUEUE, KEYS, LARGE, SMALL, queued_messages, where
 from redis import Redis
 
 from omni_tasks import (
@@ -24,7 +24,7 @@ from omni_tasks import (
     lora,
 )
 from omni_tasks.config import ModelEntry
-from omni_tasks.coordination import cache_directory, keys
+from omni_tasks.coordination import cache_directory
 from omni_tasks.coordination.client import get_redis
 from omni_tasks.requests import OmniRequest
 from omni_tasks.scheduling.policies import Route, create_policy
@@ -142,8 +142,8 @@ def test_router_follows_the_current_config(use_config) -> None:
 def beat(client: Redis, hostname: str, concurrency: int = 2) -> None:
     """A live worker's heartbeat, as the worker side writes it (expiring)."""
     info = {"hostname": hostname, "queues": '["diffusion"]', "stages": '["dit"]'}
-    client.hset(keys.worker(hostname), mapping={**info, "concurrency": concurrency})
-    client.expire(keys.worker(hostname), 30)
+    client.hset(KEYS.worker(hostname), mapping={**info, "concurrency": concurrency})
+    client.expire(KEYS.worker(hostname), 30)
 
 
 def hold(hostname: str, request: OmniRequest) -> None:
@@ -158,7 +158,7 @@ def test_a_repeat_goes_to_the_live_worker_holding_its_keys(redis_client) -> None
     hold(WORKER, create_diffusion_request(**fields))
     pool_level = create_policy(get_config()).route(create_diffusion_request(**fields)).level
     sent = generate_image.delay(**fields)
-    own = keys.worker_queue(WORKER)
+    own = KEYS.worker_queue(WORKER)
     assert where(redis_client, sent.id, queues=(own,)) == (own, pool_level)
     other_seed = generate_image.delay(**{**fields, "seed": 6})  # same prompt: embeddings only
     assert where(redis_client, other_seed.id) == (DIT_QUEUE, pool_level)
@@ -170,7 +170,7 @@ def test_the_embeddings_holder_gets_a_new_seed_of_a_known_prompt(redis_client) -
     embeddings = cache_directory.dit_keys(create_diffusion_request(**fields), get_config())
     cache_directory.record_insert(get_redis(), WORKER, "diffusion", embeddings.embeddings, 512)
     sent = generate_image.delay(**{**fields, "seed": 99})
-    own = keys.worker_queue(WORKER)
+    own = KEYS.worker_queue(WORKER)
     assert where(redis_client, sent.id, queues=(own,))[0] == own
 
 
@@ -182,18 +182,20 @@ def test_no_affinity_for_a_dead_holder_a_disabled_pool_or_other_stages(
     hold(WORKER, request)
     policy = create_policy(get_config())
     pool = Route(DIT_QUEUE, policy.route(request, "dit").level)  # the model's queue
-    assert resolve_route(request, "dit", policy) == pool  # no heartbeat: dead
+    assert resolve_route(request, "dit", policy, redis_client) == pool  # no heartbeat: dead
     beat(redis_client, WORKER)
-    assert resolve_route(request, "dit", policy) == Route(keys.worker_queue(WORKER), pool.level)
+    assert resolve_route(request, "dit", policy, redis_client) == Route(
+        KEYS.worker_queue(WORKER), pool.level
+    )
     # The DiT stage of a MULTIMODAL request renders a prompt the AR stage has not written yet.
     multi = create_multimodal_request(**fields)
     hold(WORKER, multi)
-    assert resolve_route(multi, "dit", policy) == Route(DIT_QUEUE, pool.level)
-    assert resolve_route(multi, "ar", policy) == policy.route(multi, "ar")
+    assert resolve_route(multi, "dit", policy, redis_client) == Route(DIT_QUEUE, pool.level)
+    assert resolve_route(multi, "ar", policy, redis_client) == policy.route(multi, "ar")
     config = get_config()
     off = replace(config, diffusion=replace(config.diffusion, cache_affinity=False))
     use_config(off)
-    assert resolve_route(request, "dit", create_policy(off)) == pool
+    assert resolve_route(request, "dit", create_policy(off), redis_client) == pool
     sent = generate_image.delay(**fields)
     assert where(redis_client, sent.id) == (DIT_QUEUE, pool.level)
 
@@ -205,7 +207,7 @@ def test_a_directory_failure_routes_to_the_pool(use_config, caplog) -> None:
     use_config(unreachable)
     policy = create_policy(unreachable)
     with caplog.at_level(logging.WARNING, logger="omni_tasks.tasks.router"):
-        found = resolve_route(request, "dit", policy)
+        found = resolve_route(request, "dit", policy, get_redis(unreachable.redis_url))
     assert found == Route(DIT_QUEUE, policy.route(request, "dit").level)
     assert "cache directory lookup failed" in caplog.text
 
@@ -243,7 +245,9 @@ def test_a_model_queue_is_declared_as_a_pool_queue(two_models) -> None:
 
 
 @pytest.mark.parametrize("scheduler_type", [SchedulerType.PRIORITY], indirect=True)
-def test_a_multimodal_dit_stage_goes_to_its_models_queue(scheduler_type, two_models) -> None:
+def test_a_multimodal_dit_stage_goes_to_its_models_queue(
+    redis_client, scheduler_type, two_models
+) -> None:
     router = OmniRouter()
     task = app.tasks["omni_tasks.multimodal_render"]  # routed when the AR worker sends it
     kwargs = {"prompt": "x", "request_type": "multimodal", "model": "flux-b"}
@@ -253,8 +257,8 @@ def test_a_multimodal_dit_stage_goes_to_its_models_queue(scheduler_type, two_mod
     }
     request = create_multimodal_request("x", model="flux-b")
     policy = create_policy(get_config())
-    assert resolve_route(request, "ar", policy).queue == "ar"
-    assert resolve_route(request, "dit", policy).queue == "diffusion.flux-b"
+    assert resolve_route(request, "ar", policy, redis_client).queue == "ar"
+    assert resolve_route(request, "dit", policy, redis_client).queue == "diffusion.flux-b"
 
 
 def test_affinity_stays_within_a_model(redis_client, two_models) -> None:
@@ -264,22 +268,27 @@ def test_affinity_stays_within_a_model(redis_client, two_models) -> None:
     beat(redis_client, WORKER)  # serves flux-b
     hold(WORKER, create_diffusion_request(**fields, model="flux-b"))
     policy = create_policy(get_config())
-    own = keys.worker_queue(WORKER)
+    own = KEYS.worker_queue(WORKER)
     assert (
-        resolve_route(create_diffusion_request(**fields, model="flux-b"), "dit", policy).queue
+        resolve_route(
+            create_diffusion_request(**fields, model="flux-b"), "dit", policy, redis_client
+        ).queue
         == own
     )
     for other in (
         create_diffusion_request(**fields),
         create_diffusion_request(**fields, model="tiny-flux"),
     ):
-        assert resolve_route(other, "dit", policy).queue == DIT_QUEUE
+        assert resolve_route(other, "dit", policy, redis_client).queue == DIT_QUEUE
     adapter = lora.directory_key("ink", "flux-b")
     cache_directory.record_insert(get_redis(), WORKER, "diffusion", adapter, 4096)
     styled = {"prompt": "a new prompt", "lora": ["ink"], **SMALL}
     on_b = create_diffusion_request(**styled, model="flux-b")
     assert cache_directory.affinity_keys(on_b, get_config())[1] == adapter
-    assert resolve_route(on_b, "dit", policy).queue == own
-    assert resolve_route(create_diffusion_request(**styled), "dit", policy).queue == DIT_QUEUE
+    assert resolve_route(on_b, "dit", policy, redis_client).queue == own
+    assert (
+        resolve_route(create_diffusion_request(**styled), "dit", policy, redis_client).queue
+        == DIT_QUEUE
+    )
     multi = create_multimodal_request("x", lora=["ink"], model="flux-b")  # adapters only
-    assert resolve_route(multi, "dit", policy).queue == own
+    assert resolve_route(multi, "dit", policy, redis_client).queue == own

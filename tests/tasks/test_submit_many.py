@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 from celery import states
-from helpers import DIT_QUEUE, eventually, mixed_text_requests, queued_messages, where
+from helpers import DIT_QUEUE, KEYS, eventually, mixed_text_requests, queued_messages, where
 
 from omni_tasks import (
     QueueFullError,
@@ -32,7 +32,7 @@ from omni_tasks import (
     submit,
     submit_many,
 )
-from omni_tasks.coordination import admission, keys, ledger
+from omni_tasks.coordination import admission, ledger
 from omni_tasks.coordination.idempotency import ACCEPTED_HEADER
 from omni_tasks.tasks import batch_submit
 from omni_tasks.tasks.celery_app import app
@@ -52,9 +52,9 @@ def accepted_state(client: redis.Redis) -> dict[str, Any]:
     """Everything an acceptance writes: queues, ledger, fingerprints, admitted sets."""
     return {
         "messages": sorted(m["headers"]["id"] for m in all_messages(client)),
-        "ledger": sorted(client.zrange(keys.ledger_open(), 0, -1)),
-        "fingerprints": sorted(client.scan_iter(match=keys.request_fingerprint("*"))),
-        "admitted": {q: sorted(client.zrange(keys.admitted(q), 0, -1)) for q in QUEUES[:2]},
+        "ledger": sorted(client.zrange(KEYS.ledger_open(), 0, -1)),
+        "fingerprints": sorted(client.scan_iter(match=KEYS.request_fingerprint("*"))),
+        "admitted": {q: sorted(client.zrange(KEYS.admitted(q), 0, -1)) for q in QUEUES[:2]},
     }
 
 
@@ -87,7 +87,7 @@ def test_each_request_keeps_its_id_route_and_deadline(redis_client) -> None:
         else:
             assert datetime.fromisoformat(expires).timestamp() == pytest.approx(deadline)
         assert message["headers"][ACCEPTED_HEADER] is True
-    assert sorted(redis_client.zrange(keys.ledger_open(), 0, -1)) == sorted(
+    assert sorted(redis_client.zrange(KEYS.ledger_open(), 0, -1)) == sorted(
         r.request_id for r in requests
     )
 
@@ -293,12 +293,12 @@ def test_a_rabbitmq_broker_gets_the_batch_after_its_acceptance(redis_client) -> 
             channel.exchange_delete(queue)
     # RabbitMQ serves the highest number first: levels 0, 6, 9 are 9, 3, 0.
     assert got == [("amqp-1", 9), ("amqp-2", 3), ("amqp-0", 0)]
-    assert sorted(redis_client.zrange(keys.admitted(queue), 0, -1)) == [
+    assert sorted(redis_client.zrange(KEYS.admitted(queue), 0, -1)) == [
         "amqp-0",
         "amqp-1",
         "amqp-2",
     ]
-    assert not redis_client.exists(keys.request_fingerprint("full-0"))
+    assert not redis_client.exists(KEYS.request_fingerprint("full-0"))
 
 
 class commands_sent:  # noqa: N801 - used as a context manager, like a function

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 import pytest
-from helpers import DIT_QUEUE, message_kwargs, queued_messages
+from helpers import DIT_QUEUE, KEYS, message_kwargs, queued_messages
 from redis import Redis
 
 from omni_tasks import (
@@ -24,7 +24,7 @@ from omni_tasks import (
     generate_text,
     submit,
 )
-from omni_tasks.coordination import admission, keys
+from omni_tasks.coordination import admission
 from omni_tasks.coordination.idempotency import ACCEPTED_HEADER
 from omni_tasks.coordination.ledger import REPUBLISHED_HEADER
 from omni_tasks.tasks import app
@@ -116,7 +116,7 @@ def test_a_refused_admission_leaves_the_id_free(redis_client) -> None:
     generate_text.delay(prompt="first", request_id="full-1")
     with admission.max_queue_size(1), pytest.raises(QueueFullError):
         generate_text.delay(prompt="second", request_id="full-2")
-    assert not redis_client.exists(keys.request_fingerprint("full-2"))
+    assert not redis_client.exists(KEYS.request_fingerprint("full-2"))
     generate_text.delay(prompt="another", request_id="full-2")  # not a conflict
     assert sorted(ids(redis_client)) == ["full-1", "full-2"]
 
