@@ -82,7 +82,7 @@ def test_affinity_routes_a_repeat_to_the_holder(two_workers) -> None:
     ]
     assert result.worker == held  # the worker that ran it is the one the directory names
     repeat = create_diffusion_request("affinity check", seed=5, **SMALL)
-    route = resolve_route(repeat, "dit", create_policy(get_config()))
+    route = resolve_route(repeat, "dit", create_policy(get_config()), get_redis())
     assert route.queue == KEYS.worker_queue(held)
     assert route.level == create_policy(get_config()).route(repeat, "dit").level
     value = submit(repeat).get(TIMEOUT)
@@ -94,7 +94,7 @@ def test_affinity_routes_a_repeat_to_the_holder(two_workers) -> None:
     off = replace(config, diffusion=replace(config.diffusion, cache_affinity=False))
 
     pool_queue = keys.model_queue(config.diffusion.queue, config.diffusion.model)
-    assert resolve_route(repeat, "dit", create_policy(off)).queue == pool_queue
+    assert resolve_route(repeat, "dit", create_policy(off), get_redis()).queue == pool_queue
 
 
 def test_single_flight_computes_identical_requests_once(two_workers) -> None:

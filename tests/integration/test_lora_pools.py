@@ -122,7 +122,7 @@ def test_a_request_goes_to_the_worker_holding_its_adapter(lora_pools) -> None:
     holder = holders[0].worker
     assert holder in {w.hostname for w in lora_pools["diffusion"]}
     request = create_diffusion_request("charcoal study 2", seed=2, lora=["charcoal"], **IMAGE)
-    route = resolve_route(request, "dit", create_policy(get_config()))
+    route = resolve_route(request, "dit", create_policy(get_config()), get_redis())
     assert route.queue == KEYS.worker_queue(holder)
     for i in range(2, 6):  # a new prompt each time: only the adapter is known
         result = image(prompt=f"charcoal study {i}", seed=i, lora=["charcoal"])
