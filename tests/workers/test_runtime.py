@@ -62,7 +62,10 @@ def test_an_attached_config_is_the_runtimes_and_an_unattached_runtime_follows_th
     attached.attach(WorkerIdentity(hostname="cfg@host"), own)
     use_config(replace(get_config(), key_prefix="process"))
     assert attached.config is own and unattached.config.key_prefix == "process"
-    assert unattached.redis is attached.redis  # one client per URL in a process
+    assert attached.keys.prefix == attached.redis.keyspace.prefix == "attached"
+    assert unattached.keys.prefix == unattached.redis.keyspace.prefix == "process"
+    # One connection pool per URL in a process, whatever the prefix.
+    assert unattached.redis.connection_pool is attached.redis.connection_pool
 
 
 def test_resolve_model_existing_path_tiny_name_and_hub_id(
