@@ -324,7 +324,7 @@ def _lookups(path: Path) -> set[str]:
 #: which build the contexts everything else is given.
 ENTRY_POINTS = {
     "omni_tasks/config": {"get_config"},  # the lookup itself
-X
+    "omni_tasks/coordination/client.py": {"get_config", "get_redis"},  # get_redis itself
     "omni_tasks/cli": {"get_config", "get_redis"},  # the commands
     "omni_tasks/dev/demo.py": {"get_config", "get_redis"},
     "omni_tasks/dev/launcher.py": {"get_config"},
