@@ -137,6 +137,17 @@ class DiffusersEngine:
         self.true_cfg_scale = true_cfg_scale
         self._stopped = threading.Event()
         self._hooks = TransformerHooks(self._stopped)
+        pipe = self._load_family(family, max_sequence_length)
+        config = config or get_config()
+        self._build_loop(pipe, config, max_batch_size, adapter_listener, counters, cache_usage)
+        self._probe_opts = {"device": self.device, "dtype": self.dtype}
+        self._watch = ArrivalWatch(self.loop, arrivals) if arrivals is not None else None
+        self._encoder = PromptEncoder(self.family, true_cfg_scale, run_on=self.loop.run)
+        self._mag_ratios = MagCacheRatios(self._encoder, self._hooks, mag_ratios)
+        log.info("%s: the %s family, on %s", self.model, self.family.name, self.device)
+
+    def _load_family(self, family: str | None, max_sequence_length: int) -> Any:
+        """Load the checkpoint's pipeline as its family and hook its transformer."""
         family_cls = detect(self.model, family)
         extra = family_cls.load_kwargs(self.model)
         pipe = load_pipeline(
@@ -147,9 +158,20 @@ class DiffusersEngine:
             check_rows(self.family)
         self._hooks.install(pipe.transformer)
         self.size_multiple: int = self.family.size_multiple
-        config = config or get_config()
+        return pipe
+
+    def _build_loop(
+        self,
+        pipe: Any,
+        config: CoreModuleConfig,
+        max_batch_size: int,
+        adapter_listener: AdapterListener | None,
+        counters: StepCounters | None,
+        cache_usage: Callable[[], int],
+    ) -> None:
+        """The adapters, the memory budget, the step scheduler and the loop that runs the
+        steps; probes and adapter loads run where the steps run, on that loop."""
         modules = list(pipe.components.values())
-        # Probes and adapter loads run where the steps run: on the loop, built below.
         self.adapters = adapters_for(
             pipe, config, adapter_budget_bytes(config), adapter_listener, self._run_unshared
         )
@@ -162,18 +184,13 @@ class DiffusersEngine:
             adapter_usage=self.adapters.used_bytes,
         )
         self.step_scheduler = StepScheduler(config, resources=self.resources)
-        transformer, family_ = pipe.transformer, self.family
+        transformer, family = pipe.transformer, self.family
         self.loop = StepLoop(
             self.step_scheduler,
-            lambda calls: run_batch(family_, transformer, calls, self.adapters),
+            lambda calls: run_batch(family, transformer, calls, self.adapters),
             max_batch_size,
             counters,
         )
-        self._probe_opts = {"device": self.device, "dtype": self.dtype}
-        self._watch = ArrivalWatch(self.loop, arrivals) if arrivals is not None else None
-        self._encoder = PromptEncoder(self.family, true_cfg_scale, run_on=self.loop.run)
-        self._mag_ratios = MagCacheRatios(self._encoder, self._hooks, mag_ratios)
-        log.info("%s: the %s family, on %s", self.model, self.family.name, self.device)
 
     def _run_on_loop(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the step loop's thread (a `RunOnDevice`)."""
