@@ -18,11 +18,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
+from helpers import eventually
 
 from omni_tasks.dev.launcher import start_worker
 from omni_tasks.dev.restartable_redis import RestartableRedis
@@ -66,7 +67,10 @@ def test_a_producer_waiting_in_get_gets_its_result_after_a_redis_restart(
     )
     assert producer.stdout is not None
     assert producer.stdout.readline().strip() == "WAITING", producer.stderr.read()
-    time.sleep(0.5)  # in `.get()`, subscribed
+    watcher = redis.Redis.from_url(server.url)
+    subscribed = eventually(lambda: watcher.pubsub_channels("celery-task-meta-*"))
+    assert subscribed, "the producer never subscribed to its result"  # it waits in `.get()`
+    watcher.close()
 
     server.restart(down_s)
     worker = start_worker("ar", run_dir / f"wait-outage-{down_s:.0f}", env=env)
