@@ -2,7 +2,7 @@
 any number of producer processes.
 
 Each pool keeps a sorted set of the requests it admitted and that are not final yet
-(`keys.admitted`: id -> when admitted); its size is the pool's count. One Lua script
+(`KeySpace.admitted`: id -> when admitted); its size is the pool's count. One Lua script
 (`scripts/admit.lua`) checks the size and adds the id in one step, so concurrent
 producers never overshoot. The id is the request's final task id (a MULTIMODAL chain's
 last stage): a chain is counted once, in the pool of its first stage, and a message

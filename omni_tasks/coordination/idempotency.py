@@ -3,7 +3,7 @@ repeat, for a different one a conflict.
 
 A request's fingerprint (`OmniRequest.fingerprint`: the request without its id and its
 creation time) is kept under its id
-(`keys.request_fingerprint`) for `result_expires` seconds from its acceptance.
+(`KeySpace.request_fingerprint`) for `result_expires` seconds from its acceptance.
 
 - **omni-tasks producers** (`.delay()`, `apply_async`, `send_task` on `omni_tasks.app`,
   `submit`, `OmniScheduler`) check and record it when they accept the request, in the

@@ -4,7 +4,7 @@ The reaper asks this of the requests whose ledger entries are due (accepted long
 `ledger_grace_s` ago, not final, neither held nor unacked): a request still queued must
 not be published again. kombu LPUSHes new messages and BRPOPs the oldest, and restores
 a message at the old end, so a list is in publish order from its tail: the ledger's
-time of each message (`keys.ledger_open`) grows toward the head. The walk reads a
+time of each message (`KeySpace.ledger_open`) grows toward the head. The walk reads a
 list's tail in chunks and stops when the requests it looks for are found or when the
 newest message of a chunk was published after all of them: what lies beyond is newer
 still. Its cost is O(the messages older than the newest request asked about), not

@@ -6,7 +6,7 @@ under a short-lived key and drops the lease. A waiter polls: outcome there -> re
 lease gone without an outcome (the holder failed, or died and the lease expired) -> it
 claims the key and computes itself.
 
-A caller may name its worker (`holder`: the name its heartbeat hash `keys.worker(holder)`
+A caller may name its worker (`holder`: the name its heartbeat hash `KeySpace.worker(holder)`
 is kept under, a worker's `runtime.hostname`). Its lease then records it, and a waiter
 that finds the holder's heartbeat gone (expired: the worker is dead, as the reaper
 judges it) takes the lease over at once and computes, instead of waiting up to
@@ -111,7 +111,7 @@ def join(
     release), or (None, outcome) when another worker's outcome can be reused.
     Raises TimeoutError at `deadline` (time.monotonic()).
 
-    `holder`: the caller's worker name, whose heartbeat hash is `keys.worker(holder)` (a
+    `holder`: the caller's worker name, whose heartbeat hash is `KeySpace.worker(holder)` (a
     worker's `runtime.hostname`; pass it only from a process whose worker beats). The
     lease it takes names it, so that if this worker is killed, its waiters and the
     redelivered message take the flight over as soon as its heartbeat expires. Without

@@ -21,7 +21,7 @@ from omni_tasks.coordination.depths import all_depths
 
 @dataclass
 class PoolStats:
-    """A pool's cumulative counters (`keys.stats`: one hash field each)."""
+    """A pool's cumulative counters (`KeySpace.stats`: one hash field each)."""
 
     processed: int = 0
     failed: int = 0

@@ -1,7 +1,7 @@
 """The index of workers by their last beat: who is alive, who died, and which lists are
 the diffusion workers' own queues, read in O(workers of a kind) without a keyspace scan.
 
-Each beat adds one `ZADD` to the sorted set of each of its kinds (`keys.worker_beats`),
+Each beat adds one `ZADD` to the sorted set of each of its kinds (`KeySpace.worker_beats`),
 the stages it runs:
 
 - `ar`: workers that run the AR stage: the HTTP API counts them before it accepts a
