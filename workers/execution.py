@@ -138,7 +138,7 @@ def _render(
         level=_delivered_level(request),
         cancelled=task_context.revoked_check(),
         on_progress=progress.callback(),
-        preview=previews.previewer_for(request, runtime.redis, runtime.keys),
+        preview=previews.previewer_for(request, runtime.redis),
     )
     start = time.perf_counter()
     out = render(request, prompt or request.prompt, params, timeout_s, init_image, ticket)

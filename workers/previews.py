@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from omni_tasks.coordination.keyspace import KeySpace
+from omni_tasks.coordination.client import OmniRedis
 from omni_tasks.coordination.outage import Outage
 from omni_tasks.requests import MAX_PARTIAL_IMAGES, OmniRequest
 
@@ -42,12 +42,11 @@ def preview_steps(count: int, total: int) -> list[int]:
 @dataclass
 class Previewer:
     """The previews one request wants (a `StepTicket.preview` sink), written with the
-    worker's Redis client under its keys."""
+    worker's Redis client (an `OmniRedis`) under its keys."""
 
     request_id: str
     count: int
-    redis: Any = field(repr=False)
-    keys: KeySpace = field(repr=False)
+    redis: OmniRedis = field(repr=False)
     sent: int = 0
     _steps: list[int] | None = field(default=None, repr=False)
 
@@ -71,7 +70,7 @@ class Previewer:
             "b64_png": base64.b64encode(buffer.getvalue()).decode("ascii"),
             "time": time.time(),
         }
-        key = self.keys.previews(self.request_id)
+        key = self.redis.keyspace.previews(self.request_id)
         pipe_ = self.redis.pipeline(transaction=True)
         pipe_.rpush(key, json.dumps(record))
         pipe_.expire(key, PREVIEW_TTL_S)
@@ -80,9 +79,8 @@ class Previewer:
         self.sent += 1
 
 
-def previewer_for(request: OmniRequest, redis: Any, keys: KeySpace) -> Previewer | None:
-    """The previews `request` asks for, written to `redis` under `keys` (None when it
-    asks for none)."""
+def previewer_for(request: OmniRequest, redis: OmniRedis) -> Previewer | None:
+    """The previews `request` asks for, written to `redis` (None when it asks for none)."""
     if request.partial_images <= 0:
         return None
-    return Previewer(request.request_id, request.partial_images, redis, keys)
+    return Previewer(request.request_id, request.partial_images, redis)
