@@ -45,8 +45,8 @@ import redis
 from celery import Celery, states
 
 from omni_tasks.coordination import admission, ledger, worker_index
+from omni_tasks.coordination.client import OmniRedis
 from omni_tasks.coordination.counters import count_outcome
-from omni_tasks.coordination.keyspace import KeySpace
 from omni_tasks.coordination.outage import Outage
 from omni_tasks.coordination.queue_walk import queued_among
 from omni_tasks.errors import RequestValidationError
@@ -151,7 +151,7 @@ class Reaper:
             channel.qos.restore_by_tag(tag)
             restored += 1
             log.warning("restored %s (task %s): its worker is gone", tag, task_id)
-            _note_own_queue(client, self.runtime.keys, queue)
+            _note_own_queue(client, queue)
             _count(self.runtime.redis, queue, "restored")
         return restored
 
@@ -307,10 +307,11 @@ def _with_first_stages(ids: set[str]) -> set[str]:
     return ids | {i + PROMPT_STAGE_SUFFIX for i in ids}
 
 
-def _note_own_queue(client: Any, keys: KeySpace, queue: str) -> None:
+def _note_own_queue(client: OmniRedis, queue: str) -> None:
     """A message restored into a dead worker's own queue: list that worker in the index
     (as dead, unless it is there) so that a live worker's sweep moves the message back
     to the pool."""
+    keys = client.keyspace
     prefix = keys.worker_queue("")
     if queue.startswith(prefix):
         client.zadd(keys.worker_beats(worker_index.DIT), {queue[len(prefix) :]: 0}, nx=True)
