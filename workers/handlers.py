@@ -25,7 +25,6 @@ from celery import Celery, states
 from celery.exceptions import Ignore, Reject
 
 from omni_tasks.coordination import idempotency, runs
-from omni_tasks.coordination.client import scripts_for
 from omni_tasks.coordination.counters import count_outcome
 from omni_tasks.coordination.ledger import REPUBLISHED_HEADER
 from omni_tasks.coordination.rejections import record_rejection
@@ -258,7 +257,7 @@ def _admit_redelivery(task: OmniTask, task_id: str, kwargs: Any, queue: str) -> 
     workers load the Redis revocations when they start).
     """
     _skip_if_succeeded(task, task_id, queue)
-    revoked, returns = scripts_for(runtime.redis).admit_redelivery(
+    revoked, returns = runtime.redis.scripts.admit_redelivery(
         keys=[runtime.keys.revoked(task_id), runtime.keys.deliveries(task_id)],
         args=[DELIVERY_KEY_TTL_S],
     )

@@ -30,7 +30,7 @@ from kombu.exceptions import KombuError
 
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import admission, client, ledger
-from omni_tasks.coordination.client import redacted
+from omni_tasks.coordination.client import OmniRedis, redacted
 from omni_tasks.errors import BrokerUnavailableError
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class Acceptance:
     accepting script may have reached Redis (the request may have been accepted even if
     no reply came); `outcome` holds its reply."""
 
-    client: redis.Redis
+    client: OmniRedis
     config: CoreModuleConfig
     queue: str
     admission_id: str

@@ -27,11 +27,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import idempotency, ledger
-from omni_tasks.coordination.client import OmniRedis, scripts_for
+from omni_tasks.coordination.client import OmniRedis
 from omni_tasks.coordination.keyspace import KeySpace, keyspace
 from omni_tasks.coordination.outage import Outage
 from omni_tasks.errors import QueueFullError, RequestConflictError
@@ -60,7 +58,7 @@ class Admission:
     repeat: bool = False
     fingerprinted: bool = False
 
-    def undo(self, client: redis.Redis, queues: Iterable[str]) -> None:
+    def undo(self, client: OmniRedis, queues: Iterable[str]) -> None:
         """Its publish failed: give the place back (in the pools of `queues`), unless an
         earlier publish holds it, close its ledger entry, so that nothing runs it later,
         and free its id."""
@@ -73,7 +71,7 @@ class Admission:
 
 
 def admit(
-    client: redis.Redis,
+    client: OmniRedis,
     config: CoreModuleConfig,
     queue: str,
     admission_id: str,
@@ -115,7 +113,7 @@ def admit(
                 script_args += [topic, payload]
     elif message is not None:
         raise ValueError("a message is published with its ledger entry")
-    reply = scripts_for(client).admit(keys=script_keys, args=script_args)
+    reply = client.scripts.admit(keys=script_keys, args=script_args)
     status, count = (int(v) for v in reply)
     if status == CONFLICT:
         raise RequestConflictError(admission_id)
@@ -144,7 +142,7 @@ class Asked:
 
 
 def admit_many(
-    client: redis.Redis, config: CoreModuleConfig, batch: Sequence[Asked]
+    client: OmniRedis, config: CoreModuleConfig, batch: Sequence[Asked]
 ) -> list[Admission]:
     """`admit` for every request of `batch` in one step (`scripts/admit_many.lua`): all
     of them are admitted, recorded and published (with their entries and messages), or
@@ -175,7 +173,7 @@ def admit_many(
             script_keys.append(message[0])
         script_args += [asked.admission_id, limit, asked.fingerprint or ""]
         script_args += _entry_args(entry) + [message[1] if message else ""]
-    found = scripts_for(client).admit_many(keys=script_keys, args=script_args)
+    found = client.scripts.admit_many(keys=script_keys, args=script_args)
     return _admitted_batch(config, batch, [int(v) for v in found])
 
 

@@ -29,12 +29,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
 from omni_tasks import lora
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys, worker_index
-from omni_tasks.coordination.client import OmniRedis, scripts_for
+from omni_tasks.coordination.client import OmniRedis
 from omni_tasks.model_registry import dit_model
 from omni_tasks.requests import OmniRequest, RequestType
 
@@ -115,28 +113,28 @@ class Holder:
 
 
 def record_insert(client: OmniRedis, worker: str, queue: str, cache_key: str, nbytes: int) -> None:
-    scripts_for(client).directory_insert(
+    client.scripts.directory_insert(
         keys=[client.keyspace.cache_holders(cache_key), client.keyspace.cache_worker(worker)],
         args=[worker, cache_key, queue, int(nbytes), time.time()],
     )
 
 
 def record_remove(client: OmniRedis, worker: str, cache_key: str) -> None:
-    scripts_for(client).directory_remove(
+    client.scripts.directory_remove(
         keys=[client.keyspace.cache_holders(cache_key), client.keyspace.cache_worker(worker)],
         args=[worker, cache_key],
     )
 
 
 def record_hit(client: OmniRedis, worker: str, cache_key: str) -> None:
-    scripts_for(client).directory_hit(
+    client.scripts.directory_hit(
         keys=[client.keyspace.cache_holders(cache_key)], args=[worker, time.time()]
     )
 
 
 def clear_worker(client: OmniRedis, worker: str) -> int:
     return int(
-        scripts_for(client).directory_clear_worker(
+        client.scripts.directory_clear_worker(
             keys=[client.keyspace.cache_worker(worker)],
             args=[worker, client.keyspace.cache_holders("")],
         )
@@ -192,7 +190,7 @@ def sweep_dead_workers(client: OmniRedis, pool_queue: str) -> list[str]:
     for worker in candidates:
         pipe.exists(client.keyspace.worker(worker))
     dead = [w for w, alive in zip(candidates, pipe.execute(), strict=True) if not alive]
-    scripts = scripts_for(client)
+    scripts = client.scripts
     for worker in dead:
         clear_worker(client, worker)
         own = client.keyspace.worker_queue(worker)
@@ -202,7 +200,7 @@ def sweep_dead_workers(client: OmniRedis, pool_queue: str) -> list[str]:
     return sorted(dead)
 
 
-def own_queue_keys(client: redis.Redis) -> list[tuple[str, str, int]]:
+def own_queue_keys(client: OmniRedis) -> list[tuple[str, str, int]]:
     """(list key, worker, priority level) of every level of every indexed diffusion
     worker's own queue (`worker_index.own_queue_keys`)."""
     return worker_index.own_queue_keys(client)

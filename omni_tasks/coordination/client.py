@@ -201,18 +201,6 @@ def client_for(config: CoreModuleConfig) -> OmniRedis:
     return get_redis(config.redis_url, config.key_prefix)
 
 
-def scripts_for(client: redis.Redis) -> Scripts:
-    """The Lua scripts registered on `client`: an `OmniRedis`'s own, else registered now
-    and kept with the client (a plain client a caller made)."""
-    if isinstance(client, OmniRedis):
-        return client.scripts
-    kept = getattr(client, "_omni_scripts", None)
-    if kept is None:
-        kept = Scripts(client)
-        client._omni_scripts = kept  # type: ignore[attr-defined]
-    return kept
-
-
 def check_reachable(url: str) -> None:
     """Make sure Redis answers before a step whose own retries would make an absent Redis
     cost minutes (Celery's publish): a PING the first time, and again after `failed`;

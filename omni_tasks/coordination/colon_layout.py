@@ -11,10 +11,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-import redis
-
 from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import scripts_for
+from omni_tasks.coordination.client import OmniRedis
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +20,11 @@ log = logging.getLogger(__name__)
 BINDING_PREFIX = "_kombu.binding."
 
 
-def convert(client: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
+def convert(client: OmniRedis, queues: Iterable[str]) -> dict[str, int]:
     """Move the colon lists of `queues` to the wire's lists (same level, same order) and
     drop bindings in the colon format (kombu declares them again as workers start and
     producers publish). Returns how many messages moved and bindings were dropped."""
-    scripts = scripts_for(client)
+    scripts = client.scripts
     moved = 0
     for queue in queues:
         for level in keys.PRIORITY_STEPS[1:]:

@@ -14,8 +14,6 @@ import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-import redis
-
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination.cache_directory import hit_rate
 from omni_tasks.coordination.client import OmniRedis
@@ -65,7 +63,7 @@ def window_seconds(config: CoreModuleConfig) -> float:
 
 
 def current_counters(
-    client: redis.Redis, snapshot: ClusterSnapshot, config: CoreModuleConfig
+    client: OmniRedis, snapshot: ClusterSnapshot, config: CoreModuleConfig
 ) -> Counters:
     """The counters now: the snapshot's pools and the DiT cache's hits and misses."""
     _, hits, misses = hit_rate(client, config.diffusion.queue)
@@ -110,9 +108,7 @@ def read_window(client: OmniRedis, now: Counters, config: CoreModuleConfig) -> W
     )
 
 
-def sample_window(
-    client: redis.Redis, snapshot: ClusterSnapshot, config: CoreModuleConfig
-) -> Window:
+def sample_window(client: OmniRedis, snapshot: ClusterSnapshot, config: CoreModuleConfig) -> Window:
     """Sample the counters now (`record_sample`), then read the window that ends
     there: what a status read does, so the series has a sample per read."""
     now = current_counters(client, snapshot, config)

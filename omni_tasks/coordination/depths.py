@@ -17,7 +17,6 @@ import logging
 import threading
 from typing import Any
 
-import redis
 from kombu import Connection
 
 from omni_tasks.config import CoreModuleConfig
@@ -32,18 +31,18 @@ UNKNOWN_LEVEL = -1
 Depths = dict[str, dict[int, int]]
 
 
-def queue_depths(client: redis.Redis, config: CoreModuleConfig) -> Depths:
+def queue_depths(client: OmniRedis, config: CoreModuleConfig) -> Depths:
     """Messages waiting per pool and priority level (0 highest): see the module docstring."""
     return all_depths(client, config)[0]
 
 
-def model_depths(client: redis.Redis, config: CoreModuleConfig) -> Depths:
+def model_depths(client: OmniRedis, config: CoreModuleConfig) -> Depths:
     """Messages waiting per registered diffusion model (its queue) and priority level."""
     return all_depths(client, config)[1]
 
 
 def all_depths(
-    client: redis.Redis, config: CoreModuleConfig, index: worker_index.Index | None = None
+    client: OmniRedis, config: CoreModuleConfig, index: worker_index.Index | None = None
 ) -> tuple[Depths, Depths]:
     """(per pool, per registered model) depths under `config`, read with `client` (the
     coordination Redis) together; the diffusion workers' own queues from `index` when
@@ -68,7 +67,7 @@ def all_depths(
 
 
 def highest_waiting_level(
-    client: redis.Redis, config: CoreModuleConfig, queues: list[str]
+    client: OmniRedis, config: CoreModuleConfig, queues: list[str]
 ) -> int | None:
     """The highest priority (lowest level, 0..9) with a message waiting in any of
     `queues`, or None when they are all empty: one round trip. None as well with a
@@ -81,7 +80,7 @@ def highest_waiting_level(
 
 
 def waiting_above(
-    client: redis.Redis, config: CoreModuleConfig, queues: list[str], level: int
+    client: OmniRedis, config: CoreModuleConfig, queues: list[str], level: int
 ) -> bool:
     """Whether a message of a better priority level than `level` (0 highest) waits in
     any of `queues`: one EXISTS over those levels' lists (kombu deletes an empty list),
@@ -92,7 +91,7 @@ def waiting_above(
     return bool(client.exists(*lists))
 
 
-def total_queued(client: redis.Redis, config: CoreModuleConfig) -> int:
+def total_queued(client: OmniRedis, config: CoreModuleConfig) -> int:
     """Messages waiting in every queue, all levels."""
     return sum(sum(levels.values()) for levels in queue_depths(client, config).values())
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 
-import redis
-
 from omni_tasks.config import CoreModuleConfig
 from omni_tasks.coordination import keys, worker_index
 from omni_tasks.coordination.client import OmniRedis
@@ -38,7 +36,7 @@ CLOCK_SLACK_S = 5.0
 
 
 def queued_among(
-    client: redis.Redis, config: CoreModuleConfig, ids: set[str], published_before: float
+    client: OmniRedis, config: CoreModuleConfig, ids: set[str], published_before: float
 ) -> set[str]:
     """Of `ids`, all published before `published_before` (a time), those with a message
     waiting in a pool's, a model's or a diffusion worker's own queue under `config`
@@ -59,7 +57,7 @@ def queued_among(
     return found
 
 
-def queue_lists(client: redis.Redis, config: CoreModuleConfig) -> list[str]:
+def queue_lists(client: OmniRedis, config: CoreModuleConfig) -> list[str]:
     """Every list a request can wait in: each level of the pools' queues, of the
     registered models' queues and of the models live diffusion workers serve, and of
     the indexed diffusion workers' own queues."""

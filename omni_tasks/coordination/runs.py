@@ -27,7 +27,7 @@ from __future__ import annotations
 import uuid
 from typing import Literal
 
-from omni_tasks.coordination.client import OmniRedis, scripts_for
+from omni_tasks.coordination.client import OmniRedis
 
 Claim = Literal["claimed", "done", "running"]
 
@@ -55,7 +55,7 @@ def claim(
     there once claimed (JSON, as Celery encodes it) and its time to live."""
     result_key, started, ttl_s = result
     args = [value, claim_s, client.keyspace.worker(""), client.keyspace.held(""), grace_s, task_id]
-    found = scripts_for(client).claim_run(
+    found = client.scripts.claim_run(
         keys=[client.keyspace.run_claim(task_id), result_key],
         args=[*args, int(taking_over), started, ttl_s],
     )
@@ -64,7 +64,7 @@ def claim(
 
 def release(client: OmniRedis, task_id: str, value: str) -> None:
     """Give the claim of `task_id` back, if `value` still holds it."""
-    scripts_for(client).release_held(keys=[client.keyspace.run_claim(task_id)], args=[value])
+    client.scripts.release_held(keys=[client.keyspace.run_claim(task_id)], args=[value])
 
 
 def claim_ttl_s(longest_task_s: int) -> int:

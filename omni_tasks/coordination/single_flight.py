@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from omni_tasks.coordination.client import OmniRedis, backoff, scripts_for
+from omni_tasks.coordination.client import OmniRedis, backoff
 
 LEASE_S = 30.0  # an unnamed dead holder blocks waiters at most this long
 RESULT_TTL_S = 300  # outcomes serve waiters, not later repeats (the caches do that)
@@ -54,7 +54,7 @@ class Flight:
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.lease_s / 3):
             try:
-                scripts_for(self.client).flight_renew(
+                self.client.scripts.flight_renew(
                     keys=[self.client.keyspace.flight_lease(self.cache_key)],
                     args=[self.token, int(self.lease_s * 1000)],
                 )
@@ -63,7 +63,7 @@ class Flight:
 
     def publish(self, outcome: str) -> None:
         self._stop.set()
-        scripts_for(self.client).flight_publish(
+        self.client.scripts.flight_publish(
             keys=[
                 self.client.keyspace.flight_lease(self.cache_key),
                 self.client.keyspace.flight_result(self.cache_key),
@@ -73,7 +73,7 @@ class Flight:
 
     def release(self) -> None:
         self._stop.set()
-        scripts_for(self.client).release_held(
+        self.client.scripts.release_held(
             keys=[self.client.keyspace.flight_lease(self.cache_key)], args=[self.token]
         )
 
@@ -102,7 +102,7 @@ def outcome(client: OmniRedis, cache_key: str) -> str | None:
 
 
 def join(
-    client: redis.Redis, cache_key: str, deadline: float, holder: str | None = None
+    client: OmniRedis, cache_key: str, deadline: float, holder: str | None = None
 ) -> tuple[Flight | None, str | None]:
     """Claim `cache_key` or wait for the flight that holds it.
 
@@ -155,7 +155,7 @@ def _lease_value(holder: str | None) -> str:
     return f"{token}{_SEP}{holder}" if holder else token
 
 
-def _flying(client: redis.Redis, cache_key: str, value: str, lease_s: float) -> Flight:
+def _flying(client: OmniRedis, cache_key: str, value: str, lease_s: float) -> Flight:
     flight = Flight(client, cache_key, value, lease_s)
     flight.start_renewing()
     return flight

@@ -13,7 +13,7 @@ from helpers import KEYS
 
 from omni_tasks.config import get_config
 from omni_tasks.coordination import keys
-from omni_tasks.coordination.client import get_redis, scripts_for
+from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.lua import SCRIPTS_DIR, SOURCES, Scripts
 
 SCRIPT_FILES = sorted(SCRIPTS_DIR.glob("*.lua"))
@@ -63,7 +63,6 @@ def test_scripts_are_registered_once_per_client(redis_client) -> None:
     config = get_config()
     same = get_redis(config.redis_url, config.key_prefix)
     assert same.scripts is scripts  # the same URL and prefix, the same client
-    assert scripts_for(same) is scripts
     for name, source in SOURCES.items():
         script = getattr(scripts, name)
         assert script is getattr(scripts, name)

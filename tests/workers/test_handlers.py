@@ -28,7 +28,7 @@ from omni_tasks import (
 )
 from omni_tasks.config import get_config, set_config
 from omni_tasks.coordination import runs
-from omni_tasks.coordination.client import get_redis, scripts_for
+from omni_tasks.coordination.client import get_redis
 from omni_tasks.coordination.idempotency import ACCEPTED_HEADER
 from omni_tasks.coordination.rejections import list_rejections
 from omni_tasks.errors import ProcessingError, RequestValidationError
@@ -301,7 +301,7 @@ def test_a_message_a_producer_accepted_is_not_checked_again(
 def test_admit_script_counts_returns_and_leaves_a_revoked_counter_alone(redis_client) -> None:
     task_id = "admit-me"
     script_keys = [KEYS.revoked(task_id), KEYS.deliveries(task_id)]
-    admit = scripts_for(redis_client).admit_redelivery
+    admit = redis_client.scripts.admit_redelivery
     assert admit(keys=script_keys, args=[DELIVERY_KEY_TTL_S]) == [0, 1]
     assert admit(keys=script_keys, args=[DELIVERY_KEY_TTL_S]) == [0, 2]
     assert 0 < redis_client.ttl(KEYS.deliveries(task_id)) <= DELIVERY_KEY_TTL_S
